@@ -1,0 +1,3 @@
+from lowrank_cli.cli import main
+
+main()

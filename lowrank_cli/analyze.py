@@ -1,0 +1,48 @@
+"""`lowrank analyze`: spectra, ranks and what a rank policy would save."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from lowrank_cli.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
+from lowrank_cli.policy import RankPolicy
+from lowrank_cli.report import Report, Totals
+from lowrank_cli.spectrum import Spectrum, singular_values
+
+
+def analyze(
+    checkpoint: Checkpoint,
+    policy: RankPolicy | None = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rtol: float | None = None,
+    on_tensor: Callable[[TensorEntry], None] | None = None,
+) -> Report:
+    """One report row per tensor; with a policy, the rank, error and params it would give."""
+    selected = set(checkpoint.select(include, exclude))
+    tensors = []
+    for entry in checkpoint.entries.values():
+        if entry.name not in selected:
+            continue
+        reason = skip_reason(entry)
+        if reason is not None:
+            tensors.append(new_report(entry, "skipped", reason))
+        else:
+            matrix = load_matrix(checkpoint, entry)
+            spectrum = Spectrum.of(singular_values(matrix), entry.matrix_shape)
+            report = new_report(entry, "analyzed")
+            describe_spectrum(report, spectrum, rtol)
+            if policy is not None:
+                apply_policy(report, spectrum, policy)
+            tensors.append(report)
+        if on_tensor:
+            on_tensor(entry)
+    return Report(
+        command="analyze",
+        sources=[str(checkpoint.source)],
+        tensors=tensors,
+        totals=Totals.of(tensors),
+        policy=policy.as_dict() if policy else None,
+    )

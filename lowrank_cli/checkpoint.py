@@ -1,0 +1,258 @@
+"""Reading safetensors checkpoints lazily: one file, or shards with a Hugging Face index.
+
+Headers are validated by the official loader (safe_open), so lowrank refuses exactly what
+safetensors refuses; tensors are then read one at a time with plain file reads, so memory
+holds one tensor at a time whatever the checkpoint's size.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from lowrank_cli.dtypes import DTYPES, FLOAT_CODES, torch_dtype
+from lowrank_cli.errors import CheckpointError
+
+INDEX_SUFFIX = ".safetensors.index.json"
+_MAX_HEADER = 100_000_000  # the official loader's own limit
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: its file and byte range, and what it holds."""
+
+    name: str
+    dtype: str  # safetensors code: "F32", "BF16", …
+    shape: tuple[int, ...]
+    path: Path
+    start: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def numel(self) -> int:
+        count = 1
+        for dim in self.shape:
+            count *= dim
+        return count
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def is_float(self) -> bool:
+        return self.dtype in FLOAT_CODES
+
+    @property
+    def matrix_shape(self) -> tuple[int, int]:
+        """(out, in·kh·kw…): how a tensor of two or more dimensions is factorized."""
+        return self.shape[0], self.numel // self.shape[0] if self.shape[0] else 0
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    metadata: dict[str, str] | None
+    size: int
+
+
+class Checkpoint:
+    """A safetensors checkpoint: one file, or several shards read as one."""
+
+    def __init__(
+        self,
+        source: Path,
+        files: list[ShardFile],
+        entries: dict[str, TensorEntry],
+        index_path: Path | None = None,
+    ) -> None:
+        self.source = source
+        self.files = files
+        self.entries = entries
+        self.index_path = index_path
+        self._handles: dict[Path, object] = {}
+
+    @property
+    def metadata(self) -> dict[str, str] | None:
+        return self.files[0].metadata
+
+    @property
+    def is_sharded(self) -> bool:
+        return self.index_path is not None or len(self.files) > 1
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def paths(self) -> list[Path]:
+        paths = [f.path for f in self.files]
+        return paths + [self.index_path] if self.index_path else paths
+
+    def select(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
+        """Tensor names in file order that match any --include glob and no --exclude glob."""
+        return [name for name in self.entries if is_selected(name, include, exclude)]
+
+    def read_bytes(self, name: str) -> bytes:
+        entry = self.entries[name]
+        handle = self._handles.get(entry.path)
+        if handle is None:
+            handle = self._handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115
+        handle.seek(entry.start)
+        data = handle.read(entry.nbytes)
+        if len(data) != entry.nbytes:
+            raise CheckpointError(
+                f"{entry.path}: tensor '{name}' is truncated ({len(data)} of {entry.nbytes} bytes);"
+                " the file changed or is damaged, re-download it"
+            )
+        return data
+
+    def read(self, name: str) -> torch.Tensor:
+        """The tensor with its own dtype and shape, on the CPU."""
+        entry = self.entries[name]
+        dtype = torch_dtype(entry.dtype)
+        if entry.numel == 0:
+            return torch.empty(entry.shape, dtype=dtype)
+        data = bytearray(self.read_bytes(name))
+        return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+
+    def close(self) -> None:
+        for handle in self._handles.values():
+            handle.close()
+        self._handles.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def is_selected(name: str, include: list[str] | None, exclude: list[str] | None) -> bool:
+    if include and not any(fnmatch.fnmatchcase(name, pattern) for pattern in include):
+        return False
+    return not (exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
+
+
+def natural_key(name: str) -> list:
+    """layers.2 before layers.10."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open a .safetensors file, a folder of shards, or a *.safetensors.index.json."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or folder; check the path")
+    if path.is_dir():
+        return _open_folder(path)
+    if path.name.endswith(".json"):
+        return _open_index(path)
+    return _merge(path, [_read_shard(path)], index_path=None)
+
+
+def _open_folder(folder: Path) -> Checkpoint:
+    indexes = sorted(folder.glob("*" + INDEX_SUFFIX))
+    preferred = folder / ("model" + INDEX_SUFFIX)
+    if preferred.exists():
+        return _open_index(preferred, source=folder)
+    if len(indexes) == 1:
+        return _open_index(indexes[0], source=folder)
+    if len(indexes) > 1:
+        names = ", ".join(p.name for p in indexes)
+        raise CheckpointError(f"{folder}: several index files ({names}); pass the one to use")
+    shard_paths = sorted(folder.glob("*.safetensors"))
+    if not shard_paths:
+        raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_SUFFIX} in this folder")
+    return _merge(folder, [_read_shard(p) for p in shard_paths], index_path=None)
+
+
+def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        weight_map = index["weight_map"]
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise TypeError("weight_map must map tensor names to shard file names")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{index_path}: not a safetensors index ({exc}); it needs a 'weight_map' object"
+        ) from None
+    shard_names = sorted(set(weight_map.values()))
+    shards = []
+    for shard_name in shard_names:
+        shard_path = index_path.parent / shard_name
+        if Path(shard_name).name != shard_name or not shard_path.is_file():
+            raise CheckpointError(f"{index_path}: shard '{shard_name}' is missing; restore it or fix the index")
+        shards.append(_read_shard(shard_path))
+    checkpoint = _merge(source or index_path, shards, index_path=index_path)
+    for name, shard_name in weight_map.items():
+        entry = checkpoint.entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"{index_path}: tensor '{name}' is in the index but in no shard; fix the index")
+        if entry.path.name != shard_name:
+            raise CheckpointError(
+                f"{index_path}: tensor '{name}' is indexed in '{shard_name}' but stored in '{entry.path.name}';"
+                " fix the index"
+            )
+    unindexed = [name for name in checkpoint.entries if name not in weight_map]
+    if unindexed:
+        raise CheckpointError(f"{index_path}: tensor '{unindexed[0]}' is in a shard but not in the index; fix the index")
+    return checkpoint
+
+
+def _merge(
+    source: Path, shards: list[tuple[ShardFile, dict[str, TensorEntry]]], index_path: Path | None
+) -> Checkpoint:
+    entries: dict[str, TensorEntry] = {}
+    for _, shard_entries in shards:
+        for name, entry in shard_entries.items():
+            if name in entries:
+                raise CheckpointError(
+                    f"{source}: tensor '{name}' is stored in both {entries[name].path.name} and"
+                    f" {entry.path.name}; remove one copy"
+                )
+            entries[name] = entry
+    ordered = dict(sorted(entries.items(), key=lambda item: natural_key(item[0])))
+    return Checkpoint(source, [shard for shard, _ in shards], ordered, index_path=index_path)
+
+
+def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
+    """Validate one file with the official loader, then index its tensors' byte ranges."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata()
+    except SafetensorError as exc:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
+    except (OSError, ValueError, TypeError) as exc:  # safe_open raises these for unreadable or odd files
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
+    try:
+        with open(path, "rb") as handle:
+            size = path.stat().st_size
+            (header_len,) = struct.unpack("<Q", handle.read(8))
+            header = json.loads(handle.read(min(header_len, _MAX_HEADER)))
+    except (OSError, ValueError, struct.error) as exc:
+        raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
+    base = 8 + header_len
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in DTYPES:
+            raise CheckpointError(f"{path}: tensor '{name}' has dtype {info['dtype']}, which lowrank cannot read")
+        start, end = info["data_offsets"]
+        entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), path, base + start, base + end)
+    return ShardFile(path, metadata, size), entries
+
+
+def _reason(exc: Exception) -> str:
+    text = str(exc).strip()
+    return text.removeprefix("Error while deserializing header: ") or type(exc).__name__

@@ -1,0 +1,180 @@
+"""The `lowrank` command line: parse, call the core, render. torch is imported only inside commands."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lowrank_cli import __version__
+from lowrank_cli.errors import EXIT_QUALITY_GATE, Interrupted, LowrankError, UsageError
+
+app = typer.Typer(
+    name="lowrank",
+    help="The low-rank structure of neural-network weights in safetensors files.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+# Options shared by several commands.
+Include = Annotated[Optional[list[str]], typer.Option("--include", help="Only tensors whose name matches this glob (repeatable).", metavar="GLOB")]
+Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors whose name matches this glob (repeatable).", metavar="GLOB")]
+Rank = Annotated[Optional[int], typer.Option("--rank", help="Policy: keep R singular values (clamped to min(m, n)).", metavar="R")]
+Energy = Annotated[Optional[float], typer.Option("--energy", help="Policy: smallest rank keeping fraction F of Σσ², 0 < F ≤ 1.", metavar="F")]
+MaxError = Annotated[Optional[float], typer.Option("--max-error", help="Policy: smallest rank with ‖W−BA‖/‖W‖ ≤ E, 0 ≤ E < 1.", metavar="E")]
+FailAbove = Annotated[Optional[float], typer.Option("--fail-above", help="Exit 3 if any tensor's relative error exceeds E.", metavar="E")]
+Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: beside the input).", metavar="OUT")]
+
+
+def _handle_errors(command):
+    """Turn LowrankError and interruptions into one line on stderr and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except (LowrankError, KeyboardInterrupt) as exc:
+            if os.environ.get("LOWRANK_DEBUG") == "1":
+                raise
+            if isinstance(exc, KeyboardInterrupt):
+                exc = Interrupted("interrupted; no output was written")
+            from lowrank_cli.render import stderr
+
+            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper
+
+
+def _finish(report, as_json: bool, fail_above: float | None) -> None:
+    from lowrank_cli.render import print_json, print_report, stderr
+
+    print_json(report) if as_json else print_report(report)
+    if fail_above is not None:
+        worst = report.exceeds(fail_above)
+        if worst:
+            top = max(worst, key=lambda t: t.rel_error)
+            stderr.print(
+                f"quality gate: {len(worst)} tensor(s) above relative error {fail_above:g}"
+                f" (worst: '{top.name}' at {top.rel_error:.3g})",
+                highlight=False,
+            )
+            raise typer.Exit(EXIT_QUALITY_GATE)
+
+
+def _check_gate(fail_above: float | None) -> None:
+    if fail_above is not None and not fail_above >= 0:
+        raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
+
+
+@app.command()
+@_handle_errors
+def analyze(
+    paths: Annotated[list[Path], typer.Argument(help="safetensors files, shard folders or index files.", show_default=False)],
+    rank: Rank = None,
+    energy: Energy = None,
+    max_error: MaxError = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    rtol: Rtol = None,
+    fail_above: FailAbove = None,
+    as_json: Json = False,
+) -> None:
+    """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
+    from lowrank_cli.analyze import analyze as run_analyze
+    from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.policy import RankPolicy
+    from lowrank_cli.render import progress
+    from lowrank_cli.report import Report
+
+    policy = RankPolicy.from_options(rank, energy, max_error)
+    _check_gate(fail_above)
+    if fail_above is not None and policy is None:
+        raise UsageError("--fail-above needs a rank policy (--rank, --energy or --max-error) to measure an error")
+    reports = []
+    for path in paths:
+        with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"analyze {path.name}") as tick:
+            reports.append(run_analyze(checkpoint, policy, include=include, exclude=exclude, rtol=rtol, on_tensor=tick))
+    _finish(Report.combine(reports), as_json, fail_above)
+
+
+@app.command()
+@_handle_errors
+def compress(
+    path: Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)],
+    output: Output = None,
+    rank: Rank = None,
+    energy: Energy = None,
+    max_error: MaxError = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
+    include: Include = None,
+    exclude: Exclude = None,
+    rtol: Rtol = None,
+    fail_above: FailAbove = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
+    from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.compress import compress as run_compress
+    from lowrank_cli.policy import RankPolicy, require_policy
+    from lowrank_cli.render import progress
+
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error))
+    _check_gate(fail_above)
+    with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"compress {path.name}") as tick:
+        report = run_compress(
+            checkpoint, policy, output, dtype=dtype, include=include, exclude=exclude, force=force, rtol=rtol, on_tensor=tick
+        )
+    _finish(report, as_json, fail_above)
+
+
+@app.command()
+@_handle_errors
+def expand(
+    path: Annotated[Path, typer.Argument(help="A file written by lowrank compress.", show_default=False)],
+    output: Output = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Rebuild the dense checkpoint: every original tensor, name, shape, dtype and metadata."""
+    from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.expand import expand as run_expand
+    from lowrank_cli.render import progress
+
+    with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"expand {path.name}") as tick:
+        report = run_expand(checkpoint, output, force=force, on_tensor=tick)
+    _finish(report, as_json, None)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"lowrank {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+) -> None:
+    """The low-rank structure of neural-network weights in safetensors files."""
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt  # unwinds through the writers, which remove their temporary files
+
+
+def main() -> None:
+    signal.signal(signal.SIGTERM, _terminate)
+    app(prog_name="lowrank")
+    sys.exit(0)

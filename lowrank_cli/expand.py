@@ -1,0 +1,81 @@
+"""`lowrank expand`: rebuild the dense checkpoint from a lowrank file."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.dtypes import DTYPES, compute_dtype, torch_dtype
+from lowrank_cli.errors import CheckpointError
+from lowrank_cli.fileformat import FactorRecord, decode_metadata, factor_names
+from lowrank_cli.matrices import new_report
+from lowrank_cli.outputs import check_output, default_output
+from lowrank_cli.report import Report, TensorReport, Totals
+from lowrank_cli.writer import SafetensorsWriter
+
+SUFFIX = ".dense.safetensors"
+
+
+def expand(
+    checkpoint: Checkpoint,
+    out: Path | None = None,
+    *,
+    force: bool = False,
+    on_tensor: Callable[[TensorEntry], None] | None = None,
+) -> Report:
+    """Write every original tensor under its name, shape and dtype, with the original metadata."""
+    metadata, records = decode_metadata(checkpoint.source, checkpoint.metadata)
+    factor_of = {}
+    for name, record in records.items():
+        for factor_name in factor_names(name):
+            if factor_name not in checkpoint.entries:
+                raise CheckpointError(f"{checkpoint.source}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again")
+            factor_of[factor_name] = name
+        if record.dtype not in DTYPES:
+            raise CheckpointError(f"{checkpoint.source}: tensor '{name}' has unknown dtype {record.dtype}")
+    out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
+    tensors = []
+    with SafetensorsWriter(out, metadata) as writer:
+        for entry in checkpoint.entries.values():
+            if entry.name in factor_of:
+                if entry.name.endswith(".A"):
+                    continue  # rebuilt together with its B
+                name = factor_of[entry.name]
+                record = records[name]
+                writer.add_tensor(name, _rebuild(checkpoint, name, record))
+                report = TensorReport(
+                    name=name, shape=list(record.shape), dtype=record.dtype, params=math.prod(record.shape),
+                    status="expanded", rank=record.rank, rel_error=record.rel_error, file=str(entry.path),
+                )
+            else:
+                writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+                report = new_report(entry, "copied")
+            tensors.append(report)
+            if on_tensor:
+                on_tensor(entry)
+        size_after = writer.commit()
+    return Report(
+        command="expand",
+        sources=[str(checkpoint.source)],
+        tensors=tensors,
+        totals=Totals.of(tensors, checkpoint.nbytes, size_after),
+        output=str(out),
+    )
+
+
+def _rebuild(checkpoint: Checkpoint, name: str, record: FactorRecord) -> torch.Tensor:
+    b_name, a_name = factor_names(name)
+    b, a = checkpoint.read(b_name), checkpoint.read(a_name)
+    rows, cols = record.shape[0], math.prod(record.shape) // record.shape[0]
+    if b.shape != (rows, record.rank) or a.shape != (record.rank, cols):
+        raise CheckpointError(
+            f"{checkpoint.source}: factors of '{name}' have shapes {tuple(b.shape)} and {tuple(a.shape)},"
+            f" not ({rows}, {record.rank}) and ({record.rank}, {cols}); compress the original again"
+        )
+    work = compute_dtype(record.dtype) if b.dtype != torch.float64 else torch.float64
+    dense = b.to(work) @ a.to(work)  # (m, r) @ (r, n) -> (m, n)
+    return dense.to(torch_dtype(record.dtype)).reshape(record.shape)

@@ -1,0 +1,61 @@
+"""The lowrank file format: factors NAME.B / NAME.A and one `lowrank` metadata key.
+
+    __metadata__["lowrank"] = JSON {
+        "format_version": 1,
+        "tensors": {NAME: {"shape": [...], "dtype": "BF16", "rank": r, "rel_error": e}, ...}
+    }
+
+Every other metadata key is the input's, unchanged. Tensors not listed there are stored
+unchanged under their own names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+from lowrank_cli.errors import CheckpointError
+
+METADATA_KEY = "lowrank"
+FORMAT_VERSION = 1
+
+
+def factor_names(name: str) -> tuple[str, str]:
+    return f"{name}.B", f"{name}.A"
+
+
+@dataclass(frozen=True)
+class FactorRecord:
+    """What expand needs to rebuild one factorized tensor."""
+
+    shape: tuple[int, ...]
+    dtype: str
+    rank: int
+    rel_error: float
+
+    def to_json(self) -> dict:
+        return {"shape": list(self.shape), "dtype": self.dtype, "rank": self.rank, "rel_error": self.rel_error}
+
+
+def encode_metadata(base: dict[str, str] | None, records: dict[str, FactorRecord]) -> dict[str, str]:
+    payload = {"format_version": FORMAT_VERSION, "tensors": {name: r.to_json() for name, r in records.items()}}
+    return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
+
+
+def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[dict[str, str] | None, dict[str, FactorRecord]]:
+    """Split a lowrank file's metadata into the original metadata and the factor records."""
+    if not metadata or METADATA_KEY not in metadata:
+        raise CheckpointError(f"{source}: has no '{METADATA_KEY}' metadata; it was not written by lowrank compress")
+    try:
+        payload = json.loads(metadata[METADATA_KEY])
+        version = payload["format_version"]
+        records = {
+            name: FactorRecord(tuple(int(d) for d in r["shape"]), str(r["dtype"]), int(r["rank"]), float(r["rel_error"]))
+            for name, r in payload["tensors"].items()
+        }
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{source}: its '{METADATA_KEY}' metadata is damaged ({exc!r}); compress the original again") from None
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"{source}: lowrank format version {version} is not supported; upgrade lowrank")
+    original = {key: value for key, value in metadata.items() if key != METADATA_KEY}
+    return original or None, records

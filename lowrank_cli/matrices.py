@@ -1,0 +1,70 @@
+"""What every command does to one tensor: decide if it is a matrix, load it, read its spectrum."""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_cli.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.dtypes import compute_dtype
+from lowrank_cli.errors import TensorError
+from lowrank_cli.policy import RankPolicy
+from lowrank_cli.report import TensorReport
+from lowrank_cli.spectrum import Spectrum
+
+
+def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:
+    """Why a tensor is copied unchanged instead of factorized, or None for a float matrix."""
+    if not selected:
+        return "not selected by --include/--exclude"
+    if not entry.is_float:
+        return f"{entry.dtype} tensor, not floating point"
+    if len(entry.shape) < 2:
+        return f"{len(entry.shape)}-D tensor, not a matrix"
+    if entry.numel == 0:
+        return "empty tensor"
+    return None
+
+
+def new_report(entry: TensorEntry, status: str, reason: str | None = None) -> TensorReport:
+    return TensorReport(
+        name=entry.name, shape=list(entry.shape), dtype=entry.dtype, params=entry.numel, status=status, reason=reason,
+        file=str(entry.path),
+    )
+
+
+def load_matrix(checkpoint: Checkpoint, entry: TensorEntry, device: str = "cpu") -> torch.Tensor:
+    """The tensor as an (out, in·…) matrix in its computation dtype, checked for NaN and Inf."""
+    matrix = checkpoint.read(entry.name).to(device).reshape(entry.matrix_shape).to(compute_dtype(entry.dtype))
+    if not bool(torch.isfinite(matrix).all()):
+        bad = "NaN" if bool(torch.isnan(matrix).any()) else "Inf"
+        raise TensorError(
+            f"{entry.path}: tensor '{entry.name}' contains {bad}; repair the checkpoint or leave the tensor"
+            f" out with --exclude '{entry.name}'"
+        )
+    return matrix
+
+
+def describe_spectrum(report: TensorReport, spectrum: Spectrum, rtol: float | None = None) -> None:
+    """Fill in the spectrum's own numbers: numerical and stable rank, energy ranks, sparkline."""
+    report.numerical_rank = spectrum.numerical_rank(rtol)
+    report.stable_rank = spectrum.stable_rank
+    report.rank_90, report.rank_99, report.rank_999 = (spectrum.rank_for_energy(f) for f in (0.9, 0.99, 0.999))
+    report.sparkline = spectrum.sparkline()
+
+
+def apply_policy(report: TensorReport, spectrum: Spectrum, policy: RankPolicy) -> None:
+    """Choose the rank and whether factors pay off; the error is the optimal one at that rank."""
+    m, n = spectrum.shape
+    rank = policy.choose(spectrum)
+    report.rank = rank
+    report.rel_error = spectrum.relative_error(rank)
+    report.params_after = report.params
+    if rank == 0:
+        report.status, report.reason, report.rel_error = "dense", "zero matrix", 0.0
+    elif rank * (m + n) >= m * n:
+        report.status, report.rel_error = "dense", 0.0
+        clamp = f"--rank {policy.rank} clamped to min(m, n) = {rank}; " if policy.rank and policy.rank > rank else ""
+        report.reason = f"{clamp}rank {rank} factors hold {rank * (m + n)} ≥ {m * n} params"
+    else:
+        report.status = "factorized"
+        report.params_after = rank * (m + n)

@@ -1,0 +1,61 @@
+"""Rank policies: how many singular values each tensor keeps."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowrank_cli.errors import UsageError
+from lowrank_cli.spectrum import Spectrum
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """Exactly one of a fixed rank, an energy fraction or a maximum relative error."""
+
+    rank: int | None = None
+    energy: float | None = None
+    max_error: float | None = None
+
+    @classmethod
+    def from_options(
+        cls, rank: int | None = None, energy: float | None = None, max_error: float | None = None
+    ) -> RankPolicy | None:
+        """Validate CLI options; None when no policy was given."""
+        given = [flag for flag, value in (("--rank", rank), ("--energy", energy), ("--max-error", max_error)) if value is not None]
+        if len(given) > 1:
+            raise UsageError(f"{' and '.join(given)} both set a rank policy; give only one")
+        if rank is not None and rank <= 0:
+            raise UsageError(f"--rank must be a positive integer, got {rank}")
+        if energy is not None and not (0.0 < energy <= 1.0):
+            raise UsageError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
+        if max_error is not None and not (0.0 <= max_error < 1.0):
+            raise UsageError(f"--max-error must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
+        if not given:
+            return None
+        return cls(rank=rank, energy=energy, max_error=max_error)
+
+    def choose(self, spectrum: Spectrum) -> int:
+        """The rank this policy keeps for a matrix with this spectrum (0 for a zero matrix)."""
+        if spectrum.energy == 0.0:
+            return 0
+        if self.rank is not None:
+            return min(self.rank, min(spectrum.shape))
+        if self.energy is not None:
+            return spectrum.rank_for_energy(self.energy)
+        return spectrum.rank_for_error(self.max_error)
+
+    def describe(self) -> str:
+        if self.rank is not None:
+            return f"rank {self.rank}"
+        if self.energy is not None:
+            return f"energy ≥ {self.energy:g}"
+        return f"relative error ≤ {self.max_error:g}"
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {key: value for key, value in vars(self).items() if value is not None}
+
+
+def require_policy(policy: RankPolicy | None) -> RankPolicy:
+    if policy is None:
+        raise UsageError("no rank policy; give one of --rank R, --energy F or --max-error E")
+    return policy

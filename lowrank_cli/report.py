@@ -1,0 +1,84 @@
+"""Plain dataclasses the core returns; the JSON output is exactly their fields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class TensorReport:
+    """One tensor: what it is, what its spectrum says and what was done with it."""
+
+    name: str
+    shape: list[int]
+    dtype: str
+    params: int
+    status: str  # "factorized" | "dense" | "skipped" | "analyzed"
+    reason: str | None = None
+    rank: int | None = None  # the rank kept (or that a policy would keep)
+    numerical_rank: int | None = None
+    stable_rank: float | None = None
+    rank_90: int | None = None  # ranks that keep 90 / 99 / 99.9 % of Σσ²
+    rank_99: int | None = None
+    rank_999: int | None = None
+    rel_error: float | None = None  # ‖W − B·A‖_F / ‖W‖_F
+    params_after: int | None = None
+    sparkline: str | None = None
+    file: str | None = None  # the file (or shard) that holds the tensor
+
+
+@dataclass
+class Totals:
+    params: int = 0
+    params_after: int = 0
+    savings: float = 0.0  # 1 − params_after / params
+    bytes: int | None = None
+    bytes_after: int | None = None
+    max_rel_error: float | None = None
+
+    @classmethod
+    def of(cls, tensors: list[TensorReport], nbytes: int | None = None, nbytes_after: int | None = None) -> Totals:
+        params = sum(t.params for t in tensors)
+        after = sum(t.params if t.params_after is None else t.params_after for t in tensors)
+        errors = [t.rel_error for t in tensors if t.rel_error is not None]
+        return cls(
+            params=params,
+            params_after=after,
+            savings=1.0 - after / params if params else 0.0,
+            bytes=nbytes,
+            bytes_after=nbytes_after,
+            max_rel_error=max(errors) if errors else None,
+        )
+
+
+@dataclass
+class Report:
+    """The result of one command on one checkpoint."""
+
+    command: str
+    sources: list[str]
+    tensors: list[TensorReport]
+    totals: Totals
+    policy: dict | None = None
+    output: str | None = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def combine(cls, reports: list[Report]) -> Report:
+        """Several checkpoints' reports as one (analyze with several PATHs)."""
+        tensors = [t for r in reports for t in r.tensors]
+        return cls(
+            command=reports[0].command,
+            sources=[s for r in reports for s in r.sources],
+            tensors=tensors,
+            totals=Totals.of(tensors),
+            policy=reports[0].policy,
+            options=reports[0].options,
+        )
+
+    def exceeds(self, max_error: float) -> list[TensorReport]:
+        """Tensors whose relative error is above max_error (the --fail-above gate)."""
+        return [t for t in self.tensors if t.rel_error is not None and t.rel_error > max_error]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

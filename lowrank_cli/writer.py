@@ -1,0 +1,113 @@
+"""Writing safetensors files incrementally and atomically.
+
+Tensor data streams into a temporary spill file as it is produced, so memory never holds more
+than the tensor being written; commit() writes the header, appends the data and renames the
+result into place. Until then nothing exists under the output's name, and any failure or
+interruption removes every temporary file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.dtypes import CODE_OF
+from lowrank_cli.errors import OutputError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+class SafetensorsWriter:
+    """Streams tensors into `path`; use as a context manager, then call commit()."""
+
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+        self.path = Path(path)
+        self.metadata = metadata
+        self._header: dict[str, dict] = {}
+        self._offset = 0
+        self._temps: list[Path] = []
+        self._spill = self._temp_file(".data")
+
+    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().to("cpu").contiguous()
+        raw = tensor.reshape(-1).view(torch.uint8).numpy() if tensor.numel() else b""
+        self.add_bytes(name, CODE_OF[tensor.dtype], tuple(tensor.shape), raw)
+
+    def add_bytes(self, name: str, dtype: str, shape: tuple[int, ...], data) -> None:
+        """Add a tensor given as its raw little-endian bytes (copied bit for bit)."""
+        if name in self._header or name == "__metadata__":
+            raise OutputError(f"{self.path}: two tensors would be named '{name}'; rename one in the input")
+        size = memoryview(data).nbytes
+        self._write(self._spill, data)
+        self._header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + size]}
+        self._offset += size
+
+    @property
+    def nbytes(self) -> int:
+        return self._offset
+
+    def commit(self) -> int:
+        """Write the file under its name; returns its size in bytes."""
+        header = dict(self._header)
+        if self.metadata is not None:
+            header = {"__metadata__": self.metadata, **header}
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)  # the official writer's alignment
+        final = self._temp_file("")
+        try:
+            self._spill.flush()
+            self._spill.seek(0)
+            with open(final, "r+b") as out:
+                out.write(len(encoded).to_bytes(8, "little"))
+                out.write(encoded)
+                shutil.copyfileobj(self._spill, out, 16 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(final, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
+            self._spill.close()
+            os.replace(final, self.path)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+        self._temps.remove(final)
+        self.discard()
+        return self.path.stat().st_size
+
+    def discard(self) -> None:
+        """Remove every temporary file; the output's name is left untouched."""
+        if not self._spill.closed:
+            self._spill.close()
+        for temp in self._temps:
+            temp.unlink(missing_ok=True)
+        self._temps.clear()
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _temp_file(self, suffix: str):
+        try:
+            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc}); check the folder and its permissions") from None
+        self._temps.append(Path(name))
+        if suffix:
+            return os.fdopen(fd, "w+b")
+        os.close(fd)
+        return Path(name)
+
+    def _write(self, handle, data) -> None:
+        try:
+            handle.write(data)
+        except OSError as exc:
+            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
