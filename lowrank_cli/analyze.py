@@ -18,6 +18,7 @@ def analyze(
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     rtol: float | None = None,
+    device: str = "cpu",
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
     """One report row per tensor; with a policy, the rank, error and params it would give."""
@@ -30,8 +31,8 @@ def analyze(
         if reason is not None:
             tensors.append(new_report(entry, "skipped", reason))
         else:
-            matrix = load_matrix(checkpoint, entry)
-            spectrum = Spectrum.of(singular_values(matrix), entry.matrix_shape)
+            matrix = load_matrix(checkpoint, entry, device)
+            spectrum = Spectrum.of(singular_values(matrix), entry.matrix_shape, matrix.dtype)
             report = new_report(entry, "analyzed")
             describe_spectrum(report, spectrum, rtol)
             if policy is not None:

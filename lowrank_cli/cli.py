@@ -33,6 +33,9 @@ FailAbove = Annotated[Optional[float], typer.Option("--fail-above", help="Exit 3
 Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
+Method = Annotated[str, typer.Option("--method", help="SVD: auto, exact or randomized (seeded by --seed).")]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.")]
+Device = Annotated[str, typer.Option("--device", help="Where the maths runs: auto (cuda if present), cpu or cuda.")]
 Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: beside the input).", metavar="OUT")]
 
 
@@ -88,11 +91,13 @@ def analyze(
     exclude: Exclude = None,
     rtol: Rtol = None,
     fail_above: FailAbove = None,
+    device: Device = "auto",
     as_json: Json = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
     from lowrank_cli.analyze import analyze as run_analyze
     from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.devices import resolve_device
     from lowrank_cli.policy import RankPolicy
     from lowrank_cli.render import progress
     from lowrank_cli.report import Report
@@ -101,10 +106,13 @@ def analyze(
     _check_gate(fail_above)
     if fail_above is not None and policy is None:
         raise UsageError("--fail-above needs a rank policy (--rank, --energy or --max-error) to measure an error")
+    device = resolve_device(device)
     reports = []
     for path in paths:
         with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"analyze {path.name}") as tick:
-            reports.append(run_analyze(checkpoint, policy, include=include, exclude=exclude, rtol=rtol, on_tensor=tick))
+            reports.append(run_analyze(
+                checkpoint, policy, include=include, exclude=exclude, rtol=rtol, device=device, on_tensor=tick
+            ))
     _finish(Report.combine(reports), as_json, fail_above)
 
 
@@ -117,6 +125,9 @@ def compress(
     energy: Energy = None,
     max_error: MaxError = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
+    method: Method = "auto",
+    seed: Seed = 0,
+    device: Device = "auto",
     include: Include = None,
     exclude: Exclude = None,
     rtol: Rtol = None,
@@ -126,15 +137,18 @@ def compress(
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
     from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.compress import Settings
     from lowrank_cli.compress import compress as run_compress
+    from lowrank_cli.devices import resolve_device
     from lowrank_cli.policy import RankPolicy, require_policy
     from lowrank_cli.render import progress
 
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error))
     _check_gate(fail_above)
+    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
     with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"compress {path.name}") as tick:
         report = run_compress(
-            checkpoint, policy, output, dtype=dtype, include=include, exclude=exclude, force=force, rtol=rtol, on_tensor=tick
+            checkpoint, policy, output, settings=settings, include=include, exclude=exclude, force=force, on_tensor=tick
         )
     _finish(report, as_json, fail_above)
 

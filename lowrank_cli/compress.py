@@ -3,21 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.dtypes import FACTOR_DTYPES, torch_dtype
 from lowrank_cli.errors import CheckpointError, UsageError
-from lowrank_cli.factorize import exact_svd, relative_error, truncate
+from lowrank_cli.factorize import METHODS, factorize, generator_for, relative_error
 from lowrank_cli.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
-from lowrank_cli.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
+from lowrank_cli.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
 from lowrank_cli.outputs import check_output, default_output
 from lowrank_cli.policy import RankPolicy
-from lowrank_cli.report import Report, Totals
-from lowrank_cli.spectrum import Spectrum
+from lowrank_cli.report import Report, TensorReport, Totals
 from lowrank_cli.writer import SafetensorsWriter
 
 SUFFIX = ".lowrank.safetensors"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How factors are computed and stored."""
+
+    dtype: str = "keep"  # the factors' dtype: keep (the tensor's own), float32, float16, bfloat16
+    method: str = "auto"  # auto | exact | randomized
+    seed: int = 0
+    device: str = "cpu"
+    rtol: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.dtype != "keep" and self.dtype not in FACTOR_DTYPES:
+            raise UsageError(f"--dtype {self.dtype} is not one of keep, {', '.join(FACTOR_DTYPES)}")
+        if self.method not in METHODS:
+            raise UsageError(f"--method {self.method} is not one of {', '.join(METHODS)}")
 
 
 def compress(
@@ -25,19 +44,17 @@ def compress(
     policy: RankPolicy,
     out: Path | None = None,
     *,
-    dtype: str = "keep",
+    settings: Settings | None = None,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     force: bool = False,
-    rtol: float | None = None,
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
     """Write OUT with factors for every selected float matrix where they save parameters.
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     """
-    if dtype != "keep" and dtype not in FACTOR_DTYPES:
-        raise UsageError(f"--dtype {dtype} is not one of keep, {', '.join(FACTOR_DTYPES)}")
+    settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
@@ -49,7 +66,7 @@ def compress(
             if reason is not None:
                 report = new_report(entry, "skipped", reason)
             else:
-                report, factors = _compress_matrix(checkpoint, entry, policy, dtype, rtol)
+                report, factors = _compress_matrix(checkpoint, entry, policy, settings)
                 if factors is not None:
                     for factor_name, factor in zip(factor_names(entry.name), factors):
                         writer.add_tensor(factor_name, factor)
@@ -68,20 +85,28 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options={"dtype": dtype},
+        options={"dtype": settings.dtype, "method": settings.method, "seed": settings.seed},
     )
 
 
-def _compress_matrix(checkpoint: Checkpoint, entry: TensorEntry, policy: RankPolicy, dtype: str, rtol: float | None):
-    matrix = load_matrix(checkpoint, entry)
-    u, s, vh = exact_svd(matrix)
-    spectrum = Spectrum.of(s, entry.matrix_shape)
+def _compress_matrix(
+    checkpoint: Checkpoint, entry: TensorEntry, policy: RankPolicy, settings: Settings, method: str | None = None
+) -> tuple[TensorReport, tuple[torch.Tensor, torch.Tensor] | None]:
+    matrix = load_matrix(checkpoint, entry, settings.device)
+    method = method or settings.method
+    result = factorize(matrix, policy, method=method, generator=generator_for(entry.name, settings.seed, matrix.device))
     report = new_report(entry, "analyzed")
-    describe_spectrum(report, spectrum, rtol)
-    apply_policy(report, spectrum, policy)
+    report.method = result.method
+    if result.spectrum is not None:
+        describe_spectrum(report, result.spectrum, settings.rtol)
+    decide(report, result.rank, entry.matrix_shape, policy)
     if report.status != "factorized":
         return report, None
-    stored = torch_dtype(entry.dtype if dtype == "keep" else FACTOR_DTYPES[dtype])
-    b, a = (factor.to(stored) for factor in truncate(u, s, vh, report.rank))
+    stored = torch_dtype(entry.dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype])
+    b, a = (factor.to(stored) for factor in result.factors())
     report.rel_error = relative_error(matrix, b, a)  # measured on what is written
-    return report, (b, a)
+    target = policy.error_target()
+    if result.method == "randomized" and stored == matrix.dtype and target is not None and report.rel_error > target:
+        # The randomized residual is bookkept in floating point; settle a near miss exactly.
+        return _compress_matrix(checkpoint, entry, policy, settings, method="exact")
+    return report, (b.cpu(), a.cpu())

@@ -1,22 +1,102 @@
-"""Truncated-SVD factors W ≈ B·A and the error they actually make."""
+"""Truncated-SVD factors W ≈ B·A, by exact or randomized SVD, and the error they actually make."""
 
 from __future__ import annotations
 
+import zlib
+from dataclasses import dataclass
+
 import torch
 
+from lowrank_cli.policy import RankPolicy
+from lowrank_cli.randomized import adaptive_range, randomized_svd
+from lowrank_cli.spectrum import Spectrum
+
+METHODS = ("auto", "exact", "randomized")
 _CHUNK_BYTES = 64 << 20
+_SMALL = 256  # below this min(m, n) a full SVD costs next to nothing
+OVERSAMPLE = 16
+POWER_ITERS = 3  # fixed rank: error within ~0.5 % of optimal on slowly decaying spectra
+ADAPTIVE_POWER_ITERS = 2  # adaptive: rank within ~3 % of optimal
 
 
-def exact_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U (m, k), S (k,), Vh (k, n) with k = min(m, n)."""
-    return torch.linalg.svd(matrix, full_matrices=False)
+@dataclass
+class Factorization:
+    """The leading singular triplets a policy keeps, and how they were found."""
+
+    rank: int | None  # None: the target needs more than max_rank (randomized only)
+    u: torch.Tensor | None  # (m, r)
+    s: torch.Tensor | None  # (r,)
+    vh: torch.Tensor | None  # (r, n)
+    method: str  # "exact" | "randomized"
+    spectrum: Spectrum | None = None  # all singular values, when the method computed them
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """B = U_r·diag(S_r) (m, r) and A = V_rᵀ (r, n)."""
+        b = self.u * self.s  # (m, r) * (r,) -> (m, r)
+        return b, self.vh
 
 
-def truncate(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """B = U_r·diag(S_r) (m, r) and A = V_rᵀ (r, n)."""
-    b = u[:, :rank] * s[:rank]  # (m, r) * (r,) -> (m, r)
-    a = vh[:rank]  # (r, n)
-    return b, a
+def break_even_rank(m: int, n: int) -> int:
+    """The largest r with r·(m + n) < m·n: above it, factors hold more numbers than W."""
+    return (m * n - 1) // (m + n)
+
+
+def generator_for(name: str, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator seeded by --seed and the tensor's name: each tensor's result is reproducible alone."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+
+
+def factorize(
+    matrix: torch.Tensor, policy: RankPolicy, *, method: str = "auto", generator: torch.Generator | None = None
+) -> Factorization:
+    """The factors `policy` keeps of a float32/float64 m×n matrix."""
+    m, n = matrix.shape
+    k = min(m, n)
+    generator = generator or torch.Generator(device=matrix.device).manual_seed(0)
+    if method == "exact" or (method == "auto" and k <= _SMALL):
+        return _exact(matrix, policy)
+    if policy.rank is not None:
+        rank = min(policy.rank, k)
+        if method == "auto" and 4 * (rank + OVERSAMPLE) > k:
+            return _exact(matrix, policy)
+        u, s, vh = randomized_svd(matrix, rank, oversample=OVERSAMPLE, power_iters=POWER_ITERS, generator=generator)
+        return Factorization(rank, u, s, vh, "randomized")
+    return _adaptive(matrix, policy, method, generator)
+
+
+def _exact(matrix: torch.Tensor, policy: RankPolicy) -> Factorization:
+    u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
+    spectrum = Spectrum.of(s, tuple(matrix.shape))
+    rank = policy.choose(spectrum)
+    return Factorization(rank, u[:, :rank], s[:rank], vh[:rank], "exact", spectrum)
+
+
+def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator) -> Factorization:
+    m, n = matrix.shape
+    total = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
+    if total == 0.0:
+        return _exact(matrix, policy)
+    # --energy F allows (1 − F)·‖W‖² of squared error, --max-error E allows E²·‖W‖².
+    allowed = (1.0 - policy.energy if policy.energy is not None else policy.max_error**2) * total
+    max_rank = min(m, n) // 4 if method == "auto" else break_even_rank(m, n)
+    found = adaptive_range(
+        matrix,
+        allowed,
+        block=max(16, min(m, n) // 64),
+        power_iters=ADAPTIVE_POWER_ITERS,
+        max_rank=max_rank,
+        generator=generator,
+    )
+    if found is None:
+        if method == "auto":  # the rank is too high for randomized to pay off
+            return _exact(matrix, policy)
+        return Factorization(None, None, None, None, "randomized")
+    (u, s, vh), residual = found
+    # ‖W − Q·U_r·S_r·V_rᵀ‖² = ‖W − QQᵀW‖² + Σ_{i>r} s_i²: take the smallest r within the allowance.
+    squares = s.to(torch.float64) ** 2
+    tail = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0]).tolist() + [0.0]
+    rank = next(r for r, t in enumerate(tail) if residual + t <= allowed)
+    return Factorization(rank, u[:, :rank], s[:rank], vh[:rank], "randomized")
 
 
 def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:

@@ -7,6 +7,7 @@ import torch
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.dtypes import compute_dtype
 from lowrank_cli.errors import TensorError
+from lowrank_cli.factorize import break_even_rank
 from lowrank_cli.policy import RankPolicy
 from lowrank_cli.report import TensorReport
 from lowrank_cli.spectrum import Spectrum
@@ -53,18 +54,28 @@ def describe_spectrum(report: TensorReport, spectrum: Spectrum, rtol: float | No
 
 
 def apply_policy(report: TensorReport, spectrum: Spectrum, policy: RankPolicy) -> None:
-    """Choose the rank and whether factors pay off; the error is the optimal one at that rank."""
-    m, n = spectrum.shape
+    """What the policy would do, with the optimal (Eckart–Young) error at its rank."""
     rank = policy.choose(spectrum)
+    decide(report, rank, spectrum.shape, policy)
+    if report.status == "factorized":
+        report.rel_error = spectrum.relative_error(rank)
+
+
+def decide(report: TensorReport, rank: int | None, shape: tuple[int, int], policy: RankPolicy) -> None:
+    """Factorized when r·(m + n) < m·n, else dense with the reason; rank None: above break-even."""
+    m, n = shape
     report.rank = rank
-    report.rel_error = spectrum.relative_error(rank)
     report.params_after = report.params
-    if rank == 0:
-        report.status, report.reason, report.rel_error = "dense", "zero matrix", 0.0
+    report.rel_error = 0.0
+    report.status = "dense"
+    if rank is None:
+        report.reason = f"the target needs rank > {break_even_rank(m, n)}, where factors stop saving params"
+    elif rank == 0:
+        report.reason = "zero matrix"
     elif rank * (m + n) >= m * n:
-        report.status, report.rel_error = "dense", 0.0
         clamp = f"--rank {policy.rank} clamped to min(m, n) = {rank}; " if policy.rank and policy.rank > rank else ""
         report.reason = f"{clamp}rank {rank} factors hold {rank * (m + n)} ≥ {m * n} params"
     else:
         report.status = "factorized"
         report.params_after = rank * (m + n)
+        report.rel_error = None  # the caller measures or computes it

@@ -44,6 +44,14 @@ class RankPolicy:
             return spectrum.rank_for_energy(self.energy)
         return spectrum.rank_for_error(self.max_error)
 
+    def error_target(self) -> float | None:
+        """The relative error the policy promises at most (None for a fixed rank)."""
+        if self.max_error is not None:
+            return self.max_error
+        if self.energy is not None:
+            return (1.0 - self.energy) ** 0.5
+        return None
+
     def describe(self) -> str:
         if self.rank is not None:
             return f"rank {self.rank}"

@@ -19,7 +19,7 @@ stderr = Console(stderr=True)
 
 
 def print_json(report: Report) -> None:
-    sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False) + "\n")
+    sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
 def print_report(report: Report) -> None:

@@ -24,6 +24,7 @@ class TensorReport:
     rel_error: float | None = None  # ‖W − B·A‖_F / ‖W‖_F
     params_after: int | None = None
     sparkline: str | None = None
+    method: str | None = None  # "exact" | "randomized": how the factors were computed
     file: str | None = None  # the file (or shard) that holds the tensor
 
 

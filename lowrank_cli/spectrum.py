@@ -20,9 +20,10 @@ class Spectrum:
     eps: float  # machine epsilon of the dtype the values were computed in
 
     @classmethod
-    def of(cls, values: torch.Tensor, shape: tuple[int, int]) -> Spectrum:
-        eps = float(torch.finfo(values.dtype).eps)
-        return cls(values.detach().to("cpu", torch.float64).numpy(), shape, eps)
+    def of(cls, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> Spectrum:
+        """Wrap singular values of a matrix whose computation dtype is `dtype` (default: the values')."""
+        eps = float(torch.finfo(dtype or values.dtype).eps)
+        return cls(values.detach().to("cpu", torch.float64).numpy(), tuple(shape), eps)
 
     @property
     def sigma_max(self) -> float:
@@ -86,6 +87,25 @@ class Spectrum:
         return "".join(_SPARK[level] for level in levels)
 
 
+_GRAM_CHUNK_BYTES = 64 << 20
+
+
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values of a float32/float64 matrix, descending."""
-    return torch.linalg.svdvals(matrix)
+    """All singular values of a float32/float64 matrix, descending.
+
+    For float32 matrices: σ_i = √λ_i of the Gram matrix WᵀW (of the smaller side) formed and
+    diagonalized in float64. Squaring doubles the exponent range, not the float32 input's
+    rounding: each σ_i is off by at most about √(k·ε₆₄)·σ_max (1e-6·σ_max at k = 4096, far
+    less in practice; benchmarks/ measures it against svdvals), at a fraction of an SVD's cost. float64 matrices need
+    their full precision for the numerical rank, so they go through svdvals itself.
+    """
+    if matrix.dtype == torch.float64 or min(matrix.shape) <= 32:
+        return torch.linalg.svdvals(matrix)
+    tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T  # (m, k), m ≥ k
+    rows = max(1, _GRAM_CHUNK_BYTES // (8 * tall.shape[1]))
+    gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=matrix.device)
+    for start in range(0, tall.shape[0], rows):
+        chunk = tall[start : start + rows].to(torch.float64)
+        gram += chunk.T @ chunk  # (k, rows) @ (rows, k) -> (k, k)
+    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
+    return eigenvalues.flip(0).clamp_min(0).sqrt()

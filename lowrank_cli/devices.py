@@ -1,0 +1,20 @@
+"""--device: where the maths runs."""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_cli.errors import UsageError
+
+
+def resolve_device(name: str) -> str:
+    """auto → cuda when a GPU is visible, else cpu; cuda without a GPU is an error."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return "cpu"
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {name}: no CUDA device is visible to torch; use --device cpu")
+        return name
+    raise UsageError(f"--device {name} is not one of auto, cpu, cuda")

@@ -1,0 +1,69 @@
+"""Randomized truncated SVD (Halko, Martinsson & Tropp 2011), fixed-rank and adaptive.
+
+Work is O(m·n·k) for a basis of k columns instead of the O(m·n·min(m, n)) of a full SVD.
+The adaptive form (the blocked randQB of Yu, Gu & Li 2018) grows an orthonormal basis Q
+until the residual, known exactly as ‖W − QQᵀW‖_F² = ‖W‖_F² − ‖QᵀW‖_F², meets the target.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _orth(y: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.qr(y).Q
+
+
+def randomized_svd(
+    matrix: torch.Tensor, rank: int, *, oversample: int, power_iters: int, generator: torch.Generator
+) -> Triple:
+    """The leading `rank` singular triplets of an m×n matrix: U (m, r), S (r,), Vh (r, n)."""
+    m, n = matrix.shape
+    k = min(rank + oversample, m, n)
+    omega = torch.randn(n, k, generator=generator, device=generator.device).to(matrix.device, matrix.dtype)
+    q = _orth(matrix @ omega)  # (m, n) @ (n, k) -> (m, k)
+    for _ in range(power_iters):  # sharpen the decay: the range of (WWᵀ)^q W
+        q = _orth(matrix.T @ q)  # (n, k)
+        q = _orth(matrix @ q)  # (m, k)
+    small = q.T @ matrix  # (k, m) @ (m, n) -> (k, n)
+    u_small, s, vh = torch.linalg.svd(small, full_matrices=False)
+    u = q @ u_small  # (m, k) @ (k, k) -> (m, k)
+    return u[:, :rank], s[:rank], vh[:rank]
+
+
+def adaptive_range(
+    matrix: torch.Tensor,
+    target_sq: float,
+    *,
+    block: int,
+    power_iters: int,
+    max_rank: int,
+    generator: torch.Generator,
+) -> tuple[Triple, float] | None:
+    """Grow Q in blocks until ‖W − QQᵀW‖_F² ≤ target_sq; then the SVD of QᵀW.
+
+    Returns (U, S, Vh) of QQᵀW with its k = Q's width singular values, and the residual
+    ‖W − QQᵀW‖_F² (float64), or None once k would pass max_rank without meeting the target.
+    """
+    m, n = matrix.shape
+    residual = float(torch.linalg.vector_norm(matrix, dtype=torch.float64) ** 2)
+    q = matrix.new_zeros(m, 0)
+    b = matrix.new_zeros(0, n)  # QᵀW, grown with Q
+    while residual > target_sq:
+        width = min(block, min(m, n) - q.shape[1])
+        if q.shape[1] + width > max_rank or width <= 0:
+            return None
+        omega = torch.randn(n, width, generator=generator, device=generator.device).to(matrix.device, matrix.dtype)
+        qi = _orth(matrix @ omega - q @ (b @ omega))  # the part of WΩ outside span(Q)
+        for _ in range(power_iters):
+            zi = _orth(matrix.T @ qi - b.T @ (q.T @ qi))  # (n, width)
+            qi = _orth(matrix @ zi - q @ (b @ zi))  # (m, width)
+        qi = _orth(qi - q @ (q.T @ qi))  # re-orthogonalize against Q once more
+        bi = qi.T @ matrix  # (width, m) @ (m, n) -> (width, n)
+        q = torch.cat([q, qi], dim=1)
+        b = torch.cat([b, bi], dim=0)
+        residual -= float(torch.linalg.vector_norm(bi, dtype=torch.float64) ** 2)
+    u_small, s, vh = torch.linalg.svd(b, full_matrices=False)
+    return (q @ u_small, s, vh), max(residual, 0.0)
