@@ -96,6 +96,10 @@ class Checkpoint:
         paths = [f.path for f in self.files]
         return paths + [self.index_path] if self.index_path else paths
 
+    def by_shard(self) -> list[tuple[ShardFile, list[TensorEntry]]]:
+        """Each file with its tensors, in name order."""
+        return [(shard, [e for e in self.entries.values() if e.path == shard.path]) for shard in self.files]
+
     def select(self, include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
         """Tensor names in file order that match any --include glob and no --exclude glob."""
         return [name for name in self.entries if is_selected(name, include, exclude)]

@@ -14,7 +14,7 @@ from lowrank_cli.errors import CheckpointError, UsageError
 from lowrank_cli.factorize import METHODS, factorize, generator_for, relative_error
 from lowrank_cli.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
 from lowrank_cli.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
-from lowrank_cli.outputs import check_output, default_output
+from lowrank_cli.outputs import CheckpointOutput, check_output, default_output
 from lowrank_cli.policy import RankPolicy
 from lowrank_cli.report import Report, TensorReport, Totals
 from lowrank_cli.writer import SafetensorsWriter
@@ -59,25 +59,32 @@ def compress(
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
     selected = set(checkpoint.select(include, exclude))
-    tensors, records = [], {}
-    with SafetensorsWriter(out) as writer:
-        for entry in checkpoint.entries.values():
-            reason = skip_reason(entry, entry.name in selected)
-            if reason is not None:
-                report = new_report(entry, "skipped", reason)
-            else:
-                report, factors = _compress_matrix(checkpoint, entry, policy, settings)
-                if factors is not None:
-                    for factor_name, factor in zip(factor_names(entry.name), factors):
-                        writer.add_tensor(factor_name, factor)
-                    records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error)
-            if report.status != "factorized":
-                writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
-            tensors.append(report)
-            if on_tensor:
-                on_tensor(entry)
-        writer.metadata = encode_metadata(checkpoint.metadata, records)
-        size_after = writer.commit()
+    tensors = []
+    records: dict[SafetensorsWriter, dict[str, FactorRecord]] = {}
+    base_metadata: dict[SafetensorsWriter, dict[str, str] | None] = {}
+    with CheckpointOutput(checkpoint, out, force=force) as output:
+        for shard, entries in checkpoint.by_shard():
+            writer = output.writer_for(shard)  # one per shard, or one for all in a single file
+            base_metadata.setdefault(writer, shard.metadata)
+            shard_records = records.setdefault(writer, {})
+            for entry in entries:
+                reason = skip_reason(entry, entry.name in selected)
+                if reason is not None:
+                    report = new_report(entry, "skipped", reason)
+                else:
+                    report, factors = _compress_matrix(checkpoint, entry, policy, settings)
+                    if factors is not None:
+                        for factor_name, factor in zip(factor_names(entry.name), factors):
+                            writer.add_tensor(factor_name, factor)
+                        shard_records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error)
+                if report.status != "factorized":
+                    writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+                tensors.append(report)
+                if on_tensor:
+                    on_tensor(entry)
+        for writer in output.writers:
+            writer.metadata = encode_metadata(base_metadata[writer], records[writer])
+        size_after = output.commit()
     return Report(
         command="compress",
         sources=[str(checkpoint.source)],

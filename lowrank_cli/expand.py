@@ -8,14 +8,13 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.dtypes import DTYPES, compute_dtype, torch_dtype
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.fileformat import FactorRecord, decode_metadata, factor_names
 from lowrank_cli.matrices import new_report
-from lowrank_cli.outputs import check_output, default_output
+from lowrank_cli.outputs import CheckpointOutput, check_output, default_output
 from lowrank_cli.report import Report, TensorReport, Totals
-from lowrank_cli.writer import SafetensorsWriter
 
 SUFFIX = ".dense.safetensors"
 
@@ -28,36 +27,35 @@ def expand(
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
     """Write every original tensor under its name, shape and dtype, with the original metadata."""
-    metadata, records = decode_metadata(checkpoint.source, checkpoint.metadata)
-    factor_of = {}
-    for name, record in records.items():
-        for factor_name in factor_names(name):
-            if factor_name not in checkpoint.entries:
-                raise CheckpointError(f"{checkpoint.source}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again")
-            factor_of[factor_name] = name
-        if record.dtype not in DTYPES:
-            raise CheckpointError(f"{checkpoint.source}: tensor '{name}' has unknown dtype {record.dtype}")
+    shards = [(shard, entries, *decode_metadata(shard.path, shard.metadata)) for shard, entries in checkpoint.by_shard()]
+    for shard, _, _, records in shards:
+        _check_factors(checkpoint, shard, records)
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
     tensors = []
-    with SafetensorsWriter(out, metadata) as writer:
-        for entry in checkpoint.entries.values():
-            if entry.name in factor_of:
-                if entry.name.endswith(".A"):
-                    continue  # rebuilt together with its B
-                name = factor_of[entry.name]
-                record = records[name]
-                writer.add_tensor(name, _rebuild(checkpoint, name, record))
-                report = TensorReport(
-                    name=name, shape=list(record.shape), dtype=record.dtype, params=math.prod(record.shape),
-                    status="expanded", rank=record.rank, rel_error=record.rel_error, file=str(entry.path),
-                )
-            else:
-                writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
-                report = new_report(entry, "copied")
-            tensors.append(report)
-            if on_tensor:
-                on_tensor(entry)
-        size_after = writer.commit()
+    with CheckpointOutput(checkpoint, out, force=force) as output:
+        for shard, entries, metadata, records in shards:
+            writer = output.writer_for(shard)
+            if writer.metadata is None:
+                writer.metadata = metadata
+            factor_of = {f: name for name in records for f in factor_names(name)}
+            for entry in entries:
+                if entry.name in factor_of:
+                    if entry.name.endswith(".A"):
+                        continue  # rebuilt together with its B
+                    name = factor_of[entry.name]
+                    record = records[name]
+                    writer.add_tensor(name, _rebuild(checkpoint, name, record))
+                    report = TensorReport(
+                        name=name, shape=list(record.shape), dtype=record.dtype, params=math.prod(record.shape),
+                        status="expanded", rank=record.rank, rel_error=record.rel_error, file=str(entry.path),
+                    )
+                else:
+                    writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+                    report = new_report(entry, "copied")
+                tensors.append(report)
+                if on_tensor:
+                    on_tensor(entry)
+        size_after = output.commit()
     return Report(
         command="expand",
         sources=[str(checkpoint.source)],
@@ -65,6 +63,16 @@ def expand(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         output=str(out),
     )
+
+
+def _check_factors(checkpoint: Checkpoint, shard: ShardFile, records: dict[str, FactorRecord]) -> None:
+    for name, record in records.items():
+        for factor_name in factor_names(name):
+            entry = checkpoint.entries.get(factor_name)
+            if entry is None or entry.path != shard.path:
+                raise CheckpointError(f"{shard.path}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again")
+        if record.dtype not in DTYPES:
+            raise CheckpointError(f"{shard.path}: tensor '{name}' has unknown dtype {record.dtype}")
 
 
 def _rebuild(checkpoint: Checkpoint, name: str, record: FactorRecord) -> torch.Tensor:

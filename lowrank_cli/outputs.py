@@ -1,20 +1,30 @@
-"""Where outputs go, and the checks that keep inputs and existing files safe."""
+"""Where outputs go, and how they appear: whole, atomically, or not at all.
+
+A single file is streamed into a temporary file and renamed into place. A sharded output is a
+folder (one shard per input shard, an index, and the input folder's other files such as
+config.json) built under a temporary name beside OUT and renamed into place at the end.
+"""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
-from lowrank_cli.checkpoint import Checkpoint
+from lowrank_cli.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.errors import OutputError, UsageError
+from lowrank_cli.writer import SafetensorsWriter
 
 
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
-    """`<input stem><suffix>` beside the input, e.g. model.lowrank.safetensors."""
+    """`<input stem><suffix>` beside the input: model.lowrank.safetensors, or a folder model.lowrank/."""
     source = checkpoint.source
-    if source.is_dir():
-        return source.with_name(source.name + suffix.removesuffix(".safetensors"))
-    return source.with_name(source.stem + suffix)
+    if not checkpoint.is_sharded:
+        return source.with_name(source.stem + suffix)
+    folder = source if source.is_dir() else source.parent
+    return folder.with_name(folder.name + suffix.removesuffix(".safetensors"))
 
 
 def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
@@ -22,12 +32,109 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
     out = Path(out)
     resolved = out.resolve()
     for path in [checkpoint.source, *checkpoint.paths]:
-        if resolved == path.resolve() or (out.exists() and path.exists() and os.path.samefile(out, path)):
+        if resolved == path.resolve():
             raise UsageError(f"{out}: this is an input of the command; choose another -o")
+        if resolved in path.resolve().parents:
+            raise UsageError(f"{out}: this folder holds the input {path}; choose another -o")
+    if checkpoint.source.is_dir() and checkpoint.source.resolve() in resolved.parents:
+        raise UsageError(f"{out}: is inside the input folder {checkpoint.source}; choose a path outside it")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists; pass --force to overwrite it or choose another -o")
-    if out.is_dir():
-        raise OutputError(f"{out}: is a folder; give a file name with -o")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist; create it first")
     return out
+
+
+class CheckpointOutput:
+    """One output file, or a folder of shards mirroring a sharded input; commit() or nothing."""
+
+    def __init__(self, checkpoint: Checkpoint, out: Path, *, force: bool) -> None:
+        self.out = out
+        self.force = force
+        self.checkpoint = checkpoint
+        self.sharded = checkpoint.is_sharded and not out.name.endswith(".safetensors")
+        if out.exists() and out.is_dir() != self.sharded:
+            kind = "a folder" if out.is_dir() else "a file"
+            raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
+        self._folder: Path | None = None
+        if self.sharded:
+            try:
+                self._folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            except OSError as exc:
+                raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
+        self._writers: dict[str, SafetensorsWriter] = {}
+
+    def writer_for(self, shard: ShardFile) -> SafetensorsWriter:
+        """The writer that takes this input shard's tensors."""
+        key = shard.path.name if self.sharded else ""
+        if key not in self._writers:
+            path = self._folder / key if self.sharded else self.out
+            self._writers[key] = SafetensorsWriter(path)
+        return self._writers[key]
+
+    @property
+    def writers(self) -> list[SafetensorsWriter]:
+        return list(self._writers.values())
+
+    def commit(self) -> int:
+        """Make the output appear under its name; returns the bytes of its safetensors files."""
+        if not self.sharded:
+            writer = self.writer_for(self.checkpoint.files[0])
+            return writer.commit()
+        size = sum(writer.commit() for writer in self.writers)
+        self._write_index()
+        self._copy_companions()
+        self._replace(self._folder, self.out)
+        self._folder = None
+        return size
+
+    def discard(self) -> None:
+        for writer in self._writers.values():
+            writer.discard()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+    def __enter__(self) -> CheckpointOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def _write_index(self) -> None:
+        weight_map, total = {}, 0
+        for name, writer in self._writers.items():
+            weight_map.update({tensor: name for tensor in writer.tensor_names})
+            total += writer.nbytes
+        index_name = self.checkpoint.index_path.name if self.checkpoint.index_path else "model" + INDEX_SUFFIX
+        text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
+        (self._folder / index_name).write_text(text + "\n", encoding="utf-8")
+
+    def _copy_companions(self) -> None:
+        """config.json, tokenizer files…: what else the input folder holds, so loaders find it."""
+        folder = self.checkpoint.source if self.checkpoint.source.is_dir() else self.checkpoint.source.parent
+        taken = {p.name for p in self.checkpoint.paths}
+        for path in sorted(folder.iterdir()):
+            if path.is_file() and path.name not in taken and not path.name.endswith((".safetensors", INDEX_SUFFIX)):
+                if not path.name.startswith("."):
+                    shutil.copy2(path, self._folder / path.name)
+
+    @staticmethod
+    def _replace(new: Path, out: Path) -> None:
+        try:
+            os.chmod(new, 0o777 & ~_umask())
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(new, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(new, out)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

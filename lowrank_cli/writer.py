@@ -55,6 +55,10 @@ class SafetensorsWriter:
     def nbytes(self) -> int:
         return self._offset
 
+    @property
+    def tensor_names(self) -> list[str]:
+        return list(self._header)
+
     def commit(self) -> int:
         """Write the file under its name; returns its size in bytes."""
         header = dict(self._header)
