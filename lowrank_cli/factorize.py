@@ -82,7 +82,7 @@ def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: 
     found = adaptive_range(
         matrix,
         allowed,
-        block=max(16, min(m, n) // 64),
+        block=max(32, min(m, n) // 32),
         power_iters=ADAPTIVE_POWER_ITERS,
         max_rank=max_rank,
         generator=generator,

@@ -16,11 +16,11 @@ from lowrank_cli.spectrum import Spectrum
 def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:
     """Why a tensor is copied unchanged instead of factorized, or None for a float matrix."""
     if not selected:
-        return "not selected by --include/--exclude"
+        return "not selected (--include/--exclude)"
     if not entry.is_float:
-        return f"{entry.dtype} tensor, not floating point"
+        return f"{entry.dtype}, not floating point"
     if len(entry.shape) < 2:
-        return f"{len(entry.shape)}-D tensor, not a matrix"
+        return f"{len(entry.shape)}-D, not a matrix"
     if entry.numel == 0:
         return "empty tensor"
     return None
@@ -73,8 +73,8 @@ def decide(report: TensorReport, rank: int | None, shape: tuple[int, int], polic
     elif rank == 0:
         report.reason = "zero matrix"
     elif rank * (m + n) >= m * n:
-        clamp = f"--rank {policy.rank} clamped to min(m, n) = {rank}; " if policy.rank and policy.rank > rank else ""
-        report.reason = f"{clamp}rank {rank} factors hold {rank * (m + n)} ≥ {m * n} params"
+        clamp = f"--rank {policy.rank} clamped to min(m, n); " if policy.rank and policy.rank > rank else ""
+        report.reason = f"{clamp}rank {rank} needs {rank * (m + n):,} ≥ {m * n:,} params"
     else:
         report.status = "factorized"
         report.params_after = rank * (m + n)

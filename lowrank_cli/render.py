@@ -11,10 +11,11 @@ from contextlib import contextmanager
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
 from lowrank_cli.report import Report, TensorReport
 
-stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200, soft_wrap=False)
+stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 stderr = Console(stderr=True)
 
 
@@ -29,34 +30,48 @@ def print_report(report: Report) -> None:
         table = _compress_table(report)
     else:
         table = _expand_table(report)
-    stdout.print(table)
+    # A narrow terminal wraps the long lines; cutting cells would hide numbers.
+    natural = Console(width=100_000).measure(table).maximum
+    Console(width=max(stdout.width, natural)).print(table)
     totals = report.totals
     if totals.bytes is not None and totals.bytes_after is not None:
         stdout.print(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
 
 
+# (header, footer, kind): kind "name" (tensor names), "text", "number" or "note".
+Column = tuple[str, str, str]
+
+
+def _table(title: str, columns: list[Column], rows: list[list[str]]) -> Table:
+    """Every cell on one line; print_report widens the output rather than cut a number."""
+    footer = any(foot for _, foot, _ in columns)
+    table = Table(title=title, title_justify="left", show_footer=footer)
+    for i, (header, foot, kind) in enumerate(columns):
+        width = max([Text.from_markup(row[i]).cell_len for row in rows] + [len(foot)])
+        justify = "right" if kind == "number" else "left"
+        table.add_column(header, footer=foot, justify=justify, no_wrap=True, min_width=width)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _analyze_table(report: Report) -> Table:
-    with_policy = report.policy is not None
-    table = Table(title=f"lowrank analyze {' '.join(report.sources)}", title_justify="left", show_footer=True)
     totals = report.totals
-    table.add_column("tensor", footer="total", no_wrap=True)
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("params", justify="right", footer=f"{totals.params:,}")
-    table.add_column("num. rank", justify="right")
-    table.add_column("stable rank", justify="right")
-    table.add_column("r@90%", justify="right")
-    table.add_column("r@99%", justify="right")
-    table.add_column("r@99.9%", justify="right")
-    table.add_column("σ decay")
+    columns = [
+        ("tensor", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"),
+        ("params", f"{totals.params:,}", "number"), ("num. rank", "", "number"), ("stable rank", "", "number"),
+        ("r@90%", "", "number"), ("r@99%", "", "number"), ("r@99.9%", "", "number"), ("σ decay", "", "note"),
+    ]
+    with_policy = report.policy is not None
     if with_policy:
-        table.add_column("rank", justify="right")
-        table.add_column("rel. error", justify="right")
-        table.add_column("params after", justify="right", footer=f"{totals.params_after:,}")
-        table.add_column("saving", justify="right", footer=_percent(totals.savings))
+        columns += [
+            ("rank", "", "number"), ("rel. error", _error(totals.max_rel_error, "max "), "number"),
+            ("params after", f"{totals.params_after:,}", "number"), ("saving", _percent(totals.savings), "number"),
+        ]
+    rows = []
     for t in report.tensors:
         if t.status == "skipped":
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", f"[dim]skipped: {t.reason}[/]"]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", f"[dim]{t.reason}[/]"]
             row += ["", "", f"{t.params:,}", ""] if with_policy else []
         else:
             row = [
@@ -64,36 +79,38 @@ def _analyze_table(report: Report) -> Table:
                 str(t.rank_90), str(t.rank_99), str(t.rank_999), t.sparkline or "",
             ]
             row += _policy_cells(t) if with_policy else []
-        table.add_row(*row)
-    return table
+        rows.append(row)
+    return _table(f"lowrank analyze {' '.join(report.sources)}", columns, rows)
 
 
 def _compress_table(report: Report) -> Table:
     totals = report.totals
-    table = Table(title=f"lowrank compress {report.sources[0]} ({_policy(report)})", title_justify="left", show_footer=True)
-    table.add_column("tensor", footer="total", no_wrap=True)
-    table.add_column("shape")
-    table.add_column("dtype")
-    table.add_column("status")
-    table.add_column("params", justify="right", footer=f"{totals.params:,}")
-    table.add_column("rank", justify="right")
-    table.add_column("rel. error", justify="right", footer=_error(totals.max_rel_error, "max "))
-    table.add_column("params after", justify="right", footer=f"{totals.params_after:,}")
-    table.add_column("saving", justify="right", footer=_percent(totals.savings))
-    table.add_column("note")
+    columns = [
+        ("tensor", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
+        ("params", f"{totals.params:,}", "number"), ("rank", "", "number"),
+        ("rel. error", _error(totals.max_rel_error, "max "), "number"),
+        ("params after", f"{totals.params_after:,}", "number"), ("saving", _percent(totals.savings), "number"),
+        ("note", "", "note"),
+    ]
+    rows = []
     for t in report.tensors:
-        rank, error, after, saving = _policy_cells(t) if t.rank is not None else ("", "", f"{t.params:,}", "")
-        table.add_row(t.name, _shape(t), t.dtype, t.status, f"{t.params:,}", rank, error, after, saving, t.reason or "")
-    return table
+        cells = _policy_cells(t) if t.rank is not None else ["", "", f"{t.params:,}", ""]
+        if t.status == "dense":
+            cells[2:] = [f"{t.params:,}", ""]
+        rows.append([t.name, _shape(t), t.dtype, t.status, f"{t.params:,}", *cells, t.reason or ""])
+    return _table(f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows)
 
 
 def _expand_table(report: Report) -> Table:
-    table = Table(title=f"lowrank expand {report.sources[0]}", title_justify="left")
-    for column in ("tensor", "shape", "dtype", "status", "rank", "rel. error (at compress)"):
-        table.add_column(column, justify="right" if column in ("rank",) else "left", no_wrap=column == "tensor")
-    for t in report.tensors:
-        table.add_row(t.name, _shape(t), t.dtype, t.status, "" if t.rank is None else str(t.rank), _error(t.rel_error))
-    return table
+    columns = [
+        ("tensor", "", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
+        ("rank", "", "number"), ("rel. error at compress", "", "number"),
+    ]
+    rows = [
+        [t.name, _shape(t), t.dtype, t.status, "" if t.rank is None else str(t.rank), _error(t.rel_error)]
+        for t in report.tensors
+    ]
+    return _table(f"lowrank expand {report.sources[0]}", columns, rows)
 
 
 def _policy_cells(t: TensorReport) -> list[str]:

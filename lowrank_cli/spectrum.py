@@ -87,25 +87,10 @@ class Spectrum:
         return "".join(_SPARK[level] for level in levels)
 
 
-_GRAM_CHUNK_BYTES = 64 << 20
-
-
 def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values of a float32/float64 matrix, descending.
+    """All singular values of a float32/float64 matrix, descending, without singular vectors.
 
-    For float32 matrices: σ_i = √λ_i of the Gram matrix WᵀW (of the smaller side) formed and
-    diagonalized in float64. Squaring doubles the exponent range, not the float32 input's
-    rounding: each σ_i is off by at most about √(k·ε₆₄)·σ_max (1e-6·σ_max at k = 4096, far
-    less in practice; benchmarks/ measures it against svdvals), at a fraction of an SVD's cost. float64 matrices need
-    their full precision for the numerical rank, so they go through svdvals itself.
+    svdvals skips the vectors, which are most of a full SVD's cost (5× on 4096×4096 here). The
+    float64 Gram matrix's eigenvalues were slower still on this CPU (benchmarks/ has figures).
     """
-    if matrix.dtype == torch.float64 or min(matrix.shape) <= 32:
-        return torch.linalg.svdvals(matrix)
-    tall = matrix if matrix.shape[0] >= matrix.shape[1] else matrix.T  # (m, k), m ≥ k
-    rows = max(1, _GRAM_CHUNK_BYTES // (8 * tall.shape[1]))
-    gram = torch.zeros(tall.shape[1], tall.shape[1], dtype=torch.float64, device=matrix.device)
-    for start in range(0, tall.shape[0], rows):
-        chunk = tall[start : start + rows].to(torch.float64)
-        gram += chunk.T @ chunk  # (k, rows) @ (rows, k) -> (k, k)
-    eigenvalues = torch.linalg.eigvalsh(gram)  # ascending
-    return eigenvalues.flip(0).clamp_min(0).sqrt()
+    return torch.linalg.svdvals(matrix)
