@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from lowrank_cli.budget import allocate
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
 from lowrank_cli.policy import RankPolicy
@@ -23,7 +24,7 @@ def analyze(
 ) -> Report:
     """One report row per tensor; with a policy, the rank, error and params it would give."""
     selected = set(checkpoint.select(include, exclude))
-    tensors = []
+    tensors, spectra = [], {}
     for entry in checkpoint.entries.values():
         if entry.name not in selected:
             continue
@@ -35,11 +36,16 @@ def analyze(
             spectrum = Spectrum.of(singular_values(matrix), entry.matrix_shape, matrix.dtype)
             report = new_report(entry, "analyzed")
             describe_spectrum(report, spectrum, rtol)
-            if policy is not None:
-                apply_policy(report, spectrum, policy)
+            spectra[entry.name] = spectrum
             tensors.append(report)
         if on_tensor:
             on_tensor(entry)
+    if policy is not None:
+        ranks = allocate(spectra, policy.budget) if policy.budget is not None else None
+        for report in tensors:
+            if report.name in spectra:
+                tensor_policy = RankPolicy(rank=ranks[report.name]) if ranks is not None else policy
+                apply_policy(report, spectra[report.name], tensor_policy)
     return Report(
         command="analyze",
         sources=[str(checkpoint.source)],

@@ -51,26 +51,25 @@ def _handle_errors(command):
                 raise
             if isinstance(exc, KeyboardInterrupt):
                 exc = Interrupted("interrupted; no output was written")
-            from lowrank_cli.render import stderr
+            from lowrank_cli.render import error
 
-            stderr.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            error(str(exc))
             raise typer.Exit(exc.exit_code) from None
 
     return wrapper
 
 
 def _finish(report, as_json: bool, fail_above: float | None) -> None:
-    from lowrank_cli.render import print_json, print_report, stderr
+    from lowrank_cli.render import notice, print_json, print_report
 
     print_json(report) if as_json else print_report(report)
     if fail_above is not None:
         worst = report.exceeds(fail_above)
         if worst:
             top = max(worst, key=lambda t: t.rel_error)
-            stderr.print(
+            notice(
                 f"quality gate: {len(worst)} tensor(s) above relative error {fail_above:g}"
-                f" (worst: '{top.name}' at {top.rel_error:.3g})",
-                highlight=False,
+                f" (worst: '{top.name}' at {top.rel_error:.3g})"
             )
             raise typer.Exit(EXIT_QUALITY_GATE)
 

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import torch
 
+from lowrank_cli.budget import allocate, spectra_of
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.dtypes import FACTOR_DTYPES, torch_dtype
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, TensorError, UsageError
 from lowrank_cli.factorize import METHODS, factorize, generator_for, relative_error
 from lowrank_cli.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
 from lowrank_cli.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
@@ -59,6 +60,7 @@ def compress(
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
     selected = set(checkpoint.select(include, exclude))
+    policy_for = _policies(checkpoint, policy, selected, settings, on_tensor)
     tensors = []
     records: dict[SafetensorsWriter, dict[str, FactorRecord]] = {}
     base_metadata: dict[SafetensorsWriter, dict[str, str] | None] = {}
@@ -72,11 +74,13 @@ def compress(
                 if reason is not None:
                     report = new_report(entry, "skipped", reason)
                 else:
-                    report, factors = _compress_matrix(checkpoint, entry, policy, settings)
+                    report, factors = _compress_matrix(checkpoint, entry, policy_for(entry.name), settings)
                     if factors is not None:
                         for factor_name, factor in zip(factor_names(entry.name), factors):
                             writer.add_tensor(factor_name, factor)
-                        shard_records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error)
+                        shard_records[entry.name] = FactorRecord(
+                            entry.shape, entry.dtype, report.rank, report.rel_error, report.split
+                        )
                 if report.status != "factorized":
                     writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
                 tensors.append(report)
@@ -96,6 +100,26 @@ def compress(
     )
 
 
+def _policies(
+    checkpoint: Checkpoint,
+    policy: RankPolicy,
+    selected: set[str],
+    settings: Settings,
+    on_tensor: Callable[[TensorEntry], None] | None,
+) -> Callable[[str], RankPolicy]:
+    """The policy of each tensor: the same for all, or under --budget a rank for each."""
+    if policy.budget is None:
+        return lambda name: policy
+    names = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
+    spectra = spectra_of(
+        names,
+        lambda name: load_matrix(checkpoint, checkpoint.entries[name], settings.device),
+        on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
+    )
+    ranks = allocate(spectra, policy.budget)
+    return lambda name: RankPolicy(rank=ranks[name])
+
+
 def _compress_matrix(
     checkpoint: Checkpoint, entry: TensorEntry, policy: RankPolicy, settings: Settings, method: str | None = None
 ) -> tuple[TensorReport, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -110,8 +134,14 @@ def _compress_matrix(
     if report.status != "factorized":
         return report, None
     stored = torch_dtype(entry.dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype])
-    b, a = (factor.to(stored) for factor in result.factors())
+    b, a, split = result.factors(stored)
+    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+        raise TensorError(
+            f"{entry.path}: tensor '{entry.name}': its factors overflow {stored} even split as U·√S and √S·Vᵀ;"
+            " use --dtype bfloat16 or float32"
+        )
     report.rel_error = relative_error(matrix, b, a)  # measured on what is written
+    report.split = split
     target = policy.error_target()
     if result.method == "randomized" and stored == matrix.dtype and target is not None and report.rel_error > target:
         # The randomized residual is bookkept in floating point; settle a near miss exactly.

@@ -13,6 +13,7 @@ from lowrank_cli.spectrum import Spectrum
 
 METHODS = ("auto", "exact", "randomized")
 _CHUNK_BYTES = 64 << 20
+_SAFE_SCALE = (1e-6, 1e6)  # max |W| outside this range is normalized before factorizing
 _SMALL = 256  # below this min(m, n) a full SVD costs next to nothing
 OVERSAMPLE = 16
 POWER_ITERS = 3  # fixed rank: error within ~0.5 % of optimal on slowly decaying spectra
@@ -30,10 +31,21 @@ class Factorization:
     method: str  # "exact" | "randomized"
     spectrum: Spectrum | None = None  # all singular values, when the method computed them
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """B = U_r·diag(S_r) (m, r) and A = V_rᵀ (r, n)."""
-        b = self.u * self.s  # (m, r) * (r,) -> (m, r)
-        return b, self.vh
+    def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
+        """B = U_r·diag(S_r) (m, r) and A = V_rᵀ (r, n) in `dtype`, and the split used.
+
+        If U·S overflows `dtype` (float16 tops out at 65504), √S goes to each side instead:
+        B = U·diag(√S), A = diag(√S)·Vᵀ, the same product with entries bounded by √σ_max.
+        """
+        dtype = dtype or self.u.dtype
+        b = (self.u * self.s).to(dtype)  # (m, r) * (r,) -> (m, r)
+        a = self.vh.to(dtype)
+        if bool(torch.isfinite(b).all()):
+            return b, a, "us"
+        root = self.s.sqrt()
+        b = (self.u * root).to(dtype)  # (m, r)
+        a = (root[:, None] * self.vh).to(dtype)  # (r, 1) * (r, n) -> (r, n)
+        return b, a, "sqrt"
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -50,6 +62,19 @@ def factorize(
     matrix: torch.Tensor, policy: RankPolicy, *, method: str = "auto", generator: torch.Generator | None = None
 ) -> Factorization:
     """The factors `policy` keeps of a float32/float64 m×n matrix."""
+    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if peak > 0 and not _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1]:
+        # Entries near 1e30 overflow float32 in WᵀW·Ω; the factors of W/peak, times peak, do not.
+        result = _factorize(matrix / peak, policy, method, generator)
+        if result.s is not None:
+            result.s = result.s * peak
+        return result
+    return _factorize(matrix, policy, method, generator)
+
+
+def _factorize(
+    matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator | None
+) -> Factorization:
     m, n = matrix.shape
     k = min(m, n)
     generator = generator or torch.Generator(device=matrix.device).manual_seed(0)
@@ -100,13 +125,19 @@ def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: 
 
 
 def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
-    """‖W − B·A‖_F / ‖W‖_F in float64, in row blocks so no m×n float64 temporary is made."""
+    """‖W − B·A‖_F / ‖W‖_F in float64, in row blocks so no m×n float64 temporary is made.
+
+    Both sides are divided by max |W| first, so neither 1e300 nor 1e-300 entries overflow.
+    """
+    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    if peak == 0.0:
+        return 0.0
     a64 = a.to(torch.float64)
     rows = max(1, _CHUNK_BYTES // (8 * max(1, matrix.shape[1])))
     residual = total = 0.0
     for start in range(0, matrix.shape[0], rows):
-        w = matrix[start : start + rows].to(torch.float64)
-        approx = b[start : start + rows].to(torch.float64) @ a64  # (rows, r) @ (r, n) -> (rows, n)
+        w = matrix[start : start + rows].to(torch.float64) / peak
+        approx = (b[start : start + rows].to(torch.float64) / peak) @ a64  # (rows, r) @ (r, n) -> (rows, n)
         residual += float(torch.linalg.vector_norm(w - approx) ** 2)
         total += float(torch.linalg.vector_norm(w) ** 2)
     return (residual / total) ** 0.5 if total > 0 else 0.0

@@ -2,9 +2,13 @@
 
     __metadata__["lowrank"] = JSON {
         "format_version": 1,
-        "tensors": {NAME: {"shape": [...], "dtype": "BF16", "rank": r, "rel_error": e}, ...}
+        "input_metadata": true,   # whether the input had a __metadata__ block at all
+        "tensors": {NAME: {"shape": [...], "dtype": "BF16", "rank": r, "rel_error": e,
+                           "split": "us"}, ...}
     }
 
+split "us": B = U_r·diag(S_r), A = V_rᵀ. split "sqrt": B = U_r·diag(√S_r), A = diag(√S_r)·V_rᵀ,
+used when U·S would overflow the factors' dtype (float16); B·A is the same either way.
 Every other metadata key is the input's, unchanged. Tensors not listed there are stored
 unchanged under their own names.
 """
@@ -32,13 +36,21 @@ class FactorRecord:
     dtype: str
     rank: int
     rel_error: float
+    split: str = "us"
 
     def to_json(self) -> dict:
-        return {"shape": list(self.shape), "dtype": self.dtype, "rank": self.rank, "rel_error": self.rel_error}
+        return {
+            "shape": list(self.shape), "dtype": self.dtype, "rank": self.rank, "rel_error": self.rel_error,
+            "split": self.split,
+        }
 
 
 def encode_metadata(base: dict[str, str] | None, records: dict[str, FactorRecord]) -> dict[str, str]:
-    payload = {"format_version": FORMAT_VERSION, "tensors": {name: r.to_json() for name, r in records.items()}}
+    payload = {
+        "format_version": FORMAT_VERSION,
+        "input_metadata": base is not None,
+        "tensors": {name: r.to_json() for name, r in records.items()},
+    }
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 
@@ -49,8 +61,12 @@ def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[di
     try:
         payload = json.loads(metadata[METADATA_KEY])
         version = payload["format_version"]
+        had_metadata = bool(payload.get("input_metadata", True))
         records = {
-            name: FactorRecord(tuple(int(d) for d in r["shape"]), str(r["dtype"]), int(r["rank"]), float(r["rel_error"]))
+            name: FactorRecord(
+                tuple(int(d) for d in r["shape"]), str(r["dtype"]), int(r["rank"]), float(r["rel_error"]),
+                str(r.get("split", "us")),
+            )
             for name, r in payload["tensors"].items()
         }
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -58,4 +74,4 @@ def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[di
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{source}: lowrank format version {version} is not supported; upgrade lowrank")
     original = {key: value for key, value in metadata.items() if key != METADATA_KEY}
-    return original or None, records
+    return original if had_metadata or original else None, records

@@ -45,6 +45,43 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
     return out
 
 
+class FolderOutput:
+    """A folder built under a temporary name beside OUT and renamed into place by commit()."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        try:
+            self.path: Path | None = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
+
+    def commit(self) -> None:
+        new, out = self.path, self.out
+        try:
+            os.chmod(new, 0o777 & ~_umask())
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(new, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(new, out)
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+        self.path = None
+
+    def discard(self) -> None:
+        if self.path is not None:
+            shutil.rmtree(self.path, ignore_errors=True)
+            self.path = None
+
+    def __enter__(self) -> FolderOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+
 class CheckpointOutput:
     """One output file, or a folder of shards mirroring a sharded input; commit() or nothing."""
 
@@ -56,19 +93,14 @@ class CheckpointOutput:
         if out.exists() and out.is_dir() != self.sharded:
             kind = "a folder" if out.is_dir() else "a file"
             raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
-        self._folder: Path | None = None
-        if self.sharded:
-            try:
-                self._folder = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-            except OSError as exc:
-                raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
+        self._folder = FolderOutput(out) if self.sharded else None
         self._writers: dict[str, SafetensorsWriter] = {}
 
     def writer_for(self, shard: ShardFile) -> SafetensorsWriter:
         """The writer that takes this input shard's tensors."""
         key = shard.path.name if self.sharded else ""
         if key not in self._writers:
-            path = self._folder / key if self.sharded else self.out
+            path = self._folder.path / key if self.sharded else self.out
             self._writers[key] = SafetensorsWriter(path)
         return self._writers[key]
 
@@ -84,16 +116,14 @@ class CheckpointOutput:
         size = sum(writer.commit() for writer in self.writers)
         self._write_index()
         self._copy_companions()
-        self._replace(self._folder, self.out)
-        self._folder = None
+        self._folder.commit()
         return size
 
     def discard(self) -> None:
         for writer in self._writers.values():
             writer.discard()
         if self._folder is not None:
-            shutil.rmtree(self._folder, ignore_errors=True)
-            self._folder = None
+            self._folder.discard()
 
     def __enter__(self) -> CheckpointOutput:
         return self
@@ -108,7 +138,7 @@ class CheckpointOutput:
             total += writer.nbytes
         index_name = self.checkpoint.index_path.name if self.checkpoint.index_path else "model" + INDEX_SUFFIX
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
-        (self._folder / index_name).write_text(text + "\n", encoding="utf-8")
+        (self._folder.path / index_name).write_text(text + "\n", encoding="utf-8")
 
     def _copy_companions(self) -> None:
         """config.json, tokenizer files…: what else the input folder holds, so loaders find it."""
@@ -117,21 +147,7 @@ class CheckpointOutput:
         for path in sorted(folder.iterdir()):
             if path.is_file() and path.name not in taken and not path.name.endswith((".safetensors", INDEX_SUFFIX)):
                 if not path.name.startswith("."):
-                    shutil.copy2(path, self._folder / path.name)
-
-    @staticmethod
-    def _replace(new: Path, out: Path) -> None:
-        try:
-            os.chmod(new, 0o777 & ~_umask())
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(new, out)
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                os.replace(new, out)
-        except OSError as exc:
-            raise OutputError(f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+                    shutil.copy2(path, self._folder.path / path.name)
 
 
 def _umask() -> int:

@@ -10,18 +10,27 @@ from lowrank_cli.spectrum import Spectrum
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """Exactly one of a fixed rank, an energy fraction or a maximum relative error."""
+    """Exactly one of a fixed rank, an energy fraction, a maximum relative error, or a global budget.
+
+    A budget is resolved into one fixed rank per tensor (lowrank_cli.budget) before factorizing.
+    """
 
     rank: int | None = None
     energy: float | None = None
     max_error: float | None = None
+    budget: float | None = None
 
     @classmethod
     def from_options(
-        cls, rank: int | None = None, energy: float | None = None, max_error: float | None = None
+        cls,
+        rank: int | None = None,
+        energy: float | None = None,
+        max_error: float | None = None,
+        budget: float | None = None,
     ) -> RankPolicy | None:
         """Validate CLI options; None when no policy was given."""
-        given = [flag for flag, value in (("--rank", rank), ("--energy", energy), ("--max-error", max_error)) if value is not None]
+        options = (("--rank", rank), ("--energy", energy), ("--max-error", max_error), ("--budget", budget))
+        given = [flag for flag, value in options if value is not None]
         if len(given) > 1:
             raise UsageError(f"{' and '.join(given)} both set a rank policy; give only one")
         if rank is not None and rank <= 0:
@@ -30,14 +39,18 @@ class RankPolicy:
             raise UsageError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
         if max_error is not None and not (0.0 <= max_error < 1.0):
             raise UsageError(f"--max-error must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
+        if budget is not None and not (0.0 < budget < 1.0):
+            raise UsageError(f"--budget must be in (0, 1), got {budget}; 0.25 keeps a quarter of the params")
         if not given:
             return None
-        return cls(rank=rank, energy=energy, max_error=max_error)
+        return cls(rank=rank, energy=energy, max_error=max_error, budget=budget)
 
     def choose(self, spectrum: Spectrum) -> int:
         """The rank this policy keeps for a matrix with this spectrum (0 for a zero matrix)."""
-        if spectrum.energy == 0.0:
+        if spectrum.is_zero:
             return 0
+        if self.budget is not None:
+            raise ValueError("a budget policy is resolved per tensor by lowrank_cli.budget.allocate")
         if self.rank is not None:
             return min(self.rank, min(spectrum.shape))
         if self.energy is not None:
@@ -57,6 +70,8 @@ class RankPolicy:
             return f"rank {self.rank}"
         if self.energy is not None:
             return f"energy ≥ {self.energy:g}"
+        if self.budget is not None:
+            return f"budget {self.budget:g} of the params"
         return f"relative error ≤ {self.max_error:g}"
 
     def as_dict(self) -> dict[str, float | int]:
@@ -65,5 +80,5 @@ class RankPolicy:
 
 def require_policy(policy: RankPolicy | None) -> RankPolicy:
     if policy is None:
-        raise UsageError("no rank policy; give one of --rank R, --energy F or --max-error E")
+        raise UsageError("no rank policy; give one of --rank R, --energy F, --max-error E or --budget F")
     return policy

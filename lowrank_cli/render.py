@@ -35,19 +35,30 @@ def print_report(report: Report) -> None:
     Console(width=max(stdout.width, natural)).print(table)
     totals = report.totals
     if totals.bytes is not None and totals.bytes_after is not None:
-        stdout.print(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
+        line = f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}"
+        stdout.print(Text(line), soft_wrap=True)
 
 
 # (header, footer, kind): kind "name" (tensor names), "text", "number" or "note".
 Column = tuple[str, str, str]
 
 
-def _table(title: str, columns: list[Column], rows: list[list[str]]) -> Table:
+def error(message: str) -> None:
+    """One line on stderr, however long: user text is never read as markup."""
+    stderr.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+
+
+def notice(message: str) -> None:
+    stderr.print(Text(message), soft_wrap=True, highlight=False)
+
+
+def _table(title: str, columns: list[Column], rows: list[list[str | Text]]) -> Table:
     """Every cell on one line; print_report widens the output rather than cut a number."""
     footer = any(foot for _, foot, _ in columns)
-    table = Table(title=title, title_justify="left", show_footer=footer)
+    table = Table(title=Text(title), title_justify="left", show_footer=footer)
+    rows = [[cell if isinstance(cell, Text) else Text(cell) for cell in row] for row in rows]
     for i, (header, foot, kind) in enumerate(columns):
-        width = max([Text.from_markup(row[i]).cell_len for row in rows] + [len(foot)])
+        width = max([row[i].cell_len for row in rows] + [len(foot)])
         justify = "right" if kind == "number" else "left"
         table.add_column(header, footer=foot, justify=justify, no_wrap=True, min_width=width)
     for row in rows:
@@ -71,7 +82,7 @@ def _analyze_table(report: Report) -> Table:
     rows = []
     for t in report.tensors:
         if t.status == "skipped":
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", f"[dim]{t.reason}[/]"]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", Text(t.reason or "", style="dim")]
             row += ["", "", f"{t.params:,}", ""] if with_policy else []
         else:
             row = [

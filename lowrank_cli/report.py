@@ -25,6 +25,7 @@ class TensorReport:
     params_after: int | None = None
     sparkline: str | None = None
     method: str | None = None  # "exact" | "randomized": how the factors were computed
+    split: str | None = None  # "us" (B = U·S) or "sqrt" (√S on each side, when U·S overflows)
     file: str | None = None  # the file (or shard) that holds the tensor
 
 

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-ENERGY_LEVELS = (0.9, 0.99, 0.999)
 _SPARK = "▁▂▃▄▅▆▇█"
+_TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 
 
 @dataclass(frozen=True)
@@ -30,19 +30,21 @@ class Spectrum:
         return float(self.singular_values[0]) if self.singular_values.size else 0.0
 
     @property
-    def energy(self) -> float:
-        """Σσ² = ‖W‖_F²."""
-        return float(self._cumulative[-1]) if self.singular_values.size else 0.0
+    def is_zero(self) -> bool:
+        return self.sigma_max == 0.0
 
     @property
-    def _cumulative(self) -> np.ndarray:
-        return np.cumsum(self.singular_values**2)
+    def _shares(self) -> np.ndarray:
+        """σ_i² / Σσ²: each term's share of ‖W‖_F², computed on σ/σ_max so no scale overflows."""
+        if self.is_zero:
+            return np.zeros_like(self.singular_values)
+        squares = (self.singular_values / self.sigma_max) ** 2
+        return squares / squares.sum()
 
     @property
     def _tail(self) -> np.ndarray:
-        """tail[r] = Σ_{i≥r} σ_i², summed from the small end so it does not cancel."""
-        squares = self.singular_values**2
-        return np.append(np.cumsum(squares[::-1])[::-1], 0.0)
+        """tail[r] = Σ_{i≥r} shares, summed from the small end so it does not cancel."""
+        return np.append(np.cumsum(self._shares[::-1])[::-1], 0.0)
 
     def numerical_rank(self, rtol: float | None = None) -> int:
         """Count of σ_i > σ_max·tol, tol = max(m, n)·ε as numpy.linalg.matrix_rank uses."""
@@ -52,27 +54,32 @@ class Spectrum:
     @property
     def stable_rank(self) -> float:
         """‖W‖_F² / σ_max²."""
-        return self.energy / self.sigma_max**2 if self.sigma_max > 0 else 0.0
+        return float(((self.singular_values / self.sigma_max) ** 2).sum()) if not self.is_zero else 0.0
+
+    def gains(self) -> np.ndarray:
+        """How much relative squared error each rank-1 term removes: σ_i² / ‖W‖_F²."""
+        return self._shares
 
     def rank_for_energy(self, fraction: float) -> int:
         """The smallest r with Σ_{i≤r} σ_i² ≥ fraction·Σσ²."""
-        if self.energy == 0.0:
+        if self.is_zero:
             return 0
-        cumulative = self._cumulative
-        return min(int(np.searchsorted(cumulative, fraction * cumulative[-1], side="left")) + 1, len(cumulative))
+        cumulative = np.cumsum(self._shares)
+        needed = fraction * cumulative[-1] * (1 - _TIE)
+        return min(int(np.searchsorted(cumulative, needed, side="left")) + 1, len(cumulative))
 
     def relative_error(self, rank: int) -> float:
         """‖W − W_r‖_F / ‖W‖_F for the best rank-r approximation (Eckart–Young)."""
-        if self.energy == 0.0:
+        if self.is_zero:
             return 0.0
-        return float(np.sqrt(self._tail[min(rank, self.singular_values.size)] / self.energy))
+        return float(np.sqrt(self._tail[min(rank, self.singular_values.size)]))
 
     def rank_for_error(self, max_error: float) -> int:
         """The smallest r whose best rank-r approximation has relative error ≤ max_error."""
-        if self.energy == 0.0:
+        if self.is_zero:
             return 0
-        errors = np.sqrt(self._tail / self.energy)  # non-increasing in r
-        return int(np.argmax(errors <= max_error))
+        errors = np.sqrt(self._tail)  # non-increasing in r
+        return int(np.argmax(errors <= max_error * (1 + _TIE)))
 
     def sparkline(self, width: int = 16) -> str:
         """The decay of σ on a log scale, σ_max at the left, one block per sampled value."""

@@ -14,6 +14,9 @@ from pathlib import Path
 # The stdout console's width is fixed when lowrank_cli.render is first imported, so set it before
 # any test runs: rich tables must not truncate cells that the table tests read back.
 os.environ["COLUMNS"] = "250"
+# On a 2-core machine OpenBLAS's threads fight torch's: one numpy QR then takes seconds, not ms.
+# Effective only if numpy is not loaded yet, which is the case when pytest imports this file.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -121,7 +124,7 @@ def table_rows(text: str) -> dict[str, dict[str, str]]:
         if line.startswith("│"):
             cells = [cell.strip() for cell in line.strip("│").split("│")]
             assert len(cells) == len(columns), line
-            rows[cells[0]] = dict(zip(columns, cells))
+            rows[cells[0]] = dict(zip(columns, cells, strict=False))
     return rows
 
 

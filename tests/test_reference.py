@@ -6,7 +6,6 @@ import shutil
 
 import numpy as np
 import torch
-
 from conftest import SAMPLES, by_name, cli, cli_json, load, raw_tensors, relative_error, sha256
 
 
