@@ -29,6 +29,7 @@ Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave o
 Rank = Annotated[Optional[int], typer.Option("--rank", help="Policy: keep R singular values (clamped to min(m, n)).", metavar="R")]
 Energy = Annotated[Optional[float], typer.Option("--energy", help="Policy: smallest rank keeping fraction F of Σσ², 0 < F ≤ 1.", metavar="F")]
 MaxError = Annotated[Optional[float], typer.Option("--max-error", help="Policy: smallest rank with ‖W−BA‖/‖W‖ ≤ E, 0 ≤ E < 1.", metavar="E")]
+Budget = Annotated[Optional[float], typer.Option("--budget", help="Policy: ranks chosen jointly so all factors hold ≤ F of the params, 0 < F < 1.", metavar="F")]
 FailAbove = Annotated[Optional[float], typer.Option("--fail-above", help="Exit 3 if any tensor's relative error exceeds E.", metavar="E")]
 Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
@@ -86,6 +87,7 @@ def analyze(
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
+    budget: Budget = None,
     include: Include = None,
     exclude: Exclude = None,
     rtol: Rtol = None,
@@ -101,10 +103,10 @@ def analyze(
     from lowrank_cli.render import progress
     from lowrank_cli.report import Report
 
-    policy = RankPolicy.from_options(rank, energy, max_error)
+    policy = RankPolicy.from_options(rank, energy, max_error, budget)
     _check_gate(fail_above)
     if fail_above is not None and policy is None:
-        raise UsageError("--fail-above needs a rank policy (--rank, --energy or --max-error) to measure an error")
+        raise UsageError("--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error")
     device = resolve_device(device)
     reports = []
     for path in paths:
@@ -123,6 +125,7 @@ def compress(
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
+    budget: Budget = None,
     dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
     method: Method = "auto",
     seed: Seed = 0,
@@ -142,10 +145,11 @@ def compress(
     from lowrank_cli.policy import RankPolicy, require_policy
     from lowrank_cli.render import progress
 
-    policy = require_policy(RankPolicy.from_options(rank, energy, max_error))
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     _check_gate(fail_above)
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
-    with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"compress {path.name}") as tick:
+    passes = 2 if budget is not None else 1  # a budget reads every tensor once for its spectrum first
+    with open_checkpoint(path) as checkpoint, progress(passes * checkpoint.nbytes, f"compress {path.name}") as tick:
         report = run_compress(
             checkpoint, policy, output, settings=settings, include=include, exclude=exclude, force=force, on_tensor=tick
         )
@@ -168,6 +172,52 @@ def expand(
     with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"expand {path.name}") as tick:
         report = run_expand(checkpoint, output, force=force, on_tensor=tick)
     _finish(report, as_json, None)
+
+
+@app.command()
+@_handle_errors
+def extract(
+    base: Annotated[Path, typer.Argument(help="The base checkpoint (file or shard folder).", show_default=False)],
+    tuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The adapter folder to write.", metavar="DIR")],
+    rank: Rank = None,
+    energy: Energy = None,
+    max_error: MaxError = None,
+    budget: Budget = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
+    method: Method = "auto",
+    seed: Seed = 0,
+    device: Device = "auto",
+    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embeddings (PEFT lora_embedding_A/B).")] = False,
+    conv: Annotated[bool, typer.Option("--conv", help="Also extract conv kernels (PEFT conv LoRA).")] = False,
+    base_model: Annotated[Optional[str], typer.Option("--base-model", help="base_model_name_or_path for adapter_config.json.", metavar="NAME")] = None,
+    include: Include = None,
+    exclude: Exclude = None,
+    fail_above: FailAbove = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
+    from lowrank_cli.checkpoint import open_checkpoint
+    from lowrank_cli.compress import Settings
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.extract import ExtractOptions
+    from lowrank_cli.extract import extract as run_extract
+    from lowrank_cli.policy import RankPolicy, require_policy
+    from lowrank_cli.render import progress
+
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    _check_gate(fail_above)
+    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
+    options = ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
+    passes = 2 if budget is not None else 1
+    with open_checkpoint(base) as base_ckpt, open_checkpoint(tuned) as tuned_ckpt:
+        with progress(passes * tuned_ckpt.nbytes, f"extract {tuned.name}") as tick:
+            report = run_extract(
+                base_ckpt, tuned_ckpt, policy, output, settings=settings, options=options,
+                include=include, exclude=exclude, force=force, on_tensor=tick,
+            )
+    _finish(report, as_json, fail_above)
 
 
 def _version(value: bool) -> None:

@@ -28,6 +28,8 @@ def print_report(report: Report) -> None:
         table = _analyze_table(report)
     elif report.command == "compress":
         table = _compress_table(report)
+    elif report.command == "extract":
+        table = _extract_table(report)
     else:
         table = _expand_table(report)
     # A narrow terminal wraps the long lines; cutting cells would hide numbers.
@@ -37,6 +39,8 @@ def print_report(report: Report) -> None:
     if totals.bytes is not None and totals.bytes_after is not None:
         line = f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}"
         stdout.print(Text(line), soft_wrap=True)
+    elif report.command == "extract":
+        stdout.print(Text(f"adapter: {_bytes(totals.bytes_after or 0)}  wrote {report.output}"), soft_wrap=True)
 
 
 # (header, footer, kind): kind "name" (tensor names), "text", "number" or "note".
@@ -110,6 +114,25 @@ def _compress_table(report: Report) -> Table:
             cells[2:] = [f"{t.params:,}", ""]
         rows.append([t.name, _shape(t), t.dtype, t.status, f"{t.params:,}", *cells, t.reason or ""])
     return _table(f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows)
+
+
+def _extract_table(report: Report) -> Table:
+    totals = report.totals
+    columns = [
+        ("module weight", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
+        ("rank", "", "number"), ("rel. error ΔW", _error(totals.max_rel_error, "max "), "number"),
+        ("‖ΔW‖² kept", "", "number"), ("params", f"{totals.params:,}", "number"),
+        ("adapter params", f"{totals.params_after:,}", "number"), ("note", "", "note"),
+    ]
+    rows = []
+    for t in report.tensors:
+        if t.status == "extracted":
+            rows.append([t.name, _shape(t), t.dtype, t.status, str(t.rank), _error(t.rel_error),
+                         _percent(t.kept or 0.0), f"{t.params:,}", f"{t.params_after:,}", ""])
+        else:
+            rows.append([t.name, _shape(t), t.dtype, t.status, "", "", "", f"{t.params:,}", "",
+                         Text(t.reason or "", style="dim")])
+    return _table(f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows)
 
 
 def _expand_table(report: Report) -> Table:

@@ -21,7 +21,8 @@ class TensorReport:
     rank_90: int | None = None  # ranks that keep 90 / 99 / 99.9 % of Σσ²
     rank_99: int | None = None
     rank_999: int | None = None
-    rel_error: float | None = None  # ‖W − B·A‖_F / ‖W‖_F
+    rel_error: float | None = None  # ‖W − B·A‖_F / ‖W‖_F (extract: of ΔW)
+    kept: float | None = None  # extract: share of ‖ΔW‖_F² the adapter carries, 1 − rel_error²
     params_after: int | None = None
     sparkline: str | None = None
     method: str | None = None  # "exact" | "randomized": how the factors were computed
