@@ -3,6 +3,8 @@
 seed_rank2.safetensors  the reference example: W = randn(10, 2) @ randn(2, 10) (rank 2), a bias b, an input x
 demo.safetensors        a small model-like checkpoint: layers of several shapes with decaying spectra
                         (low rank plus noise), one bfloat16 layer, biases, norms, a conv kernel, an int64 buffer
+demo_tuned.safetensors  a "fine-tune" of demo: low-rank deltas on the attention projections of both
+                        layers (rank 4 on q/v, rank 8 on o_proj), a nudged norm; the rest unchanged
 """
 
 from pathlib import Path
@@ -55,8 +57,23 @@ def demo() -> dict[str, torch.Tensor]:
     return tensors
 
 
+def demo_tuned(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(99)
+    tuned = dict(base)
+    for i in range(2):
+        for proj, rank in (("q_proj", 4), ("v_proj", 4), ("o_proj", 8)):
+            name = f"model.layers.{i}.self_attn.{proj}.weight"
+            w = base[name]
+            delta = torch.randn(w.shape[0], rank, generator=g) @ torch.randn(rank, w.shape[1], generator=g)
+            tuned[name] = w + 0.02 * delta / rank**0.5
+    tuned["model.norm.weight"] = base["model.norm.weight"] * 1.01
+    return tuned
+
+
 if __name__ == "__main__":
     save_file(seed_rank2(), HERE / "seed_rank2.safetensors", metadata={"format": "pt"})
-    save_file(demo(), HERE / "demo.safetensors", metadata={"format": "pt"})  # one key: the writer orders keys at random
-    for name in ("seed_rank2", "demo"):
+    weights = demo()
+    save_file(weights, HERE / "demo.safetensors", metadata={"format": "pt"})  # one key: the writer orders keys at random
+    save_file(demo_tuned(weights), HERE / "demo_tuned.safetensors", metadata={"format": "pt"})
+    for name in ("seed_rank2", "demo", "demo_tuned"):
         print(HERE / f"{name}.safetensors")
