@@ -18,8 +18,11 @@ from lowrank_cli.spectrum import Spectrum, singular_values
 
 
 def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
-    """A rank per tensor with Σ r·(m + n) ≤ fraction·Σ m·n, at least 1 for each non-zero tensor."""
-    budget = fraction * sum(s.shape[0] * s.shape[1] for s in spectra.values())
+    """A rank per tensor with Σ r·(m + n) ≤ fraction·Σ m·n, at least 1 for each non-zero tensor.
+
+    Zero matrices (unchanged weights, for extract) get rank 0 and count in neither side.
+    """
+    budget = fraction * sum(s.shape[0] * s.shape[1] for s in spectra.values() if not s.is_zero)
     ranks = {name: int(not s.is_zero) for name, s in spectra.items()}
     spent = sum(r * sum(spectra[name].shape) for name, r in ranks.items())
     if spent > budget:

@@ -104,16 +104,18 @@ class Checkpoint:
         """Tensor names in file order that match any --include glob and no --exclude glob."""
         return [name for name in self.entries if is_selected(name, include, exclude)]
 
-    def read_bytes(self, name: str) -> bytes:
+    def read_bytes(self, name: str) -> bytearray:
+        """The tensor's raw little-endian bytes, read into one fresh buffer."""
         entry = self.entries[name]
         handle = self._handles.get(entry.path)
         if handle is None:
             handle = self._handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115
         handle.seek(entry.start)
-        data = handle.read(entry.nbytes)
-        if len(data) != entry.nbytes:
+        data = bytearray(entry.nbytes)
+        count = handle.readinto(data)
+        if count != entry.nbytes:
             raise CheckpointError(
-                f"{entry.path}: tensor '{name}' is truncated ({len(data)} of {entry.nbytes} bytes);"
+                f"{entry.path}: tensor '{name}' is truncated ({count} of {entry.nbytes} bytes);"
                 " the file changed or is damaged, re-download it"
             )
         return data
@@ -124,8 +126,7 @@ class Checkpoint:
         dtype = torch_dtype(entry.dtype)
         if entry.numel == 0:
             return torch.empty(entry.shape, dtype=dtype)
-        data = bytearray(self.read_bytes(name))
-        return torch.frombuffer(data, dtype=dtype).reshape(entry.shape)
+        return torch.frombuffer(self.read_bytes(name), dtype=dtype).reshape(entry.shape)
 
     def close(self) -> None:
         for handle in self._handles.values():

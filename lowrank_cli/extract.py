@@ -31,7 +31,8 @@ from lowrank_cli.writer import SafetensorsWriter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|word_embeddings|position_embeddings|token_type_embeddings|shared)(\.|$)")
+# The module's own name, not its container's: embeddings.embed_proj is a Linear.
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|shared|\w*_embeddings?)$")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,8 @@ def extract(
     """Factor ΔW of every module weight both checkpoints share into a PEFT LoRA adapter in `out`."""
     settings = settings or Settings()
     options = options or ExtractOptions()
+    check_output(base, out, force=True)  # an input first: never invite --force onto BASE
     out = check_output(tuned, out, force=force)
-    check_output(base, out, force=True)
     if out.exists() and not out.is_dir():
         raise OutputError(f"{out}: is a file; an adapter is a folder, choose another -o")
     names = sorted(set(base.entries) | set(tuned.entries), key=natural_key)
@@ -100,9 +101,11 @@ def extract(
                 if on_tensor:
                     on_tensor(tuned.entries[name])
             if not adapter:
+                opt_in = [t.name for t in tensors.values() if "pass --" in (t.reason or "")]
+                hint = f"; {opt_in[0]} is excluded by default ({tensors[opt_in[0]].reason})" if opt_in else ""
                 raise TensorError(
                     f"{tuned.source}: no module weight differs from {base.source}; nothing to extract"
-                    " (check the order BASE TUNED and --include/--exclude)"
+                    f" (check the order BASE TUNED and --include/--exclude){hint}"
                 )
             size = writer.commit()
         config = adapter_config(adapter, options.base_model)

@@ -62,7 +62,7 @@ def factorize(
     matrix: torch.Tensor, policy: RankPolicy, *, method: str = "auto", generator: torch.Generator | None = None
 ) -> Factorization:
     """The factors `policy` keeps of a float32/float64 m×n matrix."""
-    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    peak = _peak(matrix)
     if peak > 0 and not _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1]:
         # Entries near 1e30 overflow float32 in WᵀW·Ω; the factors of W/peak, times peak, do not.
         result = _factorize(matrix / peak, policy, method, generator)
@@ -129,7 +129,7 @@ def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> fl
 
     Both sides are divided by max |W| first, so neither 1e300 nor 1e-300 entries overflow.
     """
-    peak = float(matrix.abs().max()) if matrix.numel() else 0.0
+    peak = _peak(matrix)
     if peak == 0.0:
         return 0.0
     a64 = a.to(torch.float64)
@@ -141,3 +141,8 @@ def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> fl
         residual += float(torch.linalg.vector_norm(w - approx) ** 2)
         total += float(torch.linalg.vector_norm(w) ** 2)
     return (residual / total) ** 0.5 if total > 0 else 0.0
+
+
+def _peak(matrix: torch.Tensor) -> float:
+    """max |W_ij| without an |W| temporary."""
+    return float(torch.linalg.vector_norm(matrix, ord=float("inf"))) if matrix.numel() else 0.0
