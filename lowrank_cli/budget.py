@@ -35,7 +35,8 @@ def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
         if spectrum.is_zero:
             continue
         m, n = spectrum.shape
-        cap = max(1, (m * n - 1) // (m + n))  # above break-even, factors save nothing
+        # Above break-even factors save nothing; past the numerical rank a term removes only rounding.
+        cap = max(1, min((m * n - 1) // (m + n), spectrum.numerical_rank()))
         terms = spectrum.gains()[1:cap]  # what ranks 2…cap each remove
         names += [name] * len(terms)
         gains.append(terms / (m + n))

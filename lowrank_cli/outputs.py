@@ -36,8 +36,9 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
             raise UsageError(f"{out}: this is an input of the command; choose another -o")
         if resolved in path.resolve().parents:
             raise UsageError(f"{out}: this folder holds the input {path}; choose another -o")
-    if checkpoint.source.is_dir() and checkpoint.source.resolve() in resolved.parents:
-        raise UsageError(f"{out}: is inside the input folder {checkpoint.source}; choose a path outside it")
+    folder = checkpoint.source if checkpoint.source.is_dir() else checkpoint.index_path and checkpoint.index_path.parent
+    if folder and folder.resolve() in resolved.parents:
+        raise UsageError(f"{out}: is inside the input folder {folder}; choose a path outside it")
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists; pass --force to overwrite it or choose another -o")
     if not out.parent.is_dir():

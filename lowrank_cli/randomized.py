@@ -52,8 +52,8 @@ def adaptive_range(
     q = matrix.new_zeros(m, 0)
     b = matrix.new_zeros(0, n)  # QᵀW, grown with Q
     while residual > target_sq:
-        width = min(block, min(m, n) - q.shape[1])
-        if q.shape[1] + width > max_rank or width <= 0:
+        width = min(block, min(m, n) - q.shape[1], max_rank - q.shape[1])  # the last block may be narrower
+        if width <= 0:
             return None
         omega = torch.randn(n, width, generator=generator, device=generator.device).to(matrix.device, matrix.dtype)
         qi = _orth(matrix @ omega - q @ (b @ omega))  # the part of WΩ outside span(Q)
