@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 import typer
 
 from lowrank_cli import __version__
-from lowrank_cli.errors import EXIT_QUALITY_GATE, Interrupted, LowrankError, UsageError
+from lowrank_cli.errors import EXIT_QUALITY_GATE, EXIT_TERMINATED, Interrupted, LowrankError, Terminated, UsageError
 
 app = typer.Typer(
     name="lowrank",
@@ -50,7 +50,10 @@ def _handle_errors(command):
         except (LowrankError, KeyboardInterrupt) as exc:
             if os.environ.get("LOWRANK_DEBUG") == "1":
                 raise
-            if isinstance(exc, KeyboardInterrupt):
+            if isinstance(exc, Terminated):
+                exc = Interrupted("terminated (SIGTERM); no output was written")
+                exc.exit_code = EXIT_TERMINATED
+            elif isinstance(exc, KeyboardInterrupt):
                 exc = Interrupted("interrupted; no output was written")
             from lowrank_cli.render import error
 
@@ -234,7 +237,7 @@ def _main(
 
 
 def _terminate(signum, frame) -> None:
-    raise KeyboardInterrupt  # unwinds through the writers, which remove their temporary files
+    raise Terminated  # unwinds through the writers, which remove their temporary files
 
 
 def main() -> None:

@@ -6,7 +6,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_QUALITY_GATE = 3
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
+EXIT_TERMINATED = 143  # 128 + SIGTERM
 
 
 class LowrankError(Exception):
@@ -37,3 +38,7 @@ class Interrupted(LowrankError):
     """SIGINT or SIGTERM arrived; partial output has been removed."""
 
     exit_code = EXIT_INTERRUPTED
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that it unwinds through every cleanup (and no `except Exception`)."""
