@@ -33,7 +33,8 @@ def analyze(
             tensors.append(new_report(entry, "skipped", reason))
         else:
             matrix = load_matrix(checkpoint, entry, device)
-            spectrum = Spectrum.of(singular_values(matrix), entry.matrix_shape, matrix.dtype)
+            values, scale = singular_values(matrix)
+            spectrum = Spectrum.of(values, entry.matrix_shape, matrix.dtype, scale)
             report = new_report(entry, "analyzed")
             describe_spectrum(report, spectrum, rtol)
             spectra[entry.name] = spectrum

@@ -59,7 +59,8 @@ def spectra_of(
     spectra = {}
     for name in names:
         matrix = matrix_of(name)
-        spectra[name] = Spectrum.of(singular_values(matrix), tuple(matrix.shape), matrix.dtype)
+        values, scale = singular_values(matrix)
+        spectra[name] = Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
         if on_done:
             on_done(name)
     return spectra

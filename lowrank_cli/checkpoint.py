@@ -51,6 +51,11 @@ class TensorEntry:
         return self.dtype in FLOAT_CODES
 
     @property
+    def is_known(self) -> bool:
+        """A dtype torch can hold; others (C64, F4, …) are only ever copied as bytes."""
+        return self.dtype in DTYPES
+
+    @property
     def matrix_shape(self) -> tuple[int, int]:
         """(out, in·kh·kw…): how a tensor of two or more dimensions is factorized."""
         return self.shape[0], self.numel // self.shape[0] if self.shape[0] else 0
@@ -81,7 +86,7 @@ class Checkpoint:
 
     @property
     def metadata(self) -> dict[str, str] | None:
-        return self.files[0].metadata
+        return self.files[0].metadata if self.files else None
 
     @property
     def is_sharded(self) -> bool:
@@ -158,6 +163,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
         return _open_folder(path)
+    _require_regular_file(path)
     if path.name.endswith(".json"):
         return _open_index(path)
     return _merge(path, [_read_shard(path)], index_path=None)
@@ -173,7 +179,7 @@ def _open_folder(folder: Path) -> Checkpoint:
     if len(indexes) > 1:
         names = ", ".join(p.name for p in indexes)
         raise CheckpointError(f"{folder}: several index files ({names}); pass the one to use")
-    shard_paths = sorted(folder.glob("*.safetensors"))
+    shard_paths = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
     if not shard_paths:
         raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_SUFFIX} in this folder")
     return _merge(folder, [_read_shard(p) for p in shard_paths], index_path=None)
@@ -187,16 +193,19 @@ def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
         ):
             raise TypeError("weight_map must map tensor names to shard file names")
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise CheckpointError(
-            f"{index_path}: not a safetensors index ({exc}); it needs a 'weight_map' object"
+            f"{index_path}: not a safetensors index ({type(exc).__name__}: {exc}); it needs a 'weight_map' object"
         ) from None
+    if not weight_map:
+        raise CheckpointError(f"{index_path}: its weight_map lists no tensors; fix the index")
     shard_names = sorted(set(weight_map.values()))
     shards = []
     for shard_name in shard_names:
         shard_path = index_path.parent / shard_name
-        if Path(shard_name).name != shard_name or not shard_path.is_file():
+        if Path(shard_name).name != shard_name or not shard_path.exists():
             raise CheckpointError(f"{index_path}: shard '{shard_name}' is missing; restore it or fix the index")
+        _require_regular_file(shard_path)
         shards.append(_read_shard(shard_path))
     checkpoint = _merge(source or index_path, shards, index_path=index_path)
     for name, shard_name in weight_map.items():
@@ -230,6 +239,12 @@ def _merge(
     return Checkpoint(source, [shard for shard, _ in shards], ordered, index_path=index_path)
 
 
+def _require_regular_file(path: Path) -> None:
+    """A FIFO or device would block the reader forever: refuse it before opening it."""
+    if not path.is_file():
+        raise CheckpointError(f"{path}: not a regular file; give a .safetensors file, a folder or an index")
+
+
 def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
     """Validate one file with the official loader, then index its tensors' byte ranges."""
     try:
@@ -244,15 +259,15 @@ def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
             size = path.stat().st_size
             (header_len,) = struct.unpack("<Q", handle.read(8))
             header = json.loads(handle.read(min(header_len, _MAX_HEADER)))
-    except (OSError, ValueError, struct.error) as exc:
+    except (OSError, ValueError, struct.error, RecursionError) as exc:
         raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
     base = 8 + header_len
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        if info["dtype"] not in DTYPES:
-            raise CheckpointError(f"{path}: tensor '{name}' has dtype {info['dtype']}, which lowrank cannot read")
+        if isinstance(info, list):  # serde also reads a struct written as an array
+            info = dict(zip(("dtype", "shape", "data_offsets"), info))
         start, end = info["data_offsets"]
         entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), path, base + start, base + end)
     return ShardFile(path, metadata, size), entries

@@ -12,7 +12,7 @@ from lowrank_cli.budget import allocate, spectra_of
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.dtypes import FACTOR_DTYPES, torch_dtype
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError
-from lowrank_cli.factorize import METHODS, factorize, generator_for, relative_error
+from lowrank_cli.factorize import METHODS, factorize, finite, generator_for, relative_error
 from lowrank_cli.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
 from lowrank_cli.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
 from lowrank_cli.outputs import CheckpointOutput, check_output, default_output
@@ -135,10 +135,11 @@ def _compress_matrix(
         return report, None
     stored = torch_dtype(entry.dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype])
     b, a, split = result.factors(stored)
-    if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+    if not (finite(b) and finite(a)):
+        wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
         raise TensorError(
             f"{entry.path}: tensor '{entry.name}': its factors overflow {stored} even split as U·√S and √S·Vᵀ;"
-            " use --dtype bfloat16 or float32"
+            f" use --dtype {wider}"
         )
     report.rel_error = relative_error(matrix, b, a)  # measured on what is written
     report.split = split

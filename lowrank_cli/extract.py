@@ -23,7 +23,7 @@ from lowrank_cli.checkpoint import Checkpoint, TensorEntry, is_selected, natural
 from lowrank_cli.compress import Settings
 from lowrank_cli.dtypes import FACTOR_DTYPES, compute_dtype, torch_dtype
 from lowrank_cli.errors import OutputError, TensorError
-from lowrank_cli.factorize import factorize, generator_for, relative_error
+from lowrank_cli.factorize import factorize, finite, generator_for, relative_error
 from lowrank_cli.outputs import FolderOutput, check_output
 from lowrank_cli.policy import RankPolicy
 from lowrank_cli.report import Report, TensorReport, Totals
@@ -88,7 +88,7 @@ def extract(
                                    generator=generator_for(name, settings.seed, delta.device))
                 stored = torch_dtype(tuned.entries[name].dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype])
                 b, a, _ = result.factors(stored)
-                if not (bool(torch.isfinite(b).all()) and bool(torch.isfinite(a).all())):
+                if not (finite(b) and finite(a)):
                     raise TensorError(f"{tuned.source}: tensor '{name}': its LoRA factors overflow {stored}; use --dtype float32")
                 report.rank, report.method = result.rank, result.method
                 report.rel_error = relative_error(delta, b, a)

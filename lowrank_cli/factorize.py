@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -30,22 +31,30 @@ class Factorization:
     vh: torch.Tensor | None  # (r, n)
     method: str  # "exact" | "randomized"
     spectrum: Spectrum | None = None  # all singular values, when the method computed them
+    scale: float = 1.0  # the singular values of W are scale · s
 
     def factors(self, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor, str]:
         """B = U_r·diag(S_r) (m, r) and A = V_rᵀ (r, n) in `dtype`, and the split used.
 
         If U·S overflows `dtype` (float16 tops out at 65504), √S goes to each side instead:
         B = U·diag(√S), A = diag(√S)·Vᵀ, the same product with entries bounded by √σ_max.
+        Either may still overflow; the caller checks (`finite`).
         """
         dtype = dtype or self.u.dtype
-        b = (self.u * self.s).to(dtype)  # (m, r) * (r,) -> (m, r)
-        a = self.vh.to(dtype)
-        if bool(torch.isfinite(b).all()):
-            return b, a, "us"
-        root = self.s.sqrt()
-        b = (self.u * root).to(dtype)  # (m, r)
-        a = (root[:, None] * self.vh).to(dtype)  # (r, 1) * (r, n) -> (r, n)
+        # In float64, and scale applied last: σ of a W near its dtype's maximum must not overflow on the way.
+        u, s, vh = self.u.to(torch.float64), self.s.to(torch.float64), self.vh.to(torch.float64)
+        b = ((u * s) * self.scale).to(dtype)  # (m, r) * (r,) -> (m, r)
+        if finite(b):
+            return b, vh.to(dtype), "us"
+        root = s.sqrt() * math.sqrt(self.scale)
+        b = (u * root).to(dtype)  # (m, r)
+        a = (root[:, None] * vh).to(dtype)  # (r, 1) * (r, n) -> (r, n)
         return b, a, "sqrt"
+
+
+def finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf, for every float dtype (float8 has no isfinite of its own)."""
+    return bool(torch.isfinite(tensor.to(torch.float32) if tensor.element_size() == 1 else tensor).all())
 
 
 def break_even_rank(m: int, n: int) -> int:
@@ -66,8 +75,9 @@ def factorize(
     if peak > 0 and not _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1]:
         # Entries near 1e30 overflow float32 in WᵀW·Ω; the factors of W/peak, times peak, do not.
         result = _factorize(matrix / peak, policy, method, generator)
-        if result.s is not None:
-            result.s = result.s * peak
+        result.scale = peak
+        if result.spectrum is not None:
+            result.spectrum = replace(result.spectrum, scale=peak)
         return result
     return _factorize(matrix, policy, method, generator)
 

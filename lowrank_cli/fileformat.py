@@ -61,17 +61,27 @@ def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[di
     try:
         payload = json.loads(metadata[METADATA_KEY])
         version = payload["format_version"]
-        had_metadata = bool(payload.get("input_metadata", True))
-        records = {
-            name: FactorRecord(
-                tuple(int(d) for d in r["shape"]), str(r["dtype"]), int(r["rank"]), float(r["rel_error"]),
-                str(r.get("split", "us")),
-            )
-            for name, r in payload["tensors"].items()
-        }
-    except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{source}: its '{METADATA_KEY}' metadata is damaged ({exc!r}); compress the original again") from None
-    if version != FORMAT_VERSION:
-        raise CheckpointError(f"{source}: lowrank format version {version} is not supported; upgrade lowrank")
+        if version != FORMAT_VERSION:
+            raise CheckpointError(f"{source}: lowrank format version {version!r} is not supported; upgrade lowrank")
+        had_metadata = payload.get("input_metadata", True)
+        records = {name: _record(r) for name, r in payload["tensors"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{source}: its '{METADATA_KEY}' metadata is damaged ({type(exc).__name__}: {exc}); compress the original again"
+        ) from None
     original = {key: value for key, value in metadata.items() if key != METADATA_KEY}
     return original if had_metadata or original else None, records
+
+
+def _record(raw: dict) -> FactorRecord:
+    """One tensor's entry, checked: expand trusts nothing that a damaged file could say."""
+    shape, dtype, rank, error, split = raw["shape"], raw["dtype"], raw["rank"], raw["rel_error"], raw.get("split", "us")
+    if not (isinstance(shape, list) and len(shape) >= 2 and all(type(d) is int and d >= 0 for d in shape)):
+        raise ValueError(f"shape {shape!r} is not a list of two or more sizes")
+    if shape[0] == 0 or type(rank) is not int or rank < 0:
+        raise ValueError(f"shape {shape!r} with rank {rank!r} describes no factorized matrix")
+    if not isinstance(error, (int, float)) or isinstance(error, bool) or not 0 <= error < float("inf"):
+        raise ValueError(f"rel_error {error!r} is not a finite number ≥ 0")
+    if not isinstance(dtype, str) or split not in ("us", "sqrt"):
+        raise ValueError(f"dtype {dtype!r} or split {split!r} is not valid")
+    return FactorRecord(tuple(shape), dtype, rank, float(error), split)

@@ -17,6 +17,8 @@ def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:
     """Why a tensor is copied unchanged instead of factorized, or None for a float matrix."""
     if not selected:
         return "not selected (--include/--exclude)"
+    if not entry.is_known:
+        return f"{entry.dtype}, a dtype lowrank copies but does not compute in"
     if not entry.is_float:
         return f"{entry.dtype}, not floating point"
     if len(entry.shape) < 2:

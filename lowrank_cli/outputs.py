@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lowrank_cli.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.errors import OutputError, UsageError
-from lowrank_cli.writer import SafetensorsWriter
+from lowrank_cli.writer import SafetensorsWriter, signals_held
 
 
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
@@ -62,14 +62,17 @@ class FolderOutput:
             os.chmod(new, 0o777 & ~_umask())
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-                os.replace(out, old / out.name)
-                os.replace(new, out)
+                with signals_held():  # never leave OUT missing between the two renames
+                    os.replace(out, old / out.name)
+                    os.replace(new, out)
+                    self.path = None
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                os.replace(new, out)
+                with signals_held():
+                    os.replace(new, out)
+                    self.path = None
         except OSError as exc:
             raise OutputError(f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
-        self.path = None
 
     def discard(self) -> None:
         if self.path is not None:
@@ -102,7 +105,7 @@ class CheckpointOutput:
         key = shard.path.name if self.sharded else ""
         if key not in self._writers:
             path = self._folder.path / key if self.sharded else self.out
-            self._writers[key] = SafetensorsWriter(path)
+            self._writers[key] = SafetensorsWriter(path, display=self.out / key if self.sharded else None)
         return self._writers[key]
 
     @property
@@ -115,14 +118,17 @@ class CheckpointOutput:
             writer = self.writer_for(self.checkpoint.files[0])
             return writer.commit()
         size = sum(writer.commit() for writer in self.writers)
-        self._write_index()
-        self._copy_companions()
+        try:
+            self._write_index()
+            self._copy_companions()
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
         self._folder.commit()
         return size
 
     def discard(self) -> None:
         for writer in self._writers.values():
-            writer.discard()
+            writer.discard()  # never raises: every writer gets its turn
         if self._folder is not None:
             self._folder.discard()
 

@@ -15,30 +15,42 @@ _TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 class Spectrum:
     """The singular values of an m×n matrix (float64, descending) and what follows from them."""
 
-    singular_values: np.ndarray
+    singular_values: np.ndarray  # of W / scale
     shape: tuple[int, int]
     eps: float  # machine epsilon of the dtype the values were computed in
+    scale: float = 1.0  # σ_i(W) = scale · singular_values[i]; every rank below depends on ratios only
 
     @classmethod
-    def of(cls, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None) -> Spectrum:
+    def of(
+        cls, values: torch.Tensor, shape: tuple[int, int], dtype: torch.dtype | None = None, scale: float = 1.0
+    ) -> Spectrum:
         """Wrap singular values of a matrix whose computation dtype is `dtype` (default: the values')."""
         eps = float(torch.finfo(dtype or values.dtype).eps)
-        return cls(values.detach().to("cpu", torch.float64).numpy(), tuple(shape), eps)
+        return cls(values.detach().to("cpu", torch.float64).numpy(), tuple(shape), eps, scale)
 
     @property
-    def sigma_max(self) -> float:
+    def _top(self) -> float:
         return float(self.singular_values[0]) if self.singular_values.size else 0.0
 
     @property
+    def sigma_max(self) -> float:
+        return self._top * self.scale
+
+    @property
     def is_zero(self) -> bool:
-        return self.sigma_max == 0.0
+        return self._top == 0.0
+
+    @property
+    def _relative(self) -> np.ndarray:
+        """σ_i / σ_max."""
+        return self.singular_values / self._top if not self.is_zero else np.zeros_like(self.singular_values)
 
     @property
     def _shares(self) -> np.ndarray:
         """σ_i² / Σσ²: each term's share of ‖W‖_F², computed on σ/σ_max so no scale overflows."""
         if self.is_zero:
             return np.zeros_like(self.singular_values)
-        squares = (self.singular_values / self.sigma_max) ** 2
+        squares = self._relative**2
         return squares / squares.sum()
 
     @property
@@ -49,12 +61,12 @@ class Spectrum:
     def numerical_rank(self, rtol: float | None = None) -> int:
         """Count of σ_i > σ_max·tol, tol = max(m, n)·ε as numpy.linalg.matrix_rank uses."""
         tol = rtol if rtol is not None else max(self.shape) * self.eps
-        return int(np.count_nonzero(self.singular_values > self.sigma_max * tol))
+        return int(np.count_nonzero(self._relative > tol))
 
     @property
     def stable_rank(self) -> float:
         """‖W‖_F² / σ_max²."""
-        return float(((self.singular_values / self.sigma_max) ** 2).sum()) if not self.is_zero else 0.0
+        return float((self._relative**2).sum())
 
     def gains(self) -> np.ndarray:
         """How much relative squared error each rank-1 term removes: σ_i² / ‖W‖_F²."""
@@ -83,21 +95,25 @@ class Spectrum:
 
     def sparkline(self, width: int = 16) -> str:
         """The decay of σ on a log scale, σ_max at the left, one block per sampled value."""
-        values = self.singular_values
-        if values.size == 0 or self.sigma_max == 0.0:
+        relative = self._relative
+        if relative.size == 0 or self.is_zero:
             return ""
-        picks = values[np.unique(np.linspace(0, values.size - 1, min(width, values.size)).round().astype(int))]
-        floor = self.sigma_max * self.eps
-        logs = np.log10(np.maximum(picks, floor) / self.sigma_max)  # ≤ 0
+        picks = relative[np.unique(np.linspace(0, relative.size - 1, min(width, relative.size)).round().astype(int))]
+        logs = np.log10(np.maximum(picks, self.eps))  # ≤ 0, floored at ε
         depth = max(-np.log10(self.eps), 1.0)
         levels = np.clip(((logs + depth) / depth * (len(_SPARK) - 1)).round().astype(int), 0, len(_SPARK) - 1)
         return "".join(_SPARK[level] for level in levels)
 
 
-def singular_values(matrix: torch.Tensor) -> torch.Tensor:
-    """All singular values of a float32/float64 matrix, descending, without singular vectors.
+def singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """All singular values of W / scale (descending) and scale = max |W_ij|.
 
-    svdvals skips the vectors, which are most of a full SVD's cost (5× on 4096×4096 here). The
+    svdvals skips the singular vectors, most of a full SVD's cost (5× on 4096×4096 here); the
     float64 Gram matrix's eigenvalues were slower still on this CPU (benchmarks/ has figures).
+    Dividing by max |W| first keeps σ finite when entries near the dtype's maximum would overflow it.
     """
-    return torch.linalg.svdvals(matrix)
+    peak = float(torch.linalg.vector_norm(matrix, ord=float("inf"))) if matrix.numel() else 0.0
+    if peak == 0.0 or not 1e-6 <= peak <= 1e6:
+        scale = peak or 1.0
+        return torch.linalg.svdvals(matrix / scale), scale
+    return torch.linalg.svdvals(matrix), 1.0

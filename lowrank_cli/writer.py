@@ -8,16 +8,30 @@ interruption removes every temporary file.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.dtypes import CODE_OF
 from lowrank_cli.errors import OutputError
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM across a few renames, so an interrupt cannot land between them."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _umask() -> int:
@@ -29,8 +43,9 @@ def _umask() -> int:
 class SafetensorsWriter:
     """Streams tensors into `path`; use as a context manager, then call commit()."""
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None) -> None:
+    def __init__(self, path: Path, metadata: dict[str, str] | None = None, *, display: Path | None = None) -> None:
         self.path = Path(path)
+        self.display = display or self.path  # the name errors give: OUT, not a temporary folder inside it
         self.metadata = metadata
         self._header: dict[str, dict] = {}
         self._offset = 0
@@ -45,7 +60,7 @@ class SafetensorsWriter:
     def add_bytes(self, name: str, dtype: str, shape: tuple[int, ...], data) -> None:
         """Add a tensor given as its raw little-endian bytes (copied bit for bit)."""
         if name in self._header or name == "__metadata__":
-            raise OutputError(f"{self.path}: two tensors would be named '{name}'; rename one in the input")
+            raise OutputError(f"{self.display}: two tensors would be named '{name}'; rename one in the input")
         size = memoryview(data).nbytes
         self._write(self._spill, data)
         self._header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + size]}
@@ -78,19 +93,23 @@ class SafetensorsWriter:
                 os.fsync(out.fileno())
             os.chmod(final, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
             self._spill.close()
-            os.replace(final, self.path)
+            with signals_held():  # renamed and forgotten as temporary together, or neither
+                os.replace(final, self.path)
+                self._temps.remove(final)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
-        self._temps.remove(final)
+            raise OutputError(f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
         self.discard()
         return self.path.stat().st_size
 
     def discard(self) -> None:
         """Remove every temporary file; the output's name is left untouched."""
-        if not self._spill.closed:
-            self._spill.close()
+        try:
+            self._spill.close()  # flushes its buffer, which fails on a full disk: the data is discarded anyway
+        except OSError:
+            pass
         for temp in self._temps:
-            temp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                temp.unlink(missing_ok=True)
         self._temps.clear()
 
     def __enter__(self) -> SafetensorsWriter:
@@ -103,7 +122,7 @@ class SafetensorsWriter:
         try:
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write there ({exc.strerror or exc}); check the folder and its permissions") from None
+            raise OutputError(f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions") from None
         self._temps.append(Path(name))
         if suffix:
             return os.fdopen(fd, "w+b")
@@ -114,4 +133,4 @@ class SafetensorsWriter:
         try:
             handle.write(data)
         except OSError as exc:
-            raise OutputError(f"{self.path}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+            raise OutputError(f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions") from None

@@ -185,3 +185,15 @@ def with_spectrum(m: int, n: int, sigma: list[float] | np.ndarray, seed: int = 0
 
 def geometric(count: int, ratio: float = 0.7) -> np.ndarray:
     return ratio ** np.arange(count, dtype=np.float64)
+
+
+# --- hardening helpers ---------------------------------------------------------------------------
+
+
+def assert_no_crash(result: Result) -> None:
+    """No exception escaped the command; if one did, fail showing where it was raised."""
+    import traceback
+
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        frames = traceback.format_exception(*result.exc_info)
+        raise AssertionError(f"uncaught {result.exception!r}\n" + "".join(frames[-8:]))
