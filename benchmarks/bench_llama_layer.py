@@ -44,7 +44,7 @@ LAYER = {  # name: (out, in)
 def realistic(m: int, n: int, seed: int) -> torch.Tensor:
     """Low rank with a slowly decaying spectrum, plus noise, in bfloat16."""
     g = torch.Generator().manual_seed(seed)
-    k = 1024
+    k = min(1024, min(m, n) // 4)
     u = torch.linalg.qr(torch.randn(m, k, generator=g)).Q
     v = torch.linalg.qr(torch.randn(n, k, generator=g)).Q
     sigma = torch.arange(1, k + 1, dtype=torch.float32) ** -0.5
@@ -119,7 +119,7 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
             optimal_error = float(np.sqrt((s64[r_opt:] ** 2).sum() / total))
             gen = generator_for(name, 0)
             t_ours, result = timed(lambda w=w, p=policy, g=gen: factorize(w, p, method="auto", generator=g))
-            b, a = result.factors()
+            b, a, _ = result.factors()
             t_err, error = timed(lambda w=w, b=b, a=a: relative_error(w, b, a))
             t_ours += t_err
             target = policy.error_target()
@@ -173,11 +173,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="one tensor per shape; skip the 2 GB RSS run")
     parser.add_argument("--layers", type=int, default=5, help="layers in the RSS checkpoint (5 ≈ 2 GB)")
+    parser.add_argument("--divide", type=int, default=1, help="divide every dimension by this (a smoke run: 16)")
     args = parser.parse_args()
     torch.manual_seed(0)
     names = ["self_attn.q_proj.weight", "mlp.up_proj.weight"] if args.quick else list(LAYER)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
-    tensors = {name: realistic(*LAYER[name], seed=i) for i, name in enumerate(names)}
+    tensors = {name: realistic(*(d // args.divide for d in LAYER[name]), seed=i) for i, name in enumerate(names)}
     lines = per_tensor(tensors)
     del tensors
     if not args.quick:

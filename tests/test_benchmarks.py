@@ -1,0 +1,18 @@
+"""The benchmark scripts still run against the current code (a smoke run; their figures are not checked here)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_llama_benchmark_smoke_run(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_llama_layer.py"), "--quick", "--divide", "16"],
+        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| self_attn.q_proj.weight | 256×256 |")]
+    assert len(rows) == 3  # rank 64, a max-error target and an energy target
+    assert all(row.rstrip(" |").split("|")[-1].strip() in ("yes", "—") for row in rows)
