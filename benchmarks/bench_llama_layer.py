@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -151,15 +150,18 @@ def peak_rss_run(folder: Path, layers: int) -> list[str]:
     size = sum(p.stat().st_size for p in ckpt.glob("*.safetensors"))
     largest_f32 = 11008 * 4096 * 4
     out = folder / "llama-layers.lowrank"
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    elapsed, proc = timed(lambda: subprocess.run(
-        [sys.executable, "-m", "lowrank_cli", "compress", str(ckpt), "--rank", "64", "-o", str(out), "--json"],
-        capture_output=True, text=True,
-    ))
+    # The child reports its own high-water mark: getrusage(RUSAGE_CHILDREN) would include the
+    # pages it shared with this (large) parent between fork and exec.
+    probe = (
+        "import runpy, sys\n"
+        f"sys.argv = ['lowrank', 'compress', {str(ckpt)!r}, '--rank', '64', '-o', {str(out)!r}, '--json']\n"
+        "try:\n    runpy.run_module('lowrank_cli', run_name='__main__')\n"
+        "finally:\n    sys.stderr.write([l for l in open('/proc/self/status') if l.startswith('VmHWM')][0])\n"
+    )
+    elapsed, proc = timed(lambda: subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True))
     if proc.returncode != 0:
         raise SystemExit(proc.stderr)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
-    assert peak >= before * 1024
+    peak = int(proc.stderr.strip().splitlines()[-1].split()[1]) * 1024  # "VmHWM:  123456 kB"
     limit = 400e6 + 4 * largest_f32
     return [
         row("checkpoint", "size", "compress --rank 64", "peak RSS", "limit 400 MB + 4×largest f32", "within"),

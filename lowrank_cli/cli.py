@@ -37,7 +37,7 @@ Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it 
 Method = Annotated[str, typer.Option("--method", help="SVD: auto, exact or randomized (seeded by --seed).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.")]
 Device = Annotated[str, typer.Option("--device", help="Where the maths runs: auto (cuda if present), cpu or cuda.")]
-Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file (default: beside the input).", metavar="OUT")]
+Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file, or folder for a sharded input (default: beside the input).", metavar="OUT")]
 
 
 def _handle_errors(command):
@@ -129,7 +129,7 @@ def compress(
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
+    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")] = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
@@ -187,7 +187,7 @@ def extract(
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16 or bfloat16.")] = "keep",
+    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")] = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
