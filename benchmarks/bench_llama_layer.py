@@ -79,8 +79,8 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         row(*["---"] * 9),
     ]
     spectrum_lines = [
-        row("shape", "svd s", "svdvals s", "lowrank s", "× vs svd", "× vs svdvals", "max |σ−svdvals|/σmax",
-            "max |σ−σ₆₄|/σmax", "Gram₆₄ eigvalsh s", "Gram₆₄ max |σ−σ₆₄|/σmax"),
+        row("shape", "svd s", "svdvals s", "lowrank s", "× vs svd", "× vs svdvals", "max Δσ vs svdvals (×σmax)",
+            "max Δσ vs σ₆₄ (×σmax)", "Gram₆₄ eigvalsh s", "Gram₆₄ max Δσ vs σ₆₄ (×σmax)"),
         row(*["---"] * 10),
     ]
     for name, w16 in tensors.items():
