@@ -74,13 +74,32 @@ def row(*cells) -> str:
 
 def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
     lines = [
-        row("tensor", "shape", "baseline svd s", "policy", "lowrank s", "speed-up",
-            "error / optimal", "rank / optimal", "bound met"),
+        row(
+            "tensor",
+            "shape",
+            "baseline svd s",
+            "policy",
+            "lowrank s",
+            "speed-up",
+            "error / optimal",
+            "rank / optimal",
+            "bound met",
+        ),
         row(*["---"] * 9),
     ]
     spectrum_lines = [
-        row("shape", "svd s", "svdvals s", "lowrank s", "× vs svd", "× vs svdvals", "max Δσ vs svdvals (×σmax)",
-            "max Δσ vs σ₆₄ (×σmax)", "Gram₆₄ eigvalsh s", "Gram₆₄ max Δσ vs σ₆₄ (×σmax)"),
+        row(
+            "shape",
+            "svd s",
+            "svdvals s",
+            "lowrank s",
+            "× vs svd",
+            "× vs svdvals",
+            "max Δσ vs svdvals (×σmax)",
+            "max Δσ vs σ₆₄ (×σmax)",
+            "Gram₆₄ eigvalsh s",
+            "Gram₆₄ max Δσ vs σ₆₄ (×σmax)",
+        ),
         row(*["---"] * 10),
     ]
     for name, w16 in tensors.items():
@@ -96,17 +115,29 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         t_gram, gram = timed(lambda w=w: _gram_values(w))
         exact64 = torch.linalg.svdvals(w.double())
         smax = float(exact64[0])
-        spectrum_lines.append(row(
-            f"{m}×{n}", f"{t_svd:.2f}", f"{t_vals:.2f}", f"{t_ours:.2f}", f"{t_svd / t_ours:.1f}",
-            f"{t_vals / t_ours:.2f}", f"{float((ours - s32.double()).abs().max()) / smax:.1e}",
-            f"{float((ours.double() - exact64).abs().max()) / smax:.1e}",
-            f"{t_gram:.2f}", f"{float((gram - exact64).abs().max()) / smax:.1e}",
-        ))
+        spectrum_lines.append(
+            row(
+                f"{m}×{n}",
+                f"{t_svd:.2f}",
+                f"{t_vals:.2f}",
+                f"{t_ours:.2f}",
+                f"{t_svd / t_ours:.1f}",
+                f"{t_vals / t_ours:.2f}",
+                f"{float((ours - s32.double()).abs().max()) / smax:.1e}",
+                f"{float((ours.double() - exact64).abs().max()) / smax:.1e}",
+                f"{t_gram:.2f}",
+                f"{float((gram - exact64).abs().max()) / smax:.1e}",
+            )
+        )
         # Targets whose optimal rank is min(m, n)/10 and /12, inside the ≤ min(m, n)/8 regime.
         tail = np.append(np.cumsum((s64**2)[::-1])[::-1], 0.0)
         error_at = float(np.sqrt(tail[min(m, n) // 10] / total))
         energy_at = float(1 - tail[min(m, n) // 12] / total)
-        policies = (RankPolicy(rank=64), RankPolicy(max_error=round(error_at, 4)), RankPolicy(energy=round(energy_at, 4)))
+        policies = (
+            RankPolicy(rank=64),
+            RankPolicy(max_error=round(error_at, 4)),
+            RankPolicy(energy=round(energy_at, 4)),
+        )
         for policy in policies:
             if policy.rank is not None:
                 r_opt = policy.rank
@@ -114,7 +145,7 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
                 target = policy.error_target()
                 r_opt = optimal_rank(s64, target**2 * total)
             # the baseline's time includes its truncation and error measurement
-            t_trunc, _ = timed(lambda: (u[:, :r_opt] * s[:r_opt]) @ vh[:r_opt])
+            t_trunc, _ = timed(lambda u=u, s=s, vh=vh, r=r_opt: (u[:, :r] * s[:r]) @ vh[:r])
             optimal_error = float(np.sqrt((s64[r_opt:] ** 2).sum() / total))
             gen = generator_for(name, 0)
             t_ours, result = timed(lambda w=w, p=policy, g=gen: factorize(w, p, method="auto", generator=g))
@@ -123,11 +154,19 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
             t_ours += t_err
             target = policy.error_target()
             met = "—" if target is None else ("yes" if error <= target else "NO")
-            lines.append(row(
-                name, f"{m}×{n}", f"{t_svd + t_trunc:.2f}", policy.describe(), f"{t_ours:.2f}",
-                f"{(t_svd + t_trunc) / t_ours:.1f}×", f"{error / optimal_error:.4f}",
-                f"{result.rank}/{r_opt} = {result.rank / r_opt:.3f}", met,
-            ))
+            lines.append(
+                row(
+                    name,
+                    f"{m}×{n}",
+                    f"{t_svd + t_trunc:.2f}",
+                    policy.describe(),
+                    f"{t_ours:.2f}",
+                    f"{(t_svd + t_trunc) / t_ours:.1f}×",
+                    f"{error / optimal_error:.4f}",
+                    f"{result.rank}/{r_opt} = {result.rank / r_opt:.3f}",
+                    met,
+                )
+            )
             print(lines[-1], file=sys.stderr, flush=True)
     return lines + [""] + spectrum_lines
 
@@ -166,8 +205,14 @@ def peak_rss_run(folder: Path, layers: int) -> list[str]:
     return [
         row("checkpoint", "size", "compress --rank 64", "peak RSS", "limit 400 MB + 4×largest f32", "within"),
         row(*["---"] * 6),
-        row(f"{layers} LLaMA-7B layers, {layers} shards, bf16", f"{size / 1e9:.2f} GB", f"{elapsed:.0f} s",
-            f"{peak / 1e6:.0f} MB", f"{limit / 1e6:.0f} MB", "yes" if peak <= limit else "NO"),
+        row(
+            f"{layers} LLaMA-7B layers, {layers} shards, bf16",
+            f"{size / 1e9:.2f} GB",
+            f"{elapsed:.0f} s",
+            f"{peak / 1e6:.0f} MB",
+            f"{limit / 1e6:.0f} MB",
+            "yes" if peak <= limit else "NO",
+        ),
     ]
 
 

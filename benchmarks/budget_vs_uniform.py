@@ -28,7 +28,8 @@ def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "sample_weights" / "demo.safetensors"
     with open_checkpoint(path) as checkpoint:
         print(f"{path.name}: Σ over matrices of relative squared error, budget allocation vs uniform rank\n")
-        print("| budget F | params after | Σ err² | rms err | max err | uniform R | params after | Σ err² | rms err | max err |")
+        budget_columns = "| budget F | params after | Σ err² | rms err | max err "
+        print(budget_columns + "| uniform R | params after | Σ err² | rms err | max err |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
         for fraction in (0.1, 0.2, 0.3, 0.4):
             budget = summary(analyze(checkpoint, RankPolicy(budget=fraction)))

@@ -219,13 +219,13 @@ def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
             )
     unindexed = [name for name in checkpoint.entries if name not in weight_map]
     if unindexed:
-        raise CheckpointError(f"{index_path}: tensor '{unindexed[0]}' is in a shard but not in the index; fix the index")
+        raise CheckpointError(
+            f"{index_path}: tensor '{unindexed[0]}' is in a shard but not in the index; fix the index"
+        )
     return checkpoint
 
 
-def _merge(
-    source: Path, shards: list[tuple[ShardFile, dict[str, TensorEntry]]], index_path: Path | None
-) -> Checkpoint:
+def _merge(source: Path, shards: list[tuple[ShardFile, dict[str, TensorEntry]]], index_path: Path | None) -> Checkpoint:
     entries: dict[str, TensorEntry] = {}
     for _, shard_entries in shards:
         for name, entry in shard_entries.items():
@@ -267,7 +267,7 @@ def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
         if name == "__metadata__":
             continue
         if isinstance(info, list):  # serde also reads a struct written as an array
-            info = dict(zip(("dtype", "shape", "data_offsets"), info))
+            info = dict(zip(("dtype", "shape", "data_offsets"), info, strict=False))
         start, end = info["data_offsets"]
         entries[name] = TensorEntry(name, info["dtype"], tuple(info["shape"]), path, base + start, base + end)
     return ShardFile(path, metadata, size), entries

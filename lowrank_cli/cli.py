@@ -24,20 +24,48 @@ app = typer.Typer(
 )
 
 # Options shared by several commands.
-Include = Annotated[Optional[list[str]], typer.Option("--include", help="Only tensors whose name matches this glob (repeatable).", metavar="GLOB")]
-Exclude = Annotated[Optional[list[str]], typer.Option("--exclude", help="Leave out tensors whose name matches this glob (repeatable).", metavar="GLOB")]
-Rank = Annotated[Optional[int], typer.Option("--rank", help="Policy: keep R singular values (clamped to min(m, n)).", metavar="R")]
-Energy = Annotated[Optional[float], typer.Option("--energy", help="Policy: smallest rank keeping fraction F of Σσ², 0 < F ≤ 1.", metavar="F")]
-MaxError = Annotated[Optional[float], typer.Option("--max-error", help="Policy: smallest rank with ‖W−BA‖/‖W‖ ≤ E, 0 ≤ E < 1.", metavar="E")]
-Budget = Annotated[Optional[float], typer.Option("--budget", help="Policy: ranks chosen jointly so all factors hold ≤ F of the params, 0 < F < 1.", metavar="F")]
-FailAbove = Annotated[Optional[float], typer.Option("--fail-above", help="Exit 3 if any tensor's relative error exceeds E.", metavar="E")]
-Rtol = Annotated[Optional[float], typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).")]
+Include = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Only tensors whose name matches this glob (repeatable).", metavar="GLOB"),
+]
+Exclude = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Leave out tensors whose name matches this glob (repeatable).", metavar="GLOB"),
+]
+Rank = Annotated[
+    Optional[int], typer.Option("--rank", help="Policy: keep R singular values (clamped to min(m, n)).", metavar="R")
+]
+Energy = Annotated[
+    Optional[float],
+    typer.Option("--energy", help="Policy: smallest rank keeping fraction F of Σσ², 0 < F ≤ 1.", metavar="F"),
+]
+MaxError = Annotated[
+    Optional[float],
+    typer.Option("--max-error", help="Policy: smallest rank with ‖W−BA‖/‖W‖ ≤ E, 0 ≤ E < 1.", metavar="E"),
+]
+Budget = Annotated[
+    Optional[float],
+    typer.Option(
+        "--budget", help="Policy: ranks chosen jointly so all factors hold ≤ F of the params, 0 < F < 1.", metavar="F"
+    ),
+]
+FailAbove = Annotated[
+    Optional[float], typer.Option("--fail-above", help="Exit 3 if any tensor's relative error exceeds E.", metavar="E")
+]
+Rtol = Annotated[
+    Optional[float], typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).")
+]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
 Method = Annotated[str, typer.Option("--method", help="SVD: auto, exact or randomized (seeded by --seed).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.")]
 Device = Annotated[str, typer.Option("--device", help="Where the maths runs: auto (cuda if present), cpu or cuda.")]
-Output = Annotated[Optional[Path], typer.Option("--output", "-o", help="Output file, or folder for a sharded input (default: beside the input).", metavar="OUT")]
+Output = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output", "-o", help="Output file, or folder for a sharded input (default: beside the input).", metavar="OUT"
+    ),
+]
 
 
 def _handle_errors(command):
@@ -86,7 +114,9 @@ def _check_gate(fail_above: float | None) -> None:
 @app.command()
 @_handle_errors
 def analyze(
-    paths: Annotated[list[Path], typer.Argument(help="safetensors files, shard folders or index files.", show_default=False)],
+    paths: Annotated[
+        list[Path], typer.Argument(help="safetensors files, shard folders or index files.", show_default=False)
+    ],
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -109,14 +139,18 @@ def analyze(
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     _check_gate(fail_above)
     if fail_above is not None and policy is None:
-        raise UsageError("--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error")
+        raise UsageError(
+            "--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error"
+        )
     device = resolve_device(device)
     reports = []
     for path in paths:
         with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"analyze {path.name}") as tick:
-            reports.append(run_analyze(
-                checkpoint, policy, include=include, exclude=exclude, rtol=rtol, device=device, on_tensor=tick
-            ))
+            reports.append(
+                run_analyze(
+                    checkpoint, policy, include=include, exclude=exclude, rtol=rtol, device=device, on_tensor=tick
+                )
+            )
     _finish(Report.combine(reports), as_json, fail_above)
 
 
@@ -129,7 +163,9 @@ def compress(
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")] = "keep",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")
+    ] = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
@@ -187,13 +223,20 @@ def extract(
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")] = "keep",
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")
+    ] = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
-    embeddings: Annotated[bool, typer.Option("--embeddings", help="Also extract embeddings (PEFT lora_embedding_A/B).")] = False,
+    embeddings: Annotated[
+        bool, typer.Option("--embeddings", help="Also extract embeddings (PEFT lora_embedding_A/B).")
+    ] = False,
     conv: Annotated[bool, typer.Option("--conv", help="Also extract conv kernels (PEFT conv LoRA).")] = False,
-    base_model: Annotated[Optional[str], typer.Option("--base-model", help="base_model_name_or_path for adapter_config.json.", metavar="NAME")] = None,
+    base_model: Annotated[
+        Optional[str],
+        typer.Option("--base-model", help="base_model_name_or_path for adapter_config.json.", metavar="NAME"),
+    ] = None,
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
@@ -214,12 +257,23 @@ def extract(
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
     options = ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
     passes = 2 if budget is not None else 1
-    with open_checkpoint(base) as base_ckpt, open_checkpoint(tuned) as tuned_ckpt:
-        with progress(passes * tuned_ckpt.nbytes, f"extract {tuned.name}") as tick:
-            report = run_extract(
-                base_ckpt, tuned_ckpt, policy, output, settings=settings, options=options,
-                include=include, exclude=exclude, force=force, on_tensor=tick,
-            )
+    with (
+        open_checkpoint(base) as base_ckpt,
+        open_checkpoint(tuned) as tuned_ckpt,
+        progress(passes * tuned_ckpt.nbytes, f"extract {tuned.name}") as tick,
+    ):
+        report = run_extract(
+            base_ckpt,
+            tuned_ckpt,
+            policy,
+            output,
+            settings=settings,
+            options=options,
+            include=include,
+            exclude=exclude,
+            force=force,
+            on_tensor=tick,
+        )
     _finish(report, as_json, fail_above)
 
 
@@ -231,7 +285,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Show the version.")
+    ] = False,
 ) -> None:
     """The low-rank structure of neural-network weights in safetensors files."""
 

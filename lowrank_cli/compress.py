@@ -76,7 +76,7 @@ def compress(
                 else:
                     report, factors = _compress_matrix(checkpoint, entry, policy_for(entry.name), settings)
                     if factors is not None:
-                        for factor_name, factor in zip(factor_names(entry.name), factors):
+                        for factor_name, factor in zip(factor_names(entry.name), factors, strict=True):
                             writer.add_tensor(factor_name, factor)
                         shard_records[entry.name] = FactorRecord(
                             entry.shape, entry.dtype, report.rank, report.rel_error, report.split

@@ -27,7 +27,9 @@ def expand(
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
     """Write every original tensor under its name, shape and dtype, with the original metadata."""
-    shards = [(shard, entries, *decode_metadata(shard.path, shard.metadata)) for shard, entries in checkpoint.by_shard()]
+    shards = [
+        (shard, entries, *decode_metadata(shard.path, shard.metadata)) for shard, entries in checkpoint.by_shard()
+    ]
     for shard, _, _, records in shards:
         _check_factors(checkpoint, shard, records)
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
@@ -46,8 +48,14 @@ def expand(
                     record = records[name]
                     writer.add_tensor(name, _rebuild(checkpoint, name, record))
                     report = TensorReport(
-                        name=name, shape=list(record.shape), dtype=record.dtype, params=math.prod(record.shape),
-                        status="expanded", rank=record.rank, rel_error=record.rel_error, file=str(entry.path),
+                        name=name,
+                        shape=list(record.shape),
+                        dtype=record.dtype,
+                        params=math.prod(record.shape),
+                        status="expanded",
+                        rank=record.rank,
+                        rel_error=record.rel_error,
+                        file=str(entry.path),
                     )
                 else:
                     writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
@@ -70,7 +78,9 @@ def _check_factors(checkpoint: Checkpoint, shard: ShardFile, records: dict[str, 
         for factor_name in factor_names(name):
             entry = checkpoint.entries.get(factor_name)
             if entry is None or entry.path != shard.path:
-                raise CheckpointError(f"{shard.path}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again")
+                raise CheckpointError(
+                    f"{shard.path}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again"
+                )
         if record.dtype not in DTYPES:
             raise CheckpointError(f"{shard.path}: tensor '{name}' has unknown dtype {record.dtype}")
 

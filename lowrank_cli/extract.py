@@ -84,12 +84,20 @@ def extract(
                 if not bool(delta.any()):
                     report.status, report.reason = "skipped", "unchanged (ΔW = 0)"
                     continue
-                result = factorize(delta, policy_for(name), method=settings.method,
-                                   generator=generator_for(name, settings.seed, delta.device))
-                stored = torch_dtype(tuned.entries[name].dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype])
+                result = factorize(
+                    delta,
+                    policy_for(name),
+                    method=settings.method,
+                    generator=generator_for(name, settings.seed, delta.device),
+                )
+                stored = torch_dtype(
+                    tuned.entries[name].dtype if settings.dtype == "keep" else FACTOR_DTYPES[settings.dtype]
+                )
                 b, a, _ = result.factors(stored)
                 if not (finite(b) and finite(a)):
-                    raise TensorError(f"{tuned.source}: tensor '{name}': its LoRA factors overflow {stored}; use --dtype float32")
+                    raise TensorError(
+                        f"{tuned.source}: tensor '{name}': its LoRA factors overflow {stored}; use --dtype float32"
+                    )
                 report.rank, report.method = result.rank, result.method
                 report.rel_error = relative_error(delta, b, a)
                 report.kept = max(0.0, 1.0 - report.rel_error**2)
@@ -158,8 +166,14 @@ def adapter_config(adapter: dict[str, tuple[int, str]], base_model: str | None) 
 def _screen(base: Checkpoint, tuned: Checkpoint, name: str, options: ExtractOptions) -> tuple[TensorReport, str | None]:
     """The tensor's report row, and why it cannot go into the adapter (None if it can)."""
     entry = tuned.entries.get(name) or base.entries[name]
-    report = TensorReport(name=name, shape=list(entry.shape), dtype=entry.dtype, params=entry.numel,
-                          status="skipped", file=str(entry.path))
+    report = TensorReport(
+        name=name,
+        shape=list(entry.shape),
+        dtype=entry.dtype,
+        params=entry.numel,
+        status="skipped",
+        file=str(entry.path),
+    )
     if name not in tuned.entries:
         return report, "only in BASE"
     if name not in base.entries:

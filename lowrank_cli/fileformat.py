@@ -40,7 +40,10 @@ class FactorRecord:
 
     def to_json(self) -> dict:
         return {
-            "shape": list(self.shape), "dtype": self.dtype, "rank": self.rank, "rel_error": self.rel_error,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "rank": self.rank,
+            "rel_error": self.rel_error,
             "split": self.split,
         }
 
@@ -54,7 +57,9 @@ def encode_metadata(base: dict[str, str] | None, records: dict[str, FactorRecord
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 
-def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[dict[str, str] | None, dict[str, FactorRecord]]:
+def decode_metadata(
+    source: object, metadata: dict[str, str] | None
+) -> tuple[dict[str, str] | None, dict[str, FactorRecord]]:
     """Split a lowrank file's metadata into the original metadata and the factor records."""
     if not metadata or METADATA_KEY not in metadata:
         raise CheckpointError(f"{source}: has no '{METADATA_KEY}' metadata; it was not written by lowrank compress")
@@ -67,7 +72,8 @@ def decode_metadata(source: object, metadata: dict[str, str] | None) -> tuple[di
         records = {name: _record(r) for name, r in payload["tensors"].items()}
     except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         raise CheckpointError(
-            f"{source}: its '{METADATA_KEY}' metadata is damaged ({type(exc).__name__}: {exc}); compress the original again"
+            f"{source}: its '{METADATA_KEY}' metadata is damaged ({type(exc).__name__}: {exc});"
+            " compress the original again"
         ) from None
     original = {key: value for key, value in metadata.items() if key != METADATA_KEY}
     return original if had_metadata or original else None, records

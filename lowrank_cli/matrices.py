@@ -31,8 +31,14 @@ def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:
 def new_report(entry: TensorEntry, status: str, reason: str | None = None) -> TensorReport:
     """A row for the tensor; until a rank is decided it keeps all its params."""
     return TensorReport(
-        name=entry.name, shape=list(entry.shape), dtype=entry.dtype, params=entry.numel, status=status, reason=reason,
-        params_after=entry.numel, file=str(entry.path),
+        name=entry.name,
+        shape=list(entry.shape),
+        dtype=entry.dtype,
+        params=entry.numel,
+        status=status,
+        reason=reason,
+        params_after=entry.numel,
+        file=str(entry.path),
     )
 
 

@@ -72,7 +72,9 @@ class FolderOutput:
                     os.replace(new, out)
                     self.path = None
         except OSError as exc:
-            raise OutputError(f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+            raise OutputError(
+                f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None
 
     def discard(self) -> None:
         if self.path is not None:
@@ -122,7 +124,9 @@ class CheckpointOutput:
             self._write_index()
             self._copy_companions()
         except OSError as exc:
-            raise OutputError(f"{self.out}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+            raise OutputError(
+                f"{self.out}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None
         self._folder.commit()
         return size
 
@@ -152,9 +156,10 @@ class CheckpointOutput:
         folder = self.checkpoint.source if self.checkpoint.source.is_dir() else self.checkpoint.source.parent
         taken = {p.name for p in self.checkpoint.paths}
         for path in sorted(folder.iterdir()):
-            if path.is_file() and path.name not in taken and not path.name.endswith((".safetensors", INDEX_SUFFIX)):
-                if not path.name.startswith("."):
-                    shutil.copy2(path, self._folder.path / path.name)
+            hidden = path.name.startswith(".")
+            checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX))
+            if path.is_file() and not hidden and not checkpoint_file:
+                shutil.copy2(path, self._folder.path / path.name)
 
 
 def _umask() -> int:

@@ -73,15 +73,24 @@ def _table(title: str, columns: list[Column], rows: list[list[str | Text]]) -> T
 def _analyze_table(report: Report) -> Table:
     totals = report.totals
     columns = [
-        ("tensor", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"),
-        ("params", f"{totals.params:,}", "number"), ("num. rank", "", "number"), ("stable rank", "", "number"),
-        ("r@90%", "", "number"), ("r@99%", "", "number"), ("r@99.9%", "", "number"), ("σ decay", "", "note"),
+        ("tensor", "total", "name"),
+        ("shape", "", "text"),
+        ("dtype", "", "text"),
+        ("params", f"{totals.params:,}", "number"),
+        ("num. rank", "", "number"),
+        ("stable rank", "", "number"),
+        ("r@90%", "", "number"),
+        ("r@99%", "", "number"),
+        ("r@99.9%", "", "number"),
+        ("σ decay", "", "note"),
     ]
     with_policy = report.policy is not None
     if with_policy:
         columns += [
-            ("rank", "", "number"), ("rel. error", _error(totals.max_rel_error, "max "), "number"),
-            ("params after", f"{totals.params_after:,}", "number"), ("saving", _percent(totals.savings), "number"),
+            ("rank", "", "number"),
+            ("rel. error", _error(totals.max_rel_error, "max "), "number"),
+            ("params after", f"{totals.params_after:,}", "number"),
+            ("saving", _percent(totals.savings), "number"),
         ]
     rows = []
     for t in report.tensors:
@@ -90,8 +99,16 @@ def _analyze_table(report: Report) -> Table:
             row += ["", "", f"{t.params:,}", ""] if with_policy else []
         else:
             row = [
-                t.name, _shape(t), t.dtype, f"{t.params:,}", str(t.numerical_rank), f"{t.stable_rank:.1f}",
-                str(t.rank_90), str(t.rank_99), str(t.rank_999), t.sparkline or "",
+                t.name,
+                _shape(t),
+                t.dtype,
+                f"{t.params:,}",
+                str(t.numerical_rank),
+                f"{t.stable_rank:.1f}",
+                str(t.rank_90),
+                str(t.rank_99),
+                str(t.rank_999),
+                t.sparkline or "",
             ]
             row += _policy_cells(t) if with_policy else []
         rows.append(row)
@@ -101,10 +118,15 @@ def _analyze_table(report: Report) -> Table:
 def _compress_table(report: Report) -> Table:
     totals = report.totals
     columns = [
-        ("tensor", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
-        ("params", f"{totals.params:,}", "number"), ("rank", "", "number"),
+        ("tensor", "total", "name"),
+        ("shape", "", "text"),
+        ("dtype", "", "text"),
+        ("status", "", "text"),
+        ("params", f"{totals.params:,}", "number"),
+        ("rank", "", "number"),
         ("rel. error", _error(totals.max_rel_error, "max "), "number"),
-        ("params after", f"{totals.params_after:,}", "number"), ("saving", _percent(totals.savings), "number"),
+        ("params after", f"{totals.params_after:,}", "number"),
+        ("saving", _percent(totals.savings), "number"),
         ("note", "", "note"),
     ]
     rows = []
@@ -119,26 +141,60 @@ def _compress_table(report: Report) -> Table:
 def _extract_table(report: Report) -> Table:
     totals = report.totals
     columns = [
-        ("module weight", "total", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
-        ("rank", "", "number"), ("rel. error ΔW", _error(totals.max_rel_error, "max "), "number"),
-        ("‖ΔW‖² kept", "", "number"), ("params", f"{totals.params:,}", "number"),
-        ("adapter params", f"{totals.params_after:,}", "number"), ("note", "", "note"),
+        ("module weight", "total", "name"),
+        ("shape", "", "text"),
+        ("dtype", "", "text"),
+        ("status", "", "text"),
+        ("rank", "", "number"),
+        ("rel. error ΔW", _error(totals.max_rel_error, "max "), "number"),
+        ("‖ΔW‖² kept", "", "number"),
+        ("params", f"{totals.params:,}", "number"),
+        ("adapter params", f"{totals.params_after:,}", "number"),
+        ("note", "", "note"),
     ]
     rows = []
     for t in report.tensors:
         if t.status == "extracted":
-            rows.append([t.name, _shape(t), t.dtype, t.status, str(t.rank), _error(t.rel_error),
-                         _percent(t.kept or 0.0), f"{t.params:,}", f"{t.params_after:,}", ""])
+            rows.append(
+                [
+                    t.name,
+                    _shape(t),
+                    t.dtype,
+                    t.status,
+                    str(t.rank),
+                    _error(t.rel_error),
+                    _percent(t.kept or 0.0),
+                    f"{t.params:,}",
+                    f"{t.params_after:,}",
+                    "",
+                ]
+            )
         else:
-            rows.append([t.name, _shape(t), t.dtype, t.status, "", "", "", f"{t.params:,}", "",
-                         Text(t.reason or "", style="dim")])
+            rows.append(
+                [
+                    t.name,
+                    _shape(t),
+                    t.dtype,
+                    t.status,
+                    "",
+                    "",
+                    "",
+                    f"{t.params:,}",
+                    "",
+                    Text(t.reason or "", style="dim"),
+                ]
+            )
     return _table(f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows)
 
 
 def _expand_table(report: Report) -> Table:
     columns = [
-        ("tensor", "", "name"), ("shape", "", "text"), ("dtype", "", "text"), ("status", "", "text"),
-        ("rank", "", "number"), ("rel. error at compress", "", "number"),
+        ("tensor", "", "name"),
+        ("shape", "", "text"),
+        ("dtype", "", "text"),
+        ("status", "", "text"),
+        ("rank", "", "number"),
+        ("rel. error at compress", "", "number"),
     ]
     rows = [
         [t.name, _shape(t), t.dtype, t.status, "" if t.rank is None else str(t.rank), _error(t.rel_error)]
@@ -184,8 +240,14 @@ def progress(total_bytes: int, label: str) -> Iterator:
         yield None
         return
     bar = Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TextColumn("{task.fields[tensors]} tensors"),
-        TimeElapsedColumn(), TimeRemainingColumn(), console=stderr, transient=True,
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TextColumn("{task.fields[tensors]} tensors"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
     )
     task = bar.add_task(label, total=total_bytes, tensors=0)
 

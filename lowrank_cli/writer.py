@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import shutil
+import signal
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -97,16 +97,16 @@ class SafetensorsWriter:
                 os.replace(final, self.path)
                 self._temps.remove(final)
         except OSError as exc:
-            raise OutputError(f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+            raise OutputError(
+                f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None
         self.discard()
         return self.path.stat().st_size
 
     def discard(self) -> None:
         """Remove every temporary file; the output's name is left untouched."""
-        try:
-            self._spill.close()  # flushes its buffer, which fails on a full disk: the data is discarded anyway
-        except OSError:
-            pass
+        with contextlib.suppress(OSError):  # close flushes, which fails on a full disk; the data goes anyway
+            self._spill.close()
         for temp in self._temps:
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
@@ -122,7 +122,9 @@ class SafetensorsWriter:
         try:
             fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
         except OSError as exc:
-            raise OutputError(f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions") from None
+            raise OutputError(
+                f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions"
+            ) from None
         self._temps.append(Path(name))
         if suffix:
             return os.fdopen(fd, "w+b")
@@ -133,4 +135,6 @@ class SafetensorsWriter:
         try:
             handle.write(data)
         except OSError as exc:
-            raise OutputError(f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions") from None
+            raise OutputError(
+                f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None

@@ -22,8 +22,23 @@ from hypothesis import strategies as st
 # dtype code -> bytes per element, for every code safetensors 0.8 knows (sub-byte ones aside),
 # and two it does not.
 ITEM_SIZE = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
-    "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U64": 8, "U32": 4, "U16": 2, "U8": 1, "BOOL": 1, "C64": 8,
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "F8_E8M0": 1,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "C64": 8,
 }
 FLOATS = {"F64": "<f8", "F32": "<f4", "F16": "<f2"}
 UNKNOWN_DTYPES = ["F128", "f32", "FLOAT", ""]
@@ -68,9 +83,7 @@ def build(tensors: dict[str, tuple[str, list[int]]], metadata: dict | None = Non
     """A valid file holding finite random values."""
     header, size = layout(tensors, metadata)
     rng = np.random.default_rng(seed)
-    data = b"".join(
-        tensor_data(dtype, int(np.prod(shape, dtype=np.int64)), rng) for dtype, shape in tensors.values()
-    )
+    data = b"".join(tensor_data(dtype, int(np.prod(shape, dtype=np.int64)), rng) for dtype, shape in tensors.values())
     assert len(data) == size
     return encode(header, data)
 
@@ -131,15 +144,23 @@ def broken_files() -> dict[str, tuple[bytes, str]]:
         "header JSON null": (encode(b"null", bytes(size)), "json|null|type"),
         "header with NUL padding": (encode(json.dumps(header).encode() + b"\0" * 8, bytes(size), pad=False), "json"),
         "header deeply nested": (
-            _raw_header('{"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120], "x": '
-                        + "[" * 5000 + "]" * 5000 + "}}", size),
+            _raw_header(
+                '{"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120], "x": '
+                + "[" * 5000
+                + "]" * 5000
+                + "}}",
+                size,
+            ),
             "json|recursion",
         ),
         "metadata not a string map": (encode({**header, "__metadata__": {"format": 1}}, bytes(size)), "json|string"),
         "metadata a list": (encode({**header, "__metadata__": ["pt"]}, bytes(size)), "json|map|sequence"),
         "duplicate metadata": (
-            _raw_header('{"__metadata__": {}, "__metadata__": {}, '
-                        + json.dumps({k: v for k, v in header.items() if k != "__metadata__"})[1:], size),
+            _raw_header(
+                '{"__metadata__": {}, "__metadata__": {}, '
+                + json.dumps({k: v for k, v in header.items() if k != "__metadata__"})[1:],
+                size,
+            ),
             "json|duplicate",
         ),
         # one tensor entry of the wrong shape
@@ -162,21 +183,22 @@ def broken_files() -> dict[str, tuple[bytes, str]]:
         "huge shape": (_with_entry(lambda e: e.update(shape=[2**40, 2**40])), "overflow|shape|size"),
         "huge shape overflowing u64": (_with_entry(lambda e: e.update(shape=[2**62, 2**62, 1])), "overflow|shape|size"),
         "offsets past the data": (
-            _with_offsets({"ids": [b_offsets[1], b_offsets[1] + 24 + 64]}), "offset|incomplete|cover"
+            _with_offsets({"ids": [b_offsets[1], b_offsets[1] + 24 + 64]}),
+            "offset|incomplete|cover",
         ),
-        "offsets overlapping": (
-            _with_offsets({"b": [w_offsets[1] - 8, w_offsets[1] + 16]}), "offset|incomplete|cover"
-        ),
+        "offsets overlapping": (_with_offsets({"b": [w_offsets[1] - 8, w_offsets[1] + 16]}), "offset|incomplete|cover"),
         "offsets leaving a gap": (
-            _with_offsets({"b": [w_offsets[1] + 8, b_offsets[1] + 8], "ids": [b_offsets[1] + 8, size + 8]},
-                          size + 8),
+            _with_offsets({"b": [w_offsets[1] + 8, b_offsets[1] + 8], "ids": [b_offsets[1] + 8, size + 8]}, size + 8),
             "offset|incomplete|cover",
         ),
         "offsets reversed": (_with_offsets({"w": [w_offsets[1], w_offsets[0]]}), "offset"),
         "data longer than declared": (valid + bytes(16), "incomplete|cover|offset"),
         "duplicate names": (
-            _raw_header('{"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}, '
-                        '"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [120, 240]}}', 240),
+            _raw_header(
+                '{"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}, '
+                '"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [120, 240]}}',
+                240,
+            ),
             "offset|incomplete|cover|duplicate",
         ),
     }
@@ -209,8 +231,9 @@ def odd_files() -> dict[str, bytes]:
         "names with brackets and spaces": build(
             {"experts[0].w": ("F32", [4, 3]), "a b.weight": ("F32", [3, 3]), "[/bold]": ("F32", [2, 3])}
         ),
-        "name with a NUL": encode(b'{"a\\u0000b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}',
-                                  bytes(16)),
+        "name with a NUL": encode(
+            b'{"a\\u0000b": {"dtype": "F32", "shape": [2, 2], "data_offsets": [0, 16]}}', bytes(16)
+        ),
         "escaped name": encode(b'{"\\u0077": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}}', w),
         "extra fields in an entry": encode(
             {"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120], "note": [1, {"x": None}]}}, w
@@ -220,11 +243,15 @@ def odd_files() -> dict[str, bytes]:
         ),
         "same entry twice": encode(
             b'{"w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]},'
-            b' "w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}}', w
+            b' "w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}}',
+            w,
         ),
         "tensors out of offset order": encode(
-            {"b": {"dtype": "F32", "shape": [2], "data_offsets": [120, 128]},
-             "w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]}}, w + bytes(8)
+            {
+                "b": {"dtype": "F32", "shape": [2], "data_offsets": [120, 128]},
+                "w": {"dtype": "F32", "shape": [6, 5], "data_offsets": [0, 120]},
+            },
+            w + bytes(8),
         ),
         "every integer and bool dtype": build(
             {code: (code, [2, 3]) for code in ("I64", "I32", "I16", "I8", "U8", "BOOL")}
@@ -286,8 +313,20 @@ def files(draw) -> tuple[str, bytes]:
     data = valid[8 + int.from_bytes(valid[:8], "little") :]
     mutation = draw(
         st.sampled_from(
-            ["valid", "truncate", "length", "flip byte", "append", "entry field", "offsets", "shape",
-             "dtype", "duplicate", "raw header", "entry as array"]
+            [
+                "valid",
+                "truncate",
+                "length",
+                "flip byte",
+                "append",
+                "entry field",
+                "offsets",
+                "shape",
+                "dtype",
+                "duplicate",
+                "raw header",
+                "entry as array",
+            ]
         )
     )
     named = [name for name in header if name != "__metadata__"]

@@ -10,7 +10,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_llama_benchmark_smoke_run(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_llama_layer.py"), "--quick", "--divide", "16"],
-        capture_output=True, text=True, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr
     rows = [line for line in run.stdout.splitlines() if line.startswith("| self_attn.q_proj.weight | 256×256 |")]

@@ -207,7 +207,8 @@ def approximate(tmp_path):
     base = {"a.weight": torch.randn(30, 20, generator=generator), "b.weight": torch.randn(16, 40, generator=generator)}
     tuned = {
         "a.weight": base["a.weight"] + with_spectrum(30, 20, geometric(20, 0.6), seed=5),
-        "b.weight": base["b.weight"] + 0.1 * low_rank(16, 40, 5, seed=6)
+        "b.weight": base["b.weight"]
+        + 0.1 * low_rank(16, 40, 5, seed=6)
         + 1e-3 * torch.randn(16, 40, generator=generator),
     }
     return (*_write(tmp_path, base, tuned), base, tuned)
@@ -303,8 +304,11 @@ def test_rank_is_clamped(approximate, tmp_path):
 def test_include_exclude_and_base_model(approximate, tmp_path):
     base_file, tuned_file, _, _ = approximate
     adapter = tmp_path / "adapter"
-    report = by_name(cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", 2, "--exclude", "a.*",
-                              "--base-model", "org/base"))
+    report = by_name(
+        cli_json(
+            "extract", base_file, tuned_file, "-o", adapter, "--rank", 2, "--exclude", "a.*", "--base-model", "org/base"
+        )
+    )
     assert set(report) == {"b.weight"}
     config = _config(adapter)
     assert config["target_modules"] == ["b"]
@@ -382,8 +386,9 @@ def test_fail_above(tmp_path):
     assert "'w.weight'" in result.stderr
     assert "'v.weight'" not in result.stderr
 
-    result = cli("extract", base_file, tuned_file, "-o", tmp_path / "gate", "--force", "--rank", 2,
-                 "--fail-above", error * 1.1)
+    result = cli(
+        "extract", base_file, tuned_file, "-o", tmp_path / "gate", "--force", "--rank", 2, "--fail-above", error * 1.1
+    )
     assert result.exit_code == 0, (result.stderr, result.exception)
 
 

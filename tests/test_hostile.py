@@ -196,7 +196,7 @@ def test_odd_but_valid_file_is_read(tmp_path, case):
     dense = tmp_path / "model.lowrank.dense.safetensors"
     restored = hostile.entries(dense.read_bytes())
     assert sorted(restored) == sorted(tensors)
-    for name, (dtype, shape, raw) in hostile.entries(ODD[case]).items():
+    for name, (dtype, shape, _raw) in hostile.entries(ODD[case]).items():
         assert restored[name][:2] == (dtype, shape), name
 
 
@@ -305,11 +305,17 @@ def _second_index(folder: Path) -> None:
 # case -> (make the folder, what the message names (relative to the folder; "" for the folder), problem)
 SHARDED = {
     "index names a missing shard": (
-        _weight_map_changed(**{"b.weight": "model-00003-of-00003.safetensors"}), INDEX, "missing"),
+        _weight_map_changed(**{"b.weight": "model-00003-of-00003.safetensors"}),
+        INDEX,
+        "missing",
+    ),
     "index names a shard outside the folder": (_outside_shard, INDEX, "missing"),
     "tensor in the index but in no shard": (_weight_map_changed(ghost=SHARD_1), INDEX, "'ghost'.*no shard"),
     "tensor in a shard but not in the index": (
-        _weight_map_changed(**{"a.bias": None}), INDEX, "'a.bias'.*not in the index"),
+        _weight_map_changed(**{"a.bias": None}),
+        INDEX,
+        "'a.bias'.*not in the index",
+    ),
     "index names the wrong shard": (_weight_map_changed(**{"a.bias": SHARD_2}), INDEX, "'a.bias'"),
     "tensor in two shards": (_in_both_shards(index=False), "", "'a.bias'.*both"),
     "tensor in two shards, with an index": (_in_both_shards(index=True), "", "'a.bias'"),
@@ -319,11 +325,17 @@ SHARDED = {
     "index without weight_map": (_index_text('{"metadata": {}}'), INDEX, "weight_map"),
     "weight_map a list": (_index_text('{"weight_map": []}'), INDEX, "weight_map"),
     "weight_map of numbers": (_index_text('{"weight_map": {"a.weight": 1}}'), INDEX, "weight_map"),
-    "index deeply nested": (_index_text('{"weight_map": ' + "[" * 50_000 + "]" * 50_000 + "}"), INDEX,
-                            "index|weight_map"),
+    "index deeply nested": (
+        _index_text('{"weight_map": ' + "[" * 50_000 + "]" * 50_000 + "}"),
+        INDEX,
+        "index|weight_map",
+    ),
     "a shard truncated": (_damaged_shard(lambda data: data[: len(data) // 2]), SHARD_2, "safetensors"),
     "a shard of random bytes": (
-        _damaged_shard(lambda data: np.random.default_rng(0).bytes(len(data))), SHARD_2, "safetensors"),
+        _damaged_shard(lambda data: np.random.default_rng(0).bytes(len(data))),
+        SHARD_2,
+        "safetensors",
+    ),
     "a shard empty": (_damaged_shard(lambda data: b""), SHARD_2, "safetensors"),
     "two index files": (_second_index, "", "index"),
 }

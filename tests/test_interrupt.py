@@ -76,7 +76,11 @@ def _run_and_interrupt(args: list[str], out: Path, sig: signal.Signals) -> tuple
     env["OMP_NUM_THREADS"] = "1"  # as in the suite: one thread, predictable timing
     process = subprocess.Popen(
         [sys.executable, "-m", "lowrank_cli", *args, "-o", str(out)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         deadline = time.monotonic() + 60

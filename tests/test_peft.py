@@ -172,8 +172,9 @@ def test_a_peft_lora_is_recovered(tmp_path, base_weights):
             if "lora_B" in name:  # PEFT starts B at zero: make the LoRA do something
                 parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator))
     merged = weights(model.merge_and_unload())
-    modules = sorted(name.removesuffix(".weight")
-                     for name in merged if name.endswith(tuple(f"{t}.weight" for t in targets)))
+    modules = sorted(
+        name.removesuffix(".weight") for name in merged if name.endswith(tuple(f"{t}.weight" for t in targets))
+    )
     assert len(modules) == 6
     base_file, tuned_file = write_pair(tmp_path, base_weights, merged)
     adapter = tmp_path / "adapter"
