@@ -57,6 +57,7 @@ Rtol = Annotated[
 ]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
+Dtype = Annotated[str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")]
 Method = Annotated[str, typer.Option("--method", help="SVD: auto, exact or randomized (seeded by --seed).")]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.")]
 Device = Annotated[str, typer.Option("--device", help="Where the maths runs: auto (cuda if present), cpu or cuda.")]
@@ -104,6 +105,17 @@ def _finish(report, as_json: bool, fail_above: float | None) -> None:
                 f" (worst: '{top.name}' at {top.rel_error:.3g})"
             )
             raise typer.Exit(EXIT_QUALITY_GATE)
+
+
+def _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device, rtol=None):
+    """The policy and settings of the commands that write factors (compress, extract)."""
+    from lowrank_cli.compress import Settings
+    from lowrank_cli.devices import resolve_device
+    from lowrank_cli.policy import RankPolicy, require_policy
+
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    _check_gate(fail_above)
+    return policy, Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
 
 
 def _check_gate(fail_above: float | None) -> None:
@@ -157,15 +169,13 @@ def analyze(
 @app.command()
 @_handle_errors
 def compress(
-    path: Annotated[Path, typer.Argument(help="A safetensors file.", show_default=False)],
+    path: Annotated[Path, typer.Argument(help="A safetensors file, shard folder or index.", show_default=False)],
     output: Output = None,
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")
-    ] = "keep",
+    dtype: Dtype = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
@@ -178,15 +188,10 @@ def compress(
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
     from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.compress import Settings
     from lowrank_cli.compress import compress as run_compress
-    from lowrank_cli.devices import resolve_device
-    from lowrank_cli.policy import RankPolicy, require_policy
     from lowrank_cli.render import progress
 
-    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
-    _check_gate(fail_above)
-    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
+    policy, settings = _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device, rtol)
     passes = 2 if budget is not None else 1  # a budget reads every tensor once for its spectrum first
     with open_checkpoint(path) as checkpoint, progress(passes * checkpoint.nbytes, f"compress {path.name}") as tick:
         report = run_compress(
@@ -198,7 +203,9 @@ def compress(
 @app.command()
 @_handle_errors
 def expand(
-    path: Annotated[Path, typer.Argument(help="A file written by lowrank compress.", show_default=False)],
+    path: Annotated[
+        Path, typer.Argument(help="A file (or shard folder) written by lowrank compress.", show_default=False)
+    ],
     output: Output = None,
     force: Force = False,
     as_json: Json = False,
@@ -223,9 +230,7 @@ def extract(
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
-    dtype: Annotated[
-        str, typer.Option("--dtype", help="Factors' dtype: keep, float32, float16, bfloat16 or float64.")
-    ] = "keep",
+    dtype: Dtype = "keep",
     method: Method = "auto",
     seed: Seed = 0,
     device: Device = "auto",
@@ -245,16 +250,11 @@ def extract(
 ) -> None:
     """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
     from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.compress import Settings
-    from lowrank_cli.devices import resolve_device
     from lowrank_cli.extract import ExtractOptions
     from lowrank_cli.extract import extract as run_extract
-    from lowrank_cli.policy import RankPolicy, require_policy
     from lowrank_cli.render import progress
 
-    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
-    _check_gate(fail_above)
-    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
+    policy, settings = _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device)
     options = ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
     passes = 2 if budget is not None else 1
     with (
