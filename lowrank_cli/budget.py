@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.policy import RankPolicy
 from lowrank_cli.spectrum import Spectrum, singular_values
 
 
@@ -52,10 +53,18 @@ def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
     return ranks
 
 
-def spectra_of(
-    names: Iterable[str], matrix_of: Callable[[str], torch.Tensor], on_done: Callable[[str], None] | None = None
-) -> dict[str, Spectrum]:
-    """The first pass of a budget: every selected matrix's singular values."""
+def policy_per_tensor(
+    policy: RankPolicy,
+    names: Iterable[str],
+    matrix_of: Callable[[str], torch.Tensor],
+    on_done: Callable[[str], None] | None = None,
+) -> Callable[[str], RankPolicy]:
+    """The policy of each tensor: the same for all, or under --budget a fixed rank for each.
+
+    A budget costs one first pass: every selected matrix's singular values, then `allocate`.
+    """
+    if policy.budget is None:
+        return lambda name: policy
     spectra = {}
     for name in names:
         matrix = matrix_of(name)
@@ -63,4 +72,5 @@ def spectra_of(
         spectra[name] = Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
         if on_done:
             on_done(name)
-    return spectra
+    ranks = allocate(spectra, policy.budget)
+    return lambda name: RankPolicy(rank=ranks[name])

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.budget import allocate, spectra_of
+from lowrank_cli.budget import policy_per_tensor
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.dtypes import FACTOR_DTYPES, torch_dtype
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError
@@ -60,7 +60,12 @@ def compress(
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
     selected = set(checkpoint.select(include, exclude))
-    policy_for = _policies(checkpoint, policy, selected, settings, on_tensor)
+    policy_for = policy_per_tensor(
+        policy,
+        [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None],
+        lambda name: load_matrix(checkpoint, checkpoint.entries[name], settings.device),
+        on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
+    )
     tensors = []
     records: dict[SafetensorsWriter, dict[str, FactorRecord]] = {}
     base_metadata: dict[SafetensorsWriter, dict[str, str] | None] = {}
@@ -98,26 +103,6 @@ def compress(
         output=str(out),
         options={"dtype": settings.dtype, "method": settings.method, "seed": settings.seed},
     )
-
-
-def _policies(
-    checkpoint: Checkpoint,
-    policy: RankPolicy,
-    selected: set[str],
-    settings: Settings,
-    on_tensor: Callable[[TensorEntry], None] | None,
-) -> Callable[[str], RankPolicy]:
-    """The policy of each tensor: the same for all, or under --budget a rank for each."""
-    if policy.budget is None:
-        return lambda name: policy
-    names = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
-    spectra = spectra_of(
-        names,
-        lambda name: load_matrix(checkpoint, checkpoint.entries[name], settings.device),
-        on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
-    )
-    ranks = allocate(spectra, policy.budget)
-    return lambda name: RankPolicy(rank=ranks[name])
 
 
 def _compress_matrix(

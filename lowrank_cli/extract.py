@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.budget import allocate, spectra_of
+from lowrank_cli.budget import policy_per_tensor
 from lowrank_cli.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.compress import Settings
 from lowrank_cli.dtypes import FACTOR_DTYPES, compute_dtype, torch_dtype
@@ -73,7 +73,12 @@ def extract(
             candidates.append(name)
         else:
             report.status, report.reason = "skipped", reason
-    policy_for = _policies(base, tuned, candidates, policy, settings, on_tensor)
+    policy_for = policy_per_tensor(
+        policy,
+        candidates,
+        lambda name: _delta(base, tuned, name, settings.device),
+        on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
+    )
     adapter: dict[str, tuple[int, str]] = {}  # module -> (rank, kind)
     with FolderOutput(out) as folder:
         writer = SafetensorsWriter(folder.path / ADAPTER_WEIGHTS, {"format": "pt"})
@@ -221,18 +226,6 @@ def _delta(base: Checkpoint, tuned: Checkpoint, name: str, device: str) -> torch
                 f"{checkpoint.entries[name].path}: tensor '{name}' contains NaN or Inf; repair it or --exclude '{name}'"
             )
     return (after - before).reshape(entry.matrix_shape)
-
-
-def _policies(base, tuned, names, policy, settings, on_tensor) -> Callable[[str], RankPolicy]:
-    if policy.budget is None:
-        return lambda name: policy
-    spectra = spectra_of(
-        names,
-        lambda name: _delta(base, tuned, name, settings.device),
-        on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
-    )
-    ranks = allocate(spectra, policy.budget)
-    return lambda name: RankPolicy(rank=ranks[name])
 
 
 def _write_lora(writer: SafetensorsWriter, module: str, entry: TensorEntry, b: torch.Tensor, a: torch.Tensor) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from lowrank_cli.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.errors import OutputError, UsageError
-from lowrank_cli.writer import SafetensorsWriter, signals_held
+from lowrank_cli.writer import SafetensorsWriter, current_umask, signals_held
 
 
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
@@ -59,7 +59,7 @@ class FolderOutput:
     def commit(self) -> None:
         new, out = self.path, self.out
         try:
-            os.chmod(new, 0o777 & ~_umask())
+            os.chmod(new, 0o777 & ~current_umask())
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
                 with signals_held():  # never leave OUT missing between the two renames
@@ -160,9 +160,3 @@ class CheckpointOutput:
             checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX))
             if path.is_file() and not hidden and not checkpoint_file:
                 shutil.copy2(path, self._folder.path / path.name)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

@@ -34,7 +34,7 @@ def signals_held() -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -91,7 +91,7 @@ class SafetensorsWriter:
                 shutil.copyfileobj(self._spill, out, 16 << 20)
                 out.flush()
                 os.fsync(out.fileno())
-            os.chmod(final, 0o666 & ~_umask())  # mkstemp made it private; give it a normal file's mode
+            os.chmod(final, 0o666 & ~current_umask())  # mkstemp made it private; give it a normal file's mode
             self._spill.close()
             with signals_held():  # renamed and forgotten as temporary together, or neither
                 os.replace(final, self.path)
