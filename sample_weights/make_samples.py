@@ -73,7 +73,8 @@ def demo_tuned(base: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 if __name__ == "__main__":
     save_file(seed_rank2(), HERE / "seed_rank2.safetensors", metadata={"format": "pt"})
     weights = demo()
-    save_file(weights, HERE / "demo.safetensors", metadata={"format": "pt"})  # one key: the writer orders keys at random
+    # one metadata key: the writer orders keys at random
+    save_file(weights, HERE / "demo.safetensors", metadata={"format": "pt"})
     save_file(demo_tuned(weights), HERE / "demo_tuned.safetensors", metadata={"format": "pt"})
     for name in ("seed_rank2", "demo", "demo_tuned"):
         print(HERE / f"{name}.safetensors")
