@@ -30,16 +30,26 @@ from conftest import (
     temp_files,
     with_spectrum,
 )
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.factorize import factorize
+from lowrank_cli.factorize import _sketch_dtype, factorize
 from lowrank_cli.policy import RankPolicy
-from lowrank_cli.randomized import adaptive_range
+from lowrank_cli.randomized import adaptive_range, fast_bfloat16, orthonormal, randomized_svd, sum_of_squares
 
 M, N = 300, 200
 BREAK_EVEN = (M * N - 1) // (M + N)  # 119: the largest r with r·(m + n) < m·n
 seeds = st.integers(0, 2**31 - 1)
+# The autouse sketch fixture patches a constant, so hypothesis examples sharing it is harmless.
+shared_sketch = [HealthCheck.function_scoped_fixture]
+
+
+@pytest.fixture(autouse=True, params=["bfloat16-sketch", "float32-sketch"])
+def sketch(request, monkeypatch):
+    """Every test here runs both ways: with the bfloat16 sketch that AMX CPUs get, and without it."""
+    bfloat16 = request.param == "bfloat16-sketch"
+    monkeypatch.setattr("lowrank_cli.factorize.fast_bfloat16", lambda device_type: bfloat16)
+    return torch.bfloat16 if bfloat16 else None
 
 
 def harmonic(m: int, n: int, seed: int, noise: float = 1e-3) -> torch.Tensor:
@@ -112,7 +122,7 @@ def test_cli_fixed_rank_is_within_two_percent_of_eckart_young(decaying_file, tmp
 # --- --max-error and --energy: the bound always holds, the rank stays near optimal -----------------
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=12, deadline=None, suppress_health_check=shared_sketch)
 @given(optimal=st.integers(1, 80), where=st.floats(0.05, 0.95), seed=seeds, energy=st.booleans())
 def test_randomized_targets_are_always_met_near_the_optimal_rank(decaying_file, optimal, where, seed, energy):
     """The measured error of the written factors meets the bound; the rank is ≤ 1.10 × numpy's optimal rank."""
@@ -291,14 +301,14 @@ def test_cuda_gives_the_cpu_result(tmp_path, method, policy):
 # --- adaptive_range -------------------------------------------------------------------------------
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, suppress_health_check=shared_sketch)
 @given(
     seed=seeds,
     fraction=st.floats(1e-3, 0.5),
     block=st.sampled_from([4, 8, 16, 32]),
     power_iters=st.integers(0, 2),
 )
-def test_adaptive_range_residual_is_what_its_basis_leaves(seed, fraction, block, power_iters):
+def test_adaptive_range_residual_is_what_its_basis_leaves(sketch, seed, fraction, block, power_iters):
     """residual = ‖W − QQᵀW‖² = ‖W‖² − ‖UᵀW‖² (U spans Q), ≤ the target; U·S·Vh is the SVD of QQᵀW."""
     w = harmonic(120, 80, seed=seed % 1000).to(torch.float64)
     w64 = w.numpy()
@@ -310,6 +320,7 @@ def test_adaptive_range_residual_is_what_its_basis_leaves(seed, fraction, block,
         power_iters=power_iters,
         max_rank=80,
         generator=torch.Generator().manual_seed(seed),
+        sketch=sketch,
     )
     assert found is not None
     (u, s, vh), residual = found
@@ -325,13 +336,19 @@ def test_adaptive_range_residual_is_what_its_basis_leaves(seed, fraction, block,
 
 
 @pytest.mark.parametrize("fraction", [0.3, 0.05, 0.01, 0.002])
-def test_adaptive_range_residual_in_float32(fraction):
+def test_adaptive_range_residual_in_float32(sketch, fraction):
     """In float32 the bookkept residual is as good as float32 allows: within 1e-6 of ‖W‖²."""
     w = harmonic(M, N, seed=4)
     w64 = w.to(torch.float64).numpy()
     total = float(np.sum(w64**2))
     found = adaptive_range(
-        w, fraction * total, block=32, power_iters=2, max_rank=N, generator=torch.Generator().manual_seed(9)
+        w,
+        fraction * total,
+        block=32,
+        power_iters=2,
+        max_rank=N,
+        generator=torch.Generator().manual_seed(9),
+        sketch=sketch,
     )
     assert found is not None
     (u, _, _), residual = found
@@ -340,11 +357,99 @@ def test_adaptive_range_residual_in_float32(fraction):
     assert abs(residual - truth) <= 1e-6 * total
 
 
-def test_adaptive_range_gives_up_past_max_rank():
+def test_adaptive_range_gives_up_past_max_rank(sketch):
     w = harmonic(120, 80, seed=5).to(torch.float64)
     total = float(torch.sum(w**2))
     tail = tail_errors(singular_values(w))
     needed = _optimal_rank(tail, math.sqrt(1e-3))  # the best any basis can do with fewer columns misses the target
     assert needed > 16
     generator = torch.Generator().manual_seed(0)
-    assert adaptive_range(w, 1e-3 * total, block=8, power_iters=2, max_rank=needed - 1, generator=generator) is None
+    found = adaptive_range(
+        w, 1e-3 * total, block=8, power_iters=2, max_rank=needed - 1, generator=generator, sketch=sketch
+    )
+    assert found is None
+
+
+# --- the building blocks: orthonormal bases, sums of squares, the bfloat16 sketch ------------------
+
+
+def _conditioned(m: int, k: int, condition: float, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """A random m×k matrix whose singular values run geometrically from 1 down to 1/condition."""
+    return with_spectrum(m, k, np.geomspace(1.0, 1.0 / condition, k), seed=seed, dtype=torch.float64).to(dtype)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=shared_sketch)
+@given(
+    seed=seeds,
+    shape=st.sampled_from([(400, 40), (1000, 7), (64, 64), (50, 1)]),
+    log_condition=st.floats(0, 12),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_orthonormal_spans_y_with_orthonormal_columns_at_any_condition(seed, shape, log_condition, dtype):
+    """CholeskyQR2 where it is safe, Householder where it is not: either way QᵀQ = I and QQᵀy = y."""
+    y = _conditioned(*shape, 10.0**log_condition, seed % 1000, dtype)
+    eps = torch.finfo(dtype).eps
+    q = orthonormal(y)
+    assert q.shape == y.shape and q.dtype == dtype
+    q64, y64 = q.to(torch.float64).numpy(), y.to(torch.float64).numpy()
+    assert np.abs(q64.T @ q64 - np.eye(shape[1])).max() <= 50 * eps
+    assert np.linalg.norm(y64 - q64 @ (q64.T @ y64)) <= 50 * eps * np.linalg.norm(y64)
+    once = orthonormal(y, twice=False).to(torch.float64).numpy()  # only feeds power iterations: well-conditioned
+    assert np.linalg.norm(once.T @ once - np.eye(shape[1]), 2) <= 0.5  # κ(once) ≤ √3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_orthonormal_of_rank_deficient_and_empty_inputs(dtype):
+    y = low_rank(300, 20, 5, seed=1, dtype=dtype)  # 20 columns spanning 5 dimensions
+    for twice in (True, False):
+        q = orthonormal(y, twice=twice).to(torch.float64).numpy()
+        y64 = y.to(torch.float64).numpy()
+        assert np.abs(q.T @ q - np.eye(20)).max() < 1e-4
+        assert np.linalg.norm(y64 - q @ (q.T @ y64)) < 1e-5 * np.linalg.norm(y64)
+        zero = orthonormal(torch.zeros(30, 4, dtype=dtype), twice=twice).to(torch.float64).numpy()
+        assert np.abs(zero.T @ zero - np.eye(4)).max() < 1e-5
+    assert orthonormal(torch.zeros(30, 0, dtype=dtype)).shape == (30, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sum_of_squares_matches_float64_across_chunks(dtype):
+    rng = np.random.default_rng(3)
+    x64 = rng.standard_normal((3001, 3000)) * rng.uniform(0.1, 10.0, size=(3001, 1))  # rows of different scales
+    x = torch.from_numpy(x64).to(dtype)
+    truth = float(np.sum(x.to(torch.float64).numpy() ** 2))
+    assert sum_of_squares(x) == pytest.approx(truth, rel=1e-7 if dtype == torch.float32 else 1e-13)
+    assert sum_of_squares(x[:0]) == 0.0
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_bfloat16_sketch_keeps_fixed_rank_errors_near_optimal_even_far_below_its_precision(seed):
+    """W of rank 10 plus noise 3e-5 of its norm: a basis made only in bfloat16 would be off by ~1e-3, far
+    above the optimum; the last product in float32 pulls it back."""
+    rng = np.random.default_rng(seed)
+    w = low_rank(400, 300, 10, seed=seed) + torch.from_numpy(1e-4 * rng.standard_normal((400, 300))).float()
+    tail = tail_errors(singular_values(w))
+    for sketch in (torch.bfloat16, None):
+        generator = torch.Generator().manual_seed(seed)
+        u, s, vh = randomized_svd(w, 10, oversample=16, power_iters=3, generator=generator, sketch=sketch)
+        b, a = (u * s), vh  # (m, r) * (r,), (r, n)
+        assert relative_error(w, b, a) <= 1.02 * tail[10]
+
+
+@pytest.mark.parametrize(
+    ("dtype", "fraction", "fast", "expected"),
+    [
+        (torch.float32, 0.01, True, torch.bfloat16),
+        (torch.float32, 1e-3, True, torch.bfloat16),
+        (torch.float32, 9e-4, True, None),  # a tight target: the sketch's 2⁻⁸ would show in the rank
+        (torch.float64, 0.5, True, None),  # float64 tensors are worked in float64 throughout
+        (torch.float32, 0.5, False, None),  # no bfloat16 matrix units: bfloat16 would be slower
+    ],
+)
+def test_sketch_precision_is_chosen_by_dtype_target_and_hardware(monkeypatch, dtype, fraction, fast, expected):
+    monkeypatch.setattr("lowrank_cli.factorize.fast_bfloat16", lambda device_type: fast)
+    assert _sketch_dtype(torch.zeros(2, 2, dtype=dtype), fraction) is expected
+
+
+def test_cuda_keeps_a_float32_sketch():
+    assert fast_bfloat16("cuda") is False
+    assert isinstance(fast_bfloat16("cpu"), bool)
