@@ -25,8 +25,10 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import lowrank_cli.factorize as factorize_module  # noqa: E402
 from lowrank_cli.factorize import factorize, generator_for, relative_error  # noqa: E402
 from lowrank_cli.policy import RankPolicy  # noqa: E402
+from lowrank_cli.randomized import fast_bfloat16  # noqa: E402
 from lowrank_cli.spectrum import singular_values  # noqa: E402
 
 LAYER = {  # name: (out, in)
@@ -102,6 +104,10 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         ),
         row(*["---"] * 10),
     ]
+    sketch_lines = [
+        row("shape", "policy", "bf16 sketch s", "f32 sketch s", "bf16 gain", "rank bf16 / f32", "error bf16 / f32"),
+        row(*["---"] * 7),
+    ]
     for name, w16 in tensors.items():
         w = w16.float()
         m, n = w.shape
@@ -147,11 +153,24 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
             # the baseline's time includes its truncation and error measurement
             t_trunc, _ = timed(lambda u=u, s=s, vh=vh, r=r_opt: (u[:, :r] * s[:r]) @ vh[:r])
             optimal_error = float(np.sqrt((s64[r_opt:] ** 2).sum() / total))
-            gen = generator_for(name, 0)
-            t_ours, result = timed(lambda w=w, p=policy, g=gen: factorize(w, p, method="auto", generator=g))
-            b, a, _ = result.factors()
-            t_err, error = timed(lambda w=w, b=b, a=a: relative_error(w, b, a))
-            t_ours += t_err
+            t_ours, result, error = run_lowrank(name, w, policy)
+            if fast_bfloat16("cpu"):  # the same run with a float32 sketch, as on CPUs without bfloat16 units
+                factorize_module.fast_bfloat16 = lambda device_type: False
+                try:
+                    t_f32, result_f32, error_f32 = run_lowrank(name, w, policy)
+                finally:
+                    factorize_module.fast_bfloat16 = fast_bfloat16
+                sketch_lines.append(
+                    row(
+                        f"{m}×{n}",
+                        policy.describe(),
+                        f"{t_ours:.2f}",
+                        f"{t_f32:.2f}",
+                        f"{t_f32 / t_ours:.2f}×",
+                        f"{result.rank} / {result_f32.rank}",
+                        f"{error:.5f} / {error_f32:.5f}",
+                    )
+                )
             target = policy.error_target()
             met = "—" if target is None else ("yes" if error <= target else "NO")
             lines.append(
@@ -168,7 +187,16 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
                 )
             )
             print(lines[-1], file=sys.stderr, flush=True)
-    return lines + [""] + spectrum_lines
+    return lines + [""] + spectrum_lines + ([""] + sketch_lines if len(sketch_lines) > 2 else [])
+
+
+def run_lowrank(name: str, w: torch.Tensor, policy: RankPolicy):
+    """What compress does for one tensor: factorize, then measure the error of the factors."""
+    gen = generator_for(name, 0)
+    t_ours, result = timed(lambda: factorize(w, policy, method="auto", generator=gen))
+    b, a, _ = result.factors()
+    t_err, error = timed(lambda: relative_error(w, b, a))
+    return t_ours + t_err, result, error
 
 
 def peak_rss_run(folder: Path, layers: int) -> list[str]:

@@ -26,7 +26,7 @@ def orthonormal(y: torch.Tensor, *, twice: bool = True) -> torch.Tensor:
 
     CholeskyQR (QR from the Cholesky factor of yᵀy) is all matrix products, 1.5-3× faster than
     Householder on tall y. Once is enough for a basis that only feeds the next power iteration;
-    twice (CholeskyQR2, Yamamoto et al. 2015) is orthonormal to rounding like Householder, as long
+    twice (CholeskyQR2, Fukaya et al. 2014) is orthonormal to rounding like Householder, as long
     as y's condition number is below ~1/√ε, which the checks below make sure of.
     """
     if y.shape[1] == 0:
@@ -50,7 +50,8 @@ def orthonormal(y: torch.Tensor, *, twice: bool = True) -> torch.Tensor:
 def sum_of_squares(x: torch.Tensor) -> float:
     """Σx², pairwise within rows and the row sums in float64, in row chunks (no x-sized temporary).
 
-    torch's float32 norm drifts ~1e-4 on 45M entries; this stays within ~1e-8 of float64.
+    On an 11008×4096 float32 matrix, one float32 reduction over all entries is off by 1e-4 (dot) to
+    6e-3 (vector_norm) of the float64 sum; this is within 2e-8, at an eighth of the float64 norm's time.
     """
     rows = max(1, _CHUNK_BYTES // (x.element_size() * max(1, x.shape[-1])))
     total = 0.0
