@@ -5,7 +5,7 @@ The adaptive form (the blocked randQB of Yu, Gu & Li 2018) grows an orthonormal 
 until the residual, known exactly as ‖W − QQᵀW‖_F² = ‖W‖_F² − ‖QᵀW‖_F², meets the target.
 
 Products that only steer the basis (the sketch WΩ and the power iterations) may run in a
-lower `sketch` precision: bfloat16 matrix units do them 2.5-4× faster than float32. Rounding
+lower `sketch` precision: AMX units do them in bfloat16 2.5-6× faster than float32. Rounding
 there only tilts the basis by ~2⁻⁸, and the last product that forms the basis and B = QᵀW are
 always in the matrix's own dtype, so residuals, singular values and errors are as exact as before.
 """
@@ -13,6 +13,7 @@ always in the matrix's own dtype, so residuals, singular values and errors are a
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -61,17 +62,23 @@ def sum_of_squares(x: torch.Tensor) -> float:
     return total
 
 
-@functools.cache
 def fast_bfloat16(device_type: str) -> bool:
-    """Whether bfloat16 matrix products beat float32 here: CPUs with AMX or AVX-512 BF16.
+    """Whether bfloat16 matrix products beat float32 here: on CPUs with Intel AMX, 2.5-6× at LLaMA sizes.
 
-    Elsewhere bfloat16 products are emulated and slower than float32. CUDA keeps float32: the
-    GPU path has not been measured with a bfloat16 sketch.
+    Elsewhere they are slower: 1.5× slower than float32 with AVX-512 BF16 alone, 4× with plain
+    AVX-512 and over 100× with AVX2 (measured by capping oneDNN with ONEDNN_MAX_CPU_ISA), so a
+    cap below AMX turns the bfloat16 sketch off too. CUDA keeps float32: the GPU path has not been
+    measured with a bfloat16 sketch.
     """
     if device_type != "cpu":
         return False
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    return any(bool(getattr(torch.cpu, check, lambda: False)()) for check in checks)
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA", os.environ.get("DNNL_MAX_CPU_ISA", "ALL")).upper()
+    return (cap in ("ALL", "DEFAULT") or "AMX" in cap) and _has_amx()
+
+
+@functools.cache
+def _has_amx() -> bool:
+    return bool(getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)())
 
 
 def _low(matrix: torch.Tensor, sketch: torch.dtype | None) -> torch.Tensor:

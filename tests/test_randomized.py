@@ -442,7 +442,7 @@ def test_bfloat16_sketch_keeps_fixed_rank_errors_near_optimal_even_far_below_its
         (torch.float32, 1e-3, True, torch.bfloat16),
         (torch.float32, 9e-4, True, None),  # a tight target: the sketch's 2⁻⁸ would show in the rank
         (torch.float64, 0.5, True, None),  # float64 tensors are worked in float64 throughout
-        (torch.float32, 0.5, False, None),  # no bfloat16 matrix units: bfloat16 would be slower
+        (torch.float32, 0.5, False, None),  # no AMX: bfloat16 would be slower
     ],
 )
 def test_sketch_precision_is_chosen_by_dtype_target_and_hardware(monkeypatch, dtype, fraction, fast, expected):
@@ -453,3 +453,17 @@ def test_sketch_precision_is_chosen_by_dtype_target_and_hardware(monkeypatch, dt
 def test_cuda_keeps_a_float32_sketch():
     assert fast_bfloat16("cuda") is False
     assert isinstance(fast_bfloat16("cpu"), bool)
+
+
+@pytest.mark.parametrize("variable", ["ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"])
+@pytest.mark.parametrize(("cap", "allowed"), [("AVX512_CORE_BF16", False), ("avx2", False), ("AVX512_CORE_AMX", True)])
+def test_a_onednn_cap_below_amx_turns_the_bfloat16_sketch_off(monkeypatch, variable, cap, allowed):
+    """Capped below AMX, oneDNN's bfloat16 products are 1.5-50× slower than float32."""
+    monkeypatch.setattr("lowrank_cli.randomized._has_amx", lambda: True)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    assert fast_bfloat16("cpu") is True
+    monkeypatch.setenv(variable, cap)
+    assert fast_bfloat16("cpu") is allowed
+    monkeypatch.setattr("lowrank_cli.randomized._has_amx", lambda: False)
+    assert fast_bfloat16("cpu") is False
