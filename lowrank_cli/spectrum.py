@@ -112,8 +112,30 @@ def singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     float64 Gram matrix's eigenvalues were slower still on this CPU (benchmarks/ has figures).
     Dividing by max |W| first keeps σ finite when entries near the dtype's maximum would overflow it.
     """
-    peak = float(torch.linalg.vector_norm(matrix, ord=float("inf"))) if matrix.numel() else 0.0
+    peak = max_abs(matrix)
     if peak == 0.0 or not 1e-6 <= peak <= 1e6:
         scale = peak or 1.0
-        return torch.linalg.svdvals(matrix / scale), scale
-    return torch.linalg.svdvals(matrix), 1.0
+        return torch.linalg.svdvals(_tall(matrix / scale)), scale
+    return torch.linalg.svdvals(_tall(matrix)), 1.0
+
+
+def _tall(matrix: torch.Tensor) -> torch.Tensor:
+    """W, or Wᵀ (a view, same singular values) if W is wide: LAPACK's SVD is faster on the tall
+    layout, 1.5× for svdvals and 2× for svd on 4096×11008 here."""
+    return matrix.T if matrix.shape[0] < matrix.shape[1] else matrix
+
+
+def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The thin SVD W = U·diag(S)·Vh, of Wᵀ when W is wide: Wᵀ = U'·S·Vh' gives W = Vh'ᵀ·S·U'ᵀ."""
+    if matrix.shape[0] < matrix.shape[1]:
+        u, s, vh = torch.linalg.svd(matrix.T, full_matrices=False)
+        return vh.T, s, u.T
+    return torch.linalg.svd(matrix, full_matrices=False)
+
+
+def max_abs(matrix: torch.Tensor) -> float:
+    """max |W_ij| without an |W| temporary (aminmax is 6× faster than the ∞-norm)."""
+    if not matrix.numel():
+        return 0.0
+    low, high = torch.aminmax(matrix)
+    return max(-float(low), float(high))

@@ -31,6 +31,8 @@ from conftest import (
     with_spectrum,
 )
 
+from lowrank_cli.spectrum import singular_values, svd
+
 FLOAT16_MAX = 65504.0
 HALF_ULP = 2.0**-11  # float16 rounding, relative
 
@@ -348,3 +350,25 @@ def test_entries_near_the_dtype_maximum(tmp_path, dtype, scale):
     error = _stored_error(w, out, "W")
     _assert_same_error(c["rel_error"], error)
     assert error < 1e-2
+
+
+# --- wide matrices go through LAPACK's tall path ----------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(30, 70), (70, 30), (40, 40), (1, 9), (9, 1)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_svd_of_wide_and_tall_matrices_is_numpys(shape, dtype):
+    """svd() works on Wᵀ when W is wide; its U, S, Vh must still be W's own: orthonormal, W = U·S·Vh."""
+    w = torch.from_numpy(np.random.default_rng(sum(shape)).standard_normal(shape)).to(dtype)
+    u, s, vh = svd(w)
+    k = min(shape)
+    assert tuple(u.shape) == (shape[0], k) and tuple(s.shape) == (k,) and tuple(vh.shape) == (k, shape[1])
+    w64 = w.to(torch.float64).numpy()
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    np.testing.assert_allclose(s.to(torch.float64).numpy(), np.linalg.svd(w64, compute_uv=False), rtol=tol, atol=tol)
+    u64, vh64 = u.to(torch.float64).numpy(), vh.to(torch.float64).numpy()
+    np.testing.assert_allclose(u64.T @ u64, np.eye(k), atol=tol)
+    np.testing.assert_allclose(vh64 @ vh64.T, np.eye(k), atol=tol)
+    np.testing.assert_allclose((u64 * s.to(torch.float64).numpy()) @ vh64, w64, atol=10 * tol)  # (m, k) @ (k, n)
+    values, scale = singular_values(w)
+    np.testing.assert_allclose(values.to(torch.float64).numpy() * scale, np.linalg.svd(w64, compute_uv=False), rtol=tol)
