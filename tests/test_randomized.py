@@ -438,6 +438,7 @@ def test_bfloat16_sketch_keeps_fixed_rank_errors_near_optimal_even_far_below_its
 @pytest.mark.parametrize(
     ("dtype", "fraction", "fast", "expected"),
     [
+        (torch.float32, None, True, torch.bfloat16),  # a fixed rank
         (torch.float32, 0.01, True, torch.bfloat16),
         (torch.float32, 1e-3, True, torch.bfloat16),
         (torch.float32, 9e-4, True, None),  # a tight target: the sketch's 2⁻⁸ would show in the rank
