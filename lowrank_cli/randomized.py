@@ -5,7 +5,7 @@ The adaptive form (the blocked randQB of Yu, Gu & Li 2018) grows an orthonormal 
 until the residual, known exactly as ‖W − QQᵀW‖_F² = ‖W‖_F² − ‖QᵀW‖_F², meets the target.
 
 Products that only steer the basis (the sketch WΩ and the power iterations) may run in a
-lower `sketch` precision: AMX units do them in bfloat16 2.5-6× faster than float32. Rounding
+lower `sketch` precision: AMX units do them in bfloat16 4-7× faster than float32. Rounding
 there only tilts the basis by ~2⁻⁸, and the last product that forms the basis and B = QᵀW are
 always in the matrix's own dtype, so residuals, singular values and errors are as exact as before.
 """
@@ -63,7 +63,7 @@ def sum_of_squares(x: torch.Tensor) -> float:
 
 
 def fast_bfloat16(device_type: str) -> bool:
-    """Whether bfloat16 matrix products beat float32 here: on CPUs with Intel AMX, 2.5-6× at LLaMA sizes.
+    """Whether bfloat16 matrix products beat float32 here: on CPUs with Intel AMX, 4-7× at LLaMA sizes.
 
     Elsewhere they are slower: 1.5× slower than float32 with AVX-512 BF16 alone, 4× with plain
     AVX-512 and over 100× with AVX2 (measured by capping oneDNN with ONEDNN_MAX_CPU_ISA), so a
