@@ -35,15 +35,16 @@ def best_of(fn, repeats: int = 3) -> float:
     return min(times)
 
 
-def products() -> None:
+def products(divide: int) -> None:
     g = torch.Generator().manual_seed(0)
-    w = torch.randn(11008, 4096, generator=g)
-    x = torch.randn(4096, 512, generator=g)
+    m, n, k = 11008 // divide, 4096 // divide, 512 // divide
+    w = torch.randn(m, n, generator=g)
+    x = torch.randn(n, k, generator=g)
     w16, x16 = w.bfloat16(), x.bfloat16()
     t32, t16 = best_of(lambda: w @ x), best_of(lambda: w16 @ x16)
     cap = os.environ.get("ONEDNN_MAX_CPU_ISA", "not set")
     print(f"ONEDNN_MAX_CPU_ISA {cap}; lowrank's fast_bfloat16: {fast_bfloat16('cpu')}")
-    print(f"11008×4096 @ 4096×512: float32 {t32:.3f} s, bfloat16 {t16:.3f} s, bfloat16 is {t32 / t16:.2f}× float32")
+    print(f"{m}×{n} @ {n}×{k}: float32 {t32:.3f} s, bfloat16 {t16:.3f} s, bfloat16 is {t32 / t16:.2f}× float32")
 
 
 def spectra(m: int, n: int) -> dict[str, torch.Tensor]:
@@ -51,7 +52,8 @@ def spectra(m: int, n: int) -> dict[str, torch.Tensor]:
     u = torch.linalg.qr(torch.randn(m, n, generator=g)).Q
     v = torch.linalg.qr(torch.randn(n, n, generator=g)).Q
     i = torch.arange(1, n + 1, dtype=torch.float32)
-    noisy = (u[:, :512] * i[:512] ** -0.5) @ v[:, :512].T + torch.randn(m, n, generator=g) * (0.05 / m**0.5)
+    k = n // 3
+    noisy = (u[:, :k] * i[:k] ** -0.5) @ v[:, :k].T + torch.randn(m, n, generator=g) * (0.05 / m**0.5)
     return {
         "i^-0.5 + noise": noisy,
         "i^-1": (u * i**-1.0) @ v.T,  # (m, n) * (n,) @ (n, n) -> (m, n)
@@ -60,8 +62,8 @@ def spectra(m: int, n: int) -> dict[str, torch.Tensor]:
     }
 
 
-def ranks() -> None:
-    m, n = 2048, 1536
+def ranks(divide: int) -> None:
+    m, n = 2048 // divide, 1536 // divide
     print(f"\n| spectrum | allowed / ‖W‖² | optimal rank | bf16 rank | f32 rank | bf16 s | f32 s |\n|{' --- |' * 7}")
     for name, w in spectra(m, n).items():
         s2 = torch.linalg.svdvals(w.double()) ** 2
@@ -98,10 +100,11 @@ def ranks() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--products", action="store_true", help="only the product timing (part 1)")
+    parser.add_argument("--divide", type=int, default=1, help="divide every dimension by this (a smoke run: 8)")
     args = parser.parse_args()
-    products()
+    products(args.divide)
     if not args.products:
-        ranks()
+        ranks(args.divide)
 
 
 if __name__ == "__main__":
