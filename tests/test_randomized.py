@@ -92,7 +92,7 @@ def _error_between(tail: np.ndarray, rank: int, where: float) -> float:
 
 @pytest.mark.parametrize("rank", [1, 5, 20, 50, 100])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_fixed_rank_is_within_two_percent_of_eckart_young(decaying, rank, seed):
+def test_fixed_rank_is_within_one_percent_of_eckart_young(decaying, rank, seed):
     w, tail = decaying
     result = factorize(w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed))
     assert result.method == "randomized"
@@ -102,11 +102,26 @@ def test_fixed_rank_is_within_two_percent_of_eckart_young(decaying, rank, seed):
     )
     b, a, _ = result.factors()
     error = relative_error(w, b, a)
-    assert tail[rank] - 1e-7 <= error <= 1.02 * tail[rank]
+    assert tail[rank] - 1e-7 <= error <= 1.01 * tail[rank]
+
+
+@pytest.mark.parametrize("rank", [16, 64, 150])
+def test_fixed_rank_stays_near_optimal_up_to_a_quarter_of_a_flat_spectrum(rank):
+    """σ_i ∝ i^-0.5 plus noise, the hard case for a range finder, up to rank min(m, n)/4 where auto still
+    randomizes: within 0.5 % of optimal (3 power iterations instead of 5 give 0.85 % at rank 150)."""
+    m, n = 800, 600
+    rng = np.random.default_rng(rank)
+    w = with_spectrum(m, n, np.arange(1, n + 1) ** -0.5, seed=3, dtype=torch.float64)
+    w = (w + 0.02 * torch.from_numpy(rng.standard_normal((m, n))) / math.sqrt(m)).to(torch.float32)
+    tail = tail_errors(singular_values(w))
+    for seed in (0, 1):
+        result = factorize(w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed))
+        b, a, _ = result.factors()
+        assert relative_error(w, b, a) <= 1.005 * tail[rank]
 
 
 @pytest.mark.parametrize("rank", [3, 40])
-def test_cli_fixed_rank_is_within_two_percent_of_eckart_young(decaying_file, tmp_path, rank):
+def test_cli_fixed_rank_is_within_one_percent_of_eckart_young(decaying_file, tmp_path, rank):
     source, w, tail = decaying_file
     out = tmp_path / "out.safetensors"
     t = by_name(cli_json("compress", source, "--method", "randomized", "--rank", rank, "-o", out))["W"]
@@ -115,7 +130,7 @@ def test_cli_fixed_rank_is_within_two_percent_of_eckart_young(decaying_file, tmp
     assert t["rank"] == rank and t["status"] == "factorized" and t["method"] == "randomized"
     assert t["params_after"] == rank * (M + N)
     error = relative_error(w, b, a)
-    assert error <= 1.02 * tail[rank]
+    assert error <= 1.01 * tail[rank]
     assert t["rel_error"] == pytest.approx(error, rel=1e-6)
 
 
