@@ -20,6 +20,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Plain click help and usage errors: rendering them with rich imports rich.markdown and doubles
+    # `lowrank --help` (0.30 s against 0.14 s here), and a plain "Error: …" line reads better in CI logs.
+    rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
