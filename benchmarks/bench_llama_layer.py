@@ -154,7 +154,7 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
             t_trunc, _ = timed(lambda u=u, s=s, vh=vh, r=r_opt: (u[:, :r] * s[:r]) @ vh[:r])
             optimal_error = float(np.sqrt((s64[r_opt:] ** 2).sum() / total))
             t_ours, result, error = run_lowrank(name, w, policy)
-            if fast_bfloat16("cpu"):  # the same run with a float32 sketch, as on CPUs without bfloat16 units
+            if fast_bfloat16("cpu"):  # the same run with a float32 sketch, as on CPUs without AMX
                 factorize_module.fast_bfloat16 = lambda device_type: False
                 try:
                     t_f32, result_f32, error_f32 = run_lowrank(name, w, policy)
