@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowrank_cli.factorize import ADAPTIVE_POWER_ITERS, REFINEMENTS  # noqa: E402
+from lowrank_cli.factorize import ADAPTIVE_POWER_ITERS, REFINEMENTS, smallest_rank_within  # noqa: E402
 from lowrank_cli.randomized import adaptive_range, fast_bfloat16, sum_of_squares  # noqa: E402
 
 
@@ -90,9 +90,7 @@ def ranks(divide: int) -> None:
                     cells.append(("> n/2", elapsed))
                     continue
                 (_, sv, _), residual = found
-                squares = sv.double() ** 2
-                kept = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0]).tolist() + [0.0]
-                cells.append((next(r for r, t in enumerate(kept) if residual + t <= fraction * total), elapsed))
+                cells.append((smallest_rank_within(sv, residual, fraction * total), elapsed))
             (r16, t16), (r32, t32) = cells
             print(f"| {name} | {fraction:g} | {optimal} | {r16} | {r32} | {t16:.2f} | {t32:.2f} |", flush=True)
 

@@ -143,11 +143,18 @@ def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: 
             return _exact(matrix, policy)
         return Factorization(None, None, None, None, "randomized")
     (u, s, vh), residual = found
-    # ‖W − Q·U_r·S_r·V_rᵀ‖² = ‖W − QQᵀW‖² + Σ_{i>r} s_i²: take the smallest r within the allowance.
+    rank = smallest_rank_within(s, residual, allowed)
+    return Factorization(rank, u[:, :rank], s[:rank], vh[:rank], "randomized")
+
+
+def smallest_rank_within(s: torch.Tensor, residual: float, allowed: float) -> int:
+    """The smallest r whose truncation of an adaptive basis's SVD stays within `allowed` squared error.
+
+    ‖W − Q·U_r·S_r·V_rᵀ‖² = ‖W − QQᵀW‖² + Σ_{i>r} s_i², with residual = ‖W − QQᵀW‖² ≤ allowed.
+    """
     squares = s.to(torch.float64) ** 2
     tail = torch.flip(torch.cumsum(torch.flip(squares, [0]), 0), [0]).tolist() + [0.0]
-    rank = next(r for r, t in enumerate(tail) if residual + t <= allowed)
-    return Factorization(rank, u[:, :rank], s[:rank], vh[:rank], "randomized")
+    return next(r for r, t in enumerate(tail) if residual + t <= allowed)
 
 
 def _sketch_dtype(matrix: torch.Tensor, allowed_fraction: float | None = None) -> torch.dtype | None:
