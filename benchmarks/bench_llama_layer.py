@@ -25,11 +25,11 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lowrank_cli.factorize as factorize_module  # noqa: E402
-from lowrank_cli.factorize import factorize, generator_for, relative_error  # noqa: E402
-from lowrank_cli.policy import RankPolicy  # noqa: E402
-from lowrank_cli.randomized import fast_bfloat16  # noqa: E402
-from lowrank_cli.spectrum import singular_values  # noqa: E402
+import lowrank_cli.linalg.factorize as factorize_module  # noqa: E402
+from lowrank_cli.linalg.factorize import factorize, generator_for, relative_error  # noqa: E402
+from lowrank_cli.linalg.policy import RankPolicy  # noqa: E402
+from lowrank_cli.linalg.randomized import fast_bfloat16  # noqa: E402
+from lowrank_cli.linalg.spectrum import singular_values  # noqa: E402
 
 LAYER = {  # name: (out, in)
     "self_attn.q_proj.weight": (4096, 4096),

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowrank_cli.factorize import ADAPTIVE_POWER_ITERS, REFINEMENTS, smallest_rank_within  # noqa: E402
-from lowrank_cli.randomized import adaptive_range, fast_bfloat16, sum_of_squares  # noqa: E402
+from lowrank_cli.linalg.factorize import ADAPTIVE_POWER_ITERS, REFINEMENTS, smallest_rank_within  # noqa: E402
+from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, sum_of_squares  # noqa: E402
 
 
 def best_of(fn, repeats: int = 3) -> float:

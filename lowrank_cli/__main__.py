@@ -1,3 +1,3 @@
-from lowrank_cli.cli import main
+from lowrank_cli.cli.app import main
 
 main()

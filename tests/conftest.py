@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-# The stdout console's width is fixed when lowrank_cli.render is first imported, so set it before
+# The stdout console's width is fixed when lowrank_cli.cli.render is first imported, so set it before
 # any test runs: rich tables must not truncate cells that the table tests read back.
 os.environ["COLUMNS"] = "250"
 # On a 2-core machine OpenBLAS's threads fight torch's: one numpy QR then takes seconds, not ms.
@@ -24,7 +24,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from typer.testing import CliRunner, Result  # noqa: E402
 
-from lowrank_cli.cli import app  # noqa: E402
+from lowrank_cli.cli.app import app  # noqa: E402
 
 # Multi-threaded MKL SVDs of small matrices are ~100x slower than one thread on a 2-core machine.
 torch.set_num_threads(1)

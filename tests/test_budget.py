@@ -32,9 +32,9 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.budget import allocate
+from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.errors import UsageError
-from lowrank_cli.spectrum import Spectrum
+from lowrank_cli.linalg.spectrum import Spectrum
 
 DEMO = SAMPLES / "demo.safetensors"
 

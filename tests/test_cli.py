@@ -11,7 +11,7 @@ import typer
 from conftest import ROOT, cli
 
 from lowrank_cli import __version__
-from lowrank_cli.cli import app
+from lowrank_cli.cli.app import app
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
 
@@ -61,7 +61,7 @@ def _python(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli_module_does_not_import_torch():
-    done = _python("-c", "import lowrank_cli.cli, sys; assert 'torch' not in sys.modules, 'torch imported'")
+    done = _python("-c", "import lowrank_cli.cli.app, sys; assert 'torch' not in sys.modules, 'torch imported'")
     assert done.returncode == 0, done.stderr
 
 
@@ -69,7 +69,7 @@ def test_help_does_not_import_torch():
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from lowrank_cli.cli import app\n"
+        "from lowrank_cli.cli.app import app\n"
         "for args in (['--help'], ['analyze', '--help'], ['compress', '--help'], ['expand', '--help']):\n"
         "    assert CliRunner().invoke(app, args).exit_code == 0, args\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowrank_cli.factorize import relative_error
+from lowrank_cli.linalg.factorize import relative_error
 
 
 @pytest.mark.parametrize("factor_dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -31,7 +31,7 @@ from conftest import (
     with_spectrum,
 )
 
-from lowrank_cli.spectrum import singular_values, svd
+from lowrank_cli.linalg.spectrum import singular_values, svd
 
 FLOAT16_MAX = 65504.0
 HALF_ULP = 2.0**-11  # float16 rounding, relative

@@ -28,7 +28,7 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.spectrum import Spectrum
+from lowrank_cli.linalg.spectrum import Spectrum
 
 FAST = settings(max_examples=30, deadline=None)
 seeds = st.integers(0, 2**32 - 1)

@@ -33,9 +33,9 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.factorize import _sketch_dtype, factorize
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.randomized import adaptive_range, fast_bfloat16, orthonormal, randomized_svd, sum_of_squares
+from lowrank_cli.linalg.factorize import _sketch_dtype, factorize
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, orthonormal, randomized_svd, sum_of_squares
 
 M, N = 300, 200
 BREAK_EVEN = (M * N - 1) // (M + N)  # 119: the largest r with r·(m + n) < m·n
@@ -48,7 +48,7 @@ shared_sketch = [HealthCheck.function_scoped_fixture]
 def sketch(request, monkeypatch):
     """Every test here runs both ways: with the bfloat16 sketch that AMX CPUs get, and without it."""
     bfloat16 = request.param == "bfloat16-sketch"
-    monkeypatch.setattr("lowrank_cli.factorize.fast_bfloat16", lambda device_type: bfloat16)
+    monkeypatch.setattr("lowrank_cli.linalg.factorize.fast_bfloat16", lambda device_type: bfloat16)
     return torch.bfloat16 if bfloat16 else None
 
 
@@ -462,7 +462,7 @@ def test_bfloat16_sketch_keeps_fixed_rank_errors_near_optimal_even_far_below_its
     ],
 )
 def test_sketch_precision_is_chosen_by_dtype_target_and_hardware(monkeypatch, dtype, fraction, fast, expected):
-    monkeypatch.setattr("lowrank_cli.factorize.fast_bfloat16", lambda device_type: fast)
+    monkeypatch.setattr("lowrank_cli.linalg.factorize.fast_bfloat16", lambda device_type: fast)
     assert _sketch_dtype(torch.zeros(2, 2, dtype=dtype), fraction) is expected
 
 
@@ -474,11 +474,11 @@ def test_cuda_keeps_a_float32_sketch():
 @pytest.mark.parametrize(("cap", "allowed"), [("AVX512_CORE_BF16", False), ("avx2", False), ("AVX512_CORE_AMX", True)])
 def test_a_onednn_cap_below_amx_turns_the_bfloat16_sketch_off(monkeypatch, variable, cap, allowed):
     """Capped below AMX, oneDNN's bfloat16 products are 1.5-50× slower than float32."""
-    monkeypatch.setattr("lowrank_cli.randomized._has_amx", lambda: True)
+    monkeypatch.setattr("lowrank_cli.linalg.randomized._has_amx", lambda: True)
     monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     assert fast_bfloat16("cpu") is True
     monkeypatch.setenv(variable, cap)
     assert fast_bfloat16("cpu") is allowed
-    monkeypatch.setattr("lowrank_cli.randomized._has_amx", lambda: False)
+    monkeypatch.setattr("lowrank_cli.linalg.randomized._has_amx", lambda: False)
     assert fast_bfloat16("cpu") is False

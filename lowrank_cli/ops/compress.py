@@ -8,17 +8,17 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.budget import policy_per_tensor
-from lowrank_cli.checkpoint import Checkpoint, TensorEntry
-from lowrank_cli.dtypes import FACTOR_DTYPES, torch_dtype
+from lowrank_cli.linalg.budget import policy_per_tensor
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.dtypes import FACTOR_DTYPES, torch_dtype
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError
-from lowrank_cli.factorize import METHODS, factorize, finite, generator_for, relative_error
-from lowrank_cli.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
-from lowrank_cli.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
-from lowrank_cli.outputs import CheckpointOutput, check_output, default_output
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.report import Report, TensorReport, Totals
-from lowrank_cli.writer import SafetensorsWriter
+from lowrank_cli.linalg.factorize import METHODS, factorize, finite, generator_for, relative_error
+from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
+from lowrank_cli.ops.matrices import decide, describe_spectrum, load_matrix, new_report, skip_reason
+from lowrank_cli.io.outputs import CheckpointOutput, check_output, default_output
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.ops.report import Report, TensorReport, Totals
+from lowrank_cli.io.writer import SafetensorsWriter
 
 SUFFIX = ".lowrank.safetensors"
 

@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lowrank_cli.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
+from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.errors import OutputError, UsageError
-from lowrank_cli.writer import SafetensorsWriter, current_umask, signals_held
+from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held
 
 
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.dtypes import CODE_OF
+from lowrank_cli.io.dtypes import CODE_OF
 from lowrank_cli.errors import OutputError
 
 

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_cli.checkpoint import Checkpoint, TensorEntry
-from lowrank_cli.dtypes import compute_dtype
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.dtypes import compute_dtype
 from lowrank_cli.errors import TensorError
-from lowrank_cli.factorize import break_even_rank
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.report import TensorReport
-from lowrank_cli.spectrum import Spectrum
+from lowrank_cli.linalg.factorize import break_even_rank
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.ops.report import TensorReport
+from lowrank_cli.linalg.spectrum import Spectrum
 
 
 def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:

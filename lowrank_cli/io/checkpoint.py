@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowrank_cli.dtypes import DTYPES, FLOAT_CODES, torch_dtype
+from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
 from lowrank_cli.errors import CheckpointError
 
 INDEX_SUFFIX = ".safetensors.index.json"

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.spectrum import Spectrum, singular_values
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import Spectrum, singular_values
 
 
 def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:

@@ -5,14 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.spectrum import Spectrum
+from lowrank_cli.linalg.spectrum import Spectrum
 
 
 @dataclass(frozen=True)
 class RankPolicy:
     """Exactly one of a fixed rank, an energy fraction, a maximum relative error, or a global budget.
 
-    A budget is resolved into one fixed rank per tensor (lowrank_cli.budget) before factorizing.
+    A budget is resolved into one fixed rank per tensor (lowrank_cli.linalg.budget) before factorizing.
     """
 
     rank: int | None = None
@@ -50,7 +50,7 @@ class RankPolicy:
         if spectrum.is_zero:
             return 0
         if self.budget is not None:
-            raise ValueError("a budget policy is resolved per tensor by lowrank_cli.budget.allocate")
+            raise ValueError("a budget policy is resolved per tensor by lowrank_cli.linalg.budget.allocate")
         if self.rank is not None:
             return min(self.rank, min(spectrum.shape))
         if self.energy is not None:

@@ -8,9 +8,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.randomized import adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
-from lowrank_cli.spectrum import Spectrum, max_abs, svd
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
+from lowrank_cli.linalg.spectrum import Spectrum, max_abs, svd
 
 METHODS = ("auto", "exact", "randomized")
 _CHUNK_BYTES = 64 << 20

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.checkpoint import Checkpoint, ShardFile, TensorEntry
-from lowrank_cli.dtypes import DTYPES, compute_dtype, torch_dtype
+from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
+from lowrank_cli.io.dtypes import DTYPES, compute_dtype, torch_dtype
 from lowrank_cli.errors import CheckpointError
-from lowrank_cli.fileformat import FactorRecord, decode_metadata, factor_names
-from lowrank_cli.matrices import new_report
-from lowrank_cli.outputs import CheckpointOutput, check_output, default_output
-from lowrank_cli.report import Report, TensorReport, Totals
+from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, factor_names
+from lowrank_cli.ops.matrices import new_report
+from lowrank_cli.io.outputs import CheckpointOutput, check_output, default_output
+from lowrank_cli.ops.report import Report, TensorReport, Totals
 
 SUFFIX = ".dense.safetensors"
 

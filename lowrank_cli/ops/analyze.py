@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from lowrank_cli.budget import allocate
-from lowrank_cli.checkpoint import Checkpoint, TensorEntry
-from lowrank_cli.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.report import Report, Totals
-from lowrank_cli.spectrum import Spectrum, singular_values
+from lowrank_cli.linalg.budget import allocate
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.ops.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.ops.report import Report, Totals
+from lowrank_cli.linalg.spectrum import Spectrum, singular_values
 
 
 def analyze(

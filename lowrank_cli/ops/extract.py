@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.budget import policy_per_tensor
-from lowrank_cli.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
-from lowrank_cli.compress import Settings
-from lowrank_cli.dtypes import FACTOR_DTYPES, compute_dtype, torch_dtype
+from lowrank_cli.linalg.budget import policy_per_tensor
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
+from lowrank_cli.ops.compress import Settings
+from lowrank_cli.io.dtypes import FACTOR_DTYPES, compute_dtype, torch_dtype
 from lowrank_cli.errors import OutputError, TensorError
-from lowrank_cli.factorize import factorize, finite, generator_for, relative_error
-from lowrank_cli.outputs import FolderOutput, check_output
-from lowrank_cli.policy import RankPolicy
-from lowrank_cli.report import Report, TensorReport, Totals
-from lowrank_cli.writer import SafetensorsWriter
+from lowrank_cli.linalg.factorize import factorize, finite, generator_for, relative_error
+from lowrank_cli.io.outputs import FolderOutput, check_output
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.ops.report import Report, TensorReport, Totals
+from lowrank_cli.io.writer import SafetensorsWriter
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"

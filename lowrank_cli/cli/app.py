@@ -87,7 +87,7 @@ def _handle_errors(command):
                 exc.exit_code = EXIT_TERMINATED
             elif isinstance(exc, KeyboardInterrupt):
                 exc = Interrupted("interrupted; no output was written")
-            from lowrank_cli.render import error
+            from lowrank_cli.cli.render import error
 
             error(str(exc))
             raise typer.Exit(exc.exit_code) from None
@@ -96,7 +96,7 @@ def _handle_errors(command):
 
 
 def _finish(report, as_json: bool, fail_above: float | None) -> None:
-    from lowrank_cli.render import notice, print_json, print_report
+    from lowrank_cli.cli.render import notice, print_json, print_report
 
     print_json(report) if as_json else print_report(report)
     if fail_above is not None:
@@ -112,9 +112,9 @@ def _finish(report, as_json: bool, fail_above: float | None) -> None:
 
 def _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device, rtol=None):
     """The policy and settings of the commands that write factors (compress, extract)."""
-    from lowrank_cli.compress import Settings
-    from lowrank_cli.devices import resolve_device
-    from lowrank_cli.policy import RankPolicy, require_policy
+    from lowrank_cli.ops.compress import Settings
+    from lowrank_cli.ops.devices import resolve_device
+    from lowrank_cli.linalg.policy import RankPolicy, require_policy
 
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     _check_gate(fail_above)
@@ -144,12 +144,12 @@ def analyze(
     as_json: Json = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
-    from lowrank_cli.analyze import analyze as run_analyze
-    from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.devices import resolve_device
-    from lowrank_cli.policy import RankPolicy
-    from lowrank_cli.render import progress
-    from lowrank_cli.report import Report
+    from lowrank_cli.ops.analyze import analyze as run_analyze
+    from lowrank_cli.io.checkpoint import open_checkpoint
+    from lowrank_cli.ops.devices import resolve_device
+    from lowrank_cli.linalg.policy import RankPolicy
+    from lowrank_cli.cli.render import progress
+    from lowrank_cli.ops.report import Report
 
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     _check_gate(fail_above)
@@ -190,9 +190,9 @@ def compress(
     as_json: Json = False,
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
-    from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.compress import compress as run_compress
-    from lowrank_cli.render import progress
+    from lowrank_cli.io.checkpoint import open_checkpoint
+    from lowrank_cli.ops.compress import compress as run_compress
+    from lowrank_cli.cli.render import progress
 
     policy, settings = _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device, rtol)
     passes = 2 if budget is not None else 1  # a budget reads every tensor once for its spectrum first
@@ -214,9 +214,9 @@ def expand(
     as_json: Json = False,
 ) -> None:
     """Rebuild the dense checkpoint: every original tensor, name, shape, dtype and metadata."""
-    from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.expand import expand as run_expand
-    from lowrank_cli.render import progress
+    from lowrank_cli.io.checkpoint import open_checkpoint
+    from lowrank_cli.ops.expand import expand as run_expand
+    from lowrank_cli.cli.render import progress
 
     with open_checkpoint(path) as checkpoint, progress(checkpoint.nbytes, f"expand {path.name}") as tick:
         report = run_expand(checkpoint, output, force=force, on_tensor=tick)
@@ -252,10 +252,10 @@ def extract(
     as_json: Json = False,
 ) -> None:
     """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
-    from lowrank_cli.checkpoint import open_checkpoint
-    from lowrank_cli.extract import ExtractOptions
-    from lowrank_cli.extract import extract as run_extract
-    from lowrank_cli.render import progress
+    from lowrank_cli.io.checkpoint import open_checkpoint
+    from lowrank_cli.ops.extract import ExtractOptions
+    from lowrank_cli.ops.extract import extract as run_extract
+    from lowrank_cli.cli.render import progress
 
     policy, settings = _factor_options(rank, energy, max_error, budget, fail_above, dtype, method, seed, device)
     options = ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_cli.report import Report, TensorReport
+from lowrank_cli.ops.report import Report, TensorReport
 
 stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
 stderr = Console(stderr=True)
