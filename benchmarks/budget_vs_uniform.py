@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowrank_cli.ops.analyze import analyze  # noqa: E402
 from lowrank_cli.io.checkpoint import open_checkpoint  # noqa: E402
 from lowrank_cli.linalg.policy import RankPolicy  # noqa: E402
+from lowrank_cli.ops.analyze import analyze  # noqa: E402
 
 
 def summary(report) -> tuple[int, float, float, float]:

@@ -1,3 +1,80 @@
-"""lowrank: the low-rank structure of neural-network weights in safetensors files."""
+"""lowrank: the low-rank structure of neural-network weights in safetensors files.
+
+    import lowrank_cli
+
+    B, A = lowrank_cli.factorize(W, max_error=0.01)                 # one tensor
+    report = lowrank_cli.analyze("model.safetensors")                # spectra, ranks
+    report = lowrank_cli.compress("model.safetensors", rank=64)      # factors NAME.B, NAME.A
+    lowrank_cli.expand("model.lowrank.safetensors")                  # the dense checkpoint again
+    lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)  # PEFT LoRA
+
+Every checkpoint function returns a `Report` (`report.to_dict()` is the CLI's JSON document) and
+raises a `LowrankError` subclass for anything the caller can fix. Importing this package imports
+neither torch nor the CLI's libraries; torch loads when a function first needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+from lowrank_cli.errors import (
+    CheckpointError,
+    LowrankError,
+    MissingExtraError,
+    OutputError,
+    TensorError,
+    UsageError,
+)
+from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
+from lowrank_cli.ops.settings import Device, DType, Method
 
 __version__ = "0.1.0"
+
+# name -> module; imported on first use, so `import lowrank_cli` stays free of torch.
+_LAZY = {
+    "factorize": "lowrank_cli.api",
+    "analyze": "lowrank_cli.api",
+    "compress": "lowrank_cli.api",
+    "expand": "lowrank_cli.api",
+    "extract": "lowrank_cli.api",
+    "RankPolicy": "lowrank_cli.linalg.policy",
+}
+
+__all__ = [
+    "factorize",
+    "analyze",
+    "compress",
+    "expand",
+    "extract",
+    "Report",
+    "TensorReport",
+    "Totals",
+    "Status",
+    "RankPolicy",
+    "DType",
+    "Method",
+    "Device",
+    "LowrankError",
+    "UsageError",
+    "CheckpointError",
+    "TensorError",
+    "OutputError",
+    "MissingExtraError",
+]
+
+if TYPE_CHECKING:
+    from lowrank_cli.api import analyze, compress, expand, extract, factorize
+    from lowrank_cli.linalg.policy import RankPolicy
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lowrank_cli' has no attribute '{name}'")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,6 +1,15 @@
-"""One error hierarchy: the core raises, the CLI maps each class to a line and an exit code."""
+"""One error hierarchy: the library raises, the CLI maps each class to a line and an exit code.
+
+This module is the base layer: every other part of lowrank may import it, and it imports nothing.
+A message that names an argument writes it as `{argument}`; the library spells it as the Python
+keyword (`rank must be ≥ 1`), the CLI as its flag (`--rank must be ≥ 1`), so each speaks its
+caller's language.
+"""
 
 from __future__ import annotations
+
+import re
+from collections.abc import Callable
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -9,15 +18,34 @@ EXIT_QUALITY_GATE = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
+# The arguments a message may name; a fixed list, so that a tensor or file name never matches.
+ARGUMENTS = (
+    "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
+    "force", "out", "embeddings", "conv", "base_model", "rtol", "calibration", "top",
+)  # fmt: skip
+_ARGUMENT = re.compile(r"\{(" + "|".join(ARGUMENTS) + r")\}")
+
 
 class LowrankError(Exception):
-    """A failure the user can fix; its message names the file or tensor and the fix."""
+    """A failure the user can fix; its message names the file or tensor and the fix.
+
+    `template` may name arguments as `{name}`; `str(error)` spells them as Python keywords and
+    `worded(spell)` lets a front end spell them its own way.
+    """
 
     exit_code = EXIT_FAILURE
 
+    def __init__(self, template: str) -> None:
+        self.template = template
+        super().__init__(self.worded(lambda name: name))
 
-class UsageError(LowrankError):
-    """Options that do not fit together or are out of range."""
+    def worded(self, spell: Callable[[str], str]) -> str:
+        """The message with every `{argument}` replaced by spell(argument)."""
+        return _ARGUMENT.sub(lambda match: spell(match.group(1)), self.template)
+
+
+class UsageError(LowrankError, ValueError):
+    """Arguments that do not fit together or are out of range."""
 
     exit_code = EXIT_USAGE
 
@@ -32,6 +60,10 @@ class TensorError(LowrankError):
 
 class OutputError(LowrankError):
     """An output that cannot or must not be written."""
+
+
+class MissingExtraError(LowrankError):
+    """An optional dependency (transformers, …) that this call needs is not installed."""
 
 
 class Interrupted(LowrankError):

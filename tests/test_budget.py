@@ -32,8 +32,8 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.errors import UsageError
+from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.spectrum import Spectrum
 
 DEMO = SAMPLES / "demo.safetensors"
@@ -124,7 +124,7 @@ def test_allocation_fits_the_budget_and_keeps_every_tensor(data, fraction):
     budget = fraction * sum(m * n for m, n in shapes.values())
     spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
     if sum(m + n for m, n in shapes.values()) > budget:  # rank 1 everywhere does not fit
-        with pytest.raises(UsageError, match="raise --budget"):
+        with pytest.raises(UsageError, match="raise budget"):
             allocate(spectra_, fraction)
         return
     ranks = allocate(spectra_, fraction)
@@ -144,7 +144,7 @@ def test_zero_tensors_get_rank_zero_and_count_in_no_budget(data, fraction):
     budget = fraction * sum(shapes[t][0] * shapes[t][1] for t in nonzero)
     spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
     if sum(sum(shapes[t]) for t in nonzero) > budget:
-        with pytest.raises(UsageError, match="raise --budget"):
+        with pytest.raises(UsageError, match="raise budget"):
             allocate(spectra_, fraction)
         return
     ranks = allocate(spectra_, fraction)
@@ -220,7 +220,7 @@ def test_allocation_example_by_hand():
     assert allocate(spectra_, 0.6) == {"a": 2, "b": 4}  # 120: then a's second term
     assert allocate(spectra_, 0.69) == {"a": 2, "b": 4}  # 138: not enough for a fifth term
     assert allocate(spectra_, 0.99) == {"a": 4, "b": 4}  # 198: everything up to break-even
-    with pytest.raises(UsageError, match="raise --budget"):
+    with pytest.raises(UsageError, match="raise budget"):
         allocate(spectra_, 0.19)  # 38 < 40
 
 

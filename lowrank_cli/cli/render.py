@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from rich.console import Console
@@ -13,10 +14,18 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_cli.ops.report import Report, TensorReport
+from lowrank_cli.ops.report import Report, Status, TensorReport
 
-stdout = Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
-stderr = Console(stderr=True)
+
+@functools.cache
+def _stdout() -> Console:
+    """Made on first use, not at import: tests and callers set COLUMNS or redirect stdout first."""
+    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+
+
+@functools.cache
+def _stderr() -> Console:
+    return Console(stderr=True)
 
 
 def print_json(report: Report) -> None:
@@ -34,6 +43,7 @@ def print_report(report: Report) -> None:
         table = _expand_table(report)
     # A narrow terminal wraps the long lines; cutting cells would hide numbers.
     natural = Console(width=100_000).measure(table).maximum
+    stdout = _stdout()
     Console(width=max(stdout.width, natural)).print(table)
     totals = report.totals
     if totals.bytes is not None and totals.bytes_after is not None:
@@ -49,11 +59,11 @@ Column = tuple[str, str, str]
 
 def error(message: str) -> None:
     """One line on stderr, however long: user text is never read as markup."""
-    stderr.print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
+    _stderr().print(Text.assemble(("error:", "bold red"), " ", message), soft_wrap=True, highlight=False)
 
 
 def notice(message: str) -> None:
-    stderr.print(Text(message), soft_wrap=True, highlight=False)
+    _stderr().print(Text(message), soft_wrap=True, highlight=False)
 
 
 def _table(title: str, columns: list[Column], rows: list[list[str | Text]]) -> Table:
@@ -94,7 +104,7 @@ def _analyze_table(report: Report) -> Table:
         ]
     rows = []
     for t in report.tensors:
-        if t.status == "skipped":
+        if t.status == Status.skipped:
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", Text(t.reason or "", style="dim")]
             row += ["", "", f"{t.params:,}", ""] if with_policy else []
         else:
@@ -132,9 +142,9 @@ def _compress_table(report: Report) -> Table:
     rows = []
     for t in report.tensors:
         cells = _policy_cells(t) if t.rank is not None else ["", "", f"{t.params:,}", ""]
-        if t.status == "dense":
+        if t.status == Status.dense:
             cells[2:] = [f"{t.params:,}", ""]
-        rows.append([t.name, _shape(t), t.dtype, t.status, f"{t.params:,}", *cells, t.reason or ""])
+        rows.append([t.name, _shape(t), t.dtype, t.status.value, f"{t.params:,}", *cells, t.reason or ""])
     return _table(f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows)
 
 
@@ -154,13 +164,13 @@ def _extract_table(report: Report) -> Table:
     ]
     rows = []
     for t in report.tensors:
-        if t.status == "extracted":
+        if t.status == Status.extracted:
             rows.append(
                 [
                     t.name,
                     _shape(t),
                     t.dtype,
-                    t.status,
+                    t.status.value,
                     str(t.rank),
                     _error(t.rel_error),
                     _percent(t.kept or 0.0),
@@ -175,7 +185,7 @@ def _extract_table(report: Report) -> Table:
                     t.name,
                     _shape(t),
                     t.dtype,
-                    t.status,
+                    t.status.value,
                     "",
                     "",
                     "",
@@ -197,7 +207,7 @@ def _expand_table(report: Report) -> Table:
         ("rel. error at compress", "", "number"),
     ]
     rows = [
-        [t.name, _shape(t), t.dtype, t.status, "" if t.rank is None else str(t.rank), _error(t.rel_error)]
+        [t.name, _shape(t), t.dtype, t.status.value, "" if t.rank is None else str(t.rank), _error(t.rel_error)]
         for t in report.tensors
     ]
     return _table(f"lowrank expand {report.sources[0]}", columns, rows)
@@ -234,8 +244,9 @@ def _bytes(count: int) -> str:
 
 
 @contextmanager
-def progress(total_bytes: int, label: str) -> Iterator:
-    """A progress bar over bytes on stderr when it is a terminal; yields the per-tensor callback."""
+def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar over bytes on stderr when it is a terminal; yields the library's progress callback."""
+    stderr = _stderr()
     if not stderr.is_terminal:
         yield None
         return
@@ -249,10 +260,10 @@ def progress(total_bytes: int, label: str) -> Iterator:
         console=stderr,
         transient=True,
     )
-    task = bar.add_task(label, total=total_bytes, tensors=0)
+    task = bar.add_task(label, total=None, tensors=0)
 
-    def advance(entry) -> None:
-        bar.update(task, advance=entry.nbytes, tensors=bar.tasks[0].fields["tensors"] + 1)
+    def advance(done: int, total: int) -> None:
+        bar.update(task, completed=done, total=total, tensors=bar.tasks[0].fields["tensors"] + 1)
 
     with bar:
         yield advance

@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
 from lowrank_cli.errors import CheckpointError
+from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
 
 INDEX_SUFFIX = ".safetensors.index.json"
 _MAX_HEADER = 100_000_000  # the official loader's own limit

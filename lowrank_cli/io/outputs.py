@@ -13,9 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.errors import OutputError, UsageError
-from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held
+from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
+from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held, track_temp, untrack_temp
 
 
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
@@ -52,7 +52,9 @@ class FolderOutput:
     def __init__(self, out: Path) -> None:
         self.out = out
         try:
-            self.path: Path | None = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            with signals_held():  # made and tracked together
+                made = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+                self.path: Path | None = track_temp(made)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
 
@@ -65,11 +67,13 @@ class FolderOutput:
                 with signals_held():  # never leave OUT missing between the two renames
                     os.replace(out, old / out.name)
                     os.replace(new, out)
+                    untrack_temp(new)
                     self.path = None
                 shutil.rmtree(old, ignore_errors=True)
             else:
                 with signals_held():
                     os.replace(new, out)
+                    untrack_temp(new)
                     self.path = None
         except OSError as exc:
             raise OutputError(
@@ -79,6 +83,7 @@ class FolderOutput:
     def discard(self) -> None:
         if self.path is not None:
             shutil.rmtree(self.path, ignore_errors=True)
+            untrack_temp(self.path)
             self.path = None
 
     def __enter__(self) -> FolderOutput:

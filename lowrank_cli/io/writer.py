@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.io.dtypes import CODE_OF
 from lowrank_cli.errors import OutputError
+from lowrank_cli.io.dtypes import CODE_OF
 
 
 @contextlib.contextmanager
@@ -32,6 +32,28 @@ def signals_held() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# Every temporary file or folder this process has made and not yet renamed or removed. An interrupt
+# that lands between making one and handing it to its owner's cleanup still finds it here.
+_LIVE_TEMPS: set[Path] = set()
+
+
+def track_temp(path: Path) -> Path:
+    _LIVE_TEMPS.add(Path(path))
+    return Path(path)
+
+
+def untrack_temp(path: Path) -> None:
+    _LIVE_TEMPS.discard(Path(path))
+
+
+def remove_leftover_temps() -> None:
+    """Remove every temporary this process still has (after an interrupt, before exiting)."""
+    for path in list(_LIVE_TEMPS):
+        with contextlib.suppress(OSError):
+            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        _LIVE_TEMPS.discard(path)
 
 
 def current_umask() -> int:
@@ -96,6 +118,7 @@ class SafetensorsWriter:
             with signals_held():  # renamed and forgotten as temporary together, or neither
                 os.replace(final, self.path)
                 self._temps.remove(final)
+                untrack_temp(final)
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions"
@@ -110,6 +133,7 @@ class SafetensorsWriter:
         for temp in self._temps:
             with contextlib.suppress(OSError):
                 temp.unlink(missing_ok=True)
+            untrack_temp(temp)
         self._temps.clear()
 
     def __enter__(self) -> SafetensorsWriter:
@@ -120,7 +144,9 @@ class SafetensorsWriter:
 
     def _temp_file(self, suffix: str):
         try:
-            fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
+            with signals_held():  # made and tracked together
+                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
+                track_temp(Path(name))
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions"

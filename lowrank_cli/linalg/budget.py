@@ -8,14 +8,10 @@ per number; taking items greedily by gain per number is optimal for its relaxati
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import numpy as np
-import torch
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.linalg.spectrum import Spectrum, singular_values
+from lowrank_cli.linalg.spectrum import Spectrum
 
 
 def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
@@ -28,8 +24,8 @@ def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
     spent = sum(r * sum(spectra[name].shape) for name, r in ranks.items())
     if spent > budget:
         raise UsageError(
-            f"--budget {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {spent:,};"
-            " raise --budget or select fewer tensors"
+            f"{{budget}} {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {spent:,};"
+            " raise {budget} or select fewer tensors"
         )
     names, gains, costs = [], [], []
     for name, spectrum in spectra.items():
@@ -51,26 +47,3 @@ def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
     for index in taken:
         ranks[names[index]] += 1
     return ranks
-
-
-def policy_per_tensor(
-    policy: RankPolicy,
-    names: Iterable[str],
-    matrix_of: Callable[[str], torch.Tensor],
-    on_done: Callable[[str], None] | None = None,
-) -> Callable[[str], RankPolicy]:
-    """The policy of each tensor: the same for all, or under --budget a fixed rank for each.
-
-    A budget costs one first pass: every selected matrix's singular values, then `allocate`.
-    """
-    if policy.budget is None:
-        return lambda name: policy
-    spectra = {}
-    for name in names:
-        matrix = matrix_of(name)
-        values, scale = singular_values(matrix)
-        spectra[name] = Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
-        if on_done:
-            on_done(name)
-    ranks = allocate(spectra, policy.budget)
-    return lambda name: RankPolicy(rank=ranks[name])

@@ -12,7 +12,6 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
 from lowrank_cli.linalg.spectrum import Spectrum, max_abs, svd
 
-METHODS = ("auto", "exact", "randomized")
 _CHUNK_BYTES = 64 << 20
 _SAFE_SCALE = (1e-6, 1e6)  # max |W| outside this range is normalized before factorizing
 _SMALL = 256  # below this min(m, n) a full SVD costs next to nothing
@@ -73,22 +72,32 @@ def generator_for(name: str, seed: int, device: torch.device | str = "cpu") -> t
 
 
 def factorize(
-    matrix: torch.Tensor, policy: RankPolicy, *, method: str = "auto", generator: torch.Generator | None = None
+    matrix: torch.Tensor,
+    policy: RankPolicy,
+    *,
+    method: str = "auto",
+    generator: torch.Generator | None = None,
+    max_rank: int | None = None,
 ) -> Factorization:
-    """The factors `policy` keeps of a float32/float64 m×n matrix."""
+    """The factors `policy` keeps of a float32/float64 m×n matrix.
+
+    max_rank bounds the rank a randomized search for an error target may grow to before it gives
+    up (rank None); the default is the break-even rank, past which factors stop saving params.
+    """
+    max_rank = break_even_rank(*matrix.shape) if max_rank is None else max_rank
     peak = max_abs(matrix)
     if peak > 0 and not _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1]:
         # Entries near 1e30 overflow float32 in WᵀW·Ω; the factors of W/peak, times peak, do not.
-        result = _factorize(matrix / peak, policy, method, generator)
+        result = _factorize(matrix / peak, policy, method, generator, max_rank)
         result.scale = peak
         if result.spectrum is not None:
             result.spectrum = replace(result.spectrum, scale=peak)
         return result
-    return _factorize(matrix, policy, method, generator)
+    return _factorize(matrix, policy, method, generator, max_rank)
 
 
 def _factorize(
-    matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator | None
+    matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator | None, max_rank: int
 ) -> Factorization:
     m, n = matrix.shape
     k = min(m, n)
@@ -108,7 +117,7 @@ def _factorize(
             sketch=_sketch_dtype(matrix),
         )
         return Factorization(rank, u, s, vh, "randomized")
-    return _adaptive(matrix, policy, method, generator)
+    return _adaptive(matrix, policy, method, generator, max_rank)
 
 
 def _exact(matrix: torch.Tensor, policy: RankPolicy) -> Factorization:
@@ -118,7 +127,9 @@ def _exact(matrix: torch.Tensor, policy: RankPolicy) -> Factorization:
     return Factorization(rank, u[:, :rank], s[:rank], vh[:rank], "exact", spectrum)
 
 
-def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator) -> Factorization:
+def _adaptive(
+    matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator, max_rank: int
+) -> Factorization:
     m, n = matrix.shape
     total = sum_of_squares(matrix)
     if total == 0.0:
@@ -126,7 +137,8 @@ def _adaptive(matrix: torch.Tensor, policy: RankPolicy, method: str, generator: 
     # --energy F allows (1 − F)·‖W‖² of squared error, --max-error E allows E²·‖W‖².
     fraction = 1.0 - policy.energy if policy.energy is not None else policy.max_error**2
     allowed = fraction * total
-    max_rank = min(m, n) // 4 if method == "auto" else break_even_rank(m, n)
+    if method == "auto":  # past a quarter of min(m, n), the exact SVD costs less
+        max_rank = min(max_rank, min(m, n) // 4)
     found = adaptive_range(
         matrix,
         allowed,

@@ -28,22 +28,22 @@ class RankPolicy:
         max_error: float | None = None,
         budget: float | None = None,
     ) -> RankPolicy | None:
-        """Validate CLI options; None when no policy was given."""
-        options = (("--rank", rank), ("--energy", energy), ("--max-error", max_error), ("--budget", budget))
-        given = [flag for flag, value in options if value is not None]
+        """Validate the policy arguments; None when none was given."""
+        options = (("rank", rank), ("energy", energy), ("max_error", max_error), ("budget", budget))
+        given = [f"{{{name}}}" for name, value in options if value is not None]
         if len(given) > 1:
             raise UsageError(f"{' and '.join(given)} both set a rank policy; give only one")
-        if rank is not None and rank <= 0:
-            raise UsageError(f"--rank must be a positive integer, got {rank}")
+        if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank <= 0):
+            raise UsageError(f"{{rank}} must be a positive integer, got {rank}")
         if energy is not None and not (0.0 < energy <= 1.0):
-            raise UsageError(f"--energy must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
+            raise UsageError(f"{{energy}} must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
         if max_error is not None and not (0.0 <= max_error < 1.0):
-            raise UsageError(f"--max-error must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
+            raise UsageError(f"{{max_error}} must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
         if budget is not None and not (0.0 < budget < 1.0):
-            raise UsageError(f"--budget must be in (0, 1), got {budget}; 0.25 keeps a quarter of the params")
+            raise UsageError(f"{{budget}} must be in (0, 1), got {budget}; 0.25 keeps a quarter of the params")
         if not given:
             return None
-        return cls(rank=rank, energy=energy, max_error=max_error, budget=budget)
+        return cls(rank=None if rank is None else int(rank), energy=energy, max_error=max_error, budget=budget)
 
     def choose(self, spectrum: Spectrum) -> int:
         """The rank this policy keeps for a matrix with this spectrum (0 for a zero matrix)."""
@@ -80,5 +80,5 @@ class RankPolicy:
 
 def require_policy(policy: RankPolicy | None) -> RankPolicy:
     if policy is None:
-        raise UsageError("no rank policy; give one of --rank R, --energy F, --max-error E or --budget F")
+        raise UsageError("no rank policy; give one of {rank}, {energy}, {max_error} or {budget}")
     return policy

@@ -1,15 +1,14 @@
-"""`lowrank analyze`: spectra, ranks and what a rank policy would save."""
+"""analyze: spectra, ranks and what a rank policy would save."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
-from lowrank_cli.ops.matrices import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason
+from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.report import Report, Totals
-from lowrank_cli.linalg.spectrum import Spectrum, singular_values
+from lowrank_cli.ops.pipeline import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason, spectrum_of
+from lowrank_cli.ops.report import Report, Status, Totals
 
 
 def analyze(
@@ -30,12 +29,10 @@ def analyze(
             continue
         reason = skip_reason(entry)
         if reason is not None:
-            tensors.append(new_report(entry, "skipped", reason))
+            tensors.append(new_report(entry, Status.skipped, reason))
         else:
-            matrix = load_matrix(checkpoint, entry, device)
-            values, scale = singular_values(matrix)
-            spectrum = Spectrum.of(values, entry.matrix_shape, matrix.dtype, scale)
-            report = new_report(entry, "analyzed")
+            spectrum = spectrum_of(load_matrix(checkpoint, entry, device))
+            report = new_report(entry, Status.analyzed)
             describe_spectrum(report, spectrum, rtol)
             spectra[entry.name] = spectrum
             tensors.append(report)

@@ -1,4 +1,4 @@
-"""--device: where the maths runs."""
+"""Where the maths runs."""
 
 from __future__ import annotations
 
@@ -7,14 +7,15 @@ import torch
 from lowrank_cli.errors import UsageError
 
 
-def resolve_device(name: str) -> str:
-    """auto → cuda when a GPU is visible, else cpu; cuda without a GPU is an error."""
+def resolve_device(name: object) -> str:
+    """auto → cuda when a GPU is visible, else cpu; cuda (or cuda:N) without a GPU is an error."""
+    name = getattr(name, "value", name)
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cpu":
         return "cpu"
-    if name == "cuda" or name.startswith("cuda:"):
+    if isinstance(name, str) and (name == "cuda" or name.startswith("cuda:")):
         if not torch.cuda.is_available():
-            raise UsageError(f"--device {name}: no CUDA device is visible to torch; use --device cpu")
+            raise UsageError(f"{{device}} {name}: no CUDA device is visible to torch; use {{device}} cpu")
         return name
-    raise UsageError(f"--device {name} is not one of auto, cpu, cuda")
+    raise UsageError(f"{{device}} {name} is not one of auto, cpu, cuda")

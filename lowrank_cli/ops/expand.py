@@ -1,4 +1,4 @@
-"""`lowrank expand`: rebuild the dense checkpoint from a lowrank file."""
+"""expand: rebuild the dense checkpoint from a lowrank file."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ from pathlib import Path
 
 import torch
 
+from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.io.dtypes import DTYPES, compute_dtype, torch_dtype
-from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, factor_names
-from lowrank_cli.ops.matrices import new_report
 from lowrank_cli.io.outputs import CheckpointOutput, check_output, default_output
-from lowrank_cli.ops.report import Report, TensorReport, Totals
+from lowrank_cli.ops.pipeline import new_report
+from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
 SUFFIX = ".dense.safetensors"
 
@@ -52,14 +52,14 @@ def expand(
                         shape=list(record.shape),
                         dtype=record.dtype,
                         params=math.prod(record.shape),
-                        status="expanded",
+                        status=Status.expanded,
                         rank=record.rank,
                         rel_error=record.rel_error,
                         file=str(entry.path),
                     )
                 else:
                     writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
-                    report = new_report(entry, "copied")
+                    report = new_report(entry, Status.copied)
                 tensors.append(report)
                 if on_tensor:
                     on_tensor(entry)

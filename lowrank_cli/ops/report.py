@@ -1,8 +1,27 @@
-"""Plain dataclasses the core returns; the JSON output is exactly their fields."""
+"""Plain dataclasses the library returns; the JSON output is exactly their fields.
+
+`SCHEMA_VERSION` is the version of that JSON document (docs/json.md): it grows by one whenever
+a field changes meaning or goes away; new fields may appear without a change.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+SCHEMA_VERSION = 2
+
+
+class Status(str, Enum):
+    """What a command did with one tensor."""
+
+    analyzed = "analyzed"  # analyze: spectrum read, no policy applied
+    factorized = "factorized"  # compress (analyze with a policy: would be) stored as factors B·A
+    dense = "dense"  # a policy applied, but factors would not save params: kept as it is
+    skipped = "skipped"  # not a float matrix, not selected, or (extract) not in the adapter
+    extracted = "extracted"  # extract: written as a LoRA pair
+    expanded = "expanded"  # expand: rebuilt from its factors
+    copied = "copied"  # expand: stored unchanged in the lowrank file, copied
 
 
 @dataclass
@@ -13,7 +32,7 @@ class TensorReport:
     shape: list[int]
     dtype: str
     params: int
-    status: str  # "factorized" | "dense" | "skipped" | "analyzed"
+    status: Status
     reason: str | None = None
     rank: int | None = None  # the rank kept (or that a policy would keep)
     numerical_rank: int | None = None
@@ -65,6 +84,7 @@ class Report:
     policy: dict | None = None
     output: str | None = None
     options: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
 
     @classmethod
     def combine(cls, reports: list[Report]) -> Report:
@@ -84,4 +104,9 @@ class Report:
         return [t for t in self.tensors if t.rel_error is not None and t.rel_error > max_error]
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON document: every field, statuses as their string values."""
+        return asdict(self, dict_factory=_plain)
+
+
+def _plain(items: list[tuple[str, object]]) -> dict:
+    return {key: value.value if isinstance(value, Enum) else value for key, value in items}

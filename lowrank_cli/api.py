@@ -1,0 +1,249 @@
+"""The public functions: one tensor (`factorize`) or whole checkpoints (`analyze`, `compress`, `expand`,
+`extract`). Each checkpoint function returns the `Report` the CLI renders and writes exactly what
+the CLI writes; the CLI is a thin layer over these.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.errors import UsageError
+from lowrank_cli.io.checkpoint import TensorEntry, open_checkpoint
+from lowrank_cli.linalg.policy import RankPolicy, require_policy
+from lowrank_cli.ops import analyze as _analyze
+from lowrank_cli.ops import compress as _compress
+from lowrank_cli.ops import expand as _expand
+from lowrank_cli.ops import extract as _extract
+from lowrank_cli.ops.devices import resolve_device
+from lowrank_cli.ops.pipeline import check_finite, factor
+from lowrank_cli.ops.report import Report
+from lowrank_cli.ops.settings import Device, DType, Method, Settings
+
+PathLike = str | Path
+Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
+
+
+def factorize(
+    W: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    method: Method | str = Method.auto,
+    seed: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Truncated-SVD factors of one matrix: W ≈ B·A with B = U_r·diag(S_r) and A = V_rᵀ.
+
+    Args:
+        W: an (m, n) floating-point tensor, on any device. The maths runs in float32 (float64
+            for float64 input); B and A come back in W's dtype and on its device.
+        rank: keep r singular values (clamped to min(m, n)). Exactly one of rank, energy and
+            max_error is required.
+        energy: the smallest rank keeping this fraction of Σσ², 0 < energy ≤ 1.
+        max_error: the smallest rank with ‖W − BA‖_F / ‖W‖_F ≤ max_error, 0 ≤ max_error < 1;
+            the bound is checked on the returned factors.
+        method: "auto", "exact" or "randomized" (seeded by `seed`: same seed, same factors).
+
+    Returns:
+        (B, A) of shapes (m, r) and (r, n); r = 0 for a zero matrix.
+
+    Example:
+        >>> B, A = lowrank_cli.factorize(torch.randn(512, 64) @ torch.randn(64, 256), max_error=1e-3)
+        >>> B.shape, A.shape
+        (torch.Size([512, 64]), torch.Size([64, 256]))
+    """
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error))
+    if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.is_floating_point():
+        got = f"shape {tuple(W.shape)}, {W.dtype}" if isinstance(W, torch.Tensor) else type(W).__name__
+        raise UsageError(f"W must be a 2-D floating-point tensor, got {got}")
+    matrix = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
+    check_finite(matrix, "W", "W")
+    outcome = factor(matrix, policy, Settings(method=method, seed=seed), name="", stored=W.dtype, limit=min(W.shape))
+    if outcome.b is None:  # a zero matrix keeps nothing
+        return W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
+    return outcome.b, outcome.a
+
+
+def analyze(
+    paths: PathLike | Sequence[PathLike],
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    budget: float | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rtol: float | None = None,
+    device: Device | str = Device.auto,
+    progress: Progress | None = None,
+) -> Report:
+    """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
+
+    Args:
+        paths: safetensors files, shard folders or index files.
+        rank, energy, max_error, budget: an optional rank policy (at most one); each factorized
+            row then carries the rank, the optimal error and the params it would give.
+        include, exclude: globs on tensor names.
+        rtol: numerical rank counts σ > σ_max·rtol (default max(m, n)·ε).
+
+    Example:
+        >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
+        >>> {t.name: t.rank_99 for t in report.tensors if t.rank_99 is not None}
+    """
+    policy = RankPolicy.from_options(rank, energy, max_error, budget)
+    device = resolve_device(device)
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise UsageError("paths is empty; give at least one checkpoint")
+    reports = []
+    with ExitStack() as stack:
+        checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
+        tick = _ticker(progress, sum(c.nbytes for c in checkpoints))
+        for checkpoint in checkpoints:
+            reports.append(
+                _analyze.analyze(
+                    checkpoint, policy, include=include, exclude=exclude, rtol=rtol, device=device, on_tensor=tick
+                )
+            )
+    return Report.combine(reports)
+
+
+def compress(
+    path: PathLike,
+    out: PathLike | None = None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    budget: float | None = None,
+    dtype: DType | str = DType.keep,
+    method: Method | str = Method.auto,
+    seed: int = 0,
+    device: Device | str = Device.auto,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rtol: float | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
+
+    Args:
+        path: a safetensors file, shard folder or index.
+        out: the output file (or folder, for a sharded input); default `<stem>.lowrank.safetensors`
+            beside the input. Written atomically: it appears whole, or not at all.
+        rank, energy, max_error, budget: the rank policy, exactly one.
+        dtype: the factors' dtype; "keep" stores them in each tensor's own dtype.
+        method, seed: how the SVD is computed ("auto", "exact", "randomized").
+        device: "auto", "cpu" or "cuda" (or "cuda:N").
+        include, exclude: globs on tensor names; the others are copied unchanged.
+        force: overwrite `out` if it exists.
+
+    Returns:
+        The Report; each row's rel_error is measured on the factors as written.
+
+    Example:
+        >>> report = lowrank_cli.compress("model.safetensors", "model.r64.safetensors", rank=64)
+        >>> report.totals.savings
+    """
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
+    with open_checkpoint(path) as checkpoint:
+        passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
+        return _compress.compress(
+            checkpoint,
+            policy,
+            None if out is None else Path(out),
+            settings=settings,
+            include=include,
+            exclude=exclude,
+            force=force,
+            on_tensor=_ticker(progress, passes * checkpoint.nbytes),
+        )
+
+
+def expand(
+    path: PathLike, out: PathLike | None = None, *, force: bool = False, progress: Progress | None = None
+) -> Report:
+    """Rebuild the dense checkpoint from a lowrank file: every original name, shape, dtype and metadata.
+
+    Example:
+        >>> lowrank_cli.expand("model.lowrank.safetensors", "model.dense.safetensors")
+    """
+    with open_checkpoint(path) as checkpoint:
+        return _expand.expand(
+            checkpoint,
+            None if out is None else Path(out),
+            force=force,
+            on_tensor=_ticker(progress, checkpoint.nbytes),
+        )
+
+
+def extract(
+    base: PathLike,
+    tuned: PathLike,
+    out: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    budget: float | None = None,
+    dtype: DType | str = DType.keep,
+    method: Method | str = Method.auto,
+    seed: int = 0,
+    device: Device | str = Device.auto,
+    embeddings: bool = False,
+    conv: bool = False,
+    base_model: str | None = None,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """A PEFT LoRA adapter folder from a fine-tune: the truncated SVD of ΔW = W_tuned − W_base per module.
+
+    Args:
+        base, tuned: the two checkpoints (files, shard folders or indexes).
+        out: the adapter folder to write (adapter_model.safetensors, adapter_config.json).
+        rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW.
+        embeddings, conv: also adapt embeddings and conv kernels.
+        base_model: base_model_name_or_path in adapter_config.json.
+
+    Example:
+        >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
+    """
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
+    options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
+    with open_checkpoint(base) as base_checkpoint, open_checkpoint(tuned) as tuned_checkpoint:
+        passes = 2 if policy.budget is not None else 1
+        return _extract.extract(
+            base_checkpoint,
+            tuned_checkpoint,
+            policy,
+            Path(out),
+            settings=settings,
+            options=options,
+            include=include,
+            exclude=exclude,
+            force=force,
+            on_tensor=_ticker(progress, passes * tuned_checkpoint.nbytes),
+        )
+
+
+def _ticker(progress: Progress | None, total: int) -> Callable[[TensorEntry], None] | None:
+    """The ops' per-tensor callback as running byte counts."""
+    if progress is None:
+        return None
+    done = 0
+
+    def tick(entry: TensorEntry) -> None:
+        nonlocal done
+        done += entry.nbytes
+        progress(done, total)
+
+    return tick

@@ -1,0 +1,72 @@
+"""The CLI's options, declared once and shared by the commands (typer `Annotated` aliases).
+
+Choices come from the library's enums, so typer validates them and `--help` lists them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from lowrank_cli.ops.settings import Device, DType, Method
+
+# How the library's argument names read on the command line, where they differ from --name.
+FLAGS = {"out": "-o/--output", "paths": "PATHS"}
+
+
+def flag(argument: str) -> str:
+    return FLAGS.get(argument, "--" + argument.replace("_", "-"))
+
+
+Include = Annotated[
+    Optional[list[str]],
+    typer.Option("--include", help="Only tensors whose name matches this glob (repeatable).", metavar="GLOB"),
+]
+Exclude = Annotated[
+    Optional[list[str]],
+    typer.Option("--exclude", help="Leave out tensors whose name matches this glob (repeatable).", metavar="GLOB"),
+]
+Rank = Annotated[
+    Optional[int], typer.Option("--rank", help="Policy: keep R singular values (clamped to min(m, n)).", metavar="R")
+]
+Energy = Annotated[
+    Optional[float],
+    typer.Option("--energy", help="Policy: smallest rank keeping fraction F of Σσ², 0 < F ≤ 1.", metavar="F"),
+]
+MaxError = Annotated[
+    Optional[float],
+    typer.Option("--max-error", help="Policy: smallest rank with ‖W−BA‖/‖W‖ ≤ E, 0 ≤ E < 1.", metavar="E"),
+]
+Budget = Annotated[
+    Optional[float],
+    typer.Option(
+        "--budget", help="Policy: ranks chosen jointly so all factors hold ≤ F of the params, 0 < F < 1.", metavar="F"
+    ),
+]
+FailAbove = Annotated[
+    Optional[float], typer.Option("--fail-above", help="Exit 3 if any tensor's relative error exceeds E.", metavar="E")
+]
+Rtol = Annotated[
+    Optional[float],
+    typer.Option("--rtol", help="Numerical rank counts σ > σ_max·RTOL (default max(m, n)·ε).", metavar="RTOL"),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
+DTypeOption = Annotated[
+    DType, typer.Option("--dtype", help="Factors' dtype; keep stores each tensor's own.", case_sensitive=False)
+]
+MethodOption = Annotated[
+    Method, typer.Option("--method", help="SVD method; randomized is seeded by --seed.", case_sensitive=False)
+]
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.", metavar="N")]
+DeviceOption = Annotated[
+    Device, typer.Option("--device", help="Where the maths runs; auto is cuda if present.", case_sensitive=False)
+]
+Output = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--output", "-o", help="Output file, or folder for a sharded input (default: beside the input).", metavar="OUT"
+    ),
+]

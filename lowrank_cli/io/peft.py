@@ -1,0 +1,73 @@
+"""The PEFT LoRA adapter format: adapter_model.safetensors and adapter_config.json.
+
+    base_model.model.<module>.lora_A.weight  (r, in)    A = V_rᵀ
+    base_model.model.<module>.lora_B.weight  (out, r)   B = U_r·diag(S_r)
+
+with lora_alpha = r (and alpha_pattern = rank_pattern), so every module's scaling alpha/r is
+exactly 1 and the merged weight is W_base + B·A.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+
+import torch
+
+from lowrank_cli.io.checkpoint import natural_key
+from lowrank_cli.io.writer import SafetensorsWriter
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+# The module's own name, not its container's: embeddings.embed_proj is a Linear.
+_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|embeddings?|wte|wpe|shared|\w*_embeddings?)$")
+
+
+def is_embedding(module: str, shape: tuple[int, ...]) -> bool:
+    """A 2-D weight whose module name is an embedding's: PEFT adapts it with lora_embedding_A/B."""
+    return len(shape) == 2 and bool(_EMBEDDING.search(module))
+
+
+def adapter_config(adapter: dict[str, tuple[int, str]], base_model: str | None) -> dict:
+    """PEFT's LoraConfig fields: r is the most common rank, the others go in rank_pattern."""
+    ranks = Counter(rank for rank, _ in adapter.values())
+    r = max(ranks, key=lambda rank: (ranks[rank], -rank))
+    pattern = {module: rank for module, (rank, _) in adapter.items() if rank != r}
+    return {
+        "peft_type": "LORA",
+        "task_type": None,
+        "base_model_name_or_path": base_model,
+        "r": r,
+        "lora_alpha": r,  # scaling = lora_alpha / r = 1
+        "target_modules": sorted(adapter, key=natural_key),
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),  # alpha = r per module: scaling stays 1
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+    }
+
+
+def write_lora(writer: SafetensorsWriter, module: str, shape: tuple[int, ...], b: torch.Tensor, a: torch.Tensor) -> str:
+    """Write one module's factors under PEFT's key names; returns the LoRA layer kind."""
+    prefix = f"base_model.model.{module}"
+    if is_embedding(module, shape):
+        # PEFT's Embedding: ΔW (vocab, dim) = (lora_embedding_B @ lora_embedding_A)ᵀ
+        writer.add_tensor(f"{prefix}.lora_embedding_A", b.T.contiguous())  # (r, vocab)
+        writer.add_tensor(f"{prefix}.lora_embedding_B", a.T.contiguous())  # (dim, r)
+        return "embedding"
+    if len(shape) == 4:
+        out_channels, in_channels, kh, kw = shape
+        writer.add_tensor(f"{prefix}.lora_A.weight", a.reshape(a.shape[0], in_channels, kh, kw))  # (r, in, kh, kw)
+        writer.add_tensor(f"{prefix}.lora_B.weight", b.reshape(out_channels, b.shape[1], 1, 1))  # (out, r, 1, 1)
+        return "conv"
+    writer.add_tensor(f"{prefix}.lora_A.weight", a)  # (r, in)
+    writer.add_tensor(f"{prefix}.lora_B.weight", b)  # (out, r)
+    return "linear"

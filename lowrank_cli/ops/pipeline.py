@@ -1,0 +1,184 @@
+"""One pipeline per tensor: read the matrix, decide its rank, factor it, measure what is written.
+
+Every command goes through here: analyze reads spectra (`spectrum_of`), compress and extract turn
+a matrix and a policy into factors in the stored dtype with their measured error (`factor`), and
+a report row records the outcome (`new_report`, `record`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lowrank_cli.errors import TensorError
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
+from lowrank_cli.linalg.factorize import break_even_rank, factorize, finite, generator_for, relative_error
+from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import Spectrum, singular_values
+from lowrank_cli.ops.report import Status, TensorReport
+from lowrank_cli.ops.settings import DType, Method, Settings
+
+# --dtype names, as safetensors codes.
+STORED_CODES = {DType.float32: "F32", DType.float16: "F16", DType.bfloat16: "BF16", DType.float64: "F64"}
+
+
+def skip_reason(entry: TensorEntry, selected: bool = True) -> str | None:
+    """Why a tensor is copied unchanged instead of factorized, or None for a float matrix."""
+    if not selected:
+        return "not selected (include/exclude)"
+    if not entry.is_known:
+        return f"{entry.dtype}, a dtype lowrank copies but does not compute in"
+    if not entry.is_float:
+        return f"{entry.dtype}, not floating point"
+    if len(entry.shape) < 2:
+        return f"{len(entry.shape)}-D, not a matrix"
+    if entry.numel == 0:
+        return "empty tensor"
+    return None
+
+
+def new_report(entry: TensorEntry, status: Status, reason: str | None = None) -> TensorReport:
+    """A row for the tensor; until a rank is decided it keeps all its params."""
+    return TensorReport(
+        name=entry.name,
+        shape=list(entry.shape),
+        dtype=entry.dtype,
+        params=entry.numel,
+        status=status,
+        reason=reason,
+        params_after=entry.numel,
+        file=str(entry.path),
+    )
+
+
+def load_matrix(checkpoint: Checkpoint, entry: TensorEntry, device: str = "cpu") -> torch.Tensor:
+    """The tensor as an (out, in·…) matrix in its computation dtype, checked for NaN and Inf."""
+    matrix = checkpoint.read(entry.name).to(device).reshape(entry.matrix_shape).to(compute_dtype(entry.dtype))
+    check_finite(matrix, f"{entry.path}: tensor '{entry.name}'", entry.name)
+    return matrix
+
+
+def check_finite(matrix: torch.Tensor, where: str, name: str) -> None:
+    if not bool(torch.isfinite(matrix).all()):
+        bad = "NaN" if bool(torch.isnan(matrix).any()) else "Inf"
+        raise TensorError(f"{where} contains {bad}; repair the checkpoint or leave it out with {{exclude}} '{name}'")
+
+
+def spectrum_of(matrix: torch.Tensor) -> Spectrum:
+    values, scale = singular_values(matrix)
+    return Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
+
+
+def describe_spectrum(report: TensorReport, spectrum: Spectrum, rtol: float | None = None) -> None:
+    """Fill in the spectrum's own numbers: numerical and stable rank, energy ranks, sparkline."""
+    report.numerical_rank = spectrum.numerical_rank(rtol)
+    report.stable_rank = spectrum.stable_rank
+    report.rank_90, report.rank_99, report.rank_999 = (spectrum.rank_for_energy(f) for f in (0.9, 0.99, 0.999))
+    report.sparkline = spectrum.sparkline()
+
+
+def apply_policy(report: TensorReport, spectrum: Spectrum, policy: RankPolicy) -> None:
+    """What the policy would do (analyze), with the optimal (Eckart–Young) error at its rank."""
+    rank = policy.choose(spectrum)
+    decision = decide(rank, spectrum.shape, policy, break_even_rank(*spectrum.shape))
+    _record_decision(report, decision)
+    if decision.status == Status.factorized:
+        report.rel_error = spectrum.relative_error(rank)
+        report.params_after = rank * sum(spectrum.shape)
+
+
+@dataclass(frozen=True)
+class Decision:
+    status: Status  # factorized or dense
+    rank: int | None
+    reason: str | None = None
+
+
+def decide(rank: int | None, shape: tuple[int, int], policy: RankPolicy, limit: int) -> Decision:
+    """Factorized up to rank `limit`; dense (with the reason) above it, for a zero matrix, or rank None."""
+    m, n = shape
+    if rank is None:
+        return Decision(Status.dense, None, f"the target needs rank > {limit}, where factors stop saving params")
+    if rank == 0:
+        return Decision(Status.dense, 0, "zero matrix")
+    if rank > limit:
+        clamp = f"rank {policy.rank} clamped to min(m, n); " if policy.rank and policy.rank > rank else ""
+        return Decision(Status.dense, rank, f"{clamp}rank {rank} needs {rank * (m + n):,} ≥ {m * n:,} params")
+    return Decision(Status.factorized, rank)
+
+
+@dataclass
+class Factors:
+    """The outcome of one matrix: factors B (m, r), A (r, n) in the stored dtype, or none (dense)."""
+
+    decision: Decision
+    method: str
+    spectrum: Spectrum | None = None  # all singular values, when the method computed them
+    b: torch.Tensor | None = None
+    a: torch.Tensor | None = None
+    split: str | None = None  # "us" or "sqrt" (io.fileformat)
+    rel_error: float = 0.0  # ‖W − B·A‖_F / ‖W‖_F measured on b and a as stored; 0 when dense
+
+
+def factor(
+    matrix: torch.Tensor,
+    policy: RankPolicy,
+    settings: Settings,
+    *,
+    name: str,
+    stored: torch.dtype,
+    limit: int | None = None,
+    where: str | None = None,
+    method: Method | None = None,
+) -> Factors:
+    """Factor one float32/float64 matrix by `policy`, storing in `stored`, the error measured on what is stored.
+
+    limit: the highest rank worth storing (default: the break-even rank; extract allows min(m, n)).
+    A randomized result that misses an error target by floating-point bookkeeping is redone exactly.
+    """
+    limit = break_even_rank(*matrix.shape) if limit is None else limit
+    method = method or settings.method
+    generator = generator_for(name, settings.seed, matrix.device)
+    result = factorize(matrix, policy, method=method.value, generator=generator, max_rank=limit)
+    decision = decide(result.rank, tuple(matrix.shape), policy, limit)
+    outcome = Factors(decision, result.method, result.spectrum)
+    if decision.status != Status.factorized:
+        return outcome
+    outcome.b, outcome.a, outcome.split = result.factors(stored)
+    if not (finite(outcome.b) and finite(outcome.a)):
+        wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
+        raise TensorError(
+            f"{where or name}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {{dtype}} {wider}"
+        )
+    outcome.rel_error = relative_error(matrix, outcome.b, outcome.a)
+    target = policy.error_target()
+    missed = target is not None and outcome.rel_error > target
+    if result.method == "randomized" and stored == matrix.dtype and missed:
+        return factor(matrix, policy, settings, name=name, stored=stored, limit=limit, where=where, method=Method.exact)
+    return outcome
+
+
+def stored_dtype(settings: Settings, code: str) -> torch.dtype:
+    """The dtype factors are stored in: the tensor's own (code) or the one settings ask for."""
+    return torch_dtype(code if settings.dtype == DType.keep else STORED_CODES[settings.dtype])
+
+
+def record(report: TensorReport, outcome: Factors, rtol: float | None = None) -> None:
+    """Write a factor step's outcome into the tensor's report row."""
+    report.method = outcome.method
+    if outcome.spectrum is not None:
+        describe_spectrum(report, outcome.spectrum, rtol)
+    _record_decision(report, outcome.decision)
+    if outcome.decision.status == Status.factorized:
+        report.rel_error = outcome.rel_error
+        report.split = outcome.split
+        report.params_after = outcome.b.numel() + outcome.a.numel()
+
+
+def _record_decision(report: TensorReport, decision: Decision) -> None:
+    """Status, rank and reason; a dense tensor keeps its params at error 0, factors' are filled in after."""
+    report.status, report.rank, report.reason = decision.status, decision.rank, decision.reason
+    report.rel_error = 0.0 if decision.status == Status.dense else None
+    report.params_after = report.params
