@@ -5,14 +5,16 @@ the CLI writes; the CLI is a thin layer over these.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from contextlib import ExitStack
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.io.checkpoint import TensorEntry, open_checkpoint
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
+from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
 from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
@@ -25,6 +27,21 @@ from lowrank_cli.ops.settings import Device, DType, Method, Settings
 
 PathLike = str | Path
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
+
+
+def _cleans_up(function):
+    """On Ctrl-C (or SIGTERM raised as KeyboardInterrupt), also remove a temporary file the interrupt
+    caught between its creation and its owner's cleanup; the outputs' own cleanup handles the rest."""
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            return function(*args, **kwargs)
+        except KeyboardInterrupt:
+            remove_leftover_temps()
+            raise
+
+    return wrapper
 
 
 def factorize(
@@ -102,7 +119,7 @@ def analyze(
     reports = []
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
-        tick = _ticker(progress, sum(c.nbytes for c in checkpoints))
+        tick = stack.enter_context(_progress(progress, _data_bytes(*checkpoints)))
         for checkpoint in checkpoints:
             reports.append(
                 _analyze.analyze(
@@ -112,6 +129,7 @@ def analyze(
     return Report.combine(reports)
 
 
+@_cleans_up
 def compress(
     path: PathLike,
     out: PathLike | None = None,
@@ -152,8 +170,8 @@ def compress(
     """
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
-    with open_checkpoint(path) as checkpoint:
-        passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
+    passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
+    with open_checkpoint(path) as checkpoint, _progress(progress, passes * _data_bytes(checkpoint)) as tick:
         return _compress.compress(
             checkpoint,
             policy,
@@ -162,10 +180,11 @@ def compress(
             include=include,
             exclude=exclude,
             force=force,
-            on_tensor=_ticker(progress, passes * checkpoint.nbytes),
+            on_tensor=tick,
         )
 
 
+@_cleans_up
 def expand(
     path: PathLike, out: PathLike | None = None, *, force: bool = False, progress: Progress | None = None
 ) -> Report:
@@ -174,15 +193,16 @@ def expand(
     Example:
         >>> lowrank_cli.expand("model.lowrank.safetensors", "model.dense.safetensors")
     """
-    with open_checkpoint(path) as checkpoint:
+    with open_checkpoint(path) as checkpoint, _progress(progress, _data_bytes(checkpoint)) as tick:
         return _expand.expand(
             checkpoint,
             None if out is None else Path(out),
             force=force,
-            on_tensor=_ticker(progress, checkpoint.nbytes),
+            on_tensor=tick,
         )
 
 
+@_cleans_up
 def extract(
     base: PathLike,
     tuned: PathLike,
@@ -219,8 +239,12 @@ def extract(
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
     options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
-    with open_checkpoint(base) as base_checkpoint, open_checkpoint(tuned) as tuned_checkpoint:
-        passes = 2 if policy.budget is not None else 1
+    passes = 2 if policy.budget is not None else 1
+    with (
+        open_checkpoint(base) as base_checkpoint,
+        open_checkpoint(tuned) as tuned_checkpoint,
+        _progress(progress, passes * _data_bytes(tuned_checkpoint)) as tick,
+    ):
         return _extract.extract(
             base_checkpoint,
             tuned_checkpoint,
@@ -231,19 +255,27 @@ def extract(
             include=include,
             exclude=exclude,
             force=force,
-            on_tensor=_ticker(progress, passes * tuned_checkpoint.nbytes),
+            on_tensor=tick,
         )
 
 
-def _ticker(progress: Progress | None, total: int) -> Callable[[TensorEntry], None] | None:
-    """The ops' per-tensor callback as running byte counts."""
+@contextmanager
+def _progress(progress: Progress | None, total: int) -> Iterator[Callable[[TensorEntry], None] | None]:
+    """The ops' per-tensor callback as running byte counts of tensor data, ending at total."""
     if progress is None:
-        return None
+        yield None
+        return
     done = 0
 
     def tick(entry: TensorEntry) -> None:
         nonlocal done
-        done += entry.nbytes
+        done = min(done + entry.nbytes, total)
         progress(done, total)
 
-    return tick
+    yield tick
+    if done < total:  # tensors left out by include/exclude, or a budget's first pass over fewer tensors
+        progress(total, total)
+
+
+def _data_bytes(*checkpoints: Checkpoint) -> int:
+    return sum(entry.nbytes for checkpoint in checkpoints for entry in checkpoint.entries.values())

@@ -16,6 +16,7 @@ import typer
 from typer.core import TyperGroup
 
 import lowrank_cli
+from lowrank_cli import Device, DType, Method
 from lowrank_cli.cli.options import (
     Budget,
     DeviceOption,
@@ -35,7 +36,6 @@ from lowrank_cli.cli.options import (
     flag,
 )
 from lowrank_cli.errors import EXIT_QUALITY_GATE, EXIT_TERMINATED, Interrupted, LowrankError, Terminated, UsageError
-from lowrank_cli.ops.settings import Device, DType, Method
 
 
 class _OneLineErrors(TyperGroup):
@@ -85,10 +85,6 @@ def _handle_errors(command):
         except (LowrankError, KeyboardInterrupt) as exc:
             if os.environ.get("LOWRANK_DEBUG") == "1":
                 raise
-            if isinstance(exc, KeyboardInterrupt):
-                from lowrank_cli.io.writer import remove_leftover_temps
-
-                remove_leftover_temps()  # a temporary the interrupt caught before its owner's cleanup was armed
             if isinstance(exc, Terminated):
                 exc = Interrupted("terminated (SIGTERM); no output was written")
                 exc.exit_code = EXIT_TERMINATED

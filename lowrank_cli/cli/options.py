@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lowrank_cli.ops.settings import Device, DType, Method
+from lowrank_cli import Device, DType, Method
 
 # How the library's argument names read on the command line, where they differ from --name.
 FLAGS = {"out": "-o/--output", "paths": "PATHS"}

@@ -14,7 +14,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_cli.ops.report import Report, Status, TensorReport
+from lowrank_cli import Report, Status, TensorReport
 
 
 @functools.cache

@@ -1,0 +1,310 @@
+"""The public Python API: what it exports, what it imports, and that it is what the CLI runs.
+
+Each checkpoint function is called directly and must write the same bytes the CLI writes; the
+factor step of every command × method × policy, on full-rank and low-rank input, ends in a
+report whose errors hold on the files as written, or in one clean error line.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import (
+    ROOT,
+    assert_clean_failure,
+    assert_no_crash,
+    by_name,
+    cli,
+    load,
+    low_rank,
+    relative_error,
+    save,
+    sha256,
+)
+
+import lowrank_cli
+
+PUBLIC = {
+    "factorize",
+    "analyze",
+    "compress",
+    "expand",
+    "extract",
+    "Report",
+    "TensorReport",
+    "Totals",
+    "Status",
+    "RankPolicy",
+    "DType",
+    "Method",
+    "Device",
+    "LowrankError",
+    "UsageError",
+    "CheckpointError",
+    "TensorError",
+    "OutputError",
+    "MissingExtraError",
+}
+
+
+# --- what the package exports and imports ----------------------------------------------------------
+
+
+def test_all_lists_the_public_api_and_each_name_resolves():
+    assert set(lowrank_cli.__all__) >= PUBLIC
+    for name in lowrank_cli.__all__:
+        assert getattr(lowrank_cli, name) is not None, name
+    for name in ("factorize", "analyze", "compress", "expand", "extract"):
+        doc = getattr(lowrank_cli, name).__doc__
+        assert "Example" in doc, name  # a docstring with arguments and an example
+
+
+def test_import_loads_neither_torch_nor_the_cli_libraries():
+    code = "import sys, lowrank_cli; print(sorted(m for m in ('torch', 'typer', 'rich', 'numpy') if m in sys.modules))"
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert run.stdout.strip() == "[]"
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+        elif isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+    return {name for name in names if name.split(".")[0] == "lowrank_cli"}
+
+
+@pytest.mark.parametrize(
+    ("layer", "allowed"),
+    [
+        ("linalg", ("lowrank_cli.errors", "lowrank_cli.linalg")),
+        ("io", ("lowrank_cli.errors", "lowrank_cli.io")),
+        ("ops", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.ops")),
+        # the CLI: the public API (the package itself), its own modules, and the base error module
+        ("cli", ("lowrank_cli.errors", "lowrank_cli.cli")),
+    ],
+)
+def test_imports_point_one_way(layer, allowed):
+    for path in sorted((ROOT / "lowrank_cli" / layer).glob("*.py")):
+        for name in _imports(path):
+            ok = name == "lowrank_cli" or any(name == a or name.startswith(a + ".") for a in allowed)
+            assert ok, f"{path.relative_to(ROOT)} imports {name}"
+
+
+def test_core_imports_neither_typer_nor_rich():
+    for path in sorted((ROOT / "lowrank_cli").rglob("*.py")):
+        if "cli" in path.relative_to(ROOT / "lowrank_cli").parts[:1]:
+            continue
+        source = path.read_text(encoding="utf-8")
+        assert "import typer" not in source and "import rich" not in source and "from rich" not in source, path
+
+
+# --- factorize: one tensor -----------------------------------------------------------------------------
+
+
+def test_factorize_keeps_the_rank_and_the_optimal_error():
+    w = low_rank(80, 60, 50, seed=3)
+    b, a = lowrank_cli.factorize(w, rank=10)
+    assert b.shape == (80, 10) and a.shape == (10, 60) and b.dtype == a.dtype == torch.float32
+    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    optimal = np.sqrt((s[10:] ** 2).sum() / (s**2).sum())
+    assert relative_error(w, b, a) == pytest.approx(optimal, rel=1e-4)
+
+
+@pytest.mark.parametrize("method", ["exact", "randomized", "auto"])
+def test_factorize_meets_an_error_bound_on_the_returned_factors(method):
+    w = low_rank(300, 280, 280, seed=4)  # full rank
+    b, a = lowrank_cli.factorize(w, max_error=0.3, method=method, seed=1)
+    assert relative_error(w, b, a) <= 0.3
+    s = np.linalg.svd(w.double().numpy(), compute_uv=False)
+    errors = np.sqrt(np.cumsum((s**2)[::-1])[::-1] / (s**2).sum())
+    optimal_rank = int(np.argmax(np.append(errors, 0.0) <= 0.3))
+    assert optimal_rank <= b.shape[1] <= 1.05 * optimal_rank + 1
+
+
+def test_factorize_returns_the_input_dtype_within_its_rounding():
+    w = low_rank(64, 48, 4, seed=5).to(torch.bfloat16)
+    b, a = lowrank_cli.factorize(w, rank=4)
+    assert b.dtype == a.dtype == torch.bfloat16 and b.shape == (64, 4) and a.shape == (4, 48)
+    # W's own rounding to bfloat16 and that of B and A, each ≤ ε/2 relative per entry, are all that remain
+    assert relative_error(w, b, a) < 2 * torch.finfo(torch.bfloat16).eps
+
+
+def test_factorize_of_a_zero_matrix_keeps_nothing():
+    b, a = lowrank_cli.factorize(torch.zeros(5, 7), rank=3)
+    assert b.shape == (5, 0) and a.shape == (0, 7)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "words"),
+    [
+        ({"rank": 0}, "rank must be a positive integer"),
+        ({"rank": 2, "energy": 0.9}, "rank and energy both set a rank policy"),
+        ({}, "no rank policy; give one of rank, energy, max_error or budget"),
+        ({"max_error": 1.5}, "max_error must be in [0, 1)"),
+        ({"rank": 2, "method": "magic"}, "method magic is not one of auto, exact, randomized"),
+    ],
+)
+def test_library_errors_speak_of_arguments(kwargs, words):
+    with pytest.raises(lowrank_cli.UsageError) as caught:
+        lowrank_cli.factorize(torch.ones(4, 4), **kwargs)
+    assert words in str(caught.value)
+    assert "--" not in str(caught.value)
+
+
+def test_factorize_refuses_what_is_not_a_float_matrix():
+    with pytest.raises(lowrank_cli.UsageError, match="2-D floating-point"):
+        lowrank_cli.factorize(torch.ones(2, 3, 4), rank=1)
+    with pytest.raises(lowrank_cli.UsageError, match="2-D floating-point"):
+        lowrank_cli.factorize(torch.ones(3, 4, dtype=torch.int64), rank=1)
+    with pytest.raises(lowrank_cli.TensorError, match="NaN"):
+        lowrank_cli.factorize(torch.tensor([[1.0, float("nan")], [0.0, 1.0]]), rank=1)
+
+
+# --- the checkpoint functions are what the CLI runs ----------------------------------------------------
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    tensors = {
+        "a.weight": low_rank(96, 64, 8, seed=1),
+        "b.weight": low_rank(300, 260, 260, seed=2),  # full rank, above the exact-SVD size of auto
+        "b.bias": torch.randn(300),
+    }
+    return save(tmp_path / "m.safetensors", tensors, metadata={"format": "pt"}), tensors
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"rank": 4}, {"energy": 0.9, "method": "randomized", "seed": 7}, {"max_error": 0.2, "dtype": "float16"}],
+    ids=str,
+)
+def test_compress_and_expand_write_what_the_cli_writes(checkpoint, tmp_path, options):
+    source, _ = checkpoint
+    flags = [x for key, value in options.items() for x in (f"--{key.replace('_', '-')}", value)]
+    assert cli("compress", source, "-o", tmp_path / "cli.safetensors", *flags, "--device", "cpu").exit_code == 0
+    report = lowrank_cli.compress(source, tmp_path / "api.safetensors", device="cpu", **options)
+    assert sha256(tmp_path / "cli.safetensors") == sha256(tmp_path / "api.safetensors")
+    assert isinstance(report, lowrank_cli.Report) and report.output == str(tmp_path / "api.safetensors")
+    assert cli("expand", tmp_path / "cli.safetensors", "-o", tmp_path / "cli.dense.safetensors").exit_code == 0
+    lowrank_cli.expand(tmp_path / "api.safetensors", tmp_path / "api.dense.safetensors")
+    assert sha256(tmp_path / "cli.dense.safetensors") == sha256(tmp_path / "api.dense.safetensors")
+
+
+def test_extract_writes_what_the_cli_writes(tmp_path):
+    base = {"l.weight": low_rank(40, 30, 30, seed=1)}
+    tuned = {"l.weight": base["l.weight"] + low_rank(40, 30, 3, seed=2)}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "tuned.safetensors", tuned)
+    args = (tmp_path / "base.safetensors", tmp_path / "tuned.safetensors")
+    assert cli("extract", *args, "-o", tmp_path / "cli", "--rank", 3, "--device", "cpu").exit_code == 0
+    lowrank_cli.extract(*args, tmp_path / "api", rank=3, device="cpu")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert sha256(tmp_path / "cli" / name) == sha256(tmp_path / "api" / name), name
+
+
+def test_analyze_returns_the_cli_json(checkpoint):
+    source, _ = checkpoint
+    result = cli("analyze", source, "--energy", "0.99", "--json")
+    assert result.exit_code == 0
+    document = lowrank_cli.analyze(source, energy=0.99).to_dict()
+    assert document == json.loads(result.stdout)
+    assert document["schema_version"] >= 2
+    statuses = {t["status"] for t in document["tensors"]}
+    assert statuses <= {s.value for s in lowrank_cli.Status}
+
+
+def test_progress_reports_every_byte(checkpoint):
+    source, _ = checkpoint
+    calls = []
+    lowrank_cli.analyze(source, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1][0] == calls[-1][1] == source.stat().st_size - _header_bytes(source)
+    assert [done for done, _ in calls] == sorted(done for done, _ in calls)
+
+
+def _header_bytes(path: Path) -> int:
+    return 8 + int.from_bytes(path.read_bytes()[:8], "little")
+
+
+# --- every command × method × policy, on full-rank and low-rank input --------------------------------
+
+POLICIES = [["--rank", "6"], ["--energy", "0.95"], ["--max-error", "0.05"], ["--budget", "0.5"]]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("inputs")
+    made = {}
+    for kind, k in (("full", 70), ("low", 5)):
+        base = {"w.weight": low_rank(90, 70, 70, seed=11), "v.weight": low_rank(50, 40, 40, seed=12)}
+        tuned = {name: w + low_rank(*w.shape, min(k, *w.shape), seed=13) * 0.1 for name, w in base.items()}
+        base_path = save(folder / f"{kind}_base.safetensors", base)
+        tuned_path = save(folder / f"{kind}_tuned.safetensors", tuned)
+        made[kind] = (base_path, tuned_path, base, tuned)
+    return made
+
+
+@pytest.mark.parametrize("kind", ["full", "low"])
+@pytest.mark.parametrize("method", ["auto", "exact", "randomized"])
+@pytest.mark.parametrize("policy", POLICIES, ids=" ".join)
+@pytest.mark.parametrize("command", ["analyze", "compress", "extract"])
+def test_every_combination_ends_in_a_report_or_one_error_line(inputs, tmp_path, command, method, policy, kind):
+    base_path, tuned_path, base, tuned = inputs[kind]
+    out = tmp_path / "out"
+    if command == "analyze":
+        result = cli("analyze", tuned_path, *policy, "--json")
+    elif command == "compress":
+        result = cli("compress", tuned_path, "-o", out, *policy, "--method", method, "--json")
+    else:
+        result = cli("extract", base_path, tuned_path, "-o", out, *policy, "--method", method, "--json")
+    assert_no_crash(result)
+    if result.exit_code != 0:
+        assert_clean_failure(result, result.exit_code)
+        return
+    rows = by_name(json.loads(result.stdout))
+    target = {"--max-error": 0.05, "--energy": (1 - 0.95) ** 0.5}.get(policy[0])
+    for name in base:
+        row = rows[name]
+        matrix = tuned[name] - base[name] if command == "extract" else tuned[name]
+        if command == "compress" and row["status"] == "factorized":
+            written = load(out)
+            assert relative_error(matrix, written[f"{name}.B"], written[f"{name}.A"]) == pytest.approx(
+                row["rel_error"], rel=1e-5, abs=1e-7
+            )
+        elif command == "extract" and row["status"] == "extracted":
+            written = load(out / "adapter_model.safetensors")
+            b, a = (
+                written[f"base_model.model.{name[:-7]}.lora_B.weight"],
+                written[f"base_model.model.{name[:-7]}.lora_A.weight"],
+            )
+            assert relative_error(matrix, b, a) == pytest.approx(row["rel_error"], rel=1e-5, abs=1e-7)
+        if target is not None and row["status"] in ("factorized", "extracted"):
+            assert row["rel_error"] <= target * (1 + 1e-6), (name, row)
+
+
+def test_extract_full_rank_delta_with_randomized_and_an_error_target(tmp_path):
+    """The crash of issue 9: a full-rank ΔW, randomized, --max-error 0.01 gave an AttributeError."""
+    base = {"l.weight": low_rank(120, 100, 100, seed=1)}
+    tuned = {"l.weight": base["l.weight"] + low_rank(120, 100, 100, seed=2)}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "tuned.safetensors", tuned)
+    result = cli(
+        "extract", tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "-o", tmp_path / "ad",
+        "--method", "randomized", "--max-error", "0.01", "--json",
+    )  # fmt: skip
+    assert_no_crash(result)
+    assert result.exit_code == 0, result.stderr
+    row = by_name(json.loads(result.stdout))["l.weight"]
+    written = load(tmp_path / "ad" / "adapter_model.safetensors")
+    b, a = written["base_model.model.l.lora_B.weight"], written["base_model.model.l.lora_A.weight"]
+    delta = tuned["l.weight"] - base["l.weight"]
+    assert relative_error(delta, b, a) <= 0.01
+    assert row["rank"] == b.shape[1]
