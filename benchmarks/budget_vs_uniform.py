@@ -11,10 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lowrank_cli.io.checkpoint import open_checkpoint  # noqa: E402
-from lowrank_cli.linalg.policy import RankPolicy  # noqa: E402
-from lowrank_cli.ops.analyze import analyze  # noqa: E402
+import lowrank_cli
 
 
 def summary(report) -> tuple[int, float, float, float]:
@@ -26,24 +23,23 @@ def summary(report) -> tuple[int, float, float, float]:
 
 def main() -> None:
     path = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).parents[1] / "sample_weights" / "demo.safetensors"
-    with open_checkpoint(path) as checkpoint:
-        print(f"{path.name}: Σ over matrices of relative squared error, budget allocation vs uniform rank\n")
-        budget_columns = "| budget F | params after | Σ err² | rms err | max err "
-        print(budget_columns + "| uniform R | params after | Σ err² | rms err | max err |")
-        print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-        for fraction in (0.1, 0.2, 0.3, 0.4):
-            budget = summary(analyze(checkpoint, RankPolicy(budget=fraction)))
-            uniform = None
-            for rank in range(1, 512):
-                candidate = summary(analyze(checkpoint, RankPolicy(rank=rank)))
-                if candidate[0] > budget[0]:
-                    break
-                uniform = (rank, candidate)
-            rank, u = uniform
-            print(
-                f"| {fraction:g} | {budget[0]:,} | {budget[1]:.4f} | {budget[2]:.4f} | {budget[3]:.4f} "
-                f"| {rank} | {u[0]:,} | {u[1]:.4f} | {u[2]:.4f} | {u[3]:.4f} |"
-            )
+    print(f"{path.name}: Σ over matrices of relative squared error, budget allocation vs uniform rank\n")
+    budget_columns = "| budget F | params after | Σ err² | rms err | max err "
+    print(budget_columns + "| uniform R | params after | Σ err² | rms err | max err |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for fraction in (0.1, 0.2, 0.3, 0.4):
+        budget = summary(lowrank_cli.analyze(path, budget=fraction, device="cpu"))
+        uniform = None
+        for rank in range(1, 512):
+            candidate = summary(lowrank_cli.analyze(path, rank=rank, device="cpu"))
+            if candidate[0] > budget[0]:
+                break
+            uniform = (rank, candidate)
+        rank, u = uniform
+        print(
+            f"| {fraction:g} | {budget[0]:,} | {budget[1]:.4f} | {budget[2]:.4f} | {budget[3]:.4f} "
+            f"| {rank} | {u[0]:,} | {u[1]:.4f} | {u[2]:.4f} | {u[3]:.4f} |"
+        )
 
 
 if __name__ == "__main__":
