@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.linalg.spectrum import Spectrum
+from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank
 
 
 def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
@@ -33,7 +33,7 @@ def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
             continue
         m, n = spectrum.shape
         # Above break-even factors save nothing; past the numerical rank a term removes only rounding.
-        cap = max(1, min((m * n - 1) // (m + n), spectrum.numerical_rank()))
+        cap = max(1, min(break_even_rank(m, n), spectrum.numerical_rank()))
         terms = spectrum.gains()[1:cap]  # what ranks 2…cap each remove
         names += [name] * len(terms)
         gains.append(terms / (m + n))

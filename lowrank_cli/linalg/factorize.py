@@ -9,11 +9,9 @@ from dataclasses import dataclass, replace
 import torch
 
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
-from lowrank_cli.linalg.spectrum import Spectrum, max_abs, svd
+from lowrank_cli.linalg.randomized import CHUNK_BYTES, adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
+from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale, max_abs, svd
 
-_CHUNK_BYTES = 64 << 20
-_SAFE_SCALE = (1e-6, 1e6)  # max |W| outside this range is normalized before factorizing
 _SMALL = 256  # below this min(m, n) a full SVD costs next to nothing
 OVERSAMPLE = 16
 POWER_ITERS = 5  # fixed rank: on σ_i ∝ i^-0.5 errors are 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096²
@@ -61,11 +59,6 @@ def finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor.to(torch.float32) if tensor.element_size() == 1 else tensor).all())
 
 
-def break_even_rank(m: int, n: int) -> int:
-    """The largest r with r·(m + n) < m·n: above it, factors hold more numbers than W."""
-    return (m * n - 1) // (m + n)
-
-
 def generator_for(name: str, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded by --seed and the tensor's name: each tensor's result is reproducible alone."""
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
@@ -86,8 +79,7 @@ def factorize(
     """
     max_rank = break_even_rank(*matrix.shape) if max_rank is None else max_rank
     peak = max_abs(matrix)
-    if peak > 0 and not _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1]:
-        # Entries near 1e30 overflow float32 in WᵀW·Ω; the factors of W/peak, times peak, do not.
+    if peak > 0 and not in_safe_scale(peak):
         result = _factorize(matrix / peak, policy, method, generator, max_rank)
         result.scale = peak
         if result.spectrum is not None:
@@ -192,7 +184,7 @@ def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> fl
     peak = max_abs(matrix)
     if peak == 0.0:
         return 0.0
-    scale = 1.0 if _SAFE_SCALE[0] <= peak <= _SAFE_SCALE[1] else peak
+    scale = 1.0 if in_safe_scale(peak) else peak
     if matrix.dtype != torch.float64 and matrix.numel() >= 1 << 20:
         error = _relative_error(matrix, b, a, scale, torch.float32)
         if error >= 1e-3:
@@ -202,7 +194,7 @@ def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> fl
 
 def _relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor, scale: float, dtype: torch.dtype) -> float:
     a = a.to(dtype)
-    rows = max(1, _CHUNK_BYTES // (8 * max(1, matrix.shape[1])))
+    rows = max(1, CHUNK_BYTES // (8 * max(1, matrix.shape[1])))
     residual = total = 0.0
     for start in range(0, matrix.shape[0], rows):
         w = matrix[start : start + rows].to(dtype)

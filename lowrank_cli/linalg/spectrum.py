@@ -8,6 +8,20 @@ import numpy as np
 import torch
 
 _SPARK = "▁▂▃▄▅▆▇█"
+# max |W| outside this range is divided out before any product or SVD: entries near 1e30 overflow
+# float32 in WᵀW·Ω, and ones near 1e-30 underflow it; the factors of W/peak, times peak, do not.
+SAFE_SCALE = (1e-6, 1e6)
+
+
+def in_safe_scale(peak: float) -> bool:
+    return SAFE_SCALE[0] <= peak <= SAFE_SCALE[1]
+
+
+def break_even_rank(m: int, n: int) -> int:
+    """The largest r with r·(m + n) < m·n: above it, factors hold more numbers than W."""
+    return (m * n - 1) // (m + n)
+
+
 _TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 
 
@@ -113,7 +127,7 @@ def singular_values(matrix: torch.Tensor) -> tuple[torch.Tensor, float]:
     Dividing by max |W| first keeps σ finite when entries near the dtype's maximum would overflow it.
     """
     peak = max_abs(matrix)
-    if peak == 0.0 or not 1e-6 <= peak <= 1e6:
+    if peak == 0.0 or not in_safe_scale(peak):
         scale = peak or 1.0
         return torch.linalg.svdvals(_tall(matrix / scale)), scale
     return torch.linalg.svdvals(_tall(matrix)), 1.0

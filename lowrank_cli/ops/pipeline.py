@@ -14,9 +14,9 @@ import torch
 from lowrank_cli.errors import TensorError
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
-from lowrank_cli.linalg.factorize import break_even_rank, factorize, finite, generator_for, relative_error
+from lowrank_cli.linalg.factorize import factorize, finite, generator_for, relative_error
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.linalg.spectrum import Spectrum, singular_values
+from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
 from lowrank_cli.ops.report import Status, TensorReport
 from lowrank_cli.ops.settings import DType, Method, Settings
 
