@@ -219,6 +219,7 @@ def extract(
     embeddings: bool = False,
     conv: bool = False,
     base_model: str | None = None,
+    lora_only: bool = False,
     include: list[str] | None = None,
     exclude: list[str] | None = None,
     force: bool = False,
@@ -231,14 +232,18 @@ def extract(
         out: the adapter folder to write (adapter_model.safetensors, adapter_config.json).
         rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW.
         embeddings, conv: also adapt embeddings and conv kernels.
-        base_model: base_model_name_or_path in adapter_config.json.
+        base_model: base_model_name_or_path in adapter_config.json; default BASE's folder
+            (the folder itself, or the one holding the file), as an absolute path.
+        lora_only: write only the LoRA pairs. By default what else changed goes in too, with
+            status "carried": an adapted module's bias change as its lora_B.bias (lora_bias)
+            and a module of 1-D tensors (a LayerNorm) whole, as tuned (modules_to_save).
 
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
     """
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
-    options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model)
+    options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model, lora_only=lora_only)
     passes = 2 if policy.budget is not None else 1
     with (
         open_checkpoint(base) as base_checkpoint,

@@ -21,7 +21,7 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 # The arguments a message may name; a fixed list, so that a tensor or file name never matches.
 ARGUMENTS = (
     "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
-    "force", "out", "embeddings", "conv", "base_model", "rtol", "calibration", "top",
+    "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top",
 )  # fmt: skip
 _ARGUMENT = re.compile(r"\{(" + "|".join(ARGUMENTS) + r")\}")
 

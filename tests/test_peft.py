@@ -390,3 +390,109 @@ def test_linear_inside_an_embeddings_block_loads_in_peft(tmp_path):
     model = PeftModel.from_pretrained(embedder(base), str(adapter)).eval()
     assert_loaded_ranks(model, dict.fromkeys(deltas, 2))
     torch.testing.assert_close(outputs(model, ids), tuned_out, atol=ATOL, rtol=0)
+
+
+# --- what changed beside the matrices: biases (lora_bias) and LayerNorms (modules_to_save) ---------
+
+BERT = transformers.BertConfig(
+    vocab_size=64,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=64,
+    max_position_embeddings=32,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+)
+BERT_TOKENS = torch.randint(0, BERT.vocab_size, (2, 10), generator=torch.Generator().manual_seed(50))
+BERT_RANK = 2
+
+
+def bert(state: dict[str, torch.Tensor] | None = None) -> transformers.BertModel:
+    torch.manual_seed(0)
+    model = transformers.BertModel(BERT).eval()
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    return model
+
+
+@torch.no_grad()
+def bert_outputs(model: torch.nn.Module) -> torch.Tensor:
+    return model(BERT_TOKENS).last_hidden_state
+
+
+def bert_fine_tune(base: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Every Linear's ΔW of rank exactly BERT_RANK and its bias changed; LayerNorms changed in two places.
+
+    Returns the tuned weights, the Linear modules and the LayerNorm modules that changed.
+    """
+    generator = torch.Generator().manual_seed(51)
+    linears = sorted(n.removesuffix(".weight") for n, t in base.items() if t.ndim == 2 and "embeddings" not in n)
+    norms = ["embeddings.LayerNorm", "encoder.layer.1.output.LayerNorm"]
+    tuned = fine_tune(
+        base, {m: 0.05 * low_rank(*base[f"{m}.weight"].shape, BERT_RANK, seed=60 + i) for i, m in enumerate(linears)}
+    )
+    for name in [f"{m}.bias" for m in linears] + [f"{m}.{p}" for m in norms for p in ("weight", "bias")]:
+        tuned[name] = base[name] + 0.1 * torch.randn(base[name].shape, generator=generator)
+    return tuned, linears, norms
+
+
+@pytest.fixture(scope="module")
+def bert_pair(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bert")
+    base = weights(bert())
+    tuned, linears, norms = bert_fine_tune(base)
+    return folder, base, tuned, linears, norms, write_pair(folder, base, tuned)
+
+
+def test_biases_and_norms_are_carried_and_the_adapter_reproduces_the_tuned_model(bert_pair):
+    folder, base, tuned, linears, norms, (base_file, tuned_file) = bert_pair
+    adapter = folder / "adapter"
+    result = cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", BERT_RANK)
+
+    config = read_config(adapter)
+    assert sorted(config["target_modules"]) == linears
+    assert config["lora_bias"] is True
+    assert sorted(config["modules_to_save"]) == sorted(norms)
+    assert config["base_model_name_or_path"] == str(folder.resolve())  # BASE's folder by default
+    written = load(adapter / "adapter_model.safetensors")
+    for module in linears:  # Δb, not the tuned bias
+        delta = tuned[f"{module}.bias"] - base[f"{module}.bias"]
+        torch.testing.assert_close(written[f"base_model.model.{module}.lora_B.bias"], delta, atol=1e-7, rtol=0)
+    for module in norms:  # the tuned module whole
+        for p in ("weight", "bias"):
+            assert torch.equal(written[f"base_model.model.{module}.{p}"], tuned[f"{module}.{p}"])
+
+    rows = by_name(result)
+    carried = {f"{m}.bias" for m in linears} | {f"{m}.{p}" for m in norms for p in ("weight", "bias")}
+    assert {n for n, t in rows.items() if t["status"] == "carried"} == carried
+    for name in carried:
+        assert rows[name]["params_after"] == base[name].numel()
+    # The totals count what the file holds: LoRA pairs and carried tensors.
+    assert result["totals"]["params_after"] == sum(t.numel() for t in written.values())
+
+    tuned_out = bert_outputs(bert(tuned))
+    assert rel(bert_outputs(bert(base)), tuned_out) > 1e-2  # the fine-tune shows
+    model = PeftModel.from_pretrained(bert(base), str(adapter)).eval()
+    assert_loaded_ranks(model, dict.fromkeys(linears, BERT_RANK))
+    assert rel(bert_outputs(model), tuned_out) <= 1e-4
+    merged = weights(model.merge_and_unload())
+    for module in linears:
+        torch.testing.assert_close(merged[f"{module}.bias"], tuned[f"{module}.bias"], atol=1e-6, rtol=0)
+
+
+def test_lora_only_leaves_biases_and_norms_out(bert_pair):
+    folder, base, tuned, linears, norms, (base_file, tuned_file) = bert_pair
+    adapter = folder / "lora-only"
+    result = cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", BERT_RANK, "--lora-only")
+
+    config = read_config(adapter)
+    assert (config["lora_bias"], config["modules_to_save"]) == (False, None)
+    written = load(adapter / "adapter_model.safetensors")
+    assert set(written) == {f"base_model.model.{m}.lora_{ab}.weight" for m in linears for ab in "AB"}
+    rows = by_name(result)
+    assert rows[f"{linears[0]}.bias"]["status"] == "skipped"
+    assert "left out" in rows[f"{norms[0]}.weight"]["reason"]
+
+    model = PeftModel.from_pretrained(bert(base), str(adapter)).eval()
+    assert rel(bert_outputs(model), bert_outputs(bert(tuned))) > 1e-2  # the biases and norms are missing

@@ -251,8 +251,19 @@ def extract(
     conv: Annotated[bool, typer.Option("--conv", help="Also extract conv kernels (PEFT conv LoRA).")] = False,
     base_model: Annotated[
         Optional[str],
-        typer.Option("--base-model", help="base_model_name_or_path for adapter_config.json.", metavar="NAME"),
+        typer.Option(
+            "--base-model",
+            help="base_model_name_or_path for adapter_config.json (default: BASE's folder).",
+            metavar="NAME",
+        ),
     ] = None,
+    lora_only: Annotated[
+        bool,
+        typer.Option(
+            "--lora-only",
+            help="Only the LoRA pairs: leave out changed biases (lora_bias) and norms (modules_to_save).",
+        ),
+    ] = False,
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
@@ -279,6 +290,7 @@ def extract(
             embeddings=embeddings,
             conv=conv,
             base_model=base_model,
+            lora_only=lora_only,
             include=include,
             exclude=exclude,
             force=force,

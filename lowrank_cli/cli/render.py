@@ -190,7 +190,7 @@ def _extract_table(report: Report) -> Table:
                     "",
                     "",
                     f"{t.params:,}",
-                    "",
+                    f"{t.params_after:,}" if t.status == Status.carried else "",
                     Text(t.reason or "", style="dim"),
                 ]
             )

@@ -4,7 +4,12 @@
     base_model.model.<module>.lora_B.weight  (out, r)   B = U_r·diag(S_r)
 
 with lora_alpha = r (and alpha_pattern = rank_pattern), so every module's scaling alpha/r is
-exactly 1 and the merged weight is W_base + B·A.
+exactly 1 and the merged weight is W_base + B·A. Beside the pairs, what LoRA's product cannot carry:
+
+    base_model.model.<module>.lora_B.bias    (out,)     Δb, with lora_bias = true (PEFT adds it to the output)
+    base_model.model.<module>.<param>                   the tuned tensors of a module in modules_to_save
+
+PEFT puts modules_to_save's tensors back under `<module>.modules_to_save.<adapter>.` when it loads them.
 """
 
 from __future__ import annotations
@@ -28,7 +33,13 @@ def is_embedding(module: str, shape: tuple[int, ...]) -> bool:
     return len(shape) == 2 and bool(_EMBEDDING.search(module))
 
 
-def adapter_config(adapter: dict[str, tuple[int, str]], base_model: str | None) -> dict:
+def adapter_config(
+    adapter: dict[str, tuple[int, str]],
+    base_model: str | None,
+    *,
+    lora_bias: bool = False,
+    modules_to_save: list[str] | None = None,
+) -> dict:
     """PEFT's LoraConfig fields: r is the most common rank, the others go in rank_pattern."""
     ranks = Counter(rank for rank, _ in adapter.values())
     r = max(ranks, key=lambda rank: (ranks[rank], -rank))
@@ -49,7 +60,8 @@ def adapter_config(adapter: dict[str, tuple[int, str]], base_model: str | None) 
         "use_dora": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
+        "lora_bias": lora_bias,
+        "modules_to_save": sorted(modules_to_save, key=natural_key) if modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
     }
@@ -71,3 +83,13 @@ def write_lora(writer: SafetensorsWriter, module: str, shape: tuple[int, ...], b
     writer.add_tensor(f"{prefix}.lora_A.weight", a)  # (r, in)
     writer.add_tensor(f"{prefix}.lora_B.weight", b)  # (out, r)
     return "linear"
+
+
+def write_lora_bias(writer: SafetensorsWriter, module: str, delta: torch.Tensor) -> None:
+    """A target's bias change Δb (out,): PEFT's lora_B carries it when the config says lora_bias."""
+    writer.add_tensor(f"base_model.model.{module}.lora_B.bias", delta)
+
+
+def write_saved(writer: SafetensorsWriter, name: str, dtype: str, shape: tuple[int, ...], data: bytes) -> None:
+    """One tensor of a module in modules_to_save, bit for bit as the tuned model stores it."""
+    writer.add_bytes(f"base_model.model.{name}", dtype, shape, data)

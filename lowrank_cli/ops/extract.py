@@ -1,7 +1,9 @@
 """extract: a LoRA adapter from the difference a fine-tune made, ΔW = W_tuned − W_base.
 
 OUT becomes a PEFT LoRA adapter (io.peft): each module's ΔW goes through the same factor step
-as compress (ops.pipeline.factor), at any rank up to min(m, n).
+as compress (ops.pipeline.factor), at any rank up to min(m, n). What changed beside the matrices
+goes in too, unless `lora_only`: the bias change of an adapted module as its lora_B.bias
+(lora_bias), and a module of 1-D tensors (a LayerNorm) whole, as tuned, through modules_to_save.
 """
 
 from __future__ import annotations
@@ -17,7 +19,15 @@ from lowrank_cli.errors import OutputError, TensorError
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.dtypes import compute_dtype
 from lowrank_cli.io.outputs import FolderOutput, check_output
-from lowrank_cli.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, adapter_config, is_embedding, write_lora
+from lowrank_cli.io.peft import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    adapter_config,
+    is_embedding,
+    write_lora,
+    write_lora_bias,
+    write_saved,
+)
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import policy_per_tensor
@@ -30,7 +40,8 @@ from lowrank_cli.ops.settings import Settings
 class ExtractOptions:
     embeddings: bool = False  # LoRA on embeddings (lora_embedding_A/B)
     conv: bool = False  # LoRA on conv kernels (lora_A as a kh×kw conv, lora_B as 1×1)
-    base_model: str | None = None  # base_model_name_or_path in adapter_config.json
+    base_model: str | None = None  # base_model_name_or_path in adapter_config.json; None: BASE's folder
+    lora_only: bool = False  # only the LoRA pairs: leave changed biases and norms out
 
 
 @dataclass(frozen=True)
@@ -39,6 +50,15 @@ class _Screened:
 
     reason: str | None = None
     opt_in: str | None = None
+    carry: bool = False  # a changed tensor of fewer than 2 dims: a candidate for lora_bias or modules_to_save
+
+
+@dataclass(frozen=True)
+class _Extras:
+    """What goes into the adapter beside the LoRA pairs."""
+
+    biases: list[str]  # every target's bias, written as its change lora_B.bias (lora_bias)
+    modules: list[str]  # modules written whole, as tuned (modules_to_save)
 
 
 def extract(
@@ -86,8 +106,15 @@ def extract(
                     on_tensor(tuned.entries[name])
             if not adapter:
                 raise TensorError(_nothing_changed(base, tuned, screened))
+            extras = _plan_extras(base, tuned, tensors, screened, adapter, options)
+            _write_extras(base, tuned, tensors, extras, writer, settings)
             size = writer.commit()
-        config = adapter_config(adapter, options.base_model)
+        config = adapter_config(
+            adapter,
+            options.base_model or base_folder(base),
+            lora_bias=bool(extras.biases),
+            modules_to_save=extras.modules,
+        )
         (folder.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         folder.commit()
     return _report(base, tuned, list(tensors.values()), policy, out, settings, size)
@@ -141,7 +168,7 @@ def _report(
     for report in reports:
         if report.status == Status.skipped:
             report.params_after = 0  # not in the adapter
-    extracted = [t for t in reports if t.status == Status.extracted]
+    extracted = [t for t in reports if t.status in (Status.extracted, Status.carried)]
     return Report(
         command="extract",
         sources=[str(base.source), str(tuned.source)],
@@ -151,6 +178,134 @@ def _report(
         output=str(out),
         options=settings.as_dict(),
     )
+
+
+def base_folder(base: Checkpoint) -> str:
+    """BASE's folder, absolute: where a transformers model keeps config.json beside its weights."""
+    folder = base.source if base.source.is_dir() else base.source.parent
+    return str(folder.resolve())
+
+
+def _plan_extras(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    rows: dict[str, TensorReport],
+    screened: dict[str, _Screened],
+    adapter: dict[str, tuple[int, str]],
+    options: ExtractOptions,
+) -> _Extras:
+    """Which changed 1-D tensors go into the adapter, and how; the rows of the others say why not."""
+    changed = [name for name, s in screened.items() if s.carry]
+    if options.lora_only:
+        for name in changed:
+            rows[name].reason += "; left out (LoRA only)"
+        return _Extras([], [])
+    members = _members(tuned)
+    target_biases = {name for name in changed if _module(name) in adapter and name.endswith(".bias")}
+    blocker = _lora_bias_blocker(base, tuned, rows, adapter) if target_biases else None
+    modules = set()
+    for name in changed:
+        if name in target_biases:
+            why = blocker
+        else:
+            why = _module_blocker(_module(name), members, rows, adapter)
+            if why is None:
+                modules.add(_module(name))
+        if why is not None:
+            rows[name].reason += f"; not carried: {why}"
+    biases = [f"{module}.bias" for module in adapter] if target_biases and blocker is None else []
+    return _Extras(sorted(biases, key=natural_key), sorted(modules, key=natural_key))
+
+
+def _lora_bias_blocker(
+    base: Checkpoint, tuned: Checkpoint, rows: dict[str, TensorReport], adapter: dict[str, tuple[int, str]]
+) -> str | None:
+    """Why lora_bias cannot be used: PEFT gives every target a lora_B.bias, or None if it can."""
+    for module, (_, kind) in sorted(adapter.items()):
+        bias = f"{module}.bias"
+        if kind == "embedding":
+            return f"PEFT has no lora_bias for an embedding, and {module} is one"
+        shapes = {tuple(c.entries[bias].shape) for c in (base, tuned) if bias in c.entries}
+        if bias not in rows or len(shapes) != 1 or not tuned.entries.get(bias, base.entries[bias]).is_float:
+            # A target without a bias would get one that merge_and_unload cannot merge.
+            return f"lora_bias needs a bias on every LoRA target, and {module} has none in both (or not selected)"
+    return None
+
+
+def _module_blocker(
+    module: str, members: dict[str, list[str]], rows: dict[str, TensorReport], adapter: dict[str, tuple[int, str]]
+) -> str | None:
+    """Why modules_to_save cannot carry `module` whole, or None if it can."""
+    if not module:
+        return "not in a module, and modules_to_save carries modules"
+    if module in adapter:
+        return f"{module} is a LoRA target, and PEFT has no place for its tensors but the bias"
+    for name in members[module]:
+        if "." in name.removeprefix(module + "."):
+            return f"{module} holds submodules, which modules_to_save would carry whole"
+        if name not in rows:
+            return f"{module} also holds {name}, which is not selected"
+        if len(rows[name].shape) >= 2:
+            return f"{module} also holds the matrix {name}; modules_to_save would carry it whole"
+    return None
+
+
+def _members(tuned: Checkpoint) -> dict[str, list[str]]:
+    """{module: the names of its tensors and its submodules' tensors}, for every module of TUNED."""
+    members: dict[str, list[str]] = {}
+    for name in tuned.entries:
+        parts = name.split(".")
+        for end in range(1, len(parts)):
+            members.setdefault(".".join(parts[:end]), []).append(name)
+    return members
+
+
+def _module(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+def _write_extras(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    rows: dict[str, TensorReport],
+    extras: _Extras,
+    writer: SafetensorsWriter,
+    settings: Settings,
+) -> None:
+    """Write every target's bias change (zeros where it did not change) and the modules carried whole."""
+    for name in extras.biases:
+        before, after = (_finite(c, name).to(torch.float64) for c in (base, tuned))
+        delta = after - before  # (out,)
+        stored = delta.to(stored_dtype(settings, tuned.entries[name].dtype))
+        write_lora_bias(writer, _module(name), stored)
+        _carried(rows[name], f"as lora_B.bias of {_module(name)} (lora_bias)")
+        rows[name].rel_error = _stored_error(delta, stored)
+    members = _members(tuned)
+    for module in extras.modules:
+        for name in members[module]:
+            entry = tuned.entries[name]
+            if entry.is_float:
+                _finite(tuned, name)
+            write_saved(writer, name, entry.dtype, entry.shape, tuned.read_bytes(name))
+            _carried(rows[name], f"whole with {module} (modules_to_save)")
+
+
+def _finite(checkpoint: Checkpoint, name: str) -> torch.Tensor:
+    value = checkpoint.read(name)
+    check_finite(value, f"{checkpoint.entries[name].path}: tensor '{name}'", name)
+    return value
+
+
+def _carried(row: TensorReport, reason: str) -> None:
+    row.status = Status.carried
+    row.reason = reason
+    row.params_after = row.params
+
+
+def _stored_error(delta: torch.Tensor, stored: torch.Tensor) -> float:
+    """‖Δ − stored‖ / ‖Δ‖ of a change written in a narrower dtype; 0 for no change."""
+    norm = float(torch.linalg.vector_norm(delta))
+    return float(torch.linalg.vector_norm(delta - stored.to(torch.float64))) / norm if norm > 0 else 0.0
 
 
 def _nothing_changed(base: Checkpoint, tuned: Checkpoint, screened: dict[str, _Screened]) -> str:
@@ -195,7 +350,7 @@ def _screen(base: Checkpoint, tuned: Checkpoint, name: str, options: ExtractOpti
         changed = _change(base, tuned, name)
         if changed == 0:
             return _Screened(f"{len(entry.shape)}-D, unchanged")
-        return _Screened(f"{len(entry.shape)}-D: changed by {changed:.3g} relative, which LoRA cannot carry")
+        return _Screened(f"{len(entry.shape)}-D: changed by {changed:.3g} relative", carry=True)
     if entry.numel == 0:
         return _Screened("empty tensor")
     if not name.endswith(".weight"):

@@ -20,6 +20,7 @@ class Status(str, Enum):
     dense = "dense"  # a policy applied, but factors would not save params: kept as it is
     skipped = "skipped"  # not a float matrix, not selected, or (extract) not in the adapter
     extracted = "extracted"  # extract: written as a LoRA pair
+    carried = "carried"  # extract: beside the LoRA pairs, as its change (lora_bias) or whole (modules_to_save)
     expanded = "expanded"  # expand: rebuilt from its factors
     copied = "copied"  # expand: stored unchanged in the lowrank file, copied
 
