@@ -97,11 +97,7 @@ def _check_reasons(rows: dict[str, dict], base: dict, tuned: dict, *, embeddings
     assert skipped["lm_head.weight"].index("40×16") < skipped["lm_head.weight"].index("42×16")  # BASE, then TUNED
     assert "unchanged" in skipped["frozen.weight"] and "ΔW = 0" in skipped["frozen.weight"]
     assert "1-D" in skipped["proj.bias"] and "unchanged" in skipped["proj.bias"]
-    assert "1-D" in skipped["norm.weight"] and "unchanged" not in skipped["norm.weight"]
-    norm_before, norm_after = base["norm.weight"], tuned["norm.weight"]
-    change = float(torch.linalg.vector_norm(norm_after - norm_before) / torch.linalg.vector_norm(norm_before))
-    number = re.search(r"changed by ([0-9.e+-]+)", skipped["norm.weight"])
-    assert number and float(number.group(1)) == pytest.approx(change, rel=1e-2)
+    assert rows["norm.weight"]["status"] == "carried" and "modules_to_save" in rows["norm.weight"]["reason"]
     assert "not floating point" in skipped["steps"]
     extracted = {"proj.weight"}
     if embeddings:
@@ -117,6 +113,11 @@ def _check_reasons(rows: dict[str, dict], base: dict, tuned: dict, *, embeddings
     assert set(rows) == set(base) | set(tuned)
 
 
+def _norm_change(base: dict, tuned: dict) -> float:
+    before, after = base["norm.weight"], tuned["norm.weight"]
+    return float(torch.linalg.vector_norm(after - before) / torch.linalg.vector_norm(before))
+
+
 def test_skip_reasons_in_json(every_case, tmp_path):
     base_file, tuned_file, base, tuned = every_case
     adapter = tmp_path / "adapter"
@@ -126,7 +127,51 @@ def test_skip_reasons_in_json(every_case, tmp_path):
         if row["status"] == "skipped":
             assert row["rank"] is None and row["rel_error"] is None, row
     assert _config(adapter)["target_modules"] == ["proj"]
+    written = load(adapter / WEIGHTS)
+    assert set(written) == {f"base_model.model.proj.lora_{ab}.weight" for ab in "AB"} | {"base_model.model.norm.weight"}
+    assert torch.equal(written["base_model.model.norm.weight"], tuned["norm.weight"])
+    assert (_config(adapter)["modules_to_save"], _config(adapter)["lora_bias"]) == (["norm"], False)
+    assert report["norm.weight"]["params_after"] == 16
+
+
+def test_lora_only_says_how_much_a_tensor_left_out_changed(every_case, tmp_path):
+    base_file, tuned_file, base, tuned = every_case
+    adapter = tmp_path / "adapter"
+    report = by_name(cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", 3, "--lora-only"))
+    row = report["norm.weight"]
+    assert row["status"] == "skipped" and "left out" in row["reason"]
+    number = re.search(r"changed by ([0-9.e+-]+)", row["reason"])
+    assert number and float(number.group(1)) == pytest.approx(_norm_change(base, tuned), rel=1e-2)
+    assert _config(adapter)["modules_to_save"] is None
     assert set(load(adapter / WEIGHTS)) == {f"base_model.model.proj.lora_{ab}.weight" for ab in "AB"}
+
+
+def test_what_cannot_be_carried_says_why(tmp_path):
+    """A bias of a target beside a target with no bias (lora_bias would break merging), and the bias of a
+    Linear whose weight did not change (modules_to_save would carry the whole matrix)."""
+    generator = torch.Generator().manual_seed(30)
+    base = {
+        "a.weight": torch.randn(8, 6, generator=generator),
+        "a.bias": torch.randn(8, generator=generator),
+        "b.weight": torch.randn(8, 8, generator=generator),
+        "c.weight": torch.randn(4, 8, generator=generator),
+        "c.bias": torch.randn(4, generator=generator),
+    }
+    tuned = dict(base)
+    for name in ("a", "b"):
+        tuned[f"{name}.weight"] = base[f"{name}.weight"] + 0.1 * low_rank(*base[f"{name}.weight"].shape, 2, seed=31)
+    for name in ("a.bias", "c.bias"):
+        tuned[name] = base[name] + 0.1
+    base_file, tuned_file = _write(tmp_path, base, tuned)
+    adapter = tmp_path / "adapter"
+
+    report = by_name(cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", 2))
+    assert report["a.bias"]["status"] == "skipped"
+    assert "lora_bias needs a bias on every LoRA target" in report["a.bias"]["reason"]
+    assert "b has none" in report["a.bias"]["reason"]
+    assert report["c.bias"]["status"] == "skipped" and "the matrix c.weight" in report["c.bias"]["reason"]
+    config = _config(adapter)
+    assert (config["lora_bias"], config["modules_to_save"], config["target_modules"]) == (False, None, ["a", "b"])
 
 
 def test_skip_reasons_in_the_table(every_case, tmp_path):
@@ -264,9 +309,10 @@ def test_bytes_after_is_the_adapter_file(every_case, tmp_path):
     adapter = tmp_path / "adapter"
     document = cli_json("extract", base_file, tuned_file, "-o", adapter, "--rank", 2, "--embeddings", "--conv")
     assert document["totals"]["bytes_after"] == (adapter / WEIGHTS).stat().st_size
-    extracted = [t for t in document["tensors"] if t["status"] == "extracted"]
+    in_adapter = [t for t in document["tensors"] if t["status"] in ("extracted", "carried")]
+    assert {t["name"] for t in in_adapter if t["status"] == "carried"} == {"norm.weight"}
     assert document["totals"]["params_after"] == sum(t.numel() for t in load(adapter / WEIGHTS).values())
-    assert document["totals"]["params"] == sum(int(np.prod(t["shape"])) for t in extracted)
+    assert document["totals"]["params"] == sum(int(np.prod(t["shape"])) for t in in_adapter)
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.9, 0.99, 0.999])
@@ -319,7 +365,7 @@ def test_include_exclude_and_base_model(approximate, tmp_path):
     report = by_name(cli_json("extract", base_file, tuned_file, "-o", adapter, *options))
     assert set(report) == {"a.weight"}
     assert _config(adapter)["target_modules"] == ["a"]
-    assert _config(adapter)["base_model_name_or_path"] is None
+    assert _config(adapter)["base_model_name_or_path"] == str(base_file.parent.resolve())  # BASE's folder
 
 
 # --- dtypes ---------------------------------------------------------------------------------------
