@@ -33,7 +33,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.linalg.factorize import _sketch_dtype, factorize
+from lowrank_cli.linalg.factorize import _sketch_dtype, exact_is_cheap, factorize
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, orthonormal, randomized_svd, sum_of_squares
 
@@ -238,7 +238,8 @@ def test_exact_and_randomized_agree_on_an_exact_low_rank(tmp_path, k, policy):
 @pytest.fixture
 def mixed_file(tmp_path):
     tensors = {
-        "big.weight": with_spectrum(300, 280, geometric(280, 0.9), seed=21),  # min(m, n) > 256: auto may randomize
+        # m·n·min(m, n) = 4e8, past what an exact SVD may cost under auto: it randomizes rank 5
+        "big.weight": with_spectrum(1100, 600, geometric(600, 0.9), seed=21),
         "small.weight": with_spectrum(40, 30, geometric(30, 0.7), seed=22),
         "small.bias": torch.randn(40),
     }
@@ -268,6 +269,27 @@ def test_json_reports_the_method_of_each_tensor(mixed_file, tmp_path, method, ex
         assert relative_error(tensors[name], b, a) <= 1.02 * optimal
     assert rows["small.bias"]["status"] == "skipped"
     assert rows["small.bias"]["method"] is None
+
+
+@pytest.mark.parametrize("policy", [RankPolicy(rank=64), RankPolicy(max_error=0.5)])
+def test_auto_takes_the_exact_svd_of_a_384_wide_matrix(policy):
+    """384×384: exact costs next to nothing, so auto's error is the optimal one, not 1.003× it."""
+    w = with_spectrum(384, 384, 1 / np.sqrt(np.arange(1, 385)), seed=40)
+    result = factorize(w, policy, method="auto")
+    assert result.method == "exact"
+    s = singular_values(w)
+    tail = tail_errors(s)
+    rank = 64 if policy.rank else next(r for r, e in enumerate(tail) if e <= 0.5)
+    assert result.rank == rank
+    b, a, _ = result.factors()
+    # Eckart–Young: the best rank-r error, from numpy's SVD in float64; float32 factors are within ~1e-6 of it.
+    assert relative_error(w, b, a) == pytest.approx(tail[rank], rel=1e-5)
+
+
+def test_auto_judges_the_exact_svd_by_its_cost_not_a_width():
+    assert exact_is_cheap(384, 384) and exact_is_cheap(384, 1536) and exact_is_cheap(1536, 384)
+    assert exact_is_cheap(640, 640) and not exact_is_cheap(768, 768)
+    assert not exact_is_cheap(256, 1 << 16)  # a narrow vocabulary table still costs 256² per row: 4.3e9
 
 
 # --- options --------------------------------------------------------------------------------------

@@ -12,7 +12,11 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.randomized import CHUNK_BYTES, adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale, max_abs, svd
 
-_SMALL = 256  # below this min(m, n) a full SVD costs next to nothing
+# An exact SVD (gesdd) of an m×n float32 matrix costs ≈ α·m·n·min(m, n), α ≈ 0.6–2.2 ns on 2 shared
+# AVX-512 cores (a randomized rank-64 SVD there: ≈ 0.05–0.3 ns per 12·m·n·(r + p)). Up to _CHEAP_EXACT
+# of m·n·min(m, n), 0.16–0.6 s, the optimal factors are worth it whatever randomized would cost: every
+# 384-wide matrix (384×1536: 2.3e8), 512×512, 640×640; not 768×768 (4.5e8) or 512×2048 (5.4e8).
+_CHEAP_EXACT = 1 << 28
 OVERSAMPLE = 16
 POWER_ITERS = 5  # fixed rank: on σ_i ∝ i^-0.5 errors are 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096²
 ADAPTIVE_POWER_ITERS = 2  # adaptive, per block; with REFINEMENTS the rank is within ~2-4 % of optimal
@@ -94,7 +98,7 @@ def _factorize(
     m, n = matrix.shape
     k = min(m, n)
     generator = generator or torch.Generator(device=matrix.device).manual_seed(0)
-    if method == "exact" or (method == "auto" and k <= _SMALL):
+    if method == "exact" or (method == "auto" and exact_is_cheap(m, n)):
         return _exact(matrix, policy)
     if policy.rank is not None:
         rank = min(policy.rank, k)
@@ -110,6 +114,11 @@ def _factorize(
         )
         return Factorization(rank, u, s, vh, "randomized")
     return _adaptive(matrix, policy, method, generator, max_rank)
+
+
+def exact_is_cheap(m: int, n: int) -> bool:
+    """Whether an exact SVD of an m×n matrix costs little enough for auto to take it (by its cost, not a width)."""
+    return m * n * min(m, n) <= _CHEAP_EXACT
 
 
 def _exact(matrix: torch.Tensor, policy: RankPolicy) -> Factorization:
