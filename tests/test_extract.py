@@ -147,8 +147,9 @@ def test_lora_only_says_how_much_a_tensor_left_out_changed(every_case, tmp_path)
 
 
 def test_what_cannot_be_carried_says_why(tmp_path):
-    """A bias of a target beside a target with no bias (lora_bias would break merging), and the bias of a
-    Linear whose weight did not change (modules_to_save would carry the whole matrix)."""
+    """A bias of a target beside a target with no bias (lora_bias would break merging), the bias of a
+    Linear whose weight did not change (modules_to_save would carry the whole matrix), and a norm whose
+    name ends another module's (PEFT would wrap both)."""
     generator = torch.Generator().manual_seed(30)
     base = {
         "a.weight": torch.randn(8, 6, generator=generator),
@@ -156,11 +157,13 @@ def test_what_cannot_be_carried_says_why(tmp_path):
         "b.weight": torch.randn(8, 8, generator=generator),
         "c.weight": torch.randn(4, 8, generator=generator),
         "c.bias": torch.randn(4, generator=generator),
+        "norm.weight": torch.ones(8),
+        "fc_norm.weight": torch.ones(8),
     }
     tuned = dict(base)
     for name in ("a", "b"):
         tuned[f"{name}.weight"] = base[f"{name}.weight"] + 0.1 * low_rank(*base[f"{name}.weight"].shape, 2, seed=31)
-    for name in ("a.bias", "c.bias"):
+    for name in ("a.bias", "c.bias", "norm.weight"):
         tuned[name] = base[name] + 0.1
     base_file, tuned_file = _write(tmp_path, base, tuned)
     adapter = tmp_path / "adapter"
@@ -170,6 +173,7 @@ def test_what_cannot_be_carried_says_why(tmp_path):
     assert "lora_bias needs a bias on every LoRA target" in report["a.bias"]["reason"]
     assert "b has none" in report["a.bias"]["reason"]
     assert report["c.bias"]["status"] == "skipped" and "the matrix c.weight" in report["c.bias"]["reason"]
+    assert report["norm.weight"]["status"] == "skipped" and "fc_norm ends in norm" in report["norm.weight"]["reason"]
     config = _config(adapter)
     assert (config["lora_bias"], config["modules_to_save"], config["target_modules"]) == (False, None, ["a", "b"])
 

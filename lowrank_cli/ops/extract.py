@@ -240,6 +240,10 @@ def _module_blocker(
         return "not in a module, and modules_to_save carries modules"
     if module in adapter:
         return f"{module} is a LoRA target, and PEFT has no place for its tensors but the bias"
+    # PEFT matches modules_to_save by a plain suffix of the name: `norm` would take `fc_norm` along.
+    alike = next((other for other in members if other != module and other.endswith(module)), None)
+    if alike is not None:
+        return f"PEFT matches modules_to_save by name suffix, and {alike} ends in {module} too"
     for name in members[module]:
         if "." in name.removeprefix(module + "."):
             return f"{module} holds submodules, which modules_to_save would carry whole"
