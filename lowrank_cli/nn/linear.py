@@ -1,0 +1,151 @@
+"""Layers that run the factors: y = B·(A·x) + b, never forming the dense W = B·A."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lowrank_cli.errors import UsageError
+from lowrank_cli.linalg.factorize import factorize, relative_error
+from lowrank_cli.linalg.policy import RankPolicy
+
+
+class LowRankLinear(nn.Module):
+    """A Linear layer whose weight is stored as factors: W = B·A, B (out, r), A (r, in).
+
+    `forward` costs r·(in + out) multiply-adds per input row instead of in·out.
+
+    Attributes:
+        A: (rank, in_features) parameter.
+        B: (out_features, rank) parameter.
+        bias: (out_features,) parameter, or None.
+        transposed: True when the layer replaces a GPT-2 style Conv1D, whose stored weight is
+            (in, out) = Wᵀ; save_factors then writes the factors of Wᵀ under the Conv1D's name.
+        rel_error: ‖W − B·A‖_F / ‖W‖_F against the dense weight the factors were made from, when known.
+
+    Example:
+        >>> layer = LowRankLinear.from_linear(nn.Linear(512, 256), rank=32)
+        >>> layer(torch.randn(4, 512)).shape
+        torch.Size([4, 256])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.transposed = False
+        self.rel_error: float | None = None
+
+    @classmethod
+    def from_factors(
+        cls, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None, *, rel_error: float | None = None
+    ) -> LowRankLinear:
+        """The layer x ↦ B·(A·x) + bias, holding the given tensors themselves (no copy)."""
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise UsageError(f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (out, r), A (r, in)")
+        if bias is not None and bias.shape != (b.shape[0],):
+            raise UsageError(f"bias {tuple(bias.shape)} does not fit B {tuple(b.shape)}; it must be ({b.shape[0]},)")
+        layer = cls(a.shape[1], b.shape[0], a.shape[0], bias is not None, device="meta")
+        layer.B, layer.A = _parameter(b), _parameter(a)
+        if bias is not None:
+            layer.bias = _parameter(bias)
+        layer.rel_error = rel_error
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Module, *, rank: int | None = None, energy: float | None = None, max_error: float | None = None
+    ) -> LowRankLinear:
+        """Truncated-SVD factors of an nn.Linear (or a GPT-2 Conv1D), with its bias and dtype.
+
+        Args:
+            linear: the layer to factorize; it is left unchanged.
+            rank / energy / max_error: exactly one rank policy, as for `lowrank compress`.
+
+        Example:
+            >>> LowRankLinear.from_linear(nn.Linear(64, 64), rank=8).rank
+            8
+        """
+        policy = RankPolicy.from_options(rank=rank, energy=energy, max_error=max_error)
+        if policy is None:
+            raise UsageError("from_linear needs one of rank=, energy= or max_error=")
+        weight, transposed = linear_weight(linear)  # (out, in)
+        matrix = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+        result = factorize(matrix, policy, method="exact")
+        if not result.rank:
+            raise UsageError(f"{type(linear).__name__}: its weight is zero; there is nothing to factorize")
+        b, a, _ = result.factors(weight.dtype)
+        bias = None if linear.bias is None else linear.bias.detach().clone()
+        layer = cls.from_factors(b, a, bias, rel_error=relative_error(matrix, b, a))
+        layer.transposed = transposed
+        return layer.to(weight.device)
+
+    def to_linear(self) -> nn.Linear:
+        """The dense nn.Linear with weight B·A (computed in float32 or wider, stored in the factors' dtype)."""
+        work = torch.float64 if self.B.dtype == torch.float64 else torch.float32
+        weight = self.B.detach().to(work) @ self.A.detach().to(work)  # (out, r) @ (r, in) -> (out, in)
+        linear = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
+        linear.weight = nn.Parameter(weight.to(self.B.dtype))
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone())
+        return linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # (…, in) @ (in, r) -> (…, r);  (…, r) @ (r, out) + b -> (…, out)
+        return F.linear(F.linear(x, self.A), self.B, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+
+
+class LowRankEmbedding(nn.Module):
+    """An embedding table stored as factors: E = B·A, B (num, r), A (r, dim); row i is B[i]·A.
+
+    A lookup reads one row of B and multiplies by A, so the num×dim table never exists.
+    """
+
+    def __init__(self, b: torch.Tensor, a: torch.Tensor, padding_idx: int | None = None) -> None:
+        super().__init__()
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise UsageError(f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (num, r), A (r, dim)")
+        self.B, self.A = _parameter(b), _parameter(a)
+        self.num_embeddings, self.rank, self.embedding_dim = b.shape[0], a.shape[0], a.shape[1]
+        self.padding_idx = padding_idx
+        self.rel_error: float | None = None
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        # (…,) -> (…, r) @ (r, dim) -> (…, dim)
+        return F.embedding(ids, self.B, self.padding_idx) @ self.A
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
+    """The (out, in) weight of an nn.Linear or a GPT-2 Conv1D, and whether it is stored transposed."""
+    if isinstance(module, nn.Linear):
+        return module.weight, False
+    if is_conv1d(module):
+        return module.weight.t(), True
+    raise UsageError(f"{type(module).__name__} is not an nn.Linear or a GPT-2 Conv1D; LowRankLinear replaces only those")
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' GPT-2 Conv1D (y = x·W + b, W stored (in, out)), recognized without importing transformers."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def _parameter(tensor: torch.Tensor) -> nn.Parameter:
+    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
