@@ -54,7 +54,9 @@ class LowRankLinear(nn.Module):
     ) -> LowRankLinear:
         """The layer x ↦ B·(A·x) + bias, holding the given tensors themselves (no copy)."""
         if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise UsageError(f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (out, r), A (r, in)")
+            raise UsageError(
+                f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (out, r), A (r, in)"
+            )
         if bias is not None and bias.shape != (b.shape[0],):
             raise UsageError(f"bias {tuple(bias.shape)} does not fit B {tuple(b.shape)}; it must be ({b.shape[0]},)")
         layer = cls(a.shape[1], b.shape[0], a.shape[0], bias is not None, device="meta")
@@ -107,7 +109,8 @@ class LowRankLinear(nn.Module):
         return F.linear(F.linear(x, self.A), self.B, self.bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"
+        bias = self.bias is not None
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={bias}"
 
 
 class LowRankEmbedding(nn.Module):
@@ -119,7 +122,9 @@ class LowRankEmbedding(nn.Module):
     def __init__(self, b: torch.Tensor, a: torch.Tensor, padding_idx: int | None = None) -> None:
         super().__init__()
         if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
-            raise UsageError(f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (num, r), A (r, dim)")
+            raise UsageError(
+                f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (num, r), A (r, dim)"
+            )
         self.B, self.A = _parameter(b), _parameter(a)
         self.num_embeddings, self.rank, self.embedding_dim = b.shape[0], a.shape[0], a.shape[1]
         self.padding_idx = padding_idx
@@ -139,7 +144,9 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
         return module.weight, False
     if is_conv1d(module):
         return module.weight.t(), True
-    raise UsageError(f"{type(module).__name__} is not an nn.Linear or a GPT-2 Conv1D; LowRankLinear replaces only those")
+    raise UsageError(
+        f"{type(module).__name__} is not an nn.Linear or a GPT-2 Conv1D; LowRankLinear replaces only those"
+    )
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -148,4 +155,6 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:
-    return tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    return (
+        tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=tensor.is_floating_point())
+    )

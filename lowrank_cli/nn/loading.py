@@ -97,7 +97,9 @@ def load_pretrained(
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
-        raise CheckpointError(f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file")
+        raise CheckpointError(
+            f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
+        )
     transformers = require_transformers("load_pretrained")
     config = transformers.AutoConfig.from_pretrained(str(folder))
     model_class = auto_class or _architecture(transformers, config)
@@ -202,9 +204,10 @@ def _plan(
         for factor_name in factor_names(name):
             if factor_name not in checkpoint.entries:
                 raise CheckpointError(
-                    f"{checkpoint.source}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again"
+                    f"{checkpoint.source}: factor '{factor_name}' of tensor '{name}' is missing;"
+                    " compress the original again"
                 )
-    tensors = _model_tensors(model)
+    tensors, owners = _model_tensors(model), _owners(model)
     names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
     target_of = _match_names(model, checkpoint.source, names, tensors)
 
@@ -217,7 +220,7 @@ def _plan(
                 f"{checkpoint.source}: tensor '{name}' is {list(record.shape)} but the model's '{target}' is"
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
-        _check_owner(model, checkpoint.source, name, target)
+        _check_owners(owners[id(current)], checkpoint.source, name)
         b, a = checkpoint.read(factor_names(name)[0]), checkpoint.read(factor_names(name)[1])
         rows, cols = record.shape[0], math.prod(record.shape) // record.shape[0]
         if tuple(b.shape) != (rows, record.rank) or tuple(a.shape) != (record.rank, cols):
@@ -267,22 +270,21 @@ def _match_names(model: nn.Module, source: Path, names: list[str], tensors: dict
     )
 
 
-def _check_owner(model: nn.Module, source: Path, name: str, target: str) -> None:
-    """Only a Linear, Conv1D or Embedding weight can run as factors; say what to do otherwise."""
-    module_name, _, attr = target.rpartition(".")
-    owner = model.get_submodule(module_name)
-    if attr == "weight" and (isinstance(owner, (nn.Linear, nn.Embedding)) or is_conv1d(owner)):
-        if isinstance(owner, nn.Embedding) and owner.max_norm is not None:
-            raise CheckpointError(
-                f"{source}: tensor '{name}' belongs to an Embedding with max_norm, which factors cannot run;"
-                f" compress with --exclude '{name}'"
-            )
-        return
-    kind = "a conv kernel" if isinstance(owner, nn.modules.conv._ConvNd) else f"{type(owner).__name__}.{attr}"
-    raise CheckpointError(
-        f"{source}: tensor '{name}' is {kind}, which cannot run as factors (only Linear, Conv1D and Embedding"
-        f" weights can); compress with --exclude '{name}', or run lowrank expand"
-    )
+def _check_owners(owners: list[tuple[nn.Module, str, bool]], source: Path, name: str) -> None:
+    """Only Linear, Conv1D and Embedding weights can run as factors (every module tied to it, too)."""
+    for owner, attr, _ in owners:
+        if attr == "weight" and (isinstance(owner, (nn.Linear, nn.Embedding)) or is_conv1d(owner)):
+            if isinstance(owner, nn.Embedding) and owner.max_norm is not None:
+                raise CheckpointError(
+                    f"{source}: tensor '{name}' belongs to an Embedding with max_norm, which factors cannot run;"
+                    f" compress with --exclude '{name}'"
+                )
+            continue
+        kind = "a conv kernel" if isinstance(owner, nn.modules.conv._ConvNd) else f"{type(owner).__name__}.{attr}"
+        raise CheckpointError(
+            f"{source}: tensor '{name}' is {kind}, which cannot run as factors (only Linear, Conv1D and Embedding"
+            f" weights can); compress with --exclude '{name}', or run lowrank expand"
+        )
 
 
 def _like(tensor: torch.Tensor, current: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -323,7 +325,7 @@ def _replace_modules(model: nn.Module, factored: list[_Factored]) -> None:
         weight = model.get_parameter(item.target)
         b = nn.Parameter(item.b, requires_grad=weight.requires_grad)
         a = nn.Parameter(item.a, requires_grad=weight.requires_grad)
-        for module, attr, _ in owners[id(weight)]:
+        for module, _, _ in owners[id(weight)]:
             if id(module) in replaced:
                 continue
             if is_conv1d(module):

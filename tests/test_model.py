@@ -1,0 +1,346 @@
+"""Running the factors: LowRankLinear, apply_factors, load_pretrained, save_factors.
+
+Tiny models are built from configs (no downloads). Expected outputs come from the dense model
+that `lowrank expand` rebuilds, loaded by transformers itself, or from float64 maths on the
+factors read straight from the file; never from lowrank_cli.nn's own output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import by_name, cli_json, file_metadata, load, low_rank, save, singular_values, tail_errors  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from lowrank_cli.errors import CheckpointError, LowrankError  # noqa: E402
+from lowrank_cli.nn import (  # noqa: E402
+    DependencyError,
+    LowRankEmbedding,
+    LowRankLinear,
+    apply_factors,
+    load_pretrained,
+    save_factors,
+)
+
+transformers = pytest.importorskip("transformers")
+
+from transformers import (  # noqa: E402
+    BertConfig,
+    BertForSequenceClassification,
+    BertModel,
+    GPT2Config,
+    GPT2LMHeadModel,
+)
+
+# Distinct sizes, so that no tensor read while loading has the shape of a dense factorized weight.
+BERT = BertConfig(
+    vocab_size=120,
+    hidden_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    intermediate_size=80,
+    max_position_embeddings=40,
+)
+GPT2 = GPT2Config(vocab_size=120, n_embd=48, n_layer=2, n_head=4, n_positions=40, bos_token_id=0, eos_token_id=0)
+TOKENS = torch.randint(0, 120, (2, 12), generator=torch.Generator().manual_seed(0))
+RANK = 8
+
+
+def _saved(tmp_path, model: nn.Module, name: str = "src"):
+    torch.manual_seed(0)
+    folder = tmp_path / name
+    model.eval().save_pretrained(folder)
+    return folder
+
+
+def _compressed(tmp_path, source, *policy: object) -> tuple[object, dict]:
+    """Compress the folder's weights into out/model.safetensors beside a copy of its config.json."""
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(source / "config.json", out / "config.json")
+    report = cli_json("compress", source / "model.safetensors", *policy, "-o", out / "model.safetensors")
+    return out, report
+
+
+def _expanded(tmp_path, compressed, model_class):
+    """The reference: lowrank expand, then transformers' own from_pretrained."""
+    folder = tmp_path / "expanded"
+    folder.mkdir()
+    shutil.copy(compressed / "config.json", folder / "config.json")
+    cli_json("expand", compressed / "model.safetensors", "-o", folder / "model.safetensors")
+    return model_class.from_pretrained(folder).eval()
+
+
+def _assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = 1e-4) -> None:
+    scale = expected.abs().max().item()
+    assert (actual - expected).abs().max().item() <= rtol * scale, ((actual - expected).abs().max(), scale)
+
+
+def _unique_numel(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+
+
+# --- LowRankLinear --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_rank_linear_matches_linear_with_the_product_weight(dtype):
+    generator = torch.Generator().manual_seed(1)
+    n_in, n_out, rank = 96, 40, 12
+    b = torch.randn(n_out, rank, generator=generator).to(dtype)
+    a = torch.randn(rank, n_in, generator=generator).to(dtype)
+    bias = torch.randn(n_out, generator=generator).to(dtype)
+    x = torch.randn(5, 7, n_in, generator=generator).to(dtype)
+    layer = LowRankLinear.from_factors(b, a, bias)
+    dense = nn.Linear(n_in, n_out).to(dtype)
+    with torch.no_grad():
+        dense.weight.copy_((b.double() @ a.double()).to(dtype))  # (out, r) @ (r, in) -> (out, in)
+        dense.bias.copy_(bias)
+        got, linear = layer(x), dense(x)
+    assert got.dtype == dtype and got.shape == (5, 7, n_out)
+    # Float64 reference and a rounding bound: sums of n_in + rank products, each rounded at eps,
+    # plus the rounding of A·x and of W to `dtype`.
+    x64, b64, a64 = x.double(), b.double(), a.double()
+    exact = x64 @ (b64 @ a64).T + bias.double()
+    magnitude = x64.abs() @ (b64.abs() @ a64.abs()).T + bias.double().abs()
+    eps = torch.finfo(dtype).eps
+    bound = (n_in + rank + 4) * eps * magnitude
+    assert bool(((got.double() - exact).abs() <= bound).all())
+    assert bool(((linear.double() - exact).abs() <= bound).all())
+
+
+def test_from_linear_error_is_the_best_rank_r_error_and_to_linear_is_the_product():
+    torch.manual_seed(2)
+    linear = nn.Linear(30, 20)
+    with torch.no_grad():
+        linear.weight.copy_(low_rank(20, 30, 20, seed=3))
+    layer = LowRankLinear.from_linear(linear, rank=6)
+    expected = tail_errors(singular_values(linear.weight.detach()))[6]
+    assert layer.rank == 6 and layer.A.shape == (6, 30) and layer.B.shape == (20, 6)
+    assert layer.rel_error == pytest.approx(expected, rel=1e-4)
+    dense = layer.to_linear()
+    np.testing.assert_allclose(
+        dense.weight.detach().double().numpy(),
+        layer.B.detach().double().numpy() @ layer.A.detach().double().numpy(),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert torch.equal(dense.bias, linear.bias)
+    x = torch.randn(4, 30)
+    _assert_close(layer(x).detach(), dense(x).detach(), rtol=1e-5)
+
+
+def test_from_linear_refuses_a_conv_kernel_with_a_clear_message():
+    with pytest.raises(LowrankError, match="Conv2d is not an nn.Linear"):
+        LowRankLinear.from_linear(nn.Conv2d(3, 8, 3), rank=2)
+
+
+def test_from_linear_on_a_gpt2_conv1d_computes_the_same_function():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(4)
+    conv = Conv1D(24, 16)  # nf = out, nx = in; weight (in, out)
+    layer = LowRankLinear.from_linear(conv, rank=16)  # full rank: the same function
+    x = torch.randn(3, 16)
+    _assert_close(layer(x).detach(), conv(x).detach(), rtol=1e-5)
+    assert layer.transposed
+
+
+# --- load_pretrained ------------------------------------------------------------------------------
+
+
+def test_load_pretrained_matches_expand_then_from_pretrained(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, report = _compressed(tmp_path, source, "--rank", RANK)
+    factorized = [t["name"] for t in report["tensors"] if t["status"] == "factorized"]
+    assert "embeddings.word_embeddings.weight" in factorized and len(factorized) >= 13
+
+    model = load_pretrained(out)
+    reference = _expanded(tmp_path, out, BertModel)
+    with torch.no_grad():
+        _assert_close(model(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
+    assert not model.training
+    assert _unique_numel(model) == report["totals"]["params_after"]
+    low_rank_names = {
+        f"{n}.weight" for n, m in model.named_modules() if isinstance(m, LowRankLinear | LowRankEmbedding)
+    }
+    assert low_rank_names == set(factorized)
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def test_load_pretrained_with_energy_policy_and_weights_elsewhere(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    weights = tmp_path / "elsewhere.safetensors"
+    cli_json("compress", source / "model.safetensors", "--energy", "0.9", "-o", weights)
+    model = load_pretrained(source, weights=weights)
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(weights, out / "model.safetensors")
+    shutil.copy(source / "config.json", out / "config.json")
+    reference = _expanded(tmp_path, out, BertModel)
+    with torch.no_grad():
+        _assert_close(model(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
+
+
+def test_gpt2_conv1d_and_tied_lm_head_share_the_factors(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, GPT2LMHeadModel(GPT2))
+    out, report = _compressed(tmp_path, source, "--rank", RANK)
+    assert by_name(report)["transformer.wte.weight"]["status"] == "factorized"
+    model = load_pretrained(out)
+    assert isinstance(model.lm_head, LowRankLinear) and model.lm_head.B is model.transformer.wte.B
+    reference = _expanded(tmp_path, out, GPT2LMHeadModel)
+    with torch.no_grad():
+        _assert_close(model(TOKENS).logits, reference(TOKENS).logits)
+
+
+class _Allocations(TorchDispatchMode):
+    """The largest tensor any operation produces off the meta device."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for tensor in result if isinstance(result, (tuple, list)) else [result]:
+            if isinstance(tensor, torch.Tensor) and not tensor.is_meta:
+                self.largest = max(self.largest, tensor.numel())
+        return result
+
+
+def test_loading_never_allocates_a_dense_factorized_weight(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, report = _compressed(tmp_path, source, "--rank", RANK)
+    smallest_dense = min(t["params"] for t in report["tensors"] if t["status"] == "factorized")
+    tracker = _Allocations()
+    with tracker:
+        model = load_pretrained(out)
+    assert tracker.largest > 0  # the mode saw the loader's tensors
+    assert tracker.largest < smallest_dense, (tracker.largest, smallest_dense)
+    assert isinstance(model.embeddings.word_embeddings, LowRankEmbedding)
+
+
+def test_load_pretrained_refuses_a_file_that_lacks_the_model_s_tensors(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)
+    with pytest.raises(CheckpointError, match=r"has no tensor 'classifier\.(weight|bias)'") as caught:
+        load_pretrained(out, BertForSequenceClassification)
+    assert "\n" not in str(caught.value) and "apply_factors" in str(caught.value)
+
+
+def test_load_pretrained_needs_config_json(tmp_path):
+    with pytest.raises(CheckpointError, match="has no config.json"):
+        load_pretrained(tmp_path)
+
+
+# --- apply_factors --------------------------------------------------------------------------------
+
+
+def test_apply_factors_adds_the_base_model_prefix_for_a_task_head_model(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)
+    torch.manual_seed(5)
+    model = BertForSequenceClassification(BERT).eval()
+    classifier = model.classifier.weight.detach().clone()
+    apply_factors(model, out / "model.safetensors")
+    assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)
+    assert torch.equal(model.classifier.weight, classifier)  # not in the file: kept
+    reference = _expanded(tmp_path, out, BertModel)
+    with torch.no_grad():
+        _assert_close(model.bert(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
+
+
+@pytest.mark.parametrize(
+    ("config", "message"),
+    [
+        (BertConfig.from_dict({**BERT.to_dict(), "hidden_size": 64}), r"is \[\d+, 48\] but the model's"),
+        (GPT2, r"tensor 'embeddings\.\S+' is not in the model \(GPT2LMHeadModel\)"),
+    ],
+)
+def test_apply_factors_on_a_mismatched_file_leaves_the_model_unchanged(tmp_path, config, message):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)
+    torch.manual_seed(6)
+    model = (BertModel if isinstance(config, BertConfig) else GPT2LMHeadModel)(config).eval()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    modules_before = [type(m) for m in model.modules()]
+    with pytest.raises(CheckpointError, match=message) as caught:
+        apply_factors(model, out / "model.safetensors")
+    assert "\n" not in str(caught.value) and "model.safetensors" in str(caught.value)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[name], before[name]) for name in before)
+    assert [type(m) for m in model.modules()] == modules_before
+
+
+def test_apply_factors_refuses_a_conv_kernel(tmp_path):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Conv2d(16, 32, 3), nn.Flatten(), nn.Linear(32, 40))
+    save(tmp_path / "conv.safetensors", dict(model.state_dict()))
+    cli_json("compress", tmp_path / "conv.safetensors", "--rank", 2, "-o", tmp_path / "c.safetensors")
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"tensor '0\.weight' is a conv kernel.*--exclude '0\.weight'"):
+        apply_factors(model, tmp_path / "c.safetensors")
+    assert all(torch.equal(model.state_dict()[name], before[name]) for name in before)
+
+
+def test_without_transformers_load_pretrained_says_how_to_install_and_apply_factors_works(tmp_path, monkeypatch):
+    torch.manual_seed(8)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 56))
+    save(tmp_path / "mlp.safetensors", dict(model.state_dict()))
+    cli_json("compress", tmp_path / "mlp.safetensors", "--rank", 4, "-o", tmp_path / "c.safetensors")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    monkeypatch.setitem(sys.modules, "transformers", None)
+
+    with pytest.raises(DependencyError, match="pip install transformers") as caught:
+        load_pretrained(tmp_path, weights=tmp_path / "c.safetensors")
+    assert "\n" not in str(caught.value)
+
+    apply_factors(model, tmp_path / "c.safetensors")
+    assert isinstance(model[0], LowRankLinear) and isinstance(model[2], LowRankLinear)
+    # float64 maths on the file's own factors
+    stored = load(tmp_path / "c.safetensors")
+    w0 = stored["0.weight.B"].double() @ stored["0.weight.A"].double()  # (48, 4) @ (4, 64) -> (48, 64)
+    w2 = stored["2.weight.B"].double() @ stored["2.weight.A"].double()
+    x = torch.randn(3, 64)
+    expected = torch.relu(x.double() @ w0.T + stored["0.bias"].double()) @ w2.T + stored["2.bias"].double()
+    with torch.no_grad():
+        _assert_close(model(x).double(), expected, rtol=1e-5)
+
+
+# --- save_factors ---------------------------------------------------------------------------------
+
+
+def test_save_factors_round_trips_through_expand(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, GPT2LMHeadModel(GPT2))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)
+    model = load_pretrained(out)
+    saved = save_factors(model, tmp_path / "again")
+    assert saved == tmp_path / "again" / "model.safetensors"
+    assert (tmp_path / "again" / "config.json").is_file()
+
+    original = json.loads(file_metadata(out / "model.safetensors")["lowrank"])["tensors"]
+    written = json.loads(file_metadata(saved)["lowrank"])["tensors"]
+    assert written == original  # shape, dtype, rank, rel_error and split of every factorized tensor
+    cli_json("expand", out / "model.safetensors", "-o", tmp_path / "first.safetensors")
+    cli_json("expand", saved, "-o", tmp_path / "second.safetensors")
+    first, second = load(tmp_path / "first.safetensors"), load(tmp_path / "second.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[name], second[name]) for name in first)
