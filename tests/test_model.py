@@ -18,6 +18,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from conftest import by_name, cli_json, file_metadata, load, low_rank, save, singular_values, tail_errors  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
@@ -344,3 +346,27 @@ def test_save_factors_round_trips_through_expand(tmp_path):
     first, second = load(tmp_path / "first.safetensors"), load(tmp_path / "second.safetensors")
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(1, 12), min_size=2, max_size=4),
+    ranks=st.lists(st.integers(1, 12), min_size=3, max_size=3),
+    seed=st.integers(0, 2**16),
+)
+def test_save_factors_then_apply_factors_gives_the_same_function(tmp_path_factory, sizes, ranks, seed):
+    torch.manual_seed(seed)
+    layers = [nn.Linear(n_in, n_out) for n_in, n_out in zip(sizes, sizes[1:], strict=False)]
+    factored = nn.Sequential(
+        *(LowRankLinear.from_linear(layer, rank=rank) for layer, rank in zip(layers, ranks, strict=False))
+    )
+    path = save_factors(factored, tmp_path_factory.mktemp("saved") / "model.safetensors")
+    dense = nn.Sequential(*(nn.Linear(layer.in_features, layer.out_features) for layer in layers))
+    apply_factors(dense, path)
+    x = torch.randn(3, sizes[0], dtype=torch.float64)
+    expected = x
+    for layer in factored:  # float64 maths on the factors that were saved
+        expected = expected @ (layer.B.detach().double() @ layer.A.detach().double()).T + layer.bias.detach().double()
+    assert all(isinstance(layer, LowRankLinear) for layer in dense)
+    with torch.no_grad():
+        np.testing.assert_allclose(dense(x.float()).double().numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)

@@ -140,8 +140,9 @@ def save_factors(model: nn.Module, path: str | Path) -> Path:
         >>> save_factors(model, "tuned.lowrank/")  # then: lowrank expand tuned.lowrank/model.safetensors
     """
     path = Path(path)
-    file = path if path.name.endswith(".safetensors") else path / WEIGHTS_NAME
-    if file is not path:
+    into_folder = not path.name.endswith(".safetensors")
+    file = path / WEIGHTS_NAME if into_folder else path
+    if into_folder:
         path.mkdir(parents=True, exist_ok=True)
     records: dict[str, FactorRecord] = {}
     written: set[int] = set()
@@ -165,7 +166,7 @@ def save_factors(model: nn.Module, path: str | Path) -> Path:
         writer.metadata = encode_metadata({"format": "pt"}, records)
         writer.commit()
     config = getattr(model, "config", None)
-    if file is not path and hasattr(config, "save_pretrained"):
+    if into_folder and hasattr(config, "save_pretrained"):
         config.save_pretrained(str(path))
     return file
 
