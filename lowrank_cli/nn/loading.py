@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, LowrankError
+from lowrank_cli.errors import CheckpointError, MissingExtraError
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF
 from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, encode_metadata, factor_names
@@ -22,10 +22,6 @@ from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
 
 WEIGHTS_NAME = "model.safetensors"
-
-
-class DependencyError(LowrankError):
-    """An optional package that this function needs is not installed."""
 
 
 @dataclass
@@ -176,7 +172,7 @@ def require_transformers(feature: str):
     try:
         import transformers
     except ImportError:
-        raise DependencyError(
+        raise MissingExtraError(
             f"{feature} needs transformers, which is not installed; pip install transformers"
             " (apply_factors works without it on any torch model)"
         ) from None
@@ -278,13 +274,13 @@ def _check_owners(owners: list[tuple[nn.Module, str, bool]], source: Path, name:
             if isinstance(owner, nn.Embedding) and owner.max_norm is not None:
                 raise CheckpointError(
                     f"{source}: tensor '{name}' belongs to an Embedding with max_norm, which factors cannot run;"
-                    f" compress with --exclude '{name}'"
+                    f" compress it with exclude=['{name}'] (CLI: --exclude '{name}')"
                 )
             continue
         kind = "a conv kernel" if isinstance(owner, nn.modules.conv._ConvNd) else f"{type(owner).__name__}.{attr}"
         raise CheckpointError(
             f"{source}: tensor '{name}' is {kind}, which cannot run as factors (only Linear, Conv1D and Embedding"
-            f" weights can); compress with --exclude '{name}', or run lowrank expand"
+            f" weights can); compress it with exclude=['{name}'] (CLI: --exclude '{name}'), or expand the file"
         )
 
 
@@ -381,7 +377,7 @@ def _rebuild_buffers(model: nn.Module) -> None:
     if not missing:
         return
     if not hasattr(model, "initialize_weights"):
-        raise DependencyError(
+        raise MissingExtraError(
             f"{type(model).__name__}: buffer '{missing[0][0]}' must be recomputed, which needs transformers 5 or"
             " newer; pip install -U transformers"
         )
@@ -399,4 +395,4 @@ def _rebuild_buffers(model: nn.Module) -> None:
             del tensor._is_hf_initialized
 
 
-__all__ = ["DependencyError", "apply_factors", "load_pretrained", "save_factors"]
+__all__ = ["apply_factors", "load_pretrained", "save_factors"]
