@@ -388,3 +388,19 @@ def test_nn_imports_only_errors_io_and_linalg():
         top_level = [alias.name for node in tree.body if isinstance(node, ast.Import) for alias in node.names]
         top_level += [node.module for node in tree.body if isinstance(node, ast.ImportFrom) and node.module]
         assert not any(name.split(".")[0] == "transformers" for name in top_level), f"{path.name}: imports transformers"
+
+
+def test_load_pretrained_reads_the_folder_compress_writes_for_a_sharded_model(tmp_path):
+    torch.manual_seed(0)
+    source = tmp_path / "sharded"
+    BertModel(BERT).eval().save_pretrained(source, max_shard_size="40KB")
+    assert len(list(source.glob("*.safetensors"))) > 1
+    out = tmp_path / "sharded.lowrank"
+    cli_json("compress", source, "--rank", RANK, "-o", out)
+    assert (out / "config.json").is_file()  # compress copies the folder's other files
+    model = load_pretrained(out)
+    dense = tmp_path / "dense"
+    cli_json("expand", out, "-o", dense)
+    reference = BertModel.from_pretrained(dense).eval()
+    with torch.no_grad():
+        _assert_close(model(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
