@@ -7,6 +7,7 @@
     report = lowrank_cli.compress("model.safetensors", rank=64)      # factors NAME.B, NAME.A
     lowrank_cli.expand("model.lowrank.safetensors")                  # the dense checkpoint again
     lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)  # PEFT LoRA
+    model = lowrank_cli.load_pretrained("model.lowrank/")            # run the factors as they are
 
 Every checkpoint function returns a `Report` (`report.to_dict()` is the CLI's JSON document) and
 raises a `LowrankError` subclass for anything the caller can fix. Importing this package imports
@@ -39,6 +40,11 @@ _LAZY = {
     "expand": "lowrank_cli.api",
     "extract": "lowrank_cli.api",
     "RankPolicy": "lowrank_cli.linalg.policy",
+    "LowRankLinear": "lowrank_cli.nn.linear",
+    "LowRankEmbedding": "lowrank_cli.nn.linear",
+    "apply_factors": "lowrank_cli.nn.loading",
+    "load_pretrained": "lowrank_cli.nn.loading",
+    "save_factors": "lowrank_cli.nn.loading",
 }
 
 __all__ = [
@@ -47,6 +53,11 @@ __all__ = [
     "compress",
     "expand",
     "extract",
+    "LowRankLinear",
+    "LowRankEmbedding",
+    "apply_factors",
+    "load_pretrained",
+    "save_factors",
     "Report",
     "TensorReport",
     "Totals",
@@ -66,6 +77,8 @@ __all__ = [
 if TYPE_CHECKING:
     from lowrank_cli.api import analyze, compress, expand, extract, factorize
     from lowrank_cli.linalg.policy import RankPolicy
+    from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+    from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
 
 
 def __getattr__(name: str) -> object:
