@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, open_checkpoint
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
 from lowrank_cli.ops import analyze as _analyze
@@ -96,6 +96,7 @@ def analyze(
     exclude: list[str] | None = None,
     rtol: float | None = None,
     device: Device | str = Device.auto,
+    top: int | None = None,
     progress: Progress | None = None,
 ) -> Report:
     """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
@@ -106,12 +107,15 @@ def analyze(
             row then carries the rank, the optimal error and the params it would give.
         include, exclude: globs on tensor names.
         rtol: numerical rank counts σ > σ_max·rtol (default max(m, n)·ε).
+        top: each row's singular_values lists the `top` largest σ of W (default: all).
 
     Example:
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
         >>> {t.name: t.rank_99 for t in report.tensors if t.rank_99 is not None}
     """
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
+        raise UsageError(f"{{top}} must be a whole number ≥ 1, got {top!r}")
     device = resolve_device(device)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -119,11 +123,19 @@ def analyze(
     reports = []
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
+        check_patterns(checkpoints, include, exclude)
         tick = stack.enter_context(_progress(progress, _data_bytes(*checkpoints)))
         for checkpoint in checkpoints:
             reports.append(
                 _analyze.analyze(
-                    checkpoint, policy, include=include, exclude=exclude, rtol=rtol, device=device, on_tensor=tick
+                    checkpoint,
+                    policy,
+                    include=include,
+                    exclude=exclude,
+                    rtol=rtol,
+                    device=device,
+                    top=top,
+                    on_tensor=tick,
                 )
             )
     return Report.combine(reports)
@@ -172,10 +184,11 @@ def compress(
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
     passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
     with open_checkpoint(path) as checkpoint, _progress(progress, passes * _data_bytes(checkpoint)) as tick:
+        check_patterns([checkpoint], include, exclude)
         return _compress.compress(
             checkpoint,
             policy,
-            None if out is None else Path(out),
+            out,
             settings=settings,
             include=include,
             exclude=exclude,
@@ -196,7 +209,7 @@ def expand(
     with open_checkpoint(path) as checkpoint, _progress(progress, _data_bytes(checkpoint)) as tick:
         return _expand.expand(
             checkpoint,
-            None if out is None else Path(out),
+            out,
             force=force,
             on_tensor=tick,
         )
@@ -250,6 +263,7 @@ def extract(
         open_checkpoint(tuned) as tuned_checkpoint,
         _progress(progress, passes * _data_bytes(tuned_checkpoint)) as tick,
     ):
+        check_patterns([base_checkpoint, tuned_checkpoint], include, exclude)
         return _extract.extract(
             base_checkpoint,
             tuned_checkpoint,

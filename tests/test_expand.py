@@ -118,7 +118,7 @@ def test_default_output_is_beside_the_input(tmp_path):
     before = sha256(compressed)
     result = cli("expand", compressed)
     assert result.exit_code == 0, result.stderr
-    dense = tmp_path / f"{compressed.stem}.dense.safetensors"  # net.lowrank.dense.safetensors
+    dense = tmp_path / "net.dense.safetensors"  # .lowrank taken away, never the original's name
     assert dense.is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([source.name, compressed.name, dense.name])
     assert set(load_file(str(dense))) == {"W", "b"}

@@ -193,7 +193,7 @@ def test_odd_but_valid_file_is_read(tmp_path, case):
 
     result = run("expand", out)  # and back: every tensor under its name, dtype and shape
     assert result.exit_code == 0, result.stderr
-    dense = tmp_path / "model.lowrank.dense.safetensors"
+    dense = tmp_path / "model.dense.safetensors"
     restored = hostile.entries(dense.read_bytes())
     assert sorted(restored) == sorted(tensors)
     for name, (dtype, shape, _raw) in hostile.entries(ODD[case]).items():
@@ -393,7 +393,7 @@ def test_the_hand_written_lowrank_file_expands(tmp_path):
     assert result.exit_code == 0, result.stderr
     factors = load(source)
     expected = (factors["w.B"].double() @ factors["w.A"].double()).float()  # (6, 2) @ (2, 5) -> (6, 5)
-    torch.testing.assert_close(load(tmp_path / "w.lowrank.dense.safetensors")["w"], expected)
+    torch.testing.assert_close(load(tmp_path / "w.dense.safetensors")["w"], expected)
 
 
 LOWRANK_DAMAGE = {

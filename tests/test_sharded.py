@@ -176,8 +176,8 @@ def test_compress_expand_roundtrip_keeps_each_shard(checkpoint, tmp_path):
     report = by_name(cli_json("compress", folder, "--rank", 4))
     result = cli("expand", compressed, "--json")
     assert result.exit_code == 0, result.stderr
-    dense = tmp_path / "ckpt.lowrank.dense"  # the default beside the compressed folder
-    assert listing(tmp_path) == ["ckpt", "ckpt.lowrank", "ckpt.lowrank.dense"]
+    dense = tmp_path / "ckpt.dense"  # the default beside the compressed folder, without .lowrank
+    assert listing(tmp_path) == ["ckpt", "ckpt.dense", "ckpt.lowrank"]
     assert listing(dense) == listing(folder)
     assert (dense / "config.json").read_text() == CONFIG
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 import lowrank_cli
 from lowrank_cli import Device, DType, Method
@@ -59,6 +59,23 @@ class _OneLineErrors(TyperGroup):
                 error(f"{exc.format_message().replace('Value error, ', '')} (see {command} --help)")
             sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+
+class _PlainHelp(TyperCommand):
+    """Arguments shown by their metavar alone (PATH), not typer's `{PATH}` and `PATH <path>`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if isinstance(param, TyperArgument):
+                name = param.metavar or param.name.upper()
+                param.display_type_rich = lambda ctx: None
+                param._usage_display_name = lambda name=name: name
+
+
+def _examples(*lines: str) -> str:
+    """An epilog that click prints as written (\b stops it rewrapping the lines)."""
+    return "\b\nExamples:\n" + "\n".join(f"  {line}" for line in lines)
 
 
 app = typer.Typer(
@@ -118,12 +135,20 @@ def _check_gate(fail_above: float | None) -> None:
         raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
 
 
-@app.command()
+@app.command(
+    cls=_PlainHelp,
+    short_help="Spectra and ranks; what a policy would save.",
+    epilog=_examples(
+        "lowrank analyze model.safetensors",
+        "lowrank analyze hf-model/ --energy 0.99 --include '*.mlp.*'",
+        "lowrank analyze model.safetensors --json --top 64 | jq '.tensors[0]'",
+    ),
+)
 @_handle_errors
 def analyze(
     paths: Annotated[
         list[Path],
-        typer.Argument(help="safetensors files, shard folders or index files.", show_default=False, metavar="PATH..."),
+        typer.Argument(help="safetensors files, model folders or index files.", show_default=False, metavar="PATH..."),
     ],
     rank: Rank = None,
     energy: Energy = None,
@@ -134,6 +159,10 @@ def analyze(
     rtol: Rtol = None,
     fail_above: FailAbove = None,
     device: DeviceOption = Device.auto,
+    top: Annotated[
+        Optional[int],
+        typer.Option("--top", help="--json: list the K largest singular values per tensor (default all).", metavar="K"),
+    ] = None,
     as_json: Json = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
@@ -156,16 +185,25 @@ def analyze(
             exclude=exclude,
             rtol=rtol,
             device=device,
+            top=top,
             progress=tick,
         )
     _finish(report, as_json, fail_above)
 
 
-@app.command()
+@app.command(
+    cls=_PlainHelp,
+    short_help="Store weight matrices as low-rank factors.",
+    epilog=_examples(
+        "lowrank compress model.safetensors --rank 64    # model.lowrank.safetensors",
+        "lowrank compress hf-model/ --energy 0.99 -o out/  # a folder: out/",
+        "lowrank compress model.safetensors --max-error 0.02 --dtype bfloat16",
+    ),
+)
 @_handle_errors
 def compress(
     path: Annotated[
-        Path, typer.Argument(help="A safetensors file, shard folder or index.", show_default=False, metavar="PATH")
+        Path, typer.Argument(help="A safetensors file, model folder or index.", show_default=False, metavar="PATH")
     ],
     output: Output = None,
     rank: Rank = None,
@@ -208,14 +246,20 @@ def compress(
     _finish(report, as_json, fail_above)
 
 
-@app.command()
+@app.command(
+    cls=_PlainHelp,
+    short_help="Rebuild the dense checkpoint from factors.",
+    epilog=_examples(
+        "lowrank expand model.lowrank.safetensors   # model.dense.safetensors",
+        "lowrank expand hf-model.lowrank/            # hf-model.dense/, loads with",
+        "                                            # AutoModel.from_pretrained",
+    ),
+)
 @_handle_errors
 def expand(
     path: Annotated[
         Path,
-        typer.Argument(
-            help="A file (or shard folder) written by lowrank compress.", show_default=False, metavar="PATH"
-        ),
+        typer.Argument(help="A file (or folder) written by lowrank compress.", show_default=False, metavar="PATH"),
     ],
     output: Output = None,
     force: Force = False,
@@ -229,7 +273,14 @@ def expand(
     _finish(report, as_json, None)
 
 
-@app.command()
+@app.command(
+    cls=_PlainHelp,
+    short_help="A PEFT LoRA adapter from a fine-tune.",
+    epilog=_examples(
+        "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
+        "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/name",
+    ),
+)
 @_handle_errors
 def extract(
     base: Annotated[

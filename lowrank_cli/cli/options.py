@@ -5,7 +5,6 @@ Choices come from the library's enums, so typer validates them and `--help` list
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -55,18 +54,42 @@ Rtol = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", "-f", help="Overwrite OUT if it exists.")]
 DTypeOption = Annotated[
-    DType, typer.Option("--dtype", help="Factors' dtype; keep stores each tensor's own.", case_sensitive=False)
+    DType,
+    typer.Option(
+        "--dtype",
+        help="Store factors in DTYPE: keep (each tensor's own), float32, float16, bfloat16 or float64.",
+        case_sensitive=False,
+        metavar="DTYPE",
+    ),
 ]
 MethodOption = Annotated[
-    Method, typer.Option("--method", help="SVD method; randomized is seeded by --seed.", case_sensitive=False)
+    Method,
+    typer.Option(
+        "--method",
+        help="SVD method: auto, exact or randomized (seeded by --seed).",
+        case_sensitive=False,
+        metavar="METHOD",
+    ),
 ]
 Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.", metavar="N")]
 DeviceOption = Annotated[
-    Device, typer.Option("--device", help="Where the maths runs; auto is cuda if present.", case_sensitive=False)
-]
-Output = Annotated[
-    Optional[Path],
+    Device,
     typer.Option(
-        "--output", "-o", help="Output file, or folder for a sharded input (default: beside the input).", metavar="OUT"
+        "--device",
+        help="Where the maths runs: auto (cuda if present), cpu or cuda.",
+        case_sensitive=False,
+        metavar="DEVICE",
+    ),
+]
+# A str, not a Path: Path() drops the trailing "/" that means "into this folder".
+Output = Annotated[
+    Optional[str],
+    typer.Option(
+        "--output",
+        "-o",
+        help="Output file or folder (default: beside the input). A folder in gives a folder out;"
+        " OUT/ or an existing folder takes a file input under its own name.",
+        metavar="OUT",
+        show_default=False,
     ),
 ]

@@ -11,13 +11,14 @@ import fnmatch
 import json
 import re
 import struct
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, UsageError
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -93,6 +94,11 @@ class Checkpoint:
         return self.index_path is not None or len(self.files) > 1
 
     @property
+    def is_folder(self) -> bool:
+        """A folder or an index was given: outputs are folders with the same file names."""
+        return self.index_path is not None or self.source.is_dir()
+
+    @property
     def nbytes(self) -> int:
         return sum(f.size for f in self.files)
 
@@ -151,6 +157,18 @@ def is_selected(name: str, include: list[str] | None, exclude: list[str] | None)
     return not (exclude and any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude))
 
 
+def check_patterns(checkpoints: list[Checkpoint], include: list[str] | None, exclude: list[str] | None) -> None:
+    """A glob that matches no tensor is a typo, not a choice: say so rather than write an unchanged copy."""
+    names = [name for checkpoint in checkpoints for name in checkpoint.entries]
+    for argument, patterns in (("include", include), ("exclude", exclude)):
+        for pattern in patterns or []:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                sample = ", ".join(f"'{name}'" for name in names[:3]) + (", …" if len(names) > 3 else "")
+                raise UsageError(
+                    f"{{{argument}}} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
+                )
+
+
 def natural_key(name: str) -> list:
     """layers.2 before layers.10."""
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
@@ -181,7 +199,9 @@ def _open_folder(folder: Path) -> Checkpoint:
         raise CheckpointError(f"{folder}: several index files ({names}); pass the one to use")
     shard_paths = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("."))
     if not shard_paths:
-        raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_SUFFIX} in this folder")
+        others = [p for p in sorted(folder.iterdir()) if p.is_file() and _foreign_format(p)]
+        hint = f"; {others[0].name} is {_foreign_format(others[0])}" if others else ""
+        raise CheckpointError(f"{folder}: no *.safetensors files and no {INDEX_SUFFIX} in this folder{hint}")
     return _merge(folder, [_read_shard(p) for p in shard_paths], index_path=None)
 
 
@@ -245,8 +265,54 @@ def _require_regular_file(path: Path) -> None:
         raise CheckpointError(f"{path}: not a regular file; give a .safetensors file, a folder or an index")
 
 
+_CONVERT = (
+    "convert it: python -c \"import torch; from safetensors.torch import save_file;"
+    " save_file({{k: v.contiguous().clone() for k, v in torch.load('{path}', weights_only=True).items()}},"
+    " 'model.safetensors')\""
+)
+
+
+def _foreign_format(path: Path) -> str | None:
+    """What a file that is not safetensors is, from its first bytes, and how to get safetensors; None if unknown.
+
+    Never unpickles: a torch zip is recognised by its member names alone.
+    """
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(16)
+    except OSError:
+        return None
+    torch_fix = _CONVERT.format(path=str(path).replace("'", "\\'"))
+    if head.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(path) as archive:
+                members = archive.namelist()
+        except (zipfile.BadZipFile, OSError):
+            members = []
+        if any(name.endswith("data.pkl") for name in members):
+            return f"a PyTorch checkpoint (torch.save zip); lowrank reads safetensors only, {torch_fix}"
+        return "a zip archive, not safetensors; unpack it and pass the .safetensors file or folder inside"
+    if len(head) >= 2 and head[0] == 0x80 and 2 <= head[1] <= 5:
+        return f"a Python pickle (legacy torch.save); lowrank reads safetensors only, {torch_fix}"
+    if head.startswith(b"GGUF"):
+        return "a GGUF file (llama.cpp); lowrank reads safetensors only, use the model's original safetensors weights"
+    if head.startswith(b"\x93NUMPY"):
+        return (
+            "a NumPy .npy array; convert it with safetensors.numpy.save_file({'weight': numpy.load(...)},"
+            " 'model.safetensors')"
+        )
+    if head.startswith(b"\x89HDF\r\n\x1a\n"):
+        return "an HDF5 file (Keras .h5); lowrank reads safetensors only, save the weights as safetensors"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip archive, not safetensors; unpack it first"
+    return None
+
+
 def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
     """Validate one file with the official loader, then index its tensors' byte ranges."""
+    foreign = _foreign_format(path)
+    if foreign is not None:  # before safe_open, whose "header too large" would say nothing useful
+        raise CheckpointError(f"{path}: is {foreign}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()

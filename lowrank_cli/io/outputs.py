@@ -1,8 +1,14 @@
 """Where outputs go, and how they appear: whole, atomically, or not at all.
 
-A single file is streamed into a temporary file and renamed into place. A sharded output is a
-folder (one shard per input shard, an index, and the input folder's other files such as
-config.json) built under a temporary name beside OUT and renamed into place at the end.
+A single file is streamed into a temporary file and renamed into place. A folder output (for a
+folder or index input: one file per input file under the same names, the index if the input had
+one or several files, and the input folder's other files such as config.json) is built under a
+temporary name beside OUT and renamed into place at the end.
+
+How OUT is read (`resolve_output`): a folder or index in gives a folder out, unless OUT ends in
+.safetensors (then every tensor goes into that one file). For a single-file input, OUT that ends
+in "/" or is an existing folder means "into this folder", under the input's file name; a folder
+named with "/" that does not exist yet is made (its parent must exist), atomically with the file.
 """
 
 from __future__ import annotations
@@ -18,13 +24,44 @@ from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held, track_temp, untrack_temp
 
 
+LOWRANK = ".lowrank"  # the part of a name that compress adds and expand takes away
+
+
 def default_output(checkpoint: Checkpoint, suffix: str) -> Path:
-    """`<input stem><suffix>` beside the input: model.lowrank.safetensors, or a folder model.lowrank/."""
+    """`<input stem><suffix>` beside the input, without a `.lowrank` the input's name carries.
+
+    compress: model.safetensors -> model.lowrank.safetensors, folder m/ -> m.lowrank/;
+    expand: model.lowrank.safetensors -> model.dense.safetensors, m.lowrank/ -> m.dense/ (never
+    the original's name).
+    """
     source = checkpoint.source
-    if not checkpoint.is_sharded:
-        return source.with_name(source.stem + suffix)
+    if not checkpoint.is_folder:
+        return source.with_name(source.stem.removesuffix(LOWRANK) + suffix)
     folder = source if source.is_dir() else source.parent
-    return folder.with_name(folder.name + suffix.removesuffix(".safetensors"))
+    return folder.with_name(folder.name.removesuffix(LOWRANK) + suffix.removesuffix(".safetensors"))
+
+
+def resolve_output(checkpoint: Checkpoint, out: str | os.PathLike | None, suffix: str) -> tuple[Path, bool]:
+    """The path to write and whether it is a folder (see the module's docstring)."""
+    if out is None:
+        return default_output(checkpoint, suffix), checkpoint.is_folder
+    text = os.fspath(out)
+    path = Path(text)
+    if checkpoint.is_folder:
+        return path, not path.name.endswith(".safetensors")
+    if path.is_dir():
+        return path / checkpoint.source.name, False
+    if text.endswith(("/", os.sep)):
+        return path, True
+    return path, False
+
+
+def prepare_output(
+    checkpoint: Checkpoint, out: str | os.PathLike | None, suffix: str, *, force: bool
+) -> tuple[Path, bool]:
+    """resolve_output, then check_output: the path to write and whether it is a folder."""
+    path, folder = resolve_output(checkpoint, out, suffix)
+    return check_output(checkpoint, path, force=force), folder
 
 
 def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
@@ -94,13 +131,13 @@ class FolderOutput:
 
 
 class CheckpointOutput:
-    """One output file, or a folder of shards mirroring a sharded input; commit() or nothing."""
+    """One output file, or a folder mirroring the input's files; commit() or nothing."""
 
-    def __init__(self, checkpoint: Checkpoint, out: Path, *, force: bool) -> None:
+    def __init__(self, checkpoint: Checkpoint, out: Path, *, folder: bool, force: bool) -> None:
         self.out = out
         self.force = force
         self.checkpoint = checkpoint
-        self.sharded = checkpoint.is_sharded and not out.name.endswith(".safetensors")
+        self.sharded = folder  # one writer per input file, named as it is
         if out.exists() and out.is_dir() != self.sharded:
             kind = "a folder" if out.is_dir() else "a file"
             raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
@@ -126,8 +163,10 @@ class CheckpointOutput:
             return writer.commit()
         size = sum(writer.commit() for writer in self.writers)
         try:
-            self._write_index()
-            self._copy_companions()
+            if self.checkpoint.is_sharded:
+                self._write_index()
+            if self.checkpoint.is_folder:
+                self._copy_companions()
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot write ({exc.strerror or exc}); check free space and permissions"

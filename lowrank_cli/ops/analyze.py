@@ -19,9 +19,13 @@ def analyze(
     exclude: list[str] | None = None,
     rtol: float | None = None,
     device: str = "cpu",
+    top: int | None = None,
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
-    """One report row per tensor; with a policy, the rank, error and params it would give."""
+    """One report row per tensor; with a policy, the rank, error and params it would give.
+
+    Each row lists the singular values of W (all, or the `top` largest), so a policy can be read off the curve.
+    """
     selected = set(checkpoint.select(include, exclude))
     tensors, spectra = [], {}
     for entry in checkpoint.entries.values():
@@ -34,6 +38,7 @@ def analyze(
             spectrum = spectrum_of(load_matrix(checkpoint, entry, device))
             report = new_report(entry, Status.analyzed)
             describe_spectrum(report, spectrum, rtol)
+            report.singular_values = (spectrum.singular_values[:top] * spectrum.scale).tolist()
             spectra[entry.name] = spectrum
             tensors.append(report)
         if on_tensor:

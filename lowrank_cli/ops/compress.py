@@ -8,7 +8,7 @@ from pathlib import Path
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
-from lowrank_cli.io.outputs import CheckpointOutput, check_output, default_output
+from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import policy_per_tensor
@@ -22,7 +22,7 @@ SUFFIX = ".lowrank.safetensors"
 def compress(
     checkpoint: Checkpoint,
     policy: RankPolicy,
-    out: Path | None = None,
+    out: str | Path | None = None,
     *,
     settings: Settings | None = None,
     include: list[str] | None = None,
@@ -37,7 +37,7 @@ def compress(
     settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
-    out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
+    out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
     selected = set(checkpoint.select(include, exclude))
     candidates = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
     policy_for = policy_per_tensor(
@@ -46,7 +46,7 @@ def compress(
         lambda name: load_matrix(checkpoint, checkpoint.entries[name], settings.device),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
     )
-    with CheckpointOutput(checkpoint, out, force=force) as output:
+    with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor)
         size_after = output.commit()
     return Report(

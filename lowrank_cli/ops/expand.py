@@ -12,7 +12,7 @@ from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.io.dtypes import DTYPES, compute_dtype, torch_dtype
 from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, factor_names
-from lowrank_cli.io.outputs import CheckpointOutput, check_output, default_output
+from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.ops.pipeline import new_report
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
@@ -21,7 +21,7 @@ SUFFIX = ".dense.safetensors"
 
 def expand(
     checkpoint: Checkpoint,
-    out: Path | None = None,
+    out: str | Path | None = None,
     *,
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
@@ -32,9 +32,9 @@ def expand(
     ]
     for shard, _, _, records in shards:
         _check_factors(checkpoint, shard, records)
-    out = check_output(checkpoint, out or default_output(checkpoint, SUFFIX), force=force)
+    out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
     tensors = []
-    with CheckpointOutput(checkpoint, out, force=force) as output:
+    with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
         for shard, entries, metadata, records in shards:
             writer = output.writer_for(shard)
             if writer.metadata is None:

@@ -45,6 +45,7 @@ class TensorReport:
     kept: float | None = None  # extract: share of ‖ΔW‖_F² the adapter carries, 1 − rel_error²
     params_after: int | None = None
     sparkline: str | None = None
+    singular_values: list[float] | None = None  # analyze: σ_1 ≥ σ_2 ≥ … of W (or the first --top)
     method: str | None = None  # "exact" | "randomized": how the factors were computed
     split: str | None = None  # "us" (B = U·S) or "sqrt" (√S on each side, when U·S overflows)
     file: str | None = None  # the file (or shard) that holds the tensor
