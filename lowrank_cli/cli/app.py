@@ -278,7 +278,7 @@ def expand(
     short_help="A PEFT LoRA adapter from a fine-tune.",
     epilog=_examples(
         "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
-        "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/name",
+        "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/m",
     ),
 )
 @_handle_errors

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -17,10 +18,14 @@ from rich.text import Text
 from lowrank_cli import Report, Status, TensorReport
 
 
-@functools.cache
 def _stdout() -> Console:
-    """Made on first use, not at import: tests and callers set COLUMNS or redirect stdout first."""
-    return Console(width=None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200)
+    """Made at each print, not at import or once: tests and callers set COLUMNS or redirect stdout first."""
+    return Console()
+
+
+def _width() -> int | None:
+    """The width to fit tables to: the terminal's, or COLUMNS; None (no limit) when piped into a file."""
+    return None if not sys.stdout.isatty() and "COLUMNS" not in os.environ else _stdout().width
 
 
 @functools.cache
@@ -34,27 +39,27 @@ def print_json(report: Report) -> None:
 
 def print_report(report: Report) -> None:
     if report.command == "analyze":
-        table = _analyze_table(report)
+        title, columns, rows = _analyze_table(report)
     elif report.command == "compress":
-        table = _compress_table(report)
+        title, columns, rows = _compress_table(report)
     elif report.command == "extract":
-        table = _extract_table(report)
+        title, columns, rows = _extract_table(report)
     else:
-        table = _expand_table(report)
-    # A narrow terminal wraps the long lines; cutting cells would hide numbers.
-    natural = Console(width=100_000).measure(table).maximum
-    stdout = _stdout()
-    Console(width=max(stdout.width, natural)).print(table)
+        title, columns, rows = _expand_table(report)
+    width = _width()
+    table = fit_table(title, columns, rows, width)
+    Console(width=width or 100_000).print(table)
+    lines = []
+    if "note" not in [column.header for column in table.columns]:  # a narrow terminal: why each stays dense
+        lines += [f"{t.name}: dense, {t.reason}" for t in report.tensors if t.status == Status.dense and t.reason]
     totals = report.totals
     if totals.bytes is not None and totals.bytes_after is not None:
-        line = f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}"
-        stdout.print(Text(line), soft_wrap=True)
+        lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     elif report.command == "extract":
-        stdout.print(Text(f"adapter: {_bytes(totals.bytes_after or 0)}  wrote {report.output}"), soft_wrap=True)
-
-
-# (header, footer, kind): kind "name" (tensor names), "text", "number" or "note".
-Column = tuple[str, str, str]
+        lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}  wrote {report.output}")
+    stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
+    for line in lines:
+        stdout.print(Text(line), overflow="fold", highlight=False)
 
 
 def error(message: str) -> None:
@@ -66,154 +71,188 @@ def notice(message: str) -> None:
     _stderr().print(Text(message), soft_wrap=True, highlight=False)
 
 
-def _table(title: str, columns: list[Column], rows: list[list[str | Text]]) -> Table:
-    """Every cell on one line; print_report widens the output rather than cut a number."""
-    footer = any(foot for _, foot, _ in columns)
-    table = Table(title=Text(title), title_justify="left", show_footer=footer)
+@dataclass(frozen=True)
+class Column:
+    """A table column; on a narrow terminal the columns with the lowest `keep` go first (ALWAYS never)."""
+
+    header: str
+    kind: str = "text"  # "name" (tensor names), "text", "number" or "note" (wraps when narrow)
+    keep: int = 9
+    footer: str = ""
+
+
+ALWAYS = 9
+_NOTE_WIDTH = 24  # a note wraps at this width on a narrow terminal
+_NAME_WIDTH = 16  # names are cut from the left to no less than this
+
+
+def fit_table(title: str, columns: list[Column], rows: list[list[str | Text]], width: int | None) -> Table:
+    """The table in `width` columns: whole if it fits; else names lose their common prefix, then the
+    least needed columns go, then names are cut from the left. --json keeps every column."""
     rows = [[cell if isinstance(cell, Text) else Text(cell) for cell in row] for row in rows]
-    for i, (header, foot, kind) in enumerate(columns):
-        width = max([row[i].cell_len for row in rows] + [len(foot)])
-        justify = "right" if kind == "number" else "left"
-        table.add_column(header, footer=foot, justify=justify, no_wrap=True, min_width=width)
+    table = _table(title, columns, rows)
+    if width is None or _measure(table) <= width:
+        return table
+    prefix = _common_prefix([row[0].plain for row in rows])
+    if prefix:
+        title = f"{title}; names after {prefix}"
+        rows = [[Text(row[0].plain[len(prefix) :]), *row[1:]] for row in rows]
+    kept = list(range(len(columns)))
+    droppable = sorted((i for i, c in enumerate(columns) if c.keep < ALWAYS), key=lambda i: (columns[i].keep, -i))
+    while True:
+        table = _table(title, [columns[i] for i in kept], [[row[i] for i in kept] for row in rows], narrow=True)
+        excess = _measure(table) - width
+        if excess <= 0:
+            return table
+        if not droppable:
+            break
+        kept.remove(droppable.pop(0))
+    longest = max([row[0].cell_len for row in rows] + [len(columns[0].header)])
+    names = max(_NAME_WIDTH, longest - excess)
+    rows = [[_cut_left(row[0], names), *row[1:]] for row in rows]
+    return _table(title, [columns[i] for i in kept], [[row[i] for i in kept] for row in rows], narrow=True)
+
+
+def _table(title: str, columns: list[Column], rows: list[list[Text]], *, narrow: bool = False) -> Table:
+    """Every cell on one line (a note wraps when narrow): no number is ever cut."""
+    footer = any(c.footer for c in columns)
+    table = Table(title=Text(title), title_justify="left", show_footer=footer)
+    for i, column in enumerate(columns):
+        wraps = narrow and column.kind == "note"
+        width = max([row[i].cell_len for row in rows] + [len(column.footer)])
+        table.add_column(
+            column.header,
+            footer=column.footer,
+            justify="right" if column.kind == "number" else "left",
+            no_wrap=not wraps,
+            min_width=min(width, _NOTE_WIDTH) if wraps else width,
+            max_width=_NOTE_WIDTH if wraps else None,
+        )
     for row in rows:
         table.add_row(*row)
     return table
 
 
-def _analyze_table(report: Report) -> Table:
+def _measure(table: Table) -> int:
+    return Console(width=100_000).measure(table).maximum
+
+
+def _common_prefix(names: list[str]) -> str:
+    """The longest prefix ending in "." shared by every name, when there are two names or more."""
+    if len(names) < 2:
+        return ""
+    prefix = os.path.commonprefix(names)
+    return prefix[: prefix.rfind(".") + 1]
+
+
+def _cut_left(name: Text, width: int) -> Text:
+    plain = name.plain
+    return name if len(plain) <= width else Text("…" + plain[len(plain) - width + 1 :])
+
+
+def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     totals = report.totals
-    columns = [
-        ("tensor", "total", "name"),
-        ("shape", "", "text"),
-        ("dtype", "", "text"),
-        ("params", f"{totals.params:,}", "number"),
-        ("num. rank", "", "number"),
-        ("stable rank", "", "number"),
-        ("r@90%", "", "number"),
-        ("r@99%", "", "number"),
-        ("r@99.9%", "", "number"),
-        ("σ decay", "", "note"),
-    ]
     with_policy = report.policy is not None
+    columns = [
+        Column("tensor", "name", footer="total"),
+        Column("shape", keep=4),
+        Column("dtype", keep=1),
+        Column("params", "number", keep=3, footer=f"{totals.params:,}"),
+        Column("num. rank", "number", keep=5 if with_policy else ALWAYS),
+        Column("stable rank", "number", keep=2 if with_policy else 5),
+        Column("r@90%", "number", keep=2 if with_policy else 4),
+        Column("r@99%", "number", keep=6 if with_policy else ALWAYS),
+        Column("r@99.9%", "number", keep=2 if with_policy else 4),
+        Column("σ decay", keep=1 if with_policy else 2),
+    ]
     if with_policy:
         columns += [
-            ("rank", "", "number"),
-            ("rel. error", _error(totals.max_rel_error, "max "), "number"),
-            ("params after", f"{totals.params_after:,}", "number"),
-            ("saving", _percent(totals.savings), "number"),
+            Column("rank", "number"),
+            Column("rel. error", "number", footer=_error(totals.max_rel_error, "max ")),
+            Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
+            Column("saving", "number", footer=_percent(totals.savings)),
         ]
+    columns.append(Column("note", "note", keep=5))
     rows = []
     for t in report.tensors:
         if t.status == Status.skipped:
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", Text(t.reason or "", style="dim")]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", ""]
             row += ["", "", f"{t.params:,}", ""] if with_policy else []
         else:
-            row = [
-                t.name,
-                _shape(t),
-                t.dtype,
-                f"{t.params:,}",
-                str(t.numerical_rank),
-                f"{t.stable_rank:.1f}",
-                str(t.rank_90),
-                str(t.rank_99),
-                str(t.rank_999),
-                t.sparkline or "",
-            ]
+            spectrum = [str(t.numerical_rank), f"{t.stable_rank:.1f}", str(t.rank_90), str(t.rank_99), str(t.rank_999)]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, t.sparkline or ""]
             row += _policy_cells(t) if with_policy else []
-        rows.append(row)
-    return _table(f"lowrank analyze {' '.join(report.sources)}", columns, rows)
+        rows.append([*row, Text(t.reason or "", style="dim")])
+    return f"lowrank analyze {' '.join(report.sources)}", columns, rows
 
 
-def _compress_table(report: Report) -> Table:
+def _compress_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     totals = report.totals
     columns = [
-        ("tensor", "total", "name"),
-        ("shape", "", "text"),
-        ("dtype", "", "text"),
-        ("status", "", "text"),
-        ("params", f"{totals.params:,}", "number"),
-        ("rank", "", "number"),
-        ("rel. error", _error(totals.max_rel_error, "max "), "number"),
-        ("params after", f"{totals.params_after:,}", "number"),
-        ("saving", _percent(totals.savings), "number"),
-        ("note", "", "note"),
+        Column("tensor", "name", footer="total"),
+        Column("shape", keep=4),
+        Column("dtype", keep=1),
+        Column("status"),
+        Column("params", "number", keep=3, footer=f"{totals.params:,}"),
+        Column("rank", "number"),
+        Column("rel. error", "number", footer=_error(totals.max_rel_error, "max ")),
+        Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
+        Column("saving", "number", footer=_percent(totals.savings)),
+        Column("note", "note", keep=5),
     ]
     rows = []
     for t in report.tensors:
         cells = _policy_cells(t) if t.rank is not None else ["", "", f"{t.params:,}", ""]
-        if t.status == Status.dense:
-            cells[2:] = [f"{t.params:,}", ""]
         rows.append([t.name, _shape(t), t.dtype, t.status.value, f"{t.params:,}", *cells, t.reason or ""])
-    return _table(f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows)
+    return f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows
 
 
-def _extract_table(report: Report) -> Table:
+def _extract_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     totals = report.totals
     columns = [
-        ("module weight", "total", "name"),
-        ("shape", "", "text"),
-        ("dtype", "", "text"),
-        ("status", "", "text"),
-        ("rank", "", "number"),
-        ("rel. error ΔW", _error(totals.max_rel_error, "max "), "number"),
-        ("‖ΔW‖² kept", "", "number"),
-        ("params", f"{totals.params:,}", "number"),
-        ("adapter params", f"{totals.params_after:,}", "number"),
-        ("note", "", "note"),
+        Column("module weight", "name", footer="total"),
+        Column("shape", keep=3),
+        Column("dtype", keep=1),
+        Column("status"),
+        Column("rank", "number"),
+        Column("rel. error ΔW", "number", footer=_error(totals.max_rel_error, "max ")),
+        Column("‖ΔW‖² kept", "number", keep=4),
+        Column("params", "number", keep=2, footer=f"{totals.params:,}"),
+        Column("adapter params", "number", keep=2, footer=f"{totals.params_after:,}"),
+        Column("note", "note", keep=5),
     ]
     rows = []
     for t in report.tensors:
+        head = [t.name, _shape(t), t.dtype, t.status.value]
         if t.status == Status.extracted:
-            rows.append(
-                [
-                    t.name,
-                    _shape(t),
-                    t.dtype,
-                    t.status.value,
-                    str(t.rank),
-                    _error(t.rel_error),
-                    _percent(t.kept or 0.0),
-                    f"{t.params:,}",
-                    f"{t.params_after:,}",
-                    "",
-                ]
-            )
+            cells = [str(t.rank), _error(t.rel_error), _percent(t.kept or 0.0), f"{t.params:,}", f"{t.params_after:,}"]
+            rows.append([*head, *cells, ""])
         else:
-            rows.append(
-                [
-                    t.name,
-                    _shape(t),
-                    t.dtype,
-                    t.status.value,
-                    "",
-                    "",
-                    "",
-                    f"{t.params:,}",
-                    f"{t.params_after:,}" if t.status == Status.carried else "",
-                    Text(t.reason or "", style="dim"),
-                ]
-            )
-    return _table(f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows)
+            after = f"{t.params_after:,}" if t.status == Status.carried else ""
+            rows.append([*head, "", "", "", f"{t.params:,}", after, Text(t.reason or "", style="dim")])
+    return f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows
 
 
-def _expand_table(report: Report) -> Table:
+def _expand_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     columns = [
-        ("tensor", "", "name"),
-        ("shape", "", "text"),
-        ("dtype", "", "text"),
-        ("status", "", "text"),
-        ("rank", "", "number"),
-        ("rel. error at compress", "", "number"),
+        Column("tensor", "name"),
+        Column("shape", keep=3),
+        Column("dtype", keep=1),
+        Column("status"),
+        Column("rank", "number"),
+        Column("rel. error at compress", "number"),
     ]
     rows = [
         [t.name, _shape(t), t.dtype, t.status.value, "" if t.rank is None else str(t.rank), _error(t.rel_error)]
         for t in report.tensors
     ]
-    return _table(f"lowrank expand {report.sources[0]}", columns, rows)
+    return f"lowrank expand {report.sources[0]}", columns, rows
 
 
 def _policy_cells(t: TensorReport) -> list[str]:
+    """rank, rel. error, params after, saving; a dense tensor says so instead of "error 0, saving 0 %"."""
+    if t.status == Status.dense:
+        return ["dense", "", f"{t.params:,}", _percent(0.0)]
     saving = 1 - t.params_after / t.params if t.params else 0.0
     return [str(t.rank), _error(t.rel_error), f"{t.params_after:,}", _percent(saving)]
 
@@ -228,7 +267,8 @@ def _shape(t: TensorReport) -> str:
 
 
 def _error(value: float | None, prefix: str = "") -> str:
-    return "" if value is None else f"{prefix}{value:.3g}"
+    """Relative errors in one fixed-width format, 1.95e-07 as 7.42e-01, so a column reads at a glance."""
+    return "" if value is None else f"{prefix}{value:.2e}"
 
 
 def _percent(value: float) -> str:
@@ -236,6 +276,7 @@ def _percent(value: float) -> str:
 
 
 def _bytes(count: int) -> str:
+    """Binary units (KiB, MiB, GiB), as the progress bar counts."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
             return f"{count:,.0f} {unit}" if unit == "B" else f"{count:,.1f} {unit}"
@@ -253,7 +294,7 @@ def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
+        DownloadColumn(binary_units=True),
         TextColumn("{task.fields[tensors]} tensors"),
         TimeElapsedColumn(),
         TimeRemainingColumn(),

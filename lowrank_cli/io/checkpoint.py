@@ -266,7 +266,7 @@ def _require_regular_file(path: Path) -> None:
 
 
 _CONVERT = (
-    "convert it: python -c \"import torch; from safetensors.torch import save_file;"
+    'convert it: python -c "import torch; from safetensors.torch import save_file;'
     " save_file({{k: v.contiguous().clone() for k, v in torch.load('{path}', weights_only=True).items()}},"
     " 'model.safetensors')\""
 )

@@ -23,7 +23,6 @@ from lowrank_cli.errors import OutputError, UsageError
 from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held, track_temp, untrack_temp
 
-
 LOWRANK = ".lowrank"  # the part of a name that compress adds and expand takes away
 
 
