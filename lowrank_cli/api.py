@@ -167,10 +167,11 @@ def compress(
         out: the output file (or folder, for a sharded input); default `<stem>.lowrank.safetensors`
             beside the input. Written atomically: it appears whole, or not at all.
         rank, energy, max_error, budget: the rank policy, exactly one.
-        dtype: the factors' dtype; "keep" stores them in each tensor's own dtype.
+        dtype: the dtype of the factors and of every other float16/bfloat16/float32/float64 tensor
+            written; "keep" stores each in its own dtype. A cast tensor's rel_error is that of the cast.
         method, seed: how the SVD is computed ("auto", "exact", "randomized").
         device: "auto", "cpu" or "cuda" (or "cuda:N").
-        include, exclude: globs on tensor names; the others are copied unchanged.
+        include, exclude: globs on tensor names; the others are copied (cast only by `dtype`).
         force: overwrite `out` if it exists.
 
     Returns:

@@ -356,3 +356,40 @@ def test_analyze_json_lists_the_singular_values_of_w(tmp_path):
 def test_top_must_be_positive(tmp_path):
     source = save(tmp_path / "w.safetensors", {"W": low_rank(8, 6, 2)})
     assert_clean_failure(cli("analyze", source, "--top", 0), 2, "--top")
+
+
+# --- 2. --dtype covers every float tensor --------------------------------------------------------
+
+
+def test_a_bfloat16_run_stores_every_float_tensor_in_bfloat16(tmp_path):
+    tensors = {
+        "W": with_spectrum(64, 48, [4.0, 2.0, 1.0], seed=7),
+        "small": torch.randn(4, 3, dtype=torch.float32),  # dense: factors would not save params
+        "bias": torch.randn(64),
+        "norm": torch.randn(48, dtype=torch.float64),
+        "ids": torch.arange(10, dtype=torch.int64),
+    }
+    source = save(tmp_path / "m.safetensors", tensors)
+    out = tmp_path / "bf16.safetensors"
+    report = by_name(cli_json("compress", source, "--rank", 3, "--dtype", "bfloat16", "-o", out))
+    raw = raw_tensors(out)
+    assert {name: raw[name][0] for name in ("W.B", "W.A", "small", "bias", "norm")} == dict.fromkeys(
+        ("W.B", "W.A", "small", "bias", "norm"), "BF16"
+    )
+    assert raw["ids"] == raw_tensors(source)["ids"]
+    stored = load(out)
+    for name in ("small", "bias", "norm"):  # the error is that of the cast, measured on what was written
+        w = tensors[name].double()
+        expected = float(torch.linalg.vector_norm(w - stored[name].double()) / torch.linalg.vector_norm(w))
+        assert 0 < report[name]["rel_error"] == pytest.approx(expected, rel=1e-9), name
+    assert report["small"]["status"] == "dense" and report["ids"]["rel_error"] is None
+    # every float32 byte halves (float64: quarters); the int64 tensor and the header do not
+    floats = sum(t.numel() for n, t in tensors.items() if n not in ("W", "ids")) + 3 * (64 + 48)
+    assert sum(len(raw[n][2]) for n in raw if n != "ids") == 2 * floats
+
+
+def test_a_cast_that_overflows_is_refused(tmp_path):
+    source = save(tmp_path / "m.safetensors", {"W": low_rank(12, 10, 2), "scale": torch.tensor([1e5, 1.0])})
+    result = cli("compress", source, "--rank", 2, "--dtype", "float16")
+    assert_clean_failure(result, 1, "'scale'", "--dtype bfloat16")
+    assert listing(tmp_path) == ["m.safetensors"]

@@ -57,7 +57,17 @@ DTypeOption = Annotated[
     DType,
     typer.Option(
         "--dtype",
-        help="Store factors in DTYPE: keep (each tensor's own), float32, float16, bfloat16 or float64.",
+        help="Store factors and every other float16/bfloat16/float32/float64 tensor in DTYPE: keep"
+        " (each tensor's own), float32, float16, bfloat16 or float64. Errors include the cast.",
+        case_sensitive=False,
+        metavar="DTYPE",
+    ),
+]
+FactorDTypeOption = Annotated[
+    DType,
+    typer.Option(
+        "--dtype",
+        help="Store the factors in DTYPE: keep (each tensor's own), float32, float16, bfloat16 or float64.",
         case_sensitive=False,
         metavar="DTYPE",
     ),

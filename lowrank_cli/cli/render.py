@@ -202,7 +202,7 @@ def _compress_table(report: Report) -> tuple[str, list[Column], list[list[str | 
     ]
     rows = []
     for t in report.tensors:
-        cells = _policy_cells(t) if t.rank is not None else ["", "", f"{t.params:,}", ""]
+        cells = _policy_cells(t) if t.rank is not None else ["", _error(t.rel_error), f"{t.params:,}", ""]
         rows.append([t.name, _shape(t), t.dtype, t.status.value, f"{t.params:,}", *cells, t.reason or ""])
     return f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows
 
@@ -252,7 +252,7 @@ def _expand_table(report: Report) -> tuple[str, list[Column], list[list[str | Te
 def _policy_cells(t: TensorReport) -> list[str]:
     """rank, rel. error, params after, saving; a dense tensor says so instead of "error 0, saving 0 %"."""
     if t.status == Status.dense:
-        return ["dense", "", f"{t.params:,}", _percent(0.0)]
+        return ["dense", _error(t.rel_error) if t.rel_error else "", f"{t.params:,}", _percent(0.0)]  # cast: --dtype
     saving = 1 - t.params_after / t.params if t.params else 0.0
     return [str(t.rank), _error(t.rel_error), f"{t.params_after:,}", _percent(saving)]
 

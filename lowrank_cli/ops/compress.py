@@ -7,14 +7,26 @@ from pathlib import Path
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.dtypes import torch_dtype
 from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import policy_per_tensor
-from lowrank_cli.ops.pipeline import factor, load_matrix, new_report, record, skip_reason, stored_dtype
+from lowrank_cli.ops.pipeline import (
+    STORED_CODES,
+    cast_dense,
+    factor,
+    load_matrix,
+    new_report,
+    record,
+    skip_reason,
+    stored_dtype,
+)
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import Settings
+from lowrank_cli.ops.settings import DType, Settings
+
+CASTABLE = frozenset(STORED_CODES.values())  # float8 tensors are kept: casting them up would grow the file
 
 SUFFIX = ".lowrank.safetensors"
 
@@ -115,5 +127,19 @@ def _compress_entry(
                 writer.add_tensor(factor_name, tensor)
             records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error, report.split)
             return report
-    writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+    _write_whole(checkpoint, entry, writer, settings, report)
     return report
+
+
+def _write_whole(
+    checkpoint: Checkpoint, entry: TensorEntry, writer: SafetensorsWriter, settings: Settings, report: TensorReport
+) -> None:
+    """A tensor that is not factorized: its bytes unchanged, or, with a --dtype, a float tensor cast to it,
+    so that a bfloat16 run halves every float32 tensor; the error is measured on what is written."""
+    stored = None if settings.dtype == DType.keep else STORED_CODES[settings.dtype]
+    if stored is None or entry.dtype not in CASTABLE or entry.dtype == stored:
+        writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+        return
+    where = f"{entry.path}: tensor '{entry.name}'"
+    tensor, report.rel_error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
+    writer.add_tensor(entry.name, tensor)

@@ -165,6 +165,18 @@ def stored_dtype(settings: Settings, code: str) -> torch.dtype:
     return torch_dtype(code if settings.dtype == DType.keep else STORED_CODES[settings.dtype])
 
 
+def cast_dense(tensor: torch.Tensor, stored: torch.dtype, where: str) -> tuple[torch.Tensor, float | None]:
+    """A tensor kept whole, in the stored dtype, with ‖W − cast(W)‖_F / ‖W‖_F (None when W itself is not finite)."""
+    cast = tensor.to(stored)
+    if not bool(torch.isfinite(tensor).all()):
+        return cast, None
+    if not bool(torch.isfinite(cast).all()):
+        raise TensorError(f"{where}: its values overflow {stored}; use {{dtype}} bfloat16 or float32")
+    w = tensor.to(torch.float64)
+    norm = float(torch.linalg.vector_norm(w))
+    return cast, float(torch.linalg.vector_norm(w - cast.to(torch.float64))) / norm if norm else 0.0
+
+
 def record(report: TensorReport, outcome: Factors, rtol: float | None = None) -> None:
     """Write a factor step's outcome into the tensor's report row."""
     report.method = outcome.method
