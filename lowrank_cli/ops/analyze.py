@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.pipeline import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason, spectrum_of
 from lowrank_cli.ops.report import Report, Status, Totals
 
@@ -38,7 +41,7 @@ def analyze(
             spectrum = spectrum_of(load_matrix(checkpoint, entry, device))
             report = new_report(entry, Status.analyzed)
             describe_spectrum(report, spectrum, rtol)
-            report.singular_values = (spectrum.singular_values[:top] * spectrum.scale).tolist()
+            report.singular_values = _singular_values(spectrum, top)
             spectra[entry.name] = spectrum
             tensors.append(report)
         if on_tensor:
@@ -56,3 +59,10 @@ def analyze(
         totals=Totals.of(tensors),
         policy=policy.as_dict() if policy else None,
     )
+
+
+def _singular_values(spectrum: Spectrum, top: int | None) -> list[float] | None:
+    """σ of W itself; None in the one case where σ > float64's maximum (entries near it), which JSON cannot hold."""
+    with np.errstate(over="ignore"):
+        values = spectrum.singular_values[:top] * spectrum.scale
+    return values.tolist() if np.isfinite(values).all() else None
