@@ -14,9 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
-import lowrank_cli
-from tests.conftest import (
+from conftest import (
     ROOT,
     assert_clean_failure,
     by_name,
@@ -33,6 +31,8 @@ from tests.conftest import (
     table_rows,
     with_spectrum,
 )
+
+import lowrank_cli
 
 CONFIG = '{"model_type": "toy"}\n'
 
@@ -393,3 +393,16 @@ def test_a_cast_that_overflows_is_refused(tmp_path):
     result = cli("compress", source, "--rank", 2, "--dtype", "float16")
     assert_clean_failure(result, 1, "'scale'", "--dtype bfloat16")
     assert listing(tmp_path) == ["m.safetensors"]
+
+
+def test_expand_gives_cast_tensors_their_own_dtype_back(tmp_path):
+    tensors = {"W": low_rank(40, 30, 2), "bias": torch.randn(40), "norm": torch.randn(30, dtype=torch.float64)}
+    source = save(tmp_path / "m.safetensors", tensors)
+    assert cli("compress", source, "--rank", 2, "--dtype", "bfloat16").exit_code == 0
+    report = by_name(cli_json("expand", tmp_path / "m.lowrank.safetensors"))
+    dense = load(tmp_path / "m.dense.safetensors")
+    for name in ("bias", "norm"):  # rounded once to bfloat16, then stored in the input's dtype again
+        assert dense[name].dtype == tensors[name].dtype == getattr(torch, report[name]["dtype"].replace("F", "float"))
+        torch.testing.assert_close(
+            dense[name], tensors[name].to(torch.bfloat16).to(tensors[name].dtype), rtol=0, atol=0
+        )

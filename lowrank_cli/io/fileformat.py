@@ -4,8 +4,9 @@
         "format_version": 1,
         "input_metadata": true,   # whether the input had a __metadata__ block at all
         "tensors": {NAME: {"shape": [...], "dtype": "BF16", "rank": r, "rel_error": e,
-                           "split": "us"}, ...}
-    }
+                           "split": "us"}, ...},
+        "cast": {NAME: "F32", ...}   # optional: tensors kept whole but stored in another dtype
+    }                                # (compress --dtype); expand gives them their own dtype back
 
 split "us": B = U_r·diag(S_r), A = V_rᵀ. split "sqrt": B = U_r·diag(√S_r), A = diag(√S_r)·V_rᵀ,
 used when U·S would overflow the factors' dtype (float16); B·A is the same either way.
@@ -48,12 +49,16 @@ class FactorRecord:
         }
 
 
-def encode_metadata(base: dict[str, str] | None, records: dict[str, FactorRecord]) -> dict[str, str]:
+def encode_metadata(
+    base: dict[str, str] | None, records: dict[str, FactorRecord], casts: dict[str, str] | None = None
+) -> dict[str, str]:
     payload = {
         "format_version": FORMAT_VERSION,
         "input_metadata": base is not None,
         "tensors": {name: r.to_json() for name, r in records.items()},
     }
+    if casts:
+        payload["cast"] = casts
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 
@@ -77,6 +82,20 @@ def decode_metadata(
         ) from None
     original = {key: value for key, value in metadata.items() if key != METADATA_KEY}
     return original if had_metadata or original else None, records
+
+
+def decode_casts(source: object, metadata: dict[str, str]) -> dict[str, str]:
+    """The original dtype code of each tensor compress cast to --dtype (none in older files)."""
+    try:
+        casts = json.loads(metadata[METADATA_KEY]).get("cast", {})
+        if not (isinstance(casts, dict) and all(isinstance(v, str) for v in casts.values())):
+            raise TypeError(f"cast {casts!r} is not a map from names to dtype codes")
+    except (ValueError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{source}: its '{METADATA_KEY}' metadata is damaged ({type(exc).__name__}: {exc});"
+            " compress the original again"
+        ) from None
+    return casts
 
 
 def _record(raw: dict) -> FactorRecord:

@@ -83,17 +83,21 @@ def _write(
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
     records: dict[SafetensorsWriter, dict[str, FactorRecord]] = {}
+    casts: dict[SafetensorsWriter, dict[str, str]] = {}
     base_metadata: dict[SafetensorsWriter, dict[str, str] | None] = {}
     for shard, entries in checkpoint.by_shard():
         writer = output.writer_for(shard)  # one per shard, or one for all in a single file
         base_metadata.setdefault(writer, shard.metadata)
-        shard_records = records.setdefault(writer, {})
+        shard_records, shard_casts = records.setdefault(writer, {}), casts.setdefault(writer, {})
         for entry in entries:
-            tensors.append(_compress_entry(checkpoint, entry, writer, shard_records, policy_for, settings, selected))
+            report = _compress_entry(checkpoint, entry, writer, shard_records, policy_for, settings, selected)
+            if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report):
+                shard_casts[entry.name] = entry.dtype
+            tensors.append(report)
             if on_tensor:
                 on_tensor(entry)
     for writer in output.writers:
-        writer.metadata = encode_metadata(base_metadata[writer], records[writer])
+        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer])
     return tensors
 
 
@@ -106,7 +110,7 @@ def _compress_entry(
     settings: Settings,
     selected: set[str],
 ) -> TensorReport:
-    """Write one tensor (its factors, or its bytes unchanged) and return its report row."""
+    """Write one tensor's factors where they pay; return its report row (the caller writes the others whole)."""
     reason = skip_reason(entry, entry.name in selected)
     if reason is not None:
         report = new_report(entry, Status.skipped, reason)
@@ -126,20 +130,20 @@ def _compress_entry(
             for factor_name, tensor in zip(factor_names(entry.name), (outcome.b, outcome.a), strict=True):
                 writer.add_tensor(factor_name, tensor)
             records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error, report.split)
-            return report
-    _write_whole(checkpoint, entry, writer, settings, report)
     return report
 
 
 def _write_whole(
     checkpoint: Checkpoint, entry: TensorEntry, writer: SafetensorsWriter, settings: Settings, report: TensorReport
-) -> None:
+) -> bool:
     """A tensor that is not factorized: its bytes unchanged, or, with a --dtype, a float tensor cast to it,
-    so that a bfloat16 run halves every float32 tensor; the error is measured on what is written."""
+    so that a bfloat16 run halves every float32 tensor; the error is measured on what is written.
+    Returns whether it was cast."""
     stored = None if settings.dtype == DType.keep else STORED_CODES[settings.dtype]
     if stored is None or entry.dtype not in CASTABLE or entry.dtype == stored:
         writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
-        return
+        return False
     where = f"{entry.path}: tensor '{entry.name}'"
     tensor, report.rel_error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
     writer.add_tensor(entry.name, tensor)
+    return True

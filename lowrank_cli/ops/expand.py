@@ -10,8 +10,8 @@ import torch
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
-from lowrank_cli.io.dtypes import DTYPES, compute_dtype, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, factor_names
+from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, compute_dtype, torch_dtype
+from lowrank_cli.io.fileformat import FactorRecord, decode_casts, decode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.ops.pipeline import new_report
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
@@ -40,6 +40,7 @@ def expand(
             if writer.metadata is None:
                 writer.metadata = metadata
             factor_of = {f: name for name in records for f in factor_names(name)}
+            casts = decode_casts(shard.path, shard.metadata)
             for entry in entries:
                 if entry.name in factor_of:
                     if entry.name.endswith(".A"):
@@ -58,8 +59,9 @@ def expand(
                         file=str(entry.path),
                     )
                 else:
-                    writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+                    _copy(checkpoint, entry, writer, casts.get(entry.name), shard)
                     report = new_report(entry, Status.copied)
+                    report.dtype = casts.get(entry.name, entry.dtype)
                 tensors.append(report)
                 if on_tensor:
                     on_tensor(entry)
@@ -71,6 +73,16 @@ def expand(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         output=str(out),
     )
+
+
+def _copy(checkpoint: Checkpoint, entry: TensorEntry, writer, original: str | None, shard: ShardFile) -> None:
+    """A tensor stored whole: its bytes, or (cast by compress --dtype) the values back in its own dtype."""
+    if original is None:
+        writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+        return
+    if original not in FLOAT_CODES or original not in DTYPES or not entry.is_float:
+        raise CheckpointError(f"{shard.path}: tensor '{entry.name}' has unknown original dtype {original}")
+    writer.add_tensor(entry.name, checkpoint.read(entry.name).to(torch_dtype(original)))
 
 
 def _check_factors(checkpoint: Checkpoint, shard: ShardFile, records: dict[str, FactorRecord]) -> None:
