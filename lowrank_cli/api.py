@@ -164,8 +164,10 @@ def compress(
 
     Args:
         path: a safetensors file, shard folder or index.
-        out: the output file (or folder, for a sharded input); default `<stem>.lowrank.safetensors`
-            beside the input. Written atomically: it appears whole, or not at all.
+        out: the output; default `<stem>.lowrank.safetensors` beside the input, or `<folder>.lowrank/`
+            for a folder or index (a folder out, with the input's file names and other files). For a
+            file input, "dir/" or an existing folder means dir/<input file name>. Written
+            atomically: it appears whole, or not at all.
         rank, energy, max_error, budget: the rank policy, exactly one.
         dtype: the dtype of the factors and of every other float16/bfloat16/float32/float64 tensor
             written; "keep" stores each in its own dtype. A cast tensor's rel_error is that of the cast.
@@ -203,6 +205,9 @@ def expand(
     path: PathLike, out: PathLike | None = None, *, force: bool = False, progress: Progress | None = None
 ) -> Report:
     """Rebuild the dense checkpoint from a lowrank file: every original name, shape, dtype and metadata.
+
+    `out` is read as compress reads it; its default drops `.lowrank` and adds `.dense`
+    (model.lowrank.safetensors -> model.dense.safetensors, m.lowrank/ -> m.dense/).
 
     Example:
         >>> lowrank_cli.expand("model.lowrank.safetensors", "model.dense.safetensors")

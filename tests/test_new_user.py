@@ -355,7 +355,9 @@ def test_analyze_json_lists_the_singular_values_of_w(tmp_path):
 
 def test_top_must_be_positive(tmp_path):
     source = save(tmp_path / "w.safetensors", {"W": low_rank(8, 6, 2)})
-    assert_clean_failure(cli("analyze", source, "--top", 0), 2, "--top")
+    assert_clean_failure(cli("analyze", source, "--top", 0), 2, "--top must be a whole number ≥ 1")
+    with pytest.raises(lowrank_cli.UsageError, match="^top must"):
+        lowrank_cli.analyze(source, top=0)
 
 
 # --- 2. --dtype covers every float tensor --------------------------------------------------------
