@@ -13,6 +13,7 @@ from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, compute_dtype, torch_dtype
 from lowrank_cli.io.fileformat import FactorRecord, decode_casts, decode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
+from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.ops.pipeline import new_report
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
@@ -42,27 +43,14 @@ def expand(
             factor_of = {f: name for name in records for f in factor_names(name)}
             casts = decode_casts(shard.path, shard.metadata)
             for entry in entries:
+                if entry.name.endswith(".A") and entry.name in factor_of:
+                    continue  # rebuilt together with its B
                 if entry.name in factor_of:
-                    if entry.name.endswith(".A"):
-                        continue  # rebuilt together with its B
-                    name = factor_of[entry.name]
-                    record = records[name]
-                    writer.add_tensor(name, _rebuild(checkpoint, name, record))
-                    report = TensorReport(
-                        name=name,
-                        shape=list(record.shape),
-                        dtype=record.dtype,
-                        params=math.prod(record.shape),
-                        status=Status.expanded,
-                        rank=record.rank,
-                        rel_error=record.rel_error,
-                        file=str(entry.path),
-                    )
+                    tensors.append(_expand_one(checkpoint, factor_of[entry.name], records, writer, entry))
                 else:
                     _copy(checkpoint, entry, writer, casts.get(entry.name), shard)
-                    report = new_report(entry, Status.copied)
-                    report.dtype = casts.get(entry.name, entry.dtype)
-                tensors.append(report)
+                    tensors.append(new_report(entry, Status.copied))
+                    tensors[-1].dtype = casts.get(entry.name, entry.dtype)
                 if on_tensor:
                     on_tensor(entry)
         size_after = output.commit()
@@ -75,7 +63,27 @@ def expand(
     )
 
 
-def _copy(checkpoint: Checkpoint, entry: TensorEntry, writer, original: str | None, shard: ShardFile) -> None:
+def _expand_one(
+    checkpoint: Checkpoint, name: str, records: dict[str, FactorRecord], writer: SafetensorsWriter, b: TensorEntry
+) -> TensorReport:
+    """Write B·A under the original name, shape and dtype; its row carries the error recorded at compress."""
+    record = records[name]
+    writer.add_tensor(name, _rebuild(checkpoint, name, record))
+    return TensorReport(
+        name=name,
+        shape=list(record.shape),
+        dtype=record.dtype,
+        params=math.prod(record.shape),
+        status=Status.expanded,
+        rank=record.rank,
+        rel_error=record.rel_error,
+        file=str(b.path),
+    )
+
+
+def _copy(
+    checkpoint: Checkpoint, entry: TensorEntry, writer: SafetensorsWriter, original: str | None, shard: ShardFile
+) -> None:
     """A tensor stored whole: its bytes, or (cast by compress --dtype) the values back in its own dtype."""
     if original is None:
         writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
