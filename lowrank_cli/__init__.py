@@ -45,6 +45,9 @@ _LAZY = {
     "apply_factors": "lowrank_cli.nn.loading",
     "load_pretrained": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
+    "calibrate": "lowrank_cli.api",
+    "Calibrator": "lowrank_cli.ops.calibrate",
+    "load_calibration": "lowrank_cli.io.calibration",
 }
 
 __all__ = [
@@ -58,6 +61,9 @@ __all__ = [
     "apply_factors",
     "load_pretrained",
     "save_factors",
+    "calibrate",
+    "Calibrator",
+    "load_calibration",
     "Report",
     "TensorReport",
     "Totals",
@@ -75,10 +81,12 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lowrank_cli.api import analyze, compress, expand, extract, factorize
+    from lowrank_cli.api import analyze, calibrate, compress, expand, extract, factorize
+    from lowrank_cli.io.calibration import load_calibration
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
     from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
+    from lowrank_cli.ops.calibrate import Calibrator
 
 
 def __getattr__(name: str) -> object:

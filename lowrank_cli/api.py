@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.io.calibration import Calibration, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
@@ -98,6 +99,7 @@ def analyze(
     device: Device | str = Device.auto,
     top: int | None = None,
     progress: Progress | None = None,
+    calibration: PathLike | None = None,
 ) -> Report:
     """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
 
@@ -108,6 +110,8 @@ def analyze(
         include, exclude: globs on tensor names.
         rtol: numerical rank counts σ > σ_max·rtol (default max(m, n)·ε).
         top: each row's singular_values lists the `top` largest σ of W (default: all).
+        calibration: a statistics file from `calibrate`; spectra are then of W·S and a policy's
+            error is the output error ‖(W − W′)X‖_F / ‖WX‖_F (docs/calibration.md).
 
     Example:
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
@@ -124,6 +128,7 @@ def analyze(
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
         check_patterns(checkpoints, include, exclude)
+        stats = _calibration(calibration, checkpoints)
         tick = stack.enter_context(_progress(progress, _data_bytes(*checkpoints)))
         for checkpoint in checkpoints:
             reports.append(
@@ -136,6 +141,7 @@ def analyze(
                     device=device,
                     top=top,
                     on_tensor=tick,
+                    calibration=stats,
                 )
             )
     return Report.combine(reports)
@@ -159,6 +165,7 @@ def compress(
     rtol: float | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    calibration: PathLike | None = None,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -175,9 +182,12 @@ def compress(
         device: "auto", "cpu" or "cuda" (or "cuda:N").
         include, exclude: globs on tensor names; the others are copied (cast only by `dtype`).
         force: overwrite `out` if it exists.
+        calibration: a statistics file from `calibrate`: each tensor with statistics is factorized
+            activation-aware (W·S, docs/calibration.md), and the policy's error is its output error
+            ‖(W − BA)X‖_F / ‖WX‖_F, reported as `output_error` beside the weight-space rel_error.
 
     Returns:
-        The Report; each row's rel_error is measured on the factors as written.
+        The Report; each row's rel_error (and output_error) is measured on the factors as written.
 
     Example:
         >>> report = lowrank_cli.compress("model.safetensors", "model.r64.safetensors", rank=64)
@@ -197,6 +207,7 @@ def compress(
             exclude=exclude,
             force=force,
             on_tensor=tick,
+            calibration=_calibration(calibration, [checkpoint]),
         )
 
 
@@ -243,6 +254,7 @@ def extract(
     exclude: list[str] | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    calibration: PathLike | None = None,
 ) -> Report:
     """A PEFT LoRA adapter folder from a fine-tune: the truncated SVD of ΔW = W_tuned − W_base per module.
 
@@ -256,6 +268,8 @@ def extract(
         lora_only: write only the LoRA pairs. By default what else changed goes in too, with
             status "carried": an adapted module's bias change as its lora_B.bias (lora_bias)
             and a module of 1-D tensors (a LayerNorm) whole, as tuned (modules_to_save).
+        calibration: the base model's statistics from `calibrate`: ΔW·S is factorized, and errors
+            are of the output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
 
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
@@ -281,7 +295,56 @@ def extract(
             exclude=exclude,
             force=force,
             on_tensor=tick,
+            calibration=_calibration(calibration, [base_checkpoint]),
         )
+
+
+def calibrate(
+    model: PathLike,
+    out: PathLike,
+    *,
+    text: PathLike,
+    seq_len: int = 128,
+    samples: int = 128,
+    batch_size: int = 8,
+    device: Device | str = Device.auto,
+    force: bool = False,
+) -> dict:
+    """The second moment E[x xᵀ] of every Linear layer's input over windows of a text file, saved to `out`.
+
+    Args:
+        model: a Hugging Face model folder (config.json, safetensors, tokenizer); needs the
+            `calibrate` extra (transformers). Runs offline.
+        out: the statistics file (docs/calibration.md) that `calibration=` reads.
+        text: a UTF-8 text file, cut into `samples` windows of `seq_len` tokens, run `batch_size` at a time.
+
+    Returns:
+        {"tokens": …, "inputs": distinct inputs, "weights": weights covered}.
+
+    Example:
+        >>> lowrank_cli.calibrate("bert-base", "bert.stats.safetensors", text="wiki.txt")
+        >>> lowrank_cli.compress("bert-base/model.safetensors", budget=0.5, calibration="bert.stats.safetensors")
+    """
+    from lowrank_cli.ops.calibrate import calibrate as _calibrate
+
+    return _calibrate(
+        model, out, text, seq_len=seq_len, samples=samples, batch_size=batch_size,
+        device=resolve_device(device), force=force,
+    )  # fmt: skip
+
+
+def _calibration(path: PathLike | None, checkpoints: list) -> Calibration | None:
+    """The statistics file, checked to describe at least one tensor of the checkpoints."""
+    if path is None:
+        return None
+    calibration = read_calibration(path)
+    names = {name for checkpoint in checkpoints for name in checkpoint.entries}
+    if not names & set(calibration.moments):
+        raise UsageError(
+            f"{path}: its statistics name no tensor of {checkpoints[0].source}; run lowrank calibrate on this model"
+            " ({calibration})"
+        )
+    return calibration
 
 
 @contextmanager

@@ -21,7 +21,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 # The arguments a message may name; a fixed list, so that a tensor or file name never matches.
 ARGUMENTS = (
     "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
-    "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top",
+    "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top", "text", "seq_len",
+    "samples", "batch_size",
 )  # fmt: skip
 _ARGUMENT = re.compile(r"\{(" + "|".join(ARGUMENTS) + r")\}")
 

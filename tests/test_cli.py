@@ -17,7 +17,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def test_the_commands():
-    assert COMMANDS == ["analyze", "compress", "expand", "extract"]
+    assert COMMANDS == ["analyze", "calibrate", "compress", "expand", "extract"]
 
 
 def test_top_level_help():

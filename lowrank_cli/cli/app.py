@@ -19,6 +19,7 @@ import lowrank_cli
 from lowrank_cli import Device, DType, Method
 from lowrank_cli.cli.options import (
     Budget,
+    Calibration,
     DeviceOption,
     DTypeOption,
     Energy,
@@ -123,10 +124,15 @@ def _finish(report, as_json: bool, fail_above: float | None) -> None:
     print_json(report) if as_json else print_report(report)
     worst = report.exceeds(fail_above) if fail_above is not None else []
     if worst:
-        top = max(worst, key=lambda t: t.rel_error)
+        kind, error_of = (
+            ("output error", lambda t: t.output_error)
+            if worst[0].output_error is not None
+            else ("relative error", lambda t: t.rel_error)
+        )
+        top = max(worst, key=error_of)
         notice(
-            f"quality gate: {len(worst)} tensor(s) above relative error {fail_above:g}"
-            f" (worst: '{top.name}' at {top.rel_error:.3g})"
+            f"quality gate: {len(worst)} tensor(s) above {kind} {fail_above:g}"
+            f" (worst: '{top.name}' at {error_of(top):.3g})"
         )
         raise typer.Exit(EXIT_QUALITY_GATE)
 
@@ -164,6 +170,7 @@ def analyze(
         Optional[int],
         typer.Option("--top", help="--json: list the K largest singular values per tensor (default all).", metavar="K"),
     ] = None,
+    calibration: Calibration = None,
     as_json: Json = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
@@ -188,6 +195,7 @@ def analyze(
             device=device,
             top=top,
             progress=tick,
+            calibration=calibration,
         )
     _finish(report, as_json, fail_above)
 
@@ -219,6 +227,7 @@ def compress(
     exclude: Exclude = None,
     rtol: Rtol = None,
     fail_above: FailAbove = None,
+    calibration: Calibration = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -243,6 +252,7 @@ def compress(
             rtol=rtol,
             force=force,
             progress=tick,
+            calibration=calibration,
         )
     _finish(report, as_json, fail_above)
 
@@ -319,6 +329,7 @@ def extract(
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
+    calibration: Calibration = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -347,8 +358,33 @@ def extract(
             exclude=exclude,
             force=force,
             progress=tick,
+            calibration=calibration,
         )
     _finish(report, as_json, fail_above)
+
+
+@app.command()
+@_handle_errors
+def calibrate(
+    model: Annotated[
+        Path,
+        typer.Argument(help="A Hugging Face model folder (config.json, safetensors, tokenizer).", metavar="MODEL"),
+    ],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The statistics file to write.", metavar="STATS")],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run the model over.", metavar="FILE")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.", metavar="N")] = 128,
+    samples: Annotated[int, typer.Option("--samples", help="Windows to run (at most).", metavar="N")] = 128,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.", metavar="N")] = 8,
+    device: DeviceOption = Device.auto,
+    force: Force = False,
+) -> None:
+    """Second moments E[x xᵀ] of every Linear layer's input over text, for --calibration (needs transformers)."""
+    from lowrank_cli.cli.render import notice
+
+    summary = lowrank_cli.calibrate(
+        model, output, text=text, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device, force=force
+    )
+    notice(f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens")
 
 
 def _version(value: bool) -> None:

@@ -5,6 +5,7 @@ Choices come from the library's enums, so typer validates them and `--help` list
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
@@ -101,5 +102,13 @@ Output = Annotated[
         " OUT/ or an existing folder takes a file input under its own name.",
         metavar="OUT",
         show_default=False,
+    ),
+]
+Calibration = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--calibration",
+        help="Statistics from lowrank calibrate: factor W·S so errors are of the layer's output (docs/calibration.md).",
+        metavar="STATS",
     ),
 ]

@@ -15,7 +15,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeE
 from rich.table import Table
 from rich.text import Text
 
-from lowrank_cli import Report, Status, TensorReport
+from lowrank_cli import Report, Status, TensorReport, Totals
 
 
 def _stdout() -> Console:
@@ -153,6 +153,7 @@ def _cut_left(name: Text, width: int) -> Text:
 def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     totals = report.totals
     with_policy = report.policy is not None
+    calibrated = totals.max_output_error is not None
     columns = [
         Column("tensor", "name", footer="total"),
         Column("shape", keep=4),
@@ -169,6 +170,7 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
         columns += [
             Column("rank", "number"),
             Column("rel. error", "number", footer=_error(totals.max_rel_error, "max ")),
+            *_output_column(totals),
             Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
             Column("saving", "number", footer=_percent(totals.savings)),
         ]
@@ -177,11 +179,11 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
     for t in report.tensors:
         if t.status == Status.skipped:
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", ""]
-            row += ["", "", f"{t.params:,}", ""] if with_policy else []
+            row += ["", "", *([""] if calibrated else []), f"{t.params:,}", ""] if with_policy else []
         else:
             spectrum = [str(t.numerical_rank), f"{t.stable_rank:.1f}", str(t.rank_90), str(t.rank_99), str(t.rank_999)]
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, t.sparkline or ""]
-            row += _policy_cells(t) if with_policy else []
+            row += _policy_cells(t, calibrated) if with_policy else []
         rows.append([*row, Text(t.reason or "", style="dim")])
     return f"lowrank analyze {' '.join(report.sources)}", columns, rows
 
@@ -196,13 +198,16 @@ def _compress_table(report: Report) -> tuple[str, list[Column], list[list[str | 
         Column("params", "number", keep=3, footer=f"{totals.params:,}"),
         Column("rank", "number"),
         Column("rel. error", "number", footer=_error(totals.max_rel_error, "max ")),
+        *_output_column(totals),
         Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
         Column("saving", "number", footer=_percent(totals.savings)),
         Column("note", "note", keep=5),
     ]
+    calibrated = totals.max_output_error is not None
     rows = []
     for t in report.tensors:
-        cells = _policy_cells(t) if t.rank is not None else ["", _error(t.rel_error), f"{t.params:,}", ""]
+        blank = ["", _error(t.rel_error), *([""] if calibrated else []), f"{t.params:,}", ""]
+        cells = _policy_cells(t, calibrated) if t.rank is not None else blank
         rows.append([t.name, _shape(t), t.dtype, t.status.value, f"{t.params:,}", *cells, t.reason or ""])
     return f"lowrank compress {report.sources[0]} ({_policy(report)})", columns, rows
 
@@ -249,12 +254,21 @@ def _expand_table(report: Report) -> tuple[str, list[Column], list[list[str | Te
     return f"lowrank expand {report.sources[0]}", columns, rows
 
 
-def _policy_cells(t: TensorReport) -> list[str]:
-    """rank, rel. error, params after, saving; a dense tensor says so instead of "error 0, saving 0 %"."""
+def _policy_cells(t: TensorReport, calibrated: bool = False) -> list[str]:
+    """rank, rel. error, [output error,] params after, saving; a dense tensor says so instead of "error 0"."""
+    output = [_error(t.output_error)] if calibrated else []
     if t.status == Status.dense:
-        return ["dense", _error(t.rel_error) if t.rel_error else "", f"{t.params:,}", _percent(0.0)]  # cast: --dtype
+        error = _error(t.rel_error) if t.rel_error else ""  # cast: --dtype
+        return ["dense", error, *output, f"{t.params:,}", _percent(0.0)]
     saving = 1 - t.params_after / t.params if t.params else 0.0
-    return [str(t.rank), _error(t.rel_error), f"{t.params_after:,}", _percent(saving)]
+    return [str(t.rank), _error(t.rel_error), *output, f"{t.params_after:,}", _percent(saving)]
+
+
+def _output_column(totals: Totals) -> list[Column]:
+    """The output-error column (‖(W − BA)X‖ / ‖WX‖), shown when calibration statistics were given."""
+    if totals.max_output_error is None:
+        return []
+    return [Column("output error", "number", footer=_error(totals.max_output_error, "max "))]
 
 
 def _policy(report: Report) -> str:

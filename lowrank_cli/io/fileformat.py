@@ -4,9 +4,16 @@
         "format_version": 1,
         "input_metadata": true,   # whether the input had a __metadata__ block at all
         "tensors": {NAME: {"shape": [...], "dtype": "BF16", "rank": r, "rel_error": e,
-                           "split": "us"}, ...},
-        "cast": {NAME: "F32", ...}   # optional: tensors kept whole but stored in another dtype
-    }                                # (compress --dtype); expand gives them their own dtype back
+                           "split": "us", "output_error": e_out}, ...},
+        "cast": {NAME: "F32", ...},  # optional: tensors kept whole but stored in another dtype
+                                     # (compress --dtype); expand gives them their own dtype back
+        "calibration": {"activation_aware": true, "source": "stats.safetensors",
+                        "tokens": N, "text_sha256": "…"}    # only with --calibration
+    }
+
+With calibration the factors are activation-aware: B = U_r·Σ_r, A = V_rᵀ·S⁻¹ from the SVD of W·S
+(docs/calibration.md); "output_error" is then ‖(W − BA)X‖_F / ‖WX‖_F on the calibration inputs.
+B·A is W's approximation either way, so expand and every loader read both alike.
 
 split "us": B = U_r·diag(S_r), A = V_rᵀ. split "sqrt": B = U_r·diag(√S_r), A = diag(√S_r)·V_rᵀ,
 used when U·S would overflow the factors' dtype (float16); B·A is the same either way.
@@ -38,19 +45,36 @@ class FactorRecord:
     rank: int
     rel_error: float
     split: str = "us"
+    output_error: float | None = None  # activation-aware factors only
 
     def to_json(self) -> dict:
-        return {
+        fields = {
             "shape": list(self.shape),
             "dtype": self.dtype,
             "rank": self.rank,
             "rel_error": self.rel_error,
             "split": self.split,
         }
+        return fields if self.output_error is None else {**fields, "output_error": self.output_error}
+
+
+def calibration_record(calibration: object | None) -> dict | None:
+    """The metadata's note that the factors are activation-aware (an io.calibration.Calibration), or None."""
+    if calibration is None:
+        return None
+    return {
+        "activation_aware": True,
+        "source": calibration.source,
+        "tokens": calibration.tokens,
+        "text_sha256": calibration.text_sha256,
+    }
 
 
 def encode_metadata(
-    base: dict[str, str] | None, records: dict[str, FactorRecord], casts: dict[str, str] | None = None
+    base: dict[str, str] | None,
+    records: dict[str, FactorRecord],
+    casts: dict[str, str] | None = None,
+    calibration: dict | None = None,
 ) -> dict[str, str]:
     payload = {
         "format_version": FORMAT_VERSION,
@@ -59,6 +83,8 @@ def encode_metadata(
     }
     if casts:
         payload["cast"] = casts
+    if calibration is not None:
+        payload["calibration"] = calibration
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 

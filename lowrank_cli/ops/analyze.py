@@ -6,11 +6,22 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.pipeline import apply_policy, describe_spectrum, load_matrix, new_report, skip_reason, spectrum_of
+from lowrank_cli.ops.pipeline import (
+    NO_STATISTICS,
+    ZERO_MOMENT,
+    apply_policy,
+    describe_spectrum,
+    load_matrix,
+    new_report,
+    skip_reason,
+    spectrum_of,
+    whitened_view,
+)
 from lowrank_cli.ops.report import Report, Status, Totals
 
 
@@ -24,13 +35,16 @@ def analyze(
     device: str = "cpu",
     top: int | None = None,
     on_tensor: Callable[[TensorEntry], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> Report:
     """One report row per tensor; with a policy, the rank, error and params it would give.
 
     Each row lists the singular values of W (all, or the `top` largest), so a policy can be read off the curve.
+    With calibration, a tensor with statistics is described by the spectrum of W·S, and the error a
+    policy would give is the output error (its Eckart–Young optimum on W·S).
     """
     selected = set(checkpoint.select(include, exclude))
-    tensors, spectra = [], {}
+    tensors, spectra, whitened = [], {}, set()
     for entry in checkpoint.entries.values():
         if entry.name not in selected:
             continue
@@ -38,8 +52,14 @@ def analyze(
         if reason is not None:
             tensors.append(new_report(entry, Status.skipped, reason))
         else:
-            spectrum = spectrum_of(load_matrix(checkpoint, entry, device))
+            matrix = load_matrix(checkpoint, entry, device)
+            view = whitened_view(matrix, calibration, entry.name)
+            spectrum = spectrum_of(view)
             report = new_report(entry, Status.analyzed)
+            if view is not matrix:
+                whitened.add(entry.name)
+            elif calibration is not None:
+                report.reason = NO_STATISTICS if calibration.moment_for(entry.name) is None else ZERO_MOMENT
             describe_spectrum(report, spectrum, rtol)
             report.singular_values = _singular_values(spectrum, top)
             spectra[entry.name] = spectrum
@@ -52,6 +72,8 @@ def analyze(
             if report.name in spectra:
                 tensor_policy = RankPolicy(rank=ranks[report.name]) if ranks is not None else policy
                 apply_policy(report, spectra[report.name], tensor_policy)
+                if report.name in whitened and report.status == Status.factorized:
+                    report.output_error, report.rel_error = report.rel_error, None  # the optimum on W·S
     return Report(
         command="analyze",
         sources=[str(checkpoint.source)],

@@ -6,9 +6,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from lowrank_cli.errors import CheckpointError
+from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import torch_dtype
-from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names
+from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_record, encode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
@@ -16,12 +17,13 @@ from lowrank_cli.ops.budget import policy_per_tensor
 from lowrank_cli.ops.pipeline import (
     STORED_CODES,
     cast_dense,
-    factor,
+    factor_step,
     load_matrix,
     new_report,
     record,
     skip_reason,
     stored_dtype,
+    whitened_view,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import DType, Settings
@@ -41,10 +43,12 @@ def compress(
     exclude: list[str] | None = None,
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> Report:
     """Write OUT with factors for every selected float matrix where they save parameters.
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
+    With calibration, each tensor with statistics is factorized as W·S (activation-aware).
     """
     settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
@@ -55,11 +59,13 @@ def compress(
     policy_for = policy_per_tensor(
         policy,
         candidates,
-        lambda name: load_matrix(checkpoint, checkpoint.entries[name], settings.device),
+        lambda name: whitened_view(
+            load_matrix(checkpoint, checkpoint.entries[name], settings.device), calibration, name
+        ),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
-        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor)
+        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
         size_after = output.commit()
     return Report(
         command="compress",
@@ -68,7 +74,7 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options=settings.as_dict(),
+        options={**settings.as_dict(), **({"calibration": calibration.source} if calibration else {})},
     )
 
 
@@ -79,6 +85,7 @@ def _write(
     settings: Settings,
     selected: set[str],
     on_tensor: Callable[[TensorEntry], None] | None,
+    calibration: Calibration | None = None,
 ) -> list[TensorReport]:
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
@@ -90,14 +97,16 @@ def _write(
         base_metadata.setdefault(writer, shard.metadata)
         shard_records, shard_casts = records.setdefault(writer, {}), casts.setdefault(writer, {})
         for entry in entries:
-            report = _compress_entry(checkpoint, entry, writer, shard_records, policy_for, settings, selected)
+            step = (policy_for, settings, selected, calibration)
+            report = _compress_entry(checkpoint, entry, writer, shard_records, *step)
             if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report):
                 shard_casts[entry.name] = entry.dtype
             tensors.append(report)
             if on_tensor:
                 on_tensor(entry)
     for writer in output.writers:
-        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer])
+        extra = calibration_record(calibration)
+        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer], extra)
     return tensors
 
 
@@ -109,6 +118,7 @@ def _compress_entry(
     policy_for: Callable[[str], RankPolicy],
     settings: Settings,
     selected: set[str],
+    calibration: Calibration | None = None,
 ) -> TensorReport:
     """Write one tensor's factors where they pay; return its report row (the caller writes the others whole)."""
     reason = skip_reason(entry, entry.name in selected)
@@ -117,10 +127,11 @@ def _compress_entry(
     else:
         report = new_report(entry, Status.analyzed)
         matrix = load_matrix(checkpoint, entry, settings.device)
-        outcome = factor(
+        outcome = factor_step(
             matrix,
             policy_for(entry.name),
             settings,
+            calibration,
             name=entry.name,
             stored=stored_dtype(settings, entry.dtype),
             where=f"{entry.path}: tensor '{entry.name}'",
@@ -129,7 +140,9 @@ def _compress_entry(
         if report.status == Status.factorized:
             for factor_name, tensor in zip(factor_names(entry.name), (outcome.b, outcome.a), strict=True):
                 writer.add_tensor(factor_name, tensor)
-            records[entry.name] = FactorRecord(entry.shape, entry.dtype, report.rank, report.rel_error, report.split)
+            records[entry.name] = FactorRecord(
+                entry.shape, entry.dtype, report.rank, report.rel_error, report.split, report.output_error
+            )
     return report
 
 

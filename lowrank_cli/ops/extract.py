@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import OutputError, TensorError
+from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.dtypes import compute_dtype
 from lowrank_cli.io.outputs import FolderOutput, check_output
@@ -31,7 +32,7 @@ from lowrank_cli.io.peft import (
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import policy_per_tensor
-from lowrank_cli.ops.pipeline import check_finite, factor, record, stored_dtype
+from lowrank_cli.ops.pipeline import check_finite, factor_step, record, stored_dtype, whitened_view
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import Settings
 
@@ -73,8 +74,13 @@ def extract(
     exclude: list[str] | None = None,
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
+    calibration: Calibration | None = None,
 ) -> Report:
-    """Factor ΔW of every module weight both checkpoints share into a PEFT LoRA adapter in `out`."""
+    """Factor ΔW of every module weight both checkpoints share into a PEFT LoRA adapter in `out`.
+
+    With calibration (the base model's statistics), ΔW·S is factorized: the adapter minimizes the
+    error in the layer's output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
+    """
     settings = settings or Settings()
     options = options or ExtractOptions()
     check_output(base, out, force=True)  # an input first: never invite force onto BASE
@@ -93,7 +99,7 @@ def extract(
     policy_for = policy_per_tensor(
         policy,
         candidates,
-        lambda name: _delta(base, tuned, name, settings.device),
+        lambda name: whitened_view(_delta(base, tuned, name, settings.device), calibration, name),
         on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
     )
     with FolderOutput(out) as folder:
@@ -101,7 +107,8 @@ def extract(
         with writer:
             adapter = {}  # module -> (rank, kind)
             for name in candidates:
-                adapter.update(_extract_one(base, tuned, name, tensors[name], writer, policy_for(name), settings))
+                step = (tensors[name], writer, policy_for(name), settings, calibration)
+                adapter.update(_extract_one(base, tuned, name, *step))
                 if on_tensor:
                     on_tensor(tuned.entries[name])
             if not adapter:
@@ -117,7 +124,10 @@ def extract(
         )
         (folder.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         folder.commit()
-    return _report(base, tuned, list(tensors.values()), policy, out, settings, size)
+    report = _report(base, tuned, list(tensors.values()), policy, out, settings, size)
+    if calibration is not None:
+        report.options["calibration"] = calibration.source
+    return report
 
 
 def _extract_one(
@@ -128,6 +138,7 @@ def _extract_one(
     writer: SafetensorsWriter,
     policy: RankPolicy,
     settings: Settings,
+    calibration: Calibration | None,
 ) -> dict[str, tuple[int, str]]:
     """Factor one module's ΔW into the adapter; returns {module: (rank, kind)}, empty if it stays out."""
     entry = tuned.entries[name]
@@ -136,10 +147,11 @@ def _extract_one(
         report.reason = "unchanged (ΔW = 0)"
         return {}
     where = f"{tuned.source}: tensor '{name}'"
-    outcome = factor(
+    outcome = factor_step(
         delta,
         policy,
         settings,
+        calibration,
         name=name,
         stored=stored_dtype(settings, entry.dtype),
         limit=min(delta.shape),

@@ -7,16 +7,19 @@ a report row records the outcome (`new_report`, `record`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from lowrank_cli.errors import TensorError
+from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
 from lowrank_cli.linalg.factorize import factorize, finite, generator_for, relative_error
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
+from lowrank_cli.linalg.whiten import Whitener, output_error
+from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.report import Status, TensorReport
 from lowrank_cli.ops.settings import DType, Method, Settings
 
@@ -120,6 +123,8 @@ class Factors:
     a: torch.Tensor | None = None
     split: str | None = None  # "us" or "sqrt" (io.fileformat)
     rel_error: float = 0.0  # ‖W − B·A‖_F / ‖W‖_F measured on b and a as stored; 0 when dense
+    output_error: float | None = None  # with calibration: ‖(W − B·A)X‖_F / ‖WX‖_F, measured likewise
+    note: str | None = None  # why calibration was given but not used for this tensor
 
 
 def factor(
@@ -132,31 +137,81 @@ def factor(
     limit: int | None = None,
     where: str | None = None,
     method: Method | None = None,
+    whitener: Whitener | None = None,
 ) -> Factors:
     """Factor one float32/float64 matrix by `policy`, storing in `stored`, the error measured on what is stored.
 
     limit: the highest rank worth storing (default: the break-even rank; extract allows min(m, n)).
+    whitener: the layer input's statistics (linalg.whiten); then W·S is factorized, A un-whitened,
+    and the policy's error means the output error ‖(W − BA)X‖_F / ‖WX‖_F, measured on what is stored.
     A randomized result that misses an error target by floating-point bookkeeping is redone exactly.
     """
     limit = break_even_rank(*matrix.shape) if limit is None else limit
     method = method or settings.method
     generator = generator_for(name, settings.seed, matrix.device)
-    result = factorize(matrix, policy, method=method.value, generator=generator, max_rank=limit)
+    target_matrix = matrix if whitener is None else whitener.whiten(matrix)
+    result = factorize(target_matrix, policy, method=method.value, generator=generator, max_rank=limit)
     decision = decide(result.rank, tuple(matrix.shape), policy, limit)
     outcome = Factors(decision, result.method, result.spectrum)
     if decision.status != Status.factorized:
         return outcome
-    outcome.b, outcome.a, outcome.split = result.factors(stored)
+    if whitener is None:
+        outcome.b, outcome.a, outcome.split = result.factors(stored)
+    else:
+        b, a, outcome.split = result.factors(matrix.dtype)
+        outcome.b, outcome.a = b.to(stored), whitener.unwhiten(a).to(stored)  # A = V_rᵀ·S⁻¹
     if not (finite(outcome.b) and finite(outcome.a)):
         wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
         raise TensorError(
             f"{where or name}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {{dtype}} {wider}"
         )
     outcome.rel_error = relative_error(matrix, outcome.b, outcome.a)
+    if whitener is not None:
+        outcome.output_error = output_error(matrix, outcome.b, outcome.a, whitener.moment)
     target = policy.error_target()
-    missed = target is not None and outcome.rel_error > target
+    measured = outcome.rel_error if whitener is None else outcome.output_error
+    missed = target is not None and measured > target
+    again = dict(settings=settings, name=name, stored=stored, limit=limit, where=where, whitener=whitener)
     if result.method == "randomized" and stored == matrix.dtype and missed:
-        return factor(matrix, policy, settings, name=name, stored=stored, limit=limit, where=where, method=Method.exact)
+        return factor(matrix, policy, method=Method.exact, **again)
+    if whitener is not None and missed and result.method == "exact" and decision.rank < limit:
+        # The rank was read off the damped spectrum; measured with C itself it may miss by ~λ: one more term.
+        return factor(matrix, RankPolicy(rank=decision.rank + 1), method=Method.exact, **again)
+    return outcome
+
+
+NO_STATISTICS = "no calibration statistics for this tensor: plain SVD"
+ZERO_MOMENT = "its input's second moment is zero: plain SVD"
+
+
+def calibrated_factor(
+    matrix: torch.Tensor,
+    policy: RankPolicy,
+    settings: Settings,
+    moment: torch.Tensor | None,
+    *,
+    transposed: bool = False,
+    name: str,
+    stored: torch.dtype,
+    limit: int | None = None,
+    where: str | None = None,
+) -> Factors:
+    """`factor` with the layer input's second moment: W·S factorized when there is one, plain SVD (noted) if not.
+
+    transposed: W is stored (in, out) (GPT-2's Conv1D); Wᵀ = B′A′ is factorized and B = A′ᵀ, A = B′ᵀ.
+    """
+    options = dict(name=name, stored=stored, limit=limit, where=where)
+    if moment is None:
+        return replace(factor(matrix, policy, settings, **options), note=NO_STATISTICS)
+    _check_moment(moment, matrix.shape[0] if transposed else matrix.shape[1], where or name)
+    whitener = make_whitener(moment.to(matrix.device))
+    if whitener is None:
+        return replace(factor(matrix, policy, settings, **options), note=ZERO_MOMENT)
+    if not transposed:
+        return factor(matrix, policy, settings, whitener=whitener, **options)
+    outcome = factor(matrix.T.contiguous(), policy, settings, whitener=whitener, **options)
+    if outcome.b is not None:  # Wᵀ ≈ B′·A′, so W ≈ A′ᵀ·B′ᵀ
+        outcome.b, outcome.a = outcome.a.T.contiguous(), outcome.b.T.contiguous()
     return outcome
 
 
@@ -183,8 +238,11 @@ def record(report: TensorReport, outcome: Factors, rtol: float | None = None) ->
     if outcome.spectrum is not None:
         describe_spectrum(report, outcome.spectrum, rtol)
     _record_decision(report, outcome.decision)
+    if outcome.note:
+        report.reason = f"{report.reason}; {outcome.note}" if report.reason else outcome.note
     if outcome.decision.status == Status.factorized:
         report.rel_error = outcome.rel_error
+        report.output_error = outcome.output_error
         report.split = outcome.split
         report.params_after = outcome.b.numel() + outcome.a.numel()
 
@@ -194,3 +252,50 @@ def _record_decision(report: TensorReport, decision: Decision) -> None:
     report.status, report.rank, report.reason = decision.status, decision.rank, decision.reason
     report.rel_error = 0.0 if decision.status == Status.dense else None
     report.params_after = report.params
+
+
+def factor_step(
+    matrix: torch.Tensor,
+    policy: RankPolicy,
+    settings: Settings,
+    calibration: Calibration | None,
+    *,
+    name: str,
+    stored: torch.dtype,
+    limit: int | None = None,
+    where: str | None = None,
+) -> Factors:
+    """The factor step of compress and extract: plain, or activation-aware when calibration is given."""
+    if calibration is None:
+        return factor(matrix, policy, settings, name=name, stored=stored, limit=limit, where=where)
+    return calibrated_factor(
+        matrix,
+        policy,
+        settings,
+        calibration.moment_for(name),
+        transposed=name in calibration.transposed,
+        name=name,
+        stored=stored,
+        limit=limit,
+        where=where,
+    )
+
+
+def whitened_view(matrix: torch.Tensor, calibration: Calibration | None, name: str) -> torch.Tensor:
+    """The matrix whose spectrum the policy reads: W·S with calibration (Wᵀ·S for a transposed layer), else W."""
+    moment = calibration.moment_for(name) if calibration is not None else None
+    if moment is None:
+        return matrix
+    if name in calibration.transposed:
+        matrix = matrix.T
+    _check_moment(moment, matrix.shape[1], name)
+    whitener = make_whitener(moment.to(matrix.device))
+    return matrix if whitener is None else whitener.whiten(matrix)
+
+
+def _check_moment(moment: torch.Tensor, inputs: int, where: str) -> None:
+    if tuple(moment.shape) != (inputs, inputs):
+        raise TensorError(
+            f"{where}: its calibration moment is {tuple(moment.shape)}, but the tensor has {inputs} inputs;"
+            " the statistics are of another model, run lowrank calibrate on this one"
+        )

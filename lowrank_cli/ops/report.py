@@ -42,6 +42,7 @@ class TensorReport:
     rank_99: int | None = None
     rank_999: int | None = None
     rel_error: float | None = None  # ‖W − B·A‖_F / ‖W‖_F (extract: of ΔW)
+    output_error: float | None = None  # with calibration: ‖(W − B·A)X‖_F / ‖WX‖_F over the calibration inputs
     kept: float | None = None  # extract: share of ‖ΔW‖_F² the adapter carries, 1 − rel_error²
     params_after: int | None = None
     sparkline: str | None = None
@@ -59,12 +60,14 @@ class Totals:
     bytes: int | None = None
     bytes_after: int | None = None
     max_rel_error: float | None = None
+    max_output_error: float | None = None
 
     @classmethod
     def of(cls, tensors: list[TensorReport], nbytes: int | None = None, nbytes_after: int | None = None) -> Totals:
         params = sum(t.params for t in tensors)
         after = sum(t.params if t.params_after is None else t.params_after for t in tensors)
         errors = [t.rel_error for t in tensors if t.rel_error is not None]
+        outputs = [t.output_error for t in tensors if t.output_error is not None]
         return cls(
             params=params,
             params_after=after,
@@ -72,6 +75,7 @@ class Totals:
             bytes=nbytes,
             bytes_after=nbytes_after,
             max_rel_error=max(errors) if errors else None,
+            max_output_error=max(outputs) if outputs else None,
         )
 
 
@@ -102,12 +106,16 @@ class Report:
         )
 
     def exceeds(self, max_error: float) -> list[TensorReport]:
-        """Tensors whose relative error is above max_error (the --fail-above gate)."""
-        return [t for t in self.tensors if t.rel_error is not None and t.rel_error > max_error]
+        """Tensors whose error is above max_error (the --fail-above gate): the output error when calibrated."""
+        return [t for t in self.tensors if (_gated(t) or 0.0) > max_error]
 
     def to_dict(self) -> dict:
         """The JSON document: every field, statuses as their string values."""
         return asdict(self, dict_factory=_plain)
+
+
+def _gated(tensor: TensorReport) -> float | None:
+    return tensor.output_error if tensor.output_error is not None else tensor.rel_error
 
 
 def _plain(items: list[tuple[str, object]]) -> dict:
