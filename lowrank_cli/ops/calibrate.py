@@ -152,11 +152,9 @@ def calibrate(
     transformers = _transformers()
     data = text.read_bytes()
     model, tokenizer = _load(transformers, Path(model_dir), device)
-    tokenizer.model_max_length = 1 << 62  # the text is cut into windows below; silence the length warning
-    ids = tokenizer(data.decode("utf-8", errors="replace"), add_special_tokens=False)["input_ids"]
-    windows = [ids[i : i + seq_len] for i in range(0, len(ids) - seq_len + 1, seq_len)][:samples]
+    windows = _windows(tokenizer, data.decode("utf-8", errors="replace"), seq_len)[:samples]
     if not windows:
-        raise UsageError(f"{text}: has {len(ids)} tokens, fewer than one window of {seq_len}; lower {{seq_len}}")
+        raise UsageError(f"{text}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
     calibrator = Calibrator(model, names=checkpoint_names(_linear_names(model), _checkpoint_keys(Path(model_dir))))
     with torch.no_grad(), calibrator:
         for start in range(0, len(windows), batch_size):
@@ -164,6 +162,32 @@ def calibrate(
             model(input_ids=batch, attention_mask=torch.ones_like(batch))
     calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
     return {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
+
+
+def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
+    """Consecutive windows of seq_len tokens, each framed by the tokenizer's special tokens ([CLS] … [SEP]).
+
+    The model sees those tokens in every real input, and their activations are often the largest
+    (attention sinks): statistics without them miss the directions that matter most.
+    """
+    tokenizer.model_max_length = 1 << 62  # the text is cut into windows below; silence the length warning
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    prefix, suffix = _special_tokens(tokenizer)
+    content = seq_len - len(prefix) - len(suffix)
+    if content < 1:
+        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+    starts = range(0, len(ids) - content + 1, content)
+    return [prefix + ids[i : i + content] + suffix for i in starts]
+
+
+def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BERT: [CLS], [SEP]; GPT-2: none)."""
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    return [], []
 
 
 def _transformers():
