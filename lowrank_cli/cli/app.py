@@ -378,7 +378,7 @@ def calibrate(
     device: DeviceOption = Device.auto,
     force: Force = False,
 ) -> None:
-    """Second moments E[x xᵀ] of every Linear layer's input over text, for --calibration (needs transformers)."""
+    """Input statistics of each Linear, for --calibration."""
     from lowrank_cli.cli.render import notice
 
     summary = lowrank_cli.calibrate(
