@@ -408,3 +408,16 @@ def test_expand_gives_cast_tensors_their_own_dtype_back(tmp_path):
         torch.testing.assert_close(
             dense[name], tensors[name].to(torch.bfloat16).to(tensors[name].dtype), rtol=0, atol=0
         )
+
+
+def test_a_valid_file_whose_header_length_reads_as_a_magic_is_still_read(tmp_path):
+    """The header length is the first 8 bytes: 0x0280 begins with 80 02, a pickle's magic. safetensors wins."""
+    path = tmp_path / "w.safetensors"
+    w = low_rank(6, 5, 2)
+    for pad in range(2000):
+        save(path, {"w": w}, metadata={"x": "a" * pad})
+        if path.read_bytes()[:2] == b"\x80\x02":
+            break
+    assert path.read_bytes()[:2] == b"\x80\x02"
+    report = by_name(cli_json("analyze", path))
+    assert report["w"]["numerical_rank"] == 2

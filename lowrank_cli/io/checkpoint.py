@@ -310,15 +310,17 @@ def _foreign_format(path: Path) -> str | None:
 
 def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
     """Validate one file with the official loader, then index its tensors' byte ranges."""
-    foreign = _foreign_format(path)
-    if foreign is not None:  # before safe_open, whose "header too large" would say nothing useful
-        raise CheckpointError(f"{path}: is {foreign}")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()
-    except SafetensorError as exc:
-        raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
-    except (OSError, ValueError, TypeError) as exc:  # safe_open raises these for unreadable or odd files
+    except (SafetensorError, OSError, ValueError, TypeError) as exc:  # safe_open raises these for odd files
+        # Only now ask what the file is: a valid safetensors header may begin with any bytes (a length
+        # of 0x0280 reads as a pickle's magic), and safe_open's own "header too large" says nothing useful.
+        foreign = _foreign_format(path)
+        if foreign is not None:
+            raise CheckpointError(f"{path}: is {foreign}") from None
+        if isinstance(exc, SafetensorError):
+            raise CheckpointError(f"{path}: not a valid safetensors file ({_reason(exc)})") from None
         raise CheckpointError(f"{path}: cannot be read as safetensors ({exc})") from None
     try:
         with open(path, "rb") as handle:
