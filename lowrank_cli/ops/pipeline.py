@@ -69,8 +69,8 @@ def check_finite(matrix: torch.Tensor, where: str, name: str) -> None:
         raise TensorError(f"{where} contains {bad}; repair the checkpoint or leave it out with {{exclude}} '{name}'")
 
 
-def spectrum_of(matrix: torch.Tensor) -> Spectrum:
-    values, scale = singular_values(matrix)
+def spectrum_of(matrix: torch.Tensor, rtol: float | None = None) -> Spectrum:
+    values, scale = singular_values(matrix, rtol=rtol)
     return Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
 
 
