@@ -169,7 +169,7 @@ def spectra_1024() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(("decay", "at_most"), [("i^-2", 2), ("0.9^i", 2), ("flat", 1), ("i^-0.5", 4)])
 def test_power_iterations_stop_once_converged(spectra_1024, decay, at_most):
     w, rank = spectra_1024[decay], 64
-    _, passes = power_range(w, _sketch(w, rank + 16), rank, power_iters=5, tolerance=POWER_TOLERANCE)
+    _, _, passes = power_range(w, _sketch(w, rank + 16), rank, power_iters=5, tolerance=POWER_TOLERANCE)
     assert passes <= at_most
 
 
@@ -177,13 +177,13 @@ def test_slow_decay_takes_more_power_iterations_than_fast(spectra_1024):
     passes = {}
     for decay in ("i^-0.5", "i^-2"):
         w = spectra_1024[decay]
-        _, passes[decay] = power_range(w, _sketch(w, 80), 64, power_iters=5, tolerance=POWER_TOLERANCE)
+        _, _, passes[decay] = power_range(w, _sketch(w, 80), 64, power_iters=5, tolerance=POWER_TOLERANCE)
     assert passes["i^-0.5"] > passes["i^-2"]
 
 
 def test_without_a_tolerance_the_count_is_fixed(spectra_1024):
     w = spectra_1024["flat"]
-    assert power_range(w, _sketch(w, 80), 64, power_iters=3)[1] == 3
+    assert power_range(w, _sketch(w, 80), 64, power_iters=3)[2] == 3
 
 
 @pytest.mark.parametrize("decay", sorted(SPECTRA))
@@ -197,6 +197,9 @@ def test_adaptive_stop_keeps_the_error_within_the_target(spectra_1024, decay, ra
     error = float(torch.linalg.norm(w64 - (u.double() * s.double()) @ vh.double()) / torch.linalg.norm(w64))
     optimal = tail_errors(exact(w))[rank]
     assert error <= (1 + POWER_TOLERANCE) ** 0.5 * optimal + 1e-6  # 1.01× the optimal error
+    # the factors are those of W·Z·Zᵀ with Z orthonormal: error² = ‖W‖² − Σ s², which the stop rule watched
+    kept = float((s.double() ** 2).sum() / (w64**2).sum())
+    assert error**2 == pytest.approx(1 - kept, rel=1e-3, abs=1e-6)
 
 
 # --- reading a matrix --------------------------------------------------------------------------

@@ -19,9 +19,11 @@ from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale
 _CHEAP_EXACT = 1 << 28
 OVERSAMPLE = 16
 POWER_ITERS = 5  # fixed rank, at most: on σ_i ∝ i^-0.5 errors are 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096²
-ERROR_TARGET = 1.01  # fixed rank: the error a float32 sketch aims for, over the optimal one
-# Power iterations stop once one adds under this share of the ‖W‖² still missing (power_range):
-# a float32 sketch of σ_i ∝ i^-0.5 at rank 64 of 4096² then stops after 3 (1.0015× optimal).
+# Fixed rank: the error a float32 sketch aims for, over the optimal one. The issue asks 1.01×; the
+# hard case of σ_i ∝ i^-0.5 plus noise at rank n/4 stays within 1.005× (test_randomized) only at half that.
+ERROR_TARGET = 1.005
+# Power iterations stop once one adds under this share of the error² still missing (power_range):
+# a float32 sketch of σ_i ∝ i^-0.5 at rank 64 of 4096² then stops after 3-4 instead of 5.
 POWER_TOLERANCE = ERROR_TARGET**2 - 1
 ADAPTIVE_POWER_ITERS = 2  # adaptive, per block; with REFINEMENTS the rank is within ~2-4 % of optimal
 REFINEMENTS = 2  # subspace iterations over the whole adaptive basis
