@@ -99,6 +99,8 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     n = args.size
     print(f"CPU: {cpu_line()}")
+    load = os.getloadavg()
+    print(f"load average at start: {load[0]:.1f} (a shared machine's other work slows every row, not equally)")
     from lowrank_cli.linalg.spectrum import measured_route  # reported only: which route analyze takes here
 
     route = measured_route()
@@ -128,13 +130,12 @@ def main() -> None:
             t_read, _ = timed(lambda: checkpoint.read_matrix(NAME, torch.float32), args.repeats)
 
         out = Path(folder) / "out.safetensors"
-        t_rank, rank_report = timed(
-            lambda: lowrank_cli.compress(path, out, rank=args.rank, force=True), args.repeats
-        )
+        t_rank, rank_report = timed(lambda: lowrank_cli.compress(path, out, rank=args.rank, force=True), args.repeats)
         t_target, target_report = timed(
             lambda: lowrank_cli.compress(path, out, max_error=args.max_error, force=True), args.repeats
         )
         t_analyze, _ = timed(lambda: lowrank_cli.analyze(path), args.repeats)
+    print(f"load average at end: {os.getloadavg()[0]:.1f}\n")
 
     ranked = rank_report.tensors[0]
     target = target_report.tensors[0]

@@ -18,7 +18,7 @@ from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale
 # 384-wide matrix (384×1536: 2.3e8), 512×512, 640×640; not 768×768 (4.5e8) or 512×2048 (5.4e8).
 _CHEAP_EXACT = 1 << 28
 OVERSAMPLE = 16
-POWER_ITERS = 5  # fixed rank, at most: on σ_i ∝ i^-0.5 errors are 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096²
+POWER_ITERS = 5  # fixed rank, at most: 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096², σ_i ∝ i^-0.5
 # Fixed rank: the error a float32 sketch aims for, over the optimal one. The issue asks 1.01×; the
 # hard case of σ_i ∝ i^-0.5 plus noise at rank n/4 stays within 1.005× (test_randomized) only at half that.
 ERROR_TARGET = 1.005
