@@ -1,5 +1,6 @@
 """The benchmark scripts still run against the current code (a smoke run; their figures are not checked here)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,3 +36,18 @@ def test_sketch_precision_smoke_run(tmp_path):
     for row in rows:  # i^-2 needs few columns: both sketches find a rank, within one of each other and of optimal
         optimal, bf16, f32 = (int(cell) for cell in row[2:5])
         assert optimal <= min(bf16, f32) and max(bf16, f32) <= optimal + 1
+
+
+def test_cpu_benchmark_smoke_run(tmp_path):
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--size", "512", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=300,
+        env={**os.environ, "LOWRANK_CACHE_DIR": str(tmp_path)},
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("CPU: ")  # every figure comes with the machine it was measured on
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| lowrank_cli.")]
+    assert len(rows) == 3  # compress at a rank, compress to an error bound, analyze

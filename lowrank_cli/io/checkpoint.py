@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -117,18 +118,8 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytearray:
         """The tensor's raw little-endian bytes, read into one fresh buffer."""
-        entry = self.entries[name]
-        handle = self._handles.get(entry.path)
-        if handle is None:
-            handle = self._handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115
-        handle.seek(entry.start)
-        data = bytearray(entry.nbytes)
-        count = handle.readinto(data)
-        if count != entry.nbytes:
-            raise CheckpointError(
-                f"{entry.path}: tensor '{name}' is truncated ({count} of {entry.nbytes} bytes);"
-                " the file changed or is damaged, re-download it"
-            )
+        data = bytearray(self.entries[name].nbytes)
+        self._read_into(self.entries[name], data)
         return data
 
     def read(self, name: str) -> torch.Tensor:
@@ -138,6 +129,30 @@ class Checkpoint:
         if entry.numel == 0:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.frombuffer(self.read_bytes(name), dtype=dtype).reshape(entry.shape)
+
+    def read_matrix(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
+        """The tensor as its (out, in·…) matrix in `dtype` on `device`.
+
+        The bytes land in the tensor's own memory (no bytearray to zero and copy) and are converted
+        once, in place when the file's dtype already is `dtype`: about the time of one pass over them.
+        """
+        entry = self.entries[name]
+        raw = torch.empty(entry.matrix_shape, dtype=torch_dtype(entry.dtype))  # (out, in·…)
+        if raw.numel():
+            self._read_into(entry, raw.view(-1).view(torch.uint8).numpy())
+        return raw.to(device=device, dtype=dtype)  # no copy when dtype and device already match
+
+    def _read_into(self, entry: TensorEntry, buffer: bytearray | np.ndarray) -> None:
+        handle = self._handles.get(entry.path)
+        if handle is None:
+            handle = self._handles[entry.path] = open(entry.path, "rb")  # noqa: SIM115
+        handle.seek(entry.start)
+        count = handle.readinto(buffer)
+        if count != entry.nbytes:
+            raise CheckpointError(
+                f"{entry.path}: tensor '{entry.name}' is truncated ({count} of {entry.nbytes} bytes);"
+                " the file changed or is damaged, re-download it"
+            )
 
     def close(self) -> None:
         for handle in self._handles.values():

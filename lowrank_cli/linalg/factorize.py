@@ -18,7 +18,13 @@ from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale
 # 384-wide matrix (384×1536: 2.3e8), 512×512, 640×640; not 768×768 (4.5e8) or 512×2048 (5.4e8).
 _CHEAP_EXACT = 1 << 28
 OVERSAMPLE = 16
-POWER_ITERS = 5  # fixed rank: on σ_i ∝ i^-0.5 errors are 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096²
+POWER_ITERS = 5  # fixed rank, at most: 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096², σ_i ∝ i^-0.5
+# Fixed rank: the error a float32 sketch aims for, over the optimal one. The issue asks 1.01×; the
+# hard case of σ_i ∝ i^-0.5 plus noise at rank n/4 stays within 1.005× (test_randomized) only at half that.
+ERROR_TARGET = 1.005
+# Power iterations stop once one adds under this share of the error² still missing (power_range):
+# a float32 sketch of σ_i ∝ i^-0.5 at rank 64 of 4096² then stops after 3-4 instead of 5.
+POWER_TOLERANCE = ERROR_TARGET**2 - 1
 ADAPTIVE_POWER_ITERS = 2  # adaptive, per block; with REFINEMENTS the rank is within ~2-4 % of optimal
 REFINEMENTS = 2  # subspace iterations over the whole adaptive basis
 # A bfloat16 sketch tilts the basis by ~2⁻⁸, which may leave ~1e-5 of ‖W‖² uncaptured. Targets that
@@ -59,8 +65,15 @@ class Factorization:
 
 
 def finite(tensor: torch.Tensor) -> bool:
-    """No NaN or Inf, for every float dtype (float8 has no isfinite of its own)."""
-    return bool(torch.isfinite(tensor.to(torch.float32) if tensor.element_size() == 1 else tensor).all())
+    """No NaN or Inf, for every float dtype (float8 has no isfinite of its own).
+
+    min and max propagate NaN and are ±Inf if any entry is, so one fused aminmax pass decides it
+    without the bool temporary of isfinite(·).all() (20-40× faster on a 64 MiB matrix).
+    """
+    if not tensor.numel():
+        return True
+    low, high = torch.aminmax(tensor.to(torch.float32) if tensor.element_size() == 1 else tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
 
 
 def generator_for(name: str, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -104,13 +117,17 @@ def _factorize(
         rank = min(policy.rank, k)
         if method == "auto" and 4 * (rank + OVERSAMPLE) > k:
             return _exact(matrix, policy)
+        sketch = _sketch_dtype(matrix)
         u, s, vh = randomized_svd(
             matrix,
             rank,
             oversample=OVERSAMPLE,
             power_iters=POWER_ITERS,
             generator=generator,
-            sketch=_sketch_dtype(matrix),
+            sketch=sketch,
+            # A bfloat16 sketch's σ estimates are too coarse (~2⁻⁸) to watch 1 % moves; its passes
+            # are 4-7× cheaper anyway, so it keeps the fixed count.
+            tolerance=POWER_TOLERANCE if sketch is None else None,
         )
         return Factorization(rank, u, s, vh, "randomized")
     return _adaptive(matrix, policy, method, generator, max_rank)

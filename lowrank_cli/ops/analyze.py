@@ -54,7 +54,7 @@ def analyze(
         else:
             matrix = load_matrix(checkpoint, entry, device)
             view = whitened_view(matrix, calibration, entry.name)
-            spectrum = spectrum_of(view)
+            spectrum = spectrum_of(view, rtol=rtol)
             report = new_report(entry, Status.analyzed)
             if view is not matrix:
                 whitened.add(entry.name)

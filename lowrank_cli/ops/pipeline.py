@@ -58,19 +58,19 @@ def new_report(entry: TensorEntry, status: Status, reason: str | None = None) ->
 
 def load_matrix(checkpoint: Checkpoint, entry: TensorEntry, device: str = "cpu") -> torch.Tensor:
     """The tensor as an (out, in·…) matrix in its computation dtype, checked for NaN and Inf."""
-    matrix = checkpoint.read(entry.name).to(device).reshape(entry.matrix_shape).to(compute_dtype(entry.dtype))
+    matrix = checkpoint.read_matrix(entry.name, compute_dtype(entry.dtype), device)
     check_finite(matrix, f"{entry.path}: tensor '{entry.name}'", entry.name)
     return matrix
 
 
 def check_finite(matrix: torch.Tensor, where: str, name: str) -> None:
-    if not bool(torch.isfinite(matrix).all()):
+    if not finite(matrix):
         bad = "NaN" if bool(torch.isnan(matrix).any()) else "Inf"
         raise TensorError(f"{where} contains {bad}; repair the checkpoint or leave it out with {{exclude}} '{name}'")
 
 
-def spectrum_of(matrix: torch.Tensor) -> Spectrum:
-    values, scale = singular_values(matrix)
+def spectrum_of(matrix: torch.Tensor, rtol: float | None = None) -> Spectrum:
+    values, scale = singular_values(matrix, rtol=rtol)
     return Spectrum.of(values, tuple(matrix.shape), matrix.dtype, scale)
 
 

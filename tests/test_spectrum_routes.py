@@ -1,0 +1,231 @@
+"""The spectrum routes (svdvals, float64 Gram) against numpy's float64 SVD, the choice between them,
+the adaptive power-iteration stop, and the fast matrix read.
+
+Tolerances come from the dtypes' epsilons, never from one CPU's rounding: the same assertions must
+hold on CPUs whose LAPACK and BLAS round differently.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import save, tail_errors, with_spectrum
+
+from lowrank_cli.io.checkpoint import open_checkpoint
+from lowrank_cli.linalg import spectrum as spectrum_module
+from lowrank_cli.linalg.factorize import POWER_TOLERANCE, finite
+from lowrank_cli.linalg.randomized import power_range, randomized_svd
+from lowrank_cli.linalg.spectrum import Spectrum, gram_singular_values, singular_values, spectrum_route
+
+EPS32 = float(np.finfo(np.float32).eps)
+EPS64 = float(np.finfo(np.float64).eps)
+
+SPECTRA = {
+    "i^-0.5": lambda k: np.arange(1, k + 1, dtype=np.float64) ** -0.5,
+    "i^-2": lambda k: np.arange(1, k + 1, dtype=np.float64) ** -2.0,
+    "0.9^i": lambda k: 0.9 ** np.arange(k, dtype=np.float64),
+    "flat": lambda k: np.ones(k),
+}
+
+
+def exact(w: torch.Tensor) -> np.ndarray:
+    """numpy's float64 singular values of the float32 values as stored."""
+    return np.linalg.svd(w.to(torch.float64).numpy(), compute_uv=False)
+
+
+@pytest.fixture
+def route(monkeypatch):
+    def force(name: str) -> None:
+        monkeypatch.setenv("LOWRANK_SPECTRUM_ROUTE", name)
+
+    return force
+
+
+@pytest.mark.parametrize("shape", [(400, 300), (300, 400)])
+@pytest.mark.parametrize("decay", sorted(SPECTRA))
+def test_svdvals_route_within_float32_rounding_of_float64(shape, decay, route):
+    route("svdvals")
+    w = with_spectrum(*shape, SPECTRA[decay](min(shape)), seed=1)
+    values, scale = singular_values(w)
+    reference = exact(w)
+    # a backward-stable float32 SVD: |Δσ| ≤ c·ε₃₂·σ_max, c a small multiple (4 here, ~10 on 4096²)
+    np.testing.assert_allclose(values.double().numpy() * scale, reference, rtol=0, atol=16 * EPS32 * reference[0])
+
+
+@pytest.mark.parametrize("shape", [(400, 300), (300, 400)])
+@pytest.mark.parametrize("decay", sorted(SPECTRA))
+def test_gram_route_within_float64_rounding_of_the_squares(shape, decay, route):
+    route("gram")
+    w = with_spectrum(*shape, SPECTRA[decay](min(shape)), seed=2)
+    values, scale = singular_values(w)
+    got = values.double().numpy() * scale
+    reference = exact(w)
+    k, top = min(shape), reference[0]
+    # |Δλ| ≤ k·ε₆₄·σ_max² for the float64 Gram matrix and its eigenvalues, so |Δσ| ≤ that / σ, and
+    # ≤ √(k·ε₆₄)·σ_max however small σ is: far inside the 1e-6·σ_max asked of every route.
+    assert np.abs(got - reference).max() <= (k * EPS64) ** 0.5 * top <= 1e-6 * top
+    large = reference >= 1e-3 * top
+    np.testing.assert_array_less(np.abs(got - reference)[large], k * EPS64 * top**2 / reference[large] + 1e-300)
+
+
+def test_gram_route_keeps_values_near_the_dtype_maximum_finite(route):
+    route("gram")
+    w = with_spectrum(300, 280, SPECTRA["i^-0.5"](280), seed=3) * 1e36
+    values, scale = singular_values(w)
+    reference = exact(w)
+    assert scale > 1e30 and torch.isfinite(values).all()
+    np.testing.assert_allclose(values.double().numpy() * scale, reference, rtol=0, atol=1e-6 * reference[0])
+
+
+@pytest.mark.parametrize("rank", [1, 37, 150])
+@pytest.mark.parametrize("shape", [(400, 300), (300, 400)])
+def test_both_routes_count_the_same_numerical_rank_on_rank_deficient_input(rank, shape, route):
+    rng = np.random.default_rng(rank)
+    w = torch.from_numpy(rng.standard_normal((shape[0], rank)) @ rng.standard_normal((rank, shape[1]))).float()
+    reference = exact(w)
+    tolerance = max(shape) * EPS32 * reference[0]  # numpy.linalg.matrix_rank's line, with ε of float32
+    expected = int(np.count_nonzero(reference > tolerance))
+    assert expected == rank
+    for name in ("svdvals", "gram"):
+        route(name)
+        values, scale = singular_values(w)
+        assert Spectrum.of(values, shape, w.dtype, scale).numerical_rank() == expected, name
+
+
+def test_routes_agree_on_the_numerical_rank_of_a_decaying_spectrum_with_a_gap(route):
+    # σ down to 1e-2 of σ_max, then a gap to 1e-6, below the line max(m, n)·ε₃₂ ≈ 4.8e-5
+    sigma = np.concatenate([np.geomspace(1, 1e-2, 60), np.full(40, 1e-6)])
+    w = with_spectrum(400, 300, sigma, seed=4)
+    ranks = {}
+    for name in ("svdvals", "gram"):
+        route(name)
+        values, scale = singular_values(w)
+        ranks[name] = Spectrum.of(values, (400, 300), w.dtype, scale).numerical_rank()
+    assert ranks == {"svdvals": 60, "gram": 60}
+
+
+def test_route_is_svdvals_where_the_gram_floor_would_show(monkeypatch):
+    monkeypatch.delenv("LOWRANK_SPECTRUM_ROUTE", raising=False)
+    monkeypatch.setattr(spectrum_module, "measured_route", lambda: {"route": "gram"})
+    big = torch.zeros(300, 300)
+    assert spectrum_route(big) == "gram"
+    assert spectrum_route(big.double()) == "svdvals"  # numerical-rank line n·ε₆₄ is below Gram's floor
+    assert spectrum_route(torch.zeros(256, 4096)) == "svdvals"  # small: both take milliseconds
+    assert spectrum_route(big, rtol=1e-9) == "svdvals"
+    assert spectrum_route(big, rtol=1e-3) == "gram"
+
+
+def test_measured_route_is_timed_once_per_machine_and_cached(monkeypatch, tmp_path):
+    monkeypatch.setenv("LOWRANK_CACHE_DIR", str(tmp_path))
+    calls = []
+
+    def timed():
+        calls.append(1)
+        return {"route": "svdvals", "svdvals_s": 1.0, "gram_s": 2.0}
+
+    monkeypatch.setattr(spectrum_module, "_time_routes", timed)
+    spectrum_module.measured_route.cache_clear()
+    try:
+        assert spectrum_module.measured_route()["route"] == "svdvals"
+        spectrum_module.measured_route.cache_clear()  # a new process
+        assert spectrum_module.measured_route()["route"] == "svdvals"
+        assert len(calls) == 1
+        cached = json.loads((tmp_path / "spectrum_route.json").read_text())
+        assert list(cached) == [spectrum_module.machine_key()]
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")  # a capped ISA is another machine
+        spectrum_module.measured_route.cache_clear()
+        spectrum_module.measured_route()
+        assert len(calls) == 2
+    finally:
+        spectrum_module.measured_route.cache_clear()
+
+
+def test_real_micro_benchmark_names_a_route():
+    result = spectrum_module._time_routes()
+    assert result["route"] in ("svdvals", "gram")
+    assert result["route"] == min(("svdvals", "gram"), key=lambda r: result[f"{r}_s"])
+
+
+def test_gram_values_of_a_wide_matrix_are_those_of_its_transpose():
+    w = with_spectrum(120, 500, SPECTRA["i^-0.5"](120), seed=5)
+    np.testing.assert_allclose(gram_singular_values(w).numpy(), exact(w), rtol=0, atol=1e-9)
+
+
+# --- power iterations that stop once converged --------------------------------------------------
+
+
+def _sketch(w: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.randn(w.shape[1], k, generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def spectra_1024() -> dict[str, torch.Tensor]:
+    return {name: with_spectrum(1024, 1024, decay(1024), seed=8) for name, decay in SPECTRA.items()}
+
+
+@pytest.mark.parametrize(("decay", "at_most"), [("i^-2", 2), ("0.9^i", 2), ("flat", 1), ("i^-0.5", 4)])
+def test_power_iterations_stop_once_converged(spectra_1024, decay, at_most):
+    w, rank = spectra_1024[decay], 64
+    _, _, passes = power_range(w, _sketch(w, rank + 16), rank, power_iters=5, tolerance=POWER_TOLERANCE)
+    assert passes <= at_most
+
+
+def test_slow_decay_takes_more_power_iterations_than_fast(spectra_1024):
+    passes = {}
+    for decay in ("i^-0.5", "i^-2"):
+        w = spectra_1024[decay]
+        _, _, passes[decay] = power_range(w, _sketch(w, 80), 64, power_iters=5, tolerance=POWER_TOLERANCE)
+    assert passes["i^-0.5"] > passes["i^-2"]
+
+
+def test_without_a_tolerance_the_count_is_fixed(spectra_1024):
+    w = spectra_1024["flat"]
+    assert power_range(w, _sketch(w, 80), 64, power_iters=3)[2] == 3
+
+
+@pytest.mark.parametrize("decay", sorted(SPECTRA))
+@pytest.mark.parametrize("rank", [8, 64])
+def test_adaptive_stop_keeps_the_error_within_the_target(spectra_1024, decay, rank):
+    w = spectra_1024[decay]
+    u, s, vh = randomized_svd(
+        w, rank, oversample=16, power_iters=5, generator=torch.Generator().manual_seed(9), tolerance=POWER_TOLERANCE
+    )
+    w64 = w.double()
+    error = float(torch.linalg.norm(w64 - (u.double() * s.double()) @ vh.double()) / torch.linalg.norm(w64))
+    optimal = tail_errors(exact(w))[rank]
+    assert error <= (1 + POWER_TOLERANCE) ** 0.5 * optimal + 1e-6  # 1.01× the optimal error
+    # the factors are those of W·Z·Zᵀ with Z orthonormal: error² = ‖W‖² − Σ s², which the stop rule watched
+    kept = float((s.double() ** 2).sum() / (w64**2).sum())
+    assert error**2 == pytest.approx(1 - kept, rel=1e-3, abs=1e-6)
+
+
+# --- reading a matrix --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e4m3fn])
+def test_read_matrix_is_the_tensor_reshaped_and_converted(tmp_path, dtype):
+    tensors = {
+        "conv": torch.randn(6, 3, 2, 2).to(dtype),
+        "plain": torch.randn(5, 7).to(dtype),
+        "empty": torch.zeros(3, 0).to(dtype),
+    }
+    path = save(tmp_path / "m.safetensors", tensors)
+    with open_checkpoint(path) as checkpoint:
+        for name, tensor in tensors.items():
+            compute = torch.float64 if dtype == torch.float64 else torch.float32
+            matrix = checkpoint.read_matrix(name, compute)
+            assert matrix.dtype == compute and matrix.shape == (tensor.shape[0], int(np.prod(tensor.shape[1:])))
+            assert torch.equal(matrix, tensor.to(compute).reshape(matrix.shape))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.float8_e5m2])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("where", [0, 1, 517, -1])
+def test_finite_finds_one_bad_entry_anywhere(dtype, bad, where):
+    w = torch.randn(37, 29).to(dtype)  # odd sizes: the vectorized loops' tails count too
+    assert finite(w)
+    w.view(-1)[where] = bad
+    assert not finite(w)
