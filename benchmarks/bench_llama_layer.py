@@ -3,6 +3,7 @@
     python benchmarks/bench_llama_layer.py            # the full run (about 10 min on 2 cores)
     python benchmarks/bench_llama_layer.py --quick    # one tensor per shape, no 2 GB RSS run
 
+lowrank runs through its public API (lowrank_cli.factorize, lowrank_cli.analyze, the CLI).
 The baseline is what the seed notebook and most tools do: torch.linalg.svd of each tensor, then
 truncate. Every figure is a ratio measured in this process (or its children) on this machine.
 The checkpoint is synthetic with realistic spectra: slowly decaying singular values
@@ -24,12 +25,7 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import lowrank_cli.linalg.factorize as factorize_module  # noqa: E402
-from lowrank_cli.linalg.factorize import factorize, generator_for, relative_error  # noqa: E402
-from lowrank_cli.linalg.policy import RankPolicy  # noqa: E402
-from lowrank_cli.linalg.randomized import fast_bfloat16  # noqa: E402
-from lowrank_cli.linalg.spectrum import singular_values  # noqa: E402
+import lowrank_cli
 
 LAYER = {  # name: (out, in)
     "self_attn.q_proj.weight": (4096, 4096),
@@ -104,10 +100,6 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         ),
         row(*["---"] * 10),
     ]
-    sketch_lines = [
-        row("shape", "policy", "bf16 sketch s", "f32 sketch s", "bf16 gain", "rank bf16 / f32", "error bf16 / f32"),
-        row(*["---"] * 7),
-    ]
     for name, w16 in tensors.items():
         w = w16.float()
         m, n = w.shape
@@ -116,8 +108,7 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         total = float((s64**2).sum())
         # analyze's spectrum: lowrank's singular values against svd, svdvals and the float64 Gram route
         t_vals, s32 = timed(lambda w=w: torch.linalg.svdvals(w))
-        t_ours, (ours, scale) = timed(lambda w=w: singular_values(w))
-        ours = ours.double() * scale
+        t_ours, ours = timed(lambda w=w: lowrank_spectrum(w))
         t_gram, gram = timed(lambda w=w: _gram_values(w))
         exact64 = torch.linalg.svdvals(w.double())
         smax = float(exact64[0])
@@ -139,64 +130,46 @@ def per_tensor(tensors: dict[str, torch.Tensor]) -> list[str]:
         tail = np.append(np.cumsum((s64**2)[::-1])[::-1], 0.0)
         error_at = float(np.sqrt(tail[min(m, n) // 10] / total))
         energy_at = float(1 - tail[min(m, n) // 12] / total)
-        policies = (
-            RankPolicy(rank=64),
-            RankPolicy(max_error=round(error_at, 4)),
-            RankPolicy(energy=round(energy_at, 4)),
-        )
+        policies = ({"rank": 64}, {"max_error": round(error_at, 4)}, {"energy": round(energy_at, 4)})
         for policy in policies:
-            if policy.rank is not None:
-                r_opt = policy.rank
-            else:
-                target = policy.error_target()
-                r_opt = optimal_rank(s64, target**2 * total)
+            target = policy.get("max_error", (1 - policy["energy"]) ** 0.5 if "energy" in policy else None)
+            r_opt = policy["rank"] if target is None else optimal_rank(s64, target**2 * total)
             # the baseline's time includes its truncation and error measurement
             t_trunc, _ = timed(lambda u=u, s=s, vh=vh, r=r_opt: (u[:, :r] * s[:r]) @ vh[:r])
             optimal_error = float(np.sqrt((s64[r_opt:] ** 2).sum() / total))
-            t_ours, result, error = run_lowrank(name, w, policy)
-            if fast_bfloat16("cpu"):  # the same run with a float32 sketch, as on CPUs without AMX
-                factorize_module.fast_bfloat16 = lambda device_type: False
-                try:
-                    t_f32, result_f32, error_f32 = run_lowrank(name, w, policy)
-                finally:
-                    factorize_module.fast_bfloat16 = fast_bfloat16
-                sketch_lines.append(
-                    row(
-                        f"{m}×{n}",
-                        policy.describe(),
-                        f"{t_ours:.2f}",
-                        f"{t_f32:.2f}",
-                        f"{t_f32 / t_ours:.2f}×",
-                        f"{result.rank} / {result_f32.rank}",
-                        f"{error:.5f} / {error_f32:.5f}",
-                    )
-                )
-            target = policy.error_target()
+            t_ours, rank, error = run_lowrank(w, policy)
             met = "—" if target is None else ("yes" if error <= target else "NO")
             lines.append(
                 row(
                     name,
                     f"{m}×{n}",
                     f"{t_svd + t_trunc:.2f}",
-                    policy.describe(),
+                    ", ".join(f"{key} {value}" for key, value in policy.items()),
                     f"{t_ours:.2f}",
                     f"{(t_svd + t_trunc) / t_ours:.1f}×",
                     f"{error / optimal_error:.4f}",
-                    f"{result.rank}/{r_opt} = {result.rank / r_opt:.3f}",
+                    f"{rank}/{r_opt} = {rank / r_opt:.3f}",
                     met,
                 )
             )
             print(lines[-1], file=sys.stderr, flush=True)
-    return lines + [""] + spectrum_lines + ([""] + sketch_lines if len(sketch_lines) > 2 else [])
+    return lines + [""] + spectrum_lines
 
 
-def run_lowrank(name: str, w: torch.Tensor, policy: RankPolicy):
-    """What compress does for one tensor: factorize, then measure the error of the factors."""
-    gen = generator_for(name, 0)
-    t_ours, result = timed(lambda: factorize(w, policy, method="auto", generator=gen))
-    b, a, _ = result.factors()
-    t_err, error = timed(lambda: relative_error(w, b, a))
-    return t_ours + t_err, result, error
+def run_lowrank(w: torch.Tensor, policy: dict) -> tuple[float, int, float]:
+    """lowrank_cli.factorize (which measures its own error to check a target), then the error here, in float64."""
+    t_ours, (b, a) = timed(lambda: lowrank_cli.factorize(w, **policy))
+    residual = w.double() - b.double() @ a.double()  # (m, r) @ (r, n) -> (m, n)
+    return t_ours, b.shape[1], float(residual.norm() / w.double().norm())
+
+
+def lowrank_spectrum(w: torch.Tensor) -> torch.Tensor:
+    """What `lowrank analyze` reports for one tensor, read from a file as the command does."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "w.safetensors"
+        save_file({"w": w.contiguous()}, path)
+        report = lowrank_cli.analyze(path, device="cpu")
+    return torch.tensor(report.tensors[0].singular_values, dtype=torch.float64)
 
 
 def peak_rss_run(folder: Path, layers: int) -> list[str]:
@@ -252,7 +225,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     names = ["self_attn.q_proj.weight", "mlp.up_proj.weight"] if args.quick else list(LAYER)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     tensors = {name: realistic(*(d // args.divide for d in LAYER[name]), seed=i) for i, name in enumerate(names)}
     lines = per_tensor(tensors)
     del tensors

@@ -22,22 +22,6 @@ def test_llama_benchmark_smoke_run(tmp_path):
     assert all(row.rstrip(" |").split("|")[-1].strip() in ("yes", "—") for row in rows)
 
 
-def test_sketch_precision_smoke_run(tmp_path):
-    run = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "sketch_precision.py"), "--divide", "8"],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    rows = [line.split("|")[1:-1] for line in run.stdout.splitlines() if line.startswith("| i^-2 |")]
-    assert len(rows) == 6  # one a target
-    for row in rows:  # i^-2 needs few columns: both sketches find a rank, within one of each other and of optimal
-        optimal, bf16, f32 = (int(cell) for cell in row[2:5])
-        assert optimal <= min(bf16, f32) and max(bf16, f32) <= optimal + 1
-
-
 def test_cpu_benchmark_smoke_run(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_cpu.py"), "--size", "512", "--repeats", "1"],
