@@ -225,8 +225,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     names = ["self_attn.q_proj.weight", "mlp.up_proj.weight"] if args.quick else list(LAYER)
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "?")
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")), "?")
     print(f"CPU: {cpu}; torch {torch.__version__}, {torch.get_num_threads()} threads", flush=True)
     tensors = {name: realistic(*(d // args.divide for d in LAYER[name]), seed=i) for i, name in enumerate(names)}
     lines = per_tensor(tensors)
