@@ -363,7 +363,14 @@ def extract(
     _finish(report, as_json, fail_above)
 
 
-@app.command()
+@app.command(
+    cls=_PlainHelp,
+    short_help="Input statistics of each Linear, for --calibration.",
+    epilog=_examples(
+        "lowrank calibrate hf-model/ -o stats.safetensors --text calib.txt",
+        "lowrank compress hf-model/ --rank 96 --calibration stats.safetensors",
+    ),
+)
 @_handle_errors
 def calibrate(
     model: Annotated[

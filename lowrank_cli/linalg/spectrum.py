@@ -195,7 +195,7 @@ def measured_route() -> dict:
     """The faster spectrum route on this machine, from a cached micro-benchmark, and its timings.
 
     Timed once per machine (CPU model, its vector ISA, thread count, torch version and oneDNN/MKL
-    caps) on one float32 _PROBE×_PROBE matrix, twice in turn (about 2 s here), and kept in the
+    caps) on one float32 _PROBE×_PROBE matrix, twice in turn (a few seconds), and kept in the
     user's cache folder ($LOWRANK_CACHE_DIR, else $XDG_CACHE_HOME/lowrank or ~/.cache/lowrank).
     A machine busy with other work slows svdvals more than Gram; delete the file to time again.
     """
