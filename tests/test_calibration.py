@@ -350,3 +350,15 @@ def test_calibrate_without_transformers(tmp_path, monkeypatch):
         1,
         "pip install 'lowrank[calibrate]'",
     )
+
+
+@pytest.mark.parametrize("content", [b'{"command": "analyze"}\n', b"", b"\x00" * 3])
+def test_statistics_that_are_not_safetensors(model_files, tmp_path, content):
+    # A JSON report or a truncated file passed as STATS: safe_open raises SafetensorError, not OSError.
+    path, _, _, _ = model_files
+    stats = tmp_path / "report.json"
+    stats.write_bytes(content)
+    result = cli("compress", path, "-o", tmp_path / "c.safetensors", "--rank", "4", "--calibration", stats)
+    assert_clean_failure(result, 1, "report.json", "lowrank calibrate")
+    assert not (tmp_path / "c.safetensors").exists()
+    assert stats.read_bytes() == content

@@ -71,7 +71,7 @@ def write_calibration(
 
 def read_calibration(path: str | Path) -> Calibration:
     """The statistics of a file written by `lowrank calibrate` (or Calibrator.save)."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
@@ -86,6 +86,11 @@ def read_calibration(path: str | Path) -> Calibration:
             stored = {key: handle.get_tensor(key) for key in set(payload["inputs"].values())}
     except CheckpointError:
         raise
+    except SafetensorError as exc:  # not an OSError: a JSON or text file given as STATS lands here
+        reason = str(exc).removeprefix("Error while deserializing header: ")
+        raise CheckpointError(
+            f"{path}: not a safetensors file ({reason}); make calibration statistics with lowrank calibrate"
+        ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"{path}: cannot be read as calibration statistics ({problem})") from None
