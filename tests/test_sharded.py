@@ -458,3 +458,31 @@ def test_existing_output_file_for_a_folder_output(checkpoint, tmp_path):
     assert_clean_failure(result, 1, str(out))
     assert out.read_text() == "a file, not a folder"
     assert listing(tmp_path) == ["ckpt", "ckpt.lowrank"]
+
+
+def test_sentence_transformers_module_folders_travel_with_the_model(tmp_path):
+    # modules.json names 1_Pooling/ and 2_Dense/: SentenceTransformer(out) fails without them.
+    folder, _ = write_checkpoint(
+        tmp_path / "st", {"model.safetensors": {"w": low_rank(24, 16, 2, seed=5)}}, index=False
+    )
+    modules = [{"idx": 0, "path": ""}, {"idx": 1, "path": "1_Pooling"}, {"idx": 2, "path": "2_Dense"}]
+    (folder / "modules.json").write_text(json.dumps(modules))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text('{"word_embedding_dimension": 16}')
+    (folder / "2_Dense").mkdir()
+    save(folder / "2_Dense" / "model.safetensors", {"linear.weight": torch.ones(4, 16)})
+    (folder / "checkpoint-500").mkdir()  # not named by modules.json: a trainer's, not the model's
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"x" * 64)
+    inputs = _hashes(folder)
+
+    assert cli("compress", folder, "--rank", 2, "-o", tmp_path / "small").exit_code == 0
+    assert cli("expand", tmp_path / "small", "-o", tmp_path / "dense").exit_code == 0
+    for out in (tmp_path / "small", tmp_path / "dense"):
+        assert listing(out) == sorted(
+            ["1_Pooling", "2_Dense", "config.json", "model.safetensors", "modules.json", "tokenizer.json"]
+        )
+        assert (out / "1_Pooling" / "config.json").read_bytes() == (folder / "1_Pooling" / "config.json").read_bytes()
+        assert (out / "2_Dense" / "model.safetensors").read_bytes() == (
+            folder / "2_Dense" / "model.safetensors"
+        ).read_bytes()
+    assert _hashes(folder) == inputs

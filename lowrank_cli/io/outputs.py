@@ -203,3 +203,21 @@ class CheckpointOutput:
             checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX))
             if path.is_file() and not hidden and not checkpoint_file:
                 shutil.copy2(path, self._folder.path / path.name)
+        for module in _module_folders(folder):
+            shutil.copytree(module, self._folder.path / module.name)
+
+
+def _module_folders(folder: Path) -> list[Path]:
+    """The subfolders a sentence-transformers modules.json names (1_Pooling/, 2_Dense/…).
+
+    Its loader needs every one, so they travel with the model; other subfolders (checkpoint-500/,
+    onnx/) may be large and are not the model's, so they stay behind.
+    """
+    try:
+        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        paths = {module.get("path") for module in modules}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+    named = [folder / path for path in paths if isinstance(path, str) and path and not path.startswith(".")]
+    # Only direct children: a path such as "../x" or "a/b" is not a module folder of this model.
+    return sorted(path for path in named if path.is_dir() and path.parent == folder)
