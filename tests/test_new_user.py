@@ -152,14 +152,17 @@ def test_a_foreign_format_is_named(tmp_path, make, name, what):
 @pytest.mark.parametrize("make", [_torch_zip, _torch_legacy], ids=["torch zip", "legacy pickle"])
 def test_the_conversion_the_message_gives_works(tmp_path, monkeypatch, make):
     """The one-liner in the message converts without unpickling arbitrary objects, and the result compresses."""
-    make(tmp_path / "pytorch_model.bin")
-    result = cli("analyze", tmp_path)  # a folder with no safetensors, only the pickle
+    folder = tmp_path / "hf-model"
+    folder.mkdir()
+    make(folder / "pytorch_model.bin")
+    result = cli("analyze", folder)  # a folder with no safetensors, only the pickle
     assert_clean_failure(result, 1, "pytorch_model.bin", "weights_only=True")
     command = re.search(r'python -c "(.*)"', result.stderr).group(1)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)  # run from the folder's parent: the file must still land in the folder
     exec(command, {})  # the same code python -c would run
-    assert cli("compress", tmp_path / "model.safetensors", "--rank", 1).exit_code == 0
-    torch.testing.assert_close(load(tmp_path / "model.safetensors")["w"], torch.ones(2, 3))
+    assert listing(tmp_path) == ["hf-model"]
+    assert cli("compress", folder, "--rank", 1, "-o", tmp_path / "small").exit_code == 0
+    torch.testing.assert_close(load(folder / "model.safetensors")["w"], torch.ones(2, 3))
 
 
 # --- 2. narrow terminals -------------------------------------------------------------------------

@@ -283,7 +283,7 @@ def _require_regular_file(path: Path) -> None:
 _CONVERT = (
     'convert it: python -c "import torch; from safetensors.torch import save_file;'
     " save_file({{k: v.contiguous().clone() for k, v in torch.load('{path}', weights_only=True).items()}},"
-    " 'model.safetensors')\""
+    " '{target}')\""
 )
 
 
@@ -297,7 +297,9 @@ def _foreign_format(path: Path) -> str | None:
             head = handle.read(16)
     except OSError:
         return None
-    torch_fix = _CONVERT.format(path=str(path).replace("'", "\\'"))
+    # The converted file goes beside the checkpoint, where a folder's reader will find it, not into the cwd.
+    target = path.with_name("model.safetensors")
+    torch_fix = _CONVERT.format(path=str(path).replace("'", "\\'"), target=str(target).replace("'", "\\'"))
     if head.startswith(b"PK\x03\x04"):
         try:
             with zipfile.ZipFile(path) as archive:
