@@ -486,3 +486,13 @@ def test_sentence_transformers_module_folders_travel_with_the_model(tmp_path):
             folder / "2_Dense" / "model.safetensors"
         ).read_bytes()
     assert _hashes(folder) == inputs
+
+
+def test_weights_in_other_formats_stay_behind(tmp_path):
+    # A folder converted from pytorch_model.bin still holds it: copied, it would put the dense model back.
+    folder, _ = write_checkpoint(tmp_path / "m", {"model.safetensors": {"w": low_rank(24, 16, 2, seed=6)}}, index=False)
+    for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"):
+        (folder / name).write_bytes(b"\x80\x02" + b"x" * 4096)
+    assert cli("compress", folder, "--rank", 2, "-o", tmp_path / "small").exit_code == 0
+    assert listing(tmp_path / "small") == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert len(listing(folder)) == 6

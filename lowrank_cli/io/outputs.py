@@ -200,11 +200,16 @@ class CheckpointOutput:
         taken = {p.name for p in self.checkpoint.paths}
         for path in sorted(folder.iterdir()):
             hidden = path.name.startswith(".")
-            checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX))
+            checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX, *_OTHER_WEIGHTS))
             if path.is_file() and not hidden and not checkpoint_file:
                 shutil.copy2(path, self._folder.path / path.name)
         for module in _module_folders(folder):
             shutil.copytree(module, self._folder.path / module.name)
+
+
+# The same weights in other formats (pytorch_model.bin beside the model.safetensors made from it, tf_model.h5…):
+# copied, they would hold the dense model again inside a compressed folder, and be stale beside an expanded one.
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl")
 
 
 def _module_folders(folder: Path) -> list[Path]:
