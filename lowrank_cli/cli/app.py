@@ -414,6 +414,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
+    # OpenMP threads that spin between parallel regions starve each other on a busy or shared CPU
+    # (a 3 s compress took minutes beside other jobs); sleeping costs nothing at this work's sizes.
+    # Set before torch loads, which happens only inside a command; the user's own setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _terminate)
     app(prog_name="lowrank")
     sys.exit(0)
