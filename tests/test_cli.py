@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
@@ -83,3 +84,19 @@ def test_python_dash_m():
     assert done.returncode == 0, done.stderr
     assert "Usage" in done.stdout
     assert all(command in done.stdout for command in COMMANDS)
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_main_makes_openmp_threads_sleep_unless_the_user_chose(monkeypatch, given, expected):
+    cli_app = importlib.import_module("lowrank_cli.cli.app")  # the module (the package's `app` is the Typer app)
+
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    seen = []
+    monkeypatch.setattr(cli_app, "app", lambda **kwargs: seen.append(os.environ.get("OMP_WAIT_POLICY")))
+    monkeypatch.setattr(cli_app.signal, "signal", lambda *args: None)
+    with pytest.raises(SystemExit):
+        cli_app.main()
+    assert seen == [expected]
