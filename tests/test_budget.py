@@ -1,7 +1,12 @@
-"""--budget F: one parameter budget for all tensors, ranks allocated greedily by error removed per number.
+"""--budget F: one parameter budget for all tensors; each keeps a rank or, where it pays, stays dense.
 
-The budget is checked on the files as written; the allocation against a brute force over all ranks and
-against its optimality (KKT) conditions, with gains σ_i²/‖W‖² computed here from numpy's SVD.
+The budget is checked on the files as written; the allocation against a brute force over every
+combination of per-tensor options (ranks 1…cap and dense), with losses computed here from the
+singular values. What is proven for the allocator (lowrank_cli.linalg.budget) and checked:
+  - it never spends more than the budget;
+  - no single tensor can move to another option that fits in what is left and lower the loss;
+  - its loss exceeds the brute-force optimum by at most the largest loss drop along one edge of any
+    tensor's lower convex hull of (cost, loss) options (the linear relaxation's one fractional edge).
 """
 
 from __future__ import annotations
@@ -37,69 +42,103 @@ from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.spectrum import Spectrum
 
 DEMO = SAMPLES / "demo.safetensors"
+EPS32 = float(np.finfo(np.float32).eps)
 
 
-def _cap(m: int, n: int) -> int:
-    """The largest rank that still saves params, r·(m + n) < m·n; at least 1."""
-    return max(1, max(r for r in range(min(m, n) + 1) if r * (m + n) < m * n))
+def _saving_cap(m: int, n: int) -> int:
+    """The largest rank that still saves params, r·(m + n) < m·n; 0 where even rank 1 does not."""
+    return max(r for r in range(min(m, n) + 1) if r * (m + n) < m * n)
 
 
 def _spectrum(sigma, shape) -> Spectrum:
-    return Spectrum(np.asarray(sigma, dtype=np.float64), tuple(shape), float(np.finfo(np.float32).eps))
+    return Spectrum(np.asarray(sigma, dtype=np.float64), tuple(shape), EPS32)
 
 
-def _shares(sigma) -> np.ndarray:
+def _tails(sigma) -> np.ndarray:
+    """tails[r] = Σ_{i>r} σ_i² / Σ σ_i²: the relative squared error left at rank r."""
     squares = np.asarray(sigma, dtype=np.float64) ** 2
-    return squares / squares.sum()
+    return np.append(squares[::-1].cumsum()[::-1], 0.0) / squares.sum()
 
 
-def _objective(sigmas: dict, ranks: dict) -> float:
-    """Σ_t relative squared error of the best rank-r_t approximations: Σ_t Σ_{i>r_t} σ_{t,i}² / ‖W_t‖²."""
-    return float(sum(_shares(sigmas[t])[ranks[t] :].sum() for t in sigmas if np.any(sigmas[t])))
+def _options(
+    sigma, shape, objective: str = "absolute", allow_dense: bool = True
+) -> list[tuple[int, float, int | None]]:
+    """(params, loss, rank or None for dense) of every choice the budget has for one tensor."""
+    m, n = shape
+    numerical = int(np.count_nonzero(sigma > sigma.max() * max(m, n) * EPS32))  # past it: rounding only
+    cap = min(_saving_cap(m, n) if allow_dense else min(m, n), max(1, numerical))
+    weight = 1.0 if objective == "relative" else float((np.asarray(sigma) ** 2).sum())
+    tails = _tails(sigma)
+    options = [(r * (m + n), weight * tails[r], r) for r in range(1, cap + 1)]
+    return options + ([(m * n, 0.0, None)] if allow_dense else [])
 
 
-def _params(shapes: dict, ranks: dict) -> int:
-    return sum(ranks[t] * (shapes[t][0] + shapes[t][1]) for t in shapes)
+def _loss(options: dict, ranks: dict) -> float:
+    return sum(next(loss for _, loss, r in options[t] if r == ranks[t]) for t in options)
 
 
-def _brute_force(sigmas: dict, shapes: dict, capacity: float) -> float:
-    """The least objective over every rank combination 1 ≤ r_t ≤ cap_t with Σ r_t·(m_t + n_t) ≤ capacity."""
-    names = list(sigmas)
-    tails = {t: [_shares(sigmas[t])[r:].sum() for r in range(_cap(*shapes[t]) + 1)] for t in names}
-    choices = [range(1, _cap(*shapes[t]) + 1) for t in names]
+def _cost(options: dict, ranks: dict) -> int:
+    return sum(next(cost for cost, _, r in options[t] if r == ranks[t]) for t in options)
+
+
+def _brute_force(options: dict, budget: float) -> float:
+    """The least loss over every combination of options whose params fit in the budget."""
     best = math.inf
-    for combo in itertools.product(*choices):
-        if sum(r * sum(shapes[t]) for t, r in zip(names, combo, strict=True)) <= capacity:
-            best = min(best, sum(tails[t][r] for t, r in zip(names, combo, strict=True)))
+    for combo in itertools.product(*options.values()):
+        if sum(cost for cost, _, _ in combo) <= budget:
+            best = min(best, sum(loss for _, loss, _ in combo))
     return best
 
 
-def _check_kkt(sigmas: dict, shapes: dict, ranks: dict, budget: float, rtol: float = 1e-12) -> None:
-    """Every term taken removes at least as much error per number as every term left out, and the best term
-    left out would not fit in what is left of the budget (the greedy did not stop early). Terms beyond the
-    numerical rank are not candidates: they would spend params on rounding noise.
+def _largest_hull_drop(points: list[tuple[int, float, int | None]]) -> float:
+    """The largest loss drop between neighbouring vertices of the lower convex hull of (cost, loss).
 
-    rtol: how far apart two ratios may be and still count as a tie (σ from another SVD than lowrank's).
+    A point is a vertex unless it lies on or above the chord of two points on either side of it.
     """
-    taken, left = [], []
-    for t, sigma in sigmas.items():
-        if not np.any(sigma):
-            continue
-        m, n = shapes[t]
-        ratio = _shares(sigma) / (m + n)  # per term i = 1…k: the error it removes per number it costs
-        taken += list(ratio[1 : ranks[t]])  # rank 1 is given to every tensor, not chosen
-        # Terms past the numerical rank (σ ≤ σ_max·max(m, n)·ε) remove only rounding: never candidates.
-        numerical = int(np.count_nonzero(sigma > sigma.max() * max(m, n) * np.finfo(np.float32).eps))
-        left += [(ratio[i], m + n) for i in range(ranks[t], min(_cap(m, n), numerical))]
-    if taken and left:
-        assert min(taken) >= max(r for r, _ in left) * (1 - rtol)
-    if left:
-        best = max(r for r, _ in left)
-        assert any(_params(shapes, ranks) + cost > budget for r, cost in left if r >= best * (1 - rtol))
+    vertices = [
+        p
+        for p in points
+        if not any(
+            a[0] < p[0] < b[0] and p[1] >= a[1] + (b[1] - a[1]) * (p[0] - a[0]) / (b[0] - a[0])
+            for a in points
+            for b in points
+        )
+    ]
+    return max((a[1] - b[1] for a, b in zip(vertices, vertices[1:], strict=False)), default=0.0)
+
+
+def _check_allocation(sigmas: dict, shapes: dict, fraction: float, objective: str, allow_dense: bool) -> None:
+    """Run allocate and check the three proven properties against a brute force."""
+    nonzero = {t for t in sigmas if np.any(sigmas[t])}
+    options = {t: _options(sigmas[t], shapes[t], objective, allow_dense) for t in nonzero}
+    budget = fraction * sum(shapes[t][0] * shapes[t][1] for t in nonzero)
+    spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
+    if sum(opts[0][0] for opts in options.values()) > budget:  # the cheapest option everywhere does not fit
+        with pytest.raises(UsageError, match="raise budget"):
+            allocate(spectra_, fraction, objective, allow_dense=allow_dense)
+        return
+    ranks = allocate(spectra_, fraction, objective, allow_dense=allow_dense)
+    assert set(ranks) == set(sigmas)
+    assert all(ranks[t] == 0 for t in set(sigmas) - nonzero)  # zero tensors: rank 0, outside the budget
+    ranks = {t: ranks[t] for t in nonzero}
+    for t in nonzero:
+        assert ranks[t] in [r for _, _, r in options[t]], (t, ranks[t])
+    spent, loss = _cost(options, ranks), _loss(options, ranks)
+    assert spent <= budget
+    scale = max((opts[0][1] for opts in options.values()), default=1.0)
+    tol = 1e-9 * scale
+    for t in nonzero:  # no single tensor's move that fits lowers the loss
+        current = next((c, lo) for c, lo, r in options[t] if r == ranks[t])
+        for cost, other, _ in options[t]:
+            if spent - current[0] + cost <= budget:
+                assert other >= current[1] - tol, (t, ranks[t])
+    optimum = _brute_force(options, budget)
+    assert optimum <= loss + tol
+    assert loss <= optimum + max((_largest_hull_drop(opts) for opts in options.values()), default=0.0) + tol
 
 
 @st.composite
-def spectra(draw, max_tensors=5, max_dim=24, zeros=True):
+def spectra(draw, max_tensors=4, max_dim=10, zeros=True):
     """A few (shape, σ) pairs: σ descending, sometimes rank-deficient, sometimes all zero."""
     count = draw(st.integers(1, max_tensors))
     sigmas, shapes = {}, {}
@@ -114,114 +153,61 @@ def spectra(draw, max_tensors=5, max_dim=24, zeros=True):
     return sigmas, shapes
 
 
-# --- allocate: the greedy's guarantees -----------------------------------------------------------
+# --- allocate: what is proven of it, against a brute force ---------------------------------------
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    data=spectra(),
+    fraction=st.floats(0.01, 0.99),
+    objective=st.sampled_from(["absolute", "relative"]),
+    allow_dense=st.booleans(),
+)
+def test_allocation_fits_is_one_move_optimal_and_near_the_brute_force_optimum(data, fraction, objective, allow_dense):
+    sigmas, shapes = data
+    _check_allocation(sigmas, shapes, fraction, objective, allow_dense)
 
 
 @settings(max_examples=60, deadline=None)
-@given(data=spectra(zeros=False), fraction=st.floats(0.01, 0.99))
-def test_allocation_fits_the_budget_and_keeps_every_tensor(data, fraction):
-    sigmas, shapes = data
-    budget = fraction * sum(m * n for m, n in shapes.values())
-    spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
-    if sum(m + n for m, n in shapes.values()) > budget:  # rank 1 everywhere does not fit
-        with pytest.raises(UsageError, match="raise budget"):
-            allocate(spectra_, fraction)
-        return
-    ranks = allocate(spectra_, fraction)
-    assert set(ranks) == set(sigmas)
-    assert _params(shapes, ranks) <= budget
-    for t in sigmas:
-        assert 1 <= ranks[t] <= _cap(*shapes[t]), t
-    _check_kkt(sigmas, shapes, ranks, budget)
-
-
-@settings(max_examples=40, deadline=None)
-@given(data=spectra(), fraction=st.floats(0.01, 0.99))
-def test_zero_tensors_get_rank_zero_and_count_in_no_budget(data, fraction):
-    """A zero matrix gets rank 0 and stays dense, so the budget is F × the params of the non-zero ones."""
-    sigmas, shapes = data
-    nonzero = [t for t in sigmas if np.any(sigmas[t])]
-    budget = fraction * sum(shapes[t][0] * shapes[t][1] for t in nonzero)
-    spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
-    if sum(sum(shapes[t]) for t in nonzero) > budget:
-        with pytest.raises(UsageError, match="raise budget"):
-            allocate(spectra_, fraction)
-        return
-    ranks = allocate(spectra_, fraction)
-    assert _params(shapes, ranks) <= budget
-    for t in sigmas:
-        if t in nonzero:
-            assert 1 <= ranks[t] <= _cap(*shapes[t]), t
-        else:
-            assert ranks[t] == 0, t
-    _check_kkt(sigmas, shapes, ranks, budget)
-
-
-@settings(max_examples=40, deadline=None)
 @given(
-    shapes=st.permutations([(12, 12), (10, 14), (8, 16), (16, 8)]).map(lambda p: p[:3]),
+    shapes=st.lists(st.tuples(st.integers(4, 12), st.integers(4, 12)), min_size=2, max_size=3),
     seed=st.integers(0, 2**31 - 1),
-    fraction=st.floats(0.2, 0.9),
+    fraction=st.floats(0.1, 0.95),
+    objective=st.sampled_from(["absolute", "relative"]),
 )
-def test_allocation_is_optimal_when_every_term_costs_the_same(shapes, seed, fraction):
-    """m + n = 24 for every tensor: the greedy takes the largest gains the budget allows, which is optimal."""
+def test_allocation_on_decaying_spectra(shapes, seed, fraction, objective):
+    """Spectra like trained weights': σ decaying at different rates and scales, full rank."""
     rng = np.random.default_rng(seed)
-    names = [f"t{i}" for i in range(len(shapes))]
-    shapes = dict(zip(names, shapes, strict=True))
-    sigmas = {t: np.sort(rng.exponential(size=min(shapes[t])) ** 2)[::-1] for t in names}
-    budget = fraction * sum(m * n for m, n in shapes.values())
-    ranks = allocate({t: _spectrum(sigmas[t], shapes[t]) for t in names}, fraction)
-    assert _params(shapes, ranks) <= budget
-    assert _objective(sigmas, ranks) == pytest.approx(_brute_force(sigmas, shapes, budget), abs=1e-12)
-
-
-@settings(max_examples=40, deadline=None)
-@given(
-    shapes=st.lists(st.tuples(st.integers(4, 16), st.integers(4, 16)), min_size=2, max_size=3),
-    seed=st.integers(0, 2**31 - 1),
-    fraction=st.floats(0.1, 0.9),
-)
-def test_allocation_is_optimal_for_the_params_it_uses(shapes, seed, fraction):
-    """Costs differ between tensors: no ranks using at most the greedy's params beat it, and with the
-    whole budget the optimum beats it by less than the best term it left out."""
-    rng = np.random.default_rng(seed)
-    names = [f"t{i}" for i in range(len(shapes))]
-    shapes = dict(zip(names, shapes, strict=True))
-    sigmas = {t: np.sort(rng.exponential(size=min(shapes[t])))[::-1] for t in names}
-    budget = fraction * sum(m * n for m, n in shapes.values())
-    spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in names}
-    if sum(m + n for m, n in shapes.values()) > budget:
-        with pytest.raises(UsageError):
-            allocate(spectra_, fraction)
-        return
-    ranks = allocate(spectra_, fraction)
-    used = _params(shapes, ranks)
-    assert used <= budget
-    greedy = _objective(sigmas, ranks)
-    assert greedy == pytest.approx(_brute_force(sigmas, shapes, used), abs=1e-12)
-    optimum = _brute_force(sigmas, shapes, budget)
-    next_gains = [_shares(sigmas[t])[ranks[t]] for t in names if ranks[t] < _cap(*shapes[t])]
-    assert optimum <= greedy + 1e-12
-    assert greedy - optimum <= max(next_gains, default=0.0) + 1e-12
+    sigmas = {f"t{i}": np.sort(rng.exponential(size=min(s)) * rng.uniform(0.1, 10))[::-1] for i, s in enumerate(shapes)}
+    shapes = {f"t{i}": s for i, s in enumerate(shapes)}
+    _check_allocation(sigmas, shapes, fraction, objective, allow_dense=True)
 
 
 def test_allocation_example_by_hand():
-    """Two 10×10 tensors, 200 params; break-even allows ranks up to 4, each term costs 20.
+    """Two 10×10 tensors: ranks 1…4 save params (20 each), dense costs 100.
 
-    a: σ² = 64, 16, 4, 1, …  shares of terms 2…4: 16/85.3 = 0.188, 0.047, 0.012
-    b: σ² = 9, 9, 9, 9, 9, … shares of terms 2…4: 9/45.05 = 0.200 each
+    a: σ = 1 (ten times): relative squared error left at rank r is (10 − r)/10: 0.9, 0.8, 0.7, 0.6; dense 0.
+    b: σ² = 64, 16, 4, 1, 0.25 (85.25): left at ranks 1…4: 0.249, 0.0616, 0.0147, 0.0029.
     """
-    a = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0.1, 0.1, 0.1, 0.1, 0.1])
-    b = np.array([3.0, 3.0, 3.0, 3.0, 3.0, 0.1, 0.1, 0.1, 0.1, 0.1])
+    a = np.ones(10)
+    b = np.array([8.0, 4.0, 2.0, 1.0, 0.5, 0, 0, 0, 0, 0])
     spectra_ = {"a": _spectrum(a, (10, 10)), "b": _spectrum(b, (10, 10))}
-    assert allocate(spectra_, 0.2) == {"a": 1, "b": 1}  # 40 params: rank 1 each, nothing left
-    assert allocate(spectra_, 0.3) == {"a": 1, "b": 2}  # 60: one more term, b's 0.200 beats a's 0.188
-    assert allocate(spectra_, 0.5) == {"a": 1, "b": 4}  # 100: three more, all of b's
-    assert allocate(spectra_, 0.6) == {"a": 2, "b": 4}  # 120: then a's second term
-    assert allocate(spectra_, 0.69) == {"a": 2, "b": 4}  # 138: not enough for a fifth term
-    assert allocate(spectra_, 0.99) == {"a": 4, "b": 4}  # 198: everything up to break-even
+    fit = dict(objective="relative")
+    assert allocate(spectra_, 0.2, **fit) == {"a": 1, "b": 1}  # 40 params: rank 1 each
+    assert allocate(spectra_, 0.3, **fit) == {"a": 1, "b": 2}  # 60: 0.9 + 0.062 beats a at rank 2, 0.8 + 0.249
+    assert allocate(spectra_, 0.6, **fit) == {"a": None, "b": 1}  # 120: a whole + b rank 1 (0.249) beats 4 + 2 (0.66)
+    assert allocate(spectra_, 0.8, **fit) == {"a": None, "b": 3}  # 160: a whole, b rank 3 (0.0147)
+    ranks_only = allocate(spectra_, 0.6, **fit, allow_dense=False)
+    assert ranks_only == {"a": 4, "b": 2}  # 120 without dense: 0.6 + 0.062 beats 0.9 + 0 (b at 5) and 0.7 + 0.015
     with pytest.raises(UsageError, match="raise budget"):
         allocate(spectra_, 0.19)  # 38 < 40
+
+
+def test_a_tensor_too_small_to_factor_costs_its_own_size():
+    """A 1×8 row: rank 1 costs 9 > 8 params, so dense is its only (and cheapest) option."""
+    spectra_ = {"row": _spectrum(np.array([3.0]), (1, 8)), "w": _spectrum(0.5 ** np.arange(10), (10, 10))}
+    ranks = allocate(spectra_, 0.5)  # 54 params: the row whole (8), w rank 2 (40)
+    assert ranks == {"row": None, "w": 2}
 
 
 # --- the CLI ----------------------------------------------------------------------------------------
@@ -231,33 +217,54 @@ def _matrices(path) -> dict[str, torch.Tensor]:
     return {name: t for name, t in load(path).items() if t.is_floating_point() and t.dim() >= 2 and t.numel()}
 
 
-@pytest.mark.parametrize("fraction", [0.1, 0.3])
+def _recount(written: dict, matrices: dict, report: dict) -> tuple[int, dict]:
+    """Params of the selected matrices as written (factors B, A or the whole tensor) and each one's
+    rank (None: kept dense, which must be the tensor bit for bit, reported as the budget's choice)."""
+    after, ranks = 0, {}
+    for name, w in matrices.items():
+        m, n = as_matrix(w).shape
+        if f"{name}.B" in written:
+            b, a = written[f"{name}.B"], written[f"{name}.A"]
+            ranks[name] = b.shape[1]
+            assert b.shape == (m, ranks[name]) and a.shape == (ranks[name], n) and ranks[name] >= 1
+            assert report[name]["rank"] == ranks[name] and report[name]["status"] == "factorized"
+            assert report[name]["rel_error"] == pytest.approx(relative_error(w, b, a), rel=1e-4)
+            after += b.numel() + a.numel()
+        else:
+            ranks[name] = None
+            assert written[name].dtype == w.dtype and torch.equal(written[name], w), name  # bit for bit
+            assert report[name]["status"] == "dense" and report[name]["reason"] == "the budget keeps it whole"
+            after += w.numel()
+    return after, ranks
+
+
+def _one_move_optimal(matrices: dict, ranks: dict, budget: float) -> None:
+    """No single tensor can move to another of its options within the budget and lower Σ‖W − W_r‖²."""
+    options = {t: _options(singular_values(w), as_matrix(w).shape) for t, w in matrices.items()}
+    spent, loss = _cost(options, ranks), _loss(options, ranks)
+    assert spent <= budget
+    for t, opts in options.items():
+        cost, current = next((c, lo) for c, lo, r in opts if r == ranks[t])
+        for other_cost, other, _ in opts:
+            if spent - cost + other_cost <= budget:
+                assert other >= current - 1e-4 * loss, t  # σ from numpy, not lowrank's SVD: a loose tie
+
+
+@pytest.mark.parametrize("fraction", [0.3, 0.6, 0.9])
 def test_compress_keeps_the_budget_on_demo(tmp_path, fraction):
     out = tmp_path / "out.safetensors"
-    report = by_name(cli_json("compress", DEMO, "--budget", fraction, "--dtype", "float32", "-o", out))
+    report = by_name(cli_json("compress", DEMO, "--budget", fraction, "-o", out))
     matrices = _matrices(DEMO)
-    written = load(out)
-    before = after = 0
-    ranks = {}
-    for name, w in matrices.items():
-        assert f"{name}.B" in written, name  # every matrix of demo is factorized under these budgets
-        b, a = written[f"{name}.B"], written[f"{name}.A"]
-        m, n = as_matrix(w).shape
-        ranks[name] = b.shape[1]
-        assert b.shape == (m, ranks[name]) and a.shape == (ranks[name], n)
-        assert ranks[name] >= 1
-        before += w.numel()
-        after += b.numel() + a.numel()
-        assert report[name]["rank"] == ranks[name]
-        assert report[name]["rel_error"] == pytest.approx(relative_error(w, b, a), rel=1e-5)
+    after, ranks = _recount(load(out), matrices, report)
+    before = sum(w.numel() for w in matrices.values())
     assert after <= fraction * before
-    sigmas = {t: singular_values(w) for t, w in matrices.items()}
-    shapes = {t: as_matrix(w).shape for t, w in matrices.items()}
-    _check_kkt(sigmas, shapes, ranks, fraction * before, rtol=1e-3)
+    _one_move_optimal(matrices, ranks, fraction * before)
+    if fraction == 0.9:
+        assert None in ranks.values() and any(r is not None for r in ranks.values())  # some whole, some cut
 
 
 def test_analyze_and_compress_allocate_the_same_ranks(tmp_path):
-    fraction = 0.2
+    fraction = 0.7
     analyzed = by_name(cli_json("analyze", DEMO, "--budget", fraction))
     out = tmp_path / "out.safetensors"
     cli_json("compress", DEMO, "--budget", fraction, "-o", out)
@@ -265,43 +272,37 @@ def test_analyze_and_compress_allocate_the_same_ranks(tmp_path):
     matrices = _matrices(DEMO)
     params = sum(w.numel() for w in matrices.values())
     assert sum(analyzed[name]["params_after"] for name in matrices) <= fraction * params
+    assert any(analyzed[name]["status"] == "dense" for name in matrices)
     for name, w in matrices.items():
-        rank = written[f"{name}.B"].shape[1]
         m, n = as_matrix(w).shape
+        if analyzed[name]["status"] == "dense":
+            assert name in written and f"{name}.B" not in written, name
+            assert analyzed[name]["params_after"] == m * n and analyzed[name]["rel_error"] == 0.0
+            continue
+        rank = written[f"{name}.B"].shape[1]
         assert analyzed[name]["rank"] == rank, name
         assert analyzed[name]["params_after"] == rank * (m + n), name
         s = singular_values(w)
         assert analyzed[name]["rel_error"] == pytest.approx(math.sqrt((s[rank:] ** 2).sum() / (s**2).sum()), rel=1e-4)
 
 
-@pytest.mark.parametrize("fraction", [0.05, 0.1, 0.2, 0.3, 0.5])
+@pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9])
 def test_budget_beats_every_uniform_rank_that_fits_in_it(tmp_path, fraction):
-    """Σ_t relative squared error: the budget's ranks (read from the file) ≤ any uniform --rank R whose
-    params (dense tensors counted whole, as --rank R keeps them) are ≤ the budget's."""
+    """Σ_t ‖W_t − W_t,r‖² (the budget's objective) of the ranks read from the file ≤ that of any uniform
+    --rank R whose params (tensors it cannot cut counted whole, as --rank R keeps them) fit the budget."""
     out = tmp_path / "out.safetensors"
-    cli_json("compress", DEMO, "--budget", fraction, "-o", out)
-    written = load(out)
+    report = by_name(cli_json("compress", DEMO, "--budget", fraction, "-o", out))
     matrices = _matrices(DEMO)
-    sigmas = {t: singular_values(w) for t, w in matrices.items()}
-    shapes = {t: as_matrix(w).shape for t, w in matrices.items()}
-    ranks = {t: written[f"{t}.B"].shape[1] for t in matrices}
-    budget_params = _params(shapes, ranks)
-    budget_error = _objective(sigmas, ranks)
-
+    _, ranks = _recount(load(out), matrices, report)
+    options = {t: _options(singular_values(w), as_matrix(w).shape) for t, w in matrices.items()}
+    budget = fraction * sum(w.numel() for w in matrices.values())
     uniform = []
-    for rank in range(1, max(min(s) for s in shapes.values()) + 1):
-        params = error = 0.0
-        for t, (m, n) in shapes.items():
-            r = min(rank, m, n)
-            if r * (m + n) < m * n:
-                params += r * (m + n)
-                error += _shares(sigmas[t])[r:].sum()
-            else:
-                params += m * n  # kept dense: no error
-        if params <= budget_params:
-            uniform.append(error)
+    for rank in range(1, max(min(as_matrix(w).shape) for w in matrices.values()) + 1):
+        choice = {t: rank if any(r == rank for _, _, r in opts) else None for t, opts in options.items()}
+        if _cost(options, choice) <= budget:
+            uniform.append(_loss(options, choice))
     assert uniform, "no uniform rank fits: pick a larger fraction"
-    assert budget_error <= min(uniform) + 1e-9
+    assert _loss(options, ranks) <= min(uniform) * (1 + 1e-6)
 
 
 def test_skipped_tensors_take_no_part_in_the_budget(tmp_path):
@@ -407,18 +408,16 @@ def test_budget_over_a_sharded_folder(tmp_path):
     }
     for shard, tensors in shards.items():
         save(folder / shard, tensors)
-    fraction = 0.3
+    fraction = 0.5
     report = by_name(cli_json("compress", folder, "--budget", fraction))
     out = tmp_path / "ckpt.lowrank"
     before = after = 0
-    ranks, sigmas, shapes = {}, {}, {}
+    ranks, matrices = {}, {}
     for shard, tensors in shards.items():
-        written = load(out / shard)
-        for name, w in tensors.items():
-            b, a = written[f"{name}.B"], written[f"{name}.A"]
-            before += w.numel()
-            after += b.numel() + a.numel()
-            ranks[name], sigmas[name], shapes[name] = b.shape[1], singular_values(w), tuple(w.shape)
-            assert report[name]["rank"] == ranks[name] >= 1
+        shard_after, shard_ranks = _recount(load(out / shard), tensors, report)
+        before += sum(w.numel() for w in tensors.values())
+        after += shard_after
+        ranks.update(shard_ranks)
+        matrices.update(tensors)
     assert after <= fraction * before
-    _check_kkt(sigmas, shapes, ranks, fraction * before, rtol=1e-3)
+    _one_move_optimal(matrices, ranks, fraction * before)

@@ -1,9 +1,19 @@
-"""--budget F: ranks for all tensors together, under one parameter budget.
+"""--budget F: a rank for each tensor, or keep it whole, under one parameter budget for all.
 
-Each further rank-1 term i of tensor t costs (m_t + n_t) numbers and removes σ_{t,i}²/‖W_t‖_F²
-of t's relative squared error. Minimizing Σ_t relative squared error under Σ_t r_t·(m_t + n_t) ≤
-F·Σ_t m_t·n_t is then a knapsack whose items, per tensor, come in non-increasing order of gain
-per number; taking items greedily by gain per number is optimal for its relaxation.
+Each tensor t either keeps rank r (1 ≤ r ≤ its break-even rank), costing r·(m_t + n_t) numbers
+and leaving the squared error tail_t(r) = Σ_{i>r} σ_{t,i}², or stays dense, costing m_t·n_t and
+leaving none. The allocation minimizes Σ_t loss_t under Σ_t cost_t ≤ F·Σ_t m_t·n_t, where loss_t is
+the objective's (OBJECTIVES). The spectra are the caller's: of W, or of W·S with calibration, where
+tail_t(r) is the output-space squared error ‖(W − W_r)X‖_F².
+
+Dense is not on the path of adding rank-1 terms one by one (it is a jump in cost), so a greedy over
+terms never reaches it. The linear relaxation does (a multiple-choice knapsack): each tensor's options
+are reduced to the lower convex hull of its (cost, loss) points, dense included, and hull edges are
+taken by loss removed per number while they fit; a tensor whose edge does not fit takes none of its
+later ones. Everything up to the first edge that did not fit is the relaxation's optimum but for that
+edge's fraction, so the loss exceeds the true optimum by at most that edge's loss drop (the largest
+hull edge of any tensor bounds it). What is left is then spent greedily on single further terms, or
+on keeping a tensor whole, which only lowers the loss.
 """
 
 from __future__ import annotations
@@ -11,39 +21,129 @@ from __future__ import annotations
 import numpy as np
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank
+from lowrank_cli.linalg.spectrum import Spectrum
+
+# absolute: Σ_t tail_t, the squared errors themselves (output-space ones with calibration);
+# relative: Σ_t tail_t/‖W_t‖², every tensor's relative squared error counting alike.
+OBJECTIVES = ("absolute", "relative")
+DEFAULT_OBJECTIVE = "absolute"
+
+Options = dict[str, tuple[np.ndarray, np.ndarray]]  # per tensor: costs (increasing) and losses of its options
 
 
-def allocate(spectra: dict[str, Spectrum], fraction: float) -> dict[str, int]:
-    """A rank per tensor with Σ r·(m + n) ≤ fraction·Σ m·n, at least 1 for each non-zero tensor.
+def allocate(
+    spectra: dict[str, Spectrum], fraction: float, objective: str = DEFAULT_OBJECTIVE, *, allow_dense: bool = True
+) -> dict[str, int | None]:
+    """A rank per tensor, or None where the budget keeps it dense: Σ params ≤ fraction·Σ m·n.
 
-    Zero matrices (unchanged weights, for extract) get rank 0 and count in neither side.
+    Every other non-zero tensor keeps at least rank 1; zero matrices (unchanged weights, for extract)
+    get rank 0 and count in neither side. allow_dense=False: ranks only (a LoRA cannot hold a whole matrix).
     """
-    budget = fraction * sum(s.shape[0] * s.shape[1] for s in spectra.values() if not s.is_zero)
-    ranks = {name: int(not s.is_zero) for name, s in spectra.items()}
-    spent = sum(r * sum(spectra[name].shape) for name, r in ranks.items())
-    if spent > budget:
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    live = {name: s for name, s in spectra.items() if not s.is_zero}
+    budget = fraction * sum(s.shape[0] * s.shape[1] for s in live.values())
+    weights = loss_weights(live, objective)
+    options = {name: options_of(s, weights[name], allow_dense) for name, s in live.items()}
+    floor = sum(costs[0] for costs, _ in options.values())
+    if floor > budget:
         raise UsageError(
-            f"{{budget}} {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {spent:,};"
+            f"{{budget}} {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {floor:,.0f};"
             " raise {budget} or select fewer tensors"
         )
-    names, gains, costs = [], [], []
-    for name, spectrum in spectra.items():
-        if spectrum.is_zero:
-            continue
-        m, n = spectrum.shape
-        # Above break-even factors save nothing; past the numerical rank a term removes only rounding.
-        cap = max(1, min(break_even_rank(m, n), spectrum.numerical_rank()))
-        terms = spectrum.gains()[1:cap]  # what ranks 2…cap each remove
-        names += [name] * len(terms)
-        gains.append(terms / (m + n))
-        costs.append(np.full(len(terms), m + n))
-    if not names:
-        return ranks
-    gain = np.concatenate(gains)
-    cost = np.concatenate(costs)
-    order = np.argsort(-gain, kind="stable")
-    taken = order[np.cumsum(cost[order]) <= budget - spent]
-    for index in taken:
-        ranks[names[index]] += 1
+    chosen = spend_rest(options, hull_greedy(options, budget - floor), budget, allow_dense)
+    ranks: dict[str, int | None] = {name: 0 for name in spectra}
+    for name, index in chosen.items():
+        dense = allow_dense and index == len(options[name][0]) - 1
+        ranks[name] = None if dense else index + 1
     return ranks
+
+
+def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, float]:
+    """What a unit of relative squared error of each tensor costs: 1 (relative), or ‖W_t‖² (absolute).
+
+    ‖W_t‖² is divided by the largest one, in logs, so that no square of a huge σ overflows.
+    """
+    if objective == "relative":
+        return {name: 1.0 for name in spectra}
+    logs = {name: np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)) for name, s in spectra.items()}
+    top = max(logs.values(), default=0.0)
+    return {name: float(np.exp(2 * (value - top))) for name, value in logs.items()}
+
+
+def options_of(spectrum: Spectrum, weight: float = 1.0, allow_dense: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Costs and losses (weight × relative squared error) of ranks 1…cap, then (allow_dense) of keeping it whole.
+
+    With dense allowed, cap is the break-even rank (higher ranks save nothing), which may be 0: then
+    dense is the only option. Past the numerical rank a term removes only rounding: never an option.
+    """
+    m, n = spectrum.shape
+    saving = (m * n - 1) // (m + n) if allow_dense else max(1, min(m, n))
+    cap = min(saving, max(1, spectrum.numerical_rank()))
+    tails = np.array([spectrum.relative_error(r) ** 2 for r in range(1, cap + 1)])  # shares of ‖W‖² left
+    costs = np.arange(1, cap + 1, dtype=np.float64) * (m + n)
+    if allow_dense:
+        costs, tails = np.append(costs, float(m * n)), np.append(tails, 0.0)
+    return costs, tails * weight
+
+
+def lower_hull(costs: np.ndarray, losses: np.ndarray) -> list[int]:
+    """Indices of the lower convex hull of the points (cost, loss), costs increasing (Andrew's monotone chain).
+
+    Points on a straight stretch of the hull stay: each is a place to stop, so a flat spectrum's ranks
+    remain options one term at a time instead of one edge from rank 1 to the last.
+    """
+    hull: list[int] = []
+    for i in range(len(costs)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            turn = (costs[b] - costs[a]) * (losses[i] - losses[a]) - (losses[b] - losses[a]) * (costs[i] - costs[a])
+            straight = 1e-9 * (costs[i] - costs[a]) * (abs(losses[b] - losses[a]) + abs(losses[i] - losses[a]))
+            if turn >= -straight:  # a left turn, or straight on up to rounding: b stays
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
+
+
+def hull_greedy(options: Options, spare: float) -> dict[str, int]:
+    """Each tensor's option after taking hull edges by loss removed per number, while they fit in `spare`."""
+    edges = []
+    for name, (costs, losses) in options.items():
+        hull = lower_hull(costs, losses)
+        rate = np.inf
+        for a, b in zip(hull, hull[1:], strict=False):
+            # Along a hull the rates fall; min() keeps rounding on straight stretches from reordering them.
+            rate = min(rate, (losses[a] - losses[b]) / (costs[b] - costs[a]))
+            edges.append((rate, name, a, b, costs[b] - costs[a]))
+    chosen = {name: 0 for name in options}
+    blocked = set()  # once one of a tensor's edges is left out, so are its later ones
+    for rate, name, start, end, cost in sorted(edges, key=lambda edge: -edge[0]):  # stable: ties stay in order
+        if name in blocked or rate <= 0 or cost > spare or chosen[name] != start:
+            blocked.add(name)
+            continue
+        chosen[name], spare = end, spare - cost
+    return chosen
+
+
+def spend_rest(
+    options: dict[str, tuple[np.ndarray, np.ndarray]], chosen: dict[str, int], budget: float, allow_dense: bool
+) -> dict[str, int]:
+    """Spend what the price left: the next rank, or the jump to dense, removing the most loss per number that fits."""
+    chosen = dict(chosen)
+    left = budget - sum(options[name][0][index] for name, index in chosen.items())
+    while True:
+        best, best_rate, best_cost = None, 0.0, 0.0
+        for name, (costs, losses) in options.items():
+            index, last = chosen[name], len(costs) - 1
+            steps = [index + 1] if index + 1 < last or (index + 1 == last and not allow_dense) else []
+            steps += [last] if allow_dense and index < last else []
+            for step in steps:
+                cost = costs[step] - costs[index]
+                rate = (losses[index] - losses[step]) / cost
+                if cost <= left and rate > best_rate:
+                    best, best_rate, best_cost = (name, step), rate, cost
+        if best is None:
+            return chosen
+        left -= best_cost
+        chosen[best[0]] = best[1]

@@ -12,13 +12,15 @@ from lowrank_cli.linalg.spectrum import Spectrum
 class RankPolicy:
     """Exactly one of a fixed rank, an energy fraction, a maximum relative error, or a global budget.
 
-    A budget is resolved into one fixed rank per tensor (lowrank_cli.linalg.budget) before factorizing.
+    A budget is resolved per tensor (lowrank_cli.linalg.budget) before factorizing: into a fixed rank,
+    or into `dense`, the budget keeping the tensor whole.
     """
 
     rank: int | None = None
     energy: float | None = None
     max_error: float | None = None
     budget: float | None = None
+    dense: bool = False
 
     @classmethod
     def from_options(
@@ -49,6 +51,8 @@ class RankPolicy:
         """The rank this policy keeps for a matrix with this spectrum (0 for a zero matrix)."""
         if spectrum.is_zero:
             return 0
+        if self.dense:
+            return min(spectrum.shape)
         if self.budget is not None:
             raise ValueError("a budget policy is resolved per tensor by lowrank_cli.linalg.budget.allocate")
         if self.rank is not None:
@@ -66,6 +70,8 @@ class RankPolicy:
         return None
 
     def describe(self) -> str:
+        if self.dense:
+            return "dense"
         if self.rank is not None:
             return f"rank {self.rank}"
         if self.energy is not None:
@@ -75,7 +81,7 @@ class RankPolicy:
         return f"relative error ≤ {self.max_error:g}"
 
     def as_dict(self) -> dict[str, float | int]:
-        return {key: value for key, value in vars(self).items() if value is not None}
+        return {key: value for key, value in vars(self).items() if value is not None and value is not False}
 
 
 def require_policy(policy: RankPolicy | None) -> RankPolicy:

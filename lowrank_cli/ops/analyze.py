@@ -11,6 +11,7 @@ from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
+from lowrank_cli.ops.budget import budget_policies
 from lowrank_cli.ops.pipeline import (
     NO_STATISTICS,
     ZERO_MOMENT,
@@ -67,10 +68,10 @@ def analyze(
         if on_tensor:
             on_tensor(entry)
     if policy is not None:
-        ranks = allocate(spectra, policy.budget) if policy.budget is not None else None
+        budgeted = budget_policies(allocate(spectra, policy.budget)) if policy.budget is not None else None
         for report in tensors:
             if report.name in spectra:
-                tensor_policy = RankPolicy(rank=ranks[report.name]) if ranks is not None else policy
+                tensor_policy = budgeted[report.name] if budgeted is not None else policy
                 apply_policy(report, spectra[report.name], tensor_policy)
                 if report.name in whitened and report.status == Status.factorized:
                     report.output_error, report.rel_error = report.rel_error, None  # the optimum on W·S

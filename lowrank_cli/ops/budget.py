@@ -1,4 +1,4 @@
-"""The policy of each tensor: one for all, or under a budget a fixed rank for each (linalg.budget)."""
+"""The policy of each tensor: one for all, or under a budget a fixed rank or dense for each (linalg.budget)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,13 @@ def policy_per_tensor(
     names: Iterable[str],
     matrix_of: Callable[[str], torch.Tensor],
     on_done: Callable[[str], None] | None = None,
+    *,
+    allow_dense: bool = True,
 ) -> Callable[[str], RankPolicy]:
-    """The policy of each tensor: the same for all, or under a budget a fixed rank for each.
+    """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
 
-    A budget costs one first pass: every selected matrix's singular values, then `allocate`.
+    A budget costs one first pass: every selected matrix's singular values (of W·S with calibration:
+    matrix_of gives the whitened view), then `allocate`. allow_dense=False for LoRA adapters.
     """
     if policy.budget is None:
         return lambda name: policy
@@ -28,5 +31,9 @@ def policy_per_tensor(
         spectra[name] = spectrum_of(matrix_of(name))
         if on_done:
             on_done(name)
-    ranks = allocate(spectra, policy.budget)
-    return lambda name: RankPolicy(rank=ranks[name])
+    return budget_policies(allocate(spectra, policy.budget, allow_dense=allow_dense)).__getitem__
+
+
+def budget_policies(ranks: dict[str, int | None]) -> dict[str, RankPolicy]:
+    """allocate's outcome as policies: a fixed rank, or dense (None) reported as the budget keeping it whole."""
+    return {name: RankPolicy(dense=True) if rank is None else RankPolicy(rank=rank) for name, rank in ranks.items()}

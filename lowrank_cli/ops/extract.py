@@ -101,6 +101,7 @@ def extract(
         candidates,
         lambda name: whitened_view(_delta(base, tuned, name, settings.device), calibration, name),
         on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
+        allow_dense=False,  # an adapter holds ranks; a whole matrix only via modules_to_save
     )
     with FolderOutput(out) as folder:
         writer = SafetensorsWriter(folder.path / ADAPTER_WEIGHTS, {"format": "pt"})

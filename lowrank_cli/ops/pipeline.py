@@ -99,9 +99,14 @@ class Decision:
     reason: str | None = None
 
 
+KEPT_WHOLE = "the budget keeps it whole"
+
+
 def decide(rank: int | None, shape: tuple[int, int], policy: RankPolicy, limit: int) -> Decision:
-    """Factorized up to rank `limit`; dense (with the reason) above it, for a zero matrix, or rank None."""
+    """Factorized up to rank `limit`; dense (with the reason) above it, for a zero matrix, rank None, policy dense."""
     m, n = shape
+    if policy.dense:
+        return Decision(Status.dense, None, KEPT_WHOLE)
     if rank is None:
         return Decision(Status.dense, None, f"the target needs rank > {limit}, where factors stop saving params")
     if rank == 0:
@@ -117,7 +122,7 @@ class Factors:
     """The outcome of one matrix: factors B (m, r), A (r, n) in the stored dtype, or none (dense)."""
 
     decision: Decision
-    method: str
+    method: str | None  # None when nothing was factorized (a dense policy)
     spectrum: Spectrum | None = None  # all singular values, when the method computed them
     b: torch.Tensor | None = None
     a: torch.Tensor | None = None
@@ -147,6 +152,8 @@ def factor(
     A randomized result that misses an error target by floating-point bookkeeping is redone exactly.
     """
     limit = break_even_rank(*matrix.shape) if limit is None else limit
+    if policy.dense:  # nothing to compute: the budget keeps the tensor whole
+        return Factors(decide(None, tuple(matrix.shape), policy, limit), method=None)
     method = method or settings.method
     generator = generator_for(name, settings.seed, matrix.device)
     target_matrix = matrix if whitener is None else whitener.whiten(matrix)
