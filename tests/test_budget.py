@@ -421,3 +421,31 @@ def test_budget_over_a_sharded_folder(tmp_path):
         matrices.update(tensors)
     assert after <= fraction * before
     _one_move_optimal(matrices, ranks, fraction * before)
+
+
+def test_extract_budget_allocates_lora_ranks_only(tmp_path):
+    """A LoRA cannot hold a whole matrix: at F = 0.9, where compress would keep the flat ΔW whole, extract
+    gives every changed matrix a rank, and Σ r·(m + n) ≤ F·Σ m·n of the changed matrices, counted in the file."""
+    generator = torch.Generator().manual_seed(5)
+    base = {f"layer.{i}.weight": torch.randn(40, 30, generator=generator) for i in range(3)}
+    deltas = {
+        "layer.0.weight": torch.randn(40, 30, generator=generator),  # flat spectrum: dense would pay
+        "layer.1.weight": with_spectrum(40, 30, geometric(30, 0.5), seed=6),
+        "layer.2.weight": with_spectrum(40, 30, geometric(30, 0.8), seed=7),
+    }
+    tuned = {name: base[name] + deltas[name] for name in base}
+    base_file, tuned_file = save(tmp_path / "base.safetensors", base), save(tmp_path / "tuned.safetensors", tuned)
+    fraction = 0.9
+    plain = allocate({t: _spectrum(singular_values(d), tuple(d.shape)) for t, d in deltas.items()}, fraction)
+    assert plain["layer.0.weight"] is None  # what compress would do with these ΔW: keep the flat one whole
+    adapter = tmp_path / "adapter"
+    report = by_name(cli_json("extract", base_file, tuned_file, "-o", adapter, "--budget", fraction))
+    factors = load(adapter / "adapter_model.safetensors")
+    params = 0
+    for name in base:
+        module = name.removesuffix(".weight")
+        b = factors[f"base_model.model.{module}.lora_B.weight"]
+        a = factors[f"base_model.model.{module}.lora_A.weight"]
+        assert b.shape[1] == a.shape[0] >= 1 and report[name]["rank"] == b.shape[1], name
+        params += b.numel() + a.numel()
+    assert params <= fraction * sum(w.numel() for w in base.values())

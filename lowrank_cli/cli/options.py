@@ -42,7 +42,10 @@ MaxError = Annotated[
 Budget = Annotated[
     Optional[float],
     typer.Option(
-        "--budget", help="Policy: ranks chosen jointly so all factors hold ≤ F of the params, 0 < F < 1.", metavar="F"
+        "--budget",
+        help="Policy: 0 < F < 1; a rank per matrix, or kept whole, chosen jointly so that factors plus whole"
+        " matrices hold ≤ F·Σ m·n of the selected matrices' params (extract: LoRA ranks only).",
+        metavar="F",
     ),
 ]
 FailAbove = Annotated[
