@@ -11,8 +11,10 @@ text and evaluation text are different files. Runs offline.
 Four runs per fraction F of the encoder Linears' params kept:
   plain uniform       every matrix at the rank that keeps F of its params, truncated SVD of W
   calibrated uniform  the same ranks, SVD of W·S (--calibration)
-  plain budget        --budget F over the encoder Linears
-  calibrated budget   --budget F with --calibration
+  plain budget        --budget F over the encoder Linears: per matrix a rank or kept whole,
+                      minimizing Σ ‖W − W_r‖² with factors + whole matrices ≤ F·Σ m·n
+  calibrated budget   --budget F with --calibration: the same over the spectra of W·S, so
+                      the sum is of output-space squared errors ‖(W − W_r)X‖²
 """
 
 from __future__ import annotations

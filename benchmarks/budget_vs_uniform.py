@@ -15,7 +15,8 @@ import lowrank_cli
 
 
 def summary(report) -> tuple[int, float, float, float]:
-    matrices = [t for t in report.tensors if t.rank is not None]
+    # Every analyzed matrix: factorized, or dense (kept whole by the budget or above break-even), at error 0.
+    matrices = [t for t in report.tensors if t.status.value in ("factorized", "dense")]
     params = sum(t.params_after for t in matrices)
     squared = [t.rel_error**2 for t in matrices]
     return params, sum(squared), (sum(squared) / len(squared)) ** 0.5, max(t.rel_error for t in matrices)

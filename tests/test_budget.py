@@ -61,13 +61,14 @@ def _tails(sigma) -> np.ndarray:
 
 
 def _options(
-    sigma, shape, objective: str = "absolute", allow_dense: bool = True
+    sigma, shape, objective: str = "balanced", allow_dense: bool = True
 ) -> list[tuple[int, float, int | None]]:
     """(params, loss, rank or None for dense) of every choice the budget has for one tensor."""
     m, n = shape
     numerical = int(np.count_nonzero(sigma > sigma.max() * max(m, n) * EPS32))  # past it: rounding only
     cap = min(_saving_cap(m, n) if allow_dense else min(m, n), max(1, numerical))
-    weight = 1.0 if objective == "relative" else float((np.asarray(sigma) ** 2).sum())
+    power = {"relative": 0.0, "balanced": 1.0, "absolute": 2.0}[objective]
+    weight = float(np.linalg.norm(sigma)) ** power  # ‖W‖^power
     tails = _tails(sigma)
     options = [(r * (m + n), weight * tails[r], r) for r in range(1, cap + 1)]
     return options + ([(m * n, 0.0, None)] if allow_dense else [])
@@ -160,7 +161,7 @@ def spectra(draw, max_tensors=4, max_dim=10, zeros=True):
 @given(
     data=spectra(),
     fraction=st.floats(0.01, 0.99),
-    objective=st.sampled_from(["absolute", "relative"]),
+    objective=st.sampled_from(["balanced", "absolute", "relative"]),
     allow_dense=st.booleans(),
 )
 def test_allocation_fits_is_one_move_optimal_and_near_the_brute_force_optimum(data, fraction, objective, allow_dense):
@@ -173,7 +174,7 @@ def test_allocation_fits_is_one_move_optimal_and_near_the_brute_force_optimum(da
     shapes=st.lists(st.tuples(st.integers(4, 12), st.integers(4, 12)), min_size=2, max_size=3),
     seed=st.integers(0, 2**31 - 1),
     fraction=st.floats(0.1, 0.95),
-    objective=st.sampled_from(["absolute", "relative"]),
+    objective=st.sampled_from(["balanced", "absolute", "relative"]),
 )
 def test_allocation_on_decaying_spectra(shapes, seed, fraction, objective):
     """Spectra like trained weights': σ decaying at different rates and scales, full rank."""
@@ -239,7 +240,7 @@ def _recount(written: dict, matrices: dict, report: dict) -> tuple[int, dict]:
 
 
 def _one_move_optimal(matrices: dict, ranks: dict, budget: float) -> None:
-    """No single tensor can move to another of its options within the budget and lower Σ‖W − W_r‖²."""
+    """No single tensor can move to another of its options within the budget and lower Σ‖W − W_r‖²/‖W‖."""
     options = {t: _options(singular_values(w), as_matrix(w).shape) for t, w in matrices.items()}
     spent, loss = _cost(options, ranks), _loss(options, ranks)
     assert spent <= budget
@@ -288,7 +289,7 @@ def test_analyze_and_compress_allocate_the_same_ranks(tmp_path):
 
 @pytest.mark.parametrize("fraction", [0.1, 0.3, 0.5, 0.7, 0.9])
 def test_budget_beats_every_uniform_rank_that_fits_in_it(tmp_path, fraction):
-    """Σ_t ‖W_t − W_t,r‖² (the budget's objective) of the ranks read from the file ≤ that of any uniform
+    """Σ_t ‖W_t − W_t,r‖²/‖W_t‖ (the budget's objective) of the ranks read from the file ≤ that of any uniform
     --rank R whose params (tensors it cannot cut counted whole, as --rank R keeps them) fit the budget."""
     out = tmp_path / "out.safetensors"
     report = by_name(cli_json("compress", DEMO, "--budget", fraction, "-o", out))
