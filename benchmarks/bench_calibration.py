@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -37,9 +38,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
+from safetensors import safe_open  # noqa: E402
 
 import lowrank_cli  # noqa: E402
-from lowrank_cli.io.calibration import read_calibration  # noqa: E402
 
 CALIB = [
     "/root/.pyenv/versions/3.13.0/lib/python3.13/idlelib/News3.txt",
@@ -171,12 +172,13 @@ def main() -> None:
         calib_text.write_bytes(b"\n".join(Path(p).read_bytes() for p in args.calib))
         stats = work / "stats.safetensors"
         seconds, peak = calibrate(folder, calib_text, stats)
-        info = read_calibration(stats)  # the tokens counted are in the file's metadata
+        with safe_open(str(stats), framework="pt") as handle:  # the tokens counted are in the file's metadata
+            tokens = json.loads(handle.metadata()["lowrank_calibration"])["tokens"]
         print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
         data = calib_text.read_bytes()
         sources = ", ".join(Path(p).name for p in args.eval)
         print(f"calibration text: {len(data):,} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}), ", end="")
-        print(f"{info.tokens:,} tokens; evaluation: {len(texts)} sentences from {sources}")
+        print(f"{tokens:,} tokens; evaluation: {len(texts)} sentences from {sources}")
         print(f"lowrank calibrate: {seconds:.1f} s wall, peak RSS {peak:,.0f} MiB", end="")
         print(" (the whole process: python, torch, transformers, model)\n")
         print("| params kept (encoder Linears) | run | params after / before | mean cosine | min cosine |")
