@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, cli, cli_json, file_metadata, load, save
+from conftest import assert_clean_failure, cli, cli_json, file_metadata, load, save, table_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -229,6 +229,12 @@ def test_extract_with_calibration(model_files, tmp_path):
     delta = (tuned["layer.out.weight"] - weights["layer.out.weight"]).numpy()
     measured = output_error_np(delta, b, a, inputs["out"])
     assert measured <= 0.3 + 1e-6 and row.output_error == pytest.approx(measured, rel=1e-4)
+    # the table shows the output error beside the weight error, as compress's does
+    args = (path, tuned_path, "-o", tmp_path / "adapter2", "--max-error", "0.3", "--calibration", stats)
+    result = cli("extract", *args)
+    assert result.exit_code == 0, result.stderr
+    rows = table_rows(result.stdout)
+    assert float(rows["layer.out.weight"]["output error"]) == pytest.approx(measured, rel=1e-2)
 
 
 # --- the Calibrator and lowrank calibrate on a tiny BERT ---------------------------------------------

@@ -308,6 +308,17 @@ def test_json_totals_are_the_sums(approximate, tmp_path):
     assert sorted(listing(adapter)) == [CONFIG, WEIGHTS]
 
 
+def test_the_table_says_the_adapter_size_against_what_it_adapts(approximate, tmp_path):
+    base_file, tuned_file, base, _ = approximate
+    adapter = tmp_path / "adapter"
+    result = cli("extract", base_file, tuned_file, "-o", adapter, "--rank", 3)
+    assert result.exit_code == 0, result.stderr
+    params_after = sum(t.numel() for t in load(adapter / WEIGHTS).values())
+    adapted = sum(base[name].numel() for name in ("a.weight", "b.weight"))
+    line = next(line for line in result.stdout.splitlines() if line.startswith("adapter:"))
+    assert f"{params_after:,} params ({100 * params_after / adapted:.1f}% of the adapted tensors)" in line
+
+
 def test_bytes_after_is_the_adapter_file(every_case, tmp_path):
     base_file, tuned_file, _, _ = every_case
     adapter = tmp_path / "adapter"

@@ -56,7 +56,9 @@ def print_report(report: Report) -> None:
     if totals.bytes is not None and totals.bytes_after is not None:
         lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     elif report.command == "extract":
-        lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}  wrote {report.output}")
+        share = f" ({_percent(totals.params_after / totals.params)} of the adapted tensors)" if totals.params else ""
+        lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
+        lines.append(f"wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
     for line in lines:
         stdout.print(Text(line), overflow="fold", highlight=False)
@@ -221,20 +223,24 @@ def _extract_table(report: Report) -> tuple[str, list[Column], list[list[str | T
         Column("status"),
         Column("rank", "number"),
         Column("rel. error ΔW", "number", footer=_error(totals.max_rel_error, "max ")),
+        *_output_column(totals),
         Column("‖ΔW‖² kept", "number", keep=4),
         Column("params", "number", keep=2, footer=f"{totals.params:,}"),
         Column("adapter params", "number", keep=2, footer=f"{totals.params_after:,}"),
         Column("note", "note", keep=5),
     ]
+    output = totals.max_output_error is not None
     rows = []
     for t in report.tensors:
         head = [t.name, _shape(t), t.dtype, t.status.value]
         if t.status == Status.extracted:
-            cells = [str(t.rank), _error(t.rel_error), _percent(t.kept or 0.0), f"{t.params:,}", f"{t.params_after:,}"]
+            errors = [_error(t.rel_error), *([_error(t.output_error)] if output else [])]
+            cells = [str(t.rank), *errors, _percent(t.kept or 0.0), f"{t.params:,}", f"{t.params_after:,}"]
             rows.append([*head, *cells, ""])
         else:
             after = f"{t.params_after:,}" if t.status == Status.carried else ""
-            rows.append([*head, "", "", "", f"{t.params:,}", after, Text(t.reason or "", style="dim")])
+            blank = ["", "", *([""] if output else []), ""]
+            rows.append([*head, *blank, f"{t.params:,}", after, Text(t.reason or "", style="dim")])
     return f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows
 
 
