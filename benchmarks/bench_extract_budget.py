@@ -136,8 +136,10 @@ def main() -> None:
         base = bc.embed(transformers.AutoModel.from_pretrained(folder, local_files_only=True).eval(), tokenizer, texts)
         tuned = bc.embed(transformers.AutoModel.from_pretrained(tuned_dir).eval(), tokenizer, texts)
         shift = float((base * tuned).sum(-1).mean())
-        print(f"  {seconds:.0f} s, final loss {loss:.3f}; base vs tuned mean cosine on {len(texts)} held-out")
-        print(f"  sentences ({', '.join(Path(p).name for p in bc.EVAL)}): {shift:.4f}\n")
+        if seconds:
+            print(f"  {seconds:.0f} s, final loss {loss:.3f}")
+        print(f"  base vs tuned mean cosine on {len(texts)} held-out", end="")
+        print(f" sentences ({', '.join(Path(p).name for p in bc.EVAL)}): {shift:.4f}\n")
         run = _runner(folder, tuned_dir, work, tokenizer, texts, base, tuned)
         print("| adapter | LoRA params | ranks min–max | unrecovered direction | unrecovered energy | cos to tuned |")
         print("| --- | --- | --- | --- | --- | --- |")
