@@ -111,12 +111,11 @@ def main() -> None:
     torch.set_num_threads(2)
     import transformers
 
-    if args.objective:  # not an option of extract: the benchmark swaps the allocation's default for it
-        import functools
-
+    if args.objective:  # not an option of extract: the benchmark swaps the objective extract passes for it
         import lowrank_cli.ops.budget as budget_ops
 
-        budget_ops.allocate = functools.partial(budget_ops.allocate, objective=args.objective)
+        allocate = budget_ops.allocate
+        budget_ops.allocate = lambda *given, **options: allocate(*given[:2], args.objective, **options)
 
     folder = bc.model_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

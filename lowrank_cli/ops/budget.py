@@ -6,7 +6,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from lowrank_cli.linalg.budget import allocate
+from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.pipeline import spectrum_of
 
@@ -18,6 +18,7 @@ def policy_per_tensor(
     on_done: Callable[[str], None] | None = None,
     *,
     allow_dense: bool = True,
+    objective: str = DEFAULT_OBJECTIVE,
 ) -> Callable[[str], RankPolicy]:
     """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
 
@@ -31,7 +32,7 @@ def policy_per_tensor(
         spectra[name] = spectrum_of(matrix_of(name))
         if on_done:
             on_done(name)
-    return budget_policies(allocate(spectra, policy.budget, allow_dense=allow_dense)).__getitem__
+    return budget_policies(allocate(spectra, policy.budget, objective, allow_dense=allow_dense)).__getitem__
 
 
 def budget_policies(ranks: dict[str, int | None]) -> dict[str, RankPolicy]:
