@@ -608,3 +608,24 @@ def test_nan_or_inf_in_a_weight(tmp_path, policy, bad, side):
     result = cli("extract", base_file, tuned_file, "-o", tmp_path / "adapter", *policy)
     assert_clean_failure(result, 1, "z.weight", str(tuned_file if side == "tuned" else base_file))
     _untouched(tmp_path, before, inputs)
+
+
+def test_budget_spends_on_the_largest_squared_error_of_delta(tmp_path):
+    """extract's budget minimizes Σ‖ΔW − BA‖² (absolute), not compress's Σ‖ΔW − BA‖²/‖ΔW‖.
+
+    ΔA: 20 singular values of σ² = 10 (‖ΔA‖ = √200); ΔB: two of σ² = 3 (‖ΔB‖ = √6). Rank 1 each
+    costs 80 params; F = 0.15 of 800 allows one more term (40). Its absolute gain is 10 for A and 3
+    for B, so A gets it; weighted by 1/‖ΔW‖ it would be 10/14.1 = 0.71 for A against 3/2.45 = 1.22
+    for B, and B would.
+    """
+    delta_a = with_spectrum(20, 20, np.full(20, np.sqrt(10.0)), seed=1)
+    delta_b = with_spectrum(20, 20, np.full(2, np.sqrt(3.0)), seed=2)
+    base = {"a.weight": low_rank(20, 20, 20, seed=3), "b.weight": low_rank(20, 20, 20, seed=4)}
+    tuned = {"a.weight": base["a.weight"] + delta_a, "b.weight": base["b.weight"] + delta_b}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "tuned.safetensors", tuned)
+    args = (tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", "-o", tmp_path / "ad", "--budget", 0.15)
+    rows = by_name(cli_json("extract", *args))
+    assert (rows["a.weight"]["rank"], rows["b.weight"]["rank"]) == (2, 1)
+    written = load(tmp_path / "ad" / WEIGHTS)
+    assert sum(t.numel() for t in written.values()) == 120 <= 0.15 * 800
