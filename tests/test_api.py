@@ -93,7 +93,7 @@ def _imports(path: Path) -> set[str]:
         ("linalg", ("lowrank_cli.errors", "lowrank_cli.linalg")),
         ("io", ("lowrank_cli.errors", "lowrank_cli.io")),
         ("ops", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.ops")),
-        ("nn", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.nn")),
+        ("nn", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.ops", "lowrank_cli.nn")),
         # the CLI: the public API (the package itself), its own modules, and the base error module
         ("cli", ("lowrank_cli.errors", "lowrank_cli.cli")),
     ],

@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import UsageError
-from lowrank_cli.linalg.factorize import factorize, relative_error
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.ops.pipeline import check_finite, factor
+from lowrank_cli.ops.settings import Method, Settings
 
 
 class LowRankLinear(nn.Module):
@@ -85,12 +86,15 @@ class LowRankLinear(nn.Module):
             raise UsageError("from_linear needs one of rank=, energy= or max_error=")
         weight, transposed = linear_weight(linear)  # (out, in)
         matrix = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        result = factorize(matrix, policy, method="exact")
-        if not result.rank:
+        where = f"{type(linear).__name__} weight"
+        check_finite(matrix, where, "weight")
+        # compress's own factor step: the float16 split, the overflow check and the error measured as stored
+        settings = Settings(method=Method.exact)
+        outcome = factor(matrix, policy, settings, name="", stored=weight.dtype, limit=min(matrix.shape), where=where)
+        if outcome.b is None:
             raise UsageError(f"{type(linear).__name__}: its weight is zero; there is nothing to factorize")
-        b, a, _ = result.factors(weight.dtype)
         bias = None if linear.bias is None else linear.bias.detach().clone()
-        layer = cls.from_factors(b, a, bias, rel_error=relative_error(matrix, b, a))
+        layer = cls.from_factors(outcome.b, outcome.a, bias, rel_error=outcome.rel_error)
         layer.transposed = transposed
         return layer.to(weight.device)
 
