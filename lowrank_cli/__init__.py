@@ -28,7 +28,7 @@ from lowrank_cli.errors import (
     UsageError,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import Device, DType, Method
+from lowrank_cli.ops.settings import Device, DType, Method, Split
 
 __version__ = "0.1.0"
 
@@ -72,6 +72,7 @@ __all__ = [
     "DType",
     "Method",
     "Device",
+    "Split",
     "LowrankError",
     "UsageError",
     "CheckpointError",

@@ -24,7 +24,7 @@ from lowrank_cli.ops import extract as _extract
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.report import Report
-from lowrank_cli.ops.settings import Device, DType, Method, Settings
+from lowrank_cli.ops.settings import Device, DType, Method, Settings, Split, choice
 
 PathLike = str | Path
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
@@ -305,21 +305,30 @@ def calibrate(
     *,
     text: PathLike,
     seq_len: int = 128,
-    samples: int = 128,
+    samples: int = 256,
     batch_size: int = 8,
     device: Device | str = Device.auto,
     force: bool = False,
+    split: Split | str = Split.windows,
+    sensitivity: bool = True,
 ) -> dict:
-    """The second moment E[x xᵀ] of every Linear layer's input over windows of a text file, saved to `out`.
+    """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
 
     Args:
         model: a Hugging Face model folder (config.json, safetensors, tokenizer); needs the
             `calibrate` extra (transformers). Runs offline.
         out: the statistics file (docs/calibration.md) that `calibration=` reads.
-        text: a UTF-8 text file, cut into `samples` windows of `seq_len` tokens, run `batch_size` at a time.
+        text: a UTF-8 text file. split="windows" cuts it into windows of `seq_len` tokens;
+            split="lines" makes each non-empty line one sample (cut at `seq_len`): use it when the
+            model's real inputs are short (sentences, prompts). At most `samples` of them are run,
+            taken evenly over the whole text, `batch_size` at a time.
+        sensitivity: also measure each weight's sensitivity (the model's output error when that
+            weight alone is cut, per unit of its squared error) on 16 of the samples; a budget with
+            these statistics spares the weights the model needs most (docs/calibration.md).
 
     Returns:
-        {"tokens": …, "inputs": distinct inputs, "weights": weights covered}.
+        {"tokens": …, "inputs": distinct inputs, "weights": weights covered,
+         "sensitivities": weights measured, "probe_tokens": …} (the last two with sensitivity).
 
     Example:
         >>> lowrank_cli.calibrate("bert-base", "bert.stats.safetensors", text="wiki.txt")
@@ -329,7 +338,7 @@ def calibrate(
 
     return _calibrate(
         model, out, text, seq_len=seq_len, samples=samples, batch_size=batch_size,
-        device=resolve_device(device), force=force,
+        device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
     )  # fmt: skip
 
 

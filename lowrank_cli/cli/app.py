@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 import lowrank_cli
-from lowrank_cli import Device, DType, Method
+from lowrank_cli import Device, DType, Method, Split
 from lowrank_cli.cli.options import (
     Budget,
     Calibration,
@@ -380,8 +380,21 @@ def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="The statistics file to write.", metavar="STATS")],
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run the model over.", metavar="FILE")],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.", metavar="N")] = 128,
-    samples: Annotated[int, typer.Option("--samples", help="Windows to run (at most).", metavar="N")] = 128,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward pass.", metavar="N")] = 8,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Samples to run at most, taken evenly over the text.", metavar="N")
+    ] = 256,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 8,
+    split: Annotated[
+        Split,
+        typer.Option("--split", help="windows: of --seq-len tokens; lines: one sample per line (sentences, prompts)."),
+    ] = Split.windows,
+    sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--sensitivity/--no-sensitivity",
+            help="Also measure how much each weight's error costs the model's output (for --budget).",
+        ),
+    ] = True,
     device: DeviceOption = Device.auto,
     force: Force = False,
 ) -> None:
@@ -389,9 +402,13 @@ def calibrate(
     from lowrank_cli.cli.render import notice
 
     summary = lowrank_cli.calibrate(
-        model, output, text=text, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device, force=force
-    )
-    notice(f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens")
+        model, output, text=text, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device,
+        force=force, split=split, sensitivity=sensitivity,
+    )  # fmt: skip
+    line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"
+    if sensitivity:
+        line += f"; sensitivity of {summary['sensitivities']} weights on {summary['probe_tokens']:,} tokens"
+    notice(line)
 
 
 def _version(value: bool) -> None:

@@ -6,7 +6,10 @@
         "tokens": N,                      # tokens each moment averages over
         "text_sha256": "…" | null,        # the calibration text's hash (lowrank calibrate)
         "inputs": {WEIGHT_NAME: KEY, …},  # weights that read the same input share one KEY
-        "transposed": [WEIGHT_NAME, …]    # weights stored (in, out), GPT-2's Conv1D
+        "transposed": [WEIGHT_NAME, …],   # weights stored (in, out), GPT-2's Conv1D
+        "sensitivity": {WEIGHT_NAME: s, …},  # optional: the model's output error per unit of this
+                                          # weight's squared error (ops.calibrate.measure_sensitivity)
+        "probe_tokens": N                 # optional: the tokens the sensitivity was measured on
     }
 
 WEIGHT_NAME is the checkpoint's own tensor name, so `--calibration` finds each tensor's moment by name.
@@ -15,6 +18,7 @@ WEIGHT_NAME is the checkpoint's own tensor name, so `--calibration` finds each t
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,7 @@ class Calibration:
     text_sha256: str | None = None
     transposed: set[str] = field(default_factory=set)
     source: str = ""
+    sensitivity: dict[str, float] = field(default_factory=dict)  # weight name -> s (docs/calibration.md)
 
     def moment_for(self, name: str) -> torch.Tensor | None:
         return self.moments.get(name)
@@ -48,6 +53,8 @@ def write_calibration(
     tokens: int,
     text_sha256: str | None = None,
     transposed: set[str] | None = None,
+    sensitivity: dict[str, float] | None = None,
+    probe_tokens: int = 0,
 ) -> None:
     """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; atomic (a temporary, then rename)."""
     from safetensors.torch import save_file
@@ -59,6 +66,9 @@ def write_calibration(
         "inputs": keys,
         "transposed": sorted(transposed or ()),
     }
+    if sensitivity:
+        payload["sensitivity"] = {name: float(value) for name, value in sorted(sensitivity.items())}
+        payload["probe_tokens"] = int(probe_tokens)
     tensors = {key: moment.to(torch.float32).contiguous() for key, moment in moments.items()}
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial")
@@ -103,7 +113,16 @@ def read_calibration(path: str | Path) -> Calibration:
         text_sha256=payload.get("text_sha256"),
         transposed=set(payload.get("transposed", ())),
         source=str(path),
+        sensitivity=_sensitivity(payload.get("sensitivity") or {}, path),
     )
+
+
+def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:
+    if not isinstance(values, dict) or not all(
+        isinstance(v, int | float) and math.isfinite(v) and v >= 0 for v in values.values()
+    ):
+        raise CheckpointError(f"{path}: its sensitivities are not finite non-negative numbers; rerun lowrank calibrate")
+    return {str(name): float(value) for name, value in values.items()}
 
 
 def load_calibration(path: str | Path) -> dict[str, torch.Tensor]:

@@ -3,21 +3,27 @@
 `Calibrator` hooks a torch model and accumulates the statistics over whatever batches its owner
 runs; `calibrate` runs a Hugging Face model folder over windows of a text file with it. Only the
 running sums Σ x xᵀ are kept (float64, n×n per distinct input), never the activations.
+
+`Calibrator.measure_sensitivity` then cuts one weight at a time and measures what the model's
+output loses per unit of that weight's squared error: the weights `--budget` should spare.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError
 from lowrank_cli.io.calibration import write_calibration
+from lowrank_cli.linalg.whiten import whitener as make_whitener
+from lowrank_cli.ops.settings import Split
 
 CHUNK = 1024  # tokens per float32 product
+PROBE_SAMPLES = 16  # windows the sensitivity probe runs, each time a weight is cut
 
 
 class Calibrator:
@@ -36,13 +42,17 @@ class Calibrator:
     def __init__(self, model: torch.nn.Module, *, names: dict[str, str] | None = None) -> None:
         self.model = model
         self.layers = {name: m for name, m in model.named_modules() if _is_linear(m)}
-        self.names = {name: (names or {}).get(name, f"{name}.weight") for name in self.layers}
+        self.embeddings = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+        self.names = {name: (names or {}).get(name, f"{name}.weight") for name in {**self.layers, **self.embeddings}}
+        self.sensitivity: dict[str, float] = {}  # weight name -> s, once measure_sensitivity has run
+        self.probe_tokens = 0
         self.sums: dict[str, torch.Tensor] = {}  # key -> Σ x xᵀ, float64
         self.counts: dict[str, int] = {}
         self.key_of: dict[str, str] = {}  # module name -> the key of its input's sum
         self._owner: dict[str, bool] = {}  # whether this module's hook adds to its key's sum
         self._previous: tuple[torch.Tensor, str] | None = None  # the last input seen and its key
         self._handles: list = []
+        self._paused = False  # while the sensitivity probe runs the model
 
     def __enter__(self) -> Calibrator:
         for name, module in self.layers.items():
@@ -57,6 +67,8 @@ class Calibrator:
 
     def _hook(self, name: str):
         def hook(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+            if self._paused:
+                return
             x = inputs[0]
             if name not in self.key_of:  # first call: share the previous layer's sum if it read this same tensor
                 shared = self._previous is not None and self._previous[0] is x
@@ -96,7 +108,107 @@ class Calibrator:
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         keys = {self.names[name]: key for name, key in self.key_of.items()}
         transposed = {self.names[name] for name in self.key_of if type(self.layers[name]).__name__ == "Conv1D"}
-        write_calibration(path, means, keys, tokens=self.tokens, text_sha256=text_sha256, transposed=transposed)
+        write_calibration(
+            path,
+            means,
+            keys,
+            tokens=self.tokens,
+            text_sha256=text_sha256,
+            transposed=transposed,
+            sensitivity=self.sensitivity,
+            probe_tokens=self.probe_tokens,
+        )
+
+    @torch.no_grad()
+    def measure_sensitivity(
+        self, run: Callable[[], object], *, tokens: int = 0, on_weight: Callable[[str], None] | None = None
+    ) -> dict[str, float]:
+        """What the model's output loses per unit of each weight's squared error, one weight at a time.
+
+            calibrator.measure_sensitivity(lambda: model(**probe_batch))   # after the statistics
+
+        run() must run the model on the same inputs each time and return its output (a tensor, or a
+        tuple, dict or ModelOutput of them). Each weight of a Linear (with this calibrator's input
+        moment) or an nn.Embedding, each parameter once, is cut to the rank that keeps half its
+        params, as `compress --calibration` would cut it (of W·S with a moment, else of W), and
+
+            s = mean over the output tensors of ‖y′ − y‖² / ‖y‖²  /  Σ_{i>r} σ_i²,
+
+        σ the singular values of W·S (or W): the same squared error the budget's spectra measure, so
+        s·tail(r) estimates what any cut costs the model. The weight is restored after each probe.
+        tokens: what the probe's inputs hold, recorded in the statistics file. Returns name -> s.
+        """
+        moments = self.moments()
+        modules = {**self.layers, **self.embeddings}
+        self._paused = True
+        try:
+            reference = _floats(run())
+            seen: set[int] = set()
+            for module_name, module in modules.items():
+                weight, name = module.weight, self.names[module_name]
+                if id(weight) in seen or weight.ndim != 2 or not weight.is_floating_point():
+                    continue
+                seen.add(id(weight))
+                transposed = type(module).__name__ == "Conv1D"
+                moment = moments.get(name) if module_name in self.layers else None
+                cut, tail = _half_cut(weight.T if transposed else weight, moment)
+                if cut is None or not tail > 0:
+                    continue
+                original = weight.data.clone()
+                try:
+                    weight.data.copy_(cut.T if transposed else cut)
+                    loss = _relative_change(reference, _floats(run()))
+                finally:
+                    weight.data.copy_(original)
+                self.sensitivity[name] = loss / tail
+                if on_weight:
+                    on_weight(name)
+        finally:
+            self._paused = False
+        self.probe_tokens = tokens
+        return dict(self.sensitivity)
+
+
+def _half_cut(weight: torch.Tensor, moment: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
+    """W′ at the rank keeping half of W's (m, n) params, and the squared error Σ_{i>r} σ_i² the cut leaves.
+
+    With a moment, the SVD is of W·S and W′ = U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten), as compress makes it.
+    """
+    m, n = weight.shape
+    rank = max(1, m * n // (2 * (m + n)))
+    if rank >= min(m, n):
+        return None, 0.0
+    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+    w = weight.detach().to(dtype)
+    whitener = make_whitener(moment.to(w.device)) if moment is not None and moment.shape[0] == n else None
+    target = w if whitener is None else whitener.whiten(w)
+    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
+    a = vh[:rank] if whitener is None else whitener.unwhiten(vh[:rank])
+    cut = (u[:, :rank] * sigma[:rank]) @ a  # (m, r) @ (r, n)
+    if not bool(torch.isfinite(cut).all()):
+        return None, 0.0
+    return cut.to(weight.dtype), float((sigma[rank:].to(torch.float64) ** 2).sum())
+
+
+def _floats(output: object) -> list[torch.Tensor]:
+    """The floating-point tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
+    if isinstance(output, torch.Tensor):
+        return [output.detach().to(torch.float64)] if output.is_floating_point() else []
+    if isinstance(output, dict):
+        output = list(output.values())
+    if isinstance(output, tuple | list):
+        return [tensor for item in output for tensor in _floats(item)]
+    return []  # anything else (a key-value cache object, None) is not an output to compare
+
+
+def _relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
+    """The mean over output tensors of ‖y′ − y‖² / ‖y‖² (tensors that are all zero are left out)."""
+    changes = [
+        float(((y2 - y) ** 2).sum() / (y**2).sum())
+        for y, y2 in zip(reference, outputs, strict=True)
+        if float((y**2).sum()) > 0
+    ]
+    return sum(changes) / len(changes) if changes else 0.0
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
@@ -131,14 +243,22 @@ def calibrate(
     text: str | Path,
     *,
     seq_len: int = 128,
-    samples: int = 128,
+    samples: int = 256,
     batch_size: int = 8,
     device: str = "cpu",
     force: bool = False,
+    split: Split = Split.windows,
+    sensitivity: bool = True,
+    on_weight: Callable[[str], None] | None = None,
 ) -> dict:
-    """Run a Hugging Face model folder over windows of `text` and save its layers' input moments to `out`.
+    """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
 
-    Returns a summary: tokens, distinct inputs, weights covered.
+    split: `windows` cuts the text into windows of seq_len tokens; `lines` makes each non-empty line
+    one sample (cut at seq_len), for a file of prompts or sentences like the model's real inputs.
+    Either way each sample is framed by the tokenizer's special tokens, and when there are more
+    than `samples` of them, `samples` are taken evenly over the whole text. sensitivity: also
+    measure each weight's sensitivity (Calibrator.measure_sensitivity) on PROBE_SAMPLES of them,
+    which the budget of `compress --calibration` then uses. Returns a summary.
     """
     if seq_len < 2 or samples < 1 or batch_size < 1:
         raise UsageError(
@@ -152,16 +272,48 @@ def calibrate(
     transformers = _transformers()
     data = text.read_bytes()
     model, tokenizer = _load(transformers, Path(model_dir), device)
-    windows = _windows(tokenizer, data.decode("utf-8", errors="replace"), seq_len)[:samples]
-    if not windows:
-        raise UsageError(f"{text}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
-    calibrator = Calibrator(model, names=checkpoint_names(_linear_names(model), _checkpoint_keys(Path(model_dir))))
+    decoded = data.decode("utf-8", errors="replace")
+    found = _lines(tokenizer, decoded, seq_len) if split == Split.lines else _windows(tokenizer, decoded, seq_len)
+    if not found:
+        unit = "one non-empty line" if split == Split.lines else f"one window of {seq_len} tokens"
+        raise UsageError(f"{text}: has fewer tokens than {unit}; lower {{seq_len}} or give more text")
+    chosen = spread(found, samples)
+    module_names = _linear_names(model) + _embedding_names(model)
+    calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
     with torch.no_grad(), calibrator:
-        for start in range(0, len(windows), batch_size):
-            batch = torch.tensor(windows[start : start + batch_size], device=device)
+        for batch in _batches(chosen, batch_size, device):
             model(input_ids=batch, attention_mask=torch.ones_like(batch))
+    summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
+    if sensitivity:
+        probe = spread(chosen, PROBE_SAMPLES)
+        batches = _batches(probe, batch_size, device)
+        calibrator.measure_sensitivity(
+            lambda: [model(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches],
+            tokens=sum(len(ids) for ids in probe),
+            on_weight=on_weight,
+        )
+        summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
     calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
-    return {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
+    return summary
+
+
+def spread(items: list, count: int) -> list:
+    """`count` of the items evenly over the whole list (all of them when there are no more), in order."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def _batches(samples: list[list[int]], batch_size: int, device: str) -> list[torch.Tensor]:
+    """Samples of equal length batched together (no padding, which would count as tokens), up to batch_size."""
+    by_length: dict[int, list[list[int]]] = {}
+    for ids in samples:
+        by_length.setdefault(len(ids), []).append(ids)
+    return [
+        torch.tensor(group[start : start + batch_size], device=device)
+        for group in by_length.values()
+        for start in range(0, len(group), batch_size)
+    ]
 
 
 def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
@@ -178,6 +330,18 @@ def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
         raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
     starts = range(0, len(ids) - content + 1, content)
     return [prefix + ids[i : i + content] + suffix for i in starts]
+
+
+def _lines(tokenizer, text: str, seq_len: int) -> list[list[int]]:
+    """Each non-empty line as one sample, framed by the special tokens and cut to seq_len tokens."""
+    tokenizer.model_max_length = 1 << 62
+    prefix, suffix = _special_tokens(tokenizer)
+    content = seq_len - len(prefix) - len(suffix)
+    if content < 1:
+        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
+    return [prefix + ids[:content] + suffix for ids in encoded if ids]
 
 
 def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
@@ -217,6 +381,10 @@ def _load(transformers, folder: Path, device: str):
 
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if _is_linear(module)]
+
+
+def _embedding_names(model: torch.nn.Module) -> list[str]:
+    return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]
 
 
 def _checkpoint_keys(folder: Path) -> list[str]:

@@ -37,6 +37,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Split(str, Enum):
+    """How calibrate cuts its text into samples: `windows` of --seq-len tokens, or one sample per `lines` line."""
+
+    windows = "windows"
+    lines = "lines"
+
+
 def choice(kind: type[Enum], value: object, argument: str) -> Enum:
     """`value` as a member of `kind`, or a UsageError that lists the choices."""
     try:
