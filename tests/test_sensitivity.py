@@ -1,0 +1,201 @@
+"""Sensitivity (lowrank calibrate): what each weight's error costs the model's output, and the budget that uses it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_failure, cli, file_metadata, load
+from hypothesis import given
+from hypothesis import strategies as st
+from test_calibration import correlated_inputs, tiny_model_folder
+
+import lowrank_cli
+from lowrank_cli.io.calibration import read_calibration, write_calibration
+from lowrank_cli.ops.calibrate import Calibrator, spread
+
+
+class TinyNet(torch.nn.Module):
+    """An embedding, a Linear, tanh, a Linear: every kind of weight the probe cuts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.embed = torch.nn.Embedding(20, 12)
+        self.up = torch.nn.Linear(12, 16)
+        self.down = torch.nn.Linear(16, 6)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.tanh(self.up(self.embed(ids))))
+
+
+def numpy_forward(weights: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray:
+    x = weights["embed.weight"][ids]
+    hidden = np.tanh(x @ weights["up.weight"].T + weights["up.bias"])
+    return hidden @ weights["down.weight"].T + weights["down.bias"]
+
+
+def numpy_sensitivity(weights: dict, batches: list, probe: np.ndarray, name: str, inputs: np.ndarray | None) -> float:
+    """Cut `name` to half its params (of W·S with S·Sᵀ = E[xxᵀ] + λI, λ = 1e-6·tr/n, when inputs are given)."""
+    w = weights[name]
+    m, n = w.shape
+    r = max(1, m * n // (2 * (m + n)))
+    if inputs is None:
+        factor = np.eye(n)
+    else:
+        moment = inputs.T @ inputs / len(inputs)
+        factor = np.linalg.cholesky(moment + 1e-6 * np.trace(moment) / n * np.eye(n))
+    u, s, vh = np.linalg.svd(w @ factor)
+    cut = (u[:, :r] * s[:r]) @ vh[:r] @ np.linalg.inv(factor)
+    reference = numpy_forward(weights, probe)
+    changed = numpy_forward({**weights, name: cut}, probe)
+    loss = ((changed - reference) ** 2).sum() / (reference**2).sum()
+    return loss / (s[r:] ** 2).sum()
+
+
+def test_sensitivity_is_the_output_change_per_unit_of_the_cut_error():
+    model = TinyNet().double().eval()
+    generator = torch.Generator().manual_seed(4)
+    batches = [torch.randint(0, 20, (4, 9), generator=generator) for _ in range(5)]
+    probe = torch.randint(0, 20, (3, 7), generator=generator)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with Calibrator(model) as calibrator, torch.no_grad():
+        for batch in batches:
+            model(batch)
+        tokens = calibrator.tokens
+        measured = calibrator.measure_sensitivity(lambda: model(probe), tokens=probe.numel())
+        assert calibrator.tokens == tokens  # the probe's runs add nothing to the statistics
+    weights = {k: v.numpy() for k, v in model.state_dict().items()}
+    ids = torch.cat([b.reshape(-1) for b in batches]).numpy()
+    up_inputs = weights["embed.weight"][ids]
+    down_inputs = np.tanh(up_inputs @ weights["up.weight"].T + weights["up.bias"])
+    expected = {
+        "embed.weight": numpy_sensitivity(weights, batches, probe.numpy(), "embed.weight", None),
+        "up.weight": numpy_sensitivity(weights, batches, probe.numpy(), "up.weight", up_inputs),
+        "down.weight": numpy_sensitivity(weights, batches, probe.numpy(), "down.weight", down_inputs),
+    }
+    assert set(measured) == set(expected)
+    for name, value in expected.items():
+        assert measured[name] == pytest.approx(value, rel=1e-6), name
+    for name, tensor in model.state_dict().items():  # every weight is back, bit for bit
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_sensitivity_round_trips_through_the_statistics_file(tmp_path):
+    model = TinyNet().eval()
+    batch = torch.randint(0, 20, (4, 9), generator=torch.Generator().manual_seed(5))
+    with Calibrator(model) as calibrator, torch.no_grad():
+        model(batch)
+    calibrator.measure_sensitivity(lambda: model(batch), tokens=36)
+    calibrator.save(tmp_path / "s.safetensors")
+    stored = read_calibration(tmp_path / "s.safetensors")
+    assert stored.sensitivity == calibrator.sensitivity and len(stored.sensitivity) == 3
+    assert json.loads(file_metadata(tmp_path / "s.safetensors")["lowrank_calibration"])["probe_tokens"] == 36
+    with Calibrator(model) as plain, torch.no_grad():
+        model(batch)
+    plain.save(tmp_path / "p.safetensors")  # no probe: a file without sensitivities reads as before
+    assert read_calibration(tmp_path / "p.safetensors").sensitivity == {}
+
+
+@pytest.fixture
+def two_twins(tmp_path):
+    """Two 64×48 weights with the same input; the budget must choose between them by sensitivity alone."""
+    rng = np.random.default_rng(21)
+    base = rng.standard_normal((64, 48)) * (0.9 ** np.arange(48))[None, :]
+    weights = {"a.weight": torch.from_numpy(base).float(), "b.weight": torch.from_numpy(base[::-1].copy()).float()}
+    x = correlated_inputs(400, 48, seed=22)
+    moments = {"x": torch.from_numpy(x.T @ x / len(x))}
+    keys = {"a.weight": "x", "b.weight": "x"}
+    path = tmp_path / "model.safetensors"
+    from safetensors.torch import save_file
+
+    save_file(weights, str(path))
+    return path, moments, keys, weights
+
+
+@pytest.mark.parametrize("sensitive", ["a.weight", "b.weight"])
+def test_compress_budget_spares_the_sensitive_weight(two_twins, tmp_path, sensitive):
+    path, moments, keys, weights = two_twins
+    stats = tmp_path / "s.safetensors"
+    other = ({"a.weight", "b.weight"} - {sensitive}).pop()
+    write_calibration(stats, moments, keys, tokens=400, sensitivity={sensitive: 100.0, other: 0.01}, probe_tokens=10)
+    out = tmp_path / "c.safetensors"
+    report = lowrank_cli.compress(path, out, budget=0.5, calibration=stats)
+    assert report.options["budget_objective"] == "sensitivity"
+    rows = {t.name: t for t in report.tensors}
+    kept = {name: rows[name].rank if rows[name].rank is not None else 48 for name in rows}
+    assert kept[sensitive] > kept[other], kept
+    written = load(out)  # the budget holds on what was written
+    params = sum(t.numel() for t in written.values())
+    assert params <= 0.5 * 2 * 64 * 48
+    plain = lowrank_cli.compress(path, tmp_path / "p.safetensors", budget=0.5, calibration=_without(stats, tmp_path))
+    assert plain.options["budget_objective"] == "balanced"
+
+
+def _without(stats, tmp_path):
+    """The same statistics, without sensitivities."""
+    calibration = read_calibration(stats)
+    out = tmp_path / "plain-stats.safetensors"
+    write_calibration(out, {"x": calibration.moments["a.weight"]}, {"a.weight": "x", "b.weight": "x"}, tokens=400)
+    return out
+
+
+@pytest.mark.parametrize("bad", [-1.0, float("nan")])
+def test_sensitivities_that_are_not_numbers(two_twins, tmp_path, bad):
+    path, moments, keys, _ = two_twins
+    stats = tmp_path / "s.safetensors"
+    write_calibration(stats, moments, keys, tokens=400, sensitivity={"a.weight": bad}, probe_tokens=1)
+    result = cli("compress", path, "-o", tmp_path / "c.safetensors", "--budget", "0.5", "--calibration", stats)
+    assert_clean_failure(result, 1, "s.safetensors", "lowrank calibrate")
+    assert not (tmp_path / "c.safetensors").exists()
+
+
+def test_lowrank_calibrate_measures_every_linear_and_embedding(tmp_path):
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    stats = tmp_path / "stats.safetensors"
+    args = ("calibrate", folder, "--text", text, "--seq-len", "16", "--samples", "5", "--device", "cpu")
+    result = cli(*args, "-o", stats)
+    assert result.exit_code == 0, result.output
+    assert "sensitivity of" in result.stderr
+    calibration = read_calibration(stats)
+    checkpoint = load(folder / "model.safetensors")
+    matrices = {k for k, v in checkpoint.items() if v.ndim == 2 and "LayerNorm" not in k}
+    assert set(calibration.sensitivity) == matrices  # every Linear, the pooler and the three embeddings
+    assert all(value > 0 for value in calibration.sensitivity.values())
+    source = folder / "model.safetensors"
+    report = lowrank_cli.compress(source, tmp_path / "c.safetensors", budget=0.6, calibration=stats)
+    assert report.options["budget_objective"] == "sensitivity"
+    predicted = lowrank_cli.analyze(source, budget=0.6, calibration=stats)  # analyze predicts the same ranks
+    assert {t.name: t.rank for t in predicted.tensors} == {t.name: t.rank for t in report.tensors}
+    budgeted = [t for t in report.tensors if t.status.value != "skipped"]  # the matrices, not biases and norms
+    assert sum(t.params_after for t in budgeted) <= 0.6 * sum(t.params for t in budgeted)
+    result = cli(*args, "-o", tmp_path / "plain.safetensors", "--no-sensitivity")
+    assert result.exit_code == 0 and read_calibration(tmp_path / "plain.safetensors").sensitivity == {}
+
+
+def test_lowrank_calibrate_by_lines(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    folder, _ = tiny_model_folder(tmp_path, head=False)
+    lines = ["the model reads", "", "every word of this text the model reads", "  this  "]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines) + "\n")
+    stats = tmp_path / "stats.safetensors"
+    result = cli(
+        "calibrate", folder, "-o", stats, "--text", text, "--split", "lines", "--seq-len", "6", "--no-sensitivity"
+    )
+    assert result.exit_code == 0, result.output
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    expected = sum(min(len(tokenizer(line)["input_ids"]), 6) for line in lines if line.strip())
+    assert read_calibration(stats).tokens == expected == 5 + 6 + 3
+
+
+@given(count=st.integers(1, 50), size=st.integers(0, 200))
+def test_spread_takes_samples_evenly_over_the_whole_text(count, size):
+    items = list(range(size))
+    chosen = spread(items, count)
+    assert len(chosen) == min(count, size) and chosen == sorted(set(chosen))
+    if size > count:  # evenly: the gaps differ by at most one, and the last stretch is reached
+        gaps = np.diff(chosen + [size])
+        assert gaps.max() - gaps.min() <= 1 and chosen[0] == 0
