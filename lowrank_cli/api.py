@@ -305,7 +305,8 @@ def calibrate(
     *,
     text: PathLike,
     seq_len: int = 128,
-    samples: int = 256,
+    tokens: int = 32768,
+    samples: int | None = None,
     batch_size: int = 8,
     device: Device | str = Device.auto,
     force: bool = False,
@@ -320,11 +321,13 @@ def calibrate(
         out: the statistics file (docs/calibration.md) that `calibration=` reads.
         text: a UTF-8 text file. split="windows" cuts it into windows of `seq_len` tokens;
             split="lines" makes each non-empty line one sample (cut at `seq_len`): use it when the
-            model's real inputs are short (sentences, prompts). At most `samples` of them are run,
-            taken evenly over the whole text, `batch_size` at a time.
+            model's real inputs are short (sentences, prompts). Samples holding about `tokens`
+            tokens (at most `samples` of them) are taken evenly over the whole text and run
+            `batch_size` at a time.
         sensitivity: also measure each weight's sensitivity (the model's output error when that
-            weight alone is cut, per unit of its squared error) on 16 of the samples; a budget with
-            these statistics spares the weights the model needs most (docs/calibration.md).
+            weight alone is cut, per unit of its squared error) on about 2,048 tokens of the
+            samples; a budget with these statistics spares the weights the model needs most
+            (docs/calibration.md).
 
     Returns:
         {"tokens": …, "inputs": distinct inputs, "weights": weights covered,
@@ -337,7 +340,7 @@ def calibrate(
     from lowrank_cli.ops.calibrate import calibrate as _calibrate
 
     return _calibrate(
-        model, out, text, seq_len=seq_len, samples=samples, batch_size=batch_size,
+        model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
     )  # fmt: skip
 

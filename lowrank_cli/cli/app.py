@@ -380,9 +380,11 @@ def calibrate(
     output: Annotated[Path, typer.Option("--output", "-o", help="The statistics file to write.", metavar="STATS")],
     text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run the model over.", metavar="FILE")],
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.", metavar="N")] = 128,
-    samples: Annotated[
-        int, typer.Option("--samples", help="Samples to run at most, taken evenly over the text.", metavar="N")
-    ] = 256,
+    tokens: Annotated[
+        int,
+        typer.Option("--tokens", help="Tokens to average over, in samples taken evenly over the text.", metavar="N"),
+    ] = 32768,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 8,
     split: Annotated[
         Split,
@@ -402,7 +404,7 @@ def calibrate(
     from lowrank_cli.cli.render import notice
 
     summary = lowrank_cli.calibrate(
-        model, output, text=text, seq_len=seq_len, samples=samples, batch_size=batch_size, device=device,
+        model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size, device=device,
         force=force, split=split, sensitivity=sensitivity,
     )  # fmt: skip
     line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"

@@ -23,7 +23,8 @@ from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.settings import Split
 
 CHUNK = 1024  # tokens per float32 product
-PROBE_SAMPLES = 16  # windows the sensitivity probe runs, each time a weight is cut
+TOKENS = 32768  # default tokens the statistics average over (256 windows of 128)
+PROBE_TOKENS = 2048  # tokens the sensitivity probe runs each time a weight is cut (16 windows of 128)
 
 
 class Calibrator:
@@ -243,7 +244,8 @@ def calibrate(
     text: str | Path,
     *,
     seq_len: int = 128,
-    samples: int = 256,
+    tokens: int = TOKENS,
+    samples: int | None = None,
     batch_size: int = 8,
     device: str = "cpu",
     force: bool = False,
@@ -255,14 +257,15 @@ def calibrate(
 
     split: `windows` cuts the text into windows of seq_len tokens; `lines` makes each non-empty line
     one sample (cut at seq_len), for a file of prompts or sentences like the model's real inputs.
-    Either way each sample is framed by the tokenizer's special tokens, and when there are more
-    than `samples` of them, `samples` are taken evenly over the whole text. sensitivity: also
-    measure each weight's sensitivity (Calibrator.measure_sensitivity) on PROBE_SAMPLES of them,
-    which the budget of `compress --calibration` then uses. Returns a summary.
+    Either way each sample is framed by the tokenizer's special tokens. Samples holding about
+    `tokens` tokens (at most `samples` of them) are taken evenly over the whole text. sensitivity:
+    also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about PROBE_TOKENS
+    tokens of them, which the budget of `compress --calibration` then uses. Returns a summary.
     """
-    if seq_len < 2 or samples < 1 or batch_size < 1:
+    if seq_len < 2 or tokens < 1 or (samples is not None and samples < 1) or batch_size < 1:
         raise UsageError(
-            f"{{seq_len}} must be ≥ 2, {{samples}} and {{batch_size}} ≥ 1; got {seq_len}, {samples}, {batch_size}"
+            f"{{seq_len}} must be ≥ 2, {{tokens}}, {{samples}} and {{batch_size}} ≥ 1;"
+            f" got {seq_len}, {tokens}, {samples}, {batch_size}"
         )
     out, text = Path(out), Path(text)
     if out.exists() and not force:
@@ -277,7 +280,7 @@ def calibrate(
     if not found:
         unit = "one non-empty line" if split == Split.lines else f"one window of {seq_len} tokens"
         raise UsageError(f"{text}: has fewer tokens than {unit}; lower {{seq_len}} or give more text")
-    chosen = spread(found, samples)
+    chosen = spread(found, _count(found, tokens, samples))
     module_names = _linear_names(model) + _embedding_names(model)
     calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
     with torch.no_grad(), calibrator:
@@ -285,7 +288,7 @@ def calibrate(
             model(input_ids=batch, attention_mask=torch.ones_like(batch))
     summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
     if sensitivity:
-        probe = spread(chosen, PROBE_SAMPLES)
+        probe = spread(chosen, _count(chosen, PROBE_TOKENS))
         batches = _batches(probe, batch_size, device)
         calibrator.measure_sensitivity(
             lambda: [model(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches],
@@ -295,6 +298,12 @@ def calibrate(
         summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
     calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
     return summary
+
+
+def _count(samples: list[list[int]], tokens: int, cap: int | None = None) -> int:
+    """How many samples of their mean length hold about `tokens` tokens (at least one, at most all or cap)."""
+    mean = sum(len(ids) for ids in samples) / len(samples)
+    return max(1, min(len(samples), cap or len(samples), round(tokens / mean)))
 
 
 def spread(items: list, count: int) -> list:
