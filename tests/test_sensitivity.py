@@ -83,6 +83,39 @@ def test_sensitivity_is_the_output_change_per_unit_of_the_cut_error():
         assert torch.equal(tensor, before[name]), name
 
 
+def test_a_tied_head_is_measured_once_under_the_embedding_name():
+    """GPT-2 style: the output head is the input embedding; cutting it changes both, so it counts once."""
+
+    class Tied(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(6)
+            self.embed = torch.nn.Embedding(20, 12)
+            self.head = torch.nn.Linear(12, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.tanh(self.embed(ids)))
+
+    model = Tied().double().eval()
+    ids = torch.randint(0, 20, (3, 8), generator=torch.Generator().manual_seed(7))
+    with Calibrator(model) as calibrator, torch.no_grad():
+        model(ids)
+    measured = calibrator.measure_sensitivity(lambda: model(ids))
+    assert set(measured) == {"embed.weight"}
+    e = model.embed.weight.detach().numpy()
+    r = 20 * 12 // (2 * 32)
+    u, sigma, vh = np.linalg.svd(e, full_matrices=False)
+    cut = (u[:, :r] * sigma[:r]) @ vh[:r]
+
+    def forward(w):
+        return np.tanh(w[ids.numpy()]) @ w.T
+
+    y, y2 = forward(e), forward(cut)
+    expected = ((y2 - y) ** 2).sum() / (y**2).sum() / (sigma[r:] ** 2).sum()
+    assert measured["embed.weight"] == pytest.approx(expected, rel=1e-6)
+
+
 def test_sensitivity_round_trips_through_the_statistics_file(tmp_path):
     model = TinyNet().eval()
     batch = torch.randint(0, 20, (4, 9), generator=torch.Generator().manual_seed(5))
@@ -189,6 +222,20 @@ def test_lowrank_calibrate_by_lines(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
     expected = sum(min(len(tokenizer(line)["input_ids"]), 6) for line in lines if line.strip())
     assert read_calibration(stats).tokens == expected == 5 + 6 + 3
+
+
+@pytest.mark.parametrize(
+    ("tokens", "samples", "expected"), [(48, None, 48), (50, None, 48), (1000, 4, 64), (1, None, 16)]
+)
+def test_lowrank_calibrate_counts_tokens(tmp_path, tokens, samples, expected):
+    """Windows of 16 tokens: --tokens N takes about N/16 of them (at least one), --samples caps the count."""
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    stats = tmp_path / "stats.safetensors"
+    extra = ["--samples", str(samples)] if samples else []
+    args = ("calibrate", folder, "-o", stats, "--text", text, "--seq-len", "16", "--tokens", str(tokens))
+    result = cli(*args, *extra, "--no-sensitivity")
+    assert result.exit_code == 0, result.output
+    assert read_calibration(stats).tokens == expected
 
 
 @given(count=st.integers(1, 50), size=st.integers(0, 200))

@@ -140,7 +140,9 @@ class Calibrator:
         tokens: what the probe's inputs hold, recorded in the statistics file. Returns name -> s.
         """
         moments = self.moments()
-        modules = {**self.layers, **self.embeddings}
+        # Embeddings first: a head tied to the input embedding (GPT-2's lm_head) is then measured
+        # once, under the embedding's name, which is the tensor the checkpoint holds.
+        modules = {**self.embeddings, **self.layers}
         self._paused = True
         try:
             reference = _floats(run())
@@ -194,7 +196,7 @@ def _half_cut(weight: torch.Tensor, moment: torch.Tensor | None) -> tuple[torch.
 def _floats(output: object) -> list[torch.Tensor]:
     """The floating-point tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
     if isinstance(output, torch.Tensor):
-        return [output.detach().to(torch.float64)] if output.is_floating_point() else []
+        return [output.detach()] if output.is_floating_point() else []
     if isinstance(output, dict):
         output = list(output.values())
     if isinstance(output, tuple | list):
@@ -204,11 +206,12 @@ def _floats(output: object) -> list[torch.Tensor]:
 
 def _relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
     """The mean over output tensors of ‖y′ − y‖² / ‖y‖² (tensors that are all zero are left out)."""
-    changes = [
-        float(((y2 - y) ** 2).sum() / (y**2).sum())
-        for y, y2 in zip(reference, outputs, strict=True)
-        if float((y**2).sum()) > 0
-    ]
+    changes = []
+    for y, y2 in zip(reference, outputs, strict=True):
+        y, y2 = y.to(torch.float32), y2.to(torch.float32)  # a float32 temporary, float64 sums: logits can be large
+        total = float(y.square().sum(dtype=torch.float64))
+        if total > 0:
+            changes.append(float((y2 - y).square().sum(dtype=torch.float64)) / total)
     return sum(changes) / len(changes) if changes else 0.0
 
 
