@@ -10,7 +10,7 @@ import torch
 from conftest import assert_clean_failure, cli, file_metadata, load
 from hypothesis import given
 from hypothesis import strategies as st
-from test_calibration import correlated_inputs, tiny_model_folder
+from test_calibration import correlated_inputs, hand_moments, tiny_bert, tiny_model_folder
 
 import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration, write_calibration
@@ -114,6 +114,24 @@ def test_a_tied_head_is_measured_once_under_the_embedding_name():
     y, y2 = forward(e), forward(cut)
     expected = ((y2 - y) ** 2).sum() / (y**2).sum() / (sigma[r:] ** 2).sum()
     assert measured["embed.weight"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_mask_leaves_padding_out_of_the_statistics():
+    """A padded batch with its attention mask gives the moments of the two sequences run unpadded."""
+    model = tiny_bert()
+    generator = torch.Generator().manual_seed(8)
+    long, short = torch.randint(5, 60, (1, 10), generator=generator), torch.randint(5, 60, (1, 6), generator=generator)
+    expected = hand_moments(model, [long, short])
+    ids = torch.cat([long, torch.cat([short, torch.zeros(1, 4, dtype=torch.long)], 1)])
+    mask = torch.ones_like(ids)
+    mask[1, 6:] = 0
+    with Calibrator(model) as calibrator, torch.no_grad():
+        calibrator.mask = mask
+        model(input_ids=ids, attention_mask=mask)
+    assert calibrator.tokens == 16
+    moments = calibrator.moments()
+    for name, moment in expected.items():
+        np.testing.assert_allclose(moments[f"{name}.weight"].numpy(), moment, rtol=1e-4, atol=1e-5)
 
 
 def test_sensitivity_round_trips_through_the_statistics_file(tmp_path):

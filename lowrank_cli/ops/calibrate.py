@@ -37,7 +37,8 @@ class Calibrator:
 
     names maps module names to the checkpoint's weight names (default: MODULE.weight). Layers that
     read the very same input tensor (q, k and v) share one sum, found on the first batch. Every row
-    of x counts as a token, padding included: feed unpadded batches or strip padding first.
+    of x counts as a token unless `calibrator.mask` holds the batch's attention mask (then padding
+    is left out): set it before each padded batch.
     """
 
     def __init__(self, model: torch.nn.Module, *, names: dict[str, str] | None = None) -> None:
@@ -54,6 +55,11 @@ class Calibrator:
         self._previous: tuple[torch.Tensor, str] | None = None  # the last input seen and its key
         self._handles: list = []
         self._paused = False  # while the sensitivity probe runs the model
+        self._partial: dict[str, torch.Tensor] = {}  # key -> float32 Σ x xᵀ of the last ≤ CHUNK tokens
+        self._pending: dict[str, int] = {}  # key -> tokens in that partial sum
+        # A bool (batch, seq) mask of the real tokens of the batch about to run (its attention mask):
+        # rows of a layer input of that shape where it is False (padding) are left out. None: all count.
+        self.mask: torch.Tensor | None = None
 
     def __enter__(self) -> Calibrator:
         for name, module in self.layers.items():
@@ -83,15 +89,33 @@ class Calibrator:
 
     @torch.no_grad()
     def _add(self, key: str, x: torch.Tensor) -> None:
-        rows = x.reshape(-1, x.shape[-1])  # (tokens, n)
+        mask = self.mask
+        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+            rows = x[mask.to(device=x.device, dtype=torch.bool)]  # (real tokens, n): padding left out
+        else:
+            rows = x.reshape(-1, x.shape[-1])  # (tokens, n)
+        n = rows.shape[1]
         if key not in self.sums:
-            self.sums[key] = torch.zeros(rows.shape[1], rows.shape[1], dtype=torch.float64, device=rows.device)
-        # float32 products over at most CHUNK tokens, summed in float64: each adds ≲ √CHUNK·ε₃₂ ≈ 2e-6
-        # relative rounding, the running sum none; 2-3× faster than float64 products.
+            self.sums[key] = torch.zeros(n, n, dtype=torch.float64, device=rows.device)
+            self._partial[key] = torch.zeros(n, n, dtype=torch.float32, device=rows.device)
+            self._pending[key] = 0
+        # float32 products summed over at most CHUNK tokens, then added to the float64 sum: each
+        # partial adds ≲ √CHUNK·ε₃₂ ≈ 2e-6 relative rounding, the running sum none; 2-3× faster than
+        # float64 products, and small batches (short lines) pay one float64 add per CHUNK tokens.
         for start in range(0, rows.shape[0], CHUNK):
             chunk = rows[start : start + CHUNK].to(torch.float32)
-            self.sums[key] += chunk.T @ chunk  # (n, t) @ (t, n) -> (n, n)
+            if self._pending[key] + chunk.shape[0] > CHUNK:
+                self._flush(key)
+            self._partial[key].addmm_(chunk.T, chunk)  # += (n, t) @ (t, n)
+            self._pending[key] += chunk.shape[0]
         self.counts[key] = self.counts.get(key, 0) + rows.shape[0]
+
+    def _flush(self, key: str | None = None) -> None:
+        for k in [key] if key is not None else list(self._partial):
+            if self._pending[k]:
+                self.sums[k] += self._partial[k]
+                self._partial[k].zero_()
+                self._pending[k] = 0
 
     @property
     def tokens(self) -> int:
@@ -99,6 +123,7 @@ class Calibrator:
 
     def moments(self) -> dict[str, torch.Tensor]:
         """Weight name -> E[x xᵀ] (float64, n×n) of every layer that has run; shared inputs share a tensor."""
+        self._flush()
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         return {self.names[name]: means[key] for name, key in self.key_of.items()}
 
@@ -106,6 +131,7 @@ class Calibrator:
         """Write the statistics file (docs/calibration.md) that `--calibration` reads."""
         if not self.sums:
             raise UsageError("the calibrator has seen no batch; run the model inside `with calibrator:` first")
+        self._flush()
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         keys = {self.names[name]: key for name, key in self.key_of.items()}
         transposed = {self.names[name] for name in self.key_of if type(self.layers[name]).__name__ == "Conv1D"}
@@ -284,17 +310,20 @@ def calibrate(
         unit = "one non-empty line" if split == Split.lines else f"one window of {seq_len} tokens"
         raise UsageError(f"{text}: has fewer tokens than {unit}; lower {{seq_len}} or give more text")
     chosen = spread(found, _count(found, tokens, samples))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
     calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
     with torch.no_grad(), calibrator:
-        for batch in _batches(chosen, batch_size, device):
-            model(input_ids=batch, attention_mask=torch.ones_like(batch))
+        for ids, mask in _batches(chosen, batch_size, device, pad):
+            calibrator.mask = mask
+            model(input_ids=ids, attention_mask=mask)
+        calibrator.mask = None
     summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
     if sensitivity:
         probe = spread(chosen, _count(chosen, PROBE_TOKENS))
-        batches = _batches(probe, batch_size, device)
+        batches = _batches(probe, batch_size, device, pad)
         calibrator.measure_sensitivity(
-            lambda: [model(input_ids=b, attention_mask=torch.ones_like(b)) for b in batches],
+            lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in batches],
             tokens=sum(len(ids) for ids in probe),
             on_weight=on_weight,
         )
@@ -316,16 +345,23 @@ def spread(items: list, count: int) -> list:
     return [items[i * len(items) // count] for i in range(count)]
 
 
-def _batches(samples: list[list[int]], batch_size: int, device: str) -> list[torch.Tensor]:
-    """Samples of equal length batched together (no padding, which would count as tokens), up to batch_size."""
-    by_length: dict[int, list[list[int]]] = {}
-    for ids in samples:
-        by_length.setdefault(len(ids), []).append(ids)
-    return [
-        torch.tensor(group[start : start + batch_size], device=device)
-        for group in by_length.values()
-        for start in range(0, len(group), batch_size)
-    ]
+def _batches(
+    samples: list[list[int]], batch_size: int, device: str, pad: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, attention mask) batches of batch_size samples, by length so that padding stays short.
+
+    Windows are all one length (no padding); lines are padded to the longest of their batch, and the
+    mask keeps the padding out of the statistics (Calibrator.mask).
+    """
+    ordered = sorted(samples, key=len)
+    batches = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start : start + batch_size]
+        width = max(len(ids) for ids in group)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in group], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in group], device=device)
+        batches.append((ids, mask))
+    return batches
 
 
 def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
