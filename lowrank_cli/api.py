@@ -21,6 +21,7 @@ from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops import expand as _expand
 from lowrank_cli.ops import extract as _extract
+from lowrank_cli.ops.calibrate import PROBE_TOKENS, TOKENS
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.report import Report
@@ -305,13 +306,14 @@ def calibrate(
     *,
     text: PathLike,
     seq_len: int = 128,
-    tokens: int = 32768,
+    tokens: int = TOKENS,
     samples: int | None = None,
     batch_size: int = 8,
     device: Device | str = Device.auto,
     force: bool = False,
     split: Split | str = Split.windows,
     sensitivity: bool = True,
+    probe_tokens: int = PROBE_TOKENS,
 ) -> dict:
     """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
 
@@ -325,9 +327,9 @@ def calibrate(
             tokens (at most `samples` of them) are taken evenly over the whole text and run
             `batch_size` at a time.
         sensitivity: also measure each weight's sensitivity (the model's output error when that
-            weight alone is cut, per unit of its squared error) on about 2,048 tokens of the
-            samples; a budget with these statistics spares the weights the model needs most
-            (docs/calibration.md).
+            weight alone is cut, per unit of its squared error) on about `probe_tokens` tokens
+            of the samples; a budget with these statistics spares the weights the model needs
+            most (docs/calibration.md).
 
     Returns:
         {"tokens": …, "inputs": distinct inputs, "weights": weights covered,
@@ -342,6 +344,7 @@ def calibrate(
     return _calibrate(
         model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
+        probe_tokens=probe_tokens,
     )  # fmt: skip
 
 

@@ -224,6 +224,11 @@ def test_lowrank_calibrate_measures_every_linear_and_embedding(tmp_path):
     assert sum(t.params_after for t in budgeted) <= 0.6 * sum(t.params for t in budgeted)
     result = cli(*args, "-o", tmp_path / "plain.safetensors", "--no-sensitivity")
     assert result.exit_code == 0 and read_calibration(tmp_path / "plain.safetensors").sensitivity == {}
+    result = cli(*args, "-o", tmp_path / "small.safetensors", "--probe-tokens", "32")  # two windows of 16
+    assert result.exit_code == 0, result.output
+    assert json.loads(file_metadata(tmp_path / "small.safetensors")["lowrank_calibration"])["probe_tokens"] == 32
+    assert_clean_failure(cli(*args, "-o", tmp_path / "x.safetensors", "--probe-tokens", "0"), 2, "--probe-tokens")
+    assert not (tmp_path / "x.safetensors").exists()
 
 
 def test_lowrank_calibrate_by_lines(tmp_path):

@@ -397,6 +397,9 @@ def calibrate(
             help="Also measure how much each weight's error costs the model's output (for --budget).",
         ),
     ] = True,
+    probe_tokens: Annotated[
+        int, typer.Option("--probe-tokens", help="Tokens the sensitivity probe runs per weight.", metavar="N")
+    ] = 2048,
     device: DeviceOption = Device.auto,
     force: Force = False,
 ) -> None:
@@ -405,7 +408,7 @@ def calibrate(
 
     summary = lowrank_cli.calibrate(
         model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size, device=device,
-        force=force, split=split, sensitivity=sensitivity,
+        force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
     )  # fmt: skip
     line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"
     if sensitivity:

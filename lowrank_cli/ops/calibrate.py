@@ -280,6 +280,7 @@ def calibrate(
     force: bool = False,
     split: Split = Split.windows,
     sensitivity: bool = True,
+    probe_tokens: int = PROBE_TOKENS,
     on_weight: Callable[[str], None] | None = None,
 ) -> dict:
     """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
@@ -288,13 +289,13 @@ def calibrate(
     one sample (cut at seq_len), for a file of prompts or sentences like the model's real inputs.
     Either way each sample is framed by the tokenizer's special tokens. Samples holding about
     `tokens` tokens (at most `samples` of them) are taken evenly over the whole text. sensitivity:
-    also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about PROBE_TOKENS
+    also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about probe_tokens
     tokens of them, which the budget of `compress --calibration` then uses. Returns a summary.
     """
-    if seq_len < 2 or tokens < 1 or (samples is not None and samples < 1) or batch_size < 1:
+    if seq_len < 2 or min(tokens, batch_size, probe_tokens) < 1 or (samples is not None and samples < 1):
         raise UsageError(
-            f"{{seq_len}} must be ≥ 2, {{tokens}}, {{samples}} and {{batch_size}} ≥ 1;"
-            f" got {seq_len}, {tokens}, {samples}, {batch_size}"
+            f"{{seq_len}} must be ≥ 2, {{tokens}}, {{samples}}, {{batch_size}} and {{probe_tokens}} ≥ 1;"
+            f" got {seq_len}, {tokens}, {samples}, {batch_size}, {probe_tokens}"
         )
     out, text = Path(out), Path(text)
     if out.exists() and not force:
@@ -320,7 +321,7 @@ def calibrate(
         calibrator.mask = None
     summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
     if sensitivity:
-        probe = spread(chosen, _count(chosen, PROBE_TOKENS))
+        probe = spread(chosen, _count(chosen, probe_tokens))
         batches = _batches(probe, batch_size, device, pad)
         calibrator.measure_sensitivity(
             lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in batches],
