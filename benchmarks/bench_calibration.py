@@ -158,6 +158,7 @@ def main() -> None:
     parser.add_argument("--fractions", nargs="+", type=float, default=[0.9, 0.7, 0.5, 0.3])
     parser.add_argument("--sentences", type=int, default=200)
     parser.add_argument("--split", choices=["windows", "lines"], default="windows", help="how calibrate cuts its text")
+    parser.add_argument("--whole-model", action="store_true", help="also --budget over every matrix (embeddings too)")
     args = parser.parse_args()
     if set(args.calib) & set(args.eval):
         sys.exit("error: calibration and evaluation text must be different files")
@@ -207,6 +208,19 @@ def main() -> None:
                     f"| {fraction:g} | {label} | {after / before:.3f} | {cosines.mean():.3f} | {cosines.min():.3f} |",
                     flush=True,
                 )
+        if args.whole_model:  # what `lowrank compress MODEL --budget F` does: every matrix, embeddings too
+            print("\n| --budget over the whole model | run | matrix params after / before | mean cosine | min cosine |")
+            print("| --- | --- | --- | --- | --- |")
+            for fraction in args.fractions:
+                for label, use in (("plain", None), ("calibrated", stats)):
+                    out, dense = work / "w.lowrank.safetensors", work / "w.dense.safetensors"
+                    report = lowrank_cli.compress(source, out, budget=fraction, calibration=use, force=True)
+                    lowrank_cli.expand(out, dense, force=True)
+                    matrices = [t for t in report.tensors if t.status.value != "skipped"]
+                    kept = sum(t.params_after for t in matrices) / sum(t.params for t in matrices)
+                    cosines = _cosines(model, tokenizer, dense, texts, reference)
+                    row = f"| {fraction:g} | {label} | {kept:.3f} | {cosines.mean():.3f} | {cosines.min():.3f} |"
+                    print(row, flush=True)
 
 
 def _cosines(model, tokenizer, dense: Path, texts: list[str], reference: torch.Tensor) -> torch.Tensor:
