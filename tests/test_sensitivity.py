@@ -183,6 +183,11 @@ def test_compress_budget_spares_the_sensitive_weight(two_twins, tmp_path, sensit
     assert params <= 0.5 * 2 * 64 * 48
     plain = lowrank_cli.compress(path, tmp_path / "p.safetensors", budget=0.5, calibration=_without(stats, tmp_path))
     assert plain.options["budget_objective"] == "balanced"
+    args = ("compress", path, "--budget", "0.5", "--force", "--calibration")
+    result = cli(*args, _without(stats, tmp_path), "-o", tmp_path / "q.safetensors")
+    assert result.exit_code == 0 and "has no sensitivities" in result.stderr
+    result = cli(*args, stats, "-o", tmp_path / "q.safetensors")
+    assert result.exit_code == 0 and "sensitivities" not in result.stderr
 
 
 def _without(stats, tmp_path):

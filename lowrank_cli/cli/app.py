@@ -254,6 +254,13 @@ def compress(
             progress=tick,
             calibration=calibration,
         )
+    if report.options.get("budget_objective") == "balanced":  # statistics from before sensitivity, or without it
+        from lowrank_cli.cli.render import notice
+
+        notice(
+            f"note: {calibration} has no sensitivities, so --budget weighs the spectra alone;"
+            " rerun lowrank calibrate (without --no-sensitivity) to spare the weights the model needs most"
+        )
     _finish(report, as_json, fail_above)
 
 
