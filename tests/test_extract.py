@@ -319,6 +319,19 @@ def test_the_table_says_the_adapter_size_against_what_it_adapts(approximate, tmp
     assert f"{params_after:,} params ({100 * params_after / adapted:.1f}% of the adapted tensors)" in line
 
 
+@pytest.mark.parametrize("rank", [3, 12])
+def test_an_adapter_as_big_as_what_it_adapts_says_so(approximate, tmp_path, rank):
+    """a: 30×20, b: 16×40 (1,240 params). Rank 3: 318 LoRA params (26%); rank 12: 1,272 (over 100%)."""
+    base_file, tuned_file, base, _ = approximate
+    adapter = tmp_path / "adapter"
+    result = cli("extract", base_file, tuned_file, "-o", adapter, "--rank", rank)
+    assert result.exit_code == 0, result.stderr
+    params_after = sum(t.numel() for t in load(adapter / WEIGHTS).values())
+    adapted = sum(base[name].numel() for name in ("a.weight", "b.weight"))
+    assert ("saves little" in result.stdout) == (params_after >= adapted / 2)
+    assert (params_after >= adapted / 2) == (rank == 12)
+
+
 def test_bytes_after_is_the_adapter_file(every_case, tmp_path):
     base_file, tuned_file, _, _ = every_case
     adapter = tmp_path / "adapter"

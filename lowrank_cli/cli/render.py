@@ -58,6 +58,11 @@ def print_report(report: Report) -> None:
     elif report.command == "extract":
         share = f" ({_percent(totals.params_after / totals.params)} of the adapted tensors)" if totals.params else ""
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
+        if totals.params and totals.params_after >= totals.params / 2:
+            lines.append(
+                "note: the adapter is half the size of the tensors it adapts or more, so it saves little;"
+                " a lower --rank, --energy or a higher --max-error makes it smaller (docs/extract.md)"
+            )
         lines.append(f"wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
     for line in lines:
