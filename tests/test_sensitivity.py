@@ -236,6 +236,31 @@ def test_lowrank_calibrate_measures_every_linear_and_embedding(tmp_path):
     assert not (tmp_path / "x.safetensors").exists()
 
 
+def test_lowrank_calibrate_on_a_gpt2_with_conv1d_and_a_tied_head(tmp_path):
+    """Conv1D weights are stored (in, out); the head is the token embedding, stored once as wte."""
+    transformers = pytest.importorskip("transformers")
+    folder, text = tiny_model_folder(tmp_path, head=False)  # for its tokenizer and text
+    config = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=2, n_head=2, n_positions=64)
+    torch.manual_seed(0)
+    gpt2 = tmp_path / "gpt2"
+    transformers.GPT2LMHeadModel(config).save_pretrained(gpt2)
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(gpt2)
+    stats = tmp_path / "stats.safetensors"
+    result = cli("calibrate", gpt2, "-o", stats, "--text", text, "--seq-len", "16", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    calibration = read_calibration(stats)
+    checkpoint = load(gpt2 / "model.safetensors")
+    conv = {k for k, v in checkpoint.items() if v.ndim == 2 and (".attn." in k or ".mlp." in k)}
+    assert len(conv) == 8 and conv <= calibration.transposed and conv <= set(calibration.moments)
+    assert set(calibration.sensitivity) == conv | {"transformer.wte.weight", "transformer.wpe.weight"}
+    report = lowrank_cli.compress(gpt2 / "model.safetensors", tmp_path / "c.safetensors", budget=0.6, calibration=stats)
+    rows = {t.name: t for t in report.tensors}
+    factored = [rows[name] for name in conv if rows[name].status.value == "factorized"]
+    assert factored and all(t.output_error is not None for t in factored)
+    budgeted = [t for t in report.tensors if t.status.value != "skipped"]
+    assert sum(t.params_after for t in budgeted) <= 0.6 * sum(t.params for t in budgeted)
+
+
 def test_lowrank_calibrate_by_lines(tmp_path):
     transformers = pytest.importorskip("transformers")
     folder, _ = tiny_model_folder(tmp_path, head=False)
