@@ -308,7 +308,8 @@ def tiny_model_folder(tmp_path, head: bool):
         set(["the", "model", "reads", "every", "word", "of", "this", "text"])
     )
     (tmp_path / "vocab.txt").write_text("\n".join(words) + "\n")
-    transformers.BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(folder)
+    # vocab=, not vocab_file=: transformers 5 ignores vocab_file and builds a 5-token tokenizer
+    transformers.BertTokenizerFast(vocab=str(tmp_path / "vocab.txt")).save_pretrained(folder)
     text = tmp_path / "text.txt"
     text.write_text("the model reads every word of this text " * 40)
     return folder, text

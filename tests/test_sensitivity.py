@@ -299,3 +299,60 @@ def test_spread_takes_samples_evenly_over_the_whole_text(count, size):
     if size > count:  # evenly: the gaps differ by at most one, and the last stretch is reached
         gaps = np.diff(chosen + [size])
         assert gaps.max() - gaps.min() <= 1 and chosen[0] == 0
+
+
+@pytest.mark.parametrize(
+    ("case", "code", "words"),
+    [
+        ("no tokenizer", 1, ["tokenizer", "missing"]),
+        ("seq-len past the model", 2, ["--seq-len", "at most 64"]),
+        ("output folder missing", 1, ["does not exist"]),
+        ("text is a folder", 2, ["is a folder", "--text"]),
+        ("text is binary", 2, ["not UTF-8", "--text"]),
+        ("text is blank", 2, ["has no text", "--text"]),
+        ("no model folder", 1, ["no such folder"]),
+        ("tokens zero", 2, ["--tokens must be at least 1"]),
+        ("samples zero", 2, ["--samples must be at least 1"]),
+    ],
+)
+def test_calibrate_refuses_with_one_line(tmp_path, case, code, words):
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    out = tmp_path / "stats.safetensors"
+    args = ["calibrate", folder, "-o", out, "--text", text, "--seq-len", "16", "--no-sensitivity"]
+    if case == "no tokenizer":
+        bare = tmp_path / "bare"
+        bare.mkdir()
+        for name in ("config.json", "model.safetensors"):
+            (bare / name).write_bytes((folder / name).read_bytes())
+        args[1] = bare
+    elif case == "seq-len past the model":
+        args[7] = "100"
+    elif case == "output folder missing":
+        out = tmp_path / "nowhere" / "stats.safetensors"
+        args[3] = out
+    elif case == "text is a folder":
+        args[5] = tmp_path
+    elif case == "text is binary":
+        args[5] = tmp_path / "binary.txt"
+        args[5].write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe" * 10)
+    elif case == "text is blank":
+        args[5] = tmp_path / "blank.txt"
+        args[5].write_text("\n  \n\t\n")
+    elif case == "no model folder":
+        args[1] = tmp_path / "absent"
+    elif case == "tokens zero":
+        args += ["--tokens", "0"]
+    elif case == "samples zero":
+        args += ["--samples", "0"]
+    assert_clean_failure(cli(*args), code, *words)
+    assert not out.exists() and not list(out.parent.glob(".*partial")) if out.parent.exists() else True
+
+
+def test_a_mask_of_another_shape_is_refused():
+    model = tiny_bert()
+    ids = torch.randint(5, 60, (2, 6), generator=torch.Generator().manual_seed(9))
+    for shape in [(2, 5), (6, 2), (3, 99)]:
+        with Calibrator(model) as calibrator, torch.no_grad():
+            calibrator.mask = torch.ones(shape, dtype=torch.long)
+            with pytest.raises(lowrank_cli.UsageError, match="calibrator.mask has shape"):
+                model(input_ids=ids)

@@ -90,9 +90,14 @@ class Calibrator:
     @torch.no_grad()
     def _add(self, key: str, x: torch.Tensor) -> None:
         mask = self.mask
-        if mask is not None and tuple(x.shape[:-1]) == tuple(mask.shape):
+        if mask is not None and x.ndim == mask.ndim + 1:  # (batch, seq, n): one row per token of the mask
+            if tuple(x.shape[:-1]) != tuple(mask.shape):
+                raise UsageError(
+                    f"calibrator.mask has shape {tuple(mask.shape)}, but '{key}' reads {tuple(x.shape[:-1])} tokens;"
+                    " set it to the attention mask of the batch about to run"
+                )
             rows = x[mask.to(device=x.device, dtype=torch.bool)]  # (real tokens, n): padding left out
-        else:
+        else:  # no mask, or an input of another shape (a pooler's first token): every row counts
             rows = x.reshape(-1, x.shape[-1])  # (tokens, n)
         n = rows.shape[1]
         if key not in self.sums:
@@ -292,24 +297,39 @@ def calibrate(
     also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about probe_tokens
     tokens of them, which the budget of `compress --calibration` then uses. Returns a summary.
     """
-    if seq_len < 2 or min(tokens, batch_size, probe_tokens) < 1 or (samples is not None and samples < 1):
-        raise UsageError(
-            f"{{seq_len}} must be ≥ 2, {{tokens}}, {{samples}}, {{batch_size}} and {{probe_tokens}} ≥ 1;"
-            f" got {seq_len}, {tokens}, {samples}, {batch_size}, {probe_tokens}"
-        )
-    out, text = Path(out), Path(text)
+    if seq_len < 2:
+        raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
+    for argument, value in (("tokens", tokens), ("samples", samples), ("batch_size", batch_size)):
+        if value is not None and value < 1:
+            raise UsageError(f"{{{argument}}} must be at least 1, got {value}")
+    if sensitivity and probe_tokens < 1:
+        raise UsageError(f"{{probe_tokens}} must be at least 1, got {probe_tokens}")
+    out, text, folder = Path(out), Path(text), Path(model_dir)
     if out.exists() and not force:
         raise OutputError(f"{out}: exists; choose another output or pass {{force}}")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
+    if text.is_dir():
+        raise UsageError(f"{text}: is a folder; give a UTF-8 text file with {{text}}")
     if not text.is_file():
         raise UsageError(f"{text}: no such file; give a UTF-8 text file with {{text}}")
-    transformers = _transformers()
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     data = text.read_bytes()
-    model, tokenizer = _load(transformers, Path(model_dir), device)
-    decoded = data.decode("utf-8", errors="replace")
+    try:
+        decoded = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{text}: is not UTF-8 text (byte {exc.start}); give a UTF-8 text file with {{text}}"
+        ) from None
+    if not decoded.strip():
+        raise UsageError(f"{text}: has no text; give a UTF-8 text file with {{text}}")
+    transformers = _transformers()
+    model, tokenizer = _load(transformers, folder, device)
     found = _lines(tokenizer, decoded, seq_len) if split == Split.lines else _windows(tokenizer, decoded, seq_len)
     if not found:
-        unit = "one non-empty line" if split == Split.lines else f"one window of {seq_len} tokens"
-        raise UsageError(f"{text}: has fewer tokens than {unit}; lower {{seq_len}} or give more text")
+        raise UsageError(f"{text}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
+    _check_samples(model, tokenizer, found, folder)
     chosen = spread(found, _count(found, tokens, samples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
@@ -331,6 +351,29 @@ def calibrate(
         summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
     calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
     return summary
+
+
+def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], folder: Path) -> None:
+    """Refuse samples the model cannot read, and a tokenizer that is not the model's (mostly unknown tokens)."""
+    config = model.config
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    longest = max(len(ids) for ids in samples)
+    if isinstance(positions, int) and longest > positions:
+        raise UsageError(f"{{seq_len}} {longest}: {folder.name} reads at most {positions} tokens; lower {{seq_len}}")
+    vocabulary = getattr(config, "vocab_size", None)
+    if isinstance(vocabulary, int) and len(tokenizer) < vocabulary / 10:  # a bare default tokenizer: a handful
+        raise CheckpointError(
+            f"{folder}: its tokenizer has {len(tokenizer):,} tokens, the model {vocabulary:,}; the tokenizer"
+            " files (tokenizer.json, vocab.txt, …) are missing or of another model"
+        )
+    unknown = tokenizer.unk_token_id
+    if unknown is not None:
+        share = sum(ids.count(unknown) for ids in samples) / sum(len(ids) for ids in samples)
+        if share > 0.5:
+            raise CheckpointError(
+                f"{folder}: its tokenizer reads {share:.0%} of the text as unknown tokens; the tokenizer files"
+                " are missing or of another model, or the text is not in the model's language"
+            )
 
 
 def _count(samples: list[list[int]], tokens: int, cap: int | None = None) -> int:
@@ -420,11 +463,16 @@ def _load(transformers, folder: Path, device: str):
         raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
     architectures = json.loads(config_path.read_text()).get("architectures") or []
     model_class = getattr(transformers, architectures[0], None) if architectures else None
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
     try:
         model = (model_class or transformers.AutoModel).from_pretrained(folder, local_files_only=True)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
+    finally:
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
 
 
