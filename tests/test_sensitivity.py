@@ -356,3 +356,25 @@ def test_a_mask_of_another_shape_is_refused():
             calibrator.mask = torch.ones(shape, dtype=torch.long)
             with pytest.raises(lowrank_cli.UsageError, match="calibrator.mask has shape"):
                 model(input_ids=ids)
+
+
+def test_analyze_with_statistics_says_its_spectra_are_of_the_whitened_matrix(two_twins, tmp_path):
+    path, moments, keys, weights = two_twins
+    stats = tmp_path / "s.safetensors"
+    write_calibration(stats, moments, keys, tokens=400)
+    assert stats.stat().st_mode & 0o777 == 0o666 & ~_umask()  # a normal file's mode, like every output
+    document = json.loads(cli("analyze", path, "--calibration", stats, "--json").stdout)
+    assert document["options"] == {"calibration": str(stats)}
+    result = cli("analyze", path, "--calibration", stats)
+    assert "spectra of W·S" in result.stdout
+    assert "spectra of W·S" not in cli("analyze", path).stdout
+    document = json.loads(cli("analyze", path, "--calibration", stats, "--budget", "0.5", "--json").stdout)
+    assert document["options"]["budget_objective"] == "balanced"
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -192,7 +192,10 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, t.sparkline or ""]
             row += _policy_cells(t, calibrated) if with_policy else []
         rows.append([*row, Text(t.reason or "", style="dim")])
-    return f"lowrank analyze {' '.join(report.sources)}", columns, rows
+    title = f"lowrank analyze {' '.join(report.sources)}"
+    if report.options and report.options.get("calibration"):  # every spectrum column is then of W·S
+        title += f" (spectra of W·S, --calibration {report.options['calibration']})"
+    return title, columns, rows
 
 
 def _compress_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:

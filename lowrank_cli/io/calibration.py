@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import CheckpointError
+from lowrank_cli.io.writer import current_umask
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
@@ -74,6 +76,7 @@ def write_calibration(
     temporary = path.with_name(f".{path.name}.partial")
     try:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
+        os.chmod(temporary, 0o666 & ~current_umask())  # a normal file's mode, as every other output
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)

@@ -11,7 +11,7 @@ from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.budget import budget_policies
+from lowrank_cli.ops.budget import budget_policies, calibration_options
 from lowrank_cli.ops.pipeline import (
     NO_STATISTICS,
     ZERO_MOMENT,
@@ -86,6 +86,7 @@ def analyze(
         tensors=tensors,
         totals=Totals.of(tensors),
         policy=policy.as_dict() if policy else None,
+        options=calibration_options(calibration, policy),
     )
 
 

@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.pipeline import spectrum_of
@@ -41,3 +42,13 @@ def policy_per_tensor(
 def budget_policies(ranks: dict[str, int | None]) -> dict[str, RankPolicy]:
     """allocate's outcome as policies: a fixed rank, or dense (None) reported as the budget keeping it whole."""
     return {name: RankPolicy(dense=True) if rank is None else RankPolicy(rank=rank) for name, rank in ranks.items()}
+
+
+def calibration_options(calibration: Calibration | None, policy: RankPolicy | None) -> dict[str, str]:
+    """A report's options with statistics: their file and, under a budget, whether sensitivities weighed it."""
+    if calibration is None:
+        return {}
+    options = {"calibration": calibration.source}
+    if policy is not None and policy.budget is not None:
+        options["budget_objective"] = "sensitivity" if calibration.sensitivity else DEFAULT_OBJECTIVE
+    return options

@@ -13,7 +13,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_re
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.budget import policy_per_tensor
+from lowrank_cli.ops.budget import calibration_options, policy_per_tensor
 from lowrank_cli.ops.pipeline import (
     STORED_CODES,
     cast_dense,
@@ -75,18 +75,8 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options={**settings.as_dict(), **_calibration_options(calibration, policy)},
+        options={**settings.as_dict(), **calibration_options(calibration, policy)},
     )
-
-
-def _calibration_options(calibration: Calibration | None, policy: RankPolicy) -> dict[str, str]:
-    """The statistics file, and under a budget whether its measured sensitivities weighed the tensors."""
-    if calibration is None:
-        return {}
-    options = {"calibration": calibration.source}
-    if policy.budget is not None:
-        options["budget_objective"] = "sensitivity" if calibration.sensitivity else "balanced"
-    return options
 
 
 def _write(
