@@ -378,3 +378,16 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins, tmp_path):
+    path, moments, keys, weights = two_twins
+    from safetensors.torch import save_file
+
+    with_row = tmp_path / "with_row.safetensors"
+    save_file({**weights, "row.weight": torch.ones(1, 8)}, str(with_row))  # rank 1 costs 9 > 8: only whole
+    stats = tmp_path / "s.safetensors"
+    write_calibration(stats, moments, keys, tokens=400)
+    report = lowrank_cli.compress(with_row, tmp_path / "c.safetensors", budget=0.6, calibration=stats)
+    row = {t.name: t for t in report.tensors}["row.weight"]
+    assert row.status.value == "dense" and "plain SVD" not in (row.reason or "")

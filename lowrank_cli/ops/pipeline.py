@@ -245,7 +245,7 @@ def record(report: TensorReport, outcome: Factors, rtol: float | None = None) ->
     if outcome.spectrum is not None:
         describe_spectrum(report, outcome.spectrum, rtol)
     _record_decision(report, outcome.decision)
-    if outcome.note:
+    if outcome.note and outcome.method is not None:  # a tensor kept whole had no SVD, plain or not
         report.reason = f"{report.reason}; {outcome.note}" if report.reason else outcome.note
     if outcome.decision.status == Status.factorized:
         report.rel_error = outcome.rel_error
