@@ -76,7 +76,7 @@ def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, floa
     if objective == "relative":
         return {name: 1.0 for name in spectra}
     power = 2.0 if objective == "absolute" else 1.0
-    logs = {name: np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)) for name, s in spectra.items()}
+    logs = _log_norms(spectra)
     top = max(logs.values(), default=0.0)
     return {name: float(np.exp(power * (value - top))) for name, value in logs.items()}
 
@@ -92,13 +92,15 @@ def sensitivity_weights(spectra: dict[str, Spectrum], sensitivity: dict[str, flo
     """
     measured = [value for name, value in sensitivity.items() if name in spectra and value > 0]
     top = max(measured, default=1.0)
-    logs = {}
-    for name, s in spectra.items():
-        value = sensitivity.get(name, top)
-        value = max(value, 1e-6 * top)
-        logs[name] = np.log(value) + 2 * (np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)))
+    norms = _log_norms(spectra)
+    logs = {name: np.log(max(sensitivity.get(name, top), 1e-6 * top)) + 2 * norms[name] for name in spectra}
     peak = max(logs.values(), default=0.0)
     return {name: float(np.exp(value - peak)) for name, value in logs.items()}
+
+
+def _log_norms(spectra: dict[str, Spectrum]) -> dict[str, float]:
+    """log ‖W_t‖_F of each tensor, from its scaled spectrum (no square of a huge σ is formed)."""
+    return {name: np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)) for name, s in spectra.items()}
 
 
 def options_of(spectrum: Spectrum, weight: float = 1.0, allow_dense: bool = True) -> tuple[np.ndarray, np.ndarray]:
