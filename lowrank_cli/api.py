@@ -314,6 +314,7 @@ def calibrate(
     split: Split | str = Split.windows,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
+    progress: Progress | None = None,
 ) -> dict:
     """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
 
@@ -330,6 +331,7 @@ def calibrate(
             weight alone is cut, per unit of its squared error) on about `probe_tokens` tokens
             of the samples; a budget with these statistics spares the weights the model needs
             most (docs/calibration.md).
+        progress: called as progress(done, total) after each batch and each weight probed.
 
     Returns:
         {"tokens": …, "inputs": distinct inputs, "weights": weights covered,
@@ -344,7 +346,7 @@ def calibrate(
     return _calibrate(
         model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
-        probe_tokens=probe_tokens,
+        probe_tokens=probe_tokens, progress=progress,
     )  # fmt: skip
 
 

@@ -385,3 +385,19 @@ def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins,
     report = lowrank_cli.compress(with_row, tmp_path / "c.safetensors", budget=0.6, calibration=stats)
     row = {t.name: t for t in report.tensors}["row.weight"]
     assert row.status.value == "dense" and "plain SVD" not in (row.reason or "")
+
+
+def test_calibrate_reports_progress_over_batches_then_weights(tmp_path):
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    calls = []
+    lowrank_cli.calibrate(
+        folder, tmp_path / "s.safetensors", text=text, seq_len=16, samples=5, batch_size=2, device="cpu",
+        progress=lambda done, total: calls.append((done, total)),
+    )  # fmt: skip
+    model = tiny_bert()
+    weights = {
+        id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)
+    }  # every Linear and embedding weight, once each
+    total = 3 + len(weights)  # 5 windows in batches of 2, then one probe per weight
+    assert [t for _, t in calls] == [total] * len(calls)
+    assert [d for d, _ in calls] == list(range(1, total + 1)) + [total]  # each step, then the end

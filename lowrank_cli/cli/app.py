@@ -411,12 +411,14 @@ def calibrate(
     force: Force = False,
 ) -> None:
     """Input statistics of each Linear, for --calibration."""
-    from lowrank_cli.cli.render import notice
+    from lowrank_cli.cli.render import notice, progress
 
-    summary = lowrank_cli.calibrate(
-        model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size, device=device,
-        force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
-    )  # fmt: skip
+    with progress(f"calibrate {model.name}", steps="batches, then weights probed") as tick:
+        summary = lowrank_cli.calibrate(
+            model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
+            device=device, force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
+            progress=tick,
+        )  # fmt: skip
     line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"
     if sensitivity:
         line += f"; sensitivity of {summary['sensitivities']} weights on {summary['probe_tokens']:,} tokens"

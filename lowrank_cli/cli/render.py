@@ -11,7 +11,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 from rich.text import Text
 
@@ -313,17 +321,21 @@ def _bytes(count: int) -> str:
 
 
 @contextmanager
-def progress(label: str) -> Iterator[Callable[[int, int], None] | None]:
-    """A progress bar over bytes on stderr when it is a terminal; yields the library's progress callback."""
+def progress(label: str, steps: str | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A progress bar on stderr when it is a terminal; yields the library's progress callback.
+
+    Over bytes (and tensors done), or with `steps` over counted steps ("batches and weights").
+    """
     stderr = _stderr()
     if not stderr.is_terminal:
         yield None
         return
+    counts = [MofNCompleteColumn(), TextColumn(steps)] if steps else [DownloadColumn(binary_units=True)]
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(binary_units=True),
-        TextColumn("{task.fields[tensors]} tensors"),
+        *counts,
+        *([] if steps else [TextColumn("{task.fields[tensors]} tensors")]),
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,

@@ -151,6 +151,20 @@ class Calibrator:
             probe_tokens=self.probe_tokens,
         )
 
+    def probed(self) -> dict[str, torch.nn.Module]:
+        """The modules measure_sensitivity cuts: each 2-D float weight once, embeddings first.
+
+        Embeddings first, so a head tied to the input embedding (GPT-2's lm_head) is measured once,
+        under the embedding's name, which is the tensor the checkpoint holds.
+        """
+        modules, seen = {}, set()
+        for module_name, module in {**self.embeddings, **self.layers}.items():
+            weight = module.weight
+            if id(weight) not in seen and weight.ndim == 2 and weight.is_floating_point():
+                seen.add(id(weight))
+                modules[module_name] = module
+        return modules
+
     @torch.no_grad()
     def measure_sensitivity(
         self, run: Callable[[], object], *, tokens: int = 0, on_weight: Callable[[str], None] | None = None
@@ -171,36 +185,39 @@ class Calibrator:
         tokens: what the probe's inputs hold, recorded in the statistics file. Returns name -> s.
         """
         moments = self.moments()
-        # Embeddings first: a head tied to the input embedding (GPT-2's lm_head) is then measured
-        # once, under the embedding's name, which is the tensor the checkpoint holds.
-        modules = {**self.embeddings, **self.layers}
         self._paused = True
         try:
             reference = _floats(run())
-            seen: set[int] = set()
-            for module_name, module in modules.items():
-                weight, name = module.weight, self.names[module_name]
-                if id(weight) in seen or weight.ndim != 2 or not weight.is_floating_point():
-                    continue
-                seen.add(id(weight))
-                transposed = type(module).__name__ == "Conv1D"
+            for module_name, module in self.probed().items():
+                name = self.names[module_name]
                 moment = moments.get(name) if module_name in self.layers else None
-                cut, tail = _half_cut(weight.T if transposed else weight, moment)
-                if cut is None or not tail > 0:
-                    continue
-                original = weight.data.clone()
-                try:
-                    weight.data.copy_(cut.T if transposed else cut)
-                    loss = _relative_change(reference, _floats(run()))
-                finally:
-                    weight.data.copy_(original)
-                self.sensitivity[name] = loss / tail
+                value = _measure(module, moment, run, reference)
+                if value is not None:  # None: nothing to cut (already low rank)
+                    self.sensitivity[name] = value
                 if on_weight:
                     on_weight(name)
         finally:
             self._paused = False
         self.probe_tokens = tokens
         return dict(self.sensitivity)
+
+
+def _measure(
+    module: torch.nn.Module, moment: torch.Tensor | None, run: Callable[[], object], reference
+) -> float | None:
+    """One weight's sensitivity: cut it in place, run the probe, put it back."""
+    weight = module.weight
+    transposed = type(module).__name__ == "Conv1D"  # stored (in, out)
+    cut, tail = _half_cut(weight.T if transposed else weight, moment)
+    if cut is None or not tail > 0:
+        return None
+    original = weight.data.clone()
+    try:
+        weight.data.copy_(cut.T if transposed else cut)
+        loss = _relative_change(reference, _floats(run()))
+    finally:
+        weight.data.copy_(original)
+    return loss / tail
 
 
 def _half_cut(weight: torch.Tensor, moment: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
@@ -286,7 +303,7 @@ def calibrate(
     split: Split = Split.windows,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
-    on_weight: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
 
@@ -295,7 +312,8 @@ def calibrate(
     Either way each sample is framed by the tokenizer's special tokens. Samples holding about
     `tokens` tokens (at most `samples` of them) are taken evenly over the whole text. sensitivity:
     also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about probe_tokens
-    tokens of them, which the budget of `compress --calibration` then uses. Returns a summary.
+    tokens of them, which the budget of `compress --calibration` then uses. progress(done, total)
+    is called after each batch and each weight probed. Returns a summary.
     """
     if seq_len < 2:
         raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
@@ -334,21 +352,34 @@ def calibrate(
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
     calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
+    batches = _batches(chosen, batch_size, device, pad)
+    total = len(batches) + (len(calibrator.probed()) if sensitivity else 0)
+    done = 0
+
+    def tick(*_: object) -> None:
+        nonlocal done
+        done += 1
+        if progress:
+            progress(min(done, total), total)
+
     with torch.no_grad(), calibrator:
-        for ids, mask in _batches(chosen, batch_size, device, pad):
+        for ids, mask in batches:
             calibrator.mask = mask
             model(input_ids=ids, attention_mask=mask)
+            tick()
         calibrator.mask = None
     summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
     if sensitivity:
         probe = spread(chosen, _count(chosen, probe_tokens))
-        batches = _batches(probe, batch_size, device, pad)
+        probe_batches = _batches(probe, batch_size, device, pad)
         calibrator.measure_sensitivity(
-            lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in batches],
+            lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in probe_batches],
             tokens=sum(len(ids) for ids in probe),
-            on_weight=on_weight,
+            on_weight=tick,
         )
         summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
+    if progress:
+        progress(total, total)
     calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
     return summary
 
