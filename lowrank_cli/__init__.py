@@ -7,6 +7,7 @@
     report = lowrank_cli.compress("model.safetensors", rank=64)      # factors NAME.B, NAME.A
     lowrank_cli.expand("model.lowrank.safetensors")                  # the dense checkpoint again
     lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)  # PEFT LoRA
+    lowrank_cli.evaluate("model/", "model.lowrank/", text="held-out.txt").fidelity  # what the model lost
     model = lowrank_cli.load_pretrained("model.lowrank/")            # run the factors as they are
 
 Every checkpoint function returns a `Report` (`report.to_dict()` is the CLI's JSON document) and
@@ -46,6 +47,8 @@ _LAZY = {
     "load_pretrained": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
     "calibrate": "lowrank_cli.api",
+    "evaluate": "lowrank_cli.api",
+    "Evaluation": "lowrank_cli.model.evaluate",
     "Calibrator": "lowrank_cli.ops.calibrate",
     "load_calibration": "lowrank_cli.io.calibration",
 }
@@ -62,6 +65,8 @@ __all__ = [
     "load_pretrained",
     "save_factors",
     "calibrate",
+    "evaluate",
+    "Evaluation",
     "Calibrator",
     "load_calibration",
     "Report",
@@ -82,9 +87,10 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lowrank_cli.api import analyze, calibrate, compress, expand, extract, factorize
+    from lowrank_cli.api import analyze, calibrate, compress, evaluate, expand, extract, factorize
     from lowrank_cli.io.calibration import load_calibration
     from lowrank_cli.linalg.policy import RankPolicy
+    from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
     from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
     from lowrank_cli.ops.calibrate import Calibrator

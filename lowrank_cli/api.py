@@ -17,14 +17,16 @@ from lowrank_cli.io.calibration import Calibration, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
+from lowrank_cli.model.evaluate import EVALUATE_TOKENS, Evaluation
 from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops import expand as _expand
 from lowrank_cli.ops import extract as _extract
-from lowrank_cli.ops.calibrate import PROBE_TOKENS, TOKENS
+from lowrank_cli.ops.calibrate import PROBE_TOKENS
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.report import Report
+from lowrank_cli.ops.samples import TOKENS
 from lowrank_cli.ops.settings import Device, DType, Method, Settings, Split, choice
 
 PathLike = str | Path
@@ -311,7 +313,7 @@ def calibrate(
     batch_size: int = 8,
     device: Device | str = Device.auto,
     force: bool = False,
-    split: Split | str = Split.windows,
+    split: Split | str = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
     progress: Progress | None = None,
@@ -323,7 +325,8 @@ def calibrate(
             `calibrate` extra (transformers). Runs offline.
         out: the statistics file (docs/calibration.md) that `calibration=` reads.
         text: a UTF-8 text file. split="windows" cuts it into windows of `seq_len` tokens;
-            split="lines" makes each non-empty line one sample (cut at `seq_len`): use it when the
+            split="lines" makes each non-empty line one sample (cut at `seq_len`); "auto" (the
+            default) takes lines when the file is one short sample per line: use lines when the
             model's real inputs are short (sentences, prompts). Samples holding about `tokens`
             tokens (at most `samples` of them) are taken evenly over the whole text and run
             `batch_size` at a time.
@@ -347,6 +350,47 @@ def calibrate(
         model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
         probe_tokens=probe_tokens, progress=progress,
+    )  # fmt: skip
+
+
+def evaluate(
+    reference: PathLike,
+    candidate: PathLike,
+    *,
+    text: PathLike,
+    seq_len: int = 128,
+    tokens: int = EVALUATE_TOKENS,
+    samples: int | None = None,
+    split: Split | str = Split.auto,
+    batch_size: int = 16,
+    device: Device | str = Device.auto,
+) -> Evaluation:
+    """What a compressed model lost: both models run over samples of a text, compared by model kind.
+
+    Args:
+        reference: the original Hugging Face model folder (config.json, weights, tokenizer); needs
+            the `calibrate` extra (transformers). Runs offline.
+        candidate: the model to measure: a folder (lowrank-compressed or dense) or a weights file of
+            the reference's architecture. Factors run as factors (load_pretrained), never expanded.
+        text: a UTF-8 text file, sampled as calibrate samples it (seq_len, tokens, samples, split).
+        batch_size: samples per forward pass.
+        device: where both models run.
+
+    Returns:
+        An Evaluation: `fidelity` (1.0 = the reference's outputs) and `metric` (its definition), and
+        by kind: encoders the cosine of pooled sentence embeddings (mean, 5th percentile, minimum);
+        causal and masked LMs the perplexity of both, mean KL(reference ‖ candidate) and top-1
+        agreement. `held_out` is False when the text is the candidate's calibration text.
+
+    Example:
+        >>> result = lowrank_cli.evaluate("minilm/", "minilm.lowrank/", text="held-out.txt")
+        >>> result.fidelity, result.cosine_p5
+    """
+    from lowrank_cli.model.evaluate import evaluate as _evaluate
+
+    return _evaluate(
+        reference, candidate, text, seq_len=seq_len, tokens=tokens, samples=samples,
+        split=choice(Split, split, "split"), batch_size=batch_size, device=resolve_device(device),
     )  # fmt: skip
 
 

@@ -94,6 +94,17 @@ def _imports(path: Path) -> set[str]:
         ("io", ("lowrank_cli.errors", "lowrank_cli.io")),
         ("ops", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.ops")),
         ("nn", ("lowrank_cli.errors", "lowrank_cli.io", "lowrank_cli.linalg", "lowrank_cli.ops", "lowrank_cli.nn")),
+        (
+            "model",
+            (
+                "lowrank_cli.errors",
+                "lowrank_cli.io",
+                "lowrank_cli.linalg",
+                "lowrank_cli.ops",
+                "lowrank_cli.nn",
+                "lowrank_cli.model",
+            ),
+        ),
         # the CLI: the public API (the package itself), its own modules, and the base error module
         ("cli", ("lowrank_cli.errors", "lowrank_cli.cli")),
     ],

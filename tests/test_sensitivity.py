@@ -15,7 +15,8 @@ from test_calibration import correlated_inputs, hand_moments, tiny_bert, tiny_mo
 import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration, write_calibration
 from lowrank_cli.io.writer import current_umask
-from lowrank_cli.ops.calibrate import Calibrator, spread
+from lowrank_cli.ops.calibrate import Calibrator
+from lowrank_cli.ops.samples import spread
 
 
 class TinyNet(torch.nn.Module):
@@ -38,18 +39,25 @@ def numpy_forward(weights: dict[str, np.ndarray], ids: np.ndarray) -> np.ndarray
     return hidden @ weights["down.weight"].T + weights["down.bias"]
 
 
-def numpy_sensitivity(weights: dict, batches: list, probe: np.ndarray, name: str, inputs: np.ndarray | None) -> float:
-    """Cut `name` to half its params (of W·S with S·Sᵀ = E[xxᵀ] + λI, λ = 1e-6·tr/n, when inputs are given)."""
+def numpy_sensitivity(
+    weights: dict, batches: list, probe: np.ndarray, name: str, inputs: np.ndarray | None, lookups=None
+) -> float:
+    """Cut `name` to half its params: of W·S with S·Sᵀ = E[xxᵀ] + λI, λ = 1e-6·tr/n, when inputs are given;
+    of D^½·W with d = p + 0.1/V (p each row's share of the lookups) when an embedding's lookups are."""
     w = weights[name]
     m, n = w.shape
     r = max(1, m * n // (2 * (m + n)))
+    left = np.eye(m)
     if inputs is None:
         factor = np.eye(n)
     else:
         moment = inputs.T @ inputs / len(inputs)
         factor = np.linalg.cholesky(moment + 1e-6 * np.trace(moment) / n * np.eye(n))
-    u, s, vh = np.linalg.svd(w @ factor)
-    cut = (u[:, :r] * s[:r]) @ vh[:r] @ np.linalg.inv(factor)
+    if lookups is not None:
+        counts = np.bincount(lookups, minlength=m).astype(np.float64)
+        left = np.diag(np.sqrt(counts / counts.sum() + 0.1 / m))
+    u, s, vh = np.linalg.svd(left @ w @ factor)
+    cut = np.linalg.inv(left) @ (u[:, :r] * s[:r]) @ vh[:r] @ np.linalg.inv(factor)
     reference = numpy_forward(weights, probe)
     changed = numpy_forward({**weights, name: cut}, probe)
     loss = ((changed - reference) ** 2).sum() / (reference**2).sum()
@@ -73,7 +81,7 @@ def test_sensitivity_is_the_output_change_per_unit_of_the_cut_error():
     up_inputs = weights["embed.weight"][ids]
     down_inputs = np.tanh(up_inputs @ weights["up.weight"].T + weights["up.bias"])
     expected = {
-        "embed.weight": numpy_sensitivity(weights, batches, probe.numpy(), "embed.weight", None),
+        "embed.weight": numpy_sensitivity(weights, batches, probe.numpy(), "embed.weight", None, ids),
         "up.weight": numpy_sensitivity(weights, batches, probe.numpy(), "up.weight", up_inputs),
         "down.weight": numpy_sensitivity(weights, batches, probe.numpy(), "down.weight", down_inputs),
     }
@@ -106,8 +114,11 @@ def test_a_tied_head_is_measured_once_under_the_embedding_name():
     assert set(measured) == {"embed.weight"}
     e = model.embed.weight.detach().numpy()
     r = 20 * 12 // (2 * 32)
-    u, sigma, vh = np.linalg.svd(e, full_matrices=False)
-    cut = (u[:, :r] * sigma[:r]) @ vh[:r]
+    # cut as compress cuts the stored table: weighted by the rows' lookups, d = p + 0.1/V (linalg.whiten.RowWeights)
+    counts = np.bincount(ids.numpy().reshape(-1), minlength=20)
+    d = np.sqrt(counts / counts.sum() + 0.1 / 20)
+    u, sigma, vh = np.linalg.svd(d[:, None] * e, full_matrices=False)
+    cut = ((u[:, :r] * sigma[:r]) @ vh[:r]) / d[:, None]
 
     def forward(w):
         return np.tanh(w[ids.numpy()]) @ w.T

@@ -35,6 +35,7 @@ from lowrank_cli.cli.options import (
     Rank,
     Rtol,
     Seed,
+    SplitOption,
     flag,
 )
 from lowrank_cli.errors import EXIT_QUALITY_GATE, EXIT_TERMINATED, Interrupted, LowrankError, Terminated, UsageError
@@ -393,10 +394,7 @@ def calibrate(
     ] = 32768,
     samples: Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 8,
-    split: Annotated[
-        Split,
-        typer.Option("--split", help="windows: of --seq-len tokens; lines: one sample per line (sentences, prompts)."),
-    ] = Split.windows,
+    split: SplitOption = Split.auto,
     sensitivity: Annotated[
         bool,
         typer.Option(
@@ -419,10 +417,71 @@ def calibrate(
             device=device, force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
             progress=tick,
         )  # fmt: skip
+    for note in summary["notes"]:
+        notice(f"note: {note}")
     line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"
+    if summary["tables"]:
+        line += f", lookups of {summary['tables']} embedding table(s)"
     if sensitivity:
         line += f"; sensitivity of {summary['sensitivities']} weights on {summary['probe_tokens']:,} tokens"
     notice(line)
+
+
+@app.command(
+    cls=_PlainHelp,
+    short_help="What a compressed model lost, on real text.",
+    epilog=_examples(
+        "lowrank evaluate hf-model/ hf-model.lowrank/ --text held-out.txt",
+        "lowrank evaluate hf-model/ hf-model.lowrank/ --text eval.txt --json --fail-below 0.95",
+    ),
+)
+@_handle_errors
+def evaluate(
+    reference: Annotated[
+        Path, typer.Argument(help="The original Hugging Face model folder.", show_default=False, metavar="REFERENCE")
+    ],
+    candidate: Annotated[
+        Path,
+        typer.Argument(
+            help="The model to measure: a compressed or dense folder, or a weights file.",
+            show_default=False,
+            metavar="CANDIDATE",
+        ),
+    ],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run both models over.", metavar="FILE")],
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample at most.", metavar="N")] = 128,
+    tokens: Annotated[
+        int, typer.Option("--tokens", help="Tokens to evaluate, in samples taken evenly over the text.", metavar="N")
+    ] = 16384,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")] = None,
+    split: SplitOption = Split.auto,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 16,
+    fail_below: Annotated[
+        Optional[float],
+        typer.Option("--fail-below", help="Exit 3 if the fidelity is below F (a CI gate).", metavar="F"),
+    ] = None,
+    device: DeviceOption = Device.auto,
+    as_json: Json = False,
+) -> None:
+    """Run REFERENCE and CANDIDATE over samples of a text and compare their outputs, by model kind.
+
+    Encoders: cosine of pooled sentence embeddings. Causal and masked LMs: perplexity of both,
+    KL(reference ‖ candidate) per token, top-1 agreement. fidelity is one number, 1.0 = identical.
+    """
+    from lowrank_cli.cli.render import notice, print_evaluation, print_json
+
+    if fail_below is not None and not 0 <= fail_below <= 1:
+        raise UsageError(f"--fail-below must be between 0 and 1, got {fail_below}")
+    result = lowrank_cli.evaluate(
+        reference, candidate, text=text, seq_len=seq_len, tokens=tokens, samples=samples, split=split,
+        batch_size=batch_size, device=device,
+    )  # fmt: skip
+    for note in result.notes:
+        notice(f"note: {note}")
+    print_json(result) if as_json else print_evaluation(result)
+    if fail_below is not None and result.fidelity < fail_below:
+        notice(f"quality gate: fidelity {result.fidelity:.4f} is below {fail_below:g} ({result.metric})")
+        raise typer.Exit(EXIT_QUALITY_GATE)
 
 
 def _version(value: bool) -> None:

@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lowrank_cli import Device, DType, Method
+from lowrank_cli import Device, DType, Method, Split
 
 # How the library's argument names read on the command line, where they differ from --name.
 FLAGS = {"out": "-o/--output", "paths": "PATHS"}
@@ -113,5 +113,14 @@ Calibration = Annotated[
         "--calibration",
         help="Statistics from lowrank calibrate: factor W·S so errors are of the layer's output (docs/calibration.md).",
         metavar="STATS",
+    ),
+]
+SplitOption = Annotated[
+    Split,
+    typer.Option(
+        "--split",
+        help="How the text is cut into samples: windows of --seq-len tokens; lines, one per line (sentences,"
+        " prompts); auto: lines when the file is one short sample per line, else windows.",
+        case_sensitive=False,
     ),
 ]

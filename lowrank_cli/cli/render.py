@@ -41,7 +41,8 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
-def print_json(report: Report) -> None:
+def print_json(report) -> None:
+    """Any result with to_dict() (a Report, an Evaluation) as one JSON document."""
     sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
@@ -75,6 +76,36 @@ def print_report(report: Report) -> None:
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
     for line in lines:
         stdout.print(Text(line), overflow="fold", highlight=False)
+
+
+def print_evaluation(evaluation) -> None:
+    """evaluate's figures as a two-column table, the fidelity first."""
+    rows = [("fidelity", f"{evaluation.fidelity:.4f}")]
+    if evaluation.kind == "encoder":
+        rows += [
+            ("cosine mean", f"{evaluation.cosine_mean:.4f}"),
+            ("cosine 5th percentile", f"{evaluation.cosine_p5:.4f}"),
+            ("cosine min", f"{evaluation.cosine_min:.4f}"),
+        ]
+    else:
+        rows += [
+            ("perplexity reference", f"{evaluation.perplexity_reference:.3f}"),
+            ("perplexity candidate", f"{evaluation.perplexity_candidate:.3f}"),
+            ("KL(ref ‖ cand) per token", f"{evaluation.kl_mean:.4g} nats"),
+            ("top-1 agreement", _percent(evaluation.top1_agreement)),
+            ("positions compared", f"{evaluation.positions:,}"),
+        ]
+    held = {True: "yes", False: "no: the calibration text", None: "not known"}[evaluation.held_out]
+    rows += [
+        ("samples", f"{evaluation.samples:,} ({evaluation.split}), {evaluation.tokens:,} tokens"),
+        ("held out", held),
+    ]
+    table = Table(title=f"{evaluation.kind}: {evaluation.metric}", title_justify="left", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for name, value in rows:
+        table.add_row(name, value)
+    Console(width=_width() or 100_000).print(table)
 
 
 def error(message: str) -> None:

@@ -7,6 +7,9 @@
         "text_sha256": "…" | null,        # the calibration text's hash (lowrank calibrate)
         "inputs": {WEIGHT_NAME: KEY, …},  # weights that read the same input share one KEY
         "transposed": [WEIGHT_NAME, …],   # weights stored (in, out), GPT-2's Conv1D
+        "token_counts": {WEIGHT_NAME: KEY, …},  # optional: an embedding table's lookups per row, (V,)
+        "fingerprint": {WEIGHT_NAME: [v, …], …},  # optional: a few values of some weights, to tell
+                                          # the model the statistics were made on (check_model)
         "sensitivity": {WEIGHT_NAME: s, …},  # optional: the model's output error per unit of this
                                           # weight's squared error (ops.calibrate.measure_sensitivity)
         "probe_tokens": N                 # optional: the tokens the sensitivity was measured on
@@ -42,6 +45,8 @@ class Calibration:
     transposed: set[str] = field(default_factory=set)
     source: str = ""
     sensitivity: dict[str, float] = field(default_factory=dict)  # weight name -> s (docs/calibration.md)
+    token_counts: dict[str, torch.Tensor] = field(default_factory=dict)  # embedding name -> lookups per row (V,)
+    fingerprint: dict[str, list[float]] = field(default_factory=dict)  # weight name -> values at FINGERPRINT_AT
 
     def moment_for(self, name: str) -> torch.Tensor | None:
         return self.moments.get(name)
@@ -57,6 +62,8 @@ def write_calibration(
     transposed: set[str] | None = None,
     sensitivity: dict[str, float] | None = None,
     probe_tokens: int = 0,
+    token_counts: dict[str, torch.Tensor] | None = None,
+    fingerprint: dict[str, list[float]] | None = None,
 ) -> None:
     """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; atomic (a temporary, then rename)."""
     from safetensors.torch import save_file
@@ -72,6 +79,11 @@ def write_calibration(
         payload["sensitivity"] = {name: float(value) for name, value in sorted(sensitivity.items())}
         payload["probe_tokens"] = int(probe_tokens)
     tensors = {key: moment.to(torch.float32).contiguous() for key, moment in moments.items()}
+    if token_counts:
+        payload["token_counts"] = {name: f"{name}:token_counts" for name in sorted(token_counts)}
+        tensors.update({f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in token_counts.items()})
+    if fingerprint:
+        payload["fingerprint"] = {name: [float(v) for v in values] for name, values in sorted(fingerprint.items())}
     path = Path(path)
     temporary = path.with_name(f".{path.name}.partial")
     try:
@@ -97,6 +109,7 @@ def read_calibration(path: str | Path) -> Calibration:
             if payload.get("format_version") != FORMAT_VERSION:
                 raise CheckpointError(f"{path}: calibration format {payload.get('format_version')!r} is not supported")
             stored = {key: handle.get_tensor(key) for key in set(payload["inputs"].values())}
+            counted = {name: handle.get_tensor(key) for name, key in (payload.get("token_counts") or {}).items()}
     except CheckpointError:
         raise
     except SafetensorError as exc:  # not an OSError: a JSON or text file given as STATS lands here
@@ -110,6 +123,11 @@ def read_calibration(path: str | Path) -> Calibration:
     for key, moment in stored.items():
         if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
             raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
+    for name, counts in counted.items():
+        if counts.ndim != 1 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise CheckpointError(
+                f"{path}: token counts of '{name}' are not finite non-negative numbers (V,); rerun lowrank calibrate"
+            )
     return Calibration(
         moments={name: stored[key] for name, key in payload["inputs"].items()},
         tokens=int(payload.get("tokens", 0)),
@@ -117,6 +135,8 @@ def read_calibration(path: str | Path) -> Calibration:
         transposed=set(payload.get("transposed", ())),
         source=str(path),
         sensitivity=_sensitivity(payload.get("sensitivity") or {}, path),
+        token_counts=counted,
+        fingerprint=_fingerprint(payload.get("fingerprint") or {}, path),
     )
 
 
@@ -126,6 +146,34 @@ def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:
     ):
         raise CheckpointError(f"{path}: its sensitivities are not finite non-negative numbers; rerun lowrank calibrate")
     return {str(name): float(value) for name, value in values.items()}
+
+
+def _fingerprint(values: dict, path: str | Path) -> dict[str, list[float]]:
+    if not isinstance(values, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, int | float) and math.isfinite(x) for x in v) for v in values.values()
+    ):
+        raise CheckpointError(f"{path}: its model fingerprint is not lists of finite numbers; rerun lowrank calibrate")
+    return {str(name): [float(x) for x in v] for name, v in values.items()}
+
+
+# Where a weight is sampled for the fingerprint: fractions of its flattened length.
+FINGERPRINT_AT = (0.0, 0.25, 0.5, 0.75, 0.999)
+FINGERPRINT_WEIGHTS = 8  # weights sampled, spread over the names in order
+
+
+def fingerprint_values(tensor: torch.Tensor) -> list[float]:
+    """The tensor's values at FINGERPRINT_AT of its flattened length, as floats."""
+    flat = tensor.detach().reshape(-1)
+    return [float(flat[min(int(at * flat.numel()), flat.numel() - 1)]) for at in FINGERPRINT_AT]
+
+
+def fingerprint_differs(recorded: list[float], values: list[float], dtype: torch.dtype) -> bool:
+    """Whether values are not the recorded ones, allowing a cast to `dtype` (a bfloat16 copy is the same model)."""
+    tolerance = 4 * torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
+    scale = max((abs(v) for v in recorded), default=0.0)
+    return len(recorded) != len(values) or any(
+        abs(a - b) > tolerance * max(abs(a), 1e-3 * scale) for a, b in zip(recorded, values, strict=False)
+    )
 
 
 def load_calibration(path: str | Path) -> dict[str, torch.Tensor]:

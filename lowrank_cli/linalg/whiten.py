@@ -38,6 +38,61 @@ class Whitener:
         """A·S⁻¹ for the right factor A (r, n) of W·S, by a triangular solve (S is never inverted)."""
         return torch.linalg.solve_triangular(self.factor.to(a.dtype), a, upper=False, left=False)
 
+    def unwhiten_factors(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of W·S ≈ B·A as factors of W: (B, A·S⁻¹)."""
+        return b, self.unwhiten(a)
+
+    def output_error(self, matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+        return output_error(matrix, b, a, self.moment)
+
+
+# An unseen token's weight, as a share of the mean token's (1/V of all): its row still counts a little,
+# so the subspace the table is cut to is not blind to the rows the calibration text never used.
+ROW_FLOOR = 0.1
+
+
+@dataclass(frozen=True)
+class RowWeights:
+    """An embedding table's statistics: how often each row (token) was looked up.
+
+    A lookup's input is one-hot, so E[x xᵀ] = diag(p), p the tokens' frequencies: the output error of
+    E′ is Σ_i p_i ‖E_i − E′_i‖² = ‖D^½·(E − E′)‖_F², with D = diag(d). The best E′ of rank r is
+    D^-½·[D^½·E]_r: the SVD is of D^½·E, and B = D^-½·U_r·Σ_r, A = V_rᵀ. Each row of E′ is E_i
+    projected onto V_r, so a token the text never used keeps a usable row; d_i = p_i + ROW_FLOOR/V
+    lets those rows count a little in choosing V_r.
+    """
+
+    weights: torch.Tensor  # d (V,), float64, every entry > 0
+
+    @classmethod
+    def of_counts(cls, counts: torch.Tensor) -> RowWeights | None:
+        counts = counts.to(torch.float64)
+        total = float(counts.sum())
+        if not total > 0 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            return None
+        return cls(counts / total + ROW_FLOOR / counts.numel())
+
+    def whiten(self, matrix: torch.Tensor) -> torch.Tensor:
+        """D^½·E: (V, 1) * (V, d) -> (V, d)."""
+        return self.weights.sqrt().to(matrix.device, matrix.dtype)[:, None] * matrix
+
+    def unwhiten_factors(self, b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Factors of D^½·E ≈ B·A as factors of E: (D^-½·B, A)."""
+        return b / self.weights.sqrt().to(b.device, b.dtype)[:, None], a
+
+    def output_error(self, matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> float:
+        """√(Σ_i d_i‖ΔE_i‖² / Σ_i d_i‖E_i‖²), ΔE = E − B·A, in float64 and row blocks."""
+        d = self.weights.to(matrix.device)
+        a = a.to(torch.float64)
+        residual = total = 0.0
+        for start in range(0, matrix.shape[0], _CHUNK_ROWS):
+            w = matrix[start : start + _CHUNK_ROWS].to(torch.float64)
+            delta = w - b[start : start + _CHUNK_ROWS].to(torch.float64) @ a  # (rows, r) @ (r, n) -> (rows, n)
+            rows = d[start : start + _CHUNK_ROWS]
+            residual += float((rows * delta.square().sum(dim=1)).sum())
+            total += float((rows * w.square().sum(dim=1)).sum())
+        return residual**0.5 / total**0.5 if total > 0 else 0.0
+
 
 def whitener(moment: torch.Tensor) -> Whitener | None:
     """The damped Cholesky factor of a second moment; None for a zero (or non-finite) one, which cannot whiten."""

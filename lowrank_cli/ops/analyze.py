@@ -13,6 +13,7 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.budget import budget_policies, calibration_options
 from lowrank_cli.ops.pipeline import (
+    NO_LOOKUPS,
     NO_STATISTICS,
     ZERO_MOMENT,
     apply_policy,
@@ -60,7 +61,7 @@ def analyze(
             if view is not matrix:
                 whitened.add(entry.name)
             elif calibration is not None:
-                report.reason = NO_STATISTICS if calibration.moment_for(entry.name) is None else ZERO_MOMENT
+                report.reason = _plain_reason(calibration, entry.name)
             describe_spectrum(report, spectrum, rtol)
             report.singular_values = _singular_values(spectrum, top)
             spectra[entry.name] = spectrum
@@ -88,6 +89,13 @@ def analyze(
         policy=policy.as_dict() if policy else None,
         options=calibration_options(calibration, policy),
     )
+
+
+def _plain_reason(calibration: Calibration, name: str) -> str:
+    """Why a tensor with calibration is described by the spectrum of W itself."""
+    if calibration.moment_for(name) is not None:
+        return ZERO_MOMENT
+    return NO_LOOKUPS if name in calibration.token_counts else NO_STATISTICS
 
 
 def _singular_values(spectrum: Spectrum, top: int | None) -> list[float] | None:

@@ -10,20 +10,21 @@ output loses per unit of that weight's squared error: the weights `--budget` sho
 
 from __future__ import annotations
 
-import hashlib
 import json
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError
-from lowrank_cli.io.calibration import write_calibration
+from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
+from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
+from lowrank_cli.ops.samples import TOKENS, batches, read_samples, sample_count, spread
 from lowrank_cli.ops.settings import Split
 
 CHUNK = 1024  # tokens per float32 product
-TOKENS = 32768  # default tokens the statistics average over (256 windows of 128)
 PROBE_TOKENS = 2048  # tokens the sensitivity probe runs each time a weight is cut (16 windows of 128)
 
 
@@ -47,6 +48,7 @@ class Calibrator:
         self.embeddings = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
         self.names = {name: (names or {}).get(name, f"{name}.weight") for name in {**self.layers, **self.embeddings}}
         self.sensitivity: dict[str, float] = {}  # weight name -> s, once measure_sensitivity has run
+        self.lookups: dict[str, torch.Tensor] = {}  # embedding weight name -> lookups per row (V,), float64
         self.probe_tokens = 0
         self.sums: dict[str, torch.Tensor] = {}  # key -> Σ x xᵀ, float64
         self.counts: dict[str, int] = {}
@@ -64,6 +66,8 @@ class Calibrator:
     def __enter__(self) -> Calibrator:
         for name, module in self.layers.items():
             self._handles.append(module.register_forward_hook(self._hook(name)))
+        for name, module in self.embeddings.items():
+            self._handles.append(module.register_forward_hook(self._lookup_hook(name)))
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -84,6 +88,22 @@ class Calibrator:
             self._previous = (x, self.key_of[name])
             if self._owner[name]:
                 self._add(self.key_of[name], x.detach())
+
+        return hook
+
+    def _lookup_hook(self, name: str):
+        """An embedding's input is one-hot: its second moment is the diagonal of each row's lookups."""
+
+        def hook(module: torch.nn.Module, inputs: tuple, output: object) -> None:
+            ids = inputs[0]
+            if self._paused or not isinstance(ids, torch.Tensor) or ids.is_floating_point():
+                return
+            mask = self.mask
+            if mask is not None and tuple(ids.shape) == tuple(mask.shape):
+                ids = ids[mask.to(device=ids.device, dtype=torch.bool)]  # padding is no lookup of the text's
+            counts = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).to(torch.float64)
+            key = self.names[name]
+            self.lookups[key] = self.lookups.get(key, 0) + counts[: module.num_embeddings]
 
         return hook
 
@@ -140,6 +160,7 @@ class Calibrator:
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         keys = {self.names[name]: key for name, key in self.key_of.items()}
         transposed = {self.names[name] for name in self.key_of if type(self.layers[name]).__name__ == "Conv1D"}
+        lookups = {name: counts for name, counts in self.lookups.items() if name not in keys}  # a moment wins
         write_calibration(
             path,
             means,
@@ -149,7 +170,16 @@ class Calibrator:
             transposed=transposed,
             sensitivity=self.sensitivity,
             probe_tokens=self.probe_tokens,
+            token_counts=lookups,
+            fingerprint=self.fingerprint(),
         )
+
+    def fingerprint(self) -> dict[str, list[float]]:
+        """A few values of some weights (io.calibration.FINGERPRINT_AT), by which a checkpoint is told
+        to be this model or another of the same shapes."""
+        weights = {self.names[name]: m.weight for name, m in {**self.embeddings, **self.layers}.items()}
+        names = spread(sorted(weights), FINGERPRINT_WEIGHTS)
+        return {name: fingerprint_values(weights[name]) for name in names}
 
     def probed(self) -> dict[str, torch.nn.Module]:
         """The modules measure_sensitivity cuts: each 2-D float weight once, embeddings first.
@@ -191,6 +221,8 @@ class Calibrator:
             for module_name, module in self.probed().items():
                 name = self.names[module_name]
                 moment = moments.get(name) if module_name in self.layers else None
+                if moment is None and name in self.lookups:
+                    moment = RowWeights.of_counts(self.lookups[name])
                 value = _measure(module, moment, run, reference)
                 if value is not None:  # None: nothing to cut (already low rank)
                     self.sensitivity[name] = value
@@ -203,7 +235,7 @@ class Calibrator:
 
 
 def _measure(
-    module: torch.nn.Module, moment: torch.Tensor | None, run: Callable[[], object], reference
+    module: torch.nn.Module, moment: torch.Tensor | RowWeights | None, run: Callable[[], object], reference
 ) -> float | None:
     """One weight's sensitivity: cut it in place, run the probe, put it back."""
     weight = module.weight
@@ -220,10 +252,11 @@ def _measure(
     return loss / tail
 
 
-def _half_cut(weight: torch.Tensor, moment: torch.Tensor | None) -> tuple[torch.Tensor | None, float]:
+def _half_cut(weight: torch.Tensor, moment: torch.Tensor | RowWeights | None) -> tuple[torch.Tensor | None, float]:
     """W′ at the rank keeping half of W's (m, n) params, and the squared error Σ_{i>r} σ_i² the cut leaves.
 
-    With a moment, the SVD is of W·S and W′ = U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten), as compress makes it.
+    With a moment, the SVD is of W·S and W′ = U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten), as compress makes it;
+    with an embedding's row weights, of D^½·W and W′ = D^-½·U_r·Σ_r·V_rᵀ.
     """
     m, n = weight.shape
     rank = max(1, m * n // (2 * (m + n)))
@@ -231,11 +264,16 @@ def _half_cut(weight: torch.Tensor, moment: torch.Tensor | None) -> tuple[torch.
         return None, 0.0
     dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
     w = weight.detach().to(dtype)
-    whitener = make_whitener(moment.to(w.device)) if moment is not None and moment.shape[0] == n else None
+    if isinstance(moment, RowWeights):
+        whitener = moment if moment.weights.shape[0] == m else None
+    else:
+        whitener = make_whitener(moment.to(w.device)) if moment is not None and moment.shape[0] == n else None
     target = w if whitener is None else whitener.whiten(w)
     u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
-    a = vh[:rank] if whitener is None else whitener.unwhiten(vh[:rank])
-    cut = (u[:, :rank] * sigma[:rank]) @ a  # (m, r) @ (r, n)
+    b, a = u[:, :rank] * sigma[:rank], vh[:rank]
+    if whitener is not None:
+        b, a = whitener.unwhiten_factors(b, a)
+    cut = b @ a  # (m, r) @ (r, n)
     if not bool(torch.isfinite(cut).all()):
         return None, 0.0
     return cut.to(weight.dtype), float((sigma[rank:].to(torch.float64) ** 2).sum())
@@ -300,60 +338,37 @@ def calibrate(
     batch_size: int = 8,
     device: str = "cpu",
     force: bool = False,
-    split: Split = Split.windows,
+    split: Split = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
 
-    split: `windows` cuts the text into windows of seq_len tokens; `lines` makes each non-empty line
-    one sample (cut at seq_len), for a file of prompts or sentences like the model's real inputs.
-    Either way each sample is framed by the tokenizer's special tokens. Samples holding about
-    `tokens` tokens (at most `samples` of them) are taken evenly over the whole text. sensitivity:
-    also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about probe_tokens
-    tokens of them, which the budget of `compress --calibration` then uses. progress(done, total)
-    is called after each batch and each weight probed. Returns a summary.
+    Samples are read by ops.samples.read_samples (split windows, lines or auto). Each Linear's input
+    moment E[x xᵀ] is kept, and each embedding table's lookups per row (its one-hot input's moment).
+    sensitivity: also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about
+    probe_tokens tokens of the samples, which the budget of `compress --calibration` then uses.
+    progress(done, total) is called after each batch and each weight probed. Returns a summary.
     """
-    if seq_len < 2:
-        raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
-    for argument, value in (("tokens", tokens), ("samples", samples), ("batch_size", batch_size)):
-        if value is not None and value < 1:
-            raise UsageError(f"{{{argument}}} must be at least 1, got {value}")
+    if batch_size < 1:
+        raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}")
     if sensitivity and probe_tokens < 1:
         raise UsageError(f"{{probe_tokens}} must be at least 1, got {probe_tokens}")
     out, text, folder = Path(out), Path(text), Path(model_dir)
-    if out.exists() and not force:
-        raise OutputError(f"{out}: exists; choose another output or pass {{force}}")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
-    if text.is_dir():
-        raise UsageError(f"{text}: is a folder; give a UTF-8 text file with {{text}}")
-    if not text.is_file():
-        raise UsageError(f"{text}: no such file; give a UTF-8 text file with {{text}}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
-    data = text.read_bytes()
-    try:
-        decoded = data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{text}: is not UTF-8 text (byte {exc.start}); give a UTF-8 text file with {{text}}"
-        ) from None
-    if not decoded.strip():
-        raise UsageError(f"{text}: has no text; give a UTF-8 text file with {{text}}")
+    _check_output(out, folder, text, force)
     transformers = _transformers()
     model, tokenizer = _load(transformers, folder, device)
-    found = _lines(tokenizer, decoded, seq_len) if split == Split.lines else _windows(tokenizer, decoded, seq_len)
-    if not found:
-        raise UsageError(f"{text}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
-    _check_samples(model, tokenizer, found, folder)
-    chosen = spread(found, _count(found, tokens, samples))
+    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
+    _check_samples(model, tokenizer, found.ids, folder)
+    chosen = found.ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
     calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
-    batches = _batches(chosen, batch_size, device, pad)
-    total = len(batches) + (len(calibrator.probed()) if sensitivity else 0)
+    runs = batches(chosen, batch_size, device, pad)
+    total = len(runs) + (len(calibrator.probed()) if sensitivity else 0)
     done = 0
 
     def tick(*_: object) -> None:
@@ -363,15 +378,22 @@ def calibrate(
             progress(min(done, total), total)
 
     with torch.no_grad(), calibrator:
-        for ids, mask in batches:
+        for ids, mask in runs:
             calibrator.mask = mask
             model(input_ids=ids, attention_mask=mask)
             tick()
         calibrator.mask = None
-    summary = {"tokens": calibrator.tokens, "inputs": len(calibrator.sums), "weights": len(calibrator.key_of)}
+    summary = {
+        "tokens": calibrator.tokens,
+        "inputs": len(calibrator.sums),
+        "weights": len(calibrator.key_of),
+        "tables": len(calibrator.lookups),
+        "split": found.split.value,
+        "notes": found.notes,
+    }
     if sensitivity:
-        probe = spread(chosen, _count(chosen, probe_tokens))
-        probe_batches = _batches(probe, batch_size, device, pad)
+        probe = spread(chosen, sample_count(chosen, probe_tokens))
+        probe_batches = batches(probe, batch_size, device, pad)
         calibrator.measure_sensitivity(
             lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in probe_batches],
             tokens=sum(len(ids) for ids in probe),
@@ -380,8 +402,33 @@ def calibrate(
         summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
     if progress:
         progress(total, total)
-    calibrator.save(out, text_sha256=hashlib.sha256(data).hexdigest())
+    calibrator.save(out, text_sha256=found.text_sha256)
     return summary
+
+
+def _check_output(out: Path, folder: Path, text: Path, force: bool) -> None:
+    """The statistics file may not be written over an input (the model's files, the text), even with force."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give the statistics file's name with {{out}}")
+    if out.exists():
+        if any(_same_file(out, path) for path in [text, *folder.iterdir()]):
+            raise OutputError(
+                f"{out}: is an input of this run (the model's or the text); write the statistics elsewhere"
+            )
+        if not force:
+            raise OutputError(f"{out}: exists; choose another output or pass {{force}}")
+    elif out.name.endswith(".safetensors") and out.resolve().parent == folder.resolve():
+        # in the model folder it would be read as one of the model's weight files by every later command
+        raise OutputError(f"{out}: is inside the model folder, where it would be read as weights; write it elsewhere")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], folder: Path) -> None:
@@ -405,76 +452,6 @@ def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], 
                 f"{folder}: its tokenizer reads {share:.0%} of the text as unknown tokens; the tokenizer files"
                 " are missing or of another model, or the text is not in the model's language"
             )
-
-
-def _count(samples: list[list[int]], tokens: int, cap: int | None = None) -> int:
-    """How many samples of their mean length hold about `tokens` tokens (at least one, at most all or cap)."""
-    mean = sum(len(ids) for ids in samples) / len(samples)
-    return max(1, min(len(samples), cap or len(samples), round(tokens / mean)))
-
-
-def spread(items: list, count: int) -> list:
-    """`count` of the items evenly over the whole list (all of them when there are no more), in order."""
-    if len(items) <= count:
-        return list(items)
-    return [items[i * len(items) // count] for i in range(count)]
-
-
-def _batches(
-    samples: list[list[int]], batch_size: int, device: str, pad: int
-) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(input ids, attention mask) batches of batch_size samples, by length so that padding stays short.
-
-    Windows are all one length (no padding); lines are padded to the longest of their batch, and the
-    mask keeps the padding out of the statistics (Calibrator.mask).
-    """
-    ordered = sorted(samples, key=len)
-    batches = []
-    for start in range(0, len(ordered), batch_size):
-        group = ordered[start : start + batch_size]
-        width = max(len(ids) for ids in group)
-        ids = torch.tensor([s + [pad] * (width - len(s)) for s in group], device=device)
-        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in group], device=device)
-        batches.append((ids, mask))
-    return batches
-
-
-def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    """Consecutive windows of seq_len tokens, each framed by the tokenizer's special tokens ([CLS] … [SEP]).
-
-    The model sees those tokens in every real input, and their activations are often the largest
-    (attention sinks): statistics without them miss the directions that matter most.
-    """
-    tokenizer.model_max_length = 1 << 62  # the text is cut into windows below; silence the length warning
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    prefix, suffix = _special_tokens(tokenizer)
-    content = seq_len - len(prefix) - len(suffix)
-    if content < 1:
-        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
-    starts = range(0, len(ids) - content + 1, content)
-    return [prefix + ids[i : i + content] + suffix for i in starts]
-
-
-def _lines(tokenizer, text: str, seq_len: int) -> list[list[int]]:
-    """Each non-empty line as one sample, framed by the special tokens and cut to seq_len tokens."""
-    tokenizer.model_max_length = 1 << 62
-    prefix, suffix = _special_tokens(tokenizer)
-    content = seq_len - len(prefix) - len(suffix)
-    if content < 1:
-        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
-    return [prefix + ids[:content] + suffix for ids in encoded if ids]
-
-
-def _special_tokens(tokenizer) -> tuple[list[int], list[int]]:
-    """The ids the tokenizer puts before and after a text (BERT: [CLS], [SEP]; GPT-2: none)."""
-    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
-    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
-    for start in range(len(framed) - len(plain) + 1):
-        if framed[start : start + len(plain)] == plain:
-            return framed[:start], framed[start + len(plain) :]
-    return [], []
 
 
 def _transformers():

@@ -18,7 +18,7 @@ from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
 from lowrank_cli.linalg.factorize import factorize, finite, generator_for, relative_error
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
-from lowrank_cli.linalg.whiten import Whitener, output_error
+from lowrank_cli.linalg.whiten import RowWeights, Whitener
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.report import Status, TensorReport
 from lowrank_cli.ops.settings import DType, Method, Settings
@@ -142,7 +142,7 @@ def factor(
     limit: int | None = None,
     where: str | None = None,
     method: Method | None = None,
-    whitener: Whitener | None = None,
+    whitener: Whitener | RowWeights | None = None,
 ) -> Factors:
     """Factor one float32/float64 matrix by `policy`, storing in `stored`, the error measured on what is stored.
 
@@ -166,7 +166,8 @@ def factor(
         outcome.b, outcome.a, outcome.split = result.factors(stored)
     else:
         b, a, outcome.split = result.factors(matrix.dtype)
-        outcome.b, outcome.a = b.to(stored), whitener.unwhiten(a).to(stored)  # A = V_rᵀ·S⁻¹
+        b, a = whitener.unwhiten_factors(b, a)  # A = V_rᵀ·S⁻¹ (a Linear), or B = D^-½·U_r·Σ_r (an embedding)
+        outcome.b, outcome.a = b.to(stored), a.to(stored)
     if not (finite(outcome.b) and finite(outcome.a)):
         wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
         raise TensorError(
@@ -174,7 +175,7 @@ def factor(
         )
     outcome.rel_error = relative_error(matrix, outcome.b, outcome.a)
     if whitener is not None:
-        outcome.output_error = output_error(matrix, outcome.b, outcome.a, whitener.moment)
+        outcome.output_error = whitener.output_error(matrix, outcome.b, outcome.a)
     target = policy.error_target()
     measured = outcome.rel_error if whitener is None else outcome.output_error
     missed = target is not None and measured > target
@@ -188,6 +189,7 @@ def factor(
 
 
 NO_STATISTICS = "no calibration statistics for this tensor: plain SVD"
+NO_LOOKUPS = "the calibration text looked up none of its rows: plain SVD"
 ZERO_MOMENT = "its input's second moment is zero: plain SVD"
 
 
@@ -202,12 +204,19 @@ def calibrated_factor(
     stored: torch.dtype,
     limit: int | None = None,
     where: str | None = None,
+    token_counts: torch.Tensor | None = None,
 ) -> Factors:
     """`factor` with the layer input's second moment: W·S factorized when there is one, plain SVD (noted) if not.
 
     transposed: W is stored (in, out) (GPT-2's Conv1D); Wᵀ = B′A′ is factorized and B = A′ᵀ, A = B′ᵀ.
+    token_counts: an embedding table's lookups per row (RowWeights), used when there is no moment.
     """
     options = dict(name=name, stored=stored, limit=limit, where=where)
+    if moment is None and token_counts is not None:
+        rows = _row_weights(token_counts, matrix.shape[0], where or name)
+        if rows is None:
+            return replace(factor(matrix, policy, settings, **options), note=NO_LOOKUPS)
+        return factor(matrix, policy, settings, whitener=rows, **options)
     if moment is None:
         return replace(factor(matrix, policy, settings, **options), note=NO_STATISTICS)
     _check_moment(moment, matrix.shape[0] if transposed else matrix.shape[1], where or name)
@@ -281,6 +290,7 @@ def factor_step(
         settings,
         calibration.moment_for(name),
         transposed=name in calibration.transposed,
+        token_counts=calibration.token_counts.get(name),
         name=name,
         stored=stored,
         limit=limit,
@@ -292,12 +302,23 @@ def whitened_view(matrix: torch.Tensor, calibration: Calibration | None, name: s
     """The matrix whose spectrum the policy reads: W·S with calibration (Wᵀ·S for a transposed layer), else W."""
     moment = calibration.moment_for(name) if calibration is not None else None
     if moment is None:
-        return matrix
+        counts = calibration.token_counts.get(name) if calibration is not None else None
+        rows = _row_weights(counts, matrix.shape[0], name) if counts is not None else None
+        return matrix if rows is None else rows.whiten(matrix)
     if name in calibration.transposed:
         matrix = matrix.T
     _check_moment(moment, matrix.shape[1], name)
     whitener = make_whitener(moment.to(matrix.device))
     return matrix if whitener is None else whitener.whiten(matrix)
+
+
+def _row_weights(counts: torch.Tensor, rows: int, where: str) -> RowWeights | None:
+    if tuple(counts.shape) != (rows,):
+        raise TensorError(
+            f"{where}: its calibration token counts are {tuple(counts.shape)}, but the table has {rows} rows;"
+            " the statistics are of another model, run lowrank calibrate on this one"
+        )
+    return RowWeights.of_counts(counts)
 
 
 def _check_moment(moment: torch.Tensor, inputs: int, where: str) -> None:

@@ -38,8 +38,10 @@ class Device(str, Enum):
 
 
 class Split(str, Enum):
-    """How calibrate cuts its text into samples: `windows` of --seq-len tokens, or one sample per `lines` line."""
+    """How a text is cut into samples: `windows` of --seq-len tokens, one sample per `lines` line, or `auto`
+    (lines when the file is one short sample per line, else windows)."""
 
+    auto = "auto"
     windows = "windows"
     lines = "lines"
 

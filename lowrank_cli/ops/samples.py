@@ -1,0 +1,248 @@
+"""Samples of a text file for a model: windows of tokens or lines, taken evenly over the whole file.
+
+calibrate, evaluate and compress --fidelity read their text here. Only what is sampled is read and
+tokenized: the file is read in blocks of BLOCK bytes at evenly spaced offsets, as many as the asked
+tokens need, so a 50 MB file costs what its samples cost (the whole file is read only when the
+samples need about half of it or more). The file's hash is computed streaming, in fixed-size chunks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.ops.settings import Split
+
+BLOCK = 1 << 16  # bytes read and tokenized at a time (64 KiB)
+TOKENS = 32768  # default tokens the samples hold (256 windows of 128)
+LINE_SHAPED_LINES = 16  # split auto: lines only when the probe holds at least this many lines …
+LINE_SHAPED_SHARE = 0.9  # … this share of them fit in --seq-len tokens …
+WRAPPED_SHARE = 0.5  # … and fewer than this share run on into the next line (hard-wrapped prose)
+
+
+@dataclass
+class TextSamples:
+    """Token ids of each sample (special tokens included), and how they were cut."""
+
+    ids: list[list[int]]
+    split: Split  # windows or lines, as chosen (auto resolved)
+    text_sha256: str
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(len(ids) for ids in self.ids)
+
+
+def read_samples(
+    tokenizer,
+    path: str | Path,
+    *,
+    seq_len: int,
+    tokens: int = TOKENS,
+    samples: int | None = None,
+    split: Split = Split.auto,
+) -> TextSamples:
+    """Samples of about `tokens` tokens (at most `samples` of them) taken evenly over the text file.
+
+    split: `windows` cuts consecutive windows of seq_len tokens; `lines` makes each non-empty line one
+    sample (cut at seq_len); `auto` takes lines when the file is line-shaped (many lines, most shorter
+    than seq_len tokens, not hard-wrapped prose) and windows otherwise, with a note saying which.
+    Each sample is framed by the tokenizer's special tokens ([CLS] … [SEP]).
+    """
+    if seq_len < 2:
+        raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
+    for argument, value in (("tokens", tokens), ("samples", samples)):
+        if value is not None and value < 1:
+            raise UsageError(f"{{{argument}}} must be at least 1, got {value}")
+    path = Path(path)
+    size = _check_text(path)
+    tokenizer.model_max_length = 1 << 62  # the text is cut below; silence the length warning
+    prefix, suffix = special_tokens(tokenizer)
+    content = seq_len - len(prefix) - len(suffix)
+    if content < 1:
+        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+    with open(path, "rb") as handle:
+        first = _decode(_aligned(handle, 0, size, Split.windows), path)
+        if not first.strip() and size <= BLOCK:
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
+        notes = []
+        if split == Split.auto:
+            split = Split.lines if line_shaped(tokenizer, first, content) else Split.windows
+            notes.append(f"{path.name}: split {split.value} ({_why(split)}); --split windows|lines to choose")
+        probe_ids = len(tokenizer(first, add_special_tokens=False)["input_ids"]) if first.strip() else 0
+        bytes_per_token = len(first.encode()) / probe_ids if probe_ids else 4.0
+        wanted = tokens if samples is None else min(tokens, samples * seq_len)
+        blocks = math.ceil(2 * wanted * bytes_per_token / BLOCK)  # twice what the samples need: windows lose tails
+        count = math.ceil(size / BLOCK)
+        starts = range(count) if blocks * 2 >= count else sorted({i * count // blocks for i in range(blocks)})
+        found: list[list[int]] = []
+        for index in starts:
+            text = _decode(_aligned(handle, index * BLOCK, size, split), path)
+            found += _cut(tokenizer, text, split, content, prefix, suffix)
+    if not found:
+        if split == Split.lines:
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{path}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
+    chosen = spread(found, sample_count(found, tokens, samples))
+    return TextSamples(chosen, split, file_sha256(path), notes)
+
+
+def line_shaped(tokenizer, text: str, content: int) -> bool:
+    """Whether text is one sample per line: many lines, most within `content` tokens, few running on."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = lines[:-1] if len(lines) > 1 else lines  # the block's last line may be cut
+    filled = [line for line in lines if line]
+    if len(filled) < LINE_SHAPED_LINES:
+        return False
+    lengths = [len(ids) for ids in tokenizer(filled, add_special_tokens=False)["input_ids"]]
+    if sum(length <= content for length in lengths) < LINE_SHAPED_SHARE * len(filled):
+        return False
+    # Hard-wrapped prose: a line that does not end a sentence and whose next line goes on in lower case.
+    runs_on = sum(
+        1
+        for line, following in zip(lines, lines[1:], strict=False)
+        if line and following and line[-1] not in ".!?:;\"')]" and following[0].islower()
+    )
+    return runs_on < WRAPPED_SHARE * len(filled)
+
+
+def _why(split: Split) -> str:
+    if split == Split.lines:
+        return "the text is one short sample per line"
+    return "the text is not one short sample per line"
+
+
+def sample_count(samples: list[list[int]], tokens: int, cap: int | None = None) -> int:
+    """How many samples of their mean length hold about `tokens` tokens (at least one, at most all or cap)."""
+    mean = sum(len(ids) for ids in samples) / len(samples)
+    return max(1, min(len(samples), cap or len(samples), round(tokens / mean)))
+
+
+def spread(items: list, count: int) -> list:
+    """`count` of the items evenly over the whole list (all of them when there are no more), in order."""
+    if len(items) <= count:
+        return list(items)
+    return [items[i * len(items) // count] for i in range(count)]
+
+
+def batches(
+    samples: list[list[int]], batch_size: int, device: str, pad: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input ids, attention mask) batches of batch_size samples, by length so that padding stays short.
+
+    Windows are all one length (no padding); lines are padded to the longest of their batch, and the
+    mask marks the padding.
+    """
+    if batch_size < 1:
+        raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}")
+    ordered = sorted(samples, key=len)
+    out = []
+    for start in range(0, len(ordered), batch_size):
+        group = ordered[start : start + batch_size]
+        width = max(len(ids) for ids in group)
+        ids = torch.tensor([s + [pad] * (width - len(s)) for s in group], device=device)
+        mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in group], device=device)
+        out.append((ids, mask))
+    return out
+
+
+def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
+    """The ids the tokenizer puts before and after a text (BERT: [CLS], [SEP]; GPT-2: none).
+
+    The model sees those tokens in every real input, and their activations are often the largest
+    (attention sinks): samples without them miss the directions that matter most.
+    """
+    plain = tokenizer("a", add_special_tokens=False)["input_ids"]
+    framed = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(framed) - len(plain) + 1):
+        if framed[start : start + len(plain)] == plain:
+            return framed[:start], framed[start + len(plain) :]
+    return [], []
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check_text(path: Path) -> int:
+    """The text file's size; a folder, a missing file or one that is not a regular file is refused."""
+    if path.is_dir():
+        raise UsageError(f"{path}: is a folder; give a UTF-8 text file with {{text}}")
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file; give a UTF-8 text file with {{text}}")
+    if not path.is_file():  # a FIFO or device would block or never end
+        raise UsageError(f"{path}: is not a regular file; give a UTF-8 text file with {{text}}")
+    size = os.path.getsize(path)
+    if size == 0:
+        raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
+    return size
+
+
+def _aligned(handle, start: int, size: int, split: Split) -> bytes:
+    """BLOCK bytes from `start`, moved on to a boundary: after a newline (lines) or at a space (windows).
+
+    ASCII bytes never occur inside a UTF-8 sequence, so both boundaries are character boundaries; a
+    window block starts at its whitespace so that a tokenizer that keeps the space with the word
+    (GPT-2) reads the words as it would in the whole text. The block ends at its last such boundary
+    too, unless it ends the file. A block with no boundary in it gives nothing, but for the file's
+    first line, whose beginning is a sample however long the line is.
+    """
+    handle.seek(max(start - 1, 0))
+    data = handle.read(BLOCK + (1 if start else 0))
+    before, data = (data[:1], data[1:]) if start else (b"\n", data)
+    if not data:
+        return b""
+    if split == Split.lines:
+        if before != b"\n":  # the middle of a line: the next line begins the block
+            cut = data.find(b"\n")
+            if cut < 0:
+                return b""
+            data = data[cut + 1 :]
+        if start + BLOCK < size:
+            last = data.rfind(b"\n") + 1
+            data = data[:last] if last > 0 else (data if start == 0 else b"")
+        return data
+    if not before.isspace():  # the middle of a word: the block begins at the next whitespace
+        match = _SPACE.search(data)
+        if match is None:
+            return b""
+        data = data[match.start() :]
+    if start + BLOCK < size:
+        ends = [match.start() for match in _SPACE.finditer(data, max(len(data) - 4096, 0))]
+        data = data[: ends[-1]] if ends and ends[-1] > 0 else b""
+    return data
+
+
+_SPACE = re.compile(rb"\s")
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"{path}: is not UTF-8 text (near byte {exc.start}); give a UTF-8 text file with {{text}}"
+        ) from None
+
+
+def _cut(tokenizer, text: str, split: Split, content: int, prefix: list[int], suffix: list[int]) -> list[list[int]]:
+    if not text.strip():
+        return []
+    if split == Split.lines:
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        encoded = tokenizer(lines, add_special_tokens=False)["input_ids"]
+        return [prefix + ids[:content] + suffix for ids in encoded if ids]
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [prefix + ids[i : i + content] + suffix for i in range(0, len(ids) - content + 1, content)]
