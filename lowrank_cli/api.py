@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import UsageError
-from lowrank_cli.io.calibration import Calibration, read_calibration
+from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.io.calibration import Calibration, fingerprint_differs, fingerprint_values, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
@@ -103,6 +103,7 @@ def analyze(
     top: int | None = None,
     progress: Progress | None = None,
     calibration: PathLike | None = None,
+    other_model: bool = False,
 ) -> Report:
     """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
 
@@ -115,6 +116,7 @@ def analyze(
         top: each row's singular_values lists the `top` largest σ of W (default: all).
         calibration: a statistics file from `calibrate`; spectra are then of W·S and a policy's
             error is the output error ‖(W − W′)X‖_F / ‖WX‖_F (docs/calibration.md).
+        other_model: use statistics made on another model of the same shapes (refused by default).
 
     Example:
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
@@ -131,7 +133,7 @@ def analyze(
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
         check_patterns(checkpoints, include, exclude)
-        stats = _calibration(calibration, checkpoints)
+        stats = _calibration(calibration, checkpoints, other_model)
         tick = stack.enter_context(_progress(progress, _data_bytes(*checkpoints)))
         for checkpoint in checkpoints:
             reports.append(
@@ -169,6 +171,7 @@ def compress(
     force: bool = False,
     progress: Progress | None = None,
     calibration: PathLike | None = None,
+    other_model: bool = False,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -188,6 +191,8 @@ def compress(
         calibration: a statistics file from `calibrate`: each tensor with statistics is factorized
             activation-aware (W·S, docs/calibration.md), and the policy's error is its output error
             ‖(W − BA)X‖_F / ‖WX‖_F, reported as `output_error` beside the weight-space rel_error.
+        other_model: use statistics made on another model of the same shapes (refused by default:
+            the statistics file records a fingerprint of the model it was made on).
 
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.
@@ -210,7 +215,7 @@ def compress(
             exclude=exclude,
             force=force,
             on_tensor=tick,
-            calibration=_calibration(calibration, [checkpoint]),
+            calibration=_calibration(calibration, [checkpoint], other_model),
         )
 
 
@@ -258,6 +263,7 @@ def extract(
     force: bool = False,
     progress: Progress | None = None,
     calibration: PathLike | None = None,
+    other_model: bool = False,
 ) -> Report:
     """A PEFT LoRA adapter folder from a fine-tune: the truncated SVD of ΔW = W_tuned − W_base per module.
 
@@ -273,6 +279,7 @@ def extract(
             and a module of 1-D tensors (a LayerNorm) whole, as tuned (modules_to_save).
         calibration: the base model's statistics from `calibrate`: ΔW·S is factorized, and errors
             are of the output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
+        other_model: use statistics made on another model than BASE (refused by default).
 
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
@@ -298,7 +305,7 @@ def extract(
             exclude=exclude,
             force=force,
             on_tensor=tick,
-            calibration=_calibration(calibration, [base_checkpoint]),
+            calibration=_calibration(calibration, [base_checkpoint], other_model),
         )
 
 
@@ -394,12 +401,29 @@ def evaluate(
     )  # fmt: skip
 
 
-def _calibration(path: PathLike | None, checkpoints: list) -> Calibration | None:
-    """The statistics file, checked to describe at least one tensor of the checkpoints."""
+def _check_fingerprint(calibration: Calibration, checkpoint: Checkpoint) -> None:
+    """Statistics made on another model of the same shapes (a fine-tune, another seed) are refused."""
+    for name, recorded in calibration.fingerprint.items():
+        entry = checkpoint.entries.get(name)
+        if entry is None or not entry.is_float:
+            continue
+        tensor = checkpoint.read(name)
+        if fingerprint_differs(recorded, fingerprint_values(tensor), tensor.dtype):
+            raise CheckpointError(
+                f"{calibration.source}: its statistics were made on another model ('{name}' holds other values in"
+                f" {checkpoint.source}); run lowrank calibrate on this model, or pass {{other_model}} to use them"
+            )
+
+
+def _calibration(path: PathLike | None, checkpoints: list, other_model: bool = False) -> Calibration | None:
+    """The statistics file, checked to describe at least one tensor of the checkpoints, and to be of
+    this model (its fingerprint) unless other_model."""
     if path is None:
         return None
     calibration = read_calibration(path)
     names = {name for checkpoint in checkpoints for name in checkpoint.entries}
+    if not other_model:
+        _check_fingerprint(calibration, checkpoints[0])
     if not names & set(calibration.moments):
         raise UsageError(
             f"{path}: its statistics name no tensor of {checkpoints[0].source}; run lowrank calibrate on this model"

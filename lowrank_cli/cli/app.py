@@ -31,6 +31,7 @@ from lowrank_cli.cli.options import (
     Json,
     MaxError,
     MethodOption,
+    OtherModel,
     Output,
     Rank,
     Rtol,
@@ -172,6 +173,7 @@ def analyze(
         typer.Option("--top", help="--json: list the K largest singular values per tensor (default all).", metavar="K"),
     ] = None,
     calibration: Calibration = None,
+    other_model: OtherModel = False,
     as_json: Json = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
@@ -197,6 +199,7 @@ def analyze(
             top=top,
             progress=tick,
             calibration=calibration,
+            other_model=other_model,
         )
     _finish(report, as_json, fail_above)
 
@@ -229,6 +232,7 @@ def compress(
     rtol: Rtol = None,
     fail_above: FailAbove = None,
     calibration: Calibration = None,
+    other_model: OtherModel = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -254,6 +258,7 @@ def compress(
             force=force,
             progress=tick,
             calibration=calibration,
+            other_model=other_model,
         )
     if report.options.get("budget_objective") == "balanced":  # statistics from before sensitivity, or without it
         from lowrank_cli.cli.render import notice
@@ -338,6 +343,7 @@ def extract(
     exclude: Exclude = None,
     fail_above: FailAbove = None,
     calibration: Calibration = None,
+    other_model: OtherModel = False,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -367,6 +373,7 @@ def extract(
             force=force,
             progress=tick,
             calibration=calibration,
+            other_model=other_model,
         )
     _finish(report, as_json, fail_above)
 

@@ -124,3 +124,10 @@ SplitOption = Annotated[
         case_sensitive=False,
     ),
 ]
+OtherModel = Annotated[
+    bool,
+    typer.Option(
+        "--other-model",
+        help="Use --calibration statistics made on another model of the same shapes (refused by default).",
+    ),
+]

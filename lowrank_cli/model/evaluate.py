@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -313,14 +314,71 @@ def make_evaluator(
 
 
 def load_candidate(folder: Path, candidate: Path, model_class: type, device: str) -> torch.nn.Module:
-    """The candidate as a model of the reference's class: its own folder's config, else the reference's."""
+    """The candidate as a model of the reference's class: a lowrank file or folder through load_pretrained
+    (its own folder's config, else the reference's), a dense folder through transformers."""
     from lowrank_cli.nn.loading import load_pretrained
 
-    if candidate.is_dir() and (candidate / "config.json").is_file():
-        model = load_pretrained(candidate, model_class)
+    own_config = candidate.is_dir() and (candidate / "config.json").is_file()
+    if is_lowrank(candidate):
+        model = (
+            load_pretrained(candidate, model_class)
+            if own_config
+            else load_pretrained(folder, model_class, weights=candidate)
+        )
+    elif own_config:
+        try:
+            with _quiet_transformers():  # its load report and bar; what is missing is said below, in one line
+                model, info = model_class.from_pretrained(
+                    candidate, local_files_only=True, trust_remote_code=False, output_loading_info=True
+                )
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
+            raise CheckpointError(
+                f"{candidate}: cannot be loaded as {model_class.__name__} ({exc})".splitlines()[0]
+            ) from None
+        missing = sorted(info.get("missing_keys") or []) + sorted(info.get("mismatched_keys") or [])
+        if missing:  # transformers would run them randomly initialised: not a measurement of anything
+            raise CheckpointError(
+                f"{candidate}: has no tensor '{missing[0]}' of {model_class.__name__} ({len(missing)} missing or of"
+                " another shape); give the reference's own compressed or fine-tuned model"
+            )
     else:
-        model = load_pretrained(folder, model_class, weights=candidate)
+        raise CheckpointError(
+            f"{candidate}: is neither a lowrank file nor a model folder with config.json; give a compressed"
+            " model (lowrank compress) or a Hugging Face folder"
+        )
     return model.to(device).eval()
+
+
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+
+
+def is_lowrank(path: Path) -> bool:
+    """Whether a file, or any safetensors file of a folder, was written by lowrank compress."""
+    from safetensors import SafetensorError, safe_open
+
+    from lowrank_cli.io.fileformat import METADATA_KEY
+
+    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+    for file in files:
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                if METADATA_KEY in (handle.metadata() or {}):
+                    return True
+        except (OSError, SafetensorError):
+            continue
+    return False
 
 
 def held_out_note(candidate: Path, text_sha256: str) -> tuple[bool | None, list[str]]:

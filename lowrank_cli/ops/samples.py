@@ -24,7 +24,8 @@ BLOCK = 1 << 16  # bytes read and tokenized at a time (64 KiB)
 TOKENS = 32768  # default tokens the samples hold (256 windows of 128)
 LINE_SHAPED_LINES = 16  # split auto: lines only when the probe holds at least this many lines …
 LINE_SHAPED_SHARE = 0.9  # … this share of them fit in --seq-len tokens …
-WRAPPED_SHARE = 0.5  # … and fewer than this share run on into the next line (hard-wrapped prose)
+WRAPPED_SHARE = 0.5  # … and it is not prose wrapped at a width: this share of lines run on and fill it
+WRAP_FILL = 0.75  # a wrapped line fills at least this share of the width (the 95th percentile of lengths)
 
 
 @dataclass
@@ -105,13 +106,19 @@ def line_shaped(tokenizer, text: str, content: int) -> bool:
     lengths = [len(ids) for ids in tokenizer(filled, add_special_tokens=False)["input_ids"]]
     if sum(length <= content for length in lengths) < LINE_SHAPED_SHARE * len(filled):
         return False
-    # Hard-wrapped prose: a line that does not end a sentence and whose next line goes on in lower case.
-    runs_on = sum(
-        1
-        for line, following in zip(lines, lines[1:], strict=False)
-        if line and following and line[-1] not in ".!?:;\"')]" and following[0].islower()
-    )
-    return runs_on < WRAPPED_SHARE * len(filled)
+    return not hard_wrapped(lines)
+
+
+def hard_wrapped(lines: list[str]) -> bool:
+    """Prose wrapped at a width: most lines run on into the next (no sentence end, the next in lower
+    case) and fill the width (at least WRAP_FILL of the longest lines' length)."""
+    pairs = [(line, following) for line, following in zip(lines, lines[1:], strict=False) if line and following]
+    if not pairs:
+        return False
+    runs_on = [line for line, following in pairs if line[-1] not in ".!?:;\"')]" and following[0].islower()]
+    width = sorted(len(line) for line in lines if line)[int(0.95 * (len([x for x in lines if x]) - 1))]
+    filled = [line for line in runs_on if len(line) >= WRAP_FILL * width]
+    return len(runs_on) >= WRAPPED_SHARE * len(pairs) and len(filled) >= WRAPPED_SHARE * len(runs_on)
 
 
 def _why(split: Split) -> str:

