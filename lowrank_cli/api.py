@@ -172,6 +172,8 @@ def compress(
     progress: Progress | None = None,
     calibration: PathLike | None = None,
     other_model: bool = False,
+    fidelity: float | None = None,
+    eval_text: PathLike | None = None,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -194,15 +196,28 @@ def compress(
         other_model: use statistics made on another model of the same shapes (refused by default:
             the statistics file records a fingerprint of the model it was made on).
 
+        fidelity, eval_text: instead of a rank policy, the smallest model (fewest params, a budget
+            searched for) whose fidelity on eval_text, measured as `evaluate` measures it, is at least
+            `fidelity` (0 < fidelity < 1). `path` must then be a Hugging Face model folder. The
+            report's options["fidelity"] holds the budget found, the fidelity measured on the
+            model written and every trial; if no saving reaches it, FidelityNotReached (exit 3) is
+            raised and nothing is written.
+
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.
 
     Example:
         >>> report = lowrank_cli.compress("model.safetensors", "model.r64.safetensors", rank=64)
         >>> report.totals.savings
+        >>> lowrank_cli.compress("minilm/", "minilm.f95/", fidelity=0.95, eval_text="eval.txt", calibration="s")
     """
-    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
+    if fidelity is not None or eval_text is not None:
+        return _compress_to_fidelity(
+            path, out, fidelity, eval_text, (rank, energy, max_error, budget), settings=settings, include=include,
+            exclude=exclude, force=force, progress=progress, calibration=calibration, other_model=other_model,
+        )  # fmt: skip
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
     with open_checkpoint(path) as checkpoint, _progress(progress, passes * _data_bytes(checkpoint)) as tick:
         check_patterns([checkpoint], include, exclude)
@@ -217,6 +232,38 @@ def compress(
             on_tensor=tick,
             calibration=_calibration(calibration, [checkpoint], other_model),
         )
+
+
+def _compress_to_fidelity(
+    path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
+) -> Report:
+    from lowrank_cli.model.evaluate import make_evaluator
+    from lowrank_cli.model.fidelity import compress_to_fidelity
+    from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
+    from lowrank_cli.ops.samples import read_samples
+
+    if fidelity is None or eval_text is None:
+        raise UsageError("{fidelity} and {eval_text} go together: the fidelity is measured on that text")
+    if any(value is not None for value in policies):
+        raise UsageError("{fidelity} chooses the ranks itself; leave out {rank}, {energy}, {max_error} and {budget}")
+    if not 0 < fidelity < 1:
+        raise UsageError(f"{{fidelity}} must be between 0 and 1, got {fidelity}")
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UsageError(f"{path}: {{fidelity}} needs a Hugging Face model folder (config.json) to run the model")
+    with open_checkpoint(folder) as checkpoint:
+        check_patterns([checkpoint], include, exclude)
+        stats = _calibration(calibration, [checkpoint], other_model)
+        reference, tokenizer = _load(_transformers(), folder, settings.device)
+        found = read_samples(tokenizer, eval_text, seq_len=128, tokens=EVALUATE_TOKENS)
+        _check_samples(reference, tokenizer, found.ids, folder)
+        evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
+        report = compress_to_fidelity(
+            folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,
+            include=include, exclude=exclude, force=force, calibration=stats,
+        )  # fmt: skip
+    report.options["fidelity"]["notes"] = found.notes
+    return report
 
 
 @_cleans_up

@@ -247,3 +247,64 @@ def test_minilm_cosine_matches_sentence_embeddings_computed_by_hand(tmp_path):
     assert result.cosine_mean == pytest.approx(cosines.mean(), abs=5e-4)
     assert result.cosine_min == pytest.approx(cosines.min(), abs=5e-4)
     assert 0.0 < result.fidelity < 0.99  # plain SVD at rank 96 costs this model much (docs/running.md)
+
+
+# --- compress --fidelity ------------------------------------------------------------------------------
+
+
+def independent_cosine(folder: Path, candidate: Path, text: Path, tmp_path: Path) -> float:
+    tuned, reference = dense_model(folder, candidate, tmp_path)
+    cosines = []
+    with torch.no_grad():
+        for ids in encoded(folder, text):
+            x = torch.tensor([ids])
+            a = reference(input_ids=x).last_hidden_state[0].double().mean(0)
+            b = tuned(input_ids=x).last_hidden_state[0].double().mean(0)
+            cosines.append(float(a @ b / (a.norm() * b.norm())))
+    return float(np.mean(cosines))
+
+
+def test_compress_to_a_fidelity_writes_the_smallest_model_that_keeps_it(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    out = tmp_path / "f90"
+    result = cli("compress", folder, "--fidelity", "0.9", "--eval-text", text, "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    found = report["options"]["fidelity"]
+    measured = independent_cosine(folder, out, text, tmp_path)
+    assert measured >= 0.9 and found["measured"] == pytest.approx(measured, abs=1e-5)
+    budgeted = [t for t in report["tensors"] if t["status"] in ("factorized", "dense")]
+    kept = sum(t["params_after"] for t in budgeted) / sum(t["params"] for t in budgeted)
+    assert kept <= found["budget"] + 1e-9 and kept < 1
+    below = [t for t in found["trials"] if t["budget"] < found["budget"]]
+    assert below and all(t["fidelity"] < 0.9 for t in below if t["budget"] >= found["budget"] - 0.011)
+    assert found["evaluations"] == len(found["trials"]) + 1  # the trials, then the model written
+    assert "fidelity" in result.stderr and "held-out" in result.stderr
+
+
+def test_a_fidelity_no_saving_reaches_writes_nothing(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    out = tmp_path / "never"
+    result = cli("compress", folder, "--fidelity", "0.9999999", "--eval-text", text, "-o", out)
+    assert_clean_failure(result, 3, "mildest budget", "--fidelity")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["encoder", "eval.txt", "vocab.txt"]
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--fidelity", "0.9"], ["--eval-text"]),
+        (["--fidelity", "0.9", "--eval-text", "EVAL", "--rank", "4"], ["--rank"]),
+        (["--fidelity", "1.5", "--eval-text", "EVAL"], ["--fidelity"]),
+    ],
+)
+def test_fidelity_usage_errors(tmp_path, args, words):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    result = cli("compress", folder, "-o", tmp_path / "o", *[str(text) if a == "EVAL" else a for a in args])
+    assert_clean_failure(result, 2, *words)
+    assert not (tmp_path / "o").exists()

@@ -211,6 +211,7 @@ def analyze(
         "lowrank compress model.safetensors --rank 64    # model.lowrank.safetensors",
         "lowrank compress hf-model/ --energy 0.99 -o out/  # a folder: out/",
         "lowrank compress model.safetensors --max-error 0.02 --dtype bfloat16",
+        "lowrank compress hf-model/ --fidelity 0.95 --eval-text eval.txt --calibration stats.safetensors",
     ),
 )
 @_handle_errors
@@ -233,6 +234,19 @@ def compress(
     fail_above: FailAbove = None,
     calibration: Calibration = None,
     other_model: OtherModel = False,
+    fidelity: Annotated[
+        Optional[float],
+        typer.Option(
+            "--fidelity",
+            help="Instead of a policy: the smallest model whose fidelity on --eval-text (as lowrank evaluate"
+            " measures it) is at least F; PATH must be a model folder. Exit 3, nothing written, if none is.",
+            metavar="F",
+        ),
+    ] = None,
+    eval_text: Annotated[
+        Optional[Path],
+        typer.Option("--eval-text", help="--fidelity: the UTF-8 text the fidelity is measured on.", metavar="FILE"),
+    ] = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -259,6 +273,19 @@ def compress(
             progress=tick,
             calibration=calibration,
             other_model=other_model,
+            fidelity=fidelity,
+            eval_text=eval_text,
+        )
+    if fidelity is not None:
+        from lowrank_cli.cli.render import notice
+
+        found = report.options["fidelity"]
+        for note in found["notes"]:
+            notice(f"note: {note}")
+        notice(
+            f"fidelity {found['measured']:.4f} ≥ {fidelity:g} on {eval_text} ({found['metric']}), measured on the"
+            f" model written, at --budget {found['budget']:g} after {found['evaluations']} evaluations; that text"
+            " chose the budget, so run lowrank evaluate on another for a held-out figure"
         )
     if report.options.get("budget_objective") == "balanced":  # statistics from before sensitivity, or without it
         from lowrank_cli.cli.render import notice
