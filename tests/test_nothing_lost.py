@@ -6,10 +6,25 @@ Every hostile input is made here in tmp_path; every expected number is recompute
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
-from conftest import TORCH_DTYPE, cli_json, geometric, load, relative_error, save, with_spectrum
+from conftest import (
+    TORCH_DTYPE,
+    assert_clean_failure,
+    cli,
+    cli_json,
+    file_metadata,
+    geometric,
+    listing,
+    load,
+    relative_error,
+    save,
+    sha256,
+    with_spectrum,
+)
 
 # --- 6: --max-error is met by the factors as stored, in every dtype --------------------------------
 
@@ -53,3 +68,72 @@ def test_max_error_below_the_dtypes_floor_keeps_the_tensor_dense(tmp_path):
     w64 = w.to(torch.float64)
     cast_error = float(torch.linalg.norm(w64 - written["w"].to(torch.float64)) / torch.linalg.norm(w64))
     assert row["rel_error"] == pytest.approx(cast_error, rel=1e-6)
+
+
+# --- 7, 8: expand writes only finite values of the declared dtype, and only what fits in memory ------
+
+
+def _lowrank_file(path, b: torch.Tensor, a: torch.Tensor, shape: list[int], dtype: str = "F32"):
+    """A lowrank file written by hand from docs/format.md: one tensor 'w' stored as w.B · w.A."""
+    record = {"shape": shape, "dtype": dtype, "rank": b.shape[1], "rel_error": 0.0, "split": "us"}
+    payload = {"format_version": 1, "input_metadata": False, "tensors": {"w": record}}
+    return save(path, {"w.B": b, "w.A": a}, {"lowrank": json.dumps(payload)})
+
+
+def _assert_expand_refused(tmp_path, source, *words: str) -> str:
+    before, digest = listing(tmp_path), sha256(source)
+    result = cli("expand", source)
+    assert_clean_failure(result, 1, str(source), "'w'", *words)
+    assert listing(tmp_path) == before  # no output, no temporary
+    assert sha256(source) == digest
+    return result.stderr
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_expand_refuses_a_non_finite_factor(tmp_path, bad):
+    b = torch.ones(6, 2)
+    b[3, 1] = bad
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", b, torch.ones(2, 5), [6, 5])
+    assert "w.B" in _assert_expand_refused(tmp_path, source, "NaN or Inf")
+
+
+def test_expand_refuses_a_product_that_overflows_float16(tmp_path):
+    """Finite float32 factors whose product, 300·300 = 90000, is above float16's 65504."""
+    b, a = torch.full((4, 1), 300.0), torch.full((1, 3), 300.0)
+    assert float(torch.finfo(torch.float16).max) < 90000.0
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", b, a, [4, 3], dtype="F16")
+    _assert_expand_refused(tmp_path, source, "overflows F16")
+
+
+@pytest.mark.parametrize("dtype", ["BOOL", "I64", "U8"])
+def test_expand_refuses_a_record_declaring_a_non_float_dtype(tmp_path, dtype):
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", torch.ones(6, 2), torch.ones(2, 5), [6, 5], dtype)
+    _assert_expand_refused(tmp_path, source, dtype)
+
+
+def test_expand_refuses_a_product_larger_than_memory(tmp_path):
+    """A few hundred bytes declaring a 10⁷×10⁷ tensor of rank 0: 800 TB of float32 zeros, never allocated."""
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", torch.ones(10**7, 0), torch.ones(0, 10**7), [10**7] * 2)
+    assert source.stat().st_size < 1000
+    _assert_expand_refused(tmp_path, source, "GiB", "memory")
+
+
+def test_expand_refuses_a_record_its_factors_do_not_describe(tmp_path):
+    """Rank·(m + n) must be what is stored: a 200000² record over a 6×2 and a 2×5 factor is refused before reading."""
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", torch.ones(6, 2), torch.ones(2, 5), [200000, 200000])
+    _assert_expand_refused(tmp_path, source, "(6, 2)", "(200000, 2)")
+
+
+def test_apply_factors_shares_the_factor_check(tmp_path):
+    """apply_factors reads the same check: the record says 6×5 at rank 2, the factors are 6×3 and 3×5."""
+    from lowrank_cli import apply_factors
+    from lowrank_cli.errors import CheckpointError
+
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", torch.ones(6, 3), torch.ones(3, 5), [6, 5])
+    payload = json.loads(file_metadata(source)["lowrank"])
+    payload["tensors"]["w"]["rank"] = 2
+    save(source, load(source), {"lowrank": json.dumps(payload)})
+    model = torch.nn.Module()
+    model.w = torch.nn.Parameter(torch.zeros(6, 5))
+    with pytest.raises(CheckpointError, match=r"factors of 'w' have shapes \(6, 3\) and \(3, 5\), not \(6, 2\)"):
+        apply_factors(model, source)
