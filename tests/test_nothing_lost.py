@@ -137,3 +137,81 @@ def test_apply_factors_shares_the_factor_check(tmp_path):
     model.w = torch.nn.Parameter(torch.zeros(6, 5))
     with pytest.raises(CheckpointError, match=r"factors of 'w' have shapes \(6, 3\) and \(3, 5\), not \(6, 2\)"):
         apply_factors(model, source)
+
+
+# --- 9, 15: a statistics file holds second moments, with metadata of the documented types -----------
+
+
+def _model_and_stats(tmp_path, moment: torch.Tensor, **payload_changes) -> tuple:
+    """A 10×6 weight 'w' and a statistics file giving its input the moment, written without write_calibration."""
+    gen = torch.Generator().manual_seed(0)
+    model = save(tmp_path / "model.safetensors", {"w": torch.randn(10, 6, generator=gen)})
+    raw = payload_changes.pop("raw", None)
+    payload = {"format_version": 1, "tokens": 100, "text_sha256": None, "inputs": {"w": "x"}, "transposed": []}
+    metadata = {"lowrank_calibration": raw or json.dumps({**payload, **payload_changes})}
+    stats = save(tmp_path / "stats.safetensors", {"x": moment}, metadata)
+    return model, stats
+
+
+def _indefinite() -> torch.Tensor:
+    c = torch.eye(6)
+    c[0, 1] = c[1, 0] = 2.0  # the block [[1, 2], [2, 1]] has eigenvalue −1
+    assert float(torch.linalg.eigvalsh(c.double())[0]) == pytest.approx(-1.0)
+    return c
+
+
+def _with(value: float, at: tuple[int, int] = (5, 5)) -> torch.Tensor:
+    c = torch.eye(6)
+    c[at] = value
+    return c
+
+
+BAD_MOMENTS = {
+    "indefinite": (_indefinite(), "indefinite"),
+    "negative variance": (_with(-1.0), "negative diagonal"),
+    "NaN": (_with(float("nan")), "NaN or Inf"),
+    "Inf": (_with(float("inf")), "NaN or Inf"),
+    "not symmetric": (_with(0.5, (0, 1)), "not symmetric"),
+    "F64 entries of 1e307": (torch.full((6, 6), 1e307, dtype=torch.float64), "too large"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_MOMENTS))
+def test_a_moment_that_is_no_second_moment_is_refused(tmp_path, case):
+    moment, problem = BAD_MOMENTS[case]
+    model, stats = _model_and_stats(tmp_path, moment)
+    before = listing(tmp_path)
+    result = cli("compress", model, "--rank", 2, "--calibration", stats)
+    assert_clean_failure(result, 1, str(stats), "moment 'x'", problem, "rerun lowrank calibrate")
+    assert listing(tmp_path) == before
+
+
+def test_a_rank_deficient_float32_moment_is_accepted(tmp_path):
+    """Fewer tokens than inputs: C is singular and its float32 rounding may dip below zero by ~n·ε; still a moment."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3, 6)) * np.array([1e3, 1, 1, 1, 1, 1e-3])
+    moment = torch.from_numpy(x.T @ x / len(x)).float()
+    model, stats = _model_and_stats(tmp_path, moment)
+    report = cli_json("compress", model, "--rank", 2, "--calibration", stats, "-o", tmp_path / "out.safetensors")
+    assert report["tensors"][0]["status"] == "factorized"
+    assert report["tensors"][0]["output_error"] is not None
+
+
+BAD_FIELDS = {
+    "tokens a string": dict(tokens="many"),
+    "tokens a list": dict(tokens=[100]),
+    "tokens a bool": dict(tokens=True),
+    "transposed an int": dict(transposed=3),
+    "transposed nested": dict(transposed=[["w"]]),
+    "inputs nested": dict(inputs={"w": {"key": "x"}}),
+    "text_sha256 a number": dict(text_sha256=7),
+    "payload a list": dict(raw="[1, 2]"),
+    "payload deeply nested": dict(raw="[" * 100_000 + "]" * 100_000),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FIELDS))
+def test_calibration_metadata_of_the_wrong_type_is_one_line(tmp_path, case):
+    model, stats = _model_and_stats(tmp_path, torch.eye(6), **BAD_FIELDS[case])
+    result = cli("compress", model, "--rank", 2, "--calibration", stats)
+    assert_clean_failure(result, 1, str(stats))
