@@ -215,3 +215,62 @@ def test_calibration_metadata_of_the_wrong_type_is_one_line(tmp_path, case):
     model, stats = _model_and_stats(tmp_path, torch.eye(6), **BAD_FIELDS[case])
     result = cli("compress", model, "--rank", 2, "--calibration", stats)
     assert_clean_failure(result, 1, str(stats))
+
+
+# --- 13, 14: a compressed folder is not calibrated or analyzed; config.json problems are one line ----
+
+
+def _compressed_bert(tmp_path):
+    from test_calibration import tiny_model_folder
+
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    out = tmp_path / "bert.lowrank"
+    assert cli("compress", folder, "--rank", 4, "-o", out).exit_code == 0
+    return folder, out, text
+
+
+def test_calibrate_refuses_a_compressed_folder(tmp_path):
+    _, compressed, text = _compressed_bert(tmp_path)
+    stats = tmp_path / "stats.safetensors"
+    result = cli("calibrate", compressed, "-o", stats, "--text", text, "--seq-len", 16)
+    assert_clean_failure(result, 1, str(compressed / "model.safetensors"), "is a lowrank file", "lowrank expand")
+    assert not stats.exists()
+
+
+def test_analyze_refuses_a_lowrank_file(tmp_path):
+    source = _lowrank_file(tmp_path / "w.lowrank.safetensors", torch.ones(6, 2), torch.ones(2, 5), [6, 5])
+    result = cli("analyze", source)
+    assert_clean_failure(result, 1, str(source), "is a lowrank file", "lowrank expand")
+
+
+BAD_CONFIGS = {
+    "not JSON": "{not json",
+    "a JSON list": "[1, 2]",
+    "model_type a number": json.dumps({"model_type": 5}),
+    "a field of the wrong type": json.dumps({"model_type": "bert", "hidden_size": "big"}),
+    "custom code without a model_type": json.dumps({"auto_map": {"AutoConfig": "custom.MyConfig"}}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_load_pretrained_on_a_malformed_config_raises_a_checkpoint_error(tmp_path, case, monkeypatch):
+    from lowrank_cli import load_pretrained
+    from lowrank_cli.errors import CheckpointError
+
+    monkeypatch.setattr("builtins.input", lambda *a: pytest.fail("transformers asked whether to run custom code"))
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(BAD_CONFIGS[case])
+    with pytest.raises(CheckpointError, match=r"config\.json: cannot be read as a transformers config"):
+        load_pretrained(folder)
+
+
+@pytest.mark.parametrize("case", ["not JSON", "a JSON list", "a field of the wrong type"])
+def test_calibrate_with_a_malformed_config_is_one_line(tmp_path, case):
+    from test_calibration import tiny_model_folder
+
+    folder, text = tiny_model_folder(tmp_path, head=False)
+    (folder / "config.json").write_text(BAD_CONFIGS[case])
+    stats = tmp_path / "stats.safetensors"
+    assert_clean_failure(cli("calibrate", folder, "-o", stats, "--text", text, "--seq-len", 16), 1, str(folder))
+    assert not stats.exists()

@@ -96,13 +96,20 @@ def load_pretrained(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
     transformers = require_transformers("load_pretrained")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    model_class = auto_class or _architecture(transformers, config)
-    with torch.device("meta"):
-        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-            model = model_class._from_config(config)
-        else:
-            model = model_class.from_config(config)
+    try:  # never run the folder's own code (auto_map), nor ask whether to
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        model_class = auto_class or _architecture(transformers, config)
+        with torch.device("meta"):
+            if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+                model = model_class._from_config(config)
+            else:
+                model = model_class.from_config(config, trust_remote_code=False)
+    except config_errors() as exc:
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise CheckpointError(
+            f"{folder / 'config.json'}: cannot be read as a transformers config ({problem}); give the folder"
+            " of a transformers model, with the config.json it was saved with"
+        ) from None
     with open_checkpoint(weights or folder) as checkpoint:
         factored, dense = _plan(model, checkpoint, dtype)
         _require_complete(model, checkpoint, factored, dense)
@@ -176,6 +183,16 @@ def require_transformers(feature: str):
             " (apply_factors works without it on any torch model)"
         ) from None
     return transformers
+
+
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config.json it cannot use: unreadable, not JSON, wrong fields or types."""
+    errors: tuple[type[Exception], ...] = (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError)
+    try:  # transformers 5 validates config fields with huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
 
 
 def _architecture(transformers, config) -> type:
