@@ -6,7 +6,10 @@ Every hostile input is made here in tmp_path; every expected number is recompute
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -274,3 +277,41 @@ def test_calibrate_with_a_malformed_config_is_one_line(tmp_path, case):
     stats = tmp_path / "stats.safetensors"
     assert_clean_failure(cli("calibrate", folder, "-o", stats, "--text", text, "--seq-len", 16), 1, str(folder))
     assert not stats.exists()
+
+
+# --- 15: a full or read-only disk under calibrate, a memory cap under any command: one line -----------
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_calibrate_onto_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, code):
+    """Tests run as root, which a chmod 0o555 folder does not stop: the write itself fails instead."""
+    import safetensors.torch
+    from test_calibration import tiny_model_folder
+
+    folder, text = tiny_model_folder(tmp_path, head=False)
+
+    def failing_save(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 8)  # a partial file, which must not be left behind
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    stats = tmp_path / "stats.safetensors"
+    before = listing(tmp_path)
+    result = cli("calibrate", folder, "-o", stats, "--text", text, "--seq-len", 16)
+    assert_clean_failure(result, 1, str(stats), os.strerror(code))
+    assert listing(tmp_path) == before
+
+
+@pytest.mark.parametrize("error", [MemoryError(), RuntimeError("DefaultCPUAllocator: can't allocate memory")])
+def test_a_memory_cap_hit_while_reading_an_input_is_one_line(tmp_path, monkeypatch, error):
+    source = save(tmp_path / "big.safetensors", {"big": torch.ones(1000, 1000)})
+    real_empty = torch.empty
+
+    def capped_empty(*shape, **kwargs):
+        dims = shape[0] if len(shape) == 1 and isinstance(shape[0], (tuple, list, torch.Size)) else shape
+        if int(np.prod(dims)) >= 10**6:
+            raise error
+        return real_empty(*shape, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", capped_empty)
+    assert_clean_failure(cli("analyze", source), 1, str(source), "'big'", "memory")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.writer import current_umask
 
 METADATA_KEY = "lowrank_calibration"
@@ -78,6 +78,9 @@ def write_calibration(
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
         os.chmod(temporary, 0o666 & ~current_umask())  # a normal file's mode, as every other output
         temporary.replace(path)
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{path}: cannot be written ({reason}); free space or choose another output") from None
     finally:
         temporary.unlink(missing_ok=True)
 
