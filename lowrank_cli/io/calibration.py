@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.writer import current_umask
 
 METADATA_KEY = "lowrank_calibration"
@@ -90,6 +90,9 @@ def write_calibration(
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
         os.chmod(temporary, 0o666 & ~current_umask())  # a normal file's mode, as every other output
         temporary.replace(path)
+    except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
+        reason = exc.strerror or str(exc)
+        raise OutputError(f"{path}: cannot be written ({reason}); free space or choose another output") from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -106,8 +109,10 @@ def read_calibration(path: str | Path) -> Calibration:
                     f"{path}: has no '{METADATA_KEY}' metadata; make calibration statistics with lowrank calibrate"
                 )
             payload = json.loads(metadata[METADATA_KEY])
-            if payload.get("format_version") != FORMAT_VERSION:
-                raise CheckpointError(f"{path}: calibration format {payload.get('format_version')!r} is not supported")
+            if not isinstance(payload, dict) or payload.get("format_version") != FORMAT_VERSION:
+                version = payload.get("format_version") if isinstance(payload, dict) else payload
+                raise CheckpointError(f"{path}: calibration format {version!r} is not supported")
+            _check_fields(payload, path)
             stored = {key: handle.get_tensor(key) for key in set(payload["inputs"].values())}
             counted = {name: handle.get_tensor(key) for name, key in (payload.get("token_counts") or {}).items()}
     except CheckpointError:
@@ -117,12 +122,17 @@ def read_calibration(path: str | Path) -> Calibration:
         raise CheckpointError(
             f"{path}: not a safetensors file ({reason}); make calibration statistics with lowrank calibrate"
         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"{path}: cannot be read as calibration statistics ({problem})") from None
     for key, moment in stored.items():
         if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
             raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
+        problem = moment_problem(moment)
+        if problem is not None:
+            raise CheckpointError(
+                f"{path}: moment '{key}' {problem}, so it is no second moment; rerun lowrank calibrate"
+            )
     for name, counts in counted.items():
         if counts.ndim != 1 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise CheckpointError(
@@ -138,6 +148,58 @@ def read_calibration(path: str | Path) -> Calibration:
         token_counts=counted,
         fingerprint=_fingerprint(payload.get("fingerprint") or {}, path),
     )
+
+
+def _check_fields(payload: dict, path: str | Path) -> None:
+    """The metadata's fields have the types docs/calibration.md gives them (sensitivity: see _sensitivity)."""
+    inputs, tokens, digest = payload.get("inputs"), payload.get("tokens", 0), payload.get("text_sha256")
+    transposed = payload.get("transposed", [])
+    if not (isinstance(inputs, dict) and all(isinstance(v, str) for v in inputs.values())):
+        problem = "'inputs' is not a map from weight names to moment keys"
+    elif type(tokens) is not int or tokens < 0:
+        problem = f"'tokens' is {tokens!r}, not a count of tokens"
+    elif digest is not None and not isinstance(digest, str):
+        problem = f"'text_sha256' is {digest!r}, not a hash"
+    elif not (isinstance(transposed, list) and all(isinstance(name, str) for name in transposed)):
+        problem = f"'transposed' is {transposed!r}, not a list of weight names"
+    elif not (
+        isinstance(counts := payload.get("token_counts", {}), dict) and all(isinstance(v, str) for v in counts.values())
+    ):
+        problem = "'token_counts' is not a map from weight names to tensor keys"
+    elif type(payload.get("probe_tokens", 0)) is not int:
+        problem = f"'probe_tokens' is {payload['probe_tokens']!r}, not a count of tokens"
+    else:
+        return
+    raise CheckpointError(f"{path}: its '{METADATA_KEY}' metadata is damaged ({problem}); rerun lowrank calibrate")
+
+
+def moment_problem(moment: torch.Tensor) -> str | None:
+    """What keeps a matrix from being a second moment E[x xᵀ], or None: finite, symmetric, positive semidefinite.
+
+    Both tolerances are n·ε of the moment's dtype, relative to its largest entry (symmetry) and its
+    largest eigenvalue (definiteness): the rounding a true moment gets when stored. The eigenvalues
+    are computed in float64 on the moment divided by its largest entry, so no value overflows.
+    """
+    if not bool(torch.isfinite(moment).all()):
+        return "holds NaN or Inf"
+    c = moment.to(torch.float64)
+    n = c.shape[0]
+    peak = float(c.abs().max()) if c.numel() else 0.0
+    if peak == 0.0:
+        return None  # a zero moment: the layer's input was always zero, plain SVD (ops.pipeline)
+    if not math.isfinite(peak * n * n):
+        return f"has entries up to {peak:.3g}, too large to sum in float64"
+    tolerance = n * torch.finfo(moment.dtype if moment.is_floating_point() else torch.float32).eps
+    c = c / peak
+    if float((c - c.T).abs().max()) > tolerance:
+        return "is not symmetric"
+    if float(c.diagonal().min()) < 0:
+        return "has a negative diagonal entry (a variance below zero)"
+    eigenvalues = torch.linalg.eigvalsh((c + c.T) / 2)  # ascending
+    low, high = float(eigenvalues[0]), float(eigenvalues[-1])
+    if low < -tolerance * max(high, 0.0) or high <= 0:
+        return f"is indefinite (eigenvalues from {low * peak:.3g} to {high * peak:.3g})"
+    return None
 
 
 def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:

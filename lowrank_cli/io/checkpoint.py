@@ -118,7 +118,7 @@ class Checkpoint:
 
     def read_bytes(self, name: str) -> bytearray:
         """The tensor's raw little-endian bytes, read into one fresh buffer."""
-        data = bytearray(self.entries[name].nbytes)
+        data = self._allocate(self.entries[name], lambda entry: bytearray(entry.nbytes))
         self._read_into(self.entries[name], data)
         return data
 
@@ -137,10 +137,23 @@ class Checkpoint:
         once, in place when the file's dtype already is `dtype`: about the time of one pass over them.
         """
         entry = self.entries[name]
-        raw = torch.empty(entry.matrix_shape, dtype=torch_dtype(entry.dtype))  # (out, in·…)
+        raw = self._allocate(entry, lambda e: torch.empty(e.matrix_shape, dtype=torch_dtype(e.dtype)))  # (out, in·…)
         if raw.numel():
             self._read_into(entry, raw.view(-1).view(torch.uint8).numpy())
         return raw.to(device=device, dtype=dtype)  # no copy when dtype and device already match
+
+    @staticmethod
+    def _allocate(entry: TensorEntry, make):
+        """make(entry), or a CheckpointError naming the tensor when memory (or a memory cap) runs out."""
+        try:
+            return make(entry)
+        except (MemoryError, RuntimeError) as exc:
+            if isinstance(exc, RuntimeError) and "memory" not in str(exc):
+                raise
+            raise CheckpointError(
+                f"{entry.path}: tensor '{entry.name}' ({entry.nbytes:,} bytes) does not fit in the memory available;"
+                " free memory, raise the process's memory limit or run on a larger machine"
+            ) from None
 
     def _read_into(self, entry: TensorEntry, buffer: bytearray | np.ndarray) -> None:
         handle = self._handles.get(entry.path)

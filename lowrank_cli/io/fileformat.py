@@ -24,9 +24,12 @@ unchanged under their own names.
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from lowrank_cli.errors import CheckpointError
+from lowrank_cli.io.dtypes import FLOAT_CODES
 
 METADATA_KEY = "lowrank"
 FORMAT_VERSION = 1
@@ -56,6 +59,32 @@ class FactorRecord:
             "split": self.split,
         }
         return fields if self.output_error is None else {**fields, "output_error": self.output_error}
+
+
+def check_factors(source: object, name: str, record: FactorRecord, shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """NAME.B (m, r) and NAME.A (r, n) are among `shapes` (factor name -> stored shape) as the record declares.
+
+    Checked on the file's header alone, before any factor is read: the stored factors hold exactly
+    r·(m + n) numbers, so a record cannot declare an m×n tensor its factors do not describe.
+    """
+    rows, cols = record.shape[0], math.prod(record.shape) // record.shape[0]
+    b_name, a_name = factor_names(name)
+    for factor_name in (b_name, a_name):
+        if factor_name not in shapes:
+            raise CheckpointError(
+                f"{source}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again"
+            )
+    b, a = tuple(shapes[b_name]), tuple(shapes[a_name])
+    if b != (rows, record.rank) or a != (record.rank, cols):
+        raise CheckpointError(
+            f"{source}: factors of '{name}' have shapes {b} and {a}, not ({rows}, {record.rank}) and"
+            f" ({record.rank}, {cols}) as its record {list(record.shape)} says; compress the original again"
+        )
+    if record.dtype not in FLOAT_CODES:
+        raise CheckpointError(
+            f"{source}: tensor '{name}' has dtype {record.dtype}, which B·A cannot be (only float tensors are"
+            " factorized); compress the original again"
+        )
 
 
 def calibration_record(calibration: object | None) -> dict | None:

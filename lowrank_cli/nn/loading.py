@@ -7,7 +7,6 @@ in the lowrank format, which `lowrank expand` reads.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from torch import nn
 from lowrank_cli.errors import CheckpointError, MissingExtraError
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF
-from lowrank_cli.io.fileformat import FactorRecord, decode_metadata, encode_metadata, factor_names
+from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
 
@@ -97,13 +96,20 @@ def load_pretrained(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
     transformers = require_transformers("load_pretrained")
-    config = transformers.AutoConfig.from_pretrained(str(folder))
-    model_class = auto_class or _architecture(transformers, config)
-    with torch.device("meta"):
-        if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-            model = model_class._from_config(config)
-        else:
-            model = model_class.from_config(config)
+    try:  # never run the folder's own code (auto_map), nor ask whether to
+        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
+        model_class = auto_class or _architecture(transformers, config)
+        with torch.device("meta"):
+            if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+                model = model_class._from_config(config)
+            else:
+                model = model_class.from_config(config, trust_remote_code=False)
+    except config_errors() as exc:
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise CheckpointError(
+            f"{folder / 'config.json'}: cannot be read as a transformers config ({problem}); give the folder"
+            " of a transformers model, with the config.json it was saved with"
+        ) from None
     with open_checkpoint(weights or folder) as checkpoint:
         factored, dense = _plan(model, checkpoint, dtype)
         _require_complete(model, checkpoint, factored, dense)
@@ -179,6 +185,16 @@ def require_transformers(feature: str):
     return transformers
 
 
+def config_errors() -> tuple[type[Exception], ...]:
+    """What transformers raises for a config.json it cannot use: unreadable, not JSON, wrong fields or types."""
+    errors: tuple[type[Exception], ...] = (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError)
+    try:  # transformers 5 validates config fields with huggingface_hub's strict dataclasses
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+        return errors
+    return (*errors, StrictDataclassError)
+
+
 def _architecture(transformers, config) -> type:
     for name in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, name, None)
@@ -197,13 +213,9 @@ def _plan(
     for shard in checkpoint.files:
         records.update(decode_metadata(shard.path, shard.metadata)[1])
     factor_of = {f: name for name in records for f in factor_names(name)}
-    for name in records:
-        for factor_name in factor_names(name):
-            if factor_name not in checkpoint.entries:
-                raise CheckpointError(
-                    f"{checkpoint.source}: factor '{factor_name}' of tensor '{name}' is missing;"
-                    " compress the original again"
-                )
+    shapes = {name: entry.shape for name, entry in checkpoint.entries.items()}
+    for name, record in records.items():
+        check_factors(checkpoint.source, name, record, shapes)
     tensors, owners = _model_tensors(model), _owners(model)
     names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
     target_of = _match_names(model, checkpoint.source, names, tensors)
@@ -219,12 +231,6 @@ def _plan(
             )
         _check_owners(owners[id(current)], checkpoint.source, name)
         b, a = checkpoint.read(factor_names(name)[0]), checkpoint.read(factor_names(name)[1])
-        rows, cols = record.shape[0], math.prod(record.shape) // record.shape[0]
-        if tuple(b.shape) != (rows, record.rank) or tuple(a.shape) != (record.rank, cols):
-            raise CheckpointError(
-                f"{checkpoint.source}: factors of '{name}' have shapes {tuple(b.shape)} and {tuple(a.shape)},"
-                f" not ({rows}, {record.rank}) and ({record.rank}, {cols}); compress the original again"
-            )
         b, a = (_like(t, current, dtype) for t in (b, a))
         factored.append(_Factored(name, target, record, b, a))
 

@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import numpy as np
 
+from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.fileformat import METADATA_KEY
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
@@ -45,6 +47,12 @@ def analyze(
     With calibration, a tensor with statistics is described by the spectrum of W·S, and the error a
     policy would give is the output error (its Eckart–Young optimum on W·S).
     """
+    for shard in checkpoint.files:
+        if METADATA_KEY in (shard.metadata or {}):
+            raise CheckpointError(
+                f"{shard.path}: is a lowrank file, whose factors are no model's matrices; run lowrank expand on it"
+                " and analyze the dense checkpoint it writes"
+            )
     selected = set(checkpoint.select(include, exclude))
     tensors, spectra, whitened = [], {}, set()
     for entry in checkpoint.entries.values():

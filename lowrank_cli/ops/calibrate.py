@@ -19,6 +19,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
+from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.samples import TOKENS, batches, read_samples, sample_count, spread
@@ -469,19 +470,45 @@ def _load(transformers, folder: Path, device: str):
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
-    architectures = json.loads(config_path.read_text()).get("architectures") or []
-    model_class = getattr(transformers, architectures[0], None) if architectures else None
+    _refuse_lowrank_weights(folder)
+    from lowrank_cli.nn.loading import config_errors
+
+    try:
+        architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
+        model_class = getattr(transformers, architectures[0], None) if architectures else None
+    except (OSError, ValueError, AttributeError, TypeError, IndexError, RecursionError) as exc:
+        raise CheckpointError(
+            f"{config_path}: is not a model config ({type(exc).__name__}: {exc}); give a Hugging Face model folder"
+        ) from None
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
+    offline = dict(local_files_only=True, trust_remote_code=False)  # never run a folder's own code, never ask
     try:
-        model = (model_class or transformers.AutoModel).from_pretrained(folder, local_files_only=True)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    except (OSError, ValueError) as exc:
+        model = (model_class or transformers.AutoModel).from_pretrained(folder, **offline)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
+    except config_errors() as exc:
         raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
     finally:
         if bars:
             transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
+
+
+def _refuse_lowrank_weights(folder: Path) -> None:
+    """A compressed folder's factors would load as a randomly initialised model: calibrate the dense one."""
+    from safetensors import safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                compressed = LOWRANK_KEY in (handle.metadata() or {})
+        except Exception:  # noqa: BLE001 - a file transformers cannot read either; it says why below
+            continue
+        if compressed:
+            raise CheckpointError(
+                f"{path}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
+                " and calibrate the dense folder it writes"
+            )
 
 
 def _linear_names(model: torch.nn.Module) -> list[str]:

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, TensorError
 from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, compute_dtype, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, decode_casts, decode_metadata, factor_names
+from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_casts, decode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
+from lowrank_cli.linalg.factorize import finite
 from lowrank_cli.ops.pipeline import new_report
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
@@ -94,26 +96,53 @@ def _copy(
 
 
 def _check_factors(checkpoint: Checkpoint, shard: ShardFile, records: dict[str, FactorRecord]) -> None:
+    """Every record's factors in its shard, of the shapes it declares, and each product fits in memory."""
+    shapes = {entry.name: entry.shape for entry in checkpoint.entries.values() if entry.path == shard.path}
+    available = available_memory()
     for name, record in records.items():
-        for factor_name in factor_names(name):
-            entry = checkpoint.entries.get(factor_name)
-            if entry is None or entry.path != shard.path:
-                raise CheckpointError(
-                    f"{shard.path}: factor '{factor_name}' of tensor '{name}' is missing; compress the original again"
-                )
-        if record.dtype not in DTYPES:
-            raise CheckpointError(f"{shard.path}: tensor '{name}' has unknown dtype {record.dtype}")
+        check_factors(shard.path, name, record, shapes)
+        # B·A in the computation dtype, then cast to the tensor's own: both live at once.
+        needed = math.prod(record.shape) * (_itemsize(compute_dtype(record.dtype)) + DTYPES[record.dtype][1])
+        if available is not None and needed > available:
+            raise CheckpointError(
+                f"{shard.path}: tensor '{name}' {list(record.shape)} needs {needed / 2**30:,.1f} GiB to rebuild,"
+                f" more than the {available / 2**30:,.1f} GiB of memory available; expand it on a larger machine"
+                " or run the factors as they are (lowrank_cli.load_pretrained)"
+            )
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available now (MemAvailable, else free pages), or None where neither can be read."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _rebuild(checkpoint: Checkpoint, name: str, record: FactorRecord) -> torch.Tensor:
+    """B·A in the tensor's own shape and dtype (shapes checked by _check_factors); never NaN or Inf."""
+    where = f"{checkpoint.source}: tensor '{name}'"
     b_name, a_name = factor_names(name)
     b, a = checkpoint.read(b_name), checkpoint.read(a_name)
-    rows, cols = record.shape[0], math.prod(record.shape) // record.shape[0]
-    if b.shape != (rows, record.rank) or a.shape != (record.rank, cols):
-        raise CheckpointError(
-            f"{checkpoint.source}: factors of '{name}' have shapes {tuple(b.shape)} and {tuple(a.shape)},"
-            f" not ({rows}, {record.rank}) and ({record.rank}, {cols}); compress the original again"
-        )
+    for factor_name, factor in ((b_name, b), (a_name, a)):
+        if not finite(factor):
+            raise TensorError(f"{where}: its factor '{factor_name}' holds NaN or Inf; compress the original again")
     work = compute_dtype(record.dtype) if b.dtype != torch.float64 else torch.float64
-    dense = b.to(work) @ a.to(work)  # (m, r) @ (r, n) -> (m, n)
-    return dense.to(torch_dtype(record.dtype)).reshape(record.shape)
+    dense = (b.to(work) @ a.to(work)).to(torch_dtype(record.dtype))  # (m, r) @ (r, n) -> (m, n)
+    if not finite(dense):
+        raise TensorError(
+            f"{where}: B·A overflows {record.dtype}, the tensor's own dtype, so its factors do not describe it;"
+            " compress the original again"
+        )
+    return dense.reshape(record.shape)

@@ -15,7 +15,7 @@ from lowrank_cli.errors import TensorError
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
-from lowrank_cli.linalg.factorize import factorize, finite, generator_for, relative_error
+from lowrank_cli.linalg.factorize import Factorization, factorize, finite, generator_for, relative_error
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
 from lowrank_cli.linalg.whiten import RowWeights, Whitener
@@ -149,7 +149,8 @@ def factor(
     limit: the highest rank worth storing (default: the break-even rank; extract allows min(m, n)).
     whitener: the layer input's statistics (linalg.whiten); then W·S is factorized, A un-whitened,
     and the policy's error means the output error ‖(W − BA)X‖_F / ‖WX‖_F, measured on what is stored.
-    A randomized result that misses an error target by floating-point bookkeeping is redone exactly.
+    A randomized result that misses an error target by floating-point bookkeeping is redone exactly; one
+    that still misses it as stored gets more terms, or stays dense: a factorized tensor always meets it.
     """
     limit = break_even_rank(*matrix.shape) if limit is None else limit
     if policy.dense:  # nothing to compute: the budget keeps the tensor whole
@@ -162,30 +163,93 @@ def factor(
     outcome = Factors(decision, result.method, result.spectrum)
     if decision.status != Status.factorized:
         return outcome
-    if whitener is None:
-        outcome.b, outcome.a, outcome.split = result.factors(stored)
-    else:
-        b, a, outcome.split = result.factors(matrix.dtype)
-        b, a = whitener.unwhiten_factors(b, a)  # A = V_rᵀ·S⁻¹ (a Linear), or B = D^-½·U_r·Σ_r (an embedding)
-        outcome.b, outcome.a = b.to(stored), a.to(stored)
-    if not (finite(outcome.b) and finite(outcome.a)):
-        wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
-        raise TensorError(
-            f"{where or name}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {{dtype}} {wider}"
-        )
-    outcome.rel_error = relative_error(matrix, outcome.b, outcome.a)
-    if whitener is not None:
-        outcome.output_error = whitener.output_error(matrix, outcome.b, outcome.a)
+    outcome.b, outcome.a, outcome.split = _stored_factors(result, stored, whitener, matrix.dtype, where or name)
+    outcome.rel_error, outcome.output_error = _measure(matrix, outcome.b, outcome.a, whitener)
     target = policy.error_target()
-    measured = outcome.rel_error if whitener is None else outcome.output_error
-    missed = target is not None and measured > target
-    again = dict(settings=settings, name=name, stored=stored, limit=limit, where=where, whitener=whitener)
+    missed = target is not None and _measured(outcome) > target
     if result.method == "randomized" and stored == matrix.dtype and missed:
+        again = dict(settings=settings, name=name, stored=stored, limit=limit, where=where, whitener=whitener)
         return factor(matrix, policy, method=Method.exact, **again)
-    if whitener is not None and missed and result.method == "exact" and decision.rank < limit:
-        # The rank was read off the damped spectrum; measured with C itself it may miss by ~λ: one more term.
-        return factor(matrix, RankPolicy(rank=decision.rank + 1), method=Method.exact, **again)
+    if missed and policy.max_error is not None:  # --energy is a share of the spectrum, kept as computed
+        # The rank was read off the spectrum of what was computed, not of what is stored: rounding the factors
+        # to a narrower dtype, or (with calibration) the damping λ, adds error the spectrum cannot see.
+        return _more_terms(matrix, target_matrix, outcome, target, stored, whitener, limit, where or name)
     return outcome
+
+
+def _stored_factors(
+    result: Factorization, stored: torch.dtype, whitener: Whitener | RowWeights | None, compute: torch.dtype, where: str
+) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """B and A in the stored dtype (A un-whitened: A = V_rᵀ·S⁻¹), refused if they overflow it."""
+    if whitener is None:
+        b, a, split = result.factors(stored)
+    else:
+        b, a, split = result.factors(compute)
+        b, a = whitener.unwhiten_factors(b, a)  # A = V_rᵀ·S⁻¹ (a Linear), or B = D^-½·U_r·Σ_r (an embedding)
+        b, a = b.to(stored), a.to(stored)
+    if not (finite(b) and finite(a)):
+        wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
+        raise TensorError(f"{where}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {{dtype}} {wider}")
+    return b, a, split
+
+
+def _measure(
+    matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor, whitener: Whitener | RowWeights | None
+) -> tuple[float, float | None]:
+    """The weight error and (with calibration) the output error of the factors as stored."""
+    output = None if whitener is None else whitener.output_error(matrix, b, a)
+    return relative_error(matrix, b, a), output
+
+
+def _measured(outcome: Factors) -> float:
+    """The error the policy's target bounds: the output error with calibration, else the weight error."""
+    return outcome.rel_error if outcome.output_error is None else outcome.output_error
+
+
+def _more_terms(
+    matrix: torch.Tensor,
+    target_matrix: torch.Tensor,
+    outcome: Factors,
+    target: float,
+    stored: torch.dtype,
+    whitener: Whitener | RowWeights | None,
+    limit: int,
+    where: str,
+) -> Factors:
+    """The smallest rank found up to `limit` whose stored factors meet `target`; dense when none does.
+
+    One exact SVD to `limit` terms; ranks above the first are tried one more, then doubling the step,
+    then bisecting, each measured on the factors as stored.
+    """
+    full = factorize(target_matrix, RankPolicy(rank=limit), method="exact")
+
+    def attempt(rank: int) -> Factors:
+        cut = replace(full, rank=rank, u=full.u[:, :rank], s=full.s[:rank], vh=full.vh[:rank])
+        tried = Factors(Decision(Status.factorized, rank), "exact", outcome.spectrum)
+        tried.b, tried.a, tried.split = _stored_factors(cut, stored, whitener, matrix.dtype, where)
+        tried.rel_error, tried.output_error = _measure(matrix, tried.b, tried.a, whitener)
+        return tried
+
+    low, step, best = outcome.decision.rank, 1, None  # low: a rank known to miss
+    while best is None and low < limit:
+        tried = attempt(min(low + step, limit))
+        if _measured(tried) <= target:
+            best = tried
+        else:
+            low, step = tried.decision.rank, step * 2
+    if best is None:
+        what = "output error" if whitener is not None else "error"
+        dtype = str(stored).removeprefix("torch.")
+        reason = f"factors stored in {dtype} miss the {what} target {target:g} at every rank up to {limit}"
+        return Factors(Decision(Status.dense, None, reason), "exact", outcome.spectrum)
+    high = best.decision.rank
+    while high - low > 1:
+        tried = attempt((low + high) // 2)
+        if _measured(tried) <= target:
+            best, high = tried, tried.decision.rank
+        else:
+            low = tried.decision.rank
+    return best
 
 
 NO_STATISTICS = "no calibration statistics for this tensor: plain SVD"
