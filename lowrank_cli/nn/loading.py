@@ -17,6 +17,7 @@ from lowrank_cli.errors import CheckpointError, MissingExtraError
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF
 from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
+from lowrank_cli.io.hfconfig import config_errors
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
 
@@ -183,16 +184,6 @@ def require_transformers(feature: str):
             " (apply_factors works without it on any torch model)"
         ) from None
     return transformers
-
-
-def config_errors() -> tuple[type[Exception], ...]:
-    """What transformers raises for a config.json it cannot use: unreadable, not JSON, wrong fields or types."""
-    errors: tuple[type[Exception], ...] = (OSError, ValueError, AttributeError, TypeError, KeyError, RecursionError)
-    try:  # transformers 5 validates config fields with huggingface_hub's strict dataclasses
-        from huggingface_hub.errors import StrictDataclassError
-    except ImportError:
-        return errors
-    return (*errors, StrictDataclassError)
 
 
 def _architecture(transformers, config) -> type:

@@ -471,7 +471,7 @@ def _load(transformers, folder: Path, device: str):
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
     _refuse_lowrank_weights(folder)
-    from lowrank_cli.nn.loading import config_errors
+    from lowrank_cli.io.hfconfig import config_errors
 
     try:
         architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
