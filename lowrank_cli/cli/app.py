@@ -211,7 +211,7 @@ def analyze(
         "lowrank compress model.safetensors --rank 64    # model.lowrank.safetensors",
         "lowrank compress hf-model/ --energy 0.99 -o out/  # a folder: out/",
         "lowrank compress model.safetensors --max-error 0.02 --dtype bfloat16",
-        "lowrank compress hf-model/ --fidelity 0.95 --eval-text eval.txt --calibration stats.safetensors",
+        "lowrank compress hf-model/ --fidelity 0.95 --eval-text eval.txt",
     ),
 )
 @_handle_errors
