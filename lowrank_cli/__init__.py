@@ -48,6 +48,7 @@ _LAZY = {
     "save_factors": "lowrank_cli.nn.loading",
     "calibrate": "lowrank_cli.api",
     "evaluate": "lowrank_cli.api",
+    "heal": "lowrank_cli.api",
     "Evaluation": "lowrank_cli.model.evaluate",
     "Calibrator": "lowrank_cli.ops.calibrate",
     "load_calibration": "lowrank_cli.io.calibration",
@@ -66,6 +67,7 @@ __all__ = [
     "save_factors",
     "calibrate",
     "evaluate",
+    "heal",
     "Evaluation",
     "Calibrator",
     "load_calibration",
@@ -87,7 +89,7 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lowrank_cli.api import analyze, calibrate, compress, evaluate, expand, extract, factorize
+    from lowrank_cli.api import analyze, calibrate, compress, evaluate, expand, extract, factorize, heal
     from lowrank_cli.io.calibration import load_calibration
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.model.evaluate import Evaluation

@@ -462,6 +462,62 @@ def _check_fingerprint(calibration: Calibration, checkpoint: Checkpoint) -> None
             )
 
 
+@_cleans_up
+def heal(
+    reference: PathLike,
+    compressed: PathLike,
+    out: PathLike,
+    *,
+    text: PathLike,
+    steps: int | None = None,
+    epochs: int = 1,
+    lr: float = 1e-4,
+    batch_size: int = 16,
+    seq_len: int = 128,
+    tokens: int = 262144,
+    samples: int | None = None,
+    split: Split | str = Split.auto,
+    eval_text: PathLike | None = None,
+    seed: int = 0,
+    device: Device | str = Device.auto,
+    force: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Report:
+    """Distil a compressed model back toward the original, at the same size: its factors are trained.
+
+    Args:
+        reference: the original Hugging Face model folder (needs transformers; offline).
+        compressed: a lowrank-compressed folder or file made from it.
+        out: where the healed model goes: the same ranks, names, shards, dtypes and format as
+            `compressed` (load_pretrained, expand and evaluate read it).
+        text: the training text, sampled as calibrate samples (seq_len, tokens, samples, split).
+        steps: optimizer steps (default: `epochs` passes over the samples).
+        epochs, lr, batch_size, seed: AdamW with a learning rate decaying linearly to 0; runs with
+            the same seed are the same on one machine.
+        eval_text: also measure the fidelity before and after on this text, as evaluate does.
+        device: where both models run ("cuda" trains on the GPU).
+        force: overwrite `out`.
+        progress: called as progress(step, steps, running loss) after each step.
+
+    Returns:
+        A Report: per factorized tensor the weight error after healing (measured on what is
+        written, against the reference's W); options["heal"] records the text hash, steps, final
+        loss and, with eval_text, the fidelity before and after and whether it is held out.
+
+    Example:
+        >>> lowrank_cli.heal("minilm/", "minilm.lowrank/", "minilm.healed/", text="train.txt", eval_text="eval.txt")
+    """
+    from lowrank_cli.model.heal import HealOptions
+    from lowrank_cli.model.heal import heal as _heal
+
+    options = HealOptions(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    return _heal(
+        reference, compressed, text, out, options=options, seq_len=seq_len, tokens=tokens, samples=samples,
+        split=choice(Split, split, "split"), eval_text=eval_text, device=resolve_device(device), force=force,
+        progress=progress,
+    )  # fmt: skip
+
+
 def _calibration(path: PathLike | None, checkpoints: list, other_model: bool = False) -> Calibration | None:
     """The statistics file, checked to describe at least one tensor of the checkpoints, and to be of
     this model (its fingerprint) unless other_model."""

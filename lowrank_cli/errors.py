@@ -22,7 +22,8 @@ EXIT_TERMINATED = 143  # 128 + SIGTERM
 ARGUMENTS = (
     "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
     "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top", "text", "seq_len",
-    "samples", "batch_size", "split", "sensitivity", "tokens", "probe_tokens", "other_model", "fidelity", "eval_text",
+    "samples", "batch_size", "split", "sensitivity", "tokens", "probe_tokens", "other_model", "fidelity",
+    "eval_text", "steps", "epochs", "lr",
 )  # fmt: skip
 _ARGUMENT = re.compile(r"\{(" + "|".join(ARGUMENTS) + r")\}")
 

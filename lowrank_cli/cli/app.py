@@ -518,6 +518,76 @@ def evaluate(
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 
+@app.command(
+    cls=_PlainHelp,
+    short_help="Train a compressed model's factors back toward the original.",
+    epilog=_examples(
+        "lowrank heal hf-model/ hf-model.lowrank/ --text train.txt -o hf-model.healed/",
+        "lowrank heal hf-model/ hf-model.lowrank/ --text train.txt -o out/ --eval-text eval.txt",
+    ),
+)
+@_handle_errors
+def heal(
+    reference: Annotated[
+        Path, typer.Argument(help="The original Hugging Face model folder.", show_default=False, metavar="REFERENCE")
+    ],
+    compressed: Annotated[
+        Path,
+        typer.Argument(
+            help="The lowrank-compressed folder or file made from it.", show_default=False, metavar="COMPRESSED"
+        ),
+    ],
+    output: Annotated[str, typer.Option("--output", "-o", help="Where the healed model goes.", metavar="OUT")],
+    text: Annotated[Path, typer.Option("--text", help="UTF-8 training text.", metavar="FILE")],
+    steps: Annotated[
+        Optional[int], typer.Option("--steps", help="Optimizer steps (default: --epochs passes).", metavar="N")
+    ] = None,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")] = 1,
+    lr: Annotated[
+        float, typer.Option("--lr", help="AdamW learning rate, decaying linearly to 0.", metavar="LR")
+    ] = 1e-4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.", metavar="N")] = 16,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample at most.", metavar="N")] = 128,
+    tokens: Annotated[
+        int, typer.Option("--tokens", help="Training tokens, in samples taken evenly over the text.", metavar="N")
+    ] = 262144,
+    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples at most.", metavar="N")] = None,
+    split: SplitOption = Split.auto,
+    eval_text: Annotated[
+        Optional[Path],
+        typer.Option("--eval-text", help="Measure the fidelity before and after on this text.", metavar="FILE"),
+    ] = None,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seed of the sample order; same seed, same run.", metavar="N")
+    ] = 0,
+    device: DeviceOption = Device.auto,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Distil COMPRESSED toward REFERENCE on a text: only the factors (and their layers' biases) train.
+
+    OUT has the same ranks, names and format as COMPRESSED; each factor's weight error is measured
+    again on what is written.
+    """
+    from lowrank_cli.cli.render import notice, print_json, print_report, training_progress
+
+    with training_progress(f"heal {compressed.name}") as tick:
+        report = lowrank_cli.heal(
+            reference, compressed, output, text=text, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
+            seq_len=seq_len, tokens=tokens, samples=samples, split=split, eval_text=eval_text, seed=seed,
+            device=device, force=force, progress=tick,
+        )  # fmt: skip
+    for note in report.options.get("notes", []):
+        notice(f"note: {note}")
+    print_json(report) if as_json else print_report(report)
+    healed = report.options["heal"]
+    line = f"{healed['steps']} steps, final loss {healed['final_loss']:.4g}"
+    if "fidelity_after" in healed:
+        kind = "held out" if healed["held_out"] else "not held out: the training text"
+        line += f"; fidelity {healed['fidelity_before']:.4f} → {healed['fidelity_after']:.4f} ({kind})"
+    notice(line)
+
+
 def _version(value: bool) -> None:
     if value:
         print(f"lowrank {lowrank_cli.__version__}")

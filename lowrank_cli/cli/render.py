@@ -53,6 +53,8 @@ def print_report(report: Report) -> None:
         title, columns, rows = _compress_table(report)
     elif report.command == "extract":
         title, columns, rows = _extract_table(report)
+    elif report.command == "heal":
+        title, columns, rows = _heal_table(report)
     else:
         title, columns, rows = _expand_table(report)
     width = _width()
@@ -291,6 +293,20 @@ def _extract_table(report: Report) -> tuple[str, list[Column], list[list[str | T
     return f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows
 
 
+def _heal_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
+    columns = [
+        Column("tensor", "name", keep=ALWAYS),
+        Column("rank", "number", keep=6),
+        Column("rel. error before", "number", keep=4),
+        Column("rel. error after", "number", keep=ALWAYS, footer=_error(report.totals.max_rel_error, "max ")),
+    ]
+    rows = [
+        [t.name, str(t.rank), (t.reason or "").removeprefix("rel. error before healing "), _error(t.rel_error)]
+        for t in report.tensors
+    ]
+    return f"heal → {report.output}", columns, rows
+
+
 def _expand_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
     columns = [
         Column("tensor", "name"),
@@ -376,6 +392,32 @@ def progress(label: str, steps: str | None = None) -> Iterator[Callable[[int, in
 
     def advance(done: int, total: int) -> None:
         bar.update(task, completed=done, total=total, tensors=bar.tasks[0].fields["tensors"] + 1)
+
+    with bar:
+        yield advance
+
+
+@contextmanager
+def training_progress(label: str) -> Iterator[Callable[[int, int, float], None] | None]:
+    """A bar over optimizer steps with the running loss, on stderr when it is a terminal."""
+    stderr = _stderr()
+    if not stderr.is_terminal:
+        yield None
+        return
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("steps, loss {task.fields[loss]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        transient=True,
+    )
+    task = bar.add_task(label, total=None, loss="…")
+
+    def advance(step: int, steps: int, loss: float) -> None:
+        bar.update(task, completed=step, total=steps, loss=f"{loss:.4g}")
 
     with bar:
         yield advance

@@ -313,18 +313,19 @@ def make_evaluator(
     )
 
 
-def load_candidate(folder: Path, candidate: Path, model_class: type, device: str) -> torch.nn.Module:
+def load_candidate(
+    folder: Path, candidate: Path, model_class: type, device: str, dtype: torch.dtype | None = None
+) -> torch.nn.Module:
     """The candidate as a model of the reference's class: a lowrank file or folder through load_pretrained
     (its own folder's config, else the reference's), a dense folder through transformers."""
     from lowrank_cli.nn.loading import load_pretrained
 
     own_config = candidate.is_dir() and (candidate / "config.json").is_file()
     if is_lowrank(candidate):
-        model = (
-            load_pretrained(candidate, model_class)
-            if own_config
-            else load_pretrained(folder, model_class, weights=candidate)
-        )
+        if own_config:
+            model = load_pretrained(candidate, model_class, dtype=dtype)
+        else:
+            model = load_pretrained(folder, model_class, weights=candidate, dtype=dtype)
     elif own_config:
         try:
             with _quiet_transformers():  # its load report and bar; what is missing is said below, in one line

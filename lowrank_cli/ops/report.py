@@ -23,6 +23,7 @@ class Status(str, Enum):
     carried = "carried"  # extract: beside the LoRA pairs, as its change (lora_bias) or whole (modules_to_save)
     expanded = "expanded"  # expand: rebuilt from its factors
     copied = "copied"  # expand: stored unchanged in the lowrank file, copied
+    healed = "healed"  # heal: factors trained toward the reference model
 
 
 @dataclass

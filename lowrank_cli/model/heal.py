@@ -1,0 +1,335 @@
+"""heal: train a compressed model's factors back toward the original model, at the same size.
+
+Closed-form truncation has a ceiling; a short distillation pass lifts it. Every factor B, A of the
+compressed model (and the bias of each factorized Linear) is trained with AdamW to make the
+compressed model's outputs match the reference's on samples of a text; every other weight stays
+frozen, and the reference runs under no_grad, so only the factors carry gradients and optimizer
+state. The loss, by model kind (model.evaluate):
+
+    encoder       ‖h′ − h‖² / ‖h‖² of the last hidden states over the real tokens (relative MSE)
+    causal-lm     mean KL(reference ‖ candidate) of the next-token distributions per token
+    masked-lm     the same at every position of the unmasked input
+
+The output is the compressed checkpoint again, shard for shard: every tensor under its own name,
+shape and dtype, the trained factors and biases in place of the old, each factor record's
+rel_error measured anew against the reference's W on what is written, and a `heal` entry in the
+lowrank metadata (text hash, steps, final loss, learning rate, seed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.errors import CheckpointError, TensorError, UsageError
+from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names
+from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
+from lowrank_cli.linalg.factorize import relative_error
+from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
+from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
+from lowrank_cli.ops.samples import TextSamples, batches
+
+SUFFIX = ".healed.safetensors"
+
+
+@dataclass(frozen=True)
+class HealOptions:
+    steps: int | None = None  # optimizer steps; None: `epochs` passes over the samples
+    epochs: int = 1
+    lr: float = 1e-4
+    batch_size: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise UsageError(f"{{steps}} must be at least 1, got {self.steps}")
+        if self.epochs < 1:
+            raise UsageError(f"{{epochs}} must be at least 1, got {self.epochs}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UsageError(f"{{lr}} must be a positive number, got {self.lr}")
+        if self.batch_size < 1:
+            raise UsageError(f"{{batch_size}} must be at least 1, got {self.batch_size}")
+
+
+@dataclass
+class _Factored:
+    """A factorized layer of the model and the names its tensors have in the compressed file."""
+
+    module: LowRankLinear | LowRankEmbedding
+    name: str  # the weight's name in the file (NAME.B, NAME.A hold its factors)
+    bias: str | None  # the bias's name in the file, for a Linear with one
+
+
+def trainable(model: torch.nn.Module, file_names: set[str]) -> list[_Factored]:
+    """Every factorized layer with its file names; only their factors and biases will require grad."""
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    layers, seen = [], set()
+    for path, module in model.named_modules():
+        if not isinstance(module, (LowRankLinear, LowRankEmbedding)) or id(module) in seen:
+            continue
+        seen.add(id(module))
+        name = _file_name(f"{path}.weight", file_names, prefix)
+        if name is None:
+            raise CheckpointError(f"the compressed model's layer '{path}' has no factors in its file")
+        bias = getattr(module, "bias", None)
+        bias_name = _file_name(f"{path}.bias", file_names, prefix) if bias is not None else None
+        layers.append(_Factored(module, name, bias_name))
+    if not layers:
+        raise UsageError("the compressed model has no factorized layer to heal; compress it first")
+    return layers
+
+
+def _file_name(model_name: str, file_names: set[str], prefix: str) -> str | None:
+    for name in (model_name, f"{prefix}.{model_name}", model_name.removeprefix(f"{prefix}.")):
+        if name in file_names or f"{name}.B" in file_names:
+            return name
+    return None
+
+
+def train(
+    reference: torch.nn.Module,
+    model: torch.nn.Module,
+    layers: list[_Factored],
+    samples: TextSamples,
+    options: HealOptions,
+    *,
+    pad: int,
+    device: str,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> tuple[int, float]:
+    """Train the layers' factors (and biases) so that model's outputs match reference's; (steps, final loss)."""
+    kind = model_kind(reference)
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    parameters = []
+    for layer in layers:
+        owned = [layer.module.B, layer.module.A]
+        if layer.bias is not None:
+            owned.append(layer.module.bias)
+        for parameter in owned:
+            if parameter.dtype not in (torch.float32, torch.float64):
+                parameter.data = parameter.data.float()  # train in float32; written back in the file's dtype
+            parameter.requires_grad_(True)
+            parameters.append(parameter)
+    generator = torch.Generator().manual_seed(options.seed)
+    torch.manual_seed(options.seed)
+    runs = batches(samples.ids, options.batch_size, device, pad)  # by length, so that padding stays short
+    steps = options.steps or options.epochs * len(runs)
+    order: list[int] = []
+    optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay to 0
+    model.train(False)  # no dropout: the reference runs in eval mode too
+    loss_value, average = float("nan"), None
+    with torch.enable_grad():  # under a caller's no_grad there would be nothing to train
+        for step in range(steps):
+            if step % len(runs) == 0:  # each pass takes the batches in a new order
+                order = torch.randperm(len(runs), generator=generator).tolist()
+            ids, mask = runs[order[step % len(runs)]]
+            with torch.no_grad():
+                target = reference(input_ids=ids, attention_mask=mask)
+            output = model(input_ids=ids, attention_mask=mask)
+            loss = _loss(kind, target, output, mask)
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                raise TensorError(
+                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {{lr}}"
+                    f" (now {options.lr:g})"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            average = loss_value if average is None else 0.9 * average + 0.1 * loss_value
+            if progress:
+                progress(step + 1, steps, average)
+    for parameter in parameters:
+        parameter.requires_grad_(False)
+    return steps, loss_value
+
+
+def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
+    if kind == ENCODER:
+        h = (target[0] if isinstance(target, tuple) else target.last_hidden_state).float()
+        h2 = (output[0] if isinstance(output, tuple) else output.last_hidden_state).float()
+        real = mask.bool()
+        return (h2 - h)[real].square().sum() / h[real].square().sum().clamp(min=1e-30)
+    p = torch.log_softmax((target[0] if isinstance(target, tuple) else target.logits).float(), dim=-1)
+    q = torch.log_softmax((output[0] if isinstance(output, tuple) else output.logits).float(), dim=-1)
+    where = (mask[:, :-1] * mask[:, 1:]).bool() if kind == CAUSAL_LM else mask.bool()
+    if kind == CAUSAL_LM:
+        p, q = p[:, :-1], q[:, :-1]
+    p, q = p[where], q[where]  # (positions, V)
+    return (p.exp() * (p - q)).sum(dim=-1).mean()
+
+
+def write_healed(
+    compressed: Checkpoint,
+    reference_weights: Callable[[str], torch.Tensor | None],
+    layers: list[_Factored],
+    out: str | Path | None,
+    *,
+    force: bool,
+    record: dict,
+) -> Report:
+    """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written."""
+    out, folder = prepare_output(compressed, out, SUFFIX, force=force)
+    healed: dict[str, torch.Tensor] = {}
+    by_weight = {layer.name: layer for layer in layers}
+    for layer in layers:
+        b, a = layer.module.B.detach(), layer.module.A.detach()
+        if getattr(layer.module, "transposed", False):  # Conv1D: the file holds Wᵀ = Aᵀ·Bᵀ (nn.loading)
+            b, a = a.t(), b.t()
+        names = factor_names(layer.name)
+        healed[names[0]], healed[names[1]] = b.contiguous(), a.contiguous()
+        if layer.bias is not None:
+            healed[layer.bias] = layer.module.bias.detach()
+    rows: list[TensorReport] = []
+    with CheckpointOutput(compressed, out, folder=folder, force=force) as output:
+        for shard, entries in compressed.by_shard():
+            writer = output.writer_for(shard)
+            original, records = decode_metadata(shard.path, shard.metadata)
+            for entry in entries:
+                if entry.name in healed:
+                    writer.add_tensor(entry.name, healed[entry.name].to(torch_dtype_of(compressed, entry.name)))
+                else:
+                    writer.add_bytes(entry.name, entry.dtype, entry.shape, compressed.read_bytes(entry.name))
+            payload = json.loads(shard.metadata[METADATA_KEY])
+            for name, fields in payload["tensors"].items():
+                if name not in by_weight:
+                    continue
+                b, a = (healed[n].to(torch_dtype_of(compressed, n)) for n in factor_names(name))
+                weight = reference_weights(name)
+                if weight is None:
+                    raise CheckpointError(
+                        f"{compressed.source}: the reference has no tensor '{name}' to measure against"
+                    )
+                matrix = weight.reshape(weight.shape[0], -1).to(torch.float64)
+                error = relative_error(matrix, b.to(torch.float64), a.to(torch.float64))
+                before = fields["rel_error"]
+                fields["rel_error"] = error
+                fields.pop("output_error", None)  # of the old factors; healing changed them
+                row = TensorReport(
+                    name=name, shape=list(fields["shape"]), dtype=fields["dtype"], params=math.prod(fields["shape"]),
+                    status=Status.healed, rank=fields["rank"], rel_error=error,
+                    params_after=b.numel() + a.numel(), file=str(shard.path),
+                    reason=f"rel. error before healing {before:.3g}",
+                )  # fmt: skip
+                rows.append(row)
+            payload["heal"] = record
+            writer.metadata = {**(original or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
+        size = output.commit()
+    return Report(
+        command="heal",
+        sources=[str(compressed.source)],
+        tensors=rows,
+        totals=Totals.of(rows, compressed.nbytes, size),
+        output=str(out),
+        options={"heal": record},
+    )
+
+
+def torch_dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
+    from lowrank_cli.io.dtypes import torch_dtype
+
+    return torch_dtype(checkpoint.entries[name].dtype)
+
+
+def heal(
+    reference_dir: str | Path,
+    compressed: str | Path,
+    text: str | Path,
+    out: str | Path,
+    *,
+    options: HealOptions,
+    seq_len: int = 128,
+    tokens: int = 262144,
+    samples: int | None = None,
+    split=None,
+    eval_text: str | Path | None = None,
+    device: str = "cpu",
+    force: bool = False,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Report:
+    """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
+    from lowrank_cli.io.checkpoint import open_checkpoint
+    from lowrank_cli.model.evaluate import is_lowrank, load_candidate, make_evaluator, metric
+    from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
+    from lowrank_cli.ops.samples import read_samples
+    from lowrank_cli.ops.settings import Split
+
+    folder, compressed = Path(reference_dir), Path(compressed)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
+    if not compressed.exists():
+        raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
+    if not is_lowrank(compressed):
+        raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
+    reference, tokenizer = _load(_transformers(), folder, device)
+    reference = reference.float()
+    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
+    _check_samples(reference, tokenizer, found.ids, folder)
+    evaluator = None
+    if eval_text is not None:
+        held = read_samples(tokenizer, eval_text, seq_len=seq_len, split=split or Split.auto)
+        _check_samples(reference, tokenizer, held.ids, folder)
+        evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
+    with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
+        _check_pair(checkpoint, original)
+        model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
+        before = evaluator.measure(model)["fidelity"] if evaluator else None
+        layers = trainable(model, set(checkpoint.entries))
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        steps, final = train(reference, model, layers, found, options, pad=pad, device=device, progress=progress)
+        record = {
+            "text_sha256": found.text_sha256,
+            "samples": len(found.ids),
+            "tokens": found.tokens,
+            "steps": steps,
+            "lr": options.lr,
+            "batch_size": options.batch_size,
+            "seed": options.seed,
+            "final_loss": final,
+            "loss": "relative MSE of the last hidden states" if model_kind(reference) == ENCODER else "KL per token",
+        }
+        report = write_healed(
+            checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
+            force=force, record=record,
+        )  # fmt: skip
+    notes = list(found.notes)
+    if evaluator is not None:
+        healed = load_candidate(folder, Path(report.output), type(reference), device, torch.float32)
+        after = evaluator.measure(healed)["fidelity"]
+        held_out = evaluator.samples.text_sha256 != found.text_sha256
+        if not held_out:
+            notes.append("the evaluation text is the training text, so the fidelity is not held out")
+        report.options["heal"] = {
+            **record, "fidelity_before": before, "fidelity_after": after, "held_out": held_out,
+            "metric": metric(evaluator.kind, evaluator.pooling),
+        }  # fmt: skip
+    report.options["notes"] = notes
+    return report
+
+
+def _check_pair(compressed: Checkpoint, original: Checkpoint) -> None:
+    """COMPRESSED was made from REFERENCE: each of its tensors is one of the reference's, of the same shape."""
+    records: dict = {}
+    for shard in compressed.files:
+        records.update(decode_metadata(shard.path, shard.metadata)[1])
+    factors = {f for name in records for f in factor_names(name)}
+    shapes = {name: tuple(record.shape) for name, record in records.items()}
+    shapes.update({n: e.shape for n, e in compressed.entries.items() if n not in factors})
+    for name, shape in shapes.items():
+        entry = original.entries.get(name)
+        if entry is None or tuple(entry.shape) != tuple(shape):
+            what = "has no tensor" if entry is None else f"holds {list(entry.shape)}, not {list(shape)}, as"
+            raise CheckpointError(
+                f"{compressed.source}: was not compressed from {original.source}: the reference {what} '{name}';"
+                " give the model it was compressed from"
+            )

@@ -1,0 +1,120 @@
+"""lowrank heal: a compressed tiny model trained back toward its reference (models built from configs)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import assert_clean_failure, cli, file_metadata, load, raw_tensors, sha256
+from test_evaluate import compressed, dense_model, encoded, independent_cosine, line_text, tiny_folder
+
+import lowrank_cli
+
+transformers = pytest.importorskip("transformers")
+
+
+def heal_args(folder: Path, candidate: Path, text: Path, out: Path, *extra: str) -> list:
+    return ["heal", folder, candidate, "--text", text, "-o", out, "--lr", "3e-3", "--epochs", "4", *extra]
+
+
+def test_heal_raises_the_fidelity_and_keeps_the_format(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train, held = line_text(tmp_path / "train.txt", lines=200, seed=3), line_text(tmp_path / "eval.txt", seed=4)
+    out = tmp_path / "healed"
+    result = cli(*heal_args(folder, candidate, train, out, "--eval-text", str(held), "--json"))
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    before = independent_cosine(folder, candidate, held, tmp_path)
+    after = independent_cosine(folder, out, held, tmp_path)
+    assert after > before + 0.01, (before, after)
+    healed = report["options"]["heal"]
+    assert healed["fidelity_before"] == pytest.approx(before, abs=1e-5)
+    assert healed["fidelity_after"] == pytest.approx(after, abs=1e-5) and healed["held_out"] is True
+    assert healed["text_sha256"] == sha256(train) and healed["steps"] == 4 * math.ceil(healed["samples"] / 16)
+    # the same names, shapes, dtypes and ranks as COMPRESSED; the params are exactly the same
+    old, new = raw_tensors(candidate / "model.safetensors"), raw_tensors(out / "model.safetensors")
+    assert {n: v[:2] for n, v in old.items()} == {n: v[:2] for n, v in new.items()}
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in candidate.iterdir())
+    records = json.loads(file_metadata(out / "model.safetensors")["lowrank"])["tensors"]
+    reference = load(folder / "model.safetensors")
+    written = load(out / "model.safetensors")
+    rows = {t["name"]: t for t in report["tensors"]}
+    assert set(rows) == set(records) and rows
+    for name, record in records.items():
+        w = reference[name].double().numpy()
+        product = written[f"{name}.B"].double().numpy() @ written[f"{name}.A"].double().numpy()
+        error = np.linalg.norm(w - product) / np.linalg.norm(w)
+        assert record["rel_error"] == pytest.approx(error, rel=1e-6) == rows[name]["rel_error"]
+        assert (
+            record["rank"]
+            == json.loads(file_metadata(candidate / "model.safetensors")["lowrank"])["tensors"][name]["rank"]
+        )
+    changed = [n for n in old if old[n][2] != new[n][2]]
+    assert changed and all(n.endswith((".A", ".B", ".bias")) for n in changed)  # nothing else moved
+
+
+@torch.no_grad()
+def test_heal_lowers_a_causal_lms_kl(tmp_path):
+    folder = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=200, seed=3)
+    out = tmp_path / "healed"
+    assert cli(*heal_args(folder, candidate, train, out)).exit_code == 0
+
+    def kl(model_folder):
+        tuned, reference = dense_model(folder, model_folder, tmp_path)
+        total = count = 0.0
+        for ids in encoded(folder, line_text(tmp_path / "eval.txt", seed=5)):
+            x = torch.tensor([ids])
+            p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
+            total += float((p.exp() * (p - q)).sum())
+            count += len(ids) - 1
+        return total / count
+
+    assert kl(out) < 0.8 * kl(candidate)
+
+
+def test_the_same_seed_heals_the_same_way(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40, seed=3)
+    outs = []
+    for run in range(2):
+        out = tmp_path / f"healed{run}"
+        lowrank_cli.heal(folder, candidate, out, text=train, steps=5, lr=1e-3, seed=7)
+        outs.append(load(out / "model.safetensors"))
+    for name in outs[0]:
+        torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-7)
+
+
+def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40)
+    out = tmp_path / "healed"
+    result = cli("heal", folder, candidate, "--text", train, "-o", out, "--lr", "1e30", "--steps", "20")
+    assert_clean_failure(result, 1, "loss", "--lr")
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_compressed_model_of_another_reference_is_refused(tmp_path):
+    encoder = tiny_folder(tmp_path, "encoder")
+    causal = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(causal, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40)
+    result = cli("heal", encoder, candidate, "--text", train, "-o", tmp_path / "healed")
+    assert_clean_failure(result, 1, "was not compressed from")
+    assert not (tmp_path / "healed").exists()
+
+
+def test_a_dense_folder_is_not_healed(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    train = line_text(tmp_path / "train.txt", lines=40)
+    result = cli("heal", folder, folder, "--text", train, "-o", tmp_path / "healed")
+    assert_clean_failure(result, 1, "not a lowrank file")
