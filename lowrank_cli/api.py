@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import UsageError, arg
 from lowrank_cli.io.calibration import Calibration, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
@@ -120,7 +120,7 @@ def analyze(
     """
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-        raise UsageError(f"{{top}} must be a whole number ≥ 1, got {top!r}")
+        raise UsageError(f"{arg('top')} must be a whole number ≥ 1, got {top!r}")
     device = resolve_device(device)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -359,7 +359,7 @@ def _calibration(path: PathLike | None, checkpoints: list) -> Calibration | None
     if not names & set(calibration.moments):
         raise UsageError(
             f"{path}: its statistics name no tensor of {checkpoints[0].source}; run lowrank calibrate on this model"
-            " ({calibration})"
+            f" ({arg('calibration')})"
         )
     return calibration
 

@@ -297,3 +297,31 @@ def test_interrupt_leaves_no_output(tmp_path, monkeypatch, sharded):
     assert_clean_failure(result, 130)
     assert not out.exists()
     _assert_nothing_written(tmp_path, before)
+
+
+# --- user text is never rewritten as a flag -------------------------------------------------------
+
+
+def test_braces_in_a_path_or_tensor_name_are_printed_as_they_are(tmp_path):
+    """The CLI spells the core's argument marks as flags; `{rank}` typed by a user is data, not a mark."""
+    folder = tmp_path / "runs" / "{rank}-{force}"
+    missing = folder / "model.safetensors"
+    result = cli("compress", missing, "--rank", 2)
+    assert_clean_failure(result, 1, str(missing))
+    assert "--rank" not in result.stderr and "--force" not in result.stderr
+
+    folder.mkdir(parents=True)
+    poisoned = torch.ones(4, 4)
+    poisoned[0, 0] = float("nan")
+    source = save(folder / "model.safetensors", {"w{exclude}.{rank}": poisoned})
+    result = cli("compress", source, "--rank", 2)
+    assert_clean_failure(result, 1, str(source), "'w{exclude}.{rank}'", "leave it out with --exclude 'w{exclude}")
+    assert result.stderr.count("--exclude") == 1 and "--rank" not in result.stderr
+
+
+def test_the_library_spells_arguments_as_keywords():
+    from lowrank_cli.errors import UsageError, arg
+
+    error = UsageError(f"runs/{{rank}}/m.safetensors: lower {arg('max_error')}")
+    assert str(error) == "runs/{rank}/m.safetensors: lower max_error"
+    assert error.worded(lambda name: "--" + name.replace("_", "-")) == "runs/{rank}/m.safetensors: lower --max-error"

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
 
 INDEX_SUFFIX = ".safetensors.index.json"
@@ -180,7 +180,7 @@ def check_patterns(checkpoints: list[Checkpoint], include: list[str] | None, exc
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 sample = ", ".join(f"'{name}'" for name in names[:3]) + (", …" if len(names) > 3 else "")
                 raise UsageError(
-                    f"{{{argument}}} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
+                    f"{arg(argument)} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
                 )
 
 

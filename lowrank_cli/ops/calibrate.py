@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import write_calibration
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.settings import Split
@@ -316,21 +316,21 @@ def calibrate(
     is called after each batch and each weight probed. Returns a summary.
     """
     if seq_len < 2:
-        raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
+        raise UsageError(f"{arg('seq_len')} must be at least 2, got {seq_len}")
     for argument, value in (("tokens", tokens), ("samples", samples), ("batch_size", batch_size)):
         if value is not None and value < 1:
-            raise UsageError(f"{{{argument}}} must be at least 1, got {value}")
+            raise UsageError(f"{arg(argument)} must be at least 1, got {value}")
     if sensitivity and probe_tokens < 1:
-        raise UsageError(f"{{probe_tokens}} must be at least 1, got {probe_tokens}")
+        raise UsageError(f"{arg('probe_tokens')} must be at least 1, got {probe_tokens}")
     out, text, folder = Path(out), Path(text), Path(model_dir)
     if out.exists() and not force:
-        raise OutputError(f"{out}: exists; choose another output or pass {{force}}")
+        raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
     if text.is_dir():
-        raise UsageError(f"{text}: is a folder; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{text}: is a folder; give a UTF-8 text file with {arg('text')}")
     if not text.is_file():
-        raise UsageError(f"{text}: no such file; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{text}: no such file; give a UTF-8 text file with {arg('text')}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     data = text.read_bytes()
@@ -338,15 +338,17 @@ def calibrate(
         decoded = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(
-            f"{text}: is not UTF-8 text (byte {exc.start}); give a UTF-8 text file with {{text}}"
+            f"{text}: is not UTF-8 text (byte {exc.start}); give a UTF-8 text file with {arg('text')}"
         ) from None
     if not decoded.strip():
-        raise UsageError(f"{text}: has no text; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{text}: has no text; give a UTF-8 text file with {arg('text')}")
     transformers = _transformers()
     model, tokenizer = _load(transformers, folder, device)
     found = _lines(tokenizer, decoded, seq_len) if split == Split.lines else _windows(tokenizer, decoded, seq_len)
     if not found:
-        raise UsageError(f"{text}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
+        raise UsageError(
+            f"{text}: has fewer tokens than one window of {seq_len}; lower {arg('seq_len')} or give more text"
+        )
     _check_samples(model, tokenizer, found, folder)
     chosen = spread(found, _count(found, tokens, samples))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
@@ -390,7 +392,9 @@ def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], 
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max(len(ids) for ids in samples)
     if isinstance(positions, int) and longest > positions:
-        raise UsageError(f"{{seq_len}} {longest}: {folder.name} reads at most {positions} tokens; lower {{seq_len}}")
+        raise UsageError(
+            f"{arg('seq_len')} {longest}: {folder.name} reads at most {positions} tokens; lower {arg('seq_len')}"
+        )
     vocabulary = getattr(config, "vocab_size", None)
     if isinstance(vocabulary, int) and len(tokenizer) < vocabulary / 10:  # a bare default tokenizer: a handful
         raise CheckpointError(
@@ -450,7 +454,7 @@ def _windows(tokenizer, text: str, seq_len: int) -> list[list[int]]:
     prefix, suffix = _special_tokens(tokenizer)
     content = seq_len - len(prefix) - len(suffix)
     if content < 1:
-        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+        raise UsageError(f"{arg('seq_len')} {seq_len} leaves no room beside the special tokens; raise {arg('seq_len')}")
     starts = range(0, len(ids) - content + 1, content)
     return [prefix + ids[i : i + content] + suffix for i in starts]
 
@@ -461,7 +465,7 @@ def _lines(tokenizer, text: str, seq_len: int) -> list[list[int]]:
     prefix, suffix = _special_tokens(tokenizer)
     content = seq_len - len(prefix) - len(suffix)
     if content < 1:
-        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+        raise UsageError(f"{arg('seq_len')} {seq_len} leaves no room beside the special tokens; raise {arg('seq_len')}")
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     encoded = tokenizer(lines, add_special_tokens=False)["input_ids"] if lines else []
     return [prefix + ids[:content] + suffix for ids in encoded if ids]
