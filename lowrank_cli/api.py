@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import UsageError, arg
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
@@ -357,7 +357,7 @@ def _calibration(path: PathLike | None, checkpoints: list) -> Calibration | None
     calibration = read_calibration(path)
     names = {name for checkpoint in checkpoints for name in checkpoint.entries}
     if not names & set(calibration.moments):
-        raise UsageError(
+        raise CheckpointError(
             f"{path}: its statistics name no tensor of {checkpoints[0].source}; run lowrank calibrate on this model"
             f" ({arg('calibration')})"
         )

@@ -65,7 +65,8 @@ class UsageError(LowrankError, ValueError):
 
 
 class CheckpointError(LowrankError):
-    """An input file, shard or index that cannot be read as safetensors."""
+    """An input (checkpoint, shard, index, statistics, text) that is missing, is not a regular file,
+    cannot be read, or does not fit the model (statistics of another model)."""
 
 
 class TensorError(LowrankError):

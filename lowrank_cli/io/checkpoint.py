@@ -21,8 +21,10 @@ from safetensors import SafetensorError, safe_open
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
+from lowrank_cli.io.paths import require_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
+_GIVE = "give a .safetensors file, a folder or an index"
 _MAX_HEADER = 100_000_000  # the official loader's own limit
 
 
@@ -196,7 +198,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
         return _open_folder(path)
-    _require_regular_file(path)
     if path.name.endswith(".json"):
         return _open_index(path)
     return _merge(path, [_read_shard(path)], index_path=None)
@@ -221,6 +222,7 @@ def _open_folder(folder: Path) -> Checkpoint:
 
 
 def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
+    require_file(index_path, _GIVE)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
@@ -240,7 +242,6 @@ def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
         shard_path = index_path.parent / shard_name
         if Path(shard_name).name != shard_name or not shard_path.exists():
             raise CheckpointError(f"{index_path}: shard '{shard_name}' is missing; restore it or fix the index")
-        _require_regular_file(shard_path)
         shards.append(_read_shard(shard_path))
     checkpoint = _merge(source or index_path, shards, index_path=index_path)
     for name, shard_name in weight_map.items():
@@ -272,12 +273,6 @@ def _merge(source: Path, shards: list[tuple[ShardFile, dict[str, TensorEntry]]],
             entries[name] = entry
     ordered = dict(sorted(entries.items(), key=lambda item: natural_key(item[0])))
     return Checkpoint(source, [shard for shard, _ in shards], ordered, index_path=index_path)
-
-
-def _require_regular_file(path: Path) -> None:
-    """A FIFO or device would block the reader forever: refuse it before opening it."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file; give a .safetensors file, a folder or an index")
 
 
 _CONVERT = (
@@ -327,6 +322,7 @@ def _foreign_format(path: Path) -> str | None:
 
 def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
     """Validate one file with the official loader, then index its tensors' byte ranges."""
+    require_file(path, _GIVE)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()

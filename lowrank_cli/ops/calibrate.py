@@ -19,6 +19,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import write_calibration
+from lowrank_cli.io.paths import require_file, require_files_in
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.settings import Split
 
@@ -327,12 +328,10 @@ def calibrate(
         raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
-    if text.is_dir():
-        raise UsageError(f"{text}: is a folder; give a UTF-8 text file with {arg('text')}")
-    if not text.is_file():
-        raise UsageError(f"{text}: no such file; give a UTF-8 text file with {arg('text')}")
+    require_file(text, f"give a UTF-8 text file with {arg('text')}")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
+    require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
     data = text.read_bytes()
     try:
         decoded = data.decode("utf-8")

@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowrank_cli.errors import TensorError, arg
+from lowrank_cli.errors import CheckpointError, TensorError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
@@ -302,8 +302,8 @@ def whitened_view(matrix: torch.Tensor, calibration: Calibration | None, name: s
 
 
 def _check_moment(moment: torch.Tensor, inputs: int, where: str) -> None:
-    if tuple(moment.shape) != (inputs, inputs):
-        raise TensorError(
+    if tuple(moment.shape) != (inputs, inputs):  # the statistics file is the wrong input, as in api._calibration
+        raise CheckpointError(
             f"{where}: its calibration moment is {tuple(moment.shape)}, but the tensor has {inputs} inputs;"
             " the statistics are of another model, run lowrank calibrate on this one"
         )
