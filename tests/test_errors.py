@@ -325,3 +325,33 @@ def test_the_library_spells_arguments_as_keywords():
     error = UsageError(f"runs/{{rank}}/m.safetensors: lower {arg('max_error')}")
     assert str(error) == "runs/{rank}/m.safetensors: lower max_error"
     assert error.worded(lambda name: "--" + name.replace("_", "-")) == "runs/{rank}/m.safetensors: lower --max-error"
+
+
+# --- a selection that leaves nothing to factor ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [["--exclude", "*"], ["--include", "*LayerNorm*"], ["--include", "*.weight", "--exclude", "*proj*"]],
+    ids=["exclude everything", "norms only", "include minus exclude"],
+)
+@pytest.mark.parametrize("command", ["analyze", "compress", "extract"])
+def test_a_selection_without_a_matrix_is_a_usage_error(tmp_path, command, selection):
+    tensors = {
+        "layer.q_proj.weight": low_rank(12, 10, 2),
+        "layer.LayerNorm.weight": torch.ones(12),
+        "layer.LayerNorm.bias": torch.zeros(12),
+        "ids": torch.arange(4),
+    }
+    base = save(tmp_path / "base.safetensors", tensors)
+    tuned = save(tmp_path / "tuned.safetensors", {**tensors, "layer.q_proj.weight": low_rank(12, 10, 2, seed=1)})
+    before = listing(tmp_path)
+    args = {
+        "analyze": ["analyze", base],
+        "compress": ["compress", base, "--rank", 2],
+        "extract": ["extract", base, tuned, "-o", tmp_path / "adapter", "--rank", 2],
+    }[command]
+    result = cli(*args, *selection)
+    patterns = [f"{flag} '{pattern}'" for flag, pattern in zip(selection[::2], selection[1::2], strict=True)]
+    assert_clean_failure(result, 2, *patterns, "no weight matrix")
+    _assert_nothing_written(tmp_path, before)

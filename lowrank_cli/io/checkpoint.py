@@ -60,6 +60,11 @@ class TensorEntry:
         return self.dtype in DTYPES
 
     @property
+    def is_matrix(self) -> bool:
+        """A non-empty float tensor of two or more dimensions: what lowrank factors (ops.pipeline.skip_reason)."""
+        return self.is_known and self.is_float and len(self.shape) >= 2 and self.numel > 0
+
+    @property
     def matrix_shape(self) -> tuple[int, int]:
         """(out, in·kh·kw…): how a tensor of two or more dimensions is factorized."""
         return self.shape[0], self.numel // self.shape[0] if self.shape[0] else 0
@@ -175,7 +180,8 @@ def is_selected(name: str, include: list[str] | None, exclude: list[str] | None)
 
 
 def check_patterns(checkpoints: list[Checkpoint], include: list[str] | None, exclude: list[str] | None) -> None:
-    """A glob that matches no tensor is a typo, not a choice: say so rather than write an unchanged copy."""
+    """A glob that matches no tensor is a typo, not a choice: say so rather than write an unchanged copy.
+    So is a selection that leaves no matrix to factor (`exclude='*'`, `include='*LayerNorm*'`)."""
     names = [name for checkpoint in checkpoints for name in checkpoint.entries]
     for argument, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or []:
@@ -184,6 +190,13 @@ def check_patterns(checkpoints: list[Checkpoint], include: list[str] | None, exc
                 raise UsageError(
                     f"{arg(argument)} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
                 )
+    entries = [entry for checkpoint in checkpoints for entry in checkpoint.entries.values()]
+    if (include or exclude) and not any(e.is_matrix and is_selected(e.name, include, exclude) for e in entries):
+        given = [f"{arg('include')} '{p}'" for p in include or []] + [f"{arg('exclude')} '{p}'" for p in exclude or []]
+        raise UsageError(
+            f"{' '.join(given)} leaves no weight matrix to factor (what remains is 1-D, integer or empty),"
+            " so nothing would change; select at least one matrix"
+        )
 
 
 def natural_key(name: str) -> list:
