@@ -61,9 +61,7 @@ def print_report(report: Report) -> None:
     if "note" not in [column.header for column in table.columns]:  # a narrow terminal: why each stays dense
         lines += [f"{t.name}: dense, {t.reason}" for t in report.tensors if t.status == Status.dense and t.reason]
     totals = report.totals
-    if totals.bytes is not None and totals.bytes_after is not None:
-        lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
-    elif report.command == "extract":
+    if report.command == "extract":
         share = f" ({_percent(totals.params_after / totals.params)} of the adapted tensors)" if totals.params else ""
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
         if totals.params and totals.params_after >= totals.params / 2:
@@ -72,6 +70,8 @@ def print_report(report: Report) -> None:
                 " a lower --rank, --energy or a higher --max-error makes it smaller (docs/extract.md)"
             )
         lines.append(f"wrote {report.output}")
+    elif totals.bytes is not None and totals.bytes_after is not None:
+        lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
     for line in lines:
         stdout.print(Text(line), overflow="fold", highlight=False)

@@ -189,7 +189,7 @@ def _report(
         command="extract",
         sources=[str(base.source), str(tuned.source)],
         tensors=reports,
-        totals=Totals.of(extracted, nbytes_after=size),
+        totals=Totals.of(extracted, tuned.nbytes, size),  # TUNED's files, the adapter's weights file
         policy=policy.as_dict(),
         output=str(out),
         options=settings.as_dict(),
