@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration, fingerprint_differs, fingerprint_values, read_calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
@@ -124,7 +124,7 @@ def analyze(
     """
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
-        raise UsageError(f"{{top}} must be a whole number ≥ 1, got {top!r}")
+        raise UsageError(f"{arg('top')} must be a whole number ≥ 1, got {top!r}")
     device = resolve_device(device)
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
@@ -243,14 +243,15 @@ def _compress_to_fidelity(
     from lowrank_cli.ops.samples import read_samples
 
     if fidelity is None or eval_text is None:
-        raise UsageError("{fidelity} and {eval_text} go together: the fidelity is measured on that text")
+        raise UsageError(f"{arg('fidelity')} and {arg('eval_text')} go together: the fidelity is measured on that text")
     if any(value is not None for value in policies):
-        raise UsageError("{fidelity} chooses the ranks itself; leave out {rank}, {energy}, {max_error} and {budget}")
+        policies = ", ".join(arg(name) for name in ("rank", "energy", "max_error", "budget"))
+        raise UsageError(f"{arg('fidelity')} chooses the ranks itself; leave out {policies}")
     if not 0 < fidelity < 1:
-        raise UsageError(f"{{fidelity}} must be between 0 and 1, got {fidelity}")
+        raise UsageError(f"{arg('fidelity')} must be between 0 and 1, got {fidelity}")
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise UsageError(f"{path}: {{fidelity}} needs a Hugging Face model folder (config.json) to run the model")
+        raise UsageError(f"{path}: {arg('fidelity')} needs a Hugging Face model folder (config.json) to run the model")
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
@@ -458,7 +459,7 @@ def _check_fingerprint(calibration: Calibration, checkpoint: Checkpoint) -> None
         if fingerprint_differs(recorded, fingerprint_values(tensor), tensor.dtype):
             raise CheckpointError(
                 f"{calibration.source}: its statistics were made on another model ('{name}' holds other values in"
-                f" {checkpoint.source}); run lowrank calibrate on this model, or pass {{other_model}} to use them"
+                f" {checkpoint.source}); run lowrank calibrate on this model, or pass {arg('other_model')} to use them"
             )
 
 
@@ -528,9 +529,9 @@ def _calibration(path: PathLike | None, checkpoints: list, other_model: bool = F
     if not other_model:
         _check_fingerprint(calibration, checkpoints[0])
     if not names & set(calibration.moments):
-        raise UsageError(
+        raise CheckpointError(
             f"{path}: its statistics name no tensor of {checkpoints[0].source}; run lowrank calibrate on this model"
-            " ({calibration})"
+            f" ({arg('calibration')})"
         )
     return calibration
 

@@ -1,14 +1,16 @@
 """One error hierarchy: the library raises, the CLI maps each class to a line and an exit code.
 
 This module is the base layer: every other part of lowrank may import it, and it imports nothing.
-A message that names an argument writes it as `{argument}`; the library spells it as the Python
+A message that names an argument writes it as `arg("rank")`; the library spells it as the Python
 keyword (`rank must be ≥ 1`), the CLI as its flag (`--rank must be ≥ 1`), so each speaks its
-caller's language.
+caller's language. The mark arg() leaves holds a token chosen when this module loads, so a path or
+tensor name in the same message (`runs/{rank}/model.safetensors`) is never mistaken for one.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 from collections.abc import Callable
 
 EXIT_OK = 0
@@ -18,21 +20,32 @@ EXIT_QUALITY_GATE = 3
 EXIT_INTERRUPTED = 130  # 128 + SIGINT
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 
-# The arguments a message may name; a fixed list, so that a tensor or file name never matches.
+# The arguments a message may name.
 ARGUMENTS = (
     "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
     "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top", "text", "seq_len",
     "samples", "batch_size", "split", "sensitivity", "tokens", "probe_tokens", "other_model", "fidelity",
     "eval_text", "steps", "epochs", "lr",
 )  # fmt: skip
-_ARGUMENT = re.compile(r"\{(" + "|".join(ARGUMENTS) + r")\}")
+# What no file name, tensor name or other user text can hold: NUL cannot be in a path, and no
+# checkpoint can know the token.
+_MARK = f"\0{secrets.token_hex(8)}:"
+_ARGUMENT = re.compile(re.escape(_MARK) + r"(" + "|".join(ARGUMENTS) + r")\0")
+
+
+def arg(name: str) -> str:
+    """A mark for the argument `name` in an error message, which each front end spells its own way."""
+    if name not in ARGUMENTS:
+        raise ValueError(f"unknown argument {name!r}; add it to ARGUMENTS")
+    return f"{_MARK}{name}\0"
 
 
 class LowrankError(Exception):
     """A failure the user can fix; its message names the file or tensor and the fix.
 
-    `template` may name arguments as `{name}`; `str(error)` spells them as Python keywords and
-    `worded(spell)` lets a front end spell them its own way.
+    `template` may name arguments with `arg(name)`; `str(error)` spells them as Python keywords and
+    `worded(spell)` lets a front end spell them its own way. Any other text, `{rank}` in a path
+    included, is left as it is.
     """
 
     exit_code = EXIT_FAILURE
@@ -42,7 +55,7 @@ class LowrankError(Exception):
         super().__init__(self.worded(lambda name: name))
 
     def worded(self, spell: Callable[[str], str]) -> str:
-        """The message with every `{argument}` replaced by spell(argument)."""
+        """The message with every `arg(argument)` mark replaced by spell(argument)."""
         return _ARGUMENT.sub(lambda match: spell(match.group(1)), self.template)
 
 
@@ -53,7 +66,8 @@ class UsageError(LowrankError, ValueError):
 
 
 class CheckpointError(LowrankError):
-    """An input file, shard or index that cannot be read as safetensors."""
+    """An input (checkpoint, shard, index, statistics, text) that is missing, is not a regular file,
+    cannot be read, or does not fit the model (statistics of another model)."""
 
 
 class TensorError(LowrankError):

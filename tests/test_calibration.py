@@ -208,10 +208,14 @@ def test_statistics_of_another_model(model_files, tmp_path):
     path, _, _, _ = model_files
     other = tmp_path / "other.safetensors"
     write_calibration(other, {"x": torch.eye(48)}, {"unrelated.weight": "x"}, tokens=1)
-    assert_clean_failure(cli("compress", path, "--rank", "4", "--calibration", other), 2, "--calibration")
+    assert_clean_failure(cli("compress", path, "--rank", "4", "--calibration", other), 1, str(other), "--calibration")
     wrong = tmp_path / "wrong.safetensors"
     write_calibration(wrong, {"x": torch.eye(5)}, {"layer.q.weight": "x"}, tokens=1)
     assert_clean_failure(cli("compress", path, "--rank", "4", "--calibration", wrong), 1, "layer.q.weight")
+    # the same kind of error, one class: statistics that do not fit this model
+    for stats in (other, wrong):
+        with pytest.raises(lowrank_cli.CheckpointError):
+            lowrank_cli.compress(path, tmp_path / "c.safetensors", rank=4, calibration=stats)
     assert not (tmp_path / "model.lowrank.safetensors").exists()
     assert_clean_failure(cli("compress", path, "--rank", "4", "--calibration", path), 1, "lowrank calibrate")
 

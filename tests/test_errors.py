@@ -297,3 +297,61 @@ def test_interrupt_leaves_no_output(tmp_path, monkeypatch, sharded):
     assert_clean_failure(result, 130)
     assert not out.exists()
     _assert_nothing_written(tmp_path, before)
+
+
+# --- user text is never rewritten as a flag -------------------------------------------------------
+
+
+def test_braces_in_a_path_or_tensor_name_are_printed_as_they_are(tmp_path):
+    """The CLI spells the core's argument marks as flags; `{rank}` typed by a user is data, not a mark."""
+    folder = tmp_path / "runs" / "{rank}-{force}"
+    missing = folder / "model.safetensors"
+    result = cli("compress", missing, "--rank", 2)
+    assert_clean_failure(result, 1, str(missing))
+    assert "--rank" not in result.stderr and "--force" not in result.stderr
+
+    folder.mkdir(parents=True)
+    poisoned = torch.ones(4, 4)
+    poisoned[0, 0] = float("nan")
+    source = save(folder / "model.safetensors", {"w{exclude}.{rank}": poisoned})
+    result = cli("compress", source, "--rank", 2)
+    assert_clean_failure(result, 1, str(source), "'w{exclude}.{rank}'", "leave it out with --exclude 'w{exclude}")
+    assert result.stderr.count("--exclude") == 1 and "--rank" not in result.stderr
+
+
+def test_the_library_spells_arguments_as_keywords():
+    from lowrank_cli.errors import UsageError, arg
+
+    error = UsageError(f"runs/{{rank}}/m.safetensors: lower {arg('max_error')}")
+    assert str(error) == "runs/{rank}/m.safetensors: lower max_error"
+    assert error.worded(lambda name: "--" + name.replace("_", "-")) == "runs/{rank}/m.safetensors: lower --max-error"
+
+
+# --- a selection that leaves nothing to factor ----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "selection",
+    [["--exclude", "*"], ["--include", "*LayerNorm*"], ["--include", "*.weight", "--exclude", "*proj*"]],
+    ids=["exclude everything", "norms only", "include minus exclude"],
+)
+@pytest.mark.parametrize("command", ["analyze", "compress", "extract"])
+def test_a_selection_without_a_matrix_is_a_usage_error(tmp_path, command, selection):
+    tensors = {
+        "layer.q_proj.weight": low_rank(12, 10, 2),
+        "layer.LayerNorm.weight": torch.ones(12),
+        "layer.LayerNorm.bias": torch.zeros(12),
+        "ids": torch.arange(4),
+    }
+    base = save(tmp_path / "base.safetensors", tensors)
+    tuned = save(tmp_path / "tuned.safetensors", {**tensors, "layer.q_proj.weight": low_rank(12, 10, 2, seed=1)})
+    before = listing(tmp_path)
+    args = {
+        "analyze": ["analyze", base],
+        "compress": ["compress", base, "--rank", 2],
+        "extract": ["extract", base, tuned, "-o", tmp_path / "adapter", "--rank", 2],
+    }[command]
+    result = cli(*args, *selection)
+    patterns = [f"{flag} '{pattern}'" for flag, pattern in zip(selection[::2], selection[1::2], strict=True)]
+    assert_clean_failure(result, 2, *patterns, "no weight matrix")
+    _assert_nothing_written(tmp_path, before)

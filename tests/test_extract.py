@@ -642,3 +642,17 @@ def test_budget_spends_on_the_largest_squared_error_of_delta(tmp_path):
     assert (rows["a.weight"]["rank"], rows["b.weight"]["rank"]) == (2, 1)
     written = load(tmp_path / "ad" / WEIGHTS)
     assert sum(t.numel() for t in written.values()) == 120 <= 0.15 * 800
+
+
+def test_json_totals_bytes_are_the_files_on_disk(tmp_path):
+    """bytes: TUNED's file(s); bytes_after: the adapter's weights file, as written (docs/json.md)."""
+    base = save(tmp_path / "base.safetensors", {"q.weight": low_rank(16, 12, 3), "norm.weight": torch.ones(16)})
+    tuned_folder = tmp_path / "tuned"
+    tuned_folder.mkdir()
+    save(tuned_folder / "model-00001-of-00002.safetensors", {"q.weight": low_rank(16, 12, 3, seed=1)})
+    save(tuned_folder / "model-00002-of-00002.safetensors", {"norm.weight": torch.full((16,), 2.0)})
+    out = tmp_path / "adapter"
+    report = cli_json("extract", base, tuned_folder, "-o", out, "--rank", 2)
+    shard_sizes = sum(path.stat().st_size for path in tuned_folder.glob("*.safetensors"))
+    assert report["totals"]["bytes"] == shard_sizes
+    assert report["totals"]["bytes_after"] == (out / "adapter_model.safetensors").stat().st_size

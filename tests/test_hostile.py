@@ -8,10 +8,12 @@ which files are valid: what it reads, lowrank must read too.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import re
+import socket
 import subprocess
 import tempfile
 import time
@@ -453,3 +455,97 @@ def test_a_fifo_is_refused_not_waited_on(tmp_path):
         rescue.wait()
     assert elapsed < LIMIT_S, f"analyze waited {elapsed:.1f} s on a FIFO"
     assert_refused(result, fifo)
+
+
+@contextlib.contextmanager
+def fifo_at(path: Path):
+    """A named pipe at `path` with no writer. Should lowrank open it, after LIMIT_S a writer comes and
+    hangs up at each open, so a test of a blocking open ends (and fails on its message), not hangs."""
+    os.mkfifo(path)
+    rescue = subprocess.Popen(["sh", "-c", f'sleep {LIMIT_S}; while :; do exec 3>"$0"; exec 3>&-; done', str(path)])
+    try:
+        yield path
+    finally:
+        rescue.kill()
+        rescue.wait()
+
+
+def special_file(kind: str, path: Path) -> contextlib.AbstractContextManager[Path]:
+    if kind == "fifo":
+        return fifo_at(path)
+    if kind == "socket":
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(str(path))  # paths under tmp_path are short enough for AF_UNIX
+        return _closing(server, path)
+    raise ValueError(kind)
+
+
+@contextlib.contextmanager
+def _closing(server: socket.socket, path: Path):
+    try:
+        yield path
+    finally:
+        server.close()
+
+
+PIPE = r"is a FIFO \(named pipe\), not a regular file"  # the test's name, in the path, holds "fifo" too
+WHAT = {"fifo": PIPE, "socket": "is a socket, not a regular file"}
+
+
+@pytest.mark.parametrize("kind", ["fifo", "socket"])
+def test_calibration_statistics_that_are_not_a_file(tmp_path, kind):
+    model = save(tmp_path / "m.safetensors", {"w": torch.randn(8, 6)})
+    with special_file(kind, tmp_path / "stats.safetensors") as stats:
+        result = cli("compress", model, "--rank", "2", "--calibration", stats)
+    assert_refused(result, stats, WHAT[kind])
+    assert not (tmp_path / "m.lowrank.safetensors").exists()
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.safetensors.index.json"])
+def test_a_fifo_inside_a_model_folder(tmp_path, name):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    if name.endswith(".json"):
+        save(folder / "model-00001-of-00001.safetensors", {"w": torch.randn(8, 6)})
+    with fifo_at(folder / name) as fifo:
+        result = cli("analyze", folder)
+    assert_refused(result, fifo, PIPE)
+
+
+def test_a_fifo_modules_json_beside_the_weights(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    save(folder / "model.safetensors", {"w": torch.randn(8, 6)})
+    with fifo_at(folder / "modules.json") as fifo:
+        result = cli("compress", folder, "--rank", "2")
+    assert_refused(result, fifo, PIPE)
+    assert listing(tmp_path) == ["m"]
+
+
+@pytest.mark.parametrize("where", ["text", "config.json"])
+def test_calibrate_refuses_a_fifo(tmp_path, where):
+    """Checked before transformers loads: no model is needed to see the input is a pipe."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    text = tmp_path / "calib.txt"
+    text.write_text("some text\n")
+    target = text if where == "text" else folder / "config.json"
+    if where == "text":
+        text.unlink()
+    with fifo_at(target) as fifo:
+        result = cli("calibrate", folder, "-o", tmp_path / "stats.safetensors", "--text", text)
+    assert_refused(result, fifo, PIPE)
+    assert not (tmp_path / "stats.safetensors").exists()
+
+
+def test_missing_text_and_statistics_are_missing_inputs(tmp_path):
+    """Exit 1, as for a missing model (README's table), not a usage error."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    text = tmp_path / "absent.txt"
+    result = cli("calibrate", folder, "-o", tmp_path / "stats.safetensors", "--text", text)
+    assert_refused(result, text, "no such file")
+    model = save(tmp_path / "m.safetensors", {"w": torch.randn(8, 6)})
+    stats = tmp_path / "absent.safetensors"
+    assert_refused(cli("compress", model, "--rank", "2", "--calibration", stats), stats, "no such file")
+    assert_refused(cli("compress", model, "--rank", "2", "--calibration", tmp_path), tmp_path, "is a folder")

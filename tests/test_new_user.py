@@ -33,6 +33,7 @@ from conftest import (
 )
 
 import lowrank_cli
+from lowrank_cli.io.checkpoint import natural_key
 
 CONFIG = '{"model_type": "toy"}\n'
 
@@ -208,6 +209,24 @@ def test_tables_fit_80_columns_with_the_key_numbers(tmp_path, command):
     error = float(np.sqrt(np.sum(s[2:] ** 2) / np.sum(s**2)))
     assert float(rows[name]["rel. error"]) == pytest.approx(error, rel=1e-2)
     assert "tiny.weight: dense" in result.stdout  # why it stays dense, below the table
+
+
+@pytest.mark.parametrize("adapter", ["", "base_layer."], ids=["plain", "peft-wrapped"])
+def test_shortened_names_keep_their_layer_at_80_columns(tmp_path, adapter):
+    """Rows of different layers never look alike: the layer number and the part that names the
+    matrix survive shortening (a name cut from the left loses `0.` first)."""
+    parts = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"]
+    parts += ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+    names = {f"model.layers.{layer}.{part}.{adapter}weight": layer for layer in range(12) for part in parts}
+    source = save(tmp_path / "m.safetensors", {name: low_rank(8, 6, 2, seed=i) for i, name in enumerate(names)})
+    result = cli("compress", source, "--rank", 1, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.stderr
+    _assert_fits(result.stdout, 80)
+    shown = [name for name in table_rows(result.stdout) if name != "total"]
+    assert len(shown) == len(names) == len(set(shown))
+    for cell, name in zip(shown, sorted(names, key=natural_key), strict=True):  # rows in natural order
+        assert re.search(rf"(^|\.){names[name]}\.", cell), (cell, name)  # its layer
+        assert name.split(".")[4] in cell, (cell, name)  # and which matrix: q_proj, down_proj…
 
 
 def test_expand_and_extract_tables_fit_80_columns(tmp_path):

@@ -319,7 +319,7 @@ def test_spread_takes_samples_evenly_over_the_whole_text(count, size):
         ("no tokenizer", 1, ["tokenizer", "missing"]),
         ("seq-len past the model", 2, ["--seq-len", "at most 64"]),
         ("output folder missing", 1, ["does not exist"]),
-        ("text is a folder", 2, ["is a folder", "--text"]),
+        ("text is a folder", 1, ["is a folder", "--text"]),
         ("text is binary", 2, ["not UTF-8", "--text"]),
         ("text is blank", 2, ["has no text", "--text"]),
         ("no model folder", 1, ["no such folder"]),

@@ -6,6 +6,7 @@ import functools
 import json
 import os
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,9 +65,7 @@ def print_report(report: Report) -> None:
     if "note" not in [column.header for column in table.columns]:  # a narrow terminal: why each stays dense
         lines += [f"{t.name}: dense, {t.reason}" for t in report.tensors if t.status == Status.dense and t.reason]
     totals = report.totals
-    if totals.bytes is not None and totals.bytes_after is not None:
-        lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
-    elif report.command == "extract":
+    if report.command == "extract":
         share = f" ({_percent(totals.params_after / totals.params)} of the adapted tensors)" if totals.params else ""
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
         if totals.params and totals.params_after >= totals.params / 2:
@@ -75,6 +74,8 @@ def print_report(report: Report) -> None:
                 " a lower --rank, --energy or a higher --max-error makes it smaller (docs/extract.md)"
             )
         lines.append(f"wrote {report.output}")
+    elif totals.bytes is not None and totals.bytes_after is not None:
+        lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
     for line in lines:
         stdout.print(Text(line), overflow="fold", highlight=False)
@@ -131,12 +132,12 @@ class Column:
 
 ALWAYS = 9
 _NOTE_WIDTH = 24  # a note wraps at this width on a narrow terminal
-_NAME_WIDTH = 16  # names are cut from the left to no less than this
+_NAME_WIDTH = 16  # names are shortened to no less than this
 
 
 def fit_table(title: str, columns: list[Column], rows: list[list[str | Text]], width: int | None) -> Table:
     """The table in `width` columns: whole if it fits; else names lose their common prefix, then the
-    least needed columns go, then names are cut from the left. --json keeps every column."""
+    least needed columns go, then names are shortened (_shorten). --json keeps every column."""
     rows = [[cell if isinstance(cell, Text) else Text(cell) for cell in row] for row in rows]
     table = _table(title, columns, rows)
     if width is None or _measure(table) <= width:
@@ -157,7 +158,8 @@ def fit_table(title: str, columns: list[Column], rows: list[list[str | Text]], w
         kept.remove(droppable.pop(0))
     longest = max([row[0].cell_len for row in rows] + [len(columns[0].header)])
     names = max(_NAME_WIDTH, longest - excess)
-    rows = [[_cut_left(row[0], names), *row[1:]] for row in rows]
+    shared = Counter(part for row in rows for part in set(row[0].plain.split(".")))
+    rows = [[_shorten(row[0], names, shared), *row[1:]] for row in rows]
     return _table(title, [columns[i] for i in kept], [[row[i] for i in kept] for row in rows], narrow=True)
 
 
@@ -193,9 +195,35 @@ def _common_prefix(names: list[str]) -> str:
     return prefix[: prefix.rfind(".") + 1]
 
 
-def _cut_left(name: Text, width: int) -> Text:
+def _shorten(name: Text, width: int, shared: Counter) -> Text:
+    """The name in `width` cells, keeping what tells rows apart: its numbers (the layer) always, and
+    the parts fewest rows share (q_proj, down_proj) longest; `weight` or `self_attn` go first, each
+    run of parts left out shown as "…". Cut from the left only when the numbers alone do not fit."""
     plain = name.plain
-    return name if len(plain) <= width else Text("…" + plain[len(plain) - width + 1 :])
+    if len(plain) <= width:
+        return name
+    parts = plain.split(".")
+    last = len(parts) - 1
+    order = sorted(
+        (i for i, part in enumerate(parts) if not part.isdigit()), key=lambda i: (-shared[parts[i]], i == last, i)
+    )
+    kept = [True] * len(parts)
+    for i in order:
+        kept[i] = False
+        text = _elided(parts, kept)
+        if len(text) <= width:
+            return Text(text)
+    return Text("…" + plain[len(plain) - width + 1 :])
+
+
+def _elided(parts: list[str], kept: list[bool]) -> str:
+    pieces: list[str] = []
+    for part, keep in zip(parts, kept, strict=True):
+        if keep:
+            pieces.append(part)
+        elif not pieces or pieces[-1] != "…":
+            pieces.append("…")
+    return ".".join(pieces).replace(".….", ".…").replace("….", "…")
 
 
 def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, OutputError
+from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.writer import current_umask
 
 METADATA_KEY = "lowrank_calibration"
@@ -101,6 +102,7 @@ def read_calibration(path: str | Path) -> Calibration:
     """The statistics of a file written by `lowrank calibrate` (or Calibrator.save)."""
     from safetensors import SafetensorError, safe_open
 
+    require_file(path, "give the statistics file lowrank calibrate wrote")
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}

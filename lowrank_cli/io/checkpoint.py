@@ -19,10 +19,12 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, torch_dtype
+from lowrank_cli.io.paths import require_file
 
 INDEX_SUFFIX = ".safetensors.index.json"
+_GIVE = "give a .safetensors file, a folder or an index"
 _MAX_HEADER = 100_000_000  # the official loader's own limit
 
 
@@ -56,6 +58,11 @@ class TensorEntry:
     def is_known(self) -> bool:
         """A dtype torch can hold; others (C64, F4, …) are only ever copied as bytes."""
         return self.dtype in DTYPES
+
+    @property
+    def is_matrix(self) -> bool:
+        """A non-empty float tensor of two or more dimensions: what lowrank factors (ops.pipeline.skip_reason)."""
+        return self.is_known and self.is_float and len(self.shape) >= 2 and self.numel > 0
 
     @property
     def matrix_shape(self) -> tuple[int, int]:
@@ -186,15 +193,23 @@ def is_selected(name: str, include: list[str] | None, exclude: list[str] | None)
 
 
 def check_patterns(checkpoints: list[Checkpoint], include: list[str] | None, exclude: list[str] | None) -> None:
-    """A glob that matches no tensor is a typo, not a choice: say so rather than write an unchanged copy."""
+    """A glob that matches no tensor is a typo, not a choice: say so rather than write an unchanged copy.
+    So is a selection that leaves no matrix to factor (`exclude='*'`, `include='*LayerNorm*'`)."""
     names = [name for checkpoint in checkpoints for name in checkpoint.entries]
     for argument, patterns in (("include", include), ("exclude", exclude)):
         for pattern in patterns or []:
             if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
                 sample = ", ".join(f"'{name}'" for name in names[:3]) + (", …" if len(names) > 3 else "")
                 raise UsageError(
-                    f"{{{argument}}} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
+                    f"{arg(argument)} '{pattern}' matches no tensor; names look like {sample} (globs match whole names)"
                 )
+    entries = [entry for checkpoint in checkpoints for entry in checkpoint.entries.values()]
+    if (include or exclude) and not any(e.is_matrix and is_selected(e.name, include, exclude) for e in entries):
+        given = [f"{arg('include')} '{p}'" for p in include or []] + [f"{arg('exclude')} '{p}'" for p in exclude or []]
+        raise UsageError(
+            f"{' '.join(given)} leaves no weight matrix to factor (what remains is 1-D, integer or empty),"
+            " so nothing would change; select at least one matrix"
+        )
 
 
 def natural_key(name: str) -> list:
@@ -209,7 +224,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path}: no such file or folder; check the path")
     if path.is_dir():
         return _open_folder(path)
-    _require_regular_file(path)
     if path.name.endswith(".json"):
         return _open_index(path)
     return _merge(path, [_read_shard(path)], index_path=None)
@@ -234,6 +248,7 @@ def _open_folder(folder: Path) -> Checkpoint:
 
 
 def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
+    require_file(index_path, _GIVE)
     try:
         index = json.loads(index_path.read_text(encoding="utf-8"))
         weight_map = index["weight_map"]
@@ -253,7 +268,6 @@ def _open_index(index_path: Path, source: Path | None = None) -> Checkpoint:
         shard_path = index_path.parent / shard_name
         if Path(shard_name).name != shard_name or not shard_path.exists():
             raise CheckpointError(f"{index_path}: shard '{shard_name}' is missing; restore it or fix the index")
-        _require_regular_file(shard_path)
         shards.append(_read_shard(shard_path))
     checkpoint = _merge(source or index_path, shards, index_path=index_path)
     for name, shard_name in weight_map.items():
@@ -285,12 +299,6 @@ def _merge(source: Path, shards: list[tuple[ShardFile, dict[str, TensorEntry]]],
             entries[name] = entry
     ordered = dict(sorted(entries.items(), key=lambda item: natural_key(item[0])))
     return Checkpoint(source, [shard for shard, _ in shards], ordered, index_path=index_path)
-
-
-def _require_regular_file(path: Path) -> None:
-    """A FIFO or device would block the reader forever: refuse it before opening it."""
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not a regular file; give a .safetensors file, a folder or an index")
 
 
 _CONVERT = (
@@ -340,6 +348,7 @@ def _foreign_format(path: Path) -> str | None:
 
 def _read_shard(path: Path) -> tuple[ShardFile, dict[str, TensorEntry]]:
     """Validate one file with the official loader, then index its tensors' byte ranges."""
+    require_file(path, _GIVE)
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from lowrank_cli.errors import OutputError, UsageError
 from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
+from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held, track_temp, untrack_temp
 
 LOWRANK = ".lowrank"  # the part of a name that compress adds and expand takes away
@@ -218,8 +219,12 @@ def _module_folders(folder: Path) -> list[Path]:
     Its loader needs every one, so they travel with the model; other subfolders (checkpoint-500/,
     onnx/) may be large and are not the model's, so they stay behind.
     """
+    listing = folder / "modules.json"
+    if not listing.exists():
+        return []
+    require_file(listing, "sentence-transformers reads it; replace it with the file itself")
     try:
-        modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+        modules = json.loads(listing.read_text(encoding="utf-8"))
         paths = {module.get("path") for module in modules}
     except (OSError, ValueError, AttributeError, TypeError):
         return []

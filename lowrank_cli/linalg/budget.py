@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import UsageError, arg
 from lowrank_cli.linalg.spectrum import Spectrum
 
 # absolute: Σ_t tail_t, the squared errors themselves (output-space ones with calibration);
@@ -57,8 +57,8 @@ def allocate(
     floor = sum(costs[0] for costs, _ in options.values())
     if floor > budget:
         raise UsageError(
-            f"{{budget}} {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {floor:,.0f};"
-            " raise {budget} or select fewer tensors"
+            f"{arg('budget')} {fraction:g} allows {budget:,.0f} params, but rank 1 for every tensor needs {floor:,.0f};"
+            f" raise {arg('budget')} or select fewer tensors"
         )
     chosen = spend_rest(options, hull_greedy(options, budget - floor), budget, allow_dense)
     ranks: dict[str, int | None] = {name: 0 for name in spectra}

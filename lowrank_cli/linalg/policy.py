@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import UsageError, arg
 from lowrank_cli.linalg.spectrum import Spectrum
 
 
@@ -32,17 +32,17 @@ class RankPolicy:
     ) -> RankPolicy | None:
         """Validate the policy arguments; None when none was given."""
         options = (("rank", rank), ("energy", energy), ("max_error", max_error), ("budget", budget))
-        given = [f"{{{name}}}" for name, value in options if value is not None]
+        given = [arg(name) for name, value in options if value is not None]
         if len(given) > 1:
             raise UsageError(f"{' and '.join(given)} both set a rank policy; give only one")
         if rank is not None and (isinstance(rank, bool) or int(rank) != rank or rank <= 0):
-            raise UsageError(f"{{rank}} must be a positive integer, got {rank}")
+            raise UsageError(f"{arg('rank')} must be a positive integer, got {rank}")
         if energy is not None and not (0.0 < energy <= 1.0):
-            raise UsageError(f"{{energy}} must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
+            raise UsageError(f"{arg('energy')} must be in (0, 1], got {energy}; 0.99 keeps 99 % of Σσ²")
         if max_error is not None and not (0.0 <= max_error < 1.0):
-            raise UsageError(f"{{max_error}} must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
+            raise UsageError(f"{arg('max_error')} must be in [0, 1), got {max_error}; 0.05 allows 5 % relative error")
         if budget is not None and not (0.0 < budget < 1.0):
-            raise UsageError(f"{{budget}} must be in (0, 1), got {budget}; 0.25 keeps a quarter of the params")
+            raise UsageError(f"{arg('budget')} must be in (0, 1), got {budget}; 0.25 keeps a quarter of the params")
         if not given:
             return None
         return cls(rank=None if rank is None else int(rank), energy=energy, max_error=max_error, budget=budget)
@@ -86,5 +86,6 @@ class RankPolicy:
 
 def require_policy(policy: RankPolicy | None) -> RankPolicy:
     if policy is None:
-        raise UsageError("no rank policy; give one of {rank}, {energy}, {max_error} or {budget}")
+        options = f"{arg('rank')}, {arg('energy')}, {arg('max_error')} or {arg('budget')}"
+        raise UsageError(f"no rank policy; give one of {options}")
     return policy

@@ -202,7 +202,7 @@ def measured_route() -> dict:
     key = machine_key()
     path = _cache_dir() / "spectrum_route.json"
     try:
-        cached = json.loads(path.read_text(encoding="utf-8"))
+        cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # never a FIFO's open()
     except (OSError, ValueError):
         cached = {}
     if not isinstance(cached, dict):

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.ops.samples import TextSamples, batches
 
 ENCODER, CAUSAL_LM, MASKED_LM = "encoder", "causal-lm", "masked-lm"
@@ -208,7 +208,7 @@ class Evaluator:
                 "cosine_min": float(values.min()),
             }
         if positions == 0:
-            raise UsageError("the samples leave no position to compare; give longer text or raise {seq_len}")
+            raise UsageError(f"the samples leave no position to compare; give longer text or raise {arg('seq_len')}")
         mean_kl = max(kl / positions, 0.0)
         return {
             "fidelity": math.exp(-mean_kl),

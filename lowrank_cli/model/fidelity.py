@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, UsageError
+from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.linalg.budget import allocate
@@ -111,7 +111,8 @@ def search(
     if mildest is None or mildest < target:
         raise FidelityNotReached(
             f"no saving reaches fidelity {target:g}: at the mildest budget tried, {MILDEST:g} of the selected"
-            f" params, the model measures {mildest if mildest is not None else float('nan'):.4f}; lower {{fidelity}},"
+            f" params, the model measures {mildest if mildest is not None else float('nan'):.4f};"
+            f" lower {arg('fidelity')},"
             " calibrate on text like the model's inputs, or select fewer tensors; nothing was written"
         )
     low, high, best = LOWEST, MILDEST, mildest
@@ -176,7 +177,7 @@ def compress_to_fidelity(
     selected = set(checkpoint.select(include, exclude))
     names = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
     if not names:
-        raise UsageError("no weight matrix is selected; check {include} and {exclude}")
+        raise UsageError(f"no weight matrix is selected; check {arg('include')} and {arg('exclude')}")
     budget, _, trials = search(
         checkpoint, reference, evaluator, target, names=names, calibration=calibration, device=settings.device,
         progress=progress,
@@ -196,7 +197,7 @@ def compress_to_fidelity(
         shutil.rmtree(written) if written.is_dir() else written.unlink(missing_ok=True)
         raise FidelityNotReached(
             f"the written model measures fidelity {measured:.4f}, below {target:g}, at every budget up to"
-            f" {budget:g}; lower {{fidelity}}; nothing was written"
+            f" {budget:g}; lower {arg('fidelity')}; nothing was written"
         )
     report.options["fidelity"] = {
         "target": target,

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, TensorError, UsageError
+from lowrank_cli.errors import CheckpointError, TensorError, UsageError, arg
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
@@ -49,13 +49,13 @@ class HealOptions:
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
-            raise UsageError(f"{{steps}} must be at least 1, got {self.steps}")
+            raise UsageError(f"{arg('steps')} must be at least 1, got {self.steps}")
         if self.epochs < 1:
-            raise UsageError(f"{{epochs}} must be at least 1, got {self.epochs}")
+            raise UsageError(f"{arg('epochs')} must be at least 1, got {self.epochs}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise UsageError(f"{{lr}} must be a positive number, got {self.lr}")
+            raise UsageError(f"{arg('lr')} must be a positive number, got {self.lr}")
         if self.batch_size < 1:
-            raise UsageError(f"{{batch_size}} must be at least 1, got {self.batch_size}")
+            raise UsageError(f"{arg('batch_size')} must be at least 1, got {self.batch_size}")
 
 
 @dataclass
@@ -139,7 +139,7 @@ def train(
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TensorError(
-                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {{lr}}"
+                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
                     f" (now {options.lr:g})"
                 )
             optimizer.zero_grad(set_to_none=True)

@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
 from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
+from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.samples import TOKENS, batches, read_samples, sample_count, spread
@@ -353,12 +354,13 @@ def calibrate(
     progress(done, total) is called after each batch and each weight probed. Returns a summary.
     """
     if batch_size < 1:
-        raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}")
+        raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
     if sensitivity and probe_tokens < 1:
-        raise UsageError(f"{{probe_tokens}} must be at least 1, got {probe_tokens}")
+        raise UsageError(f"{arg('probe_tokens')} must be at least 1, got {probe_tokens}")
     out, text, folder = Path(out), Path(text), Path(model_dir)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
+    require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
     _check_output(out, folder, text, force)
     transformers = _transformers()
     model, tokenizer = _load(transformers, folder, device)
@@ -410,14 +412,14 @@ def calibrate(
 def _check_output(out: Path, folder: Path, text: Path, force: bool) -> None:
     """The statistics file may not be written over an input (the model's files, the text), even with force."""
     if out.is_dir():
-        raise OutputError(f"{out}: is a folder; give the statistics file's name with {{out}}")
+        raise OutputError(f"{out}: is a folder; give the statistics file's name with {arg('out')}")
     if out.exists():
         if any(_same_file(out, path) for path in [text, *folder.iterdir()]):
             raise OutputError(
                 f"{out}: is an input of this run (the model's or the text); write the statistics elsewhere"
             )
         if not force:
-            raise OutputError(f"{out}: exists; choose another output or pass {{force}}")
+            raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
     elif out.name.endswith(".safetensors") and out.resolve().parent == folder.resolve():
         # in the model folder it would be read as one of the model's weight files by every later command
         raise OutputError(f"{out}: is inside the model folder, where it would be read as weights; write it elsewhere")
@@ -438,7 +440,9 @@ def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], 
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     longest = max(len(ids) for ids in samples)
     if isinstance(positions, int) and longest > positions:
-        raise UsageError(f"{{seq_len}} {longest}: {folder.name} reads at most {positions} tokens; lower {{seq_len}}")
+        raise UsageError(
+            f"{arg('seq_len')} {longest}: {folder.name} reads at most {positions} tokens; lower {arg('seq_len')}"
+        )
     vocabulary = getattr(config, "vocab_size", None)
     if isinstance(vocabulary, int) and len(tokenizer) < vocabulary / 10:  # a bare default tokenizer: a handful
         raise CheckpointError(

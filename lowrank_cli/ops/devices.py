@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import UsageError, arg
 
 
 def resolve_device(name: object) -> str:
@@ -16,6 +16,6 @@ def resolve_device(name: object) -> str:
         return "cpu"
     if isinstance(name, str) and (name == "cuda" or name.startswith("cuda:")):
         if not torch.cuda.is_available():
-            raise UsageError(f"{{device}} {name}: no CUDA device is visible to torch; use {{device}} cpu")
+            raise UsageError(f"{arg('device')} {name}: no CUDA device is visible to torch; use {arg('device')} cpu")
         return name
-    raise UsageError(f"{{device}} {name} is not one of auto, cpu, cuda")
+    raise UsageError(f"{arg('device')} {name} is not one of auto, cpu, cuda")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import OutputError, TensorError
+from lowrank_cli.errors import OutputError, TensorError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.dtypes import compute_dtype
@@ -189,7 +189,7 @@ def _report(
         command="extract",
         sources=[str(base.source), str(tuned.source)],
         tensors=reports,
-        totals=Totals.of(extracted, nbytes_after=size),
+        totals=Totals.of(extracted, tuned.nbytes, size),  # TUNED's files, the adapter's weights file
         policy=policy.as_dict(),
         output=str(out),
         options=settings.as_dict(),
@@ -334,12 +334,11 @@ def _nothing_changed(base: Checkpoint, tuned: Checkpoint, screened: dict[str, _S
     hint = ""
     if left_out:
         name = left_out[0]
-        hint = (
-            f"; '{name}' changed but is left out by default ({screened[name].reason}): pass {{{screened[name].opt_in}}}"
-        )
+        hint = f"; '{name}' changed but is left out by default ({screened[name].reason})"
+        hint += f": pass {arg(screened[name].opt_in)}"
     return (
         f"{tuned.source}: no module weight differs from {base.source}; nothing to extract"
-        f" (check the order BASE TUNED and {{include}}/{{exclude}}){hint}"
+        f" (check the order BASE TUNED and {arg('include')}/{arg('exclude')}){hint}"
     )
 
 

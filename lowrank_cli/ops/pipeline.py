@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from lowrank_cli.errors import TensorError
+from lowrank_cli.errors import CheckpointError, TensorError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
@@ -66,7 +66,8 @@ def load_matrix(checkpoint: Checkpoint, entry: TensorEntry, device: str = "cpu")
 def check_finite(matrix: torch.Tensor, where: str, name: str) -> None:
     if not finite(matrix):
         bad = "NaN" if bool(torch.isnan(matrix).any()) else "Inf"
-        raise TensorError(f"{where} contains {bad}; repair the checkpoint or leave it out with {{exclude}} '{name}'")
+        fix = f"repair the checkpoint or leave it out with {arg('exclude')} '{name}'"
+        raise TensorError(f"{where} contains {bad}; {fix}")
 
 
 def spectrum_of(matrix: torch.Tensor, rtol: float | None = None) -> Spectrum:
@@ -189,7 +190,9 @@ def _stored_factors(
         b, a = b.to(stored), a.to(stored)
     if not (finite(b) and finite(a)):
         wider = "bfloat16 or float32" if stored == torch.float16 else "float64"
-        raise TensorError(f"{where}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {{dtype}} {wider}")
+        raise TensorError(
+            f"{where}: its factors overflow {stored} even split as U·√S and √S·Vᵀ; use {arg('dtype')} {wider}"
+        )
     return b, a, split
 
 
@@ -306,7 +309,7 @@ def cast_dense(tensor: torch.Tensor, stored: torch.dtype, where: str) -> tuple[t
     if not bool(torch.isfinite(tensor).all()):
         return cast, None
     if not bool(torch.isfinite(cast).all()):
-        raise TensorError(f"{where}: its values overflow {stored}; use {{dtype}} bfloat16 or float32")
+        raise TensorError(f"{where}: its values overflow {stored}; use {arg('dtype')} bfloat16 or float32")
     w = tensor.to(torch.float64)
     norm = float(torch.linalg.vector_norm(w))
     return cast, float(torch.linalg.vector_norm(w - cast.to(torch.float64))) / norm if norm else 0.0
@@ -386,8 +389,8 @@ def _row_weights(counts: torch.Tensor, rows: int, where: str) -> RowWeights | No
 
 
 def _check_moment(moment: torch.Tensor, inputs: int, where: str) -> None:
-    if tuple(moment.shape) != (inputs, inputs):
-        raise TensorError(
+    if tuple(moment.shape) != (inputs, inputs):  # the statistics file is the wrong input, as in api._calibration
+        raise CheckpointError(
             f"{where}: its calibration moment is {tuple(moment.shape)}, but the tensor has {inputs} inputs;"
             " the statistics are of another model, run lowrank calibrate on this one"
         )

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, UsageError
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.ops.settings import Split
 
 BLOCK = 1 << 16  # bytes read and tokenized at a time (64 KiB)
@@ -59,21 +59,21 @@ def read_samples(
     Each sample is framed by the tokenizer's special tokens ([CLS] … [SEP]).
     """
     if seq_len < 2:
-        raise UsageError(f"{{seq_len}} must be at least 2, got {seq_len}")
+        raise UsageError(f"{arg('seq_len')} must be at least 2, got {seq_len}")
     for argument, value in (("tokens", tokens), ("samples", samples)):
         if value is not None and value < 1:
-            raise UsageError(f"{{{argument}}} must be at least 1, got {value}")
+            raise UsageError(f"{arg(argument)} must be at least 1, got {value}")
     path = Path(path)
     size = _check_text(path)
     tokenizer.model_max_length = 1 << 62  # the text is cut below; silence the length warning
     prefix, suffix = special_tokens(tokenizer)
     content = seq_len - len(prefix) - len(suffix)
     if content < 1:
-        raise UsageError(f"{{seq_len}} {seq_len} leaves no room beside the special tokens; raise {{seq_len}}")
+        raise UsageError(f"{arg('seq_len')} {seq_len} leaves no room beside the special tokens; raise {arg('seq_len')}")
     with open(path, "rb") as handle:
         first = _decode(_aligned(handle, 0, size, Split.windows), path)
         if not first.strip() and size <= BLOCK:
-            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
         notes = []
         if split == Split.auto:
             split = Split.lines if line_shaped(tokenizer, first, content) else Split.windows
@@ -90,8 +90,10 @@ def read_samples(
             found += _cut(tokenizer, text, split, content, prefix, suffix)
     if not found:
         if split == Split.lines:
-            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
-        raise UsageError(f"{path}: has fewer tokens than one window of {seq_len}; lower {{seq_len}} or give more text")
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
+        raise UsageError(
+            f"{path}: has fewer tokens than one window of {seq_len}; lower {arg('seq_len')} or give more text"
+        )
     chosen = spread(found, sample_count(found, tokens, samples))
     return TextSamples(chosen, split, file_sha256(path), notes)
 
@@ -149,7 +151,7 @@ def batches(
     mask marks the padding.
     """
     if batch_size < 1:
-        raise UsageError(f"{{batch_size}} must be at least 1, got {batch_size}")
+        raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
     ordered = sorted(samples, key=len)
     out = []
     for start in range(0, len(ordered), batch_size):
@@ -186,14 +188,14 @@ def file_sha256(path: str | Path) -> str:
 def _check_text(path: Path) -> int:
     """The text file's size; a folder, a missing file or one that is not a regular file is refused."""
     if path.is_dir():
-        raise UsageError(f"{path}: is a folder; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{path}: is a folder; give a UTF-8 text file with {arg('text')}")
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file; give a UTF-8 text file with {{text}}")
+        raise CheckpointError(f"{path}: no such file; give a UTF-8 text file with {arg('text')}")
     if not path.is_file():  # a FIFO or device would block or never end
-        raise UsageError(f"{path}: is not a regular file; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{path}: is not a regular file; give a UTF-8 text file with {arg('text')}")
     size = os.path.getsize(path)
     if size == 0:
-        raise UsageError(f"{path}: has no text; give a UTF-8 text file with {{text}}")
+        raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
     return size
 
 
@@ -240,7 +242,7 @@ def _decode(data: bytes, path: Path) -> str:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageError(
-            f"{path}: is not UTF-8 text (near byte {exc.start}); give a UTF-8 text file with {{text}}"
+            f"{path}: is not UTF-8 text (near byte {exc.start}); give a UTF-8 text file with {arg('text')}"
         ) from None
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import Enum
 
-from lowrank_cli.errors import UsageError
+from lowrank_cli.errors import UsageError, arg
 
 
 class DType(str, Enum):
@@ -52,7 +52,7 @@ def choice(kind: type[Enum], value: object, argument: str) -> Enum:
         return kind(value)
     except ValueError:
         choices = ", ".join(member.value for member in kind)
-        raise UsageError(f"{{{argument}}} {value} is not one of {choices}") from None
+        raise UsageError(f"{arg(argument)} {value} is not one of {choices}") from None
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,7 @@ class Settings:
         object.__setattr__(self, "dtype", choice(DType, self.dtype, "dtype"))
         object.__setattr__(self, "method", choice(Method, self.method, "method"))
         if self.rtol is not None and not self.rtol >= 0:
-            raise UsageError(f"{{rtol}} must be ≥ 0, got {self.rtol}")
+            raise UsageError(f"{arg('rtol')} must be ≥ 0, got {self.rtol}")
 
     def as_dict(self) -> dict[str, str | int]:
         return {"dtype": self.dtype.value, "method": self.method.value, "seed": self.seed}
