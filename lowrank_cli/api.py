@@ -240,7 +240,7 @@ def _compress_to_fidelity(
     from lowrank_cli.model.evaluate import make_evaluator
     from lowrank_cli.model.fidelity import compress_to_fidelity
     from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples
+    from lowrank_cli.ops.samples import read_samples, require_text
 
     if fidelity is None or eval_text is None:
         raise UsageError(f"{arg('fidelity')} and {arg('eval_text')} go together: the fidelity is measured on that text")
@@ -250,6 +250,7 @@ def _compress_to_fidelity(
     if not 0 < fidelity < 1:
         raise UsageError(f"{arg('fidelity')} must be between 0 and 1, got {fidelity}")
     folder = Path(path)
+    require_text(eval_text, "eval_text")
     if not (folder / "config.json").is_file():
         raise UsageError(f"{path}: {arg('fidelity')} needs a Hugging Face model folder (config.json) to run the model")
     with open_checkpoint(folder) as checkpoint:

@@ -261,10 +261,11 @@ def evaluate(
     running as factors, never expanded.
     """
     from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples
+    from lowrank_cli.ops.samples import read_samples, require_text
     from lowrank_cli.ops.settings import Split
 
     folder, candidate = Path(reference_dir), Path(candidate)
+    require_text(text)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():

@@ -261,10 +261,13 @@ def heal(
     from lowrank_cli.io.checkpoint import open_checkpoint
     from lowrank_cli.model.evaluate import is_lowrank, load_candidate, make_evaluator, metric
     from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples
+    from lowrank_cli.ops.samples import read_samples, require_text
     from lowrank_cli.ops.settings import Split
 
     folder, compressed = Path(reference_dir), Path(compressed)
+    require_text(text)
+    if eval_text is not None:
+        require_text(eval_text, "eval_text")
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not compressed.exists():

@@ -23,7 +23,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
-from lowrank_cli.ops.samples import TOKENS, batches, read_samples, sample_count, spread
+from lowrank_cli.ops.samples import TOKENS, batches, read_samples, require_text, sample_count, spread
 from lowrank_cli.ops.settings import Split
 
 CHUNK = 1024  # tokens per float32 product
@@ -358,6 +358,7 @@ def calibrate(
     if sensitivity and probe_tokens < 1:
         raise UsageError(f"{arg('probe_tokens')} must be at least 1, got {probe_tokens}")
     out, text, folder = Path(out), Path(text), Path(model_dir)
+    require_text(text)
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, UsageError, arg
+from lowrank_cli.errors import UsageError, arg
+from lowrank_cli.io.paths import require_file
 from lowrank_cli.ops.settings import Split
 
 BLOCK = 1 << 16  # bytes read and tokenized at a time (64 KiB)
@@ -186,17 +187,17 @@ def file_sha256(path: str | Path) -> str:
 
 
 def _check_text(path: Path) -> int:
-    """The text file's size; a folder, a missing file or one that is not a regular file is refused."""
-    if path.is_dir():
-        raise UsageError(f"{path}: is a folder; give a UTF-8 text file with {arg('text')}")
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file; give a UTF-8 text file with {arg('text')}")
-    if not path.is_file():  # a FIFO or device would block or never end
-        raise UsageError(f"{path}: is not a regular file; give a UTF-8 text file with {arg('text')}")
+    """The text file's size; a missing file, a folder or what is not a regular file is refused (exit 1)."""
+    require_text(path)
     size = os.path.getsize(path)
     if size == 0:
         raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
     return size
+
+
+def require_text(path: str | Path, flag: str = "text") -> Path:
+    """A text input checked up front, before any model is loaded: a regular file, or a CheckpointError."""
+    return require_file(path, f"give a UTF-8 text file with {arg(flag)}")
 
 
 def _aligned(handle, start: int, size: int, split: Split) -> bytes:
