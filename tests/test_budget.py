@@ -454,7 +454,9 @@ def test_budget_over_a_sharded_folder(tmp_path):
     before = after = 0
     ranks, matrices = {}, {}
     for shard, tensors in shards.items():
-        shard_after, shard_ranks = _recount(load(out / shard), tensors, report)
+        shard_after, shard_ranks = _recount(
+            load(out / shard.replace(".safetensors", ".lowrank.safetensors")), tensors, report
+        )
         before += sum(w.numel() for w in tensors.values())
         after += shard_after
         ranks.update(shard_ranks)

@@ -18,6 +18,7 @@ from conftest import assert_clean_failure, assert_no_crash, cli, listing, load, 
 from faults import FullDisk
 
 INDEX = "model.safetensors.index.json"
+LOWRANK_INDEX = "model.lowrank.safetensors.index.json"  # a compressed folder's, which transformers does not read
 SHARD_1 = "model-00001-of-00002.safetensors"
 SHARD_2 = "model-00002-of-00002.safetensors"
 SPACE = "No space left on device"
@@ -126,8 +127,10 @@ def test_full_disk_while_the_index_or_a_companion_is_written(tmp_path, monkeypat
     with monkeypatch.context() as patch:
         disk = FullDisk(dest, budget=1 << 40).install(patch)
         assert _run(source, command, out).exit_code == 0
-    index_size, config_size = (out / INDEX).stat().st_size, (out / "config.json").stat().st_size
-    shards_size = disk.written - index_size - config_size  # shards are written first, then the index, then companions
+    index_size, config_size = (out / LOWRANK_INDEX).stat().st_size, (out / "config.json").stat().st_size
+    readme_size = (out / "README.md").stat().st_size  # how to load the compressed folder, written last
+    # shards are written first, then the index, then companions
+    shards_size = disk.written - index_size - config_size - readme_size
     for path in out.iterdir():
         path.unlink()
     out.rmdir()
@@ -196,7 +199,7 @@ def test_real_full_disk(tmp_path, mount, scenario):
         result = _run(source, command, out)
         if result.exit_code == 0:
             assert listing(dest) == [out_name]
-            assert load(out if out.is_file() else out / SHARD_1)
+            assert load(out if out.is_file() else out / SHARD_1.replace(".safetensors", ".lowrank.safetensors"))
         else:
             _assert_refused(result, out, SPACE)
             assert listing(dest) == [], f"{size_kib} KiB: left {listing(dest)}"

@@ -16,6 +16,8 @@ import lowrank_cli
 
 transformers = pytest.importorskip("transformers")
 
+WEIGHTS = "model.lowrank.safetensors"  # a compressed folder's weights, a name from_pretrained does not load
+
 
 def heal_args(folder: Path, candidate: Path, text: Path, out: Path, *extra: str) -> list:
     return ["heal", folder, candidate, "--text", text, "-o", out, "--lr", "3e-3", "--epochs", "4", *extra]
@@ -37,12 +39,12 @@ def test_heal_raises_the_fidelity_and_keeps_the_format(tmp_path):
     assert healed["fidelity_after"] == pytest.approx(after, abs=1e-5) and healed["held_out"] is True
     assert healed["text_sha256"] == sha256(train) and healed["steps"] == 4 * math.ceil(healed["samples"] / 16)
     # the same names, shapes, dtypes and ranks as COMPRESSED; the params are exactly the same
-    old, new = raw_tensors(candidate / "model.safetensors"), raw_tensors(out / "model.safetensors")
+    old, new = raw_tensors(candidate / WEIGHTS), raw_tensors(out / WEIGHTS)
     assert {n: v[:2] for n, v in old.items()} == {n: v[:2] for n, v in new.items()}
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in candidate.iterdir())
-    records = json.loads(file_metadata(out / "model.safetensors")["lowrank"])["tensors"]
+    records = json.loads(file_metadata(out / WEIGHTS)["lowrank"])["tensors"]
     reference = load(folder / "model.safetensors")
-    written = load(out / "model.safetensors")
+    written = load(out / WEIGHTS)
     rows = {t["name"]: t for t in report["tensors"]}
     assert set(rows) == set(records) and rows
     for name, record in records.items():
@@ -50,10 +52,7 @@ def test_heal_raises_the_fidelity_and_keeps_the_format(tmp_path):
         product = written[f"{name}.B"].double().numpy() @ written[f"{name}.A"].double().numpy()
         error = np.linalg.norm(w - product) / np.linalg.norm(w)
         assert record["rel_error"] == pytest.approx(error, rel=1e-6) == rows[name]["rel_error"]
-        assert (
-            record["rank"]
-            == json.loads(file_metadata(candidate / "model.safetensors")["lowrank"])["tensors"][name]["rank"]
-        )
+        assert record["rank"] == json.loads(file_metadata(candidate / WEIGHTS)["lowrank"])["tensors"][name]["rank"]
     changed = [n for n in old if old[n][2] != new[n][2]]
     assert changed and all(n.endswith((".A", ".B", ".bias")) for n in changed)  # nothing else moved
 
@@ -88,7 +87,7 @@ def test_the_same_seed_heals_the_same_way(tmp_path):
     for run in range(2):
         out = tmp_path / f"healed{run}"
         lowrank_cli.heal(folder, candidate, out, text=train, steps=5, lr=1e-3, seed=7)
-        outs.append(load(out / "model.safetensors"))
+        outs.append(load(out / WEIGHTS))
     for name in outs[0]:
         torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-7)
 

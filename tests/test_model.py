@@ -334,8 +334,12 @@ def test_save_factors_round_trips_through_expand(tmp_path):
     out, _ = _compressed(tmp_path, source, "--rank", RANK)
     model = load_pretrained(out)
     saved = save_factors(model, tmp_path / "again")
-    assert saved == tmp_path / "again" / "model.safetensors"
-    assert (tmp_path / "again" / "config.json").is_file()
+    assert saved == tmp_path / "again" / "model.lowrank.safetensors"  # a name from_pretrained does not load
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.lowrank.safetensors",
+    ]
 
     original = json.loads(file_metadata(out / "model.safetensors")["lowrank"])["tensors"]
     written = json.loads(file_metadata(saved)["lowrank"])["tensors"]
@@ -417,3 +421,75 @@ def test_from_linear_refuses_a_weight_with_nan():
         linear.weight[2, 3] = float("nan")
     with pytest.raises(LowrankError, match="Linear weight contains NaN"):
         LowRankLinear.from_linear(linear, rank=2)
+
+
+# --- a compressed folder and transformers' own loader -------------------------------------------------
+
+
+@pytest.mark.parametrize("shard", [False, True], ids=["one file", "shards"])
+def test_transformers_refuses_a_compressed_folder_and_loads_the_expanded_one(tmp_path, shard):
+    """from_pretrained would load a compressed folder with every factorized weight random: it must fail."""
+    torch.manual_seed(0)
+    source = tmp_path / "bert"
+    BertModel(BERT).eval().save_pretrained(source, **({"max_shard_size": "40KB"} if shard else {}))
+    original_names = sorted(p.name for p in source.iterdir())
+    compressed, dense = tmp_path / "bert.lowrank", tmp_path / "bert.dense"
+    cli_json("compress", source, "--rank", RANK, "-o", compressed)
+
+    weights = sorted(p.name for p in compressed.iterdir() if p.name not in ("config.json", "README.md"))
+    expected = [
+        name.replace(".safetensors", ".lowrank.safetensors") for name in original_names if name != "config.json"
+    ]
+    assert weights == sorted(expected)
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        transformers.AutoModel.from_pretrained(compressed)
+    readme = (compressed / "README.md").read_text(encoding="utf-8")
+    assert "lowrank-compressed model" in readme
+    assert 'lowrank_cli.load_pretrained("bert.lowrank")' in readme and "lowrank expand bert.lowrank" in readme
+
+    # load_pretrained runs the factors: the model whose weights are W = B·A, computed here from the file
+    reference = BertModel.from_pretrained(source).eval()
+    state = {}
+    for name in weights:
+        if name.endswith(".safetensors"):
+            state.update(load(compressed / name))
+    with torch.no_grad():
+        for name, parameter in reference.named_parameters():
+            if f"{name}.B" in state:
+                parameter.copy_(state[f"{name}.B"].double() @ state[f"{name}.A"].double())
+    model = load_pretrained(compressed)
+    assert any(isinstance(module, LowRankLinear) for module in model.modules())
+    with torch.no_grad():
+        _assert_close(model(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
+
+    cli_json("expand", compressed, "-o", dense)
+    assert sorted(p.name for p in dense.iterdir()) == original_names  # the original names, and no README
+    expanded = transformers.AutoModel.from_pretrained(dense).eval()
+    with torch.no_grad():
+        _assert_close(expanded(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
+
+
+def test_the_original_model_card_travels_with_the_compressed_folder_and_back(tmp_path):
+    torch.manual_seed(0)
+    source = tmp_path / "bert"
+    BertModel(BERT).eval().save_pretrained(source)
+    card = "---\nlicense: mit\n---\n# My BERT\n"
+    (source / "README.md").write_text(card, encoding="utf-8")
+    cli_json("compress", source, "--rank", RANK, "-o", tmp_path / "c")
+    readme = (tmp_path / "c" / "README.md").read_text(encoding="utf-8")
+    assert readme.startswith("<!-- lowrank: a compressed model -->") and readme.endswith(card)
+    cli_json("expand", tmp_path / "c", "-o", tmp_path / "d")
+    assert (tmp_path / "d" / "README.md").read_text(encoding="utf-8") == card
+
+
+def test_a_folder_compressed_before_the_lowrank_names_still_loads(tmp_path):
+    """Folders written with plain names (model.safetensors) by earlier versions load and expand as before."""
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)  # out/model.safetensors, the old layout
+    model = load_pretrained(out)
+    cli_json("expand", out, "-o", tmp_path / "dense")
+    assert sorted(p.name for p in (tmp_path / "dense").iterdir()) == ["config.json", "model.safetensors"]
+    reference = BertModel.from_pretrained(tmp_path / "dense").eval()
+    with torch.no_grad():
+        _assert_close(model(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)

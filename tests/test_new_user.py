@@ -60,9 +60,11 @@ def test_a_folder_with_one_file_gives_a_folder_with_the_same_names(tmp_path):
     tensors = _model_folder(tmp_path / "m")
     assert cli("compress", tmp_path / "m", "--rank", 3).exit_code == 0
     compressed, dense = tmp_path / "m.lowrank", tmp_path / "m.dense"
-    assert listing(compressed) == listing(tmp_path / "m")  # no index: the input had none
+    # no index: the input had none; weights named so that transformers refuses the folder, and a README
+    renamed = [name.replace("model.safetensors", "model.lowrank.safetensors") for name in listing(tmp_path / "m")]
+    assert listing(compressed) == sorted(["README.md", *renamed])
     assert (compressed / "config.json").read_text() == CONFIG
-    assert "layers.0.mlp.weight.B" in raw_tensors(compressed / "model.safetensors")
+    assert "layers.0.mlp.weight.B" in raw_tensors(compressed / "model.lowrank.safetensors")
 
     result = cli("expand", compressed)
     assert result.exit_code == 0, result.stderr

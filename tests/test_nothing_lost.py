@@ -236,7 +236,9 @@ def test_calibrate_refuses_a_compressed_folder(tmp_path):
     _, compressed, text = _compressed_bert(tmp_path)
     stats = tmp_path / "stats.safetensors"
     result = cli("calibrate", compressed, "-o", stats, "--text", text, "--seq-len", 16)
-    assert_clean_failure(result, 1, str(compressed / "model.safetensors"), "is a lowrank file", "lowrank expand")
+    assert_clean_failure(
+        result, 1, str(compressed / "model.lowrank.safetensors"), "is a lowrank file", "lowrank expand"
+    )
     assert not stats.exists()
 
 

@@ -33,6 +33,9 @@ from conftest import (
 INDEX = "model.safetensors.index.json"
 SHARD_1 = "model-00001-of-00002.safetensors"
 SHARD_2 = "model-00002-of-00002.safetensors"
+# What compress names them in its output folder: transformers looks for none of these names
+LOWRANK_1, LOWRANK_2 = (shard.replace(".safetensors", ".lowrank.safetensors") for shard in (SHARD_1, SHARD_2))
+LOWRANK_INDEX = "model.lowrank.safetensors.index.json"
 CONFIG = '{"architectures": ["Tiny"], "hidden_size": 40}\n'
 METADATA = {SHARD_1: {"format": "pt", "shard": "first"}, SHARD_2: None}  # each shard its own metadata, or none
 
@@ -148,7 +151,8 @@ def test_compress_writes_the_same_layout(checkpoint, tmp_path, form):
     out = tmp_path / "ckpt.lowrank"  # the default: <folder>.lowrank beside the folder
     assert out.is_dir()
     assert listing(tmp_path) == ["ckpt", "ckpt.lowrank"]
-    assert listing(out) == sorted([SHARD_1, SHARD_2, INDEX, "config.json", "tokenizer.json"])
+    # weight files named so that transformers refuses the folder (it would load them with random weights)
+    assert listing(out) == sorted([LOWRANK_1, LOWRANK_2, LOWRANK_INDEX, "README.md", "config.json", "tokenizer.json"])
     assert (out / "config.json").read_text() == CONFIG
     assert _hashes(folder) == inputs
 
@@ -156,6 +160,7 @@ def test_compress_writes_the_same_layout(checkpoint, tmp_path, form):
     written = names_by_shard(out)
     expected = {}
     for name, shard in weight_map.items():
+        shard = shard.replace(".safetensors", ".lowrank.safetensors")
         if report[name]["status"] == "factorized":
             expected |= {f"{name}.B": shard, f"{name}.A": shard}
         else:
@@ -165,9 +170,9 @@ def test_compress_writes_the_same_layout(checkpoint, tmp_path, form):
         name for name, t in report.items() if t["status"] == "factorized"
     }
 
-    index = json.loads((out / INDEX).read_text())
+    index = json.loads((out / LOWRANK_INDEX).read_text())
     assert index["weight_map"] == written
-    assert index["metadata"]["total_size"] == sum(tensor_bytes(out / shard) for shard in (SHARD_1, SHARD_2))
+    assert index["metadata"]["total_size"] == sum(tensor_bytes(out / shard) for shard in (LOWRANK_1, LOWRANK_2))
 
 
 def test_compress_expand_roundtrip_keeps_each_shard(checkpoint, tmp_path):
@@ -187,7 +192,7 @@ def test_compress_expand_roundtrip_keeps_each_shard(checkpoint, tmp_path):
     for shard, tensors in shards.items():
         assert file_metadata(dense / shard) == METADATA[shard], shard
         raw_in, raw_out = raw_tensors(folder / shard), raw_tensors(dense / shard)
-        stored, factors = load(dense / shard), load(compressed / shard)
+        stored, factors = load(dense / shard), load(compressed / shard.replace(".safetensors", ".lowrank.safetensors"))
         assert set(raw_out) == set(tensors)
         for name, tensor in tensors.items():
             assert raw_out[name][:2] == raw_in[name][:2], name  # dtype code and shape
@@ -251,45 +256,55 @@ def test_expand_of_a_compressed_folder_to_one_file(checkpoint, tmp_path):
 # --- broken checkpoints ------------------------------------------------------------------------
 
 
+def _index_name(folder) -> str:
+    """The folder's index: model.safetensors.index.json, or model.lowrank.… in a compressed folder."""
+    return INDEX if (folder / INDEX).exists() else LOWRANK_INDEX
+
+
+def _shard(folder, shard: str) -> str:
+    return shard if (folder / shard).exists() else shard.replace(".safetensors", ".lowrank.safetensors")
+
+
 def _index(folder) -> dict:
-    return json.loads((folder / INDEX).read_text())
+    return json.loads((folder / _index_name(folder)).read_text())
 
 
 def _write_index(folder, index) -> None:
-    (folder / INDEX).write_text(json.dumps(index))
+    (folder / _index_name(folder)).write_text(json.dumps(index))
 
 
 def missing_shard(folder):
     index = _index(folder)
     index["weight_map"]["model.layers.1.bias"] = "model-00003-of-00003.safetensors"
     _write_index(folder, index)
-    return INDEX, "model-00003-of-00003.safetensors"
+    return _index_name(folder), "model-00003-of-00003.safetensors"
 
 
 def missing_shard_file(folder):
-    (folder / SHARD_2).unlink()
-    return INDEX, SHARD_2
+    shard = _shard(folder, SHARD_2)
+    (folder / shard).unlink()
+    return _index_name(folder), shard
 
 
 def ghost_tensor(folder):
     index = _index(folder)
-    index["weight_map"]["model.ghost.weight"] = SHARD_1
+    index["weight_map"]["model.ghost.weight"] = _shard(folder, SHARD_1)
     _write_index(folder, index)
-    return INDEX, "'model.ghost.weight'"
+    return _index_name(folder), "'model.ghost.weight'"
 
 
 def unindexed_tensor(folder):
     index = _index(folder)
     del index["weight_map"]["model.layers.1.bias"]
     _write_index(folder, index)
-    return INDEX, "'model.layers.1.bias'"
+    return _index_name(folder), "'model.layers.1.bias'"
 
 
 def misplaced_tensor(folder):
     index = _index(folder)
-    index["weight_map"]["model.layers.1.bias"] = SHARD_1
+    index["weight_map"]["model.layers.1.bias"] = _shard(folder, SHARD_1)
     _write_index(folder, index)
-    return INDEX, "'model.layers.1.bias'"
+    return _index_name(folder), "'model.layers.1.bias'"
 
 
 def index_not_json(folder):
@@ -446,8 +461,8 @@ def test_existing_output_folder_needs_force(checkpoint, tmp_path):
     result = cli("compress", folder, "--rank", 2, "--force")
     assert result.exit_code == 0, result.stderr
     assert listing(tmp_path) == ["ckpt", "ckpt.lowrank"]  # no .old or .tmp folder left beside it
-    assert listing(out) == sorted([SHARD_1, SHARD_2, INDEX, "config.json", "tokenizer.json"])
-    assert json.loads((out / INDEX).read_text())["weight_map"] == names_by_shard(out)
+    assert listing(out) == sorted([LOWRANK_1, LOWRANK_2, LOWRANK_INDEX, "README.md", "config.json", "tokenizer.json"])
+    assert json.loads((out / LOWRANK_INDEX).read_text())["weight_map"] == names_by_shard(out)
 
 
 def test_existing_output_file_for_a_folder_output(checkpoint, tmp_path):
@@ -477,10 +492,10 @@ def test_sentence_transformers_module_folders_travel_with_the_model(tmp_path):
 
     assert cli("compress", folder, "--rank", 2, "-o", tmp_path / "small").exit_code == 0
     assert cli("expand", tmp_path / "small", "-o", tmp_path / "dense").exit_code == 0
+    common = ["1_Pooling", "2_Dense", "config.json", "modules.json", "tokenizer.json"]
+    assert listing(tmp_path / "small") == sorted([*common, "README.md", "model.lowrank.safetensors"])
+    assert listing(tmp_path / "dense") == sorted([*common, "model.safetensors"])
     for out in (tmp_path / "small", tmp_path / "dense"):
-        assert listing(out) == sorted(
-            ["1_Pooling", "2_Dense", "config.json", "model.safetensors", "modules.json", "tokenizer.json"]
-        )
         assert (out / "1_Pooling" / "config.json").read_bytes() == (folder / "1_Pooling" / "config.json").read_bytes()
         assert (out / "2_Dense" / "model.safetensors").read_bytes() == (
             folder / "2_Dense" / "model.safetensors"
@@ -494,5 +509,5 @@ def test_weights_in_other_formats_stay_behind(tmp_path):
     for name in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack"):
         (folder / name).write_bytes(b"\x80\x02" + b"x" * 4096)
     assert cli("compress", folder, "--rank", 2, "-o", tmp_path / "small").exit_code == 0
-    assert listing(tmp_path / "small") == ["config.json", "model.safetensors", "tokenizer.json"]
+    assert listing(tmp_path / "small") == ["README.md", "config.json", "model.lowrank.safetensors", "tokenizer.json"]
     assert len(listing(folder)) == 6

@@ -123,6 +123,8 @@ def _finish(report, as_json: bool, fail_above: float | None) -> None:
     """Print the report, then apply the --fail-above gate."""
     from lowrank_cli.cli.render import notice, print_json, print_report
 
+    for note in report.options.get("notes", []):
+        notice(f"note: {note}")
     print_json(report) if as_json else print_report(report)
     worst = report.exceeds(fail_above) if fail_above is not None else []
     if worst:

@@ -30,6 +30,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
+from lowrank_cli.io.publish import make_temp, publish, remove_temp
 from lowrank_cli.io.writer import current_umask
 
 METADATA_KEY = "lowrank_calibration"
@@ -65,8 +66,13 @@ def write_calibration(
     probe_tokens: int = 0,
     token_counts: dict[str, torch.Tensor] | None = None,
     fingerprint: dict[str, list[float]] | None = None,
+    force: bool = False,
 ) -> None:
-    """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; atomic (a temporary, then rename)."""
+    """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; atomic (a temporary, then rename).
+
+    Without force, a file that exists by the time it is written (another run's) is never replaced:
+    OutputError, and nothing of this run is left.
+    """
     from safetensors.torch import save_file
 
     payload = {
@@ -85,17 +91,18 @@ def write_calibration(
         tensors.update({f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in token_counts.items()})
     if fingerprint:
         payload["fingerprint"] = {name: [float(v) for v in values] for name, values in sorted(fingerprint.items())}
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.partial")
+    path, temporary = Path(path), None
     try:
+        temporary = make_temp(path)
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
         os.chmod(temporary, 0o666 & ~current_umask())  # a normal file's mode, as every other output
-        temporary.replace(path)
+        publish(temporary, path, force=force)
     except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
         reason = exc.strerror or str(exc)
         raise OutputError(f"{path}: cannot be written ({reason}); free space or choose another output") from None
     finally:
-        temporary.unlink(missing_ok=True)
+        if temporary is not None:
+            remove_temp(temporary)
 
 
 def read_calibration(path: str | Path) -> Calibration:

@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
+from typing import Literal
 
 from lowrank_cli.errors import OutputError, UsageError
 from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.io.paths import require_file
-from lowrank_cli.io.writer import SafetensorsWriter, current_umask, signals_held, track_temp, untrack_temp
+from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
+from lowrank_cli.io.writer import SafetensorsWriter, current_umask
 
 LOWRANK = ".lowrank"  # the part of a name that compress adds and expand takes away
 
@@ -84,14 +85,16 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
 
 
 class FolderOutput:
-    """A folder built under a temporary name beside OUT and renamed into place by commit()."""
+    """A folder built under a temporary name beside OUT and renamed into place by commit().
 
-    def __init__(self, out: Path) -> None:
+    Without force, commit() never replaces a folder that exists by then (another run's output).
+    """
+
+    def __init__(self, out: Path, *, force: bool = False) -> None:
         self.out = out
+        self.force = force
         try:
-            with signals_held():  # made and tracked together
-                made = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-                self.path: Path | None = track_temp(made)
+            self.path: Path | None = make_temp(out, folder=True)
         except OSError as exc:
             raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
 
@@ -99,19 +102,8 @@ class FolderOutput:
         new, out = self.path, self.out
         try:
             os.chmod(new, 0o777 & ~current_umask())
-            if out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-                with signals_held():  # never leave OUT missing between the two renames
-                    os.replace(out, old / out.name)
-                    os.replace(new, out)
-                    untrack_temp(new)
-                    self.path = None
-                shutil.rmtree(old, ignore_errors=True)
-            else:
-                with signals_held():
-                    os.replace(new, out)
-                    untrack_temp(new)
-                    self.path = None
+            publish(new, out, force=self.force)
+            self.path = None
         except OSError as exc:
             raise OutputError(
                 f"{out}: cannot write ({exc.strerror or exc}); check free space and permissions"
@@ -119,8 +111,7 @@ class FolderOutput:
 
     def discard(self) -> None:
         if self.path is not None:
-            shutil.rmtree(self.path, ignore_errors=True)
-            untrack_temp(self.path)
+            remove_temp(self.path)
             self.path = None
 
     def __enter__(self) -> FolderOutput:
@@ -131,25 +122,42 @@ class FolderOutput:
 
 
 class CheckpointOutput:
-    """One output file, or a folder mirroring the input's files; commit() or nothing."""
+    """One output file, or a folder mirroring the input's files; commit() or nothing.
 
-    def __init__(self, checkpoint: Checkpoint, out: Path, *, folder: bool, force: bool) -> None:
+    names: how a folder input's weight files are named in the output folder: "lowrank" (compress:
+    model.safetensors -> model.lowrank.safetensors, and a README.md saying how to load it), "dense"
+    (expand: the names back, and the original README.md) or None (as the input's).
+    `notes` says which temporaries of killed runs were removed beside OUT.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        out: Path,
+        *,
+        folder: bool,
+        force: bool,
+        names: Literal["lowrank", "dense"] | None = None,
+    ) -> None:
         self.out = out
         self.force = force
         self.checkpoint = checkpoint
         self.sharded = folder  # one writer per input file, named as it is
+        self.names = names if checkpoint.is_folder else None
         if out.exists() and out.is_dir() != self.sharded:
             kind = "a folder" if out.is_dir() else "a file"
             raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
-        self._folder = FolderOutput(out) if self.sharded else None
+        self.notes = sweep_stale_temps(out.parent)
+        self._folder = FolderOutput(out, force=force) if self.sharded else None
         self._writers: dict[str, SafetensorsWriter] = {}
 
     def writer_for(self, shard: ShardFile) -> SafetensorsWriter:
         """The writer that takes this input shard's tensors."""
         key = shard.path.name if self.sharded else ""
         if key not in self._writers:
-            path = self._folder.path / key if self.sharded else self.out
-            self._writers[key] = SafetensorsWriter(path, display=self.out / key if self.sharded else None)
+            path = self._folder.path / self._renamed(key) if self.sharded else self.out
+            display = self.out / self._renamed(key) if self.sharded else None
+            self._writers[key] = SafetensorsWriter(path, display=display, force=self.force and not self.sharded)
         return self._writers[key]
 
     @property
@@ -186,12 +194,16 @@ class CheckpointOutput:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
+    def _renamed(self, name: str) -> str:
+        return {"lowrank": lowrank_name, "dense": dense_name}.get(self.names, str)(name)
+
     def _write_index(self) -> None:
         weight_map, total = {}, 0
-        for name, writer in self._writers.items():
-            weight_map.update({tensor: name for tensor in writer.tensor_names})
+        for writer in self._writers.values():
+            weight_map.update({tensor: writer.path.name for tensor in writer.tensor_names})
             total += writer.nbytes
         index_name = self.checkpoint.index_path.name if self.checkpoint.index_path else "model" + INDEX_SUFFIX
+        index_name = self._renamed(index_name)
         text = json.dumps({"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}, indent=2)
         (self._folder.path / index_name).write_text(text + "\n", encoding="utf-8")
 
@@ -202,10 +214,77 @@ class CheckpointOutput:
         for path in sorted(folder.iterdir()):
             hidden = path.name.startswith(".")
             checkpoint_file = path.name in taken or path.name.endswith((".safetensors", INDEX_SUFFIX, *_OTHER_WEIGHTS))
-            if path.is_file() and not hidden and not checkpoint_file:
+            readme = path.name == README and self.names is not None
+            if path.is_file() and not hidden and not checkpoint_file and not readme:
                 shutil.copy2(path, self._folder.path / path.name)
+        if self.names is not None:
+            card = (folder / README).read_text(encoding="utf-8") if (folder / README).is_file() else None
+            write_readme(self._folder.path, self.out.name, card, compressed=self.names == "lowrank")
         for module in _module_folders(folder):
             shutil.copytree(module, self._folder.path / module.name)
+
+
+def lowrank_name(name: str) -> str:
+    """A compressed folder's name for a weights file or index: model.safetensors -> model.lowrank.safetensors.
+
+    transformers' from_pretrained looks for model.safetensors (or its index) and finds none, so it
+    fails instead of loading the model with every factorized weight left random.
+    """
+    for suffix in (INDEX_SUFFIX, ".safetensors"):
+        if name.endswith(suffix):
+            stem = name.removesuffix(suffix)
+            return name if stem.endswith(LOWRANK) else stem + LOWRANK + suffix
+    return name
+
+
+def dense_name(name: str) -> str:
+    """The name lowrank_name took away: model.lowrank.safetensors -> model.safetensors."""
+    for suffix in (INDEX_SUFFIX, ".safetensors"):
+        if name.endswith(suffix):
+            return name.removesuffix(suffix).removesuffix(LOWRANK) + suffix
+    return name
+
+
+README = "README.md"
+_README_MARK = "<!-- lowrank: a compressed model -->"
+_CARD_MARK = "<!-- lowrank: the original model card follows -->"
+_README_TEXT = """{mark}
+# A lowrank-compressed model
+
+This folder holds a model compressed by lowrank: each factorized weight W is stored as two factors
+`NAME.B` and `NAME.A` (W ≈ B·A) in its `*.lowrank.safetensors` files, whose `lowrank` metadata
+lists them.
+transformers cannot run the factors, so the weights are not named `model.safetensors`:
+`AutoModel.from_pretrained` fails on this folder rather than load a model with those weights random.
+
+Load it with lowrank, which runs the factors as they are:
+
+```python
+import lowrank_cli
+
+model = lowrank_cli.load_pretrained("{folder}")
+```
+
+or make a dense copy that any loader reads: `lowrank expand {folder} -o {dense}`.
+"""
+
+
+def write_readme(folder: Path, name: str, card: str | None, *, compressed: bool) -> None:
+    """README.md of a compressed folder `name` (how to load it, then the original card), or of an expanded
+    one (the original card back, or none)."""
+    original = card
+    if card is not None and card.startswith(_README_MARK):  # ours: the original card follows our text, if any
+        original = card.split(_CARD_MARK + "\n", 1)[1] if _CARD_MARK in card else None
+    if compressed:
+        dense = name.removesuffix(LOWRANK) + ".dense"
+        text = _README_TEXT.format(mark=_README_MARK, folder=name, dense=dense)
+        if original is not None:
+            text += f"\n{_CARD_MARK}\n{original}"
+    elif original is None:
+        return
+    else:
+        text = original
+    (folder / README).write_text(text, encoding="utf-8")
 
 
 # The same weights in other formats (pytorch_model.bin beside the model.safetensors made from it, tf_model.h5…):

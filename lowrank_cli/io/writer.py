@@ -12,48 +12,14 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import OutputError
 from lowrank_cli.io.dtypes import CODE_OF
-
-
-@contextlib.contextmanager
-def signals_held() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM across a few renames, so an interrupt cannot land between them."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-# Every temporary file or folder this process has made and not yet renamed or removed. An interrupt
-# that lands between making one and handing it to its owner's cleanup still finds it here.
-_LIVE_TEMPS: set[Path] = set()
-
-
-def track_temp(path: Path) -> Path:
-    _LIVE_TEMPS.add(Path(path))
-    return Path(path)
-
-
-def untrack_temp(path: Path) -> None:
-    _LIVE_TEMPS.discard(Path(path))
-
-
-def remove_leftover_temps() -> None:
-    """Remove every temporary this process still has (after an interrupt, before exiting)."""
-    for path in list(_LIVE_TEMPS):
-        with contextlib.suppress(OSError):
-            shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-        _LIVE_TEMPS.discard(path)
+from lowrank_cli.io.publish import make_temp, publish, untrack_temp
+from lowrank_cli.io.publish import remove_leftover_temps as remove_leftover_temps  # where api.py finds it
 
 
 def current_umask() -> int:
@@ -63,16 +29,22 @@ def current_umask() -> int:
 
 
 class SafetensorsWriter:
-    """Streams tensors into `path`; use as a context manager, then call commit()."""
+    """Streams tensors into `path`; use as a context manager, then call commit().
 
-    def __init__(self, path: Path, metadata: dict[str, str] | None = None, *, display: Path | None = None) -> None:
+    commit() never replaces a file that exists by then (another run's) unless `force` is set.
+    """
+
+    def __init__(
+        self, path: Path, metadata: dict[str, str] | None = None, *, display: Path | None = None, force: bool = False
+    ) -> None:
         self.path = Path(path)
+        self.force = force
         self.display = display or self.path  # the name errors give: OUT, not a temporary folder inside it
         self.metadata = metadata
         self._header: dict[str, dict] = {}
         self._offset = 0
         self._temps: list[Path] = []
-        self._spill = self._temp_file(".data")
+        self._spill = self._temp_file("data")
 
     def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
         tensor = tensor.detach().to("cpu").contiguous()
@@ -103,7 +75,7 @@ class SafetensorsWriter:
             header = {"__metadata__": self.metadata, **header}
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)  # the official writer's alignment
-        final = self._temp_file("")
+        final = self._temp_file()
         try:
             self._spill.flush()
             self._spill.seek(0)
@@ -115,10 +87,8 @@ class SafetensorsWriter:
                 os.fsync(out.fileno())
             os.chmod(final, 0o666 & ~current_umask())  # mkstemp made it private; give it a normal file's mode
             self._spill.close()
-            with signals_held():  # renamed and forgotten as temporary together, or neither
-                os.replace(final, self.path)
-                self._temps.remove(final)
-                untrack_temp(final)
+            publish(final, self.path, force=self.force)
+            self._temps.remove(final)
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions"
@@ -142,20 +112,15 @@ class SafetensorsWriter:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
-    def _temp_file(self, suffix: str):
+    def _temp_file(self, kind: str = ""):
         try:
-            with signals_held():  # made and tracked together
-                fd, name = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=suffix + ".tmp", dir=self.path.parent)
-                track_temp(Path(name))
+            path = make_temp(self.path, kind=kind)
+            self._temps.append(path)
+            return open(path, "w+b") if kind else path  # noqa: SIM115  (closed by commit() or discard())
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions"
             ) from None
-        self._temps.append(Path(name))
-        if suffix:
-            return os.fdopen(fd, "w+b")
-        os.close(fd)
-        return Path(name)
 
     def _write(self, handle, data) -> None:
         try:

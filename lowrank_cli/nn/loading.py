@@ -7,21 +7,23 @@ in the lowrank format, which `lowrank expand` reads.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF
 from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
 from lowrank_cli.io.hfconfig import config_errors
+from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
 
 
 @dataclass
@@ -120,7 +122,7 @@ def load_pretrained(
     return model.eval()
 
 
-def save_factors(model: nn.Module, path: str | Path) -> Path:
+def save_factors(model: nn.Module, path: str | Path, *, force: bool = False) -> Path:
     """Write a factored model in the lowrank format, for `lowrank expand` or further use.
 
     Every LowRankLinear / LowRankEmbedding is written as NAME.B / NAME.A under the name of the
@@ -132,46 +134,67 @@ def save_factors(model: nn.Module, path: str | Path) -> Path:
     record 0.0, the error of the factored model against itself. After fine-tuning, the recorded
     value still describes the original factorization.
 
+    The output appears whole or not at all, and never replaces one that exists unless `force`.
+
     Args:
         model: the model; `model.config` (transformers) is saved beside the weights when present.
-        path: a .safetensors file, or a folder that receives model.safetensors (and config.json).
+        path: a .safetensors file, or a folder that receives model.lowrank.safetensors, config.json
+            and a README.md (named so that transformers' from_pretrained refuses the folder instead
+            of loading it with random weights; load_pretrained reads it).
+        force: replace `path` if it exists.
 
     Returns:
         The path of the safetensors file written.
 
     Example:
-        >>> save_factors(model, "tuned.lowrank/")  # then: lowrank expand tuned.lowrank/model.safetensors
+        >>> save_factors(model, "tuned.lowrank/")  # then: lowrank expand tuned.lowrank/
     """
     path = Path(path)
     into_folder = not path.name.endswith(".safetensors")
-    file = path / WEIGHTS_NAME if into_folder else path
-    if into_folder:
-        path.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not force:
+        raise OutputError(f"{path}: already exists; pass {arg('force')} to overwrite it or choose another path")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path}: folder {path.parent} does not exist; create it first")
+    with contextlib.ExitStack() as stack:
+        folder = stack.enter_context(FolderOutput(path, force=force)) if into_folder else None
+        file = folder.path / WEIGHTS_NAME if folder else path
+        writer = stack.enter_context(
+            SafetensorsWriter(file, display=path / WEIGHTS_NAME if folder else None, force=force)
+        )
+        _write_factors(model, writer)
+        writer.commit()
+        if folder is not None:
+            config = getattr(model, "config", None)
+            try:
+                if hasattr(config, "save_pretrained"):
+                    config.save_pretrained(str(folder.path))
+                write_readme(folder.path, path.name, None, compressed=True)
+            except OSError as exc:
+                raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); check free space") from None
+            folder.commit()
+    return path / WEIGHTS_NAME if into_folder else path
+
+
+def _write_factors(model: nn.Module, writer: SafetensorsWriter) -> None:
     records: dict[str, FactorRecord] = {}
     written: set[int] = set()
-    with SafetensorsWriter(file) as writer:
-        for prefix, module in model.named_modules():
-            if not isinstance(module, (LowRankLinear, LowRankEmbedding)) or id(module.B) in written:
-                continue
-            written.update((id(module.B), id(module.A)))
-            b, a = module.B.detach(), module.A.detach()
-            shape = (b.shape[0], a.shape[1])
-            if getattr(module, "transposed", False):
-                b, a, shape = a.t(), b.t(), (a.shape[1], b.shape[0])  # Conv1D stores Wᵀ = Aᵀ·Bᵀ
-            name = f"{prefix}.weight" if prefix else "weight"
-            for factor_name, factor in zip(factor_names(name), (b, a), strict=True):
-                writer.add_tensor(factor_name, factor)
-            records[name] = FactorRecord(shape, CODE_OF[b.dtype], b.shape[1], module.rel_error or 0.0)
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            if id(tensor) not in written:
-                written.add(id(tensor))
-                writer.add_tensor(name, tensor.detach())
-        writer.metadata = encode_metadata({"format": "pt"}, records)
-        writer.commit()
-    config = getattr(model, "config", None)
-    if into_folder and hasattr(config, "save_pretrained"):
-        config.save_pretrained(str(path))
-    return file
+    for prefix, module in model.named_modules():
+        if not isinstance(module, (LowRankLinear, LowRankEmbedding)) or id(module.B) in written:
+            continue
+        written.update((id(module.B), id(module.A)))
+        b, a = module.B.detach(), module.A.detach()
+        shape = (b.shape[0], a.shape[1])
+        if getattr(module, "transposed", False):
+            b, a, shape = a.t(), b.t(), (a.shape[1], b.shape[0])  # Conv1D stores Wᵀ = Aᵀ·Bᵀ
+        name = f"{prefix}.weight" if prefix else "weight"
+        for factor_name, factor in zip(factor_names(name), (b, a), strict=True):
+            writer.add_tensor(factor_name, factor)
+        records[name] = FactorRecord(shape, CODE_OF[b.dtype], b.shape[1], module.rel_error or 0.0)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) not in written:
+            written.add(id(tensor))
+            writer.add_tensor(name, tensor.detach())
+    writer.metadata = encode_metadata({"format": "pt"}, records)
 
 
 def require_transformers(feature: str):

@@ -154,8 +154,9 @@ class Calibrator:
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         return {self.names[name]: means[key] for name, key in self.key_of.items()}
 
-    def save(self, path: str | Path, *, text_sha256: str | None = None) -> None:
-        """Write the statistics file (docs/calibration.md) that `--calibration` reads."""
+    def save(self, path: str | Path, *, text_sha256: str | None = None, force: bool = False) -> None:
+        """Write the statistics file (docs/calibration.md) that `--calibration` reads; an existing file
+        is replaced only with force."""
         if not self.sums:
             raise UsageError("the calibrator has seen no batch; run the model inside `with calibrator:` first")
         self._flush()
@@ -174,6 +175,7 @@ class Calibrator:
             probe_tokens=self.probe_tokens,
             token_counts=lookups,
             fingerprint=self.fingerprint(),
+            force=force,
         )
 
     def fingerprint(self) -> dict[str, list[float]]:
@@ -406,7 +408,7 @@ def calibrate(
         summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
     if progress:
         progress(total, total)
-    calibrator.save(out, text_sha256=found.text_sha256)
+    calibrator.save(out, text_sha256=found.text_sha256, force=force)
     return summary
 
 

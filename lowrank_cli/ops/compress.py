@@ -65,9 +65,10 @@ def compress(
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
         sensitivity=calibration.sensitivity if calibration is not None else None,
     )
-    with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
+    with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
         size_after = output.commit()
+    notes = {"notes": output.notes} if output.notes else {}
     return Report(
         command="compress",
         sources=[str(checkpoint.source)],
@@ -75,7 +76,7 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options={**settings.as_dict(), **calibration_options(calibration, policy)},
+        options={**settings.as_dict(), **calibration_options(calibration, policy), **notes},
     )
 
 

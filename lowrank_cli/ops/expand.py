@@ -37,7 +37,7 @@ def expand(
         _check_factors(checkpoint, shard, records)
     out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
     tensors = []
-    with CheckpointOutput(checkpoint, out, folder=folder, force=force) as output:
+    with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="dense") as output:
         for shard, entries, metadata, records in shards:
             writer = output.writer_for(shard)
             if writer.metadata is None:
@@ -62,6 +62,7 @@ def expand(
         tensors=tensors,
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         output=str(out),
+        options={"notes": output.notes} if output.notes else {},
     )
 
 

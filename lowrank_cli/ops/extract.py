@@ -29,6 +29,7 @@ from lowrank_cli.io.peft import (
     write_lora_bias,
     write_saved,
 )
+from lowrank_cli.io.publish import sweep_stale_temps
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import policy_per_tensor
@@ -106,7 +107,8 @@ def extract(
         # of the same size, where the balanced objective of compress did not (benchmarks/README.md).
         objective="absolute",
     )
-    with FolderOutput(out) as folder:
+    notes = sweep_stale_temps(out.parent)
+    with FolderOutput(out, force=force) as folder:
         writer = SafetensorsWriter(folder.path / ADAPTER_WEIGHTS, {"format": "pt"})
         with writer:
             adapter = {}  # module -> (rank, kind)
@@ -131,6 +133,8 @@ def extract(
     report = _report(base, tuned, list(tensors.values()), policy, out, settings, size)
     if calibration is not None:
         report.options["calibration"] = calibration.source
+    if notes:
+        report.options["notes"] = notes
     return report
 
 
