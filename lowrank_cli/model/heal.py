@@ -225,13 +225,14 @@ def write_healed(
             payload["heal"] = record
             writer.metadata = {**(original or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
         size = output.commit()
+        swept = list(output.notes)  # temporaries of killed runs removed beside OUT
     return Report(
         command="heal",
         sources=[str(compressed.source)],
         tensors=rows,
         totals=Totals.of(rows, compressed.nbytes, size),
         output=str(out),
-        options={"heal": record},
+        options={"heal": record, "notes": swept},
     )
 
 
@@ -316,7 +317,7 @@ def heal(
             **record, "fidelity_before": before, "fidelity_after": after, "held_out": held_out,
             "metric": metric(evaluator.kind, evaluator.pooling),
         }  # fmt: skip
-    report.options["notes"] = notes
+    report.options["notes"] = notes + report.options["notes"]
     return report
 
 
