@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -52,8 +51,6 @@ def test_energy_picks_smallest_rank_keeping_fraction(geometric_file, tmp_path, f
     source, w = geometric_file
     s = singular_values(w)
     expected = energy_rank(s, fraction)
-    if expected > 1:  # the rank below really misses the target
-        assert np.sum(s[: expected - 1] ** 2) < fraction * np.sum(s**2)
 
     out = tmp_path / "out.safetensors"
     t = by_name(cli_json("compress", source, "--energy", fraction, "-o", out))["W"]
@@ -71,7 +68,6 @@ def test_max_error_picks_smallest_rank_within_error(geometric_file, tmp_path, ma
     source, w = geometric_file
     errors = tail_errors(singular_values(w))
     expected = next(r for r in range(len(errors)) if errors[r] <= max_error)
-    assert expected == 0 or errors[expected - 1] > max_error
 
     out = tmp_path / "out.safetensors"
     t = by_name(cli_json("compress", source, "--max-error", max_error, "-o", out))["W"]
