@@ -1,6 +1,6 @@
 """analyze against torch.linalg.svdvals on the same matrix, and the two spectrum routes, on the CPU at hand.
 
-    python benchmarks/bench_spectrum.py                       # six shapes up to 4096×4096, ~3 minutes on 2 cores
+    python benchmarks/bench_spectrum.py                       # seven shapes up to 4096×4096, ~4 minutes on 2 cores
     python benchmarks/bench_spectrum.py --threads 1
     python benchmarks/bench_spectrum.py --quick                # one 320×320 matrix, a smoke run
 
@@ -29,7 +29,7 @@ from bench_cpu import cpu_line  # noqa: E402  (this folder is on sys.path when r
 import lowrank_cli  # noqa: E402
 from lowrank_cli.linalg.spectrum import cpu_vendor, singular_values, spectrum_route  # noqa: E402
 
-SHAPES = [(512, 512), (1024, 1024), (2048, 2048), (1024, 4096), (4096, 1024), (4096, 4096)]
+SHAPES = [(512, 512), (768, 768), (1024, 1024), (2048, 2048), (1024, 4096), (4096, 1024), (4096, 4096)]
 
 
 def with_spectrum(m: int, n: int, seed: int = 0) -> torch.Tensor:
