@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import save, tail_errors, with_spectrum
 
+import lowrank_cli
 from lowrank_cli.io.checkpoint import open_checkpoint
 from lowrank_cli.linalg.factorize import POWER_TOLERANCE, finite
 from lowrank_cli.linalg.randomized import power_range, randomized_svd
@@ -105,6 +106,17 @@ def test_svdvals_wherever_the_gram_floor_would_show_or_gram_gains_nothing(vendor
     assert spectrum_route(torch.zeros(767, 4096), vendor=vendor) == "svdvals"  # within ±10 % either way
     assert spectrum_route(big, rtol=1e-9, vendor=vendor) == "svdvals"
     assert spectrum_route(big, rtol=1e-3, vendor=vendor) == spectrum_route(big, vendor=vendor)
+
+
+def test_analyze_writes_nothing_outside_its_outputs(tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
+    source = save(tmp_path / "w.safetensors", {"w": with_spectrum(800, 768, SPECTRA["i^-0.5"](768), seed=6)})
+    lowrank_cli.analyze(source)
+    assert list(home.iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "w.safetensors"]
 
 
 def test_gram_values_of_a_wide_matrix_are_those_of_its_transpose():
