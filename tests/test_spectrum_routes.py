@@ -94,16 +94,16 @@ def test_routes_agree_on_the_numerical_rank_of_a_decaying_spectrum_with_a_gap():
 )
 def test_gram_only_on_the_cpus_where_it_was_measured_faster(vendor, expected):
     # an Intel Xeon with AMX measured svdvals faster; a CPU never measured keeps torch's own svdvals
-    big = torch.zeros(1024, 768)
+    big = torch.zeros(1536, 1024)
     assert spectrum_route(big, vendor=vendor) == expected
     assert spectrum_route(big.T, vendor=vendor) == expected
 
 
 @pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel", ""])
 def test_svdvals_wherever_the_gram_floor_would_show_or_gram_gains_nothing(vendor):
-    big = torch.zeros(1024, 768)
+    big = torch.zeros(1536, 1024)
     assert spectrum_route(big.double(), vendor=vendor) == "svdvals"  # numerical-rank line n·ε₆₄ is below Gram's floor
-    assert spectrum_route(torch.zeros(767, 4096), vendor=vendor) == "svdvals"  # within ±10 % either way
+    assert spectrum_route(torch.zeros(1023, 4096), vendor=vendor) == "svdvals"  # no gain that held in every run
     assert spectrum_route(big, rtol=1e-9, vendor=vendor) == "svdvals"
     assert spectrum_route(big, rtol=1e-3, vendor=vendor) == spectrum_route(big, vendor=vendor)
 
@@ -113,7 +113,7 @@ def test_analyze_writes_nothing_outside_its_outputs(tmp_path, monkeypatch):
     home.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
-    source = save(tmp_path / "w.safetensors", {"w": with_spectrum(800, 768, SPECTRA["i^-0.5"](768), seed=6)})
+    source = save(tmp_path / "w.safetensors", {"w": with_spectrum(1100, 1024, SPECTRA["i^-0.5"](1024), seed=6)})
     lowrank_cli.analyze(source)
     assert list(home.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "w.safetensors"]

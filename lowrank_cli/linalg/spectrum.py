@@ -27,7 +27,7 @@ def break_even_rank(m: int, n: int) -> int:
 
 _TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 ROUTES = ("svdvals", "gram")
-_GRAM_MIN = 768  # below this min(m, n) the routes are within ±10 % of each other, either way round
+_GRAM_MIN = 1024  # below this min(m, n) which route is faster varied from run to run (bench_spectrum)
 _GRAM_BLOCKS = 4
 _GRAM_FLOOR = 1e-6  # relative to σ_max, the Gram route's worst-case absolute error for n up to ~9000
 _GRAM_VENDORS = ("AuthenticAMD",)  # the CPUs where Gram was measured faster than svdvals
@@ -173,11 +173,11 @@ def spectrum_route(matrix: torch.Tensor, *, rtol: float | None = None, vendor: s
 
     Gram only where it was measured faster (benchmarks/bench_spectrum.py, figures in
     benchmarks/README.md): a float32 matrix of at least _GRAM_MIN on both sides, on the CPU of an
-    x86 AMD machine with torch's MKL LAPACK, where Gram took 0.8–0.9 of svdvals' time at 768–1024
-    and 0.4–0.65 at 2048–4096. svdvals, torch's own answer, everywhere else: on an Intel Xeon with
-    AMX svdvals was 1.2–1.6× faster than Gram at 4096, and CPUs never measured get no guess. Also
-    svdvals wherever Gram's absolute floor would show: float64 matrices (their numerical-rank line
-    n·ε₆₄·σ_max is below it) and a caller's rtol below it.
+    x86 AMD machine with torch's MKL LAPACK, where Gram took 0.7–0.9 of svdvals' time at 1024 and
+    0.4–0.65 at 2048–4096, at 1 and 2 threads. svdvals, torch's own answer, everywhere else: on an
+    Intel Xeon with AMX svdvals was 1.2–1.6× faster than Gram at 4096, and CPUs never measured get
+    no guess. Also svdvals wherever Gram's absolute floor would show: float64 matrices (their
+    numerical-rank line n·ε₆₄·σ_max is below it) and a caller's rtol below it.
     """
     if matrix.dtype != torch.float32 or matrix.device.type != "cpu" or min(matrix.shape) < _GRAM_MIN:
         return "svdvals"
