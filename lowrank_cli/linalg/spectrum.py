@@ -150,6 +150,8 @@ def singular_values(
         matrix = matrix / scale
     else:
         scale = 1.0
+    if route not in (None, *ROUTES):
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
     if (route or spectrum_route(matrix, rtol=rtol)) == "gram":
         return gram_singular_values(matrix), scale
     return torch.linalg.svdvals(_tall(matrix)), scale
