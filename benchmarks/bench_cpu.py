@@ -101,13 +101,9 @@ def main() -> None:
     print(f"CPU: {cpu_line()}")
     load = os.getloadavg()
     print(f"load average at start: {load[0]:.1f} (a shared machine's other work slows every row, not equally)")
-    from lowrank_cli.linalg.spectrum import measured_route  # reported only: which route analyze takes here
+    from lowrank_cli.linalg.spectrum import cpu_vendor, spectrum_route  # reported only: analyze's route here
 
-    route = measured_route()
-    print(
-        f"analyze's spectrum route here: {route['route']} (micro-benchmark, cached per machine:"
-        f" svdvals {route['svdvals_s']:.2f} s, Gram {route['gram_s']:.2f} s)"
-    )
+    print(f"analyze's spectrum route here: {spectrum_route(torch.zeros(n, n))} (by rule; vendor_id {cpu_vendor()})")
     print(f"float32 {n}×{n}, σ_i = i^-0.5; lowrank: best of {args.repeats}; baselines: one run each\n", flush=True)
 
     w = spectrum(n)

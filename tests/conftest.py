@@ -6,6 +6,7 @@ written), never from lowrank's own output.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -20,6 +21,8 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import typer.main  # noqa: E402
+import typer.testing  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from typer.testing import CliRunner, Result  # noqa: E402
@@ -83,6 +86,9 @@ def listing(folder: Path) -> list[str]:
 # --- the CLI -------------------------------------------------------------------------------------
 
 _runner = CliRunner()
+# typer's CliRunner turns the Typer app into a click command on every invoke, three quarters of a
+# small command's time (the suite invokes thousands); the app does not change, so build it once.
+typer.testing._get_command = functools.cache(typer.main.get_command)
 
 
 def cli(*args: object, env: dict[str, str] | None = None) -> Result:

@@ -44,10 +44,11 @@ def test_every_command_has_help(command, flag):
             assert option.help, f"{command} {option.opts} has no help text"
 
 
-def test_no_arguments_shows_help():
+def test_no_arguments_is_a_usage_error_that_shows_help():
     result = cli()
-    assert "Usage" in result.output
-    assert result.exit_code in (0, 2)
+    assert result.exit_code == 2
+    assert result.stderr.startswith("Usage: lowrank [OPTIONS] COMMAND")
+    assert result.stdout == ""
 
 
 def test_version():

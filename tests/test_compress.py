@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 from conftest import (
@@ -52,8 +51,6 @@ def test_energy_picks_smallest_rank_keeping_fraction(geometric_file, tmp_path, f
     source, w = geometric_file
     s = singular_values(w)
     expected = energy_rank(s, fraction)
-    if expected > 1:  # the rank below really misses the target
-        assert np.sum(s[: expected - 1] ** 2) < fraction * np.sum(s**2)
 
     out = tmp_path / "out.safetensors"
     t = by_name(cli_json("compress", source, "--energy", fraction, "-o", out))["W"]
@@ -71,7 +68,6 @@ def test_max_error_picks_smallest_rank_within_error(geometric_file, tmp_path, ma
     source, w = geometric_file
     errors = tail_errors(singular_values(w))
     expected = next(r for r in range(len(errors)) if errors[r] <= max_error)
-    assert expected == 0 or errors[expected - 1] > max_error
 
     out = tmp_path / "out.safetensors"
     t = by_name(cli_json("compress", source, "--max-error", max_error, "-o", out))["W"]
@@ -158,16 +154,13 @@ def test_float16_factors_that_overflow_are_not_written_silently(tmp_path):
     source = save(tmp_path / "big.safetensors", {"W": w})
     out = tmp_path / "out.safetensors"
     result = cli("compress", source, "--rank", 2, "--dtype", "float16", "-o", out, "--json")
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    assert result.exit_code in (0, 1), result.exit_code
-    if result.exit_code == 1:  # refused, naming the tensor
-        assert "'W'" in result.stderr and not out.exists()
-    else:  # written: then every stored number is finite and the error is reported truthfully
-        t = by_name(json.loads(result.stdout))["W"]
-        stored = load(out)
-        assert all(bool(torch.isfinite(v.float()).all()) for v in stored.values())
-        if t["status"] == "factorized":
-            assert t["rel_error"] == pytest.approx(relative_error(w, stored["W.B"], stored["W.A"]), rel=1e-6)
+    assert result.exit_code == 0, result.stderr
+    t = by_name(json.loads(result.stdout))["W"]
+    assert t["status"] == "factorized" and t["rank"] == 2
+    stored = load(out)  # written, with every stored number finite and the error reported truthfully
+    assert stored["W.B"].dtype == stored["W.A"].dtype == torch.float16
+    assert all(bool(torch.isfinite(v.float()).all()) for v in stored.values())
+    assert t["rel_error"] == pytest.approx(relative_error(w, stored["W.B"], stored["W.A"]), rel=1e-6)
 
 
 def test_zero_matrix_is_rank_zero_and_kept_dense(tmp_path):
@@ -176,7 +169,6 @@ def test_zero_matrix_is_rank_zero_and_kept_dense(tmp_path):
     result = cli("compress", source, "--rank", 2, "-o", out, "--json")
     assert result.exit_code == 0, result.stderr
     t = by_name(json.loads(result.stdout))["Z"]
-    assert np.linalg.matrix_rank(np.zeros((6, 8), dtype=np.float32)) == 0
     assert t["numerical_rank"] == 0
     assert t["rank"] == 0
     assert t["status"] == "dense"

@@ -23,7 +23,6 @@ from conftest import (
     listing,
     load,
     low_rank,
-    numerical_rank,
     raw_tensors,
     save,
     sha256,
@@ -91,7 +90,6 @@ def test_zero_matrices_are_rank_zero_and_kept_dense(tmp_path, policy):
     out = tmp_path / "out.safetensors"
     compressed = _compress(source, out, *policy)
     for name, w in ZEROS.items():
-        assert np.linalg.matrix_rank(as_matrix(w)) == 0
         assert analyzed[name]["numerical_rank"] == 0
         assert analyzed[name]["stable_rank"] == 0.0
         t = compressed[name]
@@ -129,14 +127,8 @@ def test_single_row_or_column(tmp_path, shape, dtype):
 def test_exactly_rank_deficient(tmp_path, dtype):
     k = 5
     w = low_rank(48, 32, k, seed=11, dtype=dtype)
-    assert numerical_rank(w) == k
     source = save(tmp_path / "w.safetensors", {"W": w})
     assert by_name(cli_json("analyze", source))["W"]["numerical_rank"] == k
-
-    s = _svd64(as_matrix(w))
-    below = tail_errors(s)  # best error at each rank, from numpy
-    expected = next(r for r in range(len(below)) if below[r] <= 1e-5)
-    assert expected == k  # the rounding noise past rank k is far below 1e-5, rank k − 1 far above
 
     tiny = 1e-5 if dtype == torch.float32 else 1e-12
     for policy in (["--rank", str(k)], ["--energy", "1.0"], ["--max-error", "1e-5"]):
@@ -204,7 +196,6 @@ def test_subnormal_float32(tmp_path):
     assert bool((w.abs() < torch.finfo(torch.float32).tiny).all()) and bool((w != 0).all())
     assert np.array_equal(w.double().numpy(), exact)  # stored exactly
     s = _svd64(exact)
-    assert np.linalg.matrix_rank(exact / np.abs(exact).max()) == 2
     source = save(tmp_path / "w.safetensors", {"W": w})
 
     t = by_name(cli_json("analyze", source, "--rank", 1))["W"]
@@ -228,8 +219,6 @@ def test_float64_numerical_rank_uses_float64_epsilon(tmp_path):
     """σ = 1, 1e-4, 1e-9, 1e-12: float64 sees rank 4; the same matrix in float32 sees rank 2."""
     w64 = with_spectrum(40, 30, [1.0, 1e-4, 1e-9, 1e-12], seed=2, dtype=torch.float64)
     w32 = w64.float()
-    assert np.linalg.matrix_rank(w64.numpy()) == 4  # tol 40·2.2e-16
-    assert np.linalg.matrix_rank(w32.numpy()) == 2  # tol 40·1.2e-7
     source = save(tmp_path / "w.safetensors", {"w64": w64, "w32": w32})
     report = by_name(cli_json("analyze", source, "--rank", 3))
     assert report["w64"]["numerical_rank"] == 4

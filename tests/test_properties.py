@@ -18,7 +18,6 @@ from conftest import (
     file_metadata,
     load,
     low_rank,
-    numerical_rank,
     raw_tensors,
     relative_error,
     save,
@@ -47,7 +46,6 @@ def rank_k_shapes(draw, low=2, high=40):
 def test_numerical_rank_of_a_rank_k_product_is_k(shape, seed):
     m, n, k = shape
     w = low_rank(m, n, k, seed)
-    assert numerical_rank(w) == k  # numpy agrees on the float32 matrix
     with tempfile.TemporaryDirectory() as folder:
         source = save(Path(folder) / "w.safetensors", {"W": w})
         assert by_name(cli_json("analyze", source))["W"]["numerical_rank"] == k

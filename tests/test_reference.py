@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import torch
 from conftest import SAMPLES, by_name, cli, cli_json, load, raw_tensors, relative_error, sha256
 
@@ -36,9 +35,8 @@ def test_reference_example_end_to_end(tmp_path):
     original = load(source)
     w, b, x = original["W"], original["b"], original["x"]
 
-    # analyze: W has numerical rank 2, like numpy says of the float32 matrix
+    # analyze: W = randn(10, 2) @ randn(2, 10) has numerical rank 2
     analyzed = by_name(cli_json("analyze", source))
-    assert np.linalg.matrix_rank(w.numpy()) == 2
     assert analyzed["W"]["numerical_rank"] == 2
     assert analyzed["W"]["shape"] == [10, 10]
 

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import functools
-import json
-import os
-import platform
 import re
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,12 +27,10 @@ def break_even_rank(m: int, n: int) -> int:
 
 _TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 ROUTES = ("svdvals", "gram")
-_SMALL = 256  # up to this min(m, n) svdvals takes milliseconds: no need to measure anything
-_PROBE = 2048  # the micro-benchmark's size: at 1024 the two routes' ratio is still 0.65 of that at 4096
+_GRAM_MIN = 1024  # below this min(m, n) which route is faster varied from run to run (bench_spectrum)
 _GRAM_BLOCKS = 4
 _GRAM_FLOOR = 1e-6  # relative to σ_max, the Gram route's worst-case absolute error for n up to ~9000
-_ISA_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16")
-_ISA_CAPS = ("ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+_GRAM_VENDORS = ("AuthenticAMD",)  # the CPUs where Gram was measured faster than svdvals
 
 
 @dataclass(frozen=True)
@@ -133,10 +127,12 @@ class Spectrum:
         return "".join(_SPARK[level] for level in levels)
 
 
-def singular_values(matrix: torch.Tensor, *, rtol: float | None = None) -> tuple[torch.Tensor, float]:
-    """All singular values of W / scale (descending) and scale = max |W_ij|, by the faster route here.
+def singular_values(
+    matrix: torch.Tensor, *, rtol: float | None = None, route: str | None = None
+) -> tuple[torch.Tensor, float]:
+    """All singular values of W / scale (descending) and scale = max |W_ij|.
 
-    Routes (spectrum_route chooses), each against numpy's float64 singular values of the same W:
+    Routes (`route`, default spectrum_route's choice), each against numpy's float64 singular values of the same W:
     - "svdvals": LAPACK's bidiagonal SVD without vectors, in W's dtype: |Δσ| ≲ a few ε·σ_max
       (ε of float32: ~1e-6·σ_max measured on 4096², relative accuracy for small σ included).
     - "gram": √eigvalsh(WᵀW), the Gram matrix of a float32 W formed in float64 (products of two
@@ -154,7 +150,9 @@ def singular_values(matrix: torch.Tensor, *, rtol: float | None = None) -> tuple
         matrix = matrix / scale
     else:
         scale = 1.0
-    if spectrum_route(matrix, rtol=rtol) == "gram":
+    if route not in (None, *ROUTES):
+        raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
+    if (route or spectrum_route(matrix, rtol=rtol)) == "gram":
         return gram_singular_values(matrix), scale
     return torch.linalg.svdvals(_tall(matrix)), scale
 
@@ -171,94 +169,36 @@ def gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
     return torch.linalg.eigvalsh(gram).flip(0).clamp_min(0).sqrt()
 
 
-def spectrum_route(matrix: torch.Tensor, *, rtol: float | None = None) -> str:
-    """ "gram" or "svdvals": which singular_values uses for this matrix on this machine.
+def spectrum_route(matrix: torch.Tensor, *, rtol: float | None = None, vendor: str | None = None) -> str:
+    """ "gram" or "svdvals": which singular_values uses for this matrix, by a rule of dtype, shape,
+    device and CPU (`vendor`: /proc/cpuinfo's vendor_id, default this machine's).
 
-    svdvals where Gram's absolute floor would matter or nothing was measured: float64 matrices
-    (their numerical-rank line n·ε₆₄·σ_max is below it), a caller's rtol below it, other devices
-    than the CPU, and small matrices, where both take milliseconds. Otherwise the one that was
-    faster on this machine (measured_route): the ratio swings both ways between CPUs, from Gram
-    2× faster (AMD EPYC, MKL) to svdvals 1.6× faster (Intel Xeon with AMX).
+    Gram only where it was measured faster (benchmarks/bench_spectrum.py, figures in
+    benchmarks/README.md): a float32 matrix of at least _GRAM_MIN on both sides, on the CPU of an
+    x86 AMD machine with torch's MKL LAPACK, where Gram took 0.7–0.9 of svdvals' time at 1024 and
+    0.4–0.65 at 2048–4096, at 1 and 2 threads. svdvals, torch's own answer, everywhere else: on an
+    Intel Xeon with AMX svdvals was 1.2–1.6× faster than Gram at 4096, and CPUs never measured get
+    no guess. Also svdvals wherever Gram's absolute floor would show: float64 matrices (their
+    numerical-rank line n·ε₆₄·σ_max is below it) and a caller's rtol below it.
     """
-    forced = os.environ.get("LOWRANK_SPECTRUM_ROUTE")
-    if forced in ROUTES:
-        return forced
-    if matrix.dtype != torch.float32 or matrix.device.type != "cpu" or min(matrix.shape) <= _SMALL:
+    if matrix.dtype != torch.float32 or matrix.device.type != "cpu" or min(matrix.shape) < _GRAM_MIN:
         return "svdvals"
     if rtol is not None and rtol < _GRAM_FLOOR:
         return "svdvals"
-    return measured_route()["route"]
+    if (cpu_vendor() if vendor is None else vendor) in _GRAM_VENDORS and torch.backends.mkl.is_available():
+        return "gram"
+    return "svdvals"
 
 
 @functools.cache
-def measured_route() -> dict:
-    """The faster spectrum route on this machine, from a cached micro-benchmark, and its timings.
-
-    Timed once per machine (CPU model, its vector ISA, thread count, torch version and oneDNN/MKL
-    caps) on one float32 _PROBE×_PROBE matrix, twice in turn (a few seconds), and kept in the
-    user's cache folder ($LOWRANK_CACHE_DIR, else $XDG_CACHE_HOME/lowrank or ~/.cache/lowrank).
-    A machine busy with other work slows svdvals more than Gram; delete the file to time again.
-    """
-    key = machine_key()
-    path = _cache_dir() / "spectrum_route.json"
-    try:
-        cached = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}  # never a FIFO's open()
-    except (OSError, ValueError):
-        cached = {}
-    if not isinstance(cached, dict):
-        cached = {}
-    entry = cached.get(key)
-    if isinstance(entry, dict) and entry.get("route") in ROUTES:
-        return entry
-    entry = _time_routes()
-    cached[key] = entry
-    try:  # a read-only home only costs the next run the same second
-        path.parent.mkdir(parents=True, exist_ok=True)
-        spare = path.with_name(f".{path.name}.{os.getpid()}")
-        spare.write_text(json.dumps(cached, indent=1), encoding="utf-8")
-        os.replace(spare, path)
-    except OSError:
-        pass
-    return entry
-
-
-def _time_routes() -> dict:
-    probe = torch.randn(_PROBE, _PROBE, generator=torch.Generator().manual_seed(0))
-    routes = {"svdvals": torch.linalg.svdvals, "gram": gram_singular_values}
-    seconds = {route: float("inf") for route in routes}
-    for compute in routes.values():
-        compute(probe[:64, :64])  # load the library code before timing
-    for _ in range(2):  # in turn, best of two: a busy machine slows one route's run, not both of the other's
-        for route, compute in routes.items():
-            start = time.perf_counter()
-            compute(probe)
-            seconds[route] = min(seconds[route], time.perf_counter() - start)
-    return {"route": min(seconds, key=seconds.get), **{f"{route}_s": round(t, 4) for route, t in seconds.items()}}
-
-
-def machine_key() -> str:
-    """What decides which route is faster: CPU model, vector ISA, threads, torch, and ISA caps."""
-    model, flags = cpu_description()
-    caps = ",".join(f"{v}={os.environ[v]}" for v in _ISA_CAPS if v in os.environ)
-    return f"{model} | {' '.join(flags)} | threads={torch.get_num_threads()} | torch {torch.__version__} | {caps}"
-
-
-def cpu_description() -> tuple[str, list[str]]:
-    """The CPU's model name and which of the vector ISAs that matter here it has (Linux; else platform's)."""
+def cpu_vendor() -> str:
+    """The CPU's vendor_id from /proc/cpuinfo ("AuthenticAMD", "GenuineIntel"), "" where there is none."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return platform.processor() or platform.machine(), []
-    model = re.search(r"^model name\s*:\s*(.*)$", text, re.MULTILINE)
-    flags = re.search(r"^flags\s*:\s*(.*)$", text, re.MULTILINE)
-    have = set(flags.group(1).split()) if flags else set()
-    return (model.group(1).strip() if model else platform.machine()), [f for f in _ISA_FLAGS if f in have]
-
-
-def _cache_dir() -> Path:
-    if os.environ.get("LOWRANK_CACHE_DIR"):
-        return Path(os.environ["LOWRANK_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowrank"
+        return ""
+    found = re.search(r"^vendor_id\s*:\s*(\S+)", text, re.MULTILINE)
+    return found.group(1) if found else ""
 
 
 def _tall(matrix: torch.Tensor) -> torch.Tensor:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import math
+import os as _os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,10 +133,24 @@ def train(
             if step % len(runs) == 0:  # each pass takes the batches in a new order
                 order = torch.randperm(len(runs), generator=generator).tolist()
             ids, mask = runs[order[step % len(runs)]]
+            layered = kind == ENCODER and _os.environ.get("HEAL_LOSS") == "layers"
             with torch.no_grad():
-                target = reference(input_ids=ids, attention_mask=mask)
-            output = model(input_ids=ids, attention_mask=mask)
-            loss = _loss(kind, target, output, mask)
+                target = reference(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+            output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+            if layered:
+                real = mask.bool()
+                terms = [
+                    (o.float() - t.float())[real].square().sum() / t.float()[real].square().sum()
+                    for t, o in zip(target.hidden_states[1:], output.hidden_states[1:], strict=True)
+                ]
+                loss = sum(terms) / len(terms)
+                if _os.environ.get("HEAL_COS"):
+                    w = mask[..., None].float()
+                    pe = (target.hidden_states[-1].float() * w).sum(1) / w.sum(1)
+                    po = (output.hidden_states[-1].float() * w).sum(1) / w.sum(1)
+                    loss = loss + (1 - torch.nn.functional.cosine_similarity(po, pe, dim=-1)).mean()
+            else:
+                loss = _loss(kind, target, output, mask)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TensorError(
