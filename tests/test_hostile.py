@@ -456,7 +456,7 @@ def fifo_at(path: Path):
     """A named pipe at `path` with no writer. Should lowrank open it, after LIMIT_S a writer comes and
     hangs up at each open, so a test of a blocking open ends (and fails on its message), not hangs."""
     os.mkfifo(path)
-    rescue = subprocess.Popen(["sh", "-c", f'sleep {LIMIT_S}; while :; do exec 3>"$0"; exec 3>&-; done', str(path)])
+    rescue = subprocess.Popen(["sh", "-c", f'sleep {RESCUE_S}; while :; do exec 3>"$0"; exec 3>&-; done', str(path)])
     try:
         yield path
     finally:
