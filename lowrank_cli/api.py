@@ -473,7 +473,7 @@ def heal(
     text: PathLike,
     steps: int | None = None,
     epochs: int = 1,
-    lr: float = 1e-4,
+    lr: float = 3e-4,
     batch_size: int = 16,
     seq_len: int = 128,
     tokens: int = 262144,

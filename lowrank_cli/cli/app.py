@@ -547,7 +547,7 @@ def heal(
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")] = 1,
     lr: Annotated[
         float, typer.Option("--lr", help="AdamW learning rate, decaying linearly to 0.", metavar="LR")
-    ] = 1e-4,
+    ] = 3e-4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.", metavar="N")] = 16,
     seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample at most.", metavar="N")] = 128,
     tokens: Annotated[
