@@ -100,10 +100,13 @@ class Calibrator:
             ids = inputs[0]
             if self._paused or not isinstance(ids, torch.Tensor) or ids.is_floating_point():
                 return
-            mask = self.mask
+            mask, weights = self.mask, None
             if mask is not None and tuple(ids.shape) == tuple(mask.shape):
                 ids = ids[mask.to(device=ids.device, dtype=torch.bool)]  # padding is no lookup of the text's
-            counts = torch.bincount(ids.reshape(-1), minlength=module.num_embeddings).to(torch.float64)
+            elif mask is not None and ids.ndim == 2 and ids.shape[0] == 1 and ids.shape[1] == mask.shape[-1]:
+                weights = mask.to(ids.device, torch.float64).sum(0)  # (1, seq) ids shared by the batch: positions
+            counts = torch.bincount(ids.reshape(-1), weights=weights, minlength=module.num_embeddings)
+            counts = counts.to(torch.float64)
             key = self.names[name]
             self.lookups[key] = self.lookups.get(key, 0) + counts[: module.num_embeddings]
 

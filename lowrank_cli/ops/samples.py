@@ -1,9 +1,9 @@
 """Samples of a text file for a model: windows of tokens or lines, taken evenly over the whole file.
 
-calibrate, evaluate and compress --fidelity read their text here. Only what is sampled is read and
-tokenized: the file is read in blocks of BLOCK bytes at evenly spaced offsets, as many as the asked
-tokens need, so a 50 MB file costs what its samples cost (the whole file is read only when the
-samples need about half of it or more). The file's hash is computed streaming, in fixed-size chunks.
+calibrate, evaluate, heal and compress --fidelity read their text here. Only what is sampled is
+read and tokenized: pieces of MIN_READ to BLOCK bytes at evenly spaced offsets, as many as the asked
+tokens need (at least one per window), so a 50 MB file costs what its samples cost; the whole file
+is read only when the samples need about half of it. The hash is computed streaming.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from lowrank_cli.errors import UsageError, arg
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.ops.settings import Split
 
-BLOCK = 1 << 16  # bytes read and tokenized at a time (64 KiB)
+BLOCK = 1 << 16  # bytes read and tokenized at a time at most (64 KiB)
+MIN_READ = 1 << 12  # … and at least, where the file is sampled in pieces (4 KiB)
 TOKENS = 32768  # default tokens the samples hold (256 windows of 128)
 LINE_SHAPED_LINES = 16  # split auto: lines only when the probe holds at least this many lines …
 LINE_SHAPED_SHARE = 0.9  # … this share of them fit in --seq-len tokens …
@@ -82,12 +83,10 @@ def read_samples(
         probe_ids = len(tokenizer(first, add_special_tokens=False)["input_ids"]) if first.strip() else 0
         bytes_per_token = len(first.encode()) / probe_ids if probe_ids else 4.0
         wanted = tokens if samples is None else min(tokens, samples * seq_len)
-        blocks = math.ceil(2 * wanted * bytes_per_token / BLOCK)  # twice what the samples need: windows lose tails
-        count = math.ceil(size / BLOCK)
-        starts = range(count) if blocks * 2 >= count else sorted({i * count // blocks for i in range(blocks)})
+        starts, length = _blocks(size, wanted, bytes_per_token, seq_len if split == Split.windows else None)
         found: list[list[int]] = []
-        for index in starts:
-            text = _decode(_aligned(handle, index * BLOCK, size, split), path)
+        for start in starts:
+            text = _decode(_aligned(handle, start, size, split, length), path)
             found += _cut(tokenizer, text, split, content, prefix, suffix)
     if not found:
         if split == Split.lines:
@@ -200,7 +199,22 @@ def require_text(path: str | Path, flag: str = "text") -> Path:
     return require_file(path, f"give a UTF-8 text file with {arg(flag)}")
 
 
-def _aligned(handle, start: int, size: int, split: Split) -> bytes:
+def _blocks(size: int, wanted: int, bytes_per_token: float, window: int | None) -> tuple[list[int], int]:
+    """Where to read and how much: (offsets, bytes each). Twice the wanted tokens' bytes in all (windows
+    lose their tails), in at least as many pieces as there are samples (one window each; lines: one
+    piece per MIN_READ), spread evenly over the file; the whole file in BLOCK pieces once that is half of it."""
+    needed = math.ceil(2 * wanted * bytes_per_token)
+    pieces = math.ceil(wanted / window) if window else math.ceil(needed / MIN_READ)
+    length = min(
+        BLOCK, max(MIN_READ, math.ceil(needed / max(pieces, 1)), 2 * (window or 0) * math.ceil(bytes_per_token))
+    )
+    pieces = max(pieces, math.ceil(needed / length))
+    if pieces * length * 2 >= size:
+        return list(range(0, size, BLOCK)), BLOCK
+    return sorted({i * size // pieces for i in range(pieces)}), length
+
+
+def _aligned(handle, start: int, size: int, split: Split, length: int = BLOCK) -> bytes:
     """BLOCK bytes from `start`, moved on to a boundary: after a newline (lines) or at a space (windows).
 
     ASCII bytes never occur inside a UTF-8 sequence, so both boundaries are character boundaries; a
@@ -210,7 +224,7 @@ def _aligned(handle, start: int, size: int, split: Split) -> bytes:
     first line, whose beginning is a sample however long the line is.
     """
     handle.seek(max(start - 1, 0))
-    data = handle.read(BLOCK + (1 if start else 0))
+    data = handle.read(length + (1 if start else 0))
     before, data = (data[:1], data[1:]) if start else (b"\n", data)
     if not data:
         return b""
@@ -220,7 +234,7 @@ def _aligned(handle, start: int, size: int, split: Split) -> bytes:
             if cut < 0:
                 return b""
             data = data[cut + 1 :]
-        if start + BLOCK < size:
+        if start + length < size:
             last = data.rfind(b"\n") + 1
             data = data[:last] if last > 0 else (data if start == 0 else b"")
         return data
@@ -229,7 +243,7 @@ def _aligned(handle, start: int, size: int, split: Split) -> bytes:
         if match is None:
             return b""
         data = data[match.start() :]
-    if start + BLOCK < size:
+    if start + length < size:
         ends = [match.start() for match in _SPACE.finditer(data, max(len(data) - 4096, 0))]
         data = data[: ends[-1]] if ends and ends[-1] > 0 else b""
     return data
