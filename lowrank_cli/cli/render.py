@@ -240,6 +240,7 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
         Column("r@90%", "number", keep=2 if with_policy else 4),
         Column("r@99%", "number", keep=6 if with_policy else ALWAYS),
         Column("r@99.9%", "number", keep=2 if with_policy else 4),
+        Column("α", "number", keep=1 if with_policy else 3),  # docs/analyze-metrics.md
         Column("σ decay", keep=1 if with_policy else 2),
     ]
     if with_policy:
@@ -254,11 +255,12 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
     rows = []
     for t in report.tensors:
         if t.status == Status.skipped:
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", ""]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", "", ""]
             row += ["", "", *([""] if calibrated else []), f"{t.params:,}", ""] if with_policy else []
         else:
             spectrum = [str(t.numerical_rank), f"{t.stable_rank:.1f}", str(t.rank_90), str(t.rank_99), str(t.rank_999)]
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, t.sparkline or ""]
+            alpha = "" if t.alpha is None else f"{t.alpha:.2f}"
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, alpha, t.sparkline or ""]
             row += _policy_cells(t, calibrated) if with_policy else []
         rows.append([*row, Text(t.reason or "", style="dim")])
     title = f"lowrank analyze {' '.join(report.sources)}"
