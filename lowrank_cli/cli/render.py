@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 import json
 import os
@@ -45,6 +47,19 @@ def _stderr() -> Console:
 def print_json(report) -> None:
     """Any result with to_dict() (a Report, an Evaluation) as one JSON document."""
     sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+# every row field but the two that are no single value: the σ list (in --json) and the sparkline
+CSV_FIELDS = [f.name for f in dataclasses.fields(TensorReport) if f.name not in ("singular_values", "sparkline")]
+
+
+def print_csv(report: Report) -> None:
+    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for row in report.to_dict()["tensors"]:
+        row["shape"] = "x".join(str(d) for d in row["shape"])
+        writer.writerow(["" if row[name] is None else row[name] for name in CSV_FIELDS])
 
 
 def print_report(report: Report) -> None:
