@@ -87,7 +87,7 @@ app = typer.Typer(
     name="lowrank",
     help="The low-rank structure of neural-network weights in safetensors files.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # Plain click help and usage errors: rich help imports rich.markdown, which doubles the start-up
     # time of `lowrank --help`, and a plain "Error: …" line reads better in CI logs.
