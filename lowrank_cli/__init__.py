@@ -37,6 +37,7 @@ __version__ = "0.1.0"
 _LAZY = {
     "factorize": "lowrank_cli.api",
     "analyze": "lowrank_cli.api",
+    "plot_spectra": "lowrank_cli.api",
     "compress": "lowrank_cli.api",
     "expand": "lowrank_cli.api",
     "extract": "lowrank_cli.api",
@@ -57,6 +58,7 @@ _LAZY = {
 __all__ = [
     "factorize",
     "analyze",
+    "plot_spectra",
     "compress",
     "expand",
     "extract",
@@ -89,7 +91,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from lowrank_cli.api import analyze, calibrate, compress, evaluate, expand, extract, factorize, heal
+    from lowrank_cli.api import (
+        analyze,
+        calibrate,
+        compress,
+        evaluate,
+        expand,
+        extract,
+        factorize,
+        heal,
+        plot_spectra,
+    )
     from lowrank_cli.io.calibration import load_calibration
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.model.evaluate import Evaluation

@@ -22,6 +22,7 @@ from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops import expand as _expand
 from lowrank_cli.ops import extract as _extract
+from lowrank_cli.ops import plot as _plot
 from lowrank_cli.ops.calibrate import PROBE_TOKENS
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.pipeline import check_finite, factor
@@ -104,6 +105,7 @@ def analyze(
     progress: Progress | None = None,
     calibration: PathLike | None = None,
     other_model: bool = False,
+    plot: PathLike | None = None,
 ) -> Report:
     """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
 
@@ -117,6 +119,8 @@ def analyze(
         calibration: a statistics file from `calibrate`; spectra are then of W·S and a policy's
             error is the output error ‖(W − W′)X‖_F / ‖WX‖_F (docs/calibration.md).
         other_model: use statistics made on another model of the same shapes (refused by default).
+        plot: also draw the spectra into this .png, .svg or .pdf (plot_spectra; needs the `plot` extra),
+            checked before any tensor is read.
 
     Example:
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
@@ -129,6 +133,8 @@ def analyze(
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise UsageError("paths is empty; give at least one checkpoint")
+    if plot is not None:
+        _plot.check_plot_path(plot)
     reports = []
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
@@ -149,7 +155,25 @@ def analyze(
                     calibration=stats,
                 )
             )
-    return Report.combine(reports)
+    report = Report.combine(reports)
+    if plot is not None:
+        _plot.plot_spectra(report, plot)
+    return report
+
+
+def plot_spectra(report: Report, path: PathLike) -> tuple[int, int]:
+    """Draw an analyze report's normalised singular values into a .png, .svg or .pdf; see ops/plot.py.
+
+    One panel per layer kind (attention, MLP, embedding, other), σ_i/σ_1 on a log axis against
+    i/min(m, n), the policy's cut dotted. Needs matplotlib (`pip install 'lowrank[plot]'`).
+
+    Returns:
+        The figure's (width, height) in pixels.
+
+    Example:
+        >>> lowrank_cli.plot_spectra(lowrank_cli.analyze("model.safetensors", energy=0.99), "spectra.svg")
+    """
+    return _plot.plot_spectra(report, path)
 
 
 @_cleans_up

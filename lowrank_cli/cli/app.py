@@ -87,7 +87,7 @@ app = typer.Typer(
     name="lowrank",
     help="The low-rank structure of neural-network weights in safetensors files.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,
     pretty_exceptions_enable=False,
     # Plain click help and usage errors: rich help imports rich.markdown, which doubles the start-up
     # time of `lowrank --help`, and a plain "Error: …" line reads better in CI logs.
@@ -119,13 +119,16 @@ def _handle_errors(command):
     return wrapper
 
 
-def _finish(report, as_json: bool, fail_above: float | None) -> None:
+def _finish(report, as_json: bool, fail_above: float | None, *, as_csv: bool = False) -> None:
     """Print the report, then apply the --fail-above gate."""
-    from lowrank_cli.cli.render import notice, print_json, print_report
+    from lowrank_cli.cli.render import notice, print_csv, print_json, print_report
 
     for note in report.options.get("notes", []):
         notice(f"note: {note}")
-    print_json(report) if as_json else print_report(report)
+    if as_csv:
+        print_csv(report)
+    else:
+        print_json(report) if as_json else print_report(report)
     worst = report.exceeds(fail_above) if fail_above is not None else []
     if worst:
         kind, error_of = (
@@ -153,6 +156,8 @@ def _check_gate(fail_above: float | None) -> None:
         "lowrank analyze model.safetensors",
         "lowrank analyze hf-model/ --energy 0.99 --include '*.mlp.*'",
         "lowrank analyze model.safetensors --json --top 64 | jq '.tensors[0]'",
+        "lowrank analyze hf-model/ --energy 0.99 --plot spectra.png",
+        "lowrank analyze hf-model/ --csv > rows.csv",
     ),
 )
 @_handle_errors
@@ -176,12 +181,24 @@ def analyze(
     ] = None,
     calibration: Calibration = None,
     other_model: OtherModel = False,
+    plot: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--plot",
+            help="Also draw each tensor's σ_i/σ_1 into FILE (.png, .svg or .pdf), a panel per layer kind,"
+            " the policy's cut dotted; needs pip install 'lowrank[plot]'.",
+            metavar="FILE",
+        ),
+    ] = None,
     as_json: Json = False,
+    as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of a table.")] = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
     from lowrank_cli.cli.render import progress
 
     _check_gate(fail_above)
+    if as_json and as_csv:
+        raise UsageError("--json and --csv are two formats for the same rows; give one")
     if fail_above is not None and all(value is None for value in (rank, energy, max_error, budget)):
         raise UsageError(
             "--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error"
@@ -202,8 +219,13 @@ def analyze(
             progress=tick,
             calibration=calibration,
             other_model=other_model,
+            plot=plot,
         )
-    _finish(report, as_json, fail_above)
+    if plot is not None:
+        from lowrank_cli.cli.render import notice
+
+        notice(f"wrote {plot}")
+    _finish(report, as_json, fail_above, as_csv=as_csv)
 
 
 @app.command(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import dataclasses
 import functools
 import json
 import os
@@ -45,6 +47,19 @@ def _stderr() -> Console:
 def print_json(report) -> None:
     """Any result with to_dict() (a Report, an Evaluation) as one JSON document."""
     sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+
+
+# every row field but the two that are no single value: the σ list (in --json) and the sparkline
+CSV_FIELDS = [f.name for f in dataclasses.fields(TensorReport) if f.name not in ("singular_values", "sparkline")]
+
+
+def print_csv(report: Report) -> None:
+    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null."""
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(CSV_FIELDS)
+    for row in report.to_dict()["tensors"]:
+        row["shape"] = "x".join(str(d) for d in row["shape"])
+        writer.writerow(["" if row[name] is None else row[name] for name in CSV_FIELDS])
 
 
 def print_report(report: Report) -> None:
@@ -240,6 +255,7 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
         Column("r@90%", "number", keep=2 if with_policy else 4),
         Column("r@99%", "number", keep=6 if with_policy else ALWAYS),
         Column("r@99.9%", "number", keep=2 if with_policy else 4),
+        Column("α", "number", keep=1 if with_policy else 3),  # docs/analyze-metrics.md
         Column("σ decay", keep=1 if with_policy else 2),
     ]
     if with_policy:
@@ -254,11 +270,12 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
     rows = []
     for t in report.tensors:
         if t.status == Status.skipped:
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", ""]
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", "", ""]
             row += ["", "", *([""] if calibrated else []), f"{t.params:,}", ""] if with_policy else []
         else:
             spectrum = [str(t.numerical_rank), f"{t.stable_rank:.1f}", str(t.rank_90), str(t.rank_99), str(t.rank_999)]
-            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, t.sparkline or ""]
+            alpha = "" if t.alpha is None else f"{t.alpha:.2f}"
+            row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, alpha, t.sparkline or ""]
             row += _policy_cells(t, calibrated) if with_policy else []
         rows.append([*row, Text(t.reason or "", style="dim")])
     title = f"lowrank analyze {' '.join(report.sources)}"

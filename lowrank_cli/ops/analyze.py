@@ -11,6 +11,7 @@ from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.fileformat import METADATA_KEY
 from lowrank_cli.linalg.budget import allocate
+from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.budget import budget_policies, calibration_options
@@ -26,7 +27,7 @@ from lowrank_cli.ops.pipeline import (
     spectrum_of,
     whitened_view,
 )
-from lowrank_cli.ops.report import Report, Status, Totals
+from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
 
 def analyze(
@@ -71,6 +72,7 @@ def analyze(
             elif calibration is not None:
                 report.reason = _plain_reason(calibration, entry.name)
             describe_spectrum(report, spectrum, rtol)
+            _describe_tail(report, spectrum, rtol)
             report.singular_values = _singular_values(spectrum, top)
             spectra[entry.name] = spectrum
             tensors.append(report)
@@ -104,6 +106,19 @@ def _plain_reason(calibration: Calibration, name: str) -> str:
     if calibration.moment_for(name) is not None:
         return ZERO_MOMENT
     return NO_LOOKUPS if name in calibration.token_counts else NO_STATISTICS
+
+
+def _describe_tail(report: TensorReport, spectrum: Spectrum, rtol: float | None) -> None:
+    """The power-law fit to λ = σ² (the σ counted in the numerical rank) and log10 λ_max, from σ already computed."""
+    if spectrum.is_zero:
+        return
+    top = spectrum.singular_values[0]
+    report.log_spectral_norm = 2 * (float(np.log10(top)) + float(np.log10(spectrum.scale)))  # no σ_max² overflow
+    relative = spectrum.singular_values[: spectrum.numerical_rank(rtol)] / top
+    fit = fit_power_law(relative**2)  # α and D depend on ratios λ/x_min only
+    if fit is not None:
+        report.alpha, report.alpha_tail, report.ks_distance = fit.alpha, fit.tail, fit.ks_distance
+        report.alpha_weighted = fit.alpha * report.log_spectral_norm
 
 
 def _singular_values(spectrum: Spectrum, top: int | None) -> list[float] | None:

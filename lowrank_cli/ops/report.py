@@ -47,6 +47,12 @@ class TensorReport:
     kept: float | None = None  # extract: share of ‖ΔW‖_F² the adapter carries, 1 − rel_error²
     params_after: int | None = None
     sparkline: str | None = None
+    # analyze: the power law fitted to the eigenvalues λ = σ² of WᵀW (docs/analyze-metrics.md)
+    alpha: float | None = None  # p(λ) ∝ λ^(−alpha) above the cut-off the KS distance chose; null: no fit
+    alpha_tail: int | None = None  # how many eigenvalues the fit used (those ≥ its cut-off)
+    ks_distance: float | None = None  # KS distance between that law and those eigenvalues
+    log_spectral_norm: float | None = None  # log10 λ_max = log10 σ_max²
+    alpha_weighted: float | None = None  # alpha · log_spectral_norm
     singular_values: list[float] | None = None  # analyze: σ_1 ≥ σ_2 ≥ … of W (or the first --top)
     method: str | None = None  # "exact" | "randomized": how the factors were computed
     split: str | None = None  # "us" (B = U·S) or "sqrt" (√S on each side, when U·S overflows)
