@@ -2,13 +2,15 @@
 
 Headers are validated by the official loader (safe_open), so lowrank refuses exactly what
 safetensors refuses; tensors are then read one at a time with plain file reads, so memory
-holds one tensor at a time whatever the checkpoint's size.
+holds one tensor at a time whatever the checkpoint's size. Loading a model maps them instead
+(Checkpoint.mapped), so that pages no computation touches are never read.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import json
+import mmap
 import re
 import struct
 import zipfile
@@ -26,6 +28,7 @@ from lowrank_cli.io.paths import require_file
 INDEX_SUFFIX = ".safetensors.index.json"
 _GIVE = "give a .safetensors file, a folder or an index"
 _MAX_HEADER = 100_000_000  # the official loader's own limit
+_UINT_OF_SIZE = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,7 @@ class Checkpoint:
         self.entries = entries
         self.index_path = index_path
         self._handles: dict[Path, object] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     @property
     def metadata(self) -> dict[str, str] | None:
@@ -137,6 +141,37 @@ class Checkpoint:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.frombuffer(self.read_bytes(name), dtype=dtype).reshape(entry.shape)
 
+    def mapped(self, name: str) -> torch.Tensor:
+        """The tensor with its own dtype and shape, on the CPU, backed by a private mapping of the file.
+
+        Nothing is read until used, so pages that a computation never touches stay on disk. The
+        mapping is copy-on-write: writing to the tensor (training in place) never reaches the file.
+        It holds the file's inode, so the tensor stays valid when the file is replaced by rename or
+        deleted (lowrank's writers publish by rename); a file truncated or rewritten in place is not
+        safe. A tensor whose bytes are not aligned to its element size, or a file that cannot be
+        mapped, is read instead.
+        """
+        entry = self.entries[name]
+        dtype = torch_dtype(entry.dtype)
+        if entry.numel == 0 or entry.start % dtype.itemsize:
+            return self.read(name)
+        mapping = self._maps.get(entry.path)
+        if mapping is None:
+            try:
+                with open(entry.path, "rb") as handle:
+                    mapping = self._maps[entry.path] = mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_COPY)
+            except (OSError, ValueError):
+                return self.read(name)
+        if entry.end > len(mapping):
+            raise CheckpointError(
+                f"{entry.path}: tensor '{entry.name}' is truncated ({max(len(mapping) - entry.start, 0)} of"
+                f" {entry.nbytes} bytes); the file changed or is damaged, re-download it"
+            )
+        # numpy holds the mapping's buffer, so it stays mapped for as long as any tensor uses it;
+        # unsigned ints of the element's size, then .view(dtype), because numpy has no bfloat16 or float8.
+        raw = np.frombuffer(mapping, dtype=_UINT_OF_SIZE[dtype.itemsize], count=entry.numel, offset=entry.start)
+        return torch.from_numpy(raw).view(dtype).reshape(entry.shape)
+
     def read_matrix(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor as its (out, in·…) matrix in `dtype` on `device`.
 
@@ -178,6 +213,7 @@ class Checkpoint:
         for handle in self._handles.values():
             handle.close()
         self._handles.clear()
+        self._maps.clear()  # not closed: tensors from mapped() keep their mapping alive
 
     def __enter__(self) -> Checkpoint:
         return self

@@ -16,7 +16,7 @@ from torch import nn
 
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
-from lowrank_cli.io.dtypes import CODE_OF
+from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
 from lowrank_cli.io.hfconfig import config_errors
 from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
@@ -54,6 +54,8 @@ def apply_factors(model: nn.Module, path: str | Path, *, dtype: torch.dtype | No
         path: a lowrank .safetensors file, a folder of lowrank shards, or their index.
         dtype: the floating-point dtype to load tensors in. By default each tensor takes the dtype
             of the model's tensor it replaces, or the file's own for tensors on the meta device.
+            Tensors that keep the file's dtype on the CPU map the file instead of copying it (see
+            load_pretrained); any other is read and converted.
 
     Returns:
         The same model, changed in place.
@@ -78,7 +80,10 @@ def load_pretrained(
     """A transformers model from a folder with config.json and lowrank safetensors, ready for eval().
 
     The model is built on the meta device from config.json, then given the file's factors and
-    tensors; memory holds the compressed tensors only, never the dense weights.
+    tensors, never the dense weights. Tensors kept in the file's dtype on the CPU stay backed by a
+    copy-on-write mapping of the file, so pages that no forward touches (a word-embedding table's
+    unused rows) are never read; the model stays valid when the file is replaced by rename or
+    deleted, but not when it is rewritten in place.
 
     Args:
         folder: holds config.json, and the lowrank weights unless `weights` says where they are.
@@ -244,8 +249,7 @@ def _plan(
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
         _check_owners(owners[id(current)], checkpoint.source, name)
-        b, a = checkpoint.read(factor_names(name)[0]), checkpoint.read(factor_names(name)[1])
-        b, a = (_like(t, current, dtype) for t in (b, a))
+        b, a = (_load(checkpoint, factor, current, dtype) for factor in factor_names(name))
         factored.append(_Factored(name, target, record, b, a))
 
     dense = {}
@@ -257,7 +261,7 @@ def _plan(
                 f"{checkpoint.source}: tensor '{name}' is {list(entry.shape)} but the model's '{target}' is"
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
-        dense[target] = _like(checkpoint.read(name), current, dtype)
+        dense[target] = _load(checkpoint, name, current, dtype)
     return factored, dense
 
 
@@ -304,12 +308,20 @@ def _check_owners(owners: list[tuple[nn.Module, str, bool]], source: Path, name:
         )
 
 
-def _like(tensor: torch.Tensor, current: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The file's tensor in the dtype and device it replaces (the file's own dtype for meta tensors)."""
-    if not tensor.is_floating_point():
-        return tensor if current.is_meta else tensor.to(current.device)
-    wanted = dtype or (tensor.dtype if current.is_meta else current.dtype)
-    return tensor.to(device="cpu" if current.is_meta else current.device, dtype=wanted)
+def _load(checkpoint: Checkpoint, name: str, current: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """The file's tensor in the dtype and device of the one it replaces (the file's own dtype for meta tensors).
+
+    A tensor kept as stored (its dtype, on the CPU) stays backed by the mapped file, so only the
+    pages a forward touches are ever read; a dtype or device change reads it whole and converts it.
+    """
+    stored = torch_dtype(checkpoint.entries[name].dtype)
+    device = torch.device("cpu") if current.is_meta else current.device
+    wanted = stored
+    if stored.is_floating_point:
+        wanted = dtype or (stored if current.is_meta else current.dtype)
+    if device.type == "cpu" and wanted == stored:
+        return checkpoint.mapped(name)
+    return checkpoint.read(name).to(device=device, dtype=wanted)
 
 
 def _require_complete(
