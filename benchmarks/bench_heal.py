@@ -33,8 +33,11 @@ TRAIN_EXTRA = "/usr/share/vim/vim90/doc/usr_*.txt"
 def shapes(folder: Path) -> dict[str, tuple]:
     from safetensors import safe_open
 
-    with safe_open(str(folder / "model.safetensors"), framework="pt") as handle:
-        return {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}  # noqa: SIM118
+    shapes = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            shapes.update({name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()})  # noqa: SIM118
+    return shapes
 
 
 def main() -> None:
