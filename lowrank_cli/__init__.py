@@ -7,6 +7,7 @@
     report = lowrank_cli.compress("model.safetensors", rank=64)      # factors NAME.B, NAME.A
     lowrank_cli.expand("model.lowrank.safetensors")                  # the dense checkpoint again
     lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)  # PEFT LoRA
+    lowrank_cli.resize("adapter", "adapter.r4", rank=4)               # a LoRA (PEFT or kohya) at new ranks
     lowrank_cli.evaluate("model/", "model.lowrank/", text="held-out.txt").fidelity  # what the model lost
     model = lowrank_cli.load_pretrained("model.lowrank/")            # run the factors as they are
 
@@ -41,6 +42,7 @@ _LAZY = {
     "compress": "lowrank_cli.api",
     "expand": "lowrank_cli.api",
     "extract": "lowrank_cli.api",
+    "resize": "lowrank_cli.api",
     "RankPolicy": "lowrank_cli.linalg.policy",
     "LowRankLinear": "lowrank_cli.nn.linear",
     "LowRankEmbedding": "lowrank_cli.nn.linear",
@@ -62,6 +64,7 @@ __all__ = [
     "compress",
     "expand",
     "extract",
+    "resize",
     "LowRankLinear",
     "LowRankEmbedding",
     "apply_factors",

@@ -1,5 +1,5 @@
 """The public functions: one tensor (`factorize`) or whole checkpoints (`analyze`, `compress`, `expand`,
-`extract`). Each checkpoint function returns the `Report` the CLI renders and writes exactly what
+`extract`, `resize`). Each checkpoint function returns the `Report` the CLI renders and writes exactly what
 the CLI writes; the CLI is a thin layer over these.
 """
 
@@ -380,6 +380,53 @@ def extract(
             on_tensor=tick,
             calibration=_calibration(calibration, [base_checkpoint], other_model),
         )
+
+
+@_cleans_up
+def resize(
+    adapter: PathLike,
+    out: PathLike,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_error: float | None = None,
+    budget: float | None = None,
+    dtype: DType | str = DType.keep,
+    device: Device | str = Device.auto,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> Report:
+    """A LoRA adapter at new ranks: each module's ΔW = scale·B·A truncated, never formed (docs/resize.md).
+
+    Args:
+        adapter: a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) or a kohya
+            LoRA file (lora_unet_…/lora_te_… keys with .lora_down.weight, .lora_up.weight, .alpha).
+        out: where the resized adapter goes, in the same format (a folder, or one .safetensors file).
+        rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW, and a
+            budget F allows Σ r′·(m + n) ≤ F·Σ m·n over the selected modules.
+        dtype: the dtype of the new factors ("keep": each pair's own).
+        device: where the QRs run.
+        include, exclude: globs on module names (PEFT) or key prefixes (kohya); other pairs are copied.
+        force: overwrite `out`.
+
+    Returns:
+        The Report: per module the rank before (rank_before) and after (rank), and rel_error
+        ‖ΔW − ΔW′‖_F / ‖ΔW‖_F measured on the factors as written. Every new pair has scale 1.
+
+    Example:
+        >>> report = lowrank_cli.resize("adapter-r128/", "adapter-r16/", rank=16)
+        >>> [(t.name, t.rank_before, t.rank, t.rel_error) for t in report.tensors]
+    """
+    from lowrank_cli.io.lora import open_adapter
+    from lowrank_cli.ops.resize import resize as _resize
+
+    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    settings = Settings(dtype=dtype, device=resolve_device(device))
+    with open_adapter(adapter) as opened, _progress(progress, opened.checkpoint.nbytes) as tick:
+        return _resize(opened, policy, Path(out), settings=settings, include=include, exclude=exclude, force=force,
+                       on_tensor=tick)  # fmt: skip
 
 
 def calibrate(

@@ -18,7 +18,7 @@ COMMANDS = sorted(typer.main.get_command(app).commands)
 
 
 def test_the_commands():
-    assert COMMANDS == ["analyze", "calibrate", "compress", "evaluate", "expand", "extract", "heal"]
+    assert COMMANDS == ["analyze", "calibrate", "compress", "evaluate", "expand", "extract", "heal", "resize"]
 
 
 def test_top_level_help():

@@ -431,6 +431,49 @@ def extract(
 
 @app.command(
     cls=_PlainHelp,
+    short_help="A LoRA adapter (PEFT or kohya) at new ranks.",
+    epilog=_examples(
+        "lowrank resize adapter-r128/ -o adapter-r16/ --rank 16",
+        "lowrank resize style.safetensors -o style.small.safetensors --max-error 0.05",
+    ),
+)
+@_handle_errors
+def resize(
+    adapter: Annotated[
+        Path,
+        typer.Argument(
+            help="A PEFT adapter folder or a kohya LoRA .safetensors file.", show_default=False, metavar="ADAPTER"
+        ),
+    ],
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="The resized adapter, in ADAPTER's format.", metavar="OUT")
+    ],
+    rank: Rank = None,
+    energy: Energy = None,
+    max_error: MaxError = None,
+    budget: Budget = None,
+    dtype: FactorDTypeOption = DType.keep,
+    device: DeviceOption = Device.auto,
+    include: Include = None,
+    exclude: Exclude = None,
+    fail_above: FailAbove = None,
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Truncate each module's ΔW = scale·B·A from its factors (no m×n product) to the policy's rank."""
+    from lowrank_cli.cli.render import progress
+
+    _check_gate(fail_above)
+    with progress(f"resize {adapter.name}") as tick:
+        report = lowrank_cli.resize(
+            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
+            device=device, include=include, exclude=exclude, force=force, progress=tick,
+        )  # fmt: skip
+    _finish(report, as_json, fail_above)
+
+
+@app.command(
+    cls=_PlainHelp,
     short_help="Input statistics of each Linear, for --calibration.",
     epilog=_examples(
         "lowrank calibrate hf-model/ -o stats.safetensors --text calib.txt",

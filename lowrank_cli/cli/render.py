@@ -71,6 +71,8 @@ def print_report(report: Report) -> None:
         title, columns, rows = _extract_table(report)
     elif report.command == "heal":
         title, columns, rows = _heal_table(report)
+    elif report.command == "resize":
+        title, columns, rows = _resize_table(report)
     else:
         title, columns, rows = _expand_table(report)
     width = _width()
@@ -336,6 +338,38 @@ def _extract_table(report: Report) -> tuple[str, list[Column], list[list[str | T
             blank = ["", "", *([""] if output else []), ""]
             rows.append([*head, *blank, f"{t.params:,}", after, Text(t.reason or "", style="dim")])
     return f"lowrank extract {' → '.join(report.sources)} ({_policy(report)})", columns, rows
+
+
+def _resize_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:
+    totals = report.totals
+    columns = [
+        Column("module", "name", footer="total"),
+        Column("shape ΔW", keep=3),
+        Column("dtype", keep=1),
+        Column("status"),
+        Column("rank before", "number"),
+        Column("rank", "number"),
+        Column("rel. error ΔW", "number", footer=_error(totals.max_rel_error, "max ")),
+        Column("params", "number", keep=2, footer=f"{totals.params:,}"),
+        Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
+        Column("note", "note", keep=5),
+    ]
+    rows = [
+        [
+            t.name,
+            _shape(t),
+            t.dtype,
+            t.status.value,
+            str(t.rank_before),
+            str(t.rank),
+            _error(t.rel_error),
+            f"{t.params:,}",
+            f"{t.params_after:,}",
+            Text(t.reason or "", style="dim"),
+        ]  # fmt: skip
+        for t in report.tensors
+    ]
+    return f"lowrank resize {report.sources[0]} ({_policy(report)})", columns, rows
 
 
 def _heal_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:

@@ -41,18 +41,12 @@ def adapter_config(
     modules_to_save: list[str] | None = None,
 ) -> dict:
     """PEFT's LoraConfig fields: r is the most common rank, the others go in rank_pattern."""
-    ranks = Counter(rank for rank, _ in adapter.values())
-    r = max(ranks, key=lambda rank: (ranks[rank], -rank))
-    pattern = {module: rank for module, (rank, _) in adapter.items() if rank != r}
     return {
         "peft_type": "LORA",
         "task_type": None,
         "base_model_name_or_path": base_model,
-        "r": r,
-        "lora_alpha": r,  # scaling = lora_alpha / r = 1
+        **rank_fields({module: (rank, rank) for module, (rank, _) in adapter.items()}),
         "target_modules": sorted(adapter, key=natural_key),
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),  # alpha = r per module: scaling stays 1
         "lora_dropout": 0.0,
         "bias": "none",
         "fan_in_fan_out": False,
@@ -64,6 +58,23 @@ def adapter_config(
         "modules_to_save": sorted(modules_to_save, key=natural_key) if modules_to_save else None,
         "layers_to_transform": None,
         "layers_pattern": None,
+    }
+
+
+def rank_fields(modules: dict[str, tuple[int, float]]) -> dict:
+    """r, lora_alpha, rank_pattern and alpha_pattern for {module: (rank, alpha)}.
+
+    r is the most common rank and lora_alpha = r; a module with another rank or alpha gets its own
+    entry (alpha = rank: scaling alpha/r exactly 1), named in full as PEFT matches patterns by suffix.
+    """
+    ranks = Counter(rank for rank, _ in modules.values())
+    r = max(ranks, key=lambda rank: (ranks[rank], -rank))
+    ordered = sorted(modules.items(), key=lambda item: natural_key(item[0]))
+    return {
+        "r": r,
+        "lora_alpha": r,  # scaling = lora_alpha / r = 1
+        "rank_pattern": {module: rank for module, (rank, _) in ordered if rank != r},
+        "alpha_pattern": {module: alpha for module, (_, alpha) in ordered if alpha != r},
     }
 
 

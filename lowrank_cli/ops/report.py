@@ -22,8 +22,9 @@ class Status(str, Enum):
     extracted = "extracted"  # extract: written as a LoRA pair
     carried = "carried"  # extract: beside the LoRA pairs, as its change (lora_bias) or whole (modules_to_save)
     expanded = "expanded"  # expand: rebuilt from its factors
-    copied = "copied"  # expand: stored unchanged in the lowrank file, copied
+    copied = "copied"  # expand: stored unchanged in the lowrank file, copied (resize: a pair left as it is)
     healed = "healed"  # heal: factors trained toward the reference model
+    resized = "resized"  # resize: a LoRA pair truncated to a new rank
 
 
 @dataclass
@@ -37,6 +38,7 @@ class TensorReport:
     status: Status
     reason: str | None = None
     rank: int | None = None  # the rank kept (or that a policy would keep)
+    rank_before: int | None = None  # resize: the adapter's rank of the module before
     numerical_rank: int | None = None
     stable_rank: float | None = None
     rank_90: int | None = None  # ranks that keep 90 / 99 / 99.9 % of Σσ²

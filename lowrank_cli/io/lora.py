@@ -1,0 +1,211 @@
+"""LoRA adapters as files hold them, PEFT folders and kohya files, read as one list of pairs.
+
+PEFT (io.peft): a folder of adapter_model.safetensors and adapter_config.json,
+
+    base_model.model.<module>.lora_A.weight  (r, in[, k…])   .lora_B.weight  (out, r[, 1…])
+    base_model.model.<module>.lora_embedding_A  (r, vocab)  .lora_embedding_B  (dim, r)
+
+scale lora_alpha / r, with alpha_pattern and rank_pattern per module (lora_alpha / √r with use_rslora).
+
+kohya (sd-scripts; diffusers' load_lora_weights and ComfyUI read it): one .safetensors file,
+
+    lora_unet_<path>.lora_down.weight  (r, in[, kh, kw])   .lora_up.weight  (out, r[, 1, 1])
+    lora_unet_<path>.alpha  ()   scale alpha / r (no .alpha: alpha = r); lora_te_… for text encoders
+
+Either way ΔW = scale · up·down, with up read as an (out, r) matrix and down as (r, in·k…).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from lowrank_cli.errors import CheckpointError
+from lowrank_cli.io.checkpoint import Checkpoint, natural_key, open_checkpoint
+from lowrank_cli.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+PEFT_PREFIX = "base_model.model."
+_PEFT_KEYS = {  # (up, down) suffixes of a PEFT pair
+    "linear": (".lora_B.weight", ".lora_A.weight"),
+    "embedding": (".lora_embedding_B", ".lora_embedding_A"),
+}
+_KOHYA_UP, _KOHYA_DOWN, _KOHYA_ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
+# Adapters that are not an up·down pair: their ΔW is another product, which a LoRA resize does not cover.
+_NOT_LORA = {
+    "hada_w": "LoHa (a Hadamard product)",
+    "lokr_w": "LoKr (a Kronecker product)",
+    "lora_mid": "LoCon with a Tucker core (lora_mid)",
+    "dora_scale": "DoRA (a magnitude per column)",
+    "lora_magnitude_vector": "DoRA (a magnitude per column)",
+}
+
+
+@dataclass(frozen=True)
+class LoraPair:
+    """One module's LoRA: ΔW = scale · up·down."""
+
+    module: str  # PEFT: the module's name in the model; kohya: the key prefix (lora_unet_…)
+    up: str  # the key of B (out, r[, 1…])
+    down: str  # the key of A (r, in[, k…])
+    rank: int
+    scale: float
+    alpha: str | None = None  # kohya: the key of its .alpha
+
+
+@dataclass
+class LoraAdapter:
+    """An adapter opened for reading: its pairs, in name order, and the file that holds them."""
+
+    format: str  # "peft" or "kohya"
+    source: Path  # the PEFT folder or the kohya file
+    checkpoint: Checkpoint
+    pairs: list[LoraPair]
+    config: dict | None = None  # PEFT: adapter_config.json
+
+    @property
+    def others(self) -> list[str]:
+        """The tensors that are no part of a pair (PEFT: lora_B.bias, modules_to_save), copied as they are."""
+        taken = {key for pair in self.pairs for key in (pair.up, pair.down, pair.alpha) if key}
+        return [name for name in self.checkpoint.entries if name not in taken]
+
+    def factors(self, pair: LoraPair, device: str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """(up as (out, r), down as (r, in·k…)) in float64."""
+        up = self.checkpoint.read(pair.up).to(device=device, dtype=torch.float64)
+        down = self.checkpoint.read(pair.down).to(device=device, dtype=torch.float64)
+        return up.reshape(up.shape[0], pair.rank), down.reshape(pair.rank, -1)
+
+    def delta_shape(self, pair: LoraPair) -> tuple[int, ...]:
+        """The shape of ΔW: (out, in[, k…]); an embedding's as PEFT's factors hold it, (dim, vocab)."""
+        return (self.checkpoint.entries[pair.up].shape[0], *self.checkpoint.entries[pair.down].shape[1:])
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+    def __enter__(self) -> LoraAdapter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_adapter(path: str | Path) -> LoraAdapter:
+    """A PEFT adapter folder (adapter_config.json beside adapter_model.safetensors) or a kohya .safetensors file."""
+    path = Path(path)
+    if path.is_dir():
+        return _open_peft(path)
+    checkpoint = open_checkpoint(path)
+    try:
+        return _kohya(path, checkpoint)
+    except BaseException:
+        checkpoint.close()
+        raise
+
+
+def _open_peft(folder: Path) -> LoraAdapter:
+    config_path, weights = folder / ADAPTER_CONFIG, folder / ADAPTER_WEIGHTS
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: no {ADAPTER_CONFIG}; give a PEFT adapter folder or a kohya .safetensors file")
+    if not weights.is_file():
+        found = (
+            "adapter_model.bin is a pickle; save the adapter with safetensors"
+            if (folder / "adapter_model.bin").exists()
+            else f"no {ADAPTER_WEIGHTS}"
+        )
+        raise CheckpointError(f"{folder}: {found}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path}: not readable JSON ({exc}); repair or re-save the adapter") from None
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(
+            f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (LORA) resize"
+        )
+    if config.get("use_dora"):
+        raise CheckpointError(
+            f"{config_path}: a DoRA adapter (use_dora); its magnitudes depend on the base weights,"
+            " so it does not resize as a LoRA"
+        )
+    checkpoint = open_checkpoint(weights)
+    try:
+        _refuse_other_kinds(checkpoint, weights)
+        pairs = []
+        for name in checkpoint.entries:
+            for up_suffix, down_suffix in _PEFT_KEYS.values():
+                if name.endswith(down_suffix):
+                    prefix = name.removesuffix(down_suffix)
+                    module = prefix.removeprefix(PEFT_PREFIX)
+                    rank = _rank(checkpoint, weights, prefix + up_suffix, name)
+                    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
+                    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
+                    pairs.append(LoraPair(module, prefix + up_suffix, name, rank, float(scale)))
+    except BaseException:
+        checkpoint.close()
+        raise
+    return LoraAdapter("peft", folder, checkpoint, _sorted(pairs, weights), config)
+
+
+def _kohya(path: Path, checkpoint: Checkpoint) -> LoraAdapter:
+    _refuse_other_kinds(checkpoint, path)
+    pairs = []
+    for name in checkpoint.entries:
+        if name.endswith(_KOHYA_DOWN):
+            prefix = name.removesuffix(_KOHYA_DOWN)
+            rank = _rank(checkpoint, path, prefix + _KOHYA_UP, name)
+            alpha_key = prefix + _KOHYA_ALPHA
+            alpha = (
+                float(checkpoint.read(alpha_key).to(torch.float64).reshape(-1)[0])
+                if alpha_key in checkpoint.entries
+                else float(rank)
+            )
+            pairs.append(LoraPair(prefix, prefix + _KOHYA_UP, name, rank, alpha / rank, alpha_key))
+    if not pairs:
+        hint = (
+            "; it holds PEFT keys (lora_A/lora_B): give the adapter's folder, with its adapter_config.json"
+            if any(".lora_A." in name for name in checkpoint.entries)
+            else ""
+        )
+        raise CheckpointError(f"{path}: no kohya LoRA pairs (*.lora_down.weight and *.lora_up.weight){hint}")
+    return LoraAdapter("kohya", path, checkpoint, _sorted(pairs, path))
+
+
+def _rank(checkpoint: Checkpoint, path: Path, up: str, down: str) -> int:
+    """The pair's rank, checked: up (out, r[, 1…]) and down (r, …) agree."""
+    if up not in checkpoint.entries:
+        raise CheckpointError(f"{path}: '{down}' has no partner '{up}'; the adapter is incomplete")
+    up_shape, down_shape = checkpoint.entries[up].shape, checkpoint.entries[down].shape
+    if len(up_shape) < 2 or len(down_shape) < 2 or up_shape[1] != down_shape[0]:
+        raise CheckpointError(
+            f"{path}: '{up}' {tuple(up_shape)} and '{down}' {tuple(down_shape)} are no LoRA pair (ranks differ)"
+        )
+    if any(size != 1 for size in up_shape[2:]):
+        raise CheckpointError(
+            f"{path}: '{up}' is a {'×'.join(map(str, up_shape[2:]))} kernel;"
+            " only 1×1 up-projections (a LoRA's B) resize"
+        )
+    return int(down_shape[0])
+
+
+def _refuse_other_kinds(checkpoint: Checkpoint, path: Path) -> None:
+    for name in checkpoint.entries:
+        for mark, kind in _NOT_LORA.items():
+            if mark in name:
+                raise CheckpointError(f"{path}: '{name}' belongs to {kind}, not a LoRA pair; lowrank resizes LoRA only")
+
+
+def _pattern_value(pattern: dict, module: str, default: float) -> float:
+    """PEFT's rule (peft.utils.other.get_pattern_key): the first key that matches the end of the module's name."""
+    for key, value in pattern.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return float(value)
+    return float(default)
+
+
+def _sorted(pairs: list[LoraPair], path: Path) -> list[LoraPair]:
+    if not pairs:
+        raise CheckpointError(f"{path}: no LoRA pairs in it; nothing to resize")
+    return sorted(pairs, key=lambda pair: natural_key(pair.module))

@@ -1,0 +1,245 @@
+"""`lowrank resize`: a LoRA (PEFT or kohya) at new ranks, checked against numpy's SVD of the product
+B·A, and loaded by PEFT; every expected figure is computed here from the input factors."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from conftest import assert_clean_failure, by_name, cli, cli_json, file_metadata, load, save  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+import lowrank_cli  # noqa: E402
+
+PREFIX = "base_model.model."
+MODULES = {"layers.0.q": (24, 40), "layers.1.q": (32, 16), "layers.1.out": (20, 28)}  # module -> (out, in)
+
+
+def peft_adapter(folder: Path, rank: int = 8, alpha: float = 16.0, seed: int = 0, **config) -> dict:
+    """A PEFT adapter of random B·A; returns {module: ΔW = alpha/rank·B·A} in float64 numpy."""
+    generator = torch.Generator().manual_seed(seed)
+    tensors, deltas = {}, {}
+    for index, (module, (m, n)) in enumerate(MODULES.items()):
+        # σ falling by 1, 2, 3 decades: energy and error targets pick different ranks per module
+        b = torch.randn(m, rank, generator=generator) * torch.logspace(0, -1 - index, rank)
+        a = torch.randn(rank, n, generator=generator)
+        tensors[f"{PREFIX}{module}.lora_B.weight"], tensors[f"{PREFIX}{module}.lora_A.weight"] = b, a
+        deltas[module] = alpha / rank * (b.double().numpy() @ a.double().numpy())
+    folder.mkdir()
+    save(folder / "adapter_model.safetensors", tensors)
+    fields = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q", "out"], **config}
+    (folder / "adapter_config.json").write_text(json.dumps(fields), encoding="utf-8")
+    return deltas
+
+
+def written_deltas(folder: Path) -> dict[str, np.ndarray]:
+    """ΔW′ of each module as PEFT computes it from the written adapter: alpha/r · B·A, alpha by alpha_pattern."""
+    config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    factors = load(folder / "adapter_model.safetensors")
+    deltas = {}
+    for module in MODULES:
+        b = factors[f"{PREFIX}{module}.lora_B.weight"].double().numpy()
+        a = factors[f"{PREFIX}{module}.lora_A.weight"].double().numpy()
+        rank = config["rank_pattern"].get(module, config["r"])
+        assert a.shape[0] == b.shape[1] == rank, module
+        deltas[module] = config["alpha_pattern"].get(module, config["lora_alpha"]) / rank * (b @ a)
+    return deltas
+
+
+def tail(delta: np.ndarray, rank: int) -> float:
+    """The optimal relative error of a rank-`rank` truncation: √(Σ_{i>r} σ²/Σ σ²)."""
+    s = np.linalg.svd(delta, compute_uv=False)
+    return float(np.sqrt((s[rank:] ** 2).sum() / (s**2).sum()))
+
+
+def rel(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_rank_gives_the_optimal_truncation_of_the_product(tmp_path):
+    deltas = peft_adapter(tmp_path / "adapter")
+    report = cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "r3", "--rank", 3, "--device", "cpu")
+    rows = by_name(report)
+    resized = written_deltas(tmp_path / "r3")
+    for module, delta in deltas.items():
+        optimal = tail(delta, 3)
+        assert rel(resized[module], delta) == pytest.approx(optimal, rel=1e-5, abs=1e-7), module
+        assert rows[module]["rel_error"] == pytest.approx(optimal, rel=1e-5, abs=1e-7), module
+        assert (rows[module]["rank_before"], rows[module]["rank"], rows[module]["status"]) == (8, 3, "resized")
+        assert rows[module]["params_after"] == 3 * sum(MODULES[module])
+    config = json.loads((tmp_path / "r3" / "adapter_config.json").read_text(encoding="utf-8"))
+    assert (config["r"], config["lora_alpha"], config["use_rslora"]) == (3, 3, False)  # scale 1
+    assert config["target_modules"] == ["q", "out"]  # the rest of the config as it was
+
+
+def test_max_error_is_met_on_every_module_as_written(tmp_path):
+    deltas = peft_adapter(tmp_path / "adapter", seed=1)
+    report = cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "e", "--max-error", 0.05, "--device", "cpu")
+    resized = written_deltas(tmp_path / "e")
+    for module, delta in deltas.items():
+        rank = by_name(report)[module]["rank"]
+        assert rel(resized[module], delta) <= 0.05, module
+        assert tail(delta, rank - 1) > 0.05, module  # the smallest such rank
+    assert len({t["rank"] for t in report["tensors"]}) > 1  # ranks differ: rank_pattern carries them
+
+
+def test_rslora_and_alpha_pattern_are_read_as_peft_reads_them(tmp_path):
+    folder = tmp_path / "adapter"
+    deltas = peft_adapter(folder, use_rslora=True, alpha_pattern={"out": 4.0})
+    for module in deltas:  # PEFT's scale under rslora: alpha/√r, alpha from the pattern matching the name's end
+        deltas[module] *= 8 / np.sqrt(8) * (4.0 if module.endswith("out") else 16.0) / 16.0
+    cli_json("resize", folder, "-o", tmp_path / "full", "--rank", 8, "--device", "cpu")
+    for module, delta in written_deltas(tmp_path / "full").items():
+        assert rel(delta, deltas[module]) < 1e-6, module
+
+
+def test_budget_fits_and_unselected_pairs_are_copied(tmp_path):
+    deltas = peft_adapter(tmp_path / "adapter", seed=2)
+    report = cli_json(
+        "resize", tmp_path / "adapter", "-o", tmp_path / "b", "--budget", 0.1, "--exclude", "layers.1.out"
+    )
+    rows = by_name(report)
+    assert rows["layers.1.out"]["status"] == "copied"
+    assert rel(written_deltas(tmp_path / "b")["layers.1.out"], deltas["layers.1.out"]) < 1e-7
+    selected = [m for m in MODULES if m != "layers.1.out"]
+    used = sum(rows[m]["rank"] * sum(MODULES[m]) for m in selected)
+    assert used <= 0.1 * sum(MODULES[m][0] * MODULES[m][1] for m in selected)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    m=st.integers(1, 20),
+    n=st.integers(1, 20),
+    rank=st.integers(1, 12),
+    alpha=st.floats(0.5, 64),
+    seed=st.integers(0, 2**16),
+)
+def test_full_rank_reproduces_the_product(m, n, rank, alpha, seed):
+    generator = torch.Generator().manual_seed(seed)
+    b, a = torch.randn(m, rank, generator=generator), torch.randn(rank, n, generator=generator)
+    delta = alpha / rank * (b.double().numpy() @ a.double().numpy())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "lora.safetensors"
+        save(path, {"lora_unet_x.lora_up.weight": b, "lora_unet_x.lora_down.weight": a,
+                    "lora_unet_x.alpha": torch.tensor(alpha)})  # fmt: skip
+        report = lowrank_cli.resize(path, Path(folder) / "out.safetensors", rank=rank, device="cpu")
+        written = load(Path(folder) / "out.safetensors")
+    kept = report.tensors[0].rank
+    assert kept == min(m, n, rank)
+    up, down = written["lora_unet_x.lora_up.weight"].double().numpy(), written["lora_unet_x.lora_down.weight"]
+    resized = float(written["lora_unet_x.alpha"]) / kept * (up @ down.double().numpy())
+    assert np.abs(resized - delta).max() <= 1e-5 * max(1.0, np.abs(delta).max())
+
+
+# --- kohya ----------------------------------------------------------------------------------------
+
+
+def kohya_file(path: Path) -> dict[str, np.ndarray]:
+    """A kohya LoRA: a linear pair with an fp16 alpha, a conv pair (3×3 down, 1×1 up), a pair without alpha."""
+    generator = torch.Generator().manual_seed(3)
+    shapes = {
+        "lora_unet_down_blocks_0_attentions_0_proj_in": ((16, 8), (8, 24), 4.0),
+        "lora_unet_down_blocks_0_resnets_0_conv1": ((12, 8, 1, 1), (8, 6, 3, 3), 8.0),
+        "lora_te_text_model_encoder_layers_0_mlp_fc1": ((20, 8), (8, 10), None),
+    }
+    tensors, deltas = {}, {}
+    for prefix, (up_shape, down_shape, alpha) in shapes.items():
+        up, down = torch.randn(up_shape, generator=generator), torch.randn(down_shape, generator=generator)
+        tensors[f"{prefix}.lora_up.weight"], tensors[f"{prefix}.lora_down.weight"] = up, down
+        if alpha is not None:
+            tensors[f"{prefix}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
+        scale = (alpha or 8) / 8
+        deltas[prefix] = scale * (up.double().reshape(up_shape[0], 8).numpy() @ down.double().reshape(8, -1).numpy())
+    save(path, tensors, metadata={"ss_network_dim": "8", "ss_network_alpha": "4", "ss_other": "kept"})
+    return deltas
+
+
+def test_kohya_round_trips_and_resizes(tmp_path):
+    source = tmp_path / "lora.safetensors"
+    deltas = kohya_file(source)
+    report = cli_json("resize", source, "-o", tmp_path / "r2.safetensors", "--rank", 2, "--device", "cpu")
+    original, written = load(source), load(tmp_path / "r2.safetensors")
+    assert sorted(written) == sorted({*original, "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"})
+    assert file_metadata(tmp_path / "r2.safetensors") == {"ss_network_dim": "2", "ss_network_alpha": "2",
+                                                          "ss_other": "kept"}  # fmt: skip
+    for prefix, delta in deltas.items():
+        up, down = written[f"{prefix}.lora_up.weight"], written[f"{prefix}.lora_down.weight"]
+        before_up, before_down = original[f"{prefix}.lora_up.weight"], original[f"{prefix}.lora_down.weight"]
+        assert tuple(up.shape) == (before_up.shape[0], 2, *before_up.shape[2:])  # conv: (out, r′, 1, 1)
+        assert tuple(down.shape) == (2, *before_down.shape[1:])  # conv: (r′, in, 3, 3)
+        assert float(written[f"{prefix}.alpha"]) == 2.0  # scale alpha/r′ = 1
+        resized = up.double().reshape(up.shape[0], 2).numpy() @ down.double().reshape(2, -1).numpy()
+        assert rel(resized, delta) == pytest.approx(tail(delta, 2), rel=1e-5), prefix
+        assert by_name(report)[prefix]["rel_error"] == pytest.approx(tail(delta, 2), rel=1e-5), prefix
+    # the full rank reads back the file's own product: the alpha scale is preserved
+    cli_json("resize", source, "-o", tmp_path / "r8.safetensors", "--rank", 8)
+    again = load(tmp_path / "r8.safetensors")
+    for prefix, delta in deltas.items():
+        up, down = again[f"{prefix}.lora_up.weight"], again[f"{prefix}.lora_down.weight"]
+        product = (
+            float(again[f"{prefix}.alpha"]) / 8 * (up.double().reshape(up.shape[0], 8) @ down.double().reshape(8, -1))
+        )
+        assert rel(product.numpy(), delta) < 1e-6, prefix
+
+
+def test_other_adapter_kinds_are_refused_by_name(tmp_path):
+    path = save(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.ones(2, 2)})
+    assert_clean_failure(cli("resize", path, "-o", tmp_path / "out.safetensors", "--rank", 1), 1, "LoHa")
+    folder = tmp_path / "dora"
+    peft_adapter(folder, use_dora=True)
+    assert_clean_failure(cli("resize", folder, "-o", tmp_path / "out", "--rank", 1), 1, "DoRA")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.safetensors").exists()
+
+
+# --- PEFT loads what resize writes ----------------------------------------------------------------
+
+
+def test_peft_loads_the_resized_adapter(tmp_path):
+    pytest.importorskip("peft")
+    transformers = pytest.importorskip("transformers")
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+
+    def llama(state=None):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config).eval()
+        if state is not None:
+            model.load_state_dict(state)
+        return model
+
+    base = {name: t.detach().clone() for name, t in llama().state_dict().items()}
+    model = get_peft_model(llama(base), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "down_proj"]))
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        lora_bs = [parameter for name, parameter in model.named_parameters() if "lora_B" in name]
+        for index, parameter in enumerate(lora_bs):  # PEFT starts B at zero: spectra falling 1, 2 or 3 decades
+            decay = torch.logspace(0, -1 - index % 3, 8)
+            parameter.copy_(0.05 * torch.randn(parameter.shape, generator=generator) * decay)
+    model.save_pretrained(tmp_path / "adapter")
+
+    report = cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "small", "--energy", 0.95, "--device", "cpu")
+    assert len({t["rank"] for t in report["tensors"]}) > 1  # per-module ranks, through rank_pattern
+    factors = load(tmp_path / "small" / "adapter_model.safetensors")
+    merged = dict(base)
+    for t in report["tensors"]:  # base + ΔW′, ΔW′ = B′·A′ at scale 1
+        b, a = (factors[f"{PREFIX}{t['name']}.lora_{x}.weight"] for x in "BA")
+        merged[f"{t['name']}.weight"] = base[f"{t['name']}.weight"] + b @ a
+    tokens = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    loaded = PeftModel.from_pretrained(llama(base), str(tmp_path / "small")).eval()
+    for name, module in loaded.named_modules():
+        if hasattr(module, "scaling") and "default" in getattr(module, "r", {}):
+            assert module.r["default"] == by_name(report)[name.removeprefix(PREFIX)]["rank"], name
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(tokens).logits, llama(merged)(tokens).logits, atol=1e-4, rtol=0)
