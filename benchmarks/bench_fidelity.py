@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
-import platform
 import re
 import subprocess
 import sys
@@ -31,6 +30,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from bench_calibration import cpu_name  # noqa: E402  (one CPU line for every benchmark)
+
 TEXTS = {
     "calib": [
         "/root/.pyenv/versions/3.13.0/lib/python3.13/idlelib/News3.txt",
@@ -48,16 +51,6 @@ TEXTS = {
         "/usr/share/common-licenses/Artistic",
     ],
 }
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()}, {os.cpu_count()} cores visible"
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def sentences(paths: list[str]) -> list[str]:
