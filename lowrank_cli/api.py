@@ -261,10 +261,9 @@ def compress(
 def _compress_to_fidelity(
     path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
 ) -> Report:
-    from lowrank_cli.model.evaluate import make_evaluator
+    from lowrank_cli.model.evaluate import load_reference, make_evaluator, model_samples
     from lowrank_cli.model.fidelity import compress_to_fidelity
-    from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples, require_text
+    from lowrank_cli.ops.samples import require_text
 
     if fidelity is None or eval_text is None:
         raise UsageError(f"{arg('fidelity')} and {arg('eval_text')} go together: the fidelity is measured on that text")
@@ -280,9 +279,8 @@ def _compress_to_fidelity(
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = _load(_transformers(), folder, settings.device)
-        found = read_samples(tokenizer, eval_text, seq_len=128, tokens=EVALUATE_TOKENS)
-        _check_samples(reference, tokenizer, found.ids, folder)
+        reference, tokenizer = load_reference(folder, settings.device)
+        found = model_samples(reference, tokenizer, folder, eval_text)
         evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
         report = compress_to_fidelity(
             folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,

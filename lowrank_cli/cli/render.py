@@ -452,51 +452,50 @@ def progress(label: str, steps: str | None = None) -> Iterator[Callable[[int, in
 
     Over bytes (and tensors done), or with `steps` over counted steps ("batches and weights").
     """
-    stderr = _stderr()
-    if not stderr.is_terminal:
-        yield None
-        return
     counts = [MofNCompleteColumn(), TextColumn(steps)] if steps else [DownloadColumn(binary_units=True)]
-    bar = Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        *counts,
-        *([] if steps else [TextColumn("{task.fields[tensors]} tensors")]),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=stderr,
-        transient=True,
-    )
-    task = bar.add_task(label, total=None, tensors=0)
+    columns = [*counts, *([] if steps else [TextColumn("{task.fields[tensors]} tensors")])]
+    with _bar(label, columns, tensors=0) as (bar, task):
+        if bar is None:
+            yield None
+            return
 
-    def advance(done: int, total: int) -> None:
-        bar.update(task, completed=done, total=total, tensors=bar.tasks[0].fields["tensors"] + 1)
+        def advance(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total, tensors=bar.tasks[0].fields["tensors"] + 1)
 
-    with bar:
         yield advance
 
 
 @contextmanager
 def training_progress(label: str) -> Iterator[Callable[[int, int, float], None] | None]:
     """A bar over optimizer steps with the running loss, on stderr when it is a terminal."""
+    with _bar(label, [MofNCompleteColumn(), TextColumn("steps, loss {task.fields[loss]}")], loss="…") as (bar, task):
+        if bar is None:
+            yield None
+            return
+
+        def advance(step: int, steps: int, loss: float) -> None:
+            bar.update(task, completed=step, total=steps, loss=f"{loss:.4g}")
+
+        yield advance
+
+
+@contextmanager
+def _bar(label: str, columns: list, **fields) -> Iterator[tuple[Progress | None, object]]:
+    """A transient rich bar on stderr (description, bar, `columns`, times), or (None, None) when stderr
+    is not a terminal."""
     stderr = _stderr()
     if not stderr.is_terminal:
-        yield None
+        yield None, None
         return
     bar = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("steps, loss {task.fields[loss]}"),
+        *columns,
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         console=stderr,
         transient=True,
     )
-    task = bar.add_task(label, total=None, loss="…")
-
-    def advance(step: int, steps: int, loss: float) -> None:
-        bar.update(task, completed=step, total=steps, loss=f"{loss:.4g}")
-
+    task = bar.add_task(label, total=None, **fields)
     with bar:
-        yield advance
+        yield bar, task

@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.ops.samples import TextSamples, batches
+from lowrank_cli.ops.samples import TextSamples, batches, read_samples
+from lowrank_cli.ops.settings import Split
 
 ENCODER, CAUSAL_LM, MASKED_LM = "encoder", "causal-lm", "masked-lm"
 MASK_SHARE = 0.15  # masked-lm: the share of (non-special) tokens masked, as BERT was trained
@@ -260,9 +261,7 @@ def evaluate(
     shards) of the reference's architecture; either way loaded by nn.loading.load_pretrained, factors
     running as factors, never expanded.
     """
-    from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples, require_text
-    from lowrank_cli.ops.settings import Split
+    from lowrank_cli.ops.samples import require_text
 
     folder, candidate = Path(reference_dir), Path(candidate)
     require_text(text)
@@ -270,10 +269,10 @@ def evaluate(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
-    transformers = _transformers()
-    reference, tokenizer = _load(transformers, folder, device)
-    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
-    _check_samples(reference, tokenizer, found.ids, folder)
+    reference, tokenizer = load_reference(folder, device)
+    found = model_samples(
+        reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
+    )
     model = load_candidate(folder, candidate, type(reference), device)
     evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
     figures = evaluator.measure(model)
@@ -292,6 +291,32 @@ def evaluate(
         notes=found.notes + notes,
         **figures,
     )
+
+
+def load_reference(folder: Path, device: str):
+    """The reference model and its tokenizer, loaded as calibrate loads them (offline, its own class)."""
+    from lowrank_cli.ops.calibrate import _load, _transformers
+
+    return _load(_transformers(), folder, device)
+
+
+def model_samples(
+    reference: torch.nn.Module,
+    tokenizer,
+    folder: Path,
+    text: str | Path,
+    *,
+    seq_len: int = 128,
+    tokens: int = EVALUATE_TOKENS,
+    samples: int | None = None,
+    split: Split | None = None,
+) -> TextSamples:
+    """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks)."""
+    from lowrank_cli.ops.calibrate import _check_samples
+
+    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
+    _check_samples(reference, tokenizer, found.ids, folder)
+    return found
 
 
 def make_evaluator(

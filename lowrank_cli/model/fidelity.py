@@ -28,10 +28,11 @@ from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.model.evaluate import Evaluator, load_candidate, metric
 from lowrank_cli.ops import compress as _compress
-from lowrank_cli.ops.pipeline import load_matrix, skip_reason, spectrum_of, whitened_view
+from lowrank_cli.ops.pipeline import load_matrix, skip_reason, whitened_view
 from lowrank_cli.ops.report import Report
 from lowrank_cli.ops.settings import Method, Settings
 
@@ -128,7 +129,7 @@ def search(
 
 def _cut(
     checkpoint: Checkpoint, model: torch.nn.Module, name: str, calibration: Calibration | None, device: str
-) -> tuple[_Cut, object]:
+) -> tuple[_Cut, Spectrum]:
     """The matrix's SVD of the view the budget reads, and that view's spectrum (what compress allocates by)."""
     matrix = load_matrix(checkpoint, checkpoint.entries[name], device)
     view = whitened_view(matrix, calibration, name)
@@ -136,7 +137,8 @@ def _cut(
     whitener = _whitener_of(calibration, name, device) if view is not matrix else None
     u, s, vh = torch.linalg.svd(view.to(torch.float64 if device == "cpu" else torch.float32), full_matrices=False)
     parameter = _parameter(model, name)
-    return _Cut(name, parameter, parameter.data.clone(), u, s, vh, whitener, transposed), spectrum_of(view)
+    spectrum = Spectrum.of(s, tuple(view.shape), view.dtype)  # the σ just computed: no second SVD for allocate
+    return _Cut(name, parameter, parameter.data.clone(), u, s, vh, whitener, transposed), spectrum
 
 
 def _whitener_of(calibration: Calibration, name: str, device: str):

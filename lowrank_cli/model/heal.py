@@ -265,10 +265,15 @@ def heal(
 ) -> Report:
     """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
     from lowrank_cli.io.checkpoint import open_checkpoint
-    from lowrank_cli.model.evaluate import is_lowrank, load_candidate, make_evaluator, metric
-    from lowrank_cli.ops.calibrate import _check_samples, _load, _transformers
-    from lowrank_cli.ops.samples import read_samples, require_text
-    from lowrank_cli.ops.settings import Split
+    from lowrank_cli.model.evaluate import (
+        is_lowrank,
+        load_candidate,
+        load_reference,
+        make_evaluator,
+        metric,
+        model_samples,
+    )
+    from lowrank_cli.ops.samples import require_text
 
     folder, compressed = Path(reference_dir), Path(compressed)
     require_text(text)
@@ -280,14 +285,14 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = _load(_transformers(), folder, device)
+    reference, tokenizer = load_reference(folder, device)
     reference = reference.float()
-    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
-    _check_samples(reference, tokenizer, found.ids, folder)
+    found = model_samples(
+        reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
+    )
     evaluator = None
     if eval_text is not None:
-        held = read_samples(tokenizer, eval_text, seq_len=seq_len, split=split or Split.auto)
-        _check_samples(reference, tokenizer, held.ids, folder)
+        held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
         evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
         _check_pair(checkpoint, original)
