@@ -106,6 +106,7 @@ def analyze(
     calibration: PathLike | None = None,
     other_model: bool = False,
     plot: PathLike | None = None,
+    diff: bool = False,
 ) -> Report:
     """The spectrum of every weight matrix in one or more checkpoints; with a policy, what it would keep.
 
@@ -121,10 +122,17 @@ def analyze(
         other_model: use statistics made on another model of the same shapes (refused by default).
         plot: also draw the spectra into this .png, .svg or .pdf (plot_spectra; needs the `plot` extra),
             checked before any tensor is read.
+        diff: paths are two checkpoints, BASE then TUNED, and each row describes the change
+            ΔW = W_tuned − W_base of a tensor both hold with the same shape (a shape that differs is
+            an error; tensors in one only are named in `options["notes"]`). With a policy, the rank
+            `extract` would give each changed matrix, its optimal error of ΔW and the adapter's params
+            r·(m + n); totals are over those matrices. calibration is then BASE's statistics.
 
     Example:
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
         >>> {t.name: t.rank_99 for t in report.tensors if t.rank_99 is not None}
+        >>> change = lowrank_cli.analyze(["base/", "tuned/"], diff=True, energy=0.9)
+        >>> change.totals.params_after  # the adapter extract --energy 0.9 would write, in params
     """
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
@@ -133,29 +141,23 @@ def analyze(
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise UsageError("paths is empty; give at least one checkpoint")
+    if diff and len(paths) != 2:
+        raise UsageError(f"{arg('diff')} compares two checkpoints, BASE then TUNED; got {len(paths)}")
     if plot is not None:
         _plot.check_plot_path(plot)
-    reports = []
     with ExitStack() as stack:
         checkpoints = [stack.enter_context(open_checkpoint(path)) for path in paths]
         check_patterns(checkpoints, include, exclude)
-        stats = _calibration(calibration, checkpoints, other_model)
+        stats = _calibration(calibration, checkpoints[:1] if diff else checkpoints, other_model)
         tick = stack.enter_context(_progress(progress, _data_bytes(*checkpoints)))
-        for checkpoint in checkpoints:
-            reports.append(
-                _analyze.analyze(
-                    checkpoint,
-                    policy,
-                    include=include,
-                    exclude=exclude,
-                    rtol=rtol,
-                    device=device,
-                    top=top,
-                    on_tensor=tick,
-                    calibration=stats,
-                )
-            )
-    report = Report.combine(reports)
+        options = {
+            "include": include, "exclude": exclude, "rtol": rtol, "device": device, "top": top,
+            "on_tensor": tick, "calibration": stats,
+        }  # fmt: skip
+        if diff:
+            report = _analyze.analyze_change(*checkpoints, policy, **options)
+        else:
+            report = Report.combine([_analyze.analyze(checkpoint, policy, **options) for checkpoint in checkpoints])
     if plot is not None:
         _plot.plot_spectra(report, plot)
     return report

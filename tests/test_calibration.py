@@ -239,6 +239,12 @@ def test_extract_with_calibration(model_files, tmp_path):
     assert result.exit_code == 0, result.stderr
     rows = table_rows(result.stdout)
     assert float(rows["layer.out.weight"]["output error"]) == pytest.approx(measured, rel=1e-2)
+    # analyze --diff with the same statistics reads the ranks extract takes off the spectra of ΔW·S
+    change = lowrank_cli.analyze([path, tuned_path], diff=True, max_error=0.3, calibration=stats)
+    extracted = {t.name: t for t in report.tensors}
+    for t in change.tensors:
+        if t.name in ("layer.q.weight", "layer.k.weight", "layer.out.weight"):
+            assert t.rank == extracted[t.name].rank and t.output_error <= 0.3 and t.rel_error is None
 
 
 # --- the Calibrator and lowrank calibrate on a tiny BERT ---------------------------------------------

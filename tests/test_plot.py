@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, by_name, cli, cli_json, geometric, save, with_spectrum
+from conftest import assert_clean_failure, by_name, cli, cli_json, geometric, load, save, with_spectrum
 
 import lowrank_cli
 from lowrank_cli.ops.plot import layer_kind
@@ -130,3 +130,21 @@ def test_csv_rows_are_the_json_rows(tmp_path):
 
 def test_json_and_csv_together_are_refused(tmp_path):
     assert_clean_failure(cli("analyze", _llama_like(tmp_path), "--json", "--csv"), 2, "--json", "--csv")
+
+
+def test_diff_plots_the_changes_that_are_not_zero(tmp_path):
+    """analyze --diff --plot: one curve per changed matrix, so a change to attention alone is one panel."""
+    matplotlib_image = pytest.importorskip("matplotlib.image")
+    base = _llama_like(tmp_path)
+    tuned = {name: value.clone() for name, value in load(base).items()}
+    for layer in range(2):
+        tuned[f"model.layers.{layer}.self_attn.q_proj.weight"] += with_spectrum(48, 32, [1.0, 0.5, 0.2], seed=layer)
+    tuned_path = save(tmp_path / "tuned.safetensors", tuned)
+    out = tmp_path / "change.png"
+    result = cli("analyze", base, tuned_path, "--diff", "--energy", "0.9", "--plot", out)
+    assert result.exit_code == 0, result.stderr
+    assert _png_size(out) == (600, 400)  # one panel: the unchanged MLP and v_proj have no curve
+    assert matplotlib_image.imread(out).shape[:2] == (400, 600)  # and it decodes as an image
+    report = lowrank_cli.analyze([base, tuned_path], diff=True, energy=0.9)
+    assert lowrank_cli.plot_spectra(report, tmp_path / "again.png") == (600, 400)
+    assert (tmp_path / "again.png").read_bytes() == out.read_bytes()

@@ -158,6 +158,7 @@ def _check_gate(fail_above: float | None) -> None:
         "lowrank analyze model.safetensors --json --top 64 | jq '.tensors[0]'",
         "lowrank analyze hf-model/ --energy 0.99 --plot spectra.png",
         "lowrank analyze hf-model/ --csv > rows.csv",
+        "lowrank analyze base/ tuned/ --diff --energy 0.9   # ΔW: what extract would need",
     ),
 )
 @_handle_errors
@@ -190,6 +191,14 @@ def analyze(
             metavar="FILE",
         ),
     ] = None,
+    diff: Annotated[
+        bool,
+        typer.Option(
+            "--diff",
+            help="Two PATHs, BASE then TUNED: the spectra of each change ΔW = W_TUNED − W_BASE and, with a policy,"
+            " the ranks and adapter size lowrank extract would need.",
+        ),
+    ] = False,
     as_json: Json = False,
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of a table.")] = False,
 ) -> None:
@@ -220,6 +229,7 @@ def analyze(
             calibration=calibration,
             other_model=other_model,
             plot=plot,
+            diff=diff,
         )
     if plot is not None:
         from lowrank_cli.cli.render import notice

@@ -91,6 +91,9 @@ def print_report(report: Report) -> None:
                 " a lower --rank, --energy or a higher --max-error makes it smaller (docs/extract.md)"
             )
         lines.append(f"wrote {report.output}")
+    elif report.command == "analyze" and report.options.get("diff") and report.policy is not None:
+        share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)" if totals.params else ""
+        lines.append(f"lowrank extract with this policy would need {totals.params_after:,} adapter params{share}")
     elif totals.bytes is not None and totals.bytes_after is not None:
         lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
@@ -247,6 +250,7 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
     totals = report.totals
     with_policy = report.policy is not None
     calibrated = totals.max_output_error is not None
+    diff = bool(report.options.get("diff"))  # rows of ΔW = TUNED − BASE (analyze --diff)
     columns = [
         Column("tensor", "name", footer="total"),
         Column("shape", keep=4),
@@ -265,22 +269,31 @@ def _analyze_table(report: Report) -> tuple[str, list[Column], list[list[str | T
             Column("rank", "number"),
             Column("rel. error", "number", footer=_error(totals.max_rel_error, "max ")),
             *_output_column(totals),
-            Column("params after", "number", keep=2, footer=f"{totals.params_after:,}"),
+            Column(
+                "adapter params" if diff else "params after",
+                "number",
+                keep=6 if diff else 2,
+                footer=f"{totals.params_after:,}",
+            ),
             Column("saving", "number", footer=_percent(totals.savings)),
         ]
     columns.append(Column("note", "note", keep=5))
     rows = []
     for t in report.tensors:
-        if t.status == Status.skipped:
+        if t.numerical_rank is None:  # no spectrum: not a float matrix
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", "", "", "", "", "", "", ""]
-            row += ["", "", *([""] if calibrated else []), f"{t.params:,}", ""] if with_policy else []
         else:
             spectrum = [str(t.numerical_rank), f"{t.stable_rank:.1f}", str(t.rank_90), str(t.rank_99), str(t.rank_999)]
             alpha = "" if t.alpha is None else f"{t.alpha:.2f}"
             row = [t.name, _shape(t), t.dtype, f"{t.params:,}", *spectrum, alpha, t.sparkline or ""]
-            row += _policy_cells(t, calibrated) if with_policy else []
+        if with_policy and t.status == Status.skipped:  # --diff: a matrix in no adapter has no adapter params
+            row += ["", "", *([""] if calibrated else []), "" if diff else f"{t.params:,}", ""]
+        elif with_policy:
+            row += _policy_cells(t, calibrated)
         rows.append([*row, Text(t.reason or "", style="dim")])
     title = f"lowrank analyze {' '.join(report.sources)}"
+    if diff:
+        title = f"lowrank analyze --diff: ΔW = {report.sources[1]} − {report.sources[0]}"
     if report.options and report.options.get("calibration"):  # every spectrum column is then of W·S
         title += f" (spectra of W·S, --calibration {report.options['calibration']})"
     return title, columns, rows

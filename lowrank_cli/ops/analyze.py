@@ -1,20 +1,22 @@
-"""analyze: spectra, ranks and what a rank policy would save."""
+"""analyze: spectra, ranks and what a rank policy would save; of W, or of a fine-tune's change ΔW."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 
 import numpy as np
+import torch
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, arg
 from lowrank_cli.io.calibration import Calibration
-from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
+from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.fileformat import METADATA_KEY
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.budget import budget_policies, calibration_options
+from lowrank_cli.ops.extract import ExtractOptions, delta_matrix, screen
 from lowrank_cli.ops.pipeline import (
     NO_LOOKUPS,
     NO_STATISTICS,
@@ -48,12 +50,7 @@ def analyze(
     With calibration, a tensor with statistics is described by the spectrum of W·S, and the error a
     policy would give is the output error (its Eckart–Young optimum on W·S).
     """
-    for shard in checkpoint.files:
-        if METADATA_KEY in (shard.metadata or {}):
-            raise CheckpointError(
-                f"{shard.path}: is a lowrank file, whose factors are no model's matrices; run lowrank expand on it"
-                " and analyze the dense checkpoint it writes"
-            )
+    _refuse_lowrank_files(checkpoint)
     selected = set(checkpoint.select(include, exclude))
     tensors, spectra, whitened = [], {}, set()
     for entry in checkpoint.entries.values():
@@ -63,18 +60,9 @@ def analyze(
         if reason is not None:
             tensors.append(new_report(entry, Status.skipped, reason))
         else:
-            matrix = load_matrix(checkpoint, entry, device)
-            view = whitened_view(matrix, calibration, entry.name)
-            spectrum = spectrum_of(view, rtol=rtol)
             report = new_report(entry, Status.analyzed)
-            if view is not matrix:
-                whitened.add(entry.name)
-            elif calibration is not None:
-                report.reason = _plain_reason(calibration, entry.name)
-            describe_spectrum(report, spectrum, rtol)
-            _describe_tail(report, spectrum, rtol)
-            report.singular_values = _singular_values(spectrum, top)
-            spectra[entry.name] = spectrum
+            matrix = load_matrix(checkpoint, entry, device)
+            spectra[entry.name] = _describe(report, matrix, calibration, whitened, rtol=rtol, top=top)
             tensors.append(report)
         if on_tensor:
             on_tensor(entry)
@@ -89,8 +77,7 @@ def analyze(
             if report.name in spectra:
                 tensor_policy = budgeted[report.name] if budgeted is not None else policy
                 apply_policy(report, spectra[report.name], tensor_policy)
-                if report.name in whitened and report.status == Status.factorized:
-                    report.output_error, report.rel_error = report.rel_error, None  # the optimum on W·S
+                _optimum_on_view(report, whitened)
     return Report(
         command="analyze",
         sources=[str(checkpoint.source)],
@@ -99,6 +86,176 @@ def analyze(
         policy=policy.as_dict() if policy else None,
         options=calibration_options(calibration, policy),
     )
+
+
+UNCHANGED = "unchanged (ΔW = 0)"
+
+
+def analyze_change(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    policy: RankPolicy | None = None,
+    *,
+    include: list[str] | None = None,
+    exclude: list[str] | None = None,
+    rtol: float | None = None,
+    device: str = "cpu",
+    top: int | None = None,
+    on_tensor: Callable[[TensorEntry], None] | None = None,
+    calibration: Calibration | None = None,
+) -> Report:
+    """One report row per tensor of the change ΔW = W_tuned − W_base; with a policy, what extract would make of it.
+
+    Every tensor in both checkpoints is compared; a shape that differs between them is an error that
+    names the tensor, and a tensor in one only is named in the report's notes. Each matrix's row
+    describes the spectrum of its ΔW (the same ΔW extract factors: ops.extract.delta_matrix). With a
+    policy, each changed matrix extract can adapt gets the rank extract would give it (any rank up to
+    min(m, n); a budget shared as extract shares it), the optimal relative error of ΔW at that rank
+    and the adapter's params r·(m + n); the totals are over those matrices, as `extract --embeddings
+    --conv` would write them (a row extract leaves out by default says so in its reason). The others
+    are skipped, with params_after 0. With calibration (BASE's statistics) the spectra are of ΔW·S,
+    as extract's.
+    """
+    for checkpoint in (base, tuned):
+        _refuse_lowrank_files(checkpoint)
+    names = [
+        n for n in sorted(set(base.entries) | set(tuned.entries), key=natural_key) if is_selected(n, include, exclude)
+    ]
+    shared = [name for name in names if name in base.entries and name in tuned.entries]
+    for name in shared:
+        _check_same_shape(base, tuned, name)
+    tensors, whitened = [], set()
+    candidates = {}  # the changed matrices extract --embeddings --conv would factor, and their spectra
+    opt_in = []  # those of them extract factors only when asked (embeddings, conv kernels)
+    for name in shared:
+        entry, before = tuned.entries[name], base.entries[name]
+        reason = skip_reason(entry) or skip_reason(before)
+        if reason is not None:
+            tensors.append(new_report(entry, Status.skipped, reason))
+        else:
+            report = new_report(entry, Status.analyzed)
+            delta = delta_matrix(base, tuned, name, device)
+            spectrum = _describe(report, delta, calibration, whitened, rtol=rtol, top=top)
+            never = screen(base, tuned, name, ExtractOptions(embeddings=True, conv=True)).reason
+            if spectrum.is_zero:
+                _add_reason(report, UNCHANGED)
+            elif never is not None:
+                _add_reason(report, f"extract has no LoRA for it: {never}")
+            else:
+                candidates[name] = spectrum
+                by_default = screen(base, tuned, name, ExtractOptions()).reason
+                if by_default is not None:
+                    _add_reason(report, f"extract leaves it out by default: {by_default}")
+                    opt_in.append(name)
+            tensors.append(report)
+        if on_tensor:
+            on_tensor(before)
+            on_tensor(entry)
+    adapted = tensors
+    if policy is not None:
+        # as extract: any rank up to min(m, n), a budget weighing each ‖ΔW − BA‖² as it is, no tensor kept whole
+        budgeted = (
+            budget_policies(allocate(candidates, policy.budget, "absolute", allow_dense=False))
+            if policy.budget is not None
+            else None
+        )
+        for report in tensors:
+            spectrum = candidates.get(report.name)
+            if spectrum is None:
+                report.status, report.params_after = Status.skipped, 0  # in no adapter
+                continue
+            tensor_policy = budgeted[report.name] if budgeted is not None else policy
+            apply_policy(report, spectrum, tensor_policy, limit=min(spectrum.shape))
+            if report.status == Status.factorized and report.name not in whitened:
+                report.kept = max(0.0, 1.0 - report.rel_error**2)
+            _optimum_on_view(report, whitened)
+        adapted = [t for t in tensors if t.status == Status.factorized]
+    options = {**calibration_options(calibration, None), "diff": True}
+    notes = _only_in(base, "BASE", names, tuned) + _only_in(tuned, "TUNED", names, base)
+    if policy is not None and opt_in:
+        notes.append(
+            f"the totals count {len(opt_in)} matri{'ces' if len(opt_in) != 1 else 'x'} that extract adapts only with"
+            f" --embeddings or --conv, as extract with them would (first: '{opt_in[0]}')"
+        )
+    if notes:
+        options["notes"] = notes
+    return Report(
+        command="analyze",
+        sources=[str(base.source), str(tuned.source)],
+        tensors=tensors,
+        totals=Totals.of(adapted),
+        policy=policy.as_dict() if policy else None,
+        options=options,
+    )
+
+
+def _refuse_lowrank_files(checkpoint: Checkpoint) -> None:
+    for shard in checkpoint.files:
+        if METADATA_KEY in (shard.metadata or {}):
+            raise CheckpointError(
+                f"{shard.path}: is a lowrank file, whose factors are no model's matrices; run lowrank expand on it"
+                " and analyze the dense checkpoint it writes"
+            )
+
+
+def _describe(
+    report: TensorReport,
+    matrix: torch.Tensor,
+    calibration: Calibration | None,
+    whitened: set[str],
+    *,
+    rtol: float | None,
+    top: int | None,
+) -> Spectrum:
+    """Fill in the row from the spectrum of the matrix (of its W·S view with calibration, noted in `whitened`)."""
+    view = whitened_view(matrix, calibration, report.name)
+    spectrum = spectrum_of(view, rtol=rtol)
+    if view is not matrix:
+        whitened.add(report.name)
+    elif calibration is not None:
+        report.reason = _plain_reason(calibration, report.name)
+    describe_spectrum(report, spectrum, rtol)
+    _describe_tail(report, spectrum, rtol)
+    report.singular_values = _singular_values(spectrum, top)
+    return spectrum
+
+
+def _add_reason(report: TensorReport, reason: str) -> None:
+    report.reason = f"{report.reason}; {reason}" if report.reason else reason
+
+
+def _optimum_on_view(report: TensorReport, whitened: set[str]) -> None:
+    """A whitened row's optimal error is the output error: the Eckart–Young optimum on W·S."""
+    if report.name in whitened and report.status == Status.factorized:
+        report.output_error, report.rel_error = report.rel_error, None
+
+
+def _check_same_shape(base: Checkpoint, tuned: Checkpoint, name: str) -> None:
+    before, after = base.entries[name].shape, tuned.entries[name].shape
+    if tuple(before) != tuple(after):
+        raise CheckpointError(
+            f"tensor '{name}' is {_shape(before)} in {base.source} but {_shape(after)} in {tuned.source}; ΔW needs"
+            f" the same shape: compare checkpoints of one architecture, or leave it out with {arg('exclude')} '{name}'"
+        )
+
+
+def _shape(shape) -> str:
+    return "×".join(map(str, shape)) or "scalar"
+
+
+_LISTED = 8  # names a note spells out; the rest it counts
+
+
+def _only_in(checkpoint: Checkpoint, label: str, names: list[str], other: Checkpoint) -> list[str]:
+    """A note naming the selected tensors of `checkpoint` that `other` lacks, or none."""
+    alone = [name for name in names if name in checkpoint.entries and name not in other.entries]
+    if not alone:
+        return []
+    listed = ", ".join(f"'{name}'" for name in alone[:_LISTED]) + (
+        f" and {len(alone) - _LISTED} more" if len(alone) > _LISTED else ""
+    )
+    count = f"{len(alone)} tensor{'s' if len(alone) != 1 else ''}"
+    return [f"{count} only in {label} ({checkpoint.source}), left out: {listed}"]
 
 
 def _plain_reason(calibration: Calibration, name: str) -> str:

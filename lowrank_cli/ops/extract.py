@@ -47,7 +47,7 @@ class ExtractOptions:
 
 
 @dataclass(frozen=True)
-class _Screened:
+class Screened:
     """Why a tensor stays out of the adapter; `opt_in` names the argument that would let it in."""
 
     reason: str | None = None
@@ -92,7 +92,7 @@ def extract(
         n for n in sorted(set(base.entries) | set(tuned.entries), key=natural_key) if is_selected(n, include, exclude)
     ]
     tensors = {name: _row(base, tuned, name) for name in names}
-    screened = {name: _screen(base, tuned, name, options) for name in names}
+    screened = {name: screen(base, tuned, name, options) for name in names}
     candidates = [name for name in names if screened[name].reason is None]
     for name in names:
         if screened[name].reason is not None:
@@ -100,7 +100,7 @@ def extract(
     policy_for = policy_per_tensor(
         policy,
         candidates,
-        lambda name: whitened_view(_delta(base, tuned, name, settings.device), calibration, name),
+        lambda name: whitened_view(delta_matrix(base, tuned, name, settings.device), calibration, name),
         on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
         allow_dense=False,  # an adapter holds ranks; a whole matrix only via modules_to_save
         # Σ‖ΔW − BA‖²: a small ΔW changes the outputs little. On a real fine-tune it beat a uniform rank
@@ -150,7 +150,7 @@ def _extract_one(
 ) -> dict[str, tuple[int, str]]:
     """Factor one module's ΔW into the adapter; returns {module: (rank, kind)}, empty if it stays out."""
     entry = tuned.entries[name]
-    delta = _delta(base, tuned, name, settings.device)
+    delta = delta_matrix(base, tuned, name, settings.device)
     if not bool(delta.any()):
         report.reason = "unchanged (ΔW = 0)"
         return {}
@@ -210,7 +210,7 @@ def _plan_extras(
     base: Checkpoint,
     tuned: Checkpoint,
     rows: dict[str, TensorReport],
-    screened: dict[str, _Screened],
+    screened: dict[str, Screened],
     adapter: dict[str, tuple[int, str]],
     options: ExtractOptions,
 ) -> _Extras:
@@ -332,7 +332,7 @@ def _stored_error(delta: torch.Tensor, stored: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(delta - stored.to(torch.float64))) / norm if norm > 0 else 0.0
 
 
-def _nothing_changed(base: Checkpoint, tuned: Checkpoint, screened: dict[str, _Screened]) -> str:
+def _nothing_changed(base: Checkpoint, tuned: Checkpoint, screened: dict[str, Screened]) -> str:
     """The error when no module goes into the adapter, with a hint at a changed tensor left out by default."""
     left_out = [name for name, s in screened.items() if s.opt_in and _change(base, tuned, name) > 0]
     hint = ""
@@ -358,33 +358,33 @@ def _row(base: Checkpoint, tuned: Checkpoint, name: str) -> TensorReport:
     )
 
 
-def _screen(base: Checkpoint, tuned: Checkpoint, name: str, options: ExtractOptions) -> _Screened:
-    """Whether the tensor can go into the adapter: a reason it cannot, or none."""
+def screen(base: Checkpoint, tuned: Checkpoint, name: str, options: ExtractOptions) -> Screened:
+    """Whether the tensor can go into the adapter: a reason it cannot (and the option that would let it in), or none."""
     if name not in tuned.entries:
-        return _Screened("only in BASE")
+        return Screened("only in BASE")
     if name not in base.entries:
-        return _Screened("only in TUNED")
+        return Screened("only in TUNED")
     entry, other = tuned.entries[name], base.entries[name]
     if other.shape != entry.shape:
-        return _Screened(f"shape differs: BASE {_shape(other)}, TUNED {_shape(entry)}")
+        return Screened(f"shape differs: BASE {_shape(other)}, TUNED {_shape(entry)}")
     if not (entry.is_float and other.is_float):
-        return _Screened(f"{entry.dtype}, not floating point")
+        return Screened(f"{entry.dtype}, not floating point")
     if len(entry.shape) < 2:
         changed = _change(base, tuned, name)
         if changed == 0:
-            return _Screened(f"{len(entry.shape)}-D, unchanged")
-        return _Screened(f"{len(entry.shape)}-D: changed by {changed:.3g} relative", carry=True)
+            return Screened(f"{len(entry.shape)}-D, unchanged")
+        return Screened(f"{len(entry.shape)}-D: changed by {changed:.3g} relative", carry=True)
     if entry.numel == 0:
-        return _Screened("empty tensor")
+        return Screened("empty tensor")
     if not name.endswith(".weight"):
-        return _Screened("not a module weight (name does not end in .weight)")
+        return Screened("not a module weight (name does not end in .weight)")
     if is_embedding(name.removesuffix(".weight"), entry.shape):
-        return _Screened() if options.embeddings else _Screened("embedding (pass --embeddings)", "embeddings")
+        return Screened() if options.embeddings else Screened("embedding (pass --embeddings)", "embeddings")
     if len(entry.shape) == 4:
-        return _Screened() if options.conv else _Screened("conv kernel (pass --conv)", "conv")
+        return Screened() if options.conv else Screened("conv kernel (pass --conv)", "conv")
     if len(entry.shape) != 2:
-        return _Screened(f"{len(entry.shape)}-D tensor, no LoRA layer for it")
-    return _Screened()
+        return Screened(f"{len(entry.shape)}-D tensor, no LoRA layer for it")
+    return Screened()
 
 
 def _shape(entry: TensorEntry) -> str:
@@ -400,8 +400,9 @@ def _change(base: Checkpoint, tuned: Checkpoint, name: str) -> float:
     return diff / norm if norm > 0 else diff
 
 
-def _delta(base: Checkpoint, tuned: Checkpoint, name: str, device: str) -> torch.Tensor:
-    """ΔW as an (out, in·kh·kw) matrix in float32 (float64 if either side is), checked for NaN/Inf."""
+def delta_matrix(base: Checkpoint, tuned: Checkpoint, name: str, device: str) -> torch.Tensor:
+    """ΔW = W_tuned − W_base as an (out, in·kh·kw) matrix in float32 (float64 if either side is), checked for
+    NaN/Inf: what extract factors and analyze's diff describes."""
     entry = tuned.entries[name]
     dtype = compute_dtype("F64" if "F64" in (entry.dtype, base.entries[name].dtype) else entry.dtype)
     before = base.read(name).to(device=device, dtype=dtype)

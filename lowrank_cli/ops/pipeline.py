@@ -83,11 +83,17 @@ def describe_spectrum(report: TensorReport, spectrum: Spectrum, rtol: float | No
     report.sparkline = spectrum.sparkline()
 
 
-def apply_policy(report: TensorReport, spectrum: Spectrum, policy: RankPolicy) -> None:
-    """What the policy would do (analyze), with the optimal (Eckart–Young) error at its rank."""
+def apply_policy(report: TensorReport, spectrum: Spectrum, policy: RankPolicy, limit: int | None = None) -> None:
+    """What the policy would do (analyze), with the optimal (Eckart–Young) error at its rank.
+
+    Factors up to rank `limit`: by default the break-even rank, as compress; min(m, n) for an adapter, as extract.
+    """
     rank = policy.choose(spectrum)
-    decision = decide(rank, spectrum.shape, policy, break_even_rank(*spectrum.shape))
+    decision = decide(rank, spectrum.shape, policy, break_even_rank(*spectrum.shape) if limit is None else limit)
+    described = report.reason  # what the spectrum's row already says (plain SVD, left out by extract)
     _record_decision(report, decision)
+    if described:
+        report.reason = f"{report.reason}; {described}" if report.reason else described
     if decision.status == Status.factorized:
         report.rel_error = spectrum.relative_error(rank)
         report.params_after = rank * sum(spectrum.shape)

@@ -62,6 +62,7 @@ def plot_spectra(report: Report, path: str | os.PathLike) -> tuple[int, int]:
     against i/min(m, n) per tensor; where a policy chose a rank r (status factorized), a dot marks
     the cut at i = r. The same report gives the same bytes: no dates or versions are written and
     SVG ids are salted by a constant. An existing file at `path` is replaced.
+    A report of `analyze(..., diff=True)` gives each change ΔW's spectrum instead, titled so.
 
     Args:
         report: what `analyze` returned, with the singular values (`top` limits each curve).
@@ -190,6 +191,10 @@ def _role(name: str) -> str:
 
 
 def _title(report: Report) -> str:
-    sources = " ".join("/".join(Path(source).parts[-2:]) for source in report.sources)  # the folder says which model
+    sources = ["/".join(Path(source).parts[-2:]) for source in report.sources]  # the folder says which model
     policy = ", ".join(f"{key.replace('_', '-')} {value}" for key, value in (report.policy or {}).items())
-    return f"normalised singular values: {sources}" + (f"  (dots: the cut of {policy})" if policy else "")
+    if report.options.get("diff"):  # analyze --diff: the rows are of ΔW = TUNED − BASE
+        title = f"normalised singular values of ΔW = {sources[1]} − {sources[0]}"
+    else:
+        title = f"normalised singular values: {' '.join(sources)}"
+    return title + (f"  (dots: the cut of {policy})" if policy else "")

@@ -16,7 +16,7 @@ class Status(str, Enum):
     """What a command did with one tensor."""
 
     analyzed = "analyzed"  # analyze: spectrum read, no policy applied
-    factorized = "factorized"  # compress (analyze with a policy: would be) stored as factors B·A
+    factorized = "factorized"  # compress (analyze with a policy: would be) stored as factors B·A (--diff: a LoRA pair)
     dense = "dense"  # a policy applied, but factors would not save params: kept as it is
     skipped = "skipped"  # not a float matrix, not selected, or (extract) not in the adapter
     extracted = "extracted"  # extract: written as a LoRA pair
