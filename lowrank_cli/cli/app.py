@@ -158,7 +158,7 @@ def _check_gate(fail_above: float | None) -> None:
         "lowrank analyze model.safetensors --json --top 64 | jq '.tensors[0]'",
         "lowrank analyze hf-model/ --energy 0.99 --plot spectra.png",
         "lowrank analyze hf-model/ --csv > rows.csv",
-        "lowrank analyze base/ tuned/ --diff --energy 0.9   # ΔW: what extract would need",
+        "lowrank analyze base/ tuned/ --diff --energy 0.9  # what extract would need",
     ),
 )
 @_handle_errors
