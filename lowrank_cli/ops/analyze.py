@@ -14,7 +14,7 @@ from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.budget import budget_policies, calibration_options
+from lowrank_cli.ops.budget import budget_policies, calibration_notes, calibration_options
 from lowrank_cli.ops.pipeline import (
     NO_LOOKUPS,
     NO_STATISTICS,
@@ -91,13 +91,16 @@ def analyze(
                 apply_policy(report, spectra[report.name], tensor_policy)
                 if report.name in whitened and report.status == Status.factorized:
                     report.output_error, report.rel_error = report.rel_error, None  # the optimum on W·S
+    options = calibration_options(calibration, policy)
+    if notes := calibration_notes(calibration, policy):
+        options["notes"] = notes
     return Report(
         command="analyze",
         sources=[str(checkpoint.source)],
         tensors=tensors,
         totals=Totals.of(tensors),
         policy=policy.as_dict() if policy else None,
-        options=calibration_options(calibration, policy),
+        options=options,
     )
 
 
