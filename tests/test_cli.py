@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import subprocess
@@ -9,10 +10,12 @@ import sys
 
 import pytest
 import typer
-from conftest import ROOT, cli
+from conftest import ROOT, assert_clean_failure, cli
 
+import lowrank_cli
 from lowrank_cli import __version__
 from lowrank_cli.cli.app import app
+from lowrank_cli.errors import CheckpointError, Terminated, UsageError, arg
 
 COMMANDS = sorted(typer.main.get_command(app).commands)
 
@@ -49,6 +52,76 @@ def test_no_arguments_is_a_usage_error_that_shows_help():
     assert result.exit_code == 2
     assert result.stderr.startswith("Usage: lowrank [OPTIONS] COMMAND")
     assert result.stdout == ""
+
+
+def test_an_unknown_option_of_lowrank_itself_is_one_usage_line():
+    assert_clean_failure(cli("--bogus"), 2, "No such option: --bogus", "(see lowrank --help)")
+
+
+# --- the one error handler ------------------------------------------------------------------------
+
+# each command's required arguments: enough to reach its library call, which the test replaces
+ARGUMENTS = {
+    "analyze": ["m.safetensors"],
+    "calibrate": ["model", "-o", "stats.safetensors", "--text", "t.txt"],
+    "compress": ["m.safetensors", "--rank", "2"],
+    "evaluate": ["model", "candidate", "--text", "t.txt"],
+    "expand": ["m.lowrank.safetensors"],
+    "extract": ["base.safetensors", "tuned.safetensors", "-o", "adapter"],
+    "heal": ["model", "candidate", "-o", "healed", "--text", "t.txt"],
+    "resize": ["adapter", "-o", "small", "--rank", "2"],
+}
+# what the library raises -> the exit code and the words of the one line on stderr
+ENDINGS = {
+    "a disk full": (lambda: OSError(errno.ENOSPC, "No space left on device", "out.tmp"), 1, "out.tmp: No space"),
+    "Ctrl-C": (KeyboardInterrupt, 130, "interrupted; no output was written"),
+    "SIGTERM": (Terminated, 143, "terminated (SIGTERM); no output was written"),
+    "a usage error": (lambda: UsageError(f"{arg('seq_len')} must be at least 1"), 2, "--seq-len must be at least 1"),
+    "a bad input": (lambda: CheckpointError("m.safetensors: is not a safetensors file"), 1, "m.safetensors: is not"),
+}
+
+
+def test_every_command_is_in_the_table():
+    assert sorted(ARGUMENTS) == COMMANDS
+
+
+@pytest.mark.parametrize("ending", sorted(ENDINGS))
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_ends_through_the_one_handler(monkeypatch, command, ending):
+    make, code, words = ENDINGS[ending]
+
+    def fail(*args, **kwargs):
+        raise make()
+
+    monkeypatch.setattr(lowrank_cli, command, fail)
+    assert_clean_failure(cli(command, *ARGUMENTS[command]), code, words)
+
+
+def test_lowrank_debug_lets_an_os_error_through(monkeypatch):
+    disk_full = OSError(errno.ENOSPC, "No space left on device", "out.tmp")
+
+    def fail(*args, **kwargs):
+        raise disk_full
+
+    monkeypatch.setattr(lowrank_cli, "analyze", fail)
+    result = cli("analyze", "m.safetensors", env={"LOWRANK_DEBUG": "1"})
+    assert result.exception is disk_full
+
+
+def test_a_command_added_later_ends_through_the_same_handler(capsys):
+    """Nothing to add to a new command: the handler is the app's, not each command's."""
+
+    @app.command("probe")
+    def probe() -> None:
+        raise lowrank_cli.OutputError(f"out.safetensors: exists; pass {arg('force')}")
+
+    try:
+        with pytest.raises(SystemExit) as ended:
+            typer.main.get_command(app).main(["probe"], prog_name="lowrank")
+    finally:
+        app.registered_commands.pop()
+    assert ended.value.code == 1
+    assert capsys.readouterr().err == "error: out.safetensors: exists; pass --force\n"
 
 
 def test_version():
