@@ -17,7 +17,8 @@ from lowrank_cli import __version__
 from lowrank_cli.cli.app import app
 from lowrank_cli.errors import CheckpointError, Terminated, UsageError, arg
 
-COMMANDS = sorted(typer.main.get_command(app).commands)
+GROUP = typer.main.get_command(app)
+COMMANDS = sorted(GROUP.commands)
 
 
 def test_the_commands():
@@ -67,7 +68,7 @@ ARGUMENTS = {
     "compress": ["m.safetensors", "--rank", "2"],
     "evaluate": ["model", "candidate", "--text", "t.txt"],
     "expand": ["m.lowrank.safetensors"],
-    "extract": ["base.safetensors", "tuned.safetensors", "-o", "adapter"],
+    "extract": ["base.safetensors", "tuned.safetensors", "-o", "adapter", "--rank", "2"],
     "heal": ["model", "candidate", "-o", "healed", "--text", "t.txt"],
     "resize": ["adapter", "-o", "small", "--rank", "2"],
 }
@@ -122,6 +123,35 @@ def test_a_command_added_later_ends_through_the_same_handler(capsys):
         app.registered_commands.pop()
     assert ended.value.code == 1
     assert capsys.readouterr().err == "error: out.safetensors: exists; pass --force\n"
+
+
+WITH_DEVICE = [name for name in COMMANDS if any("--device" in p.opts for p in GROUP.commands[name].params)]
+
+
+def test_every_command_that_computes_takes_a_device():
+    assert [name for name in COMMANDS if name != "expand"] == WITH_DEVICE
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "cuda:", "gpu:0"])
+@pytest.mark.parametrize("command", WITH_DEVICE)
+def test_a_device_that_is_none_of_the_choices_is_one_usage_line(command, device):
+    result = cli(command, *ARGUMENTS[command], "--device", device)
+    assert_clean_failure(result, 2, f"--device {device} is not one of auto, cpu, cuda, cuda:N")
+
+
+def test_cuda_n_names_one_of_the_gpus_torch_sees(monkeypatch):
+    """The rule, on a machine made to show two GPUs: cuda, cuda:0 and cuda:1 are theirs, cuda:2 is not."""
+    import torch
+
+    from lowrank_cli.ops.devices import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(name) for name in ("auto", "cpu", "cuda", "cuda:0", "cuda:1")] == [
+        "cuda", "cpu", "cuda", "cuda:0", "cuda:1",
+    ]  # fmt: skip
+    with pytest.raises(UsageError, match=r"^device cuda:2: torch sees 2 CUDA device\(s\), cuda:0 to cuda:1$"):
+        resolve_device("cuda:2")
 
 
 def test_version():
