@@ -11,6 +11,8 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -18,6 +20,7 @@ import typer
 from typer.core import TyperCommand, TyperGroup
 
 import lowrank_cli
+import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
 from lowrank_cli import DType, Method, Split
 from lowrank_cli.cli.options import (
     DEFAULT_DEVICE,
@@ -58,18 +61,6 @@ from lowrank_cli.errors import (
     LowrankError,
     Terminated,
     UsageError,
-)
-from lowrank_cli.ops.settings import (
-    CALIBRATE_BATCH_SIZE,
-    CALIBRATE_TOKENS,
-    EVALUATE_BATCH_SIZE,
-    EVALUATE_TOKENS,
-    HEAL_BATCH_SIZE,
-    HEAL_EPOCHS,
-    HEAL_LR,
-    HEAL_TOKENS,
-    PROBE_TOKENS,
-    SEQ_LEN,
 )
 
 
@@ -178,6 +169,18 @@ app = typer.Typer(
 _command = functools.partial(app.command, cls=_PlainHelp)
 
 
+@contextmanager
+def _running(label: str, fail_above: float | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A checkpoint command's library call: a progress bar on stderr, once --fail-above is known to be
+    a threshold (so that a bad one costs no run); yields the library's progress callback."""
+    from lowrank_cli.cli.render import progress
+
+    if fail_above is not None and not fail_above >= 0:
+        raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
+    with progress(label) as tick:
+        yield tick
+
+
 def _finish(result, as_json: bool, fail_above: float | None = None, *, as_csv: bool = False) -> None:
     """Show the result (notes on stderr, the document on stdout), then apply the --fail-above gate."""
     from lowrank_cli.cli.render import notice, show
@@ -196,11 +199,6 @@ def _finish(result, as_json: bool, fail_above: float | None = None, *, as_csv: b
             f" (worst: '{top.name}' at {error_of(top):.3g})"
         )
         raise typer.Exit(EXIT_QUALITY_GATE)
-
-
-def _check_gate(fail_above: float | None) -> None:
-    if fail_above is not None and not fail_above >= 0:
-        raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
 
 
 @_command(
@@ -246,9 +244,6 @@ def analyze(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of a table.")] = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
-    from lowrank_cli.cli.render import notice, progress
-
-    _check_gate(fail_above)
     if as_json and as_csv:
         raise UsageError("--json and --csv are two formats for the same rows; give one")
     if fail_above is not None and all(value is None for value in (rank, energy, max_error, budget)):
@@ -256,13 +251,15 @@ def analyze(
             "--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error"
         )
     label = f"analyze {paths[0].name}" + (f" (+{len(paths) - 1})" if len(paths) > 1 else "")
-    with progress(label) as tick:
+    with _running(label, fail_above) as tick:
         report = lowrank_cli.analyze(
-            paths, rank=rank, energy=energy, max_error=max_error, budget=budget, include=include, exclude=exclude,
-            rtol=rtol, device=device, top=top, progress=tick, calibration=calibration, other_model=other_model,
-            plot=plot,
+            paths, rank=rank, energy=energy, max_error=max_error, budget=budget, include=include,
+            exclude=exclude, rtol=rtol, device=device, top=top, progress=tick, calibration=calibration,
+            other_model=other_model, plot=plot,
         )  # fmt: skip
     if plot is not None:
+        from lowrank_cli.cli.render import notice
+
         notice(f"wrote {plot}")
     _finish(report, as_json, fail_above, as_csv=as_csv)
 
@@ -309,16 +306,15 @@ def compress(
     as_json: Json = False,
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
-    from lowrank_cli.cli.render import notice, progress
-
-    _check_gate(fail_above)
-    with progress(f"compress {path.name}") as tick:
+    with _running(f"compress {path.name}", fail_above) as tick:
         report = lowrank_cli.compress(
             path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
             seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
             calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
         )  # fmt: skip
     if fidelity is not None:
+        from lowrank_cli.cli.render import notice
+
         found = report.options["fidelity"]
         notice(
             f"fidelity {found['measured']:.4f} ≥ {fidelity:g} on {eval_text} ({found['metric']}), measured on the"
@@ -346,9 +342,7 @@ def expand(
     as_json: Json = False,
 ) -> None:
     """Rebuild the dense checkpoint: every original tensor, name, shape, dtype and metadata."""
-    from lowrank_cli.cli.render import progress
-
-    with progress(f"expand {path.name}") as tick:
+    with _running(f"expand {path.name}") as tick:
         report = lowrank_cli.expand(path, output, force=force, progress=tick)
     _finish(report, as_json)
 
@@ -402,10 +396,7 @@ def extract(
     as_json: Json = False,
 ) -> None:
     """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
-    with progress(f"extract {tuned.name}") as tick:
+    with _running(f"extract {tuned.name}", fail_above) as tick:
         report = lowrank_cli.extract(
             base, tuned, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
             method=method, seed=seed, device=device, embeddings=embeddings, conv=conv, base_model=base_model,
@@ -443,13 +434,10 @@ def resize(
     as_json: Json = False,
 ) -> None:
     """Truncate each module's ΔW = scale·B·A from its factors (no m×n product) to the policy's rank."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
-    with progress(f"resize {adapter.name}") as tick:
+    with _running(f"resize {adapter.name}", fail_above) as tick:
         report = lowrank_cli.resize(
-            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
-            device=device, include=include, exclude=exclude, force=force, progress=tick,
+            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, device=device,
+            include=include, exclude=exclude, force=force, progress=tick,
         )  # fmt: skip
     _finish(report, as_json, fail_above)
 
@@ -468,10 +456,10 @@ def calibrate(
     ],
     output: OutputTo,
     text: Text,
-    seq_len: SeqLen = SEQ_LEN,
-    tokens: Tokens = CALIBRATE_TOKENS,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.CALIBRATE_TOKENS,
     samples: Samples = None,
-    batch_size: BatchSize = CALIBRATE_BATCH_SIZE,
+    batch_size: BatchSize = defaults.CALIBRATE_BATCH_SIZE,
     split: SplitOption = Split.auto,
     sensitivity: Annotated[
         bool,
@@ -482,7 +470,7 @@ def calibrate(
     ] = True,
     probe_tokens: Annotated[
         int, typer.Option("--probe-tokens", help="Tokens the sensitivity probe runs per weight.", metavar="N")
-    ] = PROBE_TOKENS,
+    ] = defaults.PROBE_TOKENS,
     device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
     as_json: Json = False,
@@ -517,11 +505,11 @@ def evaluate(
         ),
     ],
     text: Text,
-    seq_len: SeqLen = SEQ_LEN,
-    tokens: Tokens = EVALUATE_TOKENS,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.EVALUATE_TOKENS,
     samples: Samples = None,
     split: SplitOption = Split.auto,
-    batch_size: BatchSize = EVALUATE_BATCH_SIZE,
+    batch_size: BatchSize = defaults.EVALUATE_BATCH_SIZE,
     fail_below: Annotated[
         Optional[float],
         typer.Option("--fail-below", help="Exit 3 if the fidelity is below F (a CI gate).", metavar="F"),
@@ -568,13 +556,15 @@ def heal(
     steps: Annotated[
         Optional[int], typer.Option("--steps", help="Optimizer steps (default: --epochs passes).", metavar="N")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")] = HEAL_EPOCHS,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")
+    ] = defaults.HEAL_EPOCHS,
     lr: Annotated[
         float, typer.Option("--lr", help="AdamW learning rate, decaying linearly to 0.", metavar="LR")
-    ] = HEAL_LR,
-    batch_size: BatchSize = HEAL_BATCH_SIZE,
-    seq_len: SeqLen = SEQ_LEN,
-    tokens: Tokens = HEAL_TOKENS,
+    ] = defaults.HEAL_LR,
+    batch_size: BatchSize = defaults.HEAL_BATCH_SIZE,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.HEAL_TOKENS,
     samples: Samples = None,
     split: SplitOption = Split.auto,
     eval_text: EvalText = None,
