@@ -41,9 +41,9 @@ from lowrank_cli.cli.options import (
     MethodOption,
     OtherModel,
     Output,
-    OutputTo,
     Rank,
     Reference,
+    RequiredOutput,
     Rtol,
     Samples,
     Seed,
@@ -161,8 +161,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    # Plain click help and usage errors: rich help imports rich.markdown, which doubles the start-up
-    # time of `lowrank --help`, and a plain "Error: …" line reads better in CI logs.
+    # Plain click help: rich help imports rich.markdown, which doubles the start-up time of `lowrank --help`.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -359,7 +358,7 @@ def extract(
         Path, typer.Argument(help="The base checkpoint (file or shard folder).", show_default=False, metavar="BASE")
     ],
     tuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.", show_default=False, metavar="TUNED")],
-    output: OutputTo,
+    output: RequiredOutput,
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -420,7 +419,7 @@ def resize(
             help="A PEFT adapter folder or a kohya LoRA .safetensors file.", show_default=False, metavar="ADAPTER"
         ),
     ],
-    output: OutputTo,
+    output: RequiredOutput,
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -454,7 +453,7 @@ def calibrate(
         Path,
         typer.Argument(help="A Hugging Face model folder (config.json, safetensors, tokenizer).", metavar="MODEL"),
     ],
-    output: OutputTo,
+    output: RequiredOutput,
     text: Text,
     seq_len: SeqLen = defaults.SEQ_LEN,
     tokens: Tokens = defaults.CALIBRATE_TOKENS,
@@ -551,7 +550,7 @@ def heal(
             help="The lowrank-compressed folder or file made from it.", show_default=False, metavar="COMPRESSED"
         ),
     ],
-    output: OutputTo,
+    output: RequiredOutput,
     text: Text,
     steps: Annotated[
         Optional[int], typer.Option("--steps", help="Optimizer steps (default: --epochs passes).", metavar="N")

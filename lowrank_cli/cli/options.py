@@ -143,8 +143,8 @@ OtherModel = Annotated[
         help="Use --calibration statistics made on another model of the same shapes (refused by default).",
     ),
 ]
-# A str, not a Path, as Output. The commands that must be told where to write.
-OutputTo = Annotated[
+# A str, not a Path, as Output; for the commands that must be told where to write.
+RequiredOutput = Annotated[
     str,
     typer.Option(
         "--output",
