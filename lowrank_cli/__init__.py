@@ -53,6 +53,7 @@ _LAZY = {
     "evaluate": "lowrank_cli.api",
     "heal": "lowrank_cli.api",
     "Evaluation": "lowrank_cli.model.evaluate",
+    "CalibrationReport": "lowrank_cli.ops.calibrate",
     "Calibrator": "lowrank_cli.ops.calibrate",
     "load_calibration": "lowrank_cli.io.calibration",
 }
@@ -74,6 +75,7 @@ __all__ = [
     "evaluate",
     "heal",
     "Evaluation",
+    "CalibrationReport",
     "Calibrator",
     "load_calibration",
     "Report",
@@ -110,7 +112,7 @@ if TYPE_CHECKING:
     from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
     from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
-    from lowrank_cli.ops.calibrate import Calibrator
+    from lowrank_cli.ops.calibrate import CalibrationReport, Calibrator
 
 
 def __getattr__(name: str) -> object:

@@ -17,18 +17,34 @@ from lowrank_cli.io.calibration import Calibration, fingerprint_differs, fingerp
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
-from lowrank_cli.model.evaluate import EVALUATE_TOKENS, Evaluation
+from lowrank_cli.model.evaluate import Evaluation
 from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops import expand as _expand
 from lowrank_cli.ops import extract as _extract
 from lowrank_cli.ops import plot as _plot
-from lowrank_cli.ops.calibrate import PROBE_TOKENS
+from lowrank_cli.ops.calibrate import CalibrationReport
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.report import Report
-from lowrank_cli.ops.samples import TOKENS
-from lowrank_cli.ops.settings import Device, DType, Method, Settings, Split, choice
+from lowrank_cli.ops.settings import (
+    CALIBRATE_BATCH_SIZE,
+    CALIBRATE_TOKENS,
+    EVALUATE_BATCH_SIZE,
+    EVALUATE_TOKENS,
+    HEAL_BATCH_SIZE,
+    HEAL_EPOCHS,
+    HEAL_LR,
+    HEAL_TOKENS,
+    PROBE_TOKENS,
+    SEQ_LEN,
+    Device,
+    DType,
+    Method,
+    Settings,
+    Split,
+    choice,
+)
 
 PathLike = str | Path
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
@@ -288,7 +304,7 @@ def _compress_to_fidelity(
             folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,
             include=include, exclude=exclude, force=force, calibration=stats,
         )  # fmt: skip
-    report.options["fidelity"]["notes"] = found.notes
+    report.options["notes"] = [*found.notes, *report.notes]
     return report
 
 
@@ -434,17 +450,17 @@ def calibrate(
     out: PathLike,
     *,
     text: PathLike,
-    seq_len: int = 128,
-    tokens: int = TOKENS,
+    seq_len: int = SEQ_LEN,
+    tokens: int = CALIBRATE_TOKENS,
     samples: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = CALIBRATE_BATCH_SIZE,
     device: Device | str = Device.auto,
     force: bool = False,
     split: Split | str = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
     progress: Progress | None = None,
-) -> dict:
+) -> CalibrationReport:
     """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
 
     Args:
@@ -464,8 +480,9 @@ def calibrate(
         progress: called as progress(done, total) after each batch and each weight probed.
 
     Returns:
-        {"tokens": …, "inputs": distinct inputs, "weights": weights covered,
-         "sensitivities": weights measured, "probe_tokens": …} (the last two with sensitivity).
+        A CalibrationReport: the samples and tokens run, the distinct inputs, the weights covered,
+        the embedding tables counted and, with sensitivity, the weights measured and the probe's
+        tokens; `notes` (how the text was split, when auto chose).
 
     Example:
         >>> lowrank_cli.calibrate("bert-base", "bert.stats.safetensors", text="wiki.txt")
@@ -485,11 +502,11 @@ def evaluate(
     candidate: PathLike,
     *,
     text: PathLike,
-    seq_len: int = 128,
+    seq_len: int = SEQ_LEN,
     tokens: int = EVALUATE_TOKENS,
     samples: int | None = None,
     split: Split | str = Split.auto,
-    batch_size: int = 16,
+    batch_size: int = EVALUATE_BATCH_SIZE,
     device: Device | str = Device.auto,
 ) -> Evaluation:
     """What a compressed model lost: both models run over samples of a text, compared by model kind.
@@ -543,11 +560,11 @@ def heal(
     *,
     text: PathLike,
     steps: int | None = None,
-    epochs: int = 1,
-    lr: float = 3e-4,
-    batch_size: int = 16,
-    seq_len: int = 128,
-    tokens: int = 262144,
+    epochs: int = HEAL_EPOCHS,
+    lr: float = HEAL_LR,
+    batch_size: int = HEAL_BATCH_SIZE,
+    seq_len: int = SEQ_LEN,
+    tokens: int = HEAL_TOKENS,
     samples: int | None = None,
     split: Split | str = Split.auto,
     eval_text: PathLike | None = None,

@@ -82,11 +82,6 @@ class MissingExtraError(LowrankError):
     """An optional dependency (transformers, …) that this call needs is not installed."""
 
 
-class Interrupted(LowrankError):
-    """SIGINT or SIGTERM arrived; partial output has been removed."""
-
-    exit_code = EXIT_INTERRUPTED
-
-
 class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that it unwinds through every cleanup (and no `except Exception`)."""
+    """SIGTERM, raised like Ctrl-C so that it unwinds through every cleanup (and no `except Exception`);
+    the CLI ends with EXIT_TERMINATED for it, EXIT_INTERRUPTED for Ctrl-C."""

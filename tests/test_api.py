@@ -92,8 +92,9 @@ MODEL = (*NN, "lowrank_cli.model")
         ("nn", NN),
         ("model", MODEL),
         ("api.py", (*MODEL, "lowrank_cli.api")),  # anything but the CLI
-        # the CLI alone may import the package itself (the public API), besides its own modules and errors
-        ("cli", ("lowrank_cli", *CORE, "lowrank_cli.cli")),
+        # the CLI alone may import the package itself (the public API), besides its own modules, errors and
+        # the commands' defaults (ops.settings: plain values, no torch, as the package's enums come from)
+        ("cli", ("lowrank_cli", *CORE, "lowrank_cli.cli", "lowrank_cli.ops.settings")),
     ],
 )
 def test_imports_point_one_way(layer, allowed):

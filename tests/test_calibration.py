@@ -346,6 +346,9 @@ def test_lowrank_calibrate(tmp_path, head):
         "cpu",
     )
     assert result.exit_code == 0, result.output
+    cells = [line.split("│")[1:3] for line in result.stdout.splitlines() if "│" in line]
+    rows = {name.strip(): value.strip() for name, value in cells}
+    assert rows["samples"] == f"5 (windows), {5 * 16} tokens" and rows["wrote"] == str(stats)  # a table on stdout
     calibration = read_calibration(stats)
     keys = set(load(folder / "model.safetensors"))
     assert set(calibration.moments) <= keys and "pooler.dense.weight" in {

@@ -189,14 +189,17 @@ def mount(tmp_path):
 
 @pytest.mark.parametrize("scenario", ["compress to a file", "compress to a folder"])
 def test_real_full_disk(tmp_path, mount, scenario):
-    """A tmpfs of 4 KiB to 64 KiB: every size either takes the whole output or none of it."""
+    """A tmpfs of 4 KiB to 64 KiB: every size either takes the whole output or none of it; the smallest
+    none, the largest all (so both outcomes are met)."""
     make, command, out_name = SCENARIOS[scenario]
     source = make(tmp_path)
     digest = _inputs_digest(source)
+    codes = []
     for size_kib in range(4, 68, 4):
         dest = mount(size_kib)
         out = dest / out_name
         result = _run(source, command, out)
+        codes.append(result.exit_code)
         if result.exit_code == 0:
             assert listing(dest) == [out_name]
             assert load(out if out.is_file() else out / SHARD_1.replace(".safetensors", ".lowrank.safetensors"))
@@ -204,6 +207,7 @@ def test_real_full_disk(tmp_path, mount, scenario):
             _assert_refused(result, out, SPACE)
             assert listing(dest) == [], f"{size_kib} KiB: left {listing(dest)}"
         assert _inputs_digest(source) == digest
+    assert codes[0] == 1 and codes[-1] == 0, codes
 
 
 @pytest.fixture

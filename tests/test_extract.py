@@ -328,8 +328,11 @@ def test_an_adapter_as_big_as_what_it_adapts_says_so(approximate, tmp_path, rank
     assert result.exit_code == 0, result.stderr
     params_after = sum(t.numel() for t in load(adapter / WEIGHTS).values())
     adapted = sum(base[name].numel() for name in ("a.weight", "b.weight"))
-    assert ("saves little" in result.stdout) == (params_after >= adapted / 2)
     assert (params_after >= adapted / 2) == (rank == 12)
+    assert ("note: the adapter is half the size" in result.stderr) == (rank == 12)  # a note: on stderr
+    assert "saves little" not in result.stdout  # stdout is the table
+    document = cli_json("extract", base_file, tuned_file, "-o", tmp_path / "again", "--rank", rank)
+    assert any("saves little" in note for note in document["options"].get("notes", [])) == (rank == 12)
 
 
 def test_bytes_after_is_the_adapter_file(every_case, tmp_path):

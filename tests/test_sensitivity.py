@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, cli, file_metadata, load
+from conftest import assert_clean_failure, cli, cli_json, file_metadata, load
 from hypothesis import given
 from hypothesis import strategies as st
 from test_calibration import correlated_inputs, hand_moments, tiny_bert, tiny_model_folder
@@ -225,13 +226,15 @@ def test_lowrank_calibrate_measures_every_linear_and_embedding(tmp_path):
     folder, text = tiny_model_folder(tmp_path, head=False)
     stats = tmp_path / "stats.safetensors"
     args = ("calibrate", folder, "--text", text, "--seq-len", "16", "--samples", "5", "--device", "cpu")
-    result = cli(*args, "-o", stats)
-    assert result.exit_code == 0, result.output
-    assert "sensitivity of" in result.stderr
+    document = cli_json(*args, "-o", stats)
     calibration = read_calibration(stats)
     checkpoint = load(folder / "model.safetensors")
     matrices = {k for k, v in checkpoint.items() if v.ndim == 2 and "LayerNorm" not in k}
     assert set(calibration.sensitivity) == matrices  # every Linear, the pooler and the three embeddings
+    assert document["command"] == "calibrate" and document["output"] == str(stats)
+    assert document["sensitivities"] == len(matrices)
+    assert (document["samples"], document["tokens"], document["split"]) == (5, 5 * 16, "windows")  # a long line
+    assert document["text_sha256"] == hashlib.sha256(text.read_bytes()).hexdigest()
     assert all(value > 0 for value in calibration.sensitivity.values())
     source = folder / "model.safetensors"
     report = lowrank_cli.compress(source, tmp_path / "c.safetensors", budget=0.6, calibration=stats)

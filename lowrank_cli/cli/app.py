@@ -1,6 +1,8 @@
 """The `lowrank` command line: parse, call the library (lowrank_cli's public API), render.
 
 torch loads only inside a command, when the library first needs it, so `lowrank --help` is fast.
+Every run ends in one place, `_App`: it turns whatever stopped a command into one line on stderr
+and an exit code (`_exit_code`), so no command can forget to.
 """
 
 from __future__ import annotations
@@ -9,20 +11,26 @@ import functools
 import os
 import signal
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 import lowrank_cli
-from lowrank_cli import Device, DType, Method, Split
+import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
+from lowrank_cli import DType, Method, Split
 from lowrank_cli.cli.options import (
+    DEFAULT_DEVICE,
+    BatchSize,
     Budget,
     Calibration,
     DeviceOption,
     DTypeOption,
     Energy,
+    EvalText,
     Exclude,
     FactorDTypeOption,
     FailAbove,
@@ -34,47 +42,111 @@ from lowrank_cli.cli.options import (
     OtherModel,
     Output,
     Rank,
+    Reference,
+    RequiredOutput,
     Rtol,
+    Samples,
     Seed,
+    SeqLen,
     SplitOption,
+    Text,
+    Tokens,
     flag,
 )
-from lowrank_cli.errors import EXIT_QUALITY_GATE, EXIT_TERMINATED, Interrupted, LowrankError, Terminated, UsageError
+from lowrank_cli.errors import (
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_QUALITY_GATE,
+    EXIT_TERMINATED,
+    LowrankError,
+    Terminated,
+    UsageError,
+)
 
 
-class _OneLineErrors(TyperGroup):
-    """Usage errors (a bad choice, a missing argument) as one `error:` line on stderr, like every other error."""
+def _exit_code(exc: Exception | KeyboardInterrupt) -> int | None:
+    """The CLI's one error handler: the exit code for what ended a run, after its one line on stderr.
+
+    None for what must go on as it is: an error that is not in this table (a bug, whose traceback
+    is the report), a broken pipe (typer quiets it), and, with LOWRANK_DEBUG=1, every error but a
+    usage error of the command line, so that its traceback shows.
+    """
+    if isinstance(exc, typer.Exit):  # a command's own code (the quality gates), or --help, --version
+        return exc.exit_code
+    # typer's usage errors (click's, vendored: `import click` would be another copy) carry both
+    usage = hasattr(exc, "format_message") and hasattr(exc, "exit_code")
+    if isinstance(exc, BrokenPipeError) or (os.environ.get("LOWRANK_DEBUG") == "1" and not usage):
+        return None
+    from lowrank_cli.cli.render import error
+
+    if isinstance(exc, Terminated):
+        code, message = EXIT_TERMINATED, "terminated (SIGTERM); no output was written"
+    elif isinstance(exc, KeyboardInterrupt):
+        code, message = EXIT_INTERRUPTED, "interrupted; no output was written"
+    elif isinstance(exc, LowrankError):
+        code, message = exc.exit_code, exc.worded(flag)  # the library's argument names, spelled as flags
+    elif isinstance(exc, typer.Abort):  # end of input at a prompt
+        code, message = EXIT_FAILURE, "aborted"
+    elif usage and type(exc).__name__ == "NoArgsIsHelpError":
+        exc.show()  # `lowrank` alone: the help, on stderr
+        return exc.exit_code
+    elif usage:
+        command = getattr(getattr(exc, "ctx", None), "command_path", None) or "lowrank"
+        code, message = exc.exit_code, f"{exc.format_message().replace('Value error, ', '')} (see {command} --help)"
+    elif isinstance(exc, OSError):  # what the library did not foresee: a disk full, a file gone
+        where = f"{exc.filename}: " if exc.filename else ""
+        code, message = EXIT_FAILURE, f"{where}{exc.strerror or exc}"
+    else:
+        return None
+    error(message)
+    return code
+
+
+class _App(TyperGroup):
+    """lowrank's command group, where every run ends: main() sees what parsing the command line
+    raises, invoke() what a command raises; both hand it to _exit_code."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
-        if not standalone_mode:
+        if not standalone_mode:  # the caller takes the exceptions itself
             return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         try:
             code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
         except Exception as exc:
-            # typer's usage errors (click's, vendored) carry a message and an exit code; no other error reaches here
-            if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            code = _exit_code(exc)
+            if code is None:
                 raise
-            if type(exc).__name__ == "NoArgsIsHelpError":
-                exc.show()  # the help text, as `lowrank` alone should print
-            else:
-                from lowrank_cli.cli.render import error
-
-                command = getattr(getattr(exc, "ctx", None), "command_path", "lowrank")
-                error(f"{exc.format_message().replace('Value error, ', '')} (see {command} --help)")
-            sys.exit(exc.exit_code)
         sys.exit(code if isinstance(code, int) else 0)
+
+    def invoke(self, ctx):
+        # Here as well as in main(): typer turns Ctrl-C into a bare exit 130 on its way up, which
+        # would lose SIGTERM's 143 and the line that says no output was written.
+        try:
+            return super().invoke(ctx)
+        except (Exception, KeyboardInterrupt) as exc:
+            code = _exit_code(exc)
+            if code is None:
+                raise
+            raise typer.Exit(code) from None
 
 
 class _PlainHelp(TyperCommand):
     """Arguments shown by their metavar alone (PATH), not typer's `{PATH}` and `PATH <path>`."""
 
-    def __init__(self, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        for param in self.params:
-            if isinstance(param, TyperArgument):
-                name = param.metavar or param.name.upper()
-                param.display_type_rich = lambda ctx: None
-                param._usage_display_name = lambda name=name: name
+    def collect_usage_pieces(self, ctx):
+        arguments = [param.metavar for param in self.get_params(ctx) if param.param_type_name == "argument"]
+        return [self.options_metavar, *arguments]
+
+    def format_options(self, ctx, formatter):
+        records = {"argument": [], "option": []}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None and param.param_type_name in records:
+                name = param.metavar if param.param_type_name == "argument" else record[0]
+                records[param.param_type_name].append((name, record[1]))
+        for kind, title in (("argument", "Arguments"), ("option", "Options")):
+            if records[kind]:
+                with formatter.section(title):
+                    formatter.write_dl(records[kind])
 
 
 def _examples(*lines: str) -> str:
@@ -83,53 +155,37 @@ def _examples(*lines: str) -> str:
 
 
 app = typer.Typer(
-    cls=_OneLineErrors,
+    cls=_App,
     name="lowrank",
     help="The low-rank structure of neural-network weights in safetensors files.",
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    # Plain click help and usage errors: rich help imports rich.markdown, which doubles the start-up
-    # time of `lowrank --help`, and a plain "Error: …" line reads better in CI logs.
+    # Plain click help: rich help imports rich.markdown, which doubles the start-up time of `lowrank --help`.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
+_command = functools.partial(app.command, cls=_PlainHelp)
 
 
-def _handle_errors(command):
-    """Turn LowrankError and interruptions into one line on stderr (arguments spelled as flags) and an exit code."""
+@contextmanager
+def _running(label: str, fail_above: float | None = None) -> Iterator[Callable[[int, int], None] | None]:
+    """A checkpoint command's library call: a progress bar on stderr, once --fail-above is known to be
+    a threshold (so that a bad one costs no run); yields the library's progress callback."""
+    from lowrank_cli.cli.render import progress
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
-        try:
-            return command(*args, **kwargs)
-        except (LowrankError, KeyboardInterrupt) as exc:
-            if os.environ.get("LOWRANK_DEBUG") == "1":
-                raise
-            if isinstance(exc, Terminated):
-                exc = Interrupted("terminated (SIGTERM); no output was written")
-                exc.exit_code = EXIT_TERMINATED
-            elif isinstance(exc, KeyboardInterrupt):
-                exc = Interrupted("interrupted; no output was written")
-            from lowrank_cli.cli.render import error
-
-            error(exc.worded(flag))
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
+    if fail_above is not None and not fail_above >= 0:
+        raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
+    with progress(label) as tick:
+        yield tick
 
 
-def _finish(report, as_json: bool, fail_above: float | None, *, as_csv: bool = False) -> None:
-    """Print the report, then apply the --fail-above gate."""
-    from lowrank_cli.cli.render import notice, print_csv, print_json, print_report
+def _finish(result, as_json: bool, fail_above: float | None = None, *, as_csv: bool = False) -> None:
+    """Show the result (notes on stderr, the document on stdout), then apply the --fail-above gate."""
+    from lowrank_cli.cli.render import notice, show
 
-    for note in report.options.get("notes", []):
-        notice(f"note: {note}")
-    if as_csv:
-        print_csv(report)
-    else:
-        print_json(report) if as_json else print_report(report)
-    worst = report.exceeds(fail_above) if fail_above is not None else []
+    show(result, as_json=as_json, as_csv=as_csv)
+    worst = result.exceeds(fail_above) if fail_above is not None else []
     if worst:
         kind, error_of = (
             ("output error", lambda t: t.output_error)
@@ -144,13 +200,7 @@ def _finish(report, as_json: bool, fail_above: float | None, *, as_csv: bool = F
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 
-def _check_gate(fail_above: float | None) -> None:
-    if fail_above is not None and not fail_above >= 0:
-        raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
-
-
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="Spectra and ranks; what a policy would save.",
     epilog=_examples(
         "lowrank analyze model.safetensors",
@@ -161,7 +211,6 @@ def _check_gate(fail_above: float | None) -> None:
         "lowrank analyze base/ tuned/ --diff --energy 0.9  # what extract would need",
     ),
 )
-@_handle_errors
 def analyze(
     paths: Annotated[
         list[Path],
@@ -175,7 +224,7 @@ def analyze(
     exclude: Exclude = None,
     rtol: Rtol = None,
     fail_above: FailAbove = None,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = DEFAULT_DEVICE,
     top: Annotated[
         Optional[int],
         typer.Option("--top", help="--json: list the K largest singular values per tensor (default all).", metavar="K"),
@@ -203,9 +252,6 @@ def analyze(
     as_csv: Annotated[bool, typer.Option("--csv", help="Print the rows as CSV on stdout instead of a table.")] = False,
 ) -> None:
     """Singular values, numerical and stable rank, energy ranks; with a policy, what it would save."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
     if as_json and as_csv:
         raise UsageError("--json and --csv are two formats for the same rows; give one")
     if fail_above is not None and all(value is None for value in (rank, energy, max_error, budget)):
@@ -213,24 +259,12 @@ def analyze(
             "--fail-above needs a rank policy (--rank, --energy, --max-error or --budget) to measure an error"
         )
     label = f"analyze {paths[0].name}" + (f" (+{len(paths) - 1})" if len(paths) > 1 else "")
-    with progress(label) as tick:
+    with _running(label, fail_above) as tick:
         report = lowrank_cli.analyze(
-            paths,
-            rank=rank,
-            energy=energy,
-            max_error=max_error,
-            budget=budget,
-            include=include,
-            exclude=exclude,
-            rtol=rtol,
-            device=device,
-            top=top,
-            progress=tick,
-            calibration=calibration,
-            other_model=other_model,
-            plot=plot,
-            diff=diff,
-        )
+            paths, rank=rank, energy=energy, max_error=max_error, budget=budget, include=include,
+            exclude=exclude, rtol=rtol, device=device, top=top, progress=tick, calibration=calibration,
+            other_model=other_model, plot=plot, diff=diff,
+        )  # fmt: skip
     if plot is not None:
         from lowrank_cli.cli.render import notice
 
@@ -238,8 +272,7 @@ def analyze(
     _finish(report, as_json, fail_above, as_csv=as_csv)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="Store weight matrices as low-rank factors.",
     epilog=_examples(
         "lowrank compress model.safetensors --rank 64    # model.lowrank.safetensors",
@@ -248,7 +281,6 @@ def analyze(
         "lowrank compress hf-model/ --fidelity 0.95 --eval-text eval.txt",
     ),
 )
-@_handle_errors
 def compress(
     path: Annotated[
         Path, typer.Argument(help="A safetensors file, model folder or index.", show_default=False, metavar="PATH")
@@ -261,7 +293,7 @@ def compress(
     dtype: DTypeOption = DType.keep,
     method: MethodOption = Method.auto,
     seed: Seed = 0,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = DEFAULT_DEVICE,
     include: Include = None,
     exclude: Exclude = None,
     rtol: Rtol = None,
@@ -277,62 +309,30 @@ def compress(
             metavar="F",
         ),
     ] = None,
-    eval_text: Annotated[
-        Optional[Path],
-        typer.Option("--eval-text", help="--fidelity: the UTF-8 text the fidelity is measured on.", metavar="FILE"),
-    ] = None,
+    eval_text: EvalText = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
-    with progress(f"compress {path.name}") as tick:
+    with _running(f"compress {path.name}", fail_above) as tick:
         report = lowrank_cli.compress(
-            path,
-            output,
-            rank=rank,
-            energy=energy,
-            max_error=max_error,
-            budget=budget,
-            dtype=dtype,
-            method=method,
-            seed=seed,
-            device=device,
-            include=include,
-            exclude=exclude,
-            rtol=rtol,
-            force=force,
-            progress=tick,
-            calibration=calibration,
-            other_model=other_model,
-            fidelity=fidelity,
-            eval_text=eval_text,
-        )
+            path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
+            seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
+            calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
+        )  # fmt: skip
     if fidelity is not None:
         from lowrank_cli.cli.render import notice
 
         found = report.options["fidelity"]
-        for note in found["notes"]:
-            notice(f"note: {note}")
         notice(
             f"fidelity {found['measured']:.4f} ≥ {fidelity:g} on {eval_text} ({found['metric']}), measured on the"
             f" model written, at --budget {found['budget']:g} after {found['evaluations']} evaluations; that text"
             " chose the budget, so run lowrank evaluate on another for a held-out figure"
         )
-    if report.options.get("budget_objective") == "balanced":  # statistics from before sensitivity, or without it
-        from lowrank_cli.cli.render import notice
-
-        notice(
-            f"note: {calibration} has no sensitivities, so --budget weighs the spectra alone;"
-            " rerun lowrank calibrate (without --no-sensitivity) to spare the weights the model needs most"
-        )
     _finish(report, as_json, fail_above)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="Rebuild the dense checkpoint from factors.",
     epilog=_examples(
         "lowrank expand model.lowrank.safetensors   # model.dense.safetensors",
@@ -340,7 +340,6 @@ def compress(
         "                                            # AutoModel.from_pretrained",
     ),
 )
-@_handle_errors
 def expand(
     path: Annotated[
         Path,
@@ -351,28 +350,24 @@ def expand(
     as_json: Json = False,
 ) -> None:
     """Rebuild the dense checkpoint: every original tensor, name, shape, dtype and metadata."""
-    from lowrank_cli.cli.render import progress
-
-    with progress(f"expand {path.name}") as tick:
+    with _running(f"expand {path.name}") as tick:
         report = lowrank_cli.expand(path, output, force=force, progress=tick)
-    _finish(report, as_json, None)
+    _finish(report, as_json)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="A PEFT LoRA adapter from a fine-tune.",
     epilog=_examples(
         "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
         "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/m",
     ),
 )
-@_handle_errors
 def extract(
     base: Annotated[
         Path, typer.Argument(help="The base checkpoint (file or shard folder).", show_default=False, metavar="BASE")
     ],
     tuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.", show_default=False, metavar="TUNED")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The adapter folder to write.", metavar="DIR")],
+    output: RequiredOutput,
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -380,7 +375,7 @@ def extract(
     dtype: FactorDTypeOption = DType.keep,
     method: MethodOption = Method.auto,
     seed: Seed = 0,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = DEFAULT_DEVICE,
     embeddings: Annotated[
         bool, typer.Option("--embeddings", help="Also extract embeddings (PEFT lora_embedding_A/B).")
     ] = False,
@@ -409,45 +404,23 @@ def extract(
     as_json: Json = False,
 ) -> None:
     """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
-    with progress(f"extract {tuned.name}") as tick:
+    with _running(f"extract {tuned.name}", fail_above) as tick:
         report = lowrank_cli.extract(
-            base,
-            tuned,
-            output,
-            rank=rank,
-            energy=energy,
-            max_error=max_error,
-            budget=budget,
-            dtype=dtype,
-            method=method,
-            seed=seed,
-            device=device,
-            embeddings=embeddings,
-            conv=conv,
-            base_model=base_model,
-            lora_only=lora_only,
-            include=include,
-            exclude=exclude,
-            force=force,
-            progress=tick,
-            calibration=calibration,
-            other_model=other_model,
-        )
+            base, tuned, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
+            method=method, seed=seed, device=device, embeddings=embeddings, conv=conv, base_model=base_model,
+            lora_only=lora_only, include=include, exclude=exclude, force=force, progress=tick,
+            calibration=calibration, other_model=other_model,
+        )  # fmt: skip
     _finish(report, as_json, fail_above)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="A LoRA adapter (PEFT or kohya) at new ranks.",
     epilog=_examples(
         "lowrank resize adapter-r128/ -o adapter-r16/ --rank 16",
         "lowrank resize style.safetensors -o style.small.safetensors --max-error 0.05",
     ),
 )
-@_handle_errors
 def resize(
     adapter: Annotated[
         Path,
@@ -455,15 +428,13 @@ def resize(
             help="A PEFT adapter folder or a kohya LoRA .safetensors file.", show_default=False, metavar="ADAPTER"
         ),
     ],
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="The resized adapter, in ADAPTER's format.", metavar="OUT")
-    ],
+    output: RequiredOutput,
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
     budget: Budget = None,
     dtype: FactorDTypeOption = DType.keep,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = DEFAULT_DEVICE,
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
@@ -471,40 +442,32 @@ def resize(
     as_json: Json = False,
 ) -> None:
     """Truncate each module's ΔW = scale·B·A from its factors (no m×n product) to the policy's rank."""
-    from lowrank_cli.cli.render import progress
-
-    _check_gate(fail_above)
-    with progress(f"resize {adapter.name}") as tick:
+    with _running(f"resize {adapter.name}", fail_above) as tick:
         report = lowrank_cli.resize(
-            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
-            device=device, include=include, exclude=exclude, force=force, progress=tick,
+            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, device=device,
+            include=include, exclude=exclude, force=force, progress=tick,
         )  # fmt: skip
     _finish(report, as_json, fail_above)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="Input statistics of each Linear, for --calibration.",
     epilog=_examples(
         "lowrank calibrate hf-model/ -o stats.safetensors --text calib.txt",
         "lowrank compress hf-model/ --rank 96 --calibration stats.safetensors",
     ),
 )
-@_handle_errors
 def calibrate(
     model: Annotated[
         Path,
         typer.Argument(help="A Hugging Face model folder (config.json, safetensors, tokenizer).", metavar="MODEL"),
     ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The statistics file to write.", metavar="STATS")],
-    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run the model over.", metavar="FILE")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.", metavar="N")] = 128,
-    tokens: Annotated[
-        int,
-        typer.Option("--tokens", help="Tokens to average over, in samples taken evenly over the text.", metavar="N"),
-    ] = 32768,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 8,
+    output: RequiredOutput,
+    text: Text,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.CALIBRATE_TOKENS,
+    samples: Samples = None,
+    batch_size: BatchSize = defaults.CALIBRATE_BATCH_SIZE,
     split: SplitOption = Split.auto,
     sensitivity: Annotated[
         bool,
@@ -515,42 +478,32 @@ def calibrate(
     ] = True,
     probe_tokens: Annotated[
         int, typer.Option("--probe-tokens", help="Tokens the sensitivity probe runs per weight.", metavar="N")
-    ] = 2048,
-    device: DeviceOption = Device.auto,
+    ] = defaults.PROBE_TOKENS,
+    device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
+    as_json: Json = False,
 ) -> None:
     """Input statistics of each Linear, for --calibration."""
-    from lowrank_cli.cli.render import notice, progress
+    from lowrank_cli.cli.render import progress
 
     with progress(f"calibrate {model.name}", steps="batches, then weights probed") as tick:
-        summary = lowrank_cli.calibrate(
+        report = lowrank_cli.calibrate(
             model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
             device=device, force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
             progress=tick,
         )  # fmt: skip
-    for note in summary["notes"]:
-        notice(f"note: {note}")
-    line = f"{output}: {summary['weights']} weights, {summary['inputs']} distinct inputs, {summary['tokens']:,} tokens"
-    if summary["tables"]:
-        line += f", lookups of {summary['tables']} embedding table(s)"
-    if sensitivity:
-        line += f"; sensitivity of {summary['sensitivities']} weights on {summary['probe_tokens']:,} tokens"
-    notice(line)
+    _finish(report, as_json)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="What a compressed model lost, on real text.",
     epilog=_examples(
         "lowrank evaluate hf-model/ hf-model.lowrank/ --text held-out.txt",
         "lowrank evaluate hf-model/ hf-model.lowrank/ --text eval.txt --json --fail-below 0.95",
     ),
 )
-@_handle_errors
 def evaluate(
-    reference: Annotated[
-        Path, typer.Argument(help="The original Hugging Face model folder.", show_default=False, metavar="REFERENCE")
-    ],
+    reference: Reference,
     candidate: Annotated[
         Path,
         typer.Argument(
@@ -559,19 +512,17 @@ def evaluate(
             metavar="CANDIDATE",
         ),
     ],
-    text: Annotated[Path, typer.Option("--text", help="UTF-8 text to run both models over.", metavar="FILE")],
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample at most.", metavar="N")] = 128,
-    tokens: Annotated[
-        int, typer.Option("--tokens", help="Tokens to evaluate, in samples taken evenly over the text.", metavar="N")
-    ] = 16384,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")] = None,
+    text: Text,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.EVALUATE_TOKENS,
+    samples: Samples = None,
     split: SplitOption = Split.auto,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")] = 16,
+    batch_size: BatchSize = defaults.EVALUATE_BATCH_SIZE,
     fail_below: Annotated[
         Optional[float],
         typer.Option("--fail-below", help="Exit 3 if the fidelity is below F (a CI gate).", metavar="F"),
     ] = None,
-    device: DeviceOption = Device.auto,
+    device: DeviceOption = DEFAULT_DEVICE,
     as_json: Json = False,
 ) -> None:
     """Run REFERENCE and CANDIDATE over samples of a text and compare their outputs, by model kind.
@@ -579,7 +530,7 @@ def evaluate(
     Encoders: cosine of pooled sentence embeddings. Causal and masked LMs: perplexity of both,
     KL(reference ‖ candidate) per token, top-1 agreement. fidelity is one number, 1.0 = identical.
     """
-    from lowrank_cli.cli.render import notice, print_evaluation, print_json
+    from lowrank_cli.cli.render import notice
 
     if fail_below is not None and not 0 <= fail_below <= 1:
         raise UsageError(f"--fail-below must be between 0 and 1, got {fail_below}")
@@ -587,57 +538,46 @@ def evaluate(
         reference, candidate, text=text, seq_len=seq_len, tokens=tokens, samples=samples, split=split,
         batch_size=batch_size, device=device,
     )  # fmt: skip
-    for note in result.notes:
-        notice(f"note: {note}")
-    print_json(result) if as_json else print_evaluation(result)
+    _finish(result, as_json)
     if fail_below is not None and result.fidelity < fail_below:
         notice(f"quality gate: fidelity {result.fidelity:.4f} is below {fail_below:g} ({result.metric})")
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 
-@app.command(
-    cls=_PlainHelp,
+@_command(
     short_help="Train a compressed model's factors back toward the original.",
     epilog=_examples(
         "lowrank heal hf-model/ hf-model.lowrank/ --text train.txt -o hf-model.healed/",
         "lowrank heal hf-model/ hf-model.lowrank/ --text train.txt -o out/ --eval-text eval.txt",
     ),
 )
-@_handle_errors
 def heal(
-    reference: Annotated[
-        Path, typer.Argument(help="The original Hugging Face model folder.", show_default=False, metavar="REFERENCE")
-    ],
+    reference: Reference,
     compressed: Annotated[
         Path,
         typer.Argument(
             help="The lowrank-compressed folder or file made from it.", show_default=False, metavar="COMPRESSED"
         ),
     ],
-    output: Annotated[str, typer.Option("--output", "-o", help="Where the healed model goes.", metavar="OUT")],
-    text: Annotated[Path, typer.Option("--text", help="UTF-8 training text.", metavar="FILE")],
+    output: RequiredOutput,
+    text: Text,
     steps: Annotated[
         Optional[int], typer.Option("--steps", help="Optimizer steps (default: --epochs passes).", metavar="N")
     ] = None,
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")] = 1,
+    epochs: Annotated[
+        int, typer.Option("--epochs", help="Passes over the samples.", metavar="N")
+    ] = defaults.HEAL_EPOCHS,
     lr: Annotated[
         float, typer.Option("--lr", help="AdamW learning rate, decaying linearly to 0.", metavar="LR")
-    ] = 3e-4,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Samples per step.", metavar="N")] = 16,
-    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per sample at most.", metavar="N")] = 128,
-    tokens: Annotated[
-        int, typer.Option("--tokens", help="Training tokens, in samples taken evenly over the text.", metavar="N")
-    ] = 262144,
-    samples: Annotated[Optional[int], typer.Option("--samples", help="Samples at most.", metavar="N")] = None,
+    ] = defaults.HEAL_LR,
+    batch_size: BatchSize = defaults.HEAL_BATCH_SIZE,
+    seq_len: SeqLen = defaults.SEQ_LEN,
+    tokens: Tokens = defaults.HEAL_TOKENS,
+    samples: Samples = None,
     split: SplitOption = Split.auto,
-    eval_text: Annotated[
-        Optional[Path],
-        typer.Option("--eval-text", help="Measure the fidelity before and after on this text.", metavar="FILE"),
-    ] = None,
-    seed: Annotated[
-        int, typer.Option("--seed", help="Seed of the sample order; same seed, same run.", metavar="N")
-    ] = 0,
-    device: DeviceOption = Device.auto,
+    eval_text: EvalText = None,
+    seed: Seed = 0,
+    device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -646,7 +586,7 @@ def heal(
     OUT has the same ranks, names and format as COMPRESSED; each factor's weight error is measured
     again on what is written.
     """
-    from lowrank_cli.cli.render import notice, print_json, print_report, training_progress
+    from lowrank_cli.cli.render import notice, training_progress
 
     with training_progress(f"heal {compressed.name}") as tick:
         report = lowrank_cli.heal(
@@ -654,9 +594,7 @@ def heal(
             seq_len=seq_len, tokens=tokens, samples=samples, split=split, eval_text=eval_text, seed=seed,
             device=device, force=force, progress=tick,
         )  # fmt: skip
-    for note in report.options.get("notes", []):
-        notice(f"note: {note}")
-    print_json(report) if as_json else print_report(report)
+    _finish(report, as_json)
     healed = report.options["heal"]
     line = f"{healed['steps']} steps, final loss {healed['final_loss']:.4g}"
     if "fidelity_after" in healed:

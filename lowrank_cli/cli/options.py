@@ -1,6 +1,8 @@
 """The CLI's options, declared once and shared by the commands (typer `Annotated` aliases).
 
-Choices come from the library's enums, so typer validates them and `--help` lists them.
+Choices come from the library's enums, so typer validates them and `--help` lists them; defaults
+that are not the obvious one (a number of tokens, a batch size) are the library's own constants.
+Where an option means a little more in one command, its help says so in parentheses.
 """
 
 from __future__ import annotations
@@ -85,16 +87,26 @@ MethodOption = Annotated[
         metavar="METHOD",
     ),
 ]
-Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same factors.", metavar="N")]
-DeviceOption = Annotated[
-    Device,
+Seed = Annotated[
+    int,
     typer.Option(
-        "--device",
-        help="Where the maths runs: auto (cuda if present), cpu or cuda.",
-        case_sensitive=False,
-        metavar="DEVICE",
+        "--seed",
+        help="Seed of the randomized SVD (heal: of the sample order); same seed, same result.",
+        metavar="N",
     ),
 ]
+# A str, not the Device enum: cuda:N names one GPU of several. The library checks it (a one-line usage error).
+DeviceOption = Annotated[
+    str,
+    typer.Option(
+        "--device",
+        help="Where the maths runs: auto (cuda if present), cpu, cuda, or cuda:N for the Nth GPU.",
+        metavar="DEVICE",
+        callback=lambda value: value.lower(),
+        autocompletion=lambda: [device.value for device in Device],
+    ),
+]
+DEFAULT_DEVICE = Device.auto.value
 # A str, not a Path: Path() drops the trailing "/" that means "into this folder".
 Output = Annotated[
     Optional[str],
@@ -130,4 +142,45 @@ OtherModel = Annotated[
         "--other-model",
         help="Use --calibration statistics made on another model of the same shapes (refused by default).",
     ),
+]
+# A str, not a Path, as Output; for the commands that must be told where to write.
+RequiredOutput = Annotated[
+    str,
+    typer.Option(
+        "--output",
+        "-o",
+        help="What to write: the adapter folder (extract), the resized adapter in ADAPTER's format (resize),"
+        " the statistics file (calibrate) or the healed model (heal).",
+        metavar="OUT",
+        show_default=False,
+    ),
+]
+Reference = Annotated[
+    Path,
+    typer.Argument(help="The original Hugging Face model folder.", show_default=False, metavar="REFERENCE"),
+]
+
+# The text a model runs over (calibrate, evaluate, heal), and how it is sampled.
+Text = Annotated[
+    Path,
+    typer.Option("--text", help="The UTF-8 text the model runs over (heal: the training text).", metavar="FILE"),
+]
+EvalText = Annotated[
+    Optional[Path],
+    typer.Option(
+        "--eval-text",
+        help="The UTF-8 text the fidelity is measured on (compress --fidelity; heal: before and after).",
+        metavar="FILE",
+    ),
+]
+SeqLen = Annotated[
+    int,
+    typer.Option("--seq-len", help="Tokens per sample at most: a window's length, where a line is cut.", metavar="N"),
+]
+Tokens = Annotated[
+    int, typer.Option("--tokens", help="Tokens the samples hold, taken evenly over the text.", metavar="N")
+]
+Samples = Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")]
+BatchSize = Annotated[
+    int, typer.Option("--batch-size", help="Samples per forward pass (heal: per optimizer step).", metavar="N")
 ]

@@ -44,8 +44,25 @@ def _stderr() -> Console:
     return Console(stderr=True)
 
 
+def show(result, *, as_json: bool = False, as_csv: bool = False) -> None:
+    """A command's result (a Report, an Evaluation, a CalibrationReport): its notes on stderr, then on
+    stdout its JSON document, its rows as CSV, or its table."""
+    for note in result.notes:
+        notice(f"note: {note}")
+    if as_json:
+        print_json(result)
+    elif as_csv:
+        print_csv(result)
+    elif result.command == "evaluate":
+        print_evaluation(result)
+    elif result.command == "calibrate":
+        print_calibration(result)
+    else:
+        print_report(result)
+
+
 def print_json(report) -> None:
-    """Any result with to_dict() (a Report, an Evaluation) as one JSON document."""
+    """Any result with to_dict() (a Report, an Evaluation, a CalibrationReport) as one JSON document."""
     sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
@@ -85,11 +102,6 @@ def print_report(report: Report) -> None:
     if report.command == "extract":
         share = f" ({_percent(totals.params_after / totals.params)} of the adapted tensors)" if totals.params else ""
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
-        if totals.params and totals.params_after >= totals.params / 2:
-            lines.append(
-                "note: the adapter is half the size of the tensors it adapts or more, so it saves little;"
-                " a lower --rank, --energy or a higher --max-error makes it smaller (docs/extract.md)"
-            )
         lines.append(f"wrote {report.output}")
     elif report.command == "analyze" and report.options.get("diff") and report.policy is not None:
         share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)" if totals.params else ""
@@ -123,11 +135,30 @@ def print_evaluation(evaluation) -> None:
         ("samples", f"{evaluation.samples:,} ({evaluation.split}), {evaluation.tokens:,} tokens"),
         ("held out", held),
     ]
-    table = Table(title=f"{evaluation.kind}: {evaluation.metric}", title_justify="left", show_header=False)
+    _print_figures(f"{evaluation.kind}: {evaluation.metric}", rows)
+
+
+def print_calibration(report) -> None:
+    """calibrate's figures as a two-column table: what the statistics were made of, and where they went."""
+    rows = [
+        ("samples", f"{report.samples:,} ({report.split}), {report.tokens:,} tokens"),
+        ("weights", f"{report.weights:,}"),
+        ("distinct inputs", f"{report.inputs:,}"),
+    ]
+    if report.tables:
+        rows.append(("embedding tables (lookups)", f"{report.tables:,}"))
+    if report.sensitivities is not None:
+        rows.append(("sensitivities", f"{report.sensitivities:,} weights on {report.probe_tokens:,} tokens"))
+    rows.append(("wrote", report.output))
+    _print_figures(f"calibrate {report.model}", rows)
+
+
+def _print_figures(title: str, rows: list[tuple[str, str]]) -> None:
+    table = Table(title=Text(title), title_justify="left", show_header=False)
     table.add_column("figure")
     table.add_column("value", justify="right")
     for name, value in rows:
-        table.add_row(name, value)
+        table.add_row(name, Text(value))
     Console(width=_width() or 100_000).print(table)
 
 

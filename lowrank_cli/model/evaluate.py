@@ -28,14 +28,13 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.ops.samples import TextSamples, batches, read_samples
-from lowrank_cli.ops.settings import Split
+from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE, EVALUATE_TOKENS, SEQ_LEN, Split
 
 ENCODER, CAUSAL_LM, MASKED_LM = "encoder", "causal-lm", "masked-lm"
 MASK_SHARE = 0.15  # masked-lm: the share of (non-special) tokens masked, as BERT was trained
 MASK_SEED = 0
 CACHE_BYTES = 1 << 29  # LM log-probabilities of the reference kept in memory up to this size, else rerun
 POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
-EVALUATE_TOKENS = 16384  # default tokens evaluated (128 windows of 128, or some 800 sentences)
 
 
 @dataclass
@@ -141,7 +140,7 @@ class Evaluator:
         mask_token: int | None = None,
         special: set[int] | None = None,
         pooling: str = "mean",
-        batch_size: int = 16,
+        batch_size: int = EVALUATE_BATCH_SIZE,
         device: str = "cpu",
     ) -> None:
         if kind == MASKED_LM and mask_token is None:
@@ -248,11 +247,11 @@ def evaluate(
     candidate: str | Path,
     text: str | Path,
     *,
-    seq_len: int = 128,
+    seq_len: int = SEQ_LEN,
     tokens: int = EVALUATE_TOKENS,
     samples: int | None = None,
     split=None,
-    batch_size: int = 16,
+    batch_size: int = EVALUATE_BATCH_SIZE,
     device: str = "cpu",
 ) -> Evaluation:
     """Run the reference folder and the candidate over samples of `text` and compare their outputs.
@@ -306,7 +305,7 @@ def model_samples(
     folder: Path,
     text: str | Path,
     *,
-    seq_len: int = 128,
+    seq_len: int = SEQ_LEN,
     tokens: int = EVALUATE_TOKENS,
     samples: int | None = None,
     split: Split | None = None,

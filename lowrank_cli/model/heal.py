@@ -37,6 +37,7 @@ from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.samples import TextSamples, batches
+from lowrank_cli.ops.settings import HEAL_BATCH_SIZE, HEAL_EPOCHS, HEAL_LR, HEAL_TOKENS, SEQ_LEN
 
 SUFFIX = ".healed.safetensors"
 
@@ -44,9 +45,9 @@ SUFFIX = ".healed.safetensors"
 @dataclass(frozen=True)
 class HealOptions:
     steps: int | None = None  # optimizer steps; None: `epochs` passes over the samples
-    epochs: int = 1
-    lr: float = 3e-4
-    batch_size: int = 16
+    epochs: int = HEAL_EPOCHS
+    lr: float = HEAL_LR
+    batch_size: int = HEAL_BATCH_SIZE
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -254,8 +255,8 @@ def heal(
     out: str | Path,
     *,
     options: HealOptions,
-    seq_len: int = 128,
-    tokens: int = 262144,
+    seq_len: int = SEQ_LEN,
+    tokens: int = HEAL_TOKENS,
     samples: int | None = None,
     split=None,
     eval_text: str | Path | None = None,

@@ -15,7 +15,7 @@ from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.budget import budget_policies, calibration_options
+from lowrank_cli.ops.budget import budget_policies, calibration_notes, calibration_options
 from lowrank_cli.ops.extract import ExtractOptions, delta_matrix, screen
 from lowrank_cli.ops.pipeline import (
     NO_LOOKUPS,
@@ -78,13 +78,16 @@ def analyze(
                 tensor_policy = budgeted[report.name] if budgeted is not None else policy
                 apply_policy(report, spectra[report.name], tensor_policy)
                 _optimum_on_view(report, whitened)
+    options = calibration_options(calibration, policy)
+    if notes := calibration_notes(calibration, policy):
+        options["notes"] = notes
     return Report(
         command="analyze",
         sources=[str(checkpoint.source)],
         tensors=tensors,
         totals=Totals.of(tensors),
         policy=policy.as_dict() if policy else None,
-        options=calibration_options(calibration, policy),
+        options=options,
     )
 
 

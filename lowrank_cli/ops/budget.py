@@ -52,3 +52,13 @@ def calibration_options(calibration: Calibration | None, policy: RankPolicy | No
     if policy is not None and policy.budget is not None:
         options["budget_objective"] = "sensitivity" if calibration.sensitivity else DEFAULT_OBJECTIVE
     return options
+
+
+def calibration_notes(calibration: Calibration | None, policy: RankPolicy | None) -> list[str]:
+    """A budget whose statistics hold no sensitivities (made without the probe, or before it existed)."""
+    if calibration is None or policy is None or policy.budget is None or calibration.sensitivity:
+        return []
+    return [
+        f"{calibration.source} has no sensitivities, so the budget weighs the spectra alone; rerun lowrank"
+        " calibrate with its sensitivity probe (the default) to spare the weights the model needs most"
+    ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -23,11 +24,34 @@ from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
-from lowrank_cli.ops.samples import TOKENS, batches, read_samples, require_text, sample_count, spread
-from lowrank_cli.ops.settings import Split
+from lowrank_cli.ops.report import SCHEMA_VERSION
+from lowrank_cli.ops.samples import batches, read_samples, require_text, sample_count, spread
+from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, PROBE_TOKENS, SEQ_LEN, Split
 
 CHUNK = 1024  # tokens per float32 product
-PROBE_TOKENS = 2048  # tokens the sensitivity probe runs each time a weight is cut (16 windows of 128)
+
+
+@dataclass
+class CalibrationReport:
+    """What calibrate measured and wrote; `to_dict()` is the CLI's JSON (docs/json.md)."""
+
+    model: str  # the model folder
+    output: str  # the statistics file written
+    text_sha256: str
+    split: str  # windows or lines, as chosen
+    samples: int
+    tokens: int  # the tokens the moments average over
+    inputs: int  # distinct inputs: layers that read the same input share one moment
+    weights: int  # weights with a moment
+    tables: int  # embedding tables with lookup counts
+    sensitivities: int | None = None  # weights the sensitivity probe measured; None without it
+    probe_tokens: int | None = None  # the tokens it ran each time
+    notes: list[str] = field(default_factory=list)
+    command: str = "calibrate"
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 class Calibrator:
@@ -339,24 +363,24 @@ def calibrate(
     out: str | Path,
     text: str | Path,
     *,
-    seq_len: int = 128,
-    tokens: int = TOKENS,
+    seq_len: int = SEQ_LEN,
+    tokens: int = CALIBRATE_TOKENS,
     samples: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = CALIBRATE_BATCH_SIZE,
     device: str = "cpu",
     force: bool = False,
     split: Split = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
     progress: Callable[[int, int], None] | None = None,
-) -> dict:
+) -> CalibrationReport:
     """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
 
     Samples are read by ops.samples.read_samples (split windows, lines or auto). Each Linear's input
     moment E[x xᵀ] is kept, and each embedding table's lookups per row (its one-hot input's moment).
     sensitivity: also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about
     probe_tokens tokens of the samples, which the budget of `compress --calibration` then uses.
-    progress(done, total) is called after each batch and each weight probed. Returns a summary.
+    progress(done, total) is called after each batch and each weight probed.
     """
     if batch_size < 1:
         raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
@@ -392,14 +416,18 @@ def calibrate(
             model(input_ids=ids, attention_mask=mask)
             tick()
         calibrator.mask = None
-    summary = {
-        "tokens": calibrator.tokens,
-        "inputs": len(calibrator.sums),
-        "weights": len(calibrator.key_of),
-        "tables": len(calibrator.lookups),
-        "split": found.split.value,
-        "notes": found.notes,
-    }
+    report = CalibrationReport(
+        model=str(folder),
+        output=str(out),
+        text_sha256=found.text_sha256,
+        split=found.split.value,
+        samples=len(chosen),
+        tokens=calibrator.tokens,
+        inputs=len(calibrator.sums),
+        weights=len(calibrator.key_of),
+        tables=len(calibrator.lookups),
+        notes=found.notes,
+    )
     if sensitivity:
         probe = spread(chosen, sample_count(chosen, probe_tokens))
         probe_batches = batches(probe, batch_size, device, pad)
@@ -408,11 +436,11 @@ def calibrate(
             tokens=sum(len(ids) for ids in probe),
             on_weight=tick,
         )
-        summary.update(sensitivities=len(calibrator.sensitivity), probe_tokens=calibrator.probe_tokens)
+        report.sensitivities, report.probe_tokens = len(calibrator.sensitivity), calibrator.probe_tokens
     if progress:
         progress(total, total)
     calibrator.save(out, text_sha256=found.text_sha256, force=force)
-    return summary
+    return report
 
 
 def _check_output(out: Path, folder: Path, text: Path, force: bool) -> None:

@@ -13,7 +13,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_re
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.budget import calibration_options, policy_per_tensor
+from lowrank_cli.ops.budget import calibration_notes, calibration_options, policy_per_tensor
 from lowrank_cli.ops.pipeline import (
     STORED_CODES,
     cast_dense,
@@ -68,7 +68,7 @@ def compress(
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
         size_after = output.commit()
-    notes = {"notes": output.notes} if output.notes else {}
+    notes = [*output.notes, *calibration_notes(calibration, policy)]
     return Report(
         command="compress",
         sources=[str(checkpoint.source)],
@@ -76,7 +76,11 @@ def compress(
         totals=Totals.of(tensors, checkpoint.nbytes, size_after),
         policy=policy.as_dict(),
         output=str(out),
-        options={**settings.as_dict(), **calibration_options(calibration, policy), **notes},
+        options={
+            **settings.as_dict(),
+            **calibration_options(calibration, policy),
+            **({"notes": notes} if notes else {}),
+        },
     )
 
 

@@ -133,6 +133,12 @@ def extract(
     report = _report(base, tuned, list(tensors.values()), policy, out, settings, size)
     if calibration is not None:
         report.options["calibration"] = calibration.source
+    totals = report.totals
+    if totals.params and totals.params_after >= totals.params / 2:
+        notes.append(
+            "the adapter is half the size of the tensors it adapts or more, so it saves little; a lower rank"
+            " or energy, or a higher max error, makes it smaller (docs/extract.md)"
+        )
     if notes:
         report.options["notes"] = notes
     return report

@@ -114,6 +114,12 @@ class Report:
             options=reports[0].options,
         )
 
+    @property
+    def notes(self) -> list[str]:
+        """What the caller should know beyond the rows: temporaries of killed runs removed, how a text
+        was split, a budget that could not weigh sensitivities, …; the CLI prints them on stderr."""
+        return self.options.get("notes", [])
+
     def exceeds(self, max_error: float) -> list[TensorReport]:
         """Tensors whose error is above max_error (the --fail-above gate): the output error when calibrated."""
         return [t for t in self.tensors if (_gated(t) or 0.0) > max_error]

@@ -19,11 +19,10 @@ import torch
 
 from lowrank_cli.errors import UsageError, arg
 from lowrank_cli.io.paths import require_file
-from lowrank_cli.ops.settings import Split
+from lowrank_cli.ops.settings import CALIBRATE_TOKENS, Split
 
 BLOCK = 1 << 16  # bytes read and tokenized at a time at most (64 KiB)
 MIN_READ = 1 << 12  # … and at least, where the file is sampled in pieces (4 KiB)
-TOKENS = 32768  # default tokens the samples hold (256 windows of 128)
 LINE_SHAPED_LINES = 16  # split auto: lines only when the probe holds at least this many lines …
 LINE_SHAPED_SHARE = 0.9  # … this share of them fit in --seq-len tokens …
 WRAPPED_SHARE = 0.5  # … and it is not prose wrapped at a width: this share of lines run on and fill it
@@ -49,7 +48,7 @@ def read_samples(
     path: str | Path,
     *,
     seq_len: int,
-    tokens: int = TOKENS,
+    tokens: int = CALIBRATE_TOKENS,
     samples: int | None = None,
     split: Split = Split.auto,
 ) -> TextSamples:

@@ -1,6 +1,7 @@
-"""The choices of the commands that compute (declared once: the library checks them, the CLI lists them).
+"""The choices and defaults of the commands that compute (declared once: the library checks and uses them,
+the CLI lists them and shows the defaults in --help).
 
-Nothing here imports torch, so the CLI can build its options from these types at start-up.
+Nothing here imports torch, so the CLI can build its options from these at start-up.
 """
 
 from __future__ import annotations
@@ -9,6 +10,18 @@ from dataclasses import dataclass
 from enum import Enum
 
 from lowrank_cli.errors import UsageError, arg
+
+# How calibrate, evaluate and heal (and compress's fidelity search) sample a text, unless told otherwise.
+SEQ_LEN = 128  # tokens per sample at most: a window's length, where a line is cut
+CALIBRATE_TOKENS = 32768  # tokens calibrate's samples hold (256 windows of 128)
+CALIBRATE_BATCH_SIZE = 8  # samples per forward pass
+PROBE_TOKENS = 2048  # tokens the sensitivity probe runs each time a weight is cut (16 windows of 128)
+EVALUATE_TOKENS = 16384  # tokens evaluated (128 windows of 128, or some 800 sentences)
+EVALUATE_BATCH_SIZE = 16
+HEAL_TOKENS = 262144  # training tokens
+HEAL_EPOCHS = 1  # passes over the samples
+HEAL_LR = 3e-4  # AdamW's learning rate, decaying linearly to 0
+HEAL_BATCH_SIZE = 16  # samples per optimizer step
 
 
 class DType(str, Enum):
