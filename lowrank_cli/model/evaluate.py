@@ -34,7 +34,6 @@ ENCODER, CAUSAL_LM, MASKED_LM = "encoder", "causal-lm", "masked-lm"
 MASK_SHARE = 0.15  # masked-lm: the share of (non-special) tokens masked, as BERT was trained
 MASK_SEED = 0
 CACHE_BYTES = 1 << 29  # LM log-probabilities of the reference kept in memory up to this size, else rerun
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 EVALUATE_TOKENS = 16384  # default tokens evaluated (128 windows of 128, or some 800 sentences)
 
 
