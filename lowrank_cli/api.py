@@ -279,7 +279,7 @@ def _compress_to_fidelity(
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = load_reference(folder, settings.device)
+        reference, tokenizer = load_reference(folder, settings.device, arg("fidelity"))
         found = model_samples(reference, tokenizer, folder, eval_text)
         evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
         report = compress_to_fidelity(

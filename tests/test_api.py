@@ -345,3 +345,31 @@ def test_extract_full_rank_delta_with_randomized_and_an_error_target(tmp_path):
     delta = tuned["l.weight"] - base["l.weight"]
     assert relative_error(delta, b, a) <= 0.01
     assert row["rank"] == b.shape[1]
+
+
+# --- optional extras ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("feature", "call"),
+    [
+        ("load_pretrained", lambda folder, small, text, out: lowrank_cli.load_pretrained(folder, weights=small)),
+        ("evaluate", lambda folder, small, text, out: lowrank_cli.evaluate(folder, small, text=text)),
+        ("heal", lambda folder, small, text, out: lowrank_cli.heal(folder, small, out, text=text)),
+        ("calibrate", lambda folder, small, text, out: lowrank_cli.calibrate(folder, out, text=text)),
+    ],
+)
+def test_every_call_that_needs_transformers_names_the_same_extra(tmp_path, monkeypatch, feature, call):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    save(folder / "model.safetensors", {"l.weight": low_rank(12, 10, 2, seed=1)})
+    small = tmp_path / "small.safetensors"
+    lowrank_cli.compress(folder / "model.safetensors", small, rank=2)
+    text = tmp_path / "text.txt"
+    text.write_text("a sentence to read\nanother one\n")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(lowrank_cli.MissingExtraError) as caught:
+        call(folder, small, text, tmp_path / "out.safetensors")
+    hint = "needs transformers, which is not installed; pip install 'lowrank[calibrate]'"
+    assert str(caught.value) == f"{feature} {hint}"

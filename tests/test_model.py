@@ -309,7 +309,9 @@ def test_without_transformers_load_pretrained_says_how_to_install_and_apply_fact
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setitem(sys.modules, "transformers", None)
 
-    with pytest.raises(MissingExtraError, match="pip install transformers") as caught:
+    with pytest.raises(
+        MissingExtraError, match=r"^load_pretrained needs transformers.*pip install 'lowrank\[calibrate\]'$"
+    ) as caught:
         load_pretrained(tmp_path, weights=tmp_path / "c.safetensors")
     assert "\n" not in str(caught.value)
 

@@ -292,11 +292,11 @@ def evaluate(
     )
 
 
-def load_reference(folder: Path, device: str):
+def load_reference(folder: Path, device: str, feature: str = "evaluate"):
     """The reference model and its tokenizer, loaded as calibrate loads them (offline, its own class)."""
-    from lowrank_cli.ops.calibrate import _load, _transformers
+    from lowrank_cli.ops.calibrate import _load
 
-    return _load(_transformers(), folder, device)
+    return _load(folder, device, feature)
 
 
 def model_samples(

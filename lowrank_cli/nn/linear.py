@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.settings import Method, Settings
@@ -151,11 +152,6 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
     raise UsageError(
         f"{type(module).__name__} is not an nn.Linear or a GPT-2 Conv1D; LowRankLinear replaces only those"
     )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 Conv1D (y = x·W + b, W stored (in, out)), recognized without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

@@ -17,11 +17,11 @@ from torch import nn
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
-from lowrank_cli.io.hfconfig import config_errors
+from lowrank_cli.io.fileformat import FactorRecord, encode_metadata, factor_names, factor_records
+from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
 from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
-from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
+from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 
 WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
 
@@ -202,18 +202,6 @@ def _write_factors(model: nn.Module, writer: SafetensorsWriter) -> None:
     writer.metadata = encode_metadata({"format": "pt"}, records)
 
 
-def require_transformers(feature: str):
-    """transformers, imported now; it is optional, so say how to install it when it is missing."""
-    try:
-        import transformers
-    except ImportError:
-        raise MissingExtraError(
-            f"{feature} needs transformers, which is not installed; pip install transformers"
-            " (apply_factors works without it on any torch model)"
-        ) from None
-    return transformers
-
-
 def _architecture(transformers, config) -> type:
     for name in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, name, None)
@@ -228,13 +216,8 @@ def _architecture(transformers, config) -> type:
 def _plan(
     model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None
 ) -> tuple[list[_Factored], dict[str, torch.Tensor]]:
-    records: dict[str, FactorRecord] = {}
-    for shard in checkpoint.files:
-        records.update(decode_metadata(shard.path, shard.metadata)[1])
+    records = factor_records(checkpoint)
     factor_of = {f: name for name in records for f in factor_names(name)}
-    shapes = {name: entry.shape for name, entry in checkpoint.entries.items()}
-    for name, record in records.items():
-        check_factors(checkpoint.source, name, record, shapes)
     tensors, owners = _model_tensors(model), _owners(model)
     names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
     target_of = _match_names(model, checkpoint.source, names, tensors)

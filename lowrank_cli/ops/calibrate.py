@@ -17,9 +17,10 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg
+from lowrank_cli.errors import CheckpointError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
 from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
+from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
@@ -165,7 +166,7 @@ class Calibrator:
         self._flush()
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         keys = {self.names[name]: key for name, key in self.key_of.items()}
-        transposed = {self.names[name] for name in self.key_of if type(self.layers[name]).__name__ == "Conv1D"}
+        transposed = {self.names[name] for name in self.key_of if is_conv1d(self.layers[name])}
         lookups = {name: counts for name, counts in self.lookups.items() if name not in keys}  # a moment wins
         write_calibration(
             path,
@@ -246,7 +247,7 @@ def _measure(
 ) -> float | None:
     """One weight's sensitivity: cut it in place, run the probe, put it back."""
     weight = module.weight
-    transposed = type(module).__name__ == "Conv1D"  # stored (in, out)
+    transposed = is_conv1d(module)  # stored (in, out)
     cut, tail = _half_cut(weight.T if transposed else weight, moment)
     if cut is None or not tail > 0:
         return None
@@ -309,10 +310,7 @@ def _relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor])
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a Linear stored (in, out); matched by name so torch alone suffices.
-    return isinstance(module, torch.nn.Linear) or (
-        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
-    )
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)  # GPT-2's Conv1D: a Linear stored (in, out)
 
 
 def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
@@ -368,8 +366,7 @@ def calibrate(
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
     _check_output(out, folder, text, force)
-    transformers = _transformers()
-    model, tokenizer = _load(transformers, folder, device)
+    model, tokenizer = _load(folder, device)
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
     _check_samples(model, tokenizer, found.ids, folder)
     chosen = found.ids
@@ -465,24 +462,13 @@ def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], 
             )
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    if transformers is None:
-        raise MissingExtraError("calibrate needs transformers; pip install 'lowrank[calibrate]'")
-    return transformers
-
-
-def _load(transformers, folder: Path, device: str):
+def _load(folder: Path, device: str, feature: str = "calibrate"):
     """The model (its own architecture class, so a task head runs too) and its tokenizer, offline."""
+    transformers = require_transformers(feature)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
     _refuse_lowrank_weights(folder)
-    from lowrank_cli.io.hfconfig import config_errors
-
     try:
         architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None
