@@ -31,7 +31,18 @@ from lowrank_cli.ops.samples import TOKENS
 from lowrank_cli.ops.settings import Device, DType, Method, Settings, Split, choice
 
 PathLike = str | Path
+Globs = str | Sequence[str] | None  # one glob, or several
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
+
+
+def _globs(patterns: Globs, name: str) -> list[str] | None:
+    """One glob or several, as a list: a lone string is one glob, never its characters."""
+    if patterns is None or isinstance(patterns, str):
+        return None if patterns is None else [patterns]
+    found = list(patterns) if isinstance(patterns, (list, tuple, set, frozenset)) else None
+    if found is None or not all(isinstance(pattern, str) for pattern in found):
+        raise UsageError(f"{arg(name)} must be a glob or a list of globs (str), got {patterns!r}")
+    return found
 
 
 def _cleans_up(function):
@@ -97,8 +108,8 @@ def analyze(
     energy: float | None = None,
     max_error: float | None = None,
     budget: float | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     rtol: float | None = None,
     device: Device | str = Device.auto,
     top: int | None = None,
@@ -113,7 +124,7 @@ def analyze(
         paths: safetensors files, shard folders or index files.
         rank, energy, max_error, budget: an optional rank policy (at most one); each factorized
             row then carries the rank, the optimal error and the params it would give.
-        include, exclude: globs on tensor names.
+        include, exclude: globs on tensor names: one ("*.weight") or a list (["*attn*", "*mlp*"]).
         rtol: numerical rank counts σ > σ_max·rtol (default max(m, n)·ε).
         top: each row's singular_values lists the `top` largest σ of W (default: all).
         calibration: a statistics file from `calibrate`; spectra are then of W·S and a policy's
@@ -126,6 +137,7 @@ def analyze(
         >>> report = lowrank_cli.analyze("model.safetensors", energy=0.99)
         >>> {t.name: t.rank_99 for t in report.tensors if t.rank_99 is not None}
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise UsageError(f"{arg('top')} must be a whole number ≥ 1, got {top!r}")
@@ -189,8 +201,8 @@ def compress(
     method: Method | str = Method.auto,
     seed: int = 0,
     device: Device | str = Device.auto,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     rtol: float | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -212,7 +224,7 @@ def compress(
             written; "keep" stores each in its own dtype. A cast tensor's rel_error is that of the cast.
         method, seed: how the SVD is computed ("auto", "exact", "randomized").
         device: "auto", "cpu" or "cuda" (or "cuda:N").
-        include, exclude: globs on tensor names; the others are copied (cast only by `dtype`).
+        include, exclude: globs on tensor names, one or a list; the others are copied (cast only by `dtype`).
         force: overwrite `out` if it exists.
         calibration: a statistics file from `calibrate`: each tensor with statistics is factorized
             activation-aware (W·S, docs/calibration.md), and the policy's error is its output error
@@ -235,6 +247,7 @@ def compress(
         >>> report.totals.savings
         >>> lowrank_cli.compress("minilm/", "minilm.f95/", fidelity=0.95, eval_text="eval.txt", calibration="s")
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
     if fidelity is not None or eval_text is not None:
         return _compress_to_fidelity(
@@ -329,8 +342,8 @@ def extract(
     conv: bool = False,
     base_model: str | None = None,
     lora_only: bool = False,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     force: bool = False,
     progress: Progress | None = None,
     calibration: PathLike | None = None,
@@ -355,6 +368,7 @@ def extract(
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
     options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model, lora_only=lora_only)
@@ -391,8 +405,8 @@ def resize(
     budget: float | None = None,
     dtype: DType | str = DType.keep,
     device: Device | str = Device.auto,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Report:
@@ -406,7 +420,8 @@ def resize(
             budget F allows Σ r′·(m + n) ≤ F·Σ m·n over the selected modules.
         dtype: the dtype of the new factors ("keep": each pair's own).
         device: where the QRs run.
-        include, exclude: globs on module names (PEFT) or key prefixes (kohya); other pairs are copied.
+        include, exclude: globs on module names (PEFT) or key prefixes (kohya), one or a list; other pairs
+            are copied.
         force: overwrite `out`.
 
     Returns:
@@ -420,6 +435,7 @@ def resize(
     from lowrank_cli.io.lora import open_adapter
     from lowrank_cli.ops.resize import resize as _resize
 
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, device=resolve_device(device))
     with open_adapter(adapter) as opened, _progress(progress, opened.checkpoint.nbytes) as tick:

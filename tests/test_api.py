@@ -8,6 +8,7 @@ report whose errors hold on the files as written, or in one clean error line.
 from __future__ import annotations
 
 import ast
+import fnmatch
 import json
 import subprocess
 import sys
@@ -27,6 +28,8 @@ from conftest import (
     save,
     sha256,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank_cli
 
@@ -373,3 +376,51 @@ def test_every_call_that_needs_transformers_names_the_same_extra(tmp_path, monke
         call(folder, small, text, tmp_path / "out.safetensors")
     hint = "needs transformers, which is not installed; pip install 'lowrank[calibrate]'"
     assert str(caught.value) == f"{feature} {hint}"
+
+
+# --- include and exclude: one glob or a list ----------------------------------------------------------
+
+GLOB_TENSORS = {
+    "layer.0.attn.weight": low_rank(24, 16, 4, seed=11),
+    "layer.0.mlp.weight": low_rank(20, 16, 4, seed=12),
+    "layer.1.attn.weight": low_rank(24, 16, 4, seed=13),
+    "layer.1.mlp.weight": low_rank(20, 16, 4, seed=14),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    pattern=st.sampled_from(["*attn*", "layer.1.*", "layer.0.mlp.weight", "*.weight", "layer.?.mlp.*"]),
+    option=st.sampled_from(["include", "exclude"]),
+)
+def test_analyze_reads_a_lone_string_as_one_glob(tmp_path_factory, pattern, option):
+    path = save(tmp_path_factory.mktemp("globs") / "m.safetensors", GLOB_TENSORS)
+    keep = [n for n in GLOB_TENSORS if fnmatch.fnmatchcase(n, pattern) == (option == "include")]
+    if not keep:  # a selection of nothing is refused (check_patterns), a string or not
+        return
+    report = lowrank_cli.analyze(path, **{option: pattern})
+    assert [t.name for t in report.tensors] == keep
+
+
+def test_every_function_reads_a_lone_string_as_one_glob(tmp_path):
+    base = save(tmp_path / "base.safetensors", GLOB_TENSORS)
+    tuned = {name: w + low_rank(*w.shape, 2, seed=20 + i) for i, (name, w) in enumerate(GLOB_TENSORS.items())}
+    save(tmp_path / "tuned.safetensors", tuned)
+    kept = ["layer.0.attn.weight", "layer.1.attn.weight"]
+
+    report = lowrank_cli.compress(base, tmp_path / "c.safetensors", rank=2, include="*attn*")
+    assert [t.name for t in report.tensors if t.status == lowrank_cli.Status.factorized] == kept
+
+    report = lowrank_cli.extract(base, tmp_path / "tuned.safetensors", tmp_path / "adapter", rank=2, exclude="*mlp*")
+    assert [t.name for t in report.tensors if t.status == lowrank_cli.Status.extracted] == kept
+
+    report = lowrank_cli.resize(tmp_path / "adapter", tmp_path / "r1", rank=1, include="*layer.0*")
+    resized = [t.name for t in report.tensors if t.rank == 1]
+    assert len(resized) == 1 and "layer.0.attn" in resized[0]
+
+
+@pytest.mark.parametrize("patterns", [[1], b"*.weight", {"*": 1}, 3])
+def test_globs_that_are_not_strings_are_refused_by_name(tmp_path, patterns):
+    path = save(tmp_path / "m.safetensors", GLOB_TENSORS)
+    with pytest.raises(lowrank_cli.UsageError, match=r"^exclude must be a glob or a list of globs \(str\)"):
+        lowrank_cli.analyze(path, exclude=patterns)
