@@ -311,7 +311,7 @@ def compress(
             f" model written, at --budget {found['budget']:g} after {found['evaluations']} evaluations; that text"
             " chose the budget, so run lowrank evaluate on another for a held-out figure"
         )
-    if report.options.get("budget_objective") == "balanced":  # statistics from before sensitivity, or without it
+    if calibration is not None and report.options.get("budget_objective") == "balanced":  # no sensitivities in them
         from lowrank_cli.cli.render import notice
 
         notice(

@@ -10,11 +10,10 @@ from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.fileformat import METADATA_KEY
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.budget import budget_policies, calibration_options
+from lowrank_cli.ops.budget import budget_options, tensor_policies
 from lowrank_cli.ops.pipeline import (
     NO_LOOKUPS,
     NO_STATISTICS,
@@ -79,16 +78,10 @@ def analyze(
         if on_tensor:
             on_tensor(entry)
     if policy is not None:
-        sensitivity = calibration.sensitivity if calibration is not None else None  # as compress weighs them
-        budgeted = (
-            budget_policies(allocate(spectra, policy.budget, sensitivity=sensitivity))
-            if policy.budget is not None
-            else None
-        )
+        policy_for = tensor_policies(policy, spectra, calibration=calibration)  # as compress allocates
         for report in tensors:
             if report.name in spectra:
-                tensor_policy = budgeted[report.name] if budgeted is not None else policy
-                apply_policy(report, spectra[report.name], tensor_policy)
+                apply_policy(report, spectra[report.name], policy_for(report.name))
                 if report.name in whitened and report.status == Status.factorized:
                     report.output_error, report.rel_error = report.rel_error, None  # the optimum on W·S
     return Report(
@@ -97,7 +90,7 @@ def analyze(
         tensors=tensors,
         totals=Totals.of(tensors),
         policy=policy.as_dict() if policy else None,
-        options=calibration_options(calibration, policy),
+        options=budget_options(policy, calibration),
     )
 
 
