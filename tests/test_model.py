@@ -7,7 +7,9 @@ factors read straight from the file; never from lowrank_cli.nn's own output.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shutil
 import sys
@@ -117,6 +119,52 @@ def test_low_rank_linear_matches_linear_with_the_product_weight(dtype):
     bound = (n_in + rank + 4) * eps * magnitude
     assert bool(((got.double() - exact).abs() <= bound).all())
     assert bool(((linear.double() - exact).abs() <= bound).all())
+
+
+def test_a_new_low_rank_linear_is_initialised_with_nn_linear_s_variance():
+    torch.manual_seed(3)
+    n_in, n_out, rank = 512, 384, 64
+    layer = LowRankLinear(n_in, n_out, rank)
+    a, b, bias = layer.A.detach().double(), layer.B.detach().double(), layer.bias.detach().double()
+    assert a.abs().max() <= 1 / math.sqrt(n_in) and b.abs().max() <= math.sqrt(3 / rank)
+    assert bias.abs().max() <= 1 / math.sqrt(n_in) and bias.std() > 0
+    w = b @ a  # (out, r) @ (r, in) -> (out, in)
+    # nn.Linear: kaiming_uniform(a=√5) gives U(−1/√in, 1/√in), whose variance is 1/(3·in)
+    assert w.var().item() == pytest.approx(1 / (3 * n_in), rel=0.05)
+    assert abs(w.mean().item()) < 0.05 * w.std().item()
+    torch.manual_seed(3)
+    again = LowRankLinear(n_in, n_out, rank)
+    assert torch.equal(again.A, layer.A) and torch.equal(again.B, layer.B)  # seeded like any torch layer
+
+
+def test_a_new_low_rank_embedding_is_initialised_with_nn_embedding_s_variance():
+    torch.manual_seed(4)
+    table = LowRankEmbedding(2000, 256, 32, padding_idx=-1)
+    e = table.B.detach().double() @ table.A.detach().double()  # (num, r) @ (r, dim) -> (num, dim)
+    assert table.padding_idx == 1999 and not e[1999].any()  # nn.Embedding's: -1 is the last row, kept at zero
+    assert e[:1999].var().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding draws N(0, 1)
+    ids = torch.tensor([[3, 1999, 7]])
+    assert torch.allclose(table(ids).double(), e[ids], rtol=0, atol=1e-5 * e.abs().max().item())
+    with pytest.raises(LowrankError, match="padding_idx 2000 is not a row of a 2000-row table"):
+        LowRankEmbedding(2000, 256, 32, padding_idx=2000)
+
+
+@pytest.mark.parametrize("layer_class", [LowRankLinear, LowRankEmbedding])
+def test_the_low_rank_layers_take_their_arguments_alike(layer_class):
+    """Each takes the sizes of the torch layer it replaces, then rank, then that layer's option, then
+    keyword-only device and dtype; from_factors takes B, A, the option, and keyword-only rel_error."""
+    torch_layer = {LowRankLinear: nn.Linear, LowRankEmbedding: nn.Embedding}[layer_class]
+    option = {LowRankLinear: "bias", LowRankEmbedding: "padding_idx"}[layer_class]
+    sizes = list(inspect.signature(torch_layer).parameters)[:2]
+    parameters = inspect.signature(layer_class).parameters
+    assert list(parameters) == [*sizes, "rank", option, "device", "dtype"]
+    assert [p.kind for p in parameters.values()][-2:] == [inspect.Parameter.KEYWORD_ONLY] * 2
+    assert list(inspect.signature(layer_class.from_factors).parameters) == ["b", "a", option, "rel_error"]
+    layer = layer_class(6, 5, 2, device="meta", dtype=torch.float64)
+    # Linear(in 6, out 5): A (r, in), B (out, r); Embedding(num 6, dim 5): A (r, dim), B (num, r)
+    expected = ((2, 6), (5, 2)) if layer_class is LowRankLinear else ((2, 5), (6, 2))
+    assert (layer.A.shape, layer.B.shape) == expected
+    assert layer.A.dtype == layer.B.dtype == torch.float64 and layer.A.is_meta
 
 
 def test_from_linear_error_is_the_best_rank_r_error_and_to_linear_is_the_product():

@@ -345,7 +345,7 @@ def _replace_modules(model: nn.Module, factored: list[_Factored]) -> None:
                 layer = LowRankLinear.from_factors(a.detach().t(), b.detach().t(), module.bias)
                 layer.transposed = True
             elif isinstance(module, nn.Embedding):
-                layer = LowRankEmbedding(b, a, padding_idx=module.padding_idx)
+                layer = LowRankEmbedding.from_factors(b, a, module.padding_idx)
             else:
                 layer = LowRankLinear.from_factors(b, a, module.bias)
             layer.rel_error = item.record.rel_error
