@@ -47,6 +47,7 @@ _LAZY = {
     "LowRankLinear": "lowrank_cli.nn.linear",
     "LowRankEmbedding": "lowrank_cli.nn.linear",
     "apply_factors": "lowrank_cli.nn.loading",
+    "LoadResult": "lowrank_cli.nn.loading",
     "load_pretrained": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
     "calibrate": "lowrank_cli.api",
@@ -68,6 +69,7 @@ __all__ = [
     "LowRankLinear",
     "LowRankEmbedding",
     "apply_factors",
+    "LoadResult",
     "load_pretrained",
     "save_factors",
     "calibrate",
@@ -109,7 +111,7 @@ if TYPE_CHECKING:
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
-    from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
+    from lowrank_cli.nn.loading import LoadResult, apply_factors, load_pretrained, save_factors
     from lowrank_cli.ops.calibrate import Calibrator
 
 
