@@ -8,6 +8,7 @@ in the lowrank format, which `lowrank expand` reads.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -15,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg, require_extra
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import FactorRecord, encode_metadata, factor_names, factor_records
@@ -142,6 +143,84 @@ def load_pretrained(
     model = _build(transformers, config, auto_class or _architecture(transformers, config), folder)
     result = _load_built(model, weights or folder, dtype, strict)
     return (model, result) if output_loading_info else model
+
+
+def load_sentence_transformer(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    strict: bool = True,
+):
+    """A SentenceTransformer from a compressed sentence-transformers folder, its factors running as factors.
+
+    `lowrank compress` of a sentence-transformers folder keeps modules.json, the pooling and
+    normalisation modules' folders and the tokenizer beside the lowrank weights; this builds the
+    whole pipeline from them, as SentenceTransformer(folder) would from the dense folder, with the
+    transformer loaded as load_pretrained loads it (on meta first, the file mapped, never dense).
+    Offline; the folder's own code (trust_remote_code) never runs.
+
+    Args:
+        folder: the compressed folder: modules.json, config.json and lowrank safetensors.
+        dtype: the floating-point dtype of the transformer's tensors (default: the file's).
+        device: where the model runs ("cpu", "cuda", "cuda:1"; default: sentence-transformers' choice).
+        strict: as for load_pretrained: the file's tensors and the transformer's must match both ways.
+
+    Returns:
+        A sentence_transformers.SentenceTransformer (needs the `sentence-transformers` extra).
+
+    Example:
+        >>> model = load_sentence_transformer("minilm.lowrank/")
+        >>> model.encode(["a sentence", "another one"]).shape
+        (2, 384)
+    """
+    folder = Path(folder)
+    if not (folder / "modules.json").is_file():
+        raise CheckpointError(
+            f"{folder}: has no modules.json, so it is no sentence-transformers folder; compress the"
+            " sentence-transformers folder itself, or load a plain transformers folder with load_pretrained"
+        )
+    sentence_transformers = require_extra("sentence_transformers", "sentence-transformers", "load_sentence_transformer")
+    transformers = require_transformers("load_sentence_transformer")
+    # sentence-transformers builds its Transformer module's model with from_pretrained, which a lowrank
+    # folder refuses; its loader takes a class per modules.json type (_load_with_module_classes, private
+    # but meant for models "the normal path cannot reload"), and that class loads the factors instead.
+    try:
+        from sentence_transformers.base.modules import Transformer
+
+        sentence_transformers.SentenceTransformer._load_with_module_classes  # noqa: B018 - present since 6.2
+    except (ImportError, AttributeError):
+        raise MissingExtraError(
+            "load_sentence_transformer needs sentence-transformers 6.2 or newer;"
+            " pip install -U 'lowrank[sentence-transformers]'"
+        ) from None
+
+    class _FactoredTransformer(Transformer):
+        """A Transformer module whose model is loaded from the lowrank file instead of dense weights."""
+
+        def _load_model(self, model_name_or_path, transformer_task, config, backend, *args, **model_kwargs):
+            where = Path(model_name_or_path) / (model_kwargs.get("subfolder") or "")
+            if backend != "torch" or transformer_task != "feature-extraction":
+                raise CheckpointError(
+                    f"{where}: a {transformer_task} module on backend {backend} cannot run lowrank factors;"
+                    " only a torch feature-extraction Transformer can"
+                )
+            model = _build(transformers, config, transformers.AutoModel, where)
+            _load_built(model, where, dtype, strict)
+            return model
+
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    refs = {str(entry.get("type", "")) for entry in modules if isinstance(entry, dict)}
+    classes = {ref: _FactoredTransformer for ref in refs if ref.rsplit(".", 1)[-1] == "Transformer"}
+    if not classes:
+        raise CheckpointError(f"{folder / 'modules.json'}: names no Transformer module, whose weights lowrank holds")
+    model = sentence_transformers.SentenceTransformer._load_with_module_classes(
+        str(folder), classes, device=device, local_files_only=True, trust_remote_code=False
+    )
+    for module in model.modules():
+        if type(module) is _FactoredTransformer:
+            module.__class__ = Transformer  # a plain Transformer from now on: save() writes its usual type
+    return model.eval()
 
 
 def _read_config(transformers, folder: Path):
@@ -489,12 +568,11 @@ def _initialize_missing(model: nn.Module) -> None:
 
 
 def _transformers_model(model: nn.Module) -> nn.Module:
-    """The transformers model inside a SentenceTransformer (whose file is that model's weights), else the model.
+    """The transformers model inside a SentenceTransformer (or any sentence-transformers model), whose
+    weights a compressed folder holds; any other model itself. Recognized by the `transformers_model`
+    attribute sentence-transformers gives its models, so sentence-transformers need not be imported."""
+    inner = getattr(model, "transformers_model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else model
 
-    Recognized by its attribute, so sentence-transformers need not be imported.
-    """
-    inner = getattr(model, "transformers_model", None) if type(model).__name__ == "SentenceTransformer" else None
-    return inner if isinstance(inner, nn.Module) else model
 
-
-__all__ = ["LoadResult", "apply_factors", "load_pretrained", "save_factors"]
+__all__ = ["LoadResult", "apply_factors", "load_pretrained", "load_sentence_transformer", "save_factors"]
