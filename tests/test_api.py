@@ -8,8 +8,12 @@ report whose errors hold on the files as written, or in one clean error line.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import enum
 import fnmatch
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -424,3 +428,61 @@ def test_globs_that_are_not_strings_are_refused_by_name(tmp_path, patterns):
     path = save(tmp_path / "m.safetensors", GLOB_TENSORS)
     with pytest.raises(lowrank_cli.UsageError, match=r"^exclude must be a glob or a list of globs \(str\)"):
         lowrank_cli.analyze(path, exclude=patterns)
+
+
+# --- docstrings: every argument of the public API, and an example -------------------------------------
+
+ARGUMENT_LINE = re.compile(r"^([A-Za-z_]\w*(?:\s*(?:,|/|and)\s*[A-Za-z_]\w*)*):")
+
+
+def _documented(doc: str) -> set[str]:
+    """The names an `Args:` section describes, one line per argument or per group (`rank, energy:`,
+    `rank / energy:`), at the section's first indentation."""
+    lines = doc.expandtabs().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return set()
+    names, indent = set(), None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth <= len(lines[start]) - len(lines[start].lstrip()):
+            break  # Returns:, Example: …
+        indent = depth if indent is None else indent
+        match = ARGUMENT_LINE.match(line.strip()) if depth == indent else None
+        if match:
+            names.update(re.split(r"\s*(?:,|/|\band\b)\s*", match.group(1)))
+    return names
+
+
+def _public_callables():
+    """Every function in lowrank_cli.__all__, and the constructors (and alternative constructors)
+    of its classes that are not plain records (dataclasses, named tuples, enums, errors)."""
+    for name in lowrank_cli.__all__:
+        value = getattr(lowrank_cli, name)
+        if inspect.isfunction(value):
+            yield name, value, value
+            continue
+        records = (Exception, enum.Enum, tuple)
+        if not inspect.isclass(value) or issubclass(value, records) or dataclasses.is_dataclass(value):
+            continue
+        yield name, value.__init__, value  # documented in the class docstring
+        for attr, member in vars(value).items():
+            if isinstance(member, classmethod) and not attr.startswith("_"):
+                yield f"{name}.{attr}", member.__func__, member.__func__
+
+
+@pytest.mark.parametrize(
+    ("name", "function", "documented_on"), list(_public_callables()), ids=[name for name, *_ in _public_callables()]
+)
+def test_every_public_function_documents_every_argument_and_gives_an_example(name, function, documented_on):
+    parameters = [
+        p.name
+        for p in list(inspect.signature(function).parameters.values())
+        if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    doc = inspect.getdoc(documented_on) or ""
+    missing = [p for p in parameters if p not in _documented(doc)]
+    assert not missing, f"{name}: its docstring's Args: section does not describe {missing}"
+    assert "Example" in doc, f"{name}: its docstring has no example"

@@ -34,15 +34,20 @@ PROBE_TOKENS = 2048  # tokens the sensitivity probe runs each time a weight is c
 class Calibrator:
     """Forward hooks on every nn.Linear (and GPT-2 Conv1D) of `model` that sum x·xᵀ of their inputs.
 
-        with lowrank_cli.Calibrator(model) as calibrator:
-            for batch in batches:
-                model(**batch)
-        calibrator.save("stats.safetensors")   # or calibrator.moments(): weight name -> E[x xᵀ]
+    Layers that read the very same input tensor (q, k and v) share one sum, found on the first
+    batch. Every row of x counts as a token unless `calibrator.mask` holds the batch's attention
+    mask (then padding is left out): set it before each padded batch.
 
-    names maps module names to the checkpoint's weight names (default: MODULE.weight). Layers that
-    read the very same input tensor (q, k and v) share one sum, found on the first batch. Every row
-    of x counts as a token unless `calibrator.mask` holds the batch's attention mask (then padding
-    is left out): set it before each padded batch.
+    Args:
+        model: any torch model; every nn.Linear, GPT-2 Conv1D and nn.Embedding in it is watched.
+        names: module name -> the checkpoint's weight name (default: MODULE.weight), for a model
+            whose names differ from its file's (a task model loading a base model's file).
+
+    Example:
+        >>> with lowrank_cli.Calibrator(model) as calibrator:
+        ...     for batch in batches:
+        ...         model(**batch)
+        >>> calibrator.save("stats.safetensors")  # or calibrator.moments(): weight name -> E[x xᵀ]
     """
 
     def __init__(self, model: torch.nn.Module, *, names: dict[str, str] | None = None) -> None:
