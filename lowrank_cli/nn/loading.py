@@ -251,7 +251,7 @@ def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
 
 def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool) -> LoadResult:
     """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
-    (strict=False) or refused (strict), so nothing is left on meta. Returns the model in eval mode."""
+    (strict=False) or refused (strict), so nothing is left on meta; the model ends in eval mode."""
     fix = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
     with open_checkpoint(weights) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
