@@ -111,11 +111,10 @@ def main() -> None:
     torch.set_num_threads(2)
     import transformers
 
-    if args.objective:  # not an option of extract: the benchmark swaps the objective extract passes for it
+    if args.objective:  # not an option of extract: the benchmark swaps the objective an adapter's budget uses
         import lowrank_cli.ops.budget as budget_ops
 
-        allocate = budget_ops.allocate
-        budget_ops.allocate = lambda *given, **options: allocate(*given[:2], args.objective, **options)
+        budget_ops.ADAPTER_OBJECTIVE = args.objective
 
     folder = bc.model_folder()
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)

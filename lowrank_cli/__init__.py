@@ -10,6 +10,7 @@
     lowrank_cli.resize("adapter", "adapter.r4", rank=4)               # a LoRA (PEFT or kohya) at new ranks
     lowrank_cli.evaluate("model/", "model.lowrank/", text="held-out.txt").fidelity  # what the model lost
     model = lowrank_cli.load_pretrained("model.lowrank/")            # run the factors as they are
+    model = lowrank_cli.load_sentence_transformer("minilm.lowrank/") # the same, as a SentenceTransformer
 
 Every checkpoint function returns a `Report` (`report.to_dict()` is the CLI's JSON document) and
 raises a `LowrankError` subclass for anything the caller can fix. Importing this package imports
@@ -47,7 +48,9 @@ _LAZY = {
     "LowRankLinear": "lowrank_cli.nn.linear",
     "LowRankEmbedding": "lowrank_cli.nn.linear",
     "apply_factors": "lowrank_cli.nn.loading",
+    "LoadResult": "lowrank_cli.nn.loading",
     "load_pretrained": "lowrank_cli.nn.loading",
+    "load_sentence_transformer": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
     "calibrate": "lowrank_cli.api",
     "evaluate": "lowrank_cli.api",
@@ -69,7 +72,9 @@ __all__ = [
     "LowRankLinear",
     "LowRankEmbedding",
     "apply_factors",
+    "LoadResult",
     "load_pretrained",
+    "load_sentence_transformer",
     "save_factors",
     "calibrate",
     "evaluate",
@@ -111,7 +116,13 @@ if TYPE_CHECKING:
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
-    from lowrank_cli.nn.loading import apply_factors, load_pretrained, save_factors
+    from lowrank_cli.nn.loading import (
+        LoadResult,
+        apply_factors,
+        load_pretrained,
+        load_sentence_transformer,
+        save_factors,
+    )
     from lowrank_cli.ops.calibrate import CalibrationReport, Calibrator
 
 

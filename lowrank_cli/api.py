@@ -47,7 +47,18 @@ from lowrank_cli.ops.settings import (
 )
 
 PathLike = str | Path
+Globs = str | Sequence[str] | None  # one glob, or several
 Progress = Callable[[int, int], None]  # (bytes done, bytes in all), after each tensor
+
+
+def _globs(patterns: Globs, name: str) -> list[str] | None:
+    """One glob or several, as a list: a lone string is one glob, never its characters."""
+    if patterns is None or isinstance(patterns, str):
+        return None if patterns is None else [patterns]
+    found = list(patterns) if isinstance(patterns, (list, tuple, set, frozenset)) else None
+    if found is None or not all(isinstance(pattern, str) for pattern in found):
+        raise UsageError(f"{arg(name)} must be a glob or a list of globs (str), got {patterns!r}")
+    return found
 
 
 def _cleans_up(function):
@@ -84,7 +95,8 @@ def factorize(
         energy: the smallest rank keeping this fraction of Σσ², 0 < energy ≤ 1.
         max_error: the smallest rank with ‖W − BA‖_F / ‖W‖_F ≤ max_error, 0 ≤ max_error < 1;
             the bound is checked on the returned factors.
-        method: "auto", "exact" or "randomized" (seeded by `seed`: same seed, same factors).
+        method: "auto", "exact" or "randomized".
+        seed: the randomized method's seed: same seed, same factors.
 
     Returns:
         (B, A) of shapes (m, r) and (r, n); r = 0 for a zero matrix.
@@ -113,8 +125,8 @@ def analyze(
     energy: float | None = None,
     max_error: float | None = None,
     budget: float | None = None,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     rtol: float | None = None,
     device: Device | str = Device.auto,
     top: int | None = None,
@@ -130,9 +142,11 @@ def analyze(
         paths: safetensors files, shard folders or index files.
         rank, energy, max_error, budget: an optional rank policy (at most one); each factorized
             row then carries the rank, the optimal error and the params it would give.
-        include, exclude: globs on tensor names.
+        include, exclude: globs on tensor names: one ("*.weight") or a list (["*attn*", "*mlp*"]).
         rtol: numerical rank counts σ > σ_max·rtol (default max(m, n)·ε).
+        device: where the SVDs run: "auto" (a GPU when there is one), "cpu", "cuda" or "cuda:N".
         top: each row's singular_values lists the `top` largest σ of W (default: all).
+        progress: called as progress(bytes done, bytes in all) after each tensor.
         calibration: a statistics file from `calibrate`; spectra are then of W·S and a policy's
             error is the output error ‖(W − W′)X‖_F / ‖WX‖_F (docs/calibration.md).
         other_model: use statistics made on another model of the same shapes (refused by default).
@@ -150,6 +164,7 @@ def analyze(
         >>> change = lowrank_cli.analyze(["base/", "tuned/"], diff=True, energy=0.9)
         >>> change.totals.params_after  # the adapter extract --energy 0.9 would write, in params
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = RankPolicy.from_options(rank, energy, max_error, budget)
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 1):
         raise UsageError(f"{arg('top')} must be a whole number ≥ 1, got {top!r}")
@@ -185,6 +200,11 @@ def plot_spectra(report: Report, path: PathLike) -> tuple[int, int]:
     One panel per layer kind (attention, MLP, embedding, other), σ_i/σ_1 on a log axis against
     i/min(m, n), the policy's cut dotted. Needs matplotlib (`pip install 'lowrank[plot]'`).
 
+    Args:
+        report: an analyze Report (its rows' singular_values; a policy's rank where one was given).
+        path: the picture to write; its suffix (.png, .svg or .pdf) chooses the format. The same
+            report gives the same bytes.
+
     Returns:
         The figure's (width, height) in pixels.
 
@@ -207,8 +227,8 @@ def compress(
     method: Method | str = Method.auto,
     seed: int = 0,
     device: Device | str = Device.auto,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     rtol: float | None = None,
     force: bool = False,
     progress: Progress | None = None,
@@ -230,8 +250,10 @@ def compress(
             written; "keep" stores each in its own dtype. A cast tensor's rel_error is that of the cast.
         method, seed: how the SVD is computed ("auto", "exact", "randomized").
         device: "auto", "cpu" or "cuda" (or "cuda:N").
-        include, exclude: globs on tensor names; the others are copied (cast only by `dtype`).
+        include, exclude: globs on tensor names, one or a list; the others are copied (cast only by `dtype`).
+        rtol: the numerical rank's cut, σ > σ_max·rtol (default max(m, n)·ε), in each row's numerical_rank.
         force: overwrite `out` if it exists.
+        progress: called as progress(bytes done, bytes in all) after each tensor (a budget reads them twice).
         calibration: a statistics file from `calibrate`: each tensor with statistics is factorized
             activation-aware (W·S, docs/calibration.md), and the policy's error is its output error
             ‖(W − BA)X‖_F / ‖WX‖_F, reported as `output_error` beside the weight-space rel_error.
@@ -253,6 +275,7 @@ def compress(
         >>> report.totals.savings
         >>> lowrank_cli.compress("minilm/", "minilm.f95/", fidelity=0.95, eval_text="eval.txt", calibration="s")
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
     if fidelity is not None or eval_text is not None:
         return _compress_to_fidelity(
@@ -297,7 +320,7 @@ def _compress_to_fidelity(
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = load_reference(folder, settings.device)
+        reference, tokenizer = load_reference(folder, settings.device, arg("fidelity"))
         found = model_samples(reference, tokenizer, folder, eval_text)
         evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
         report = compress_to_fidelity(
@@ -314,8 +337,16 @@ def expand(
 ) -> Report:
     """Rebuild the dense checkpoint from a lowrank file: every original name, shape, dtype and metadata.
 
-    `out` is read as compress reads it; its default drops `.lowrank` and adds `.dense`
-    (model.lowrank.safetensors -> model.dense.safetensors, m.lowrank/ -> m.dense/).
+    Args:
+        path: a lowrank file, a folder of lowrank shards (as compress writes a folder) or its index.
+        out: read as compress reads it; the default drops `.lowrank` and adds `.dense`
+            (model.lowrank.safetensors -> model.dense.safetensors, m.lowrank/ -> m.dense/). Written
+            atomically: it appears whole, or not at all.
+        force: overwrite `out` if it exists.
+        progress: called as progress(bytes done, bytes in all) after each tensor.
+
+    Returns:
+        The Report: a row per tensor, `expanded` (B·A, with the error recorded at compress) or `copied`.
 
     Example:
         >>> lowrank_cli.expand("model.lowrank.safetensors", "model.dense.safetensors")
@@ -347,8 +378,8 @@ def extract(
     conv: bool = False,
     base_model: str | None = None,
     lora_only: bool = False,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     force: bool = False,
     progress: Progress | None = None,
     calibration: PathLike | None = None,
@@ -359,7 +390,12 @@ def extract(
     Args:
         base, tuned: the two checkpoints (files, shard folders or indexes).
         out: the adapter folder to write (adapter_model.safetensors, adapter_config.json).
-        rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW.
+        rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW. A budget F
+            allows Σ r·(m + n) ≤ F·Σ m·n over the changed matrices (ranks only: an adapter holds no
+            whole matrix).
+        dtype: the dtype of the LoRA factors ("keep": each tensor's own).
+        method, seed: how the SVD is computed ("auto", "exact", "randomized"; the seed of the last).
+        device: where the SVDs run: "auto", "cpu", "cuda" or "cuda:N".
         embeddings, conv: also adapt embeddings and conv kernels.
         base_model: base_model_name_or_path in adapter_config.json; default BASE's folder
             (the folder itself, or the one holding the file), as an absolute path.
@@ -369,10 +405,18 @@ def extract(
         calibration: the base model's statistics from `calibrate`: ΔW·S is factorized, and errors
             are of the output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
         other_model: use statistics made on another model than BASE (refused by default).
+        include, exclude: globs on tensor names, one or a list; the others stay out of the adapter.
+        force: overwrite `out` if it exists.
+        progress: called as progress(bytes done, bytes in all) after each of TUNED's tensors.
+
+    Returns:
+        The Report: per module its rank, rel_error ‖ΔW − BA‖_F / ‖ΔW‖_F measured on the factors as
+        written, and `kept` (the share of ‖ΔW‖² in the adapter).
 
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
     """
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
     options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model, lora_only=lora_only)
@@ -409,8 +453,8 @@ def resize(
     budget: float | None = None,
     dtype: DType | str = DType.keep,
     device: Device | str = Device.auto,
-    include: list[str] | None = None,
-    exclude: list[str] | None = None,
+    include: Globs = None,
+    exclude: Globs = None,
     force: bool = False,
     progress: Progress | None = None,
 ) -> Report:
@@ -424,8 +468,10 @@ def resize(
             budget F allows Σ r′·(m + n) ≤ F·Σ m·n over the selected modules.
         dtype: the dtype of the new factors ("keep": each pair's own).
         device: where the QRs run.
-        include, exclude: globs on module names (PEFT) or key prefixes (kohya); other pairs are copied.
+        include, exclude: globs on module names (PEFT) or key prefixes (kohya), one or a list; other pairs
+            are copied.
         force: overwrite `out`.
+        progress: called as progress(bytes done, bytes in all) as the adapter's pairs are read.
 
     Returns:
         The Report: per module the rank before (rank_before) and after (rank), and rel_error
@@ -438,6 +484,7 @@ def resize(
     from lowrank_cli.io.lora import open_adapter
     from lowrank_cli.ops.resize import resize as _resize
 
+    include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, device=resolve_device(device))
     with open_adapter(adapter) as opened, _progress(progress, opened.checkpoint.nbytes) as tick:
@@ -467,16 +514,22 @@ def calibrate(
         model: a Hugging Face model folder (config.json, safetensors, tokenizer); needs the
             `calibrate` extra (transformers). Runs offline.
         out: the statistics file (docs/calibration.md) that `calibration=` reads.
-        text: a UTF-8 text file. split="windows" cuts it into windows of `seq_len` tokens;
-            split="lines" makes each non-empty line one sample (cut at `seq_len`); "auto" (the
-            default) takes lines when the file is one short sample per line: use lines when the
-            model's real inputs are short (sentences, prompts). Samples holding about `tokens`
-            tokens (at most `samples` of them) are taken evenly over the whole text and run
-            `batch_size` at a time.
+        text: a UTF-8 text file, cut into samples as `split` says.
+        split: "windows" cuts the text into windows of `seq_len` tokens; "lines" makes each
+            non-empty line one sample (cut at `seq_len`); "auto" (the default) takes lines when the
+            file is one short sample per line: use lines when the model's real inputs are short
+            (sentences, prompts).
+        seq_len: the longest sample, in tokens.
+        tokens, samples: samples holding about `tokens` tokens (at most `samples` of them) are
+            taken evenly over the whole text.
+        batch_size: samples per forward pass.
+        device: where the model runs: "auto", "cpu", "cuda" or "cuda:N".
+        force: overwrite `out` if it exists.
         sensitivity: also measure each weight's sensitivity (the model's output error when that
             weight alone is cut, per unit of its squared error) on about `probe_tokens` tokens
             of the samples; a budget with these statistics spares the weights the model needs
             most (docs/calibration.md).
+        probe_tokens: the tokens each cut is measured on.
         progress: called as progress(done, total) after each batch and each weight probed.
 
     Returns:
@@ -516,7 +569,8 @@ def evaluate(
             the `calibrate` extra (transformers). Runs offline.
         candidate: the model to measure: a folder (lowrank-compressed or dense) or a weights file of
             the reference's architecture. Factors run as factors (load_pretrained), never expanded.
-        text: a UTF-8 text file, sampled as calibrate samples it (seq_len, tokens, samples, split).
+        text: a UTF-8 text file, sampled as calibrate samples it.
+        seq_len, tokens, samples, split: how the text is cut into samples, as for calibrate.
         batch_size: samples per forward pass.
         device: where both models run.
 
@@ -580,7 +634,8 @@ def heal(
         compressed: a lowrank-compressed folder or file made from it.
         out: where the healed model goes: the same ranks, names, shards, dtypes and format as
             `compressed` (load_pretrained, expand and evaluate read it).
-        text: the training text, sampled as calibrate samples (seq_len, tokens, samples, split).
+        text: the training text, sampled as calibrate samples it.
+        seq_len, tokens, samples, split: how the text is cut into samples, as for calibrate.
         steps: optimizer steps (default: `epochs` passes over the samples).
         epochs, lr, batch_size, seed: AdamW with a learning rate decaying linearly to 0; runs with
             the same seed are the same on one machine.

@@ -82,6 +82,18 @@ class MissingExtraError(LowrankError):
     """An optional dependency (transformers, …) that this call needs is not installed."""
 
 
+def require_extra(module: str, extra: str, feature: str):
+    """`module`, imported now: an optional dependency, so when it is missing say which extra installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise MissingExtraError(
+            f"{feature} needs {module}, which is not installed; pip install 'lowrank[{extra}]'"
+        ) from None
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM, raised like Ctrl-C so that it unwinds through every cleanup (and no `except Exception`);
     the CLI ends with EXIT_TERMINATED for it, EXIT_INTERRUPTED for Ctrl-C."""

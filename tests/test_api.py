@@ -8,7 +8,12 @@ report whose errors hold on the files as written, or in one clean error line.
 from __future__ import annotations
 
 import ast
+import dataclasses
+import enum
+import fnmatch
+import inspect
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -27,6 +32,8 @@ from conftest import (
     save,
     sha256,
 )
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import lowrank_cli
 
@@ -346,3 +353,137 @@ def test_extract_full_rank_delta_with_randomized_and_an_error_target(tmp_path):
     delta = tuned["l.weight"] - base["l.weight"]
     assert relative_error(delta, b, a) <= 0.01
     assert row["rank"] == b.shape[1]
+
+
+# --- optional extras ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("feature", "call"),
+    [
+        ("load_pretrained", lambda folder, small, text, out: lowrank_cli.load_pretrained(folder, weights=small)),
+        ("evaluate", lambda folder, small, text, out: lowrank_cli.evaluate(folder, small, text=text)),
+        ("heal", lambda folder, small, text, out: lowrank_cli.heal(folder, small, out, text=text)),
+        ("calibrate", lambda folder, small, text, out: lowrank_cli.calibrate(folder, out, text=text)),
+    ],
+)
+def test_every_call_that_needs_transformers_names_the_same_extra(tmp_path, monkeypatch, feature, call):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    save(folder / "model.safetensors", {"l.weight": low_rank(12, 10, 2, seed=1)})
+    small = tmp_path / "small.safetensors"
+    lowrank_cli.compress(folder / "model.safetensors", small, rank=2)
+    text = tmp_path / "text.txt"
+    text.write_text("a sentence to read\nanother one\n")
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(lowrank_cli.MissingExtraError) as caught:
+        call(folder, small, text, tmp_path / "out.safetensors")
+    hint = "needs transformers, which is not installed; pip install 'lowrank[calibrate]'"
+    assert str(caught.value) == f"{feature} {hint}"
+
+
+# --- include and exclude: one glob or a list ----------------------------------------------------------
+
+GLOB_TENSORS = {
+    "layer.0.attn.weight": low_rank(24, 16, 4, seed=11),
+    "layer.0.mlp.weight": low_rank(20, 16, 4, seed=12),
+    "layer.1.attn.weight": low_rank(24, 16, 4, seed=13),
+    "layer.1.mlp.weight": low_rank(20, 16, 4, seed=14),
+}
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    pattern=st.sampled_from(["*attn*", "layer.1.*", "layer.0.mlp.weight", "*.weight", "layer.?.mlp.*"]),
+    option=st.sampled_from(["include", "exclude"]),
+)
+def test_analyze_reads_a_lone_string_as_one_glob(tmp_path_factory, pattern, option):
+    path = save(tmp_path_factory.mktemp("globs") / "m.safetensors", GLOB_TENSORS)
+    keep = [n for n in GLOB_TENSORS if fnmatch.fnmatchcase(n, pattern) == (option == "include")]
+    if not keep:  # a selection of nothing is refused (check_patterns), a string or not
+        return
+    report = lowrank_cli.analyze(path, **{option: pattern})
+    assert [t.name for t in report.tensors] == keep
+
+
+def test_every_function_reads_a_lone_string_as_one_glob(tmp_path):
+    base = save(tmp_path / "base.safetensors", GLOB_TENSORS)
+    tuned = {name: w + low_rank(*w.shape, 2, seed=20 + i) for i, (name, w) in enumerate(GLOB_TENSORS.items())}
+    save(tmp_path / "tuned.safetensors", tuned)
+    kept = ["layer.0.attn.weight", "layer.1.attn.weight"]
+
+    report = lowrank_cli.compress(base, tmp_path / "c.safetensors", rank=2, include="*attn*")
+    assert [t.name for t in report.tensors if t.status == lowrank_cli.Status.factorized] == kept
+
+    report = lowrank_cli.extract(base, tmp_path / "tuned.safetensors", tmp_path / "adapter", rank=2, exclude="*mlp*")
+    assert [t.name for t in report.tensors if t.status == lowrank_cli.Status.extracted] == kept
+
+    report = lowrank_cli.resize(tmp_path / "adapter", tmp_path / "r1", rank=1, include="*layer.0*")
+    resized = [t.name for t in report.tensors if t.rank == 1]
+    assert len(resized) == 1 and "layer.0.attn" in resized[0]
+
+
+@pytest.mark.parametrize("patterns", [[1], b"*.weight", {"*": 1}, 3])
+def test_globs_that_are_not_strings_are_refused_by_name(tmp_path, patterns):
+    path = save(tmp_path / "m.safetensors", GLOB_TENSORS)
+    with pytest.raises(lowrank_cli.UsageError, match=r"^exclude must be a glob or a list of globs \(str\)"):
+        lowrank_cli.analyze(path, exclude=patterns)
+
+
+# --- docstrings: every argument of the public API, and an example -------------------------------------
+
+ARGUMENT_LINE = re.compile(r"^([A-Za-z_]\w*(?:\s*(?:,|/|and)\s*[A-Za-z_]\w*)*):")
+
+
+def _documented(doc: str) -> set[str]:
+    """The names an `Args:` section describes, one line per argument or per group (`rank, energy:`,
+    `rank / energy:`), at the section's first indentation."""
+    lines = doc.expandtabs().splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Args:"), None)
+    if start is None:
+        return set()
+    names, indent = set(), None
+    for line in lines[start + 1 :]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        if depth <= len(lines[start]) - len(lines[start].lstrip()):
+            break  # Returns:, Example: …
+        indent = depth if indent is None else indent
+        match = ARGUMENT_LINE.match(line.strip()) if depth == indent else None
+        if match:
+            names.update(re.split(r"\s*(?:,|/|\band\b)\s*", match.group(1)))
+    return names
+
+
+def _public_callables():
+    """Every function in lowrank_cli.__all__, and the constructors (and alternative constructors)
+    of its classes that are not plain records (dataclasses, named tuples, enums, errors)."""
+    for name in lowrank_cli.__all__:
+        value = getattr(lowrank_cli, name)
+        if inspect.isfunction(value):
+            yield name, value, value
+            continue
+        records = (Exception, enum.Enum, tuple)
+        if not inspect.isclass(value) or issubclass(value, records) or dataclasses.is_dataclass(value):
+            continue
+        yield name, value.__init__, value  # documented in the class docstring
+        for attr, member in vars(value).items():
+            if isinstance(member, classmethod) and not attr.startswith("_"):
+                yield f"{name}.{attr}", member.__func__, member.__func__
+
+
+@pytest.mark.parametrize(
+    ("name", "function", "documented_on"), list(_public_callables()), ids=[name for name, *_ in _public_callables()]
+)
+def test_every_public_function_documents_every_argument_and_gives_an_example(name, function, documented_on):
+    parameters = [
+        p.name
+        for p in list(inspect.signature(function).parameters.values())
+        if p.name not in ("self", "cls") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    ]
+    doc = inspect.getdoc(documented_on) or ""
+    missing = [p for p in parameters if p not in _documented(doc)]
+    assert not missing, f"{name}: its docstring's Args: section does not describe {missing}"
+    assert "Example" in doc, f"{name}: its docstring has no example"

@@ -37,6 +37,7 @@ from conftest import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import lowrank_cli
 from lowrank_cli.errors import UsageError
 from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.spectrum import Spectrum
@@ -491,3 +492,53 @@ def test_extract_budget_allocates_lora_ranks_only(tmp_path):
         assert b.shape[1] == a.shape[0] >= 1 and report[name]["rank"] == b.shape[1], name
         params += b.numel() + a.numel()
     assert params <= fraction * sum(w.numel() for w in base.values())
+
+
+def test_analyze_and_extract_allocate_the_same_ranks_where_their_objectives_agree(tmp_path):
+    """One function turns a budget into ranks for every command (ops.budget). analyze weighs a model's
+    matrices (balanced: by ‖W‖), extract a fine-tune's ΔW (absolute: by ‖ΔW‖², ranks only); for ΔWs of
+    equal norm and of low rank, where keeping one whole never pays, the two objectives are one, and
+    analyze of the ΔWs must predict extract's ranks exactly."""
+    shapes = {"a.weight": (40, 30), "b.weight": (48, 30), "c.weight": (40, 36)}
+    deltas = {}
+    for i, (name, (m, n)) in enumerate(shapes.items()):
+        delta = with_spectrum(m, n, geometric(6, (0.45, 0.7, 0.9)[i]), seed=30 + i, dtype=torch.float64)
+        deltas[name] = delta / delta.norm()  # ‖ΔW‖_F = 1 for each
+    generator = torch.Generator().manual_seed(8)
+    base = {name: torch.randn(*shape, generator=generator, dtype=torch.float64) for name, shape in shapes.items()}
+    tuned = {name: base[name] + deltas[name] for name in shapes}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "tuned.safetensors", tuned)
+    save(tmp_path / "delta.safetensors", {name: tuned[name] - base[name] for name in shapes})  # extract's ΔW
+    fraction = 0.15
+
+    analyzed = lowrank_cli.analyze(tmp_path / "delta.safetensors", budget=fraction)
+    extracted = lowrank_cli.extract(
+        tmp_path / "base.safetensors", tmp_path / "tuned.safetensors", tmp_path / "adapter", budget=fraction
+    )
+    predicted = {t.name: t.rank for t in analyzed.tensors}
+    ranks = {t.name: t.rank for t in extracted.tensors}
+    assert predicted == ranks, (predicted, ranks)
+    assert len(set(ranks.values())) > 1  # the budget chose: no uniform rank
+    factors = load(tmp_path / "adapter" / "adapter_model.safetensors")
+    spent = sum(f.numel() for key, f in factors.items() if ".lora_" in key)
+    assert spent <= fraction * sum(m * n for m, n in shapes.values())
+    assert analyzed.options["budget_objective"] == "balanced" and extracted.options["budget_objective"] == "absolute"
+
+
+def test_every_command_under_a_budget_reports_its_objective(tmp_path):
+    base = {"a.weight": low_rank(40, 30, 8, seed=1), "b.weight": low_rank(40, 30, 8, seed=2)}
+    tuned = {name: w + low_rank(40, 30, 4, seed=3 + i) for i, (name, w) in enumerate(base.items())}
+    save(tmp_path / "base.safetensors", base)
+    save(tmp_path / "tuned.safetensors", tuned)
+    args = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    reports = {
+        "analyze": lowrank_cli.analyze(args[0], budget=0.5),
+        "compress": lowrank_cli.compress(args[0], tmp_path / "c.safetensors", budget=0.5),
+        "extract": lowrank_cli.extract(*args, tmp_path / "adapter", budget=0.5),
+        "resize": lowrank_cli.resize(tmp_path / "adapter", tmp_path / "small", budget=0.5),
+    }
+    objectives = {command: report.options.get("budget_objective") for command, report in reports.items()}
+    assert objectives == {"analyze": "balanced", "compress": "balanced", "extract": "absolute", "resize": "absolute"}
+    ranked = lowrank_cli.analyze(args[0], rank=2)
+    assert "budget_objective" not in ranked.options  # a policy without a budget has no objective

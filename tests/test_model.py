@@ -7,10 +7,13 @@ factors read straight from the file; never from lowrank_cli.nn's own output.
 
 from __future__ import annotations
 
+import inspect
 import json
+import math
 import os
 import shutil
 import sys
+from collections import OrderedDict
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 
@@ -25,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from lowrank_cli.errors import CheckpointError, LowrankError, MissingExtraError  # noqa: E402
 from lowrank_cli.nn import (  # noqa: E402
+    LoadResult,
     LowRankEmbedding,
     LowRankLinear,
     apply_factors,
@@ -117,6 +121,52 @@ def test_low_rank_linear_matches_linear_with_the_product_weight(dtype):
     bound = (n_in + rank + 4) * eps * magnitude
     assert bool(((got.double() - exact).abs() <= bound).all())
     assert bool(((linear.double() - exact).abs() <= bound).all())
+
+
+def test_a_new_low_rank_linear_is_initialised_with_nn_linear_s_variance():
+    torch.manual_seed(3)
+    n_in, n_out, rank = 512, 384, 64
+    layer = LowRankLinear(n_in, n_out, rank)
+    a, b, bias = layer.A.detach().double(), layer.B.detach().double(), layer.bias.detach().double()
+    assert a.abs().max() <= 1 / math.sqrt(n_in) and b.abs().max() <= math.sqrt(3 / rank)
+    assert bias.abs().max() <= 1 / math.sqrt(n_in) and bias.std() > 0
+    w = b @ a  # (out, r) @ (r, in) -> (out, in)
+    # nn.Linear: kaiming_uniform(a=√5) gives U(−1/√in, 1/√in), whose variance is 1/(3·in)
+    assert w.var().item() == pytest.approx(1 / (3 * n_in), rel=0.05)
+    assert abs(w.mean().item()) < 0.05 * w.std().item()
+    torch.manual_seed(3)
+    again = LowRankLinear(n_in, n_out, rank)
+    assert torch.equal(again.A, layer.A) and torch.equal(again.B, layer.B)  # seeded like any torch layer
+
+
+def test_a_new_low_rank_embedding_is_initialised_with_nn_embedding_s_variance():
+    torch.manual_seed(4)
+    table = LowRankEmbedding(2000, 256, 32, padding_idx=-1)
+    e = table.B.detach().double() @ table.A.detach().double()  # (num, r) @ (r, dim) -> (num, dim)
+    assert table.padding_idx == 1999 and not e[1999].any()  # nn.Embedding's: -1 is the last row, kept at zero
+    assert e[:1999].var().item() == pytest.approx(1.0, rel=0.05)  # nn.Embedding draws N(0, 1)
+    ids = torch.tensor([[3, 1999, 7]])
+    assert torch.allclose(table(ids).double(), e[ids], rtol=0, atol=1e-5 * e.abs().max().item())
+    with pytest.raises(LowrankError, match="padding_idx 2000 is not a row of a 2000-row table"):
+        LowRankEmbedding(2000, 256, 32, padding_idx=2000)
+
+
+@pytest.mark.parametrize("layer_class", [LowRankLinear, LowRankEmbedding])
+def test_the_low_rank_layers_take_their_arguments_alike(layer_class):
+    """Each takes the sizes of the torch layer it replaces, then rank, then that layer's option, then
+    keyword-only device and dtype; from_factors takes B, A, the option, and keyword-only rel_error."""
+    torch_layer = {LowRankLinear: nn.Linear, LowRankEmbedding: nn.Embedding}[layer_class]
+    option = {LowRankLinear: "bias", LowRankEmbedding: "padding_idx"}[layer_class]
+    sizes = list(inspect.signature(torch_layer).parameters)[:2]
+    parameters = inspect.signature(layer_class).parameters
+    assert list(parameters) == [*sizes, "rank", option, "device", "dtype"]
+    assert [p.kind for p in parameters.values()][-2:] == [inspect.Parameter.KEYWORD_ONLY] * 2
+    assert list(inspect.signature(layer_class.from_factors).parameters) == ["b", "a", option, "rel_error"]
+    layer = layer_class(6, 5, 2, device="meta", dtype=torch.float64)
+    # Linear(in 6, out 5): A (r, in), B (out, r); Embedding(num 6, dim 5): A (r, dim), B (num, r)
+    expected = ((2, 6), (5, 2)) if layer_class is LowRankLinear else ((2, 5), (6, 2))
+    assert (layer.A.shape, layer.B.shape) == expected
+    assert layer.A.dtype == layer.B.dtype == torch.float64 and layer.A.is_meta
 
 
 def test_from_linear_error_is_the_best_rank_r_error_and_to_linear_is_the_product():
@@ -238,9 +288,25 @@ def test_load_pretrained_refuses_a_file_that_lacks_the_model_s_tensors(tmp_path)
     torch.manual_seed(0)
     source = _saved(tmp_path, BertModel(BERT))
     out, _ = _compressed(tmp_path, source, "--rank", RANK)
-    with pytest.raises(CheckpointError, match=r"has no tensor 'classifier\.(weight|bias)'") as caught:
+    missing = r"2 of the model's are not in the file \('classifier\.weight', 'classifier\.bias'\)"
+    with pytest.raises(CheckpointError, match=missing) as caught:
         load_pretrained(out, BertForSequenceClassification)
-    assert "\n" not in str(caught.value) and "apply_factors" in str(caught.value)
+    assert "\n" not in str(caught.value) and "strict=False" in str(caught.value)
+
+
+def test_load_pretrained_not_strict_initialises_a_new_head_as_transformers_does(tmp_path):
+    torch.manual_seed(0)
+    source = _saved(tmp_path, BertModel(BERT))
+    out, _ = _compressed(tmp_path, source, "--rank", RANK)
+    model, info = load_pretrained(out, BertForSequenceClassification, strict=False, output_loading_info=True)
+    assert info == LoadResult(missing_keys=["classifier.weight", "classifier.bias"], unexpected_keys=[])
+    assert not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    weight, bias = model.classifier.weight.detach(), model.classifier.bias.detach()
+    # BertPreTrainedModel._init_weights: Linear weights N(0, initializer_range), biases 0
+    assert weight.std().item() == pytest.approx(BERT.initializer_range, rel=0.3) and not bias.any()
+    reference = _expanded(tmp_path, out, BertModel)
+    with torch.no_grad():
+        _assert_close(model.bert(TOKENS).last_hidden_state, reference(TOKENS).last_hidden_state)
 
 
 def test_load_pretrained_needs_config_json(tmp_path):
@@ -258,7 +324,8 @@ def test_apply_factors_adds_the_base_model_prefix_for_a_task_head_model(tmp_path
     torch.manual_seed(5)
     model = BertForSequenceClassification(BERT).eval()
     classifier = model.classifier.weight.detach().clone()
-    apply_factors(model, out / "model.safetensors")
+    result = apply_factors(model, out / "model.safetensors", strict=False)
+    assert result == LoadResult(missing_keys=["classifier.weight", "classifier.bias"], unexpected_keys=[])
     assert isinstance(model.bert.encoder.layer[0].attention.self.query, LowRankLinear)
     assert torch.equal(model.classifier.weight, classifier)  # not in the file: kept
     reference = _expanded(tmp_path, out, BertModel)
@@ -270,7 +337,11 @@ def test_apply_factors_adds_the_base_model_prefix_for_a_task_head_model(tmp_path
     ("config", "message"),
     [
         (BertConfig.from_dict({**BERT.to_dict(), "hidden_size": 64}), r"is \[\d+, 48\] but the model's"),
-        (GPT2, r"tensor 'embeddings\.\S+' is not in the model \(GPT2LMHeadModel\)"),
+        (
+            GPT2,
+            r"does not fit GPT2LMHeadModel: \d+ of its tensors are not in the model \('embeddings\.[^']+',.*"
+            r" and \d+ of the model's are not in the file \('transformer\.",
+        ),
     ],
 )
 def test_apply_factors_on_a_mismatched_file_leaves_the_model_unchanged(tmp_path, config, message):
@@ -288,6 +359,37 @@ def test_apply_factors_on_a_mismatched_file_leaves_the_model_unchanged(tmp_path,
     assert after.keys() == before.keys()
     assert all(torch.equal(after[name], before[name]) for name in before)
     assert [type(m) for m in model.modules()] == modules_before
+
+
+def test_apply_factors_reports_missing_and_unexpected_names_like_load_state_dict(tmp_path):
+    torch.manual_seed(9)
+    source = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 56))
+    save(tmp_path / "mlp.safetensors", dict(source.state_dict()))
+    cli_json("compress", tmp_path / "mlp.safetensors", "--rank", 4, "-o", tmp_path / "c.safetensors")
+    # the same first layer; a last layer under another name and of another size
+    model = nn.Sequential(OrderedDict([("0", nn.Linear(64, 48)), ("1", nn.ReLU()), ("3", nn.Linear(48, 8))]))
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+
+    with pytest.raises(CheckpointError) as caught:
+        apply_factors(model, tmp_path / "c.safetensors")
+    assert str(caught.value) == (
+        f"{tmp_path / 'c.safetensors'}: does not fit Sequential: 2 of its tensors are not in the model"
+        " ('2.weight', '2.bias') and 2 of the model's are not in the file ('3.weight', '3.bias'); names must"
+        " match exactly; load it into the model it was saved from, or pass strict=False to load what matches"
+    )
+    assert all(torch.equal(model.state_dict()[name], before[name]) for name in before)  # strict: untouched
+
+    result = apply_factors(model, tmp_path / "c.safetensors", strict=False)
+    assert result == LoadResult(missing_keys=["3.weight", "3.bias"], unexpected_keys=["2.weight", "2.bias"])
+    assert result.missing_keys == result[0]  # a named tuple, as torch's
+    last = model.get_submodule("3")
+    assert isinstance(model[0], LowRankLinear) and isinstance(last, nn.Linear)
+    assert torch.equal(last.weight, before["3.weight"])  # kept
+    stored = load(tmp_path / "c.safetensors")
+    w0 = stored["0.weight.B"].double() @ stored["0.weight.A"].double()  # (48, 4) @ (4, 64) -> (48, 64)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        _assert_close(model[0](x).double(), x.double() @ w0.T + stored["0.bias"].double(), rtol=1e-5)
 
 
 def test_apply_factors_refuses_a_conv_kernel(tmp_path):
@@ -309,7 +411,9 @@ def test_without_transformers_load_pretrained_says_how_to_install_and_apply_fact
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     monkeypatch.setitem(sys.modules, "transformers", None)
 
-    with pytest.raises(MissingExtraError, match="pip install transformers") as caught:
+    with pytest.raises(
+        MissingExtraError, match=r"^load_pretrained needs transformers.*pip install 'lowrank\[calibrate\]'$"
+    ) as caught:
         load_pretrained(tmp_path, weights=tmp_path / "c.safetensors")
     assert "\n" not in str(caught.value)
 

@@ -248,5 +248,14 @@ def fingerprint_differs(recorded: list[float], values: list[float], dtype: torch
 
 
 def load_calibration(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weight name -> E[x xᵀ] of that weight's input (float32, n×n), from a calibration statistics file."""
+    """Weight name -> E[x xᵀ] of that weight's input (float32, n×n), from a calibration statistics file.
+
+    Args:
+        path: the statistics file `calibrate` (or Calibrator.save) wrote.
+
+    Example:
+        >>> moments = lowrank_cli.load_calibration("bert.stats.safetensors")
+        >>> moments["encoder.layer.0.attention.self.query.weight"].shape
+        torch.Size([768, 768])
+    """
     return read_calibration(path).moments

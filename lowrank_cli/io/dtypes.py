@@ -25,9 +25,6 @@ DTYPES: dict[str, tuple[torch.dtype, int]] = {
 FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"})
 CODE_OF = {torch_dtype: code for code, (torch_dtype, _) in DTYPES.items()}
 
-# Names accepted by --dtype for stored factors.
-FACTOR_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64"}
-
 
 def torch_dtype(code: str) -> torch.dtype:
     return DTYPES[code][0]

@@ -27,9 +27,13 @@ import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.dtypes import FLOAT_CODES
+
+if TYPE_CHECKING:
+    from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 
 METADATA_KEY = "lowrank"
 FORMAT_VERSION = 1
@@ -85,6 +89,34 @@ def check_factors(source: object, name: str, record: FactorRecord, shapes: Mappi
             f"{source}: tensor '{name}' has dtype {record.dtype}, which B·A cannot be (only float tensors are"
             " factorized); compress the original again"
         )
+
+
+@dataclass(frozen=True)
+class ShardRecords:
+    """One file of a lowrank checkpoint: its tensors, the input's metadata and the factor records."""
+
+    shard: ShardFile
+    entries: list[TensorEntry]
+    metadata: dict[str, str] | None  # the input's own metadata (decode_metadata)
+    records: dict[str, FactorRecord]
+
+
+def shard_records(checkpoint: Checkpoint) -> list[ShardRecords]:
+    """Every file's factor records, each checked against its own file's header (check_factors) before any
+    tensor is read: what expand and every loader read a lowrank checkpoint through."""
+    found = []
+    for shard, entries in checkpoint.by_shard():
+        metadata, records = decode_metadata(shard.path, shard.metadata)
+        shapes = {entry.name: entry.shape for entry in entries}
+        for name, record in records.items():
+            check_factors(shard.path, name, record, shapes)
+        found.append(ShardRecords(shard, entries, metadata, records))
+    return found
+
+
+def factor_records(checkpoint: Checkpoint) -> dict[str, FactorRecord]:
+    """The factor records of every file of a lowrank checkpoint, checked (shard_records)."""
+    return {name: record for shard in shard_records(checkpoint) for name, record in shard.records.items()}
 
 
 def calibration_record(calibration: object | None) -> dict | None:

@@ -69,17 +69,6 @@ class RankPolicy:
             return (1.0 - self.energy) ** 0.5
         return None
 
-    def describe(self) -> str:
-        if self.dense:
-            return "dense"
-        if self.rank is not None:
-            return f"rank {self.rank}"
-        if self.energy is not None:
-            return f"energy ≥ {self.energy:g}"
-        if self.budget is not None:
-            return f"budget {self.budget:g} of the params"
-        return f"relative error ≤ {self.max_error:g}"
-
     def as_dict(self) -> dict[str, float | int]:
         return {key: value for key, value in vars(self).items() if value is not None and value is not False}
 

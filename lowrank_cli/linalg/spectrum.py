@@ -55,10 +55,6 @@ class Spectrum:
         return float(self.singular_values[0]) if self.singular_values.size else 0.0
 
     @property
-    def sigma_max(self) -> float:
-        return self._top * self.scale
-
-    @property
     def is_zero(self) -> bool:
         return self._top == 0.0
 
@@ -89,10 +85,6 @@ class Spectrum:
     def stable_rank(self) -> float:
         """‖W‖_F² / σ_max²."""
         return float((self._relative**2).sum())
-
-    def gains(self) -> np.ndarray:
-        """How much relative squared error each rank-1 term removes: σ_i² / ‖W‖_F²."""
-        return self._shares
 
     def rank_for_energy(self, fraction: float) -> int:
         """The smallest r with Σ_{i≤r} σ_i² ≥ fraction·Σσ²."""

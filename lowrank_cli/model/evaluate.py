@@ -34,7 +34,6 @@ ENCODER, CAUSAL_LM, MASKED_LM = "encoder", "causal-lm", "masked-lm"
 MASK_SHARE = 0.15  # masked-lm: the share of (non-special) tokens masked, as BERT was trained
 MASK_SEED = 0
 CACHE_BYTES = 1 << 29  # LM log-probabilities of the reference kept in memory up to this size, else rerun
-POOLING_MODES = ("mean", "cls", "max", "mean_sqrt_len", "lasttoken")
 
 
 @dataclass
@@ -292,11 +291,11 @@ def evaluate(
     )
 
 
-def load_reference(folder: Path, device: str):
+def load_reference(folder: Path, device: str, feature: str = "evaluate"):
     """The reference model and its tokenizer, loaded as calibrate loads them (offline, its own class)."""
-    from lowrank_cli.ops.calibrate import _load, _transformers
+    from lowrank_cli.ops.calibrate import _load
 
-    return _load(_transformers(), folder, device)
+    return _load(folder, device, feature)
 
 
 def model_samples(

@@ -1,8 +1,9 @@
 """compress --fidelity F: the smallest model whose fidelity on an evaluation text is at least F.
 
-The search is over the budget of `--budget`: each trial allocates ranks (by the measured
-sensitivities with calibration, linalg.budget.allocate), puts W′ = B·A into the reference model in
-memory, and measures it as `evaluate` does (Evaluator: the reference's outputs are computed once).
+The search is over the budget of `--budget`: each trial allocates ranks as compress --budget
+does (ops.budget.budget_ranks: by the measured sensitivities with calibration), puts W′ = B·A into
+the reference model in memory, and measures it as `evaluate` does (Evaluator: the reference's
+outputs are computed once).
 Each selected matrix has one SVD, of the view the budget reads (W·S, D^½·W or W), computed once
 and cut at every trial's rank; nothing is written until the search is over. Then OUT is written by
 compress at the budget found, loaded back as factors and measured again: the fidelity reported is
@@ -26,12 +27,12 @@ import torch
 from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.model.evaluate import Evaluator, load_candidate, metric
 from lowrank_cli.ops import compress as _compress
+from lowrank_cli.ops.budget import budget_ranks
 from lowrank_cli.ops.pipeline import load_matrix, skip_reason, whitened_view
 from lowrank_cli.ops.report import Report
 from lowrank_cli.ops.settings import Method, Settings
@@ -88,13 +89,12 @@ def search(
     cuts, spectra = {}, {}
     for name in names:
         cuts[name], spectra[name] = _cut(checkpoint, model, name, calibration, device)
-    sensitivity = calibration.sensitivity if calibration is not None else None
     trials: list[tuple[float, float]] = []
     steps = 1 + math.ceil(math.log2((MILDEST - LOWEST) / STEP))
 
     def measure(budget: float) -> float | None:
         try:
-            ranks = allocate(spectra, budget, sensitivity=sensitivity)
+            ranks = budget_ranks(spectra, budget, calibration=calibration)
         except UsageError:  # below rank 1 for every matrix
             return None
         with torch.no_grad():

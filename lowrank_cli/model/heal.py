@@ -30,7 +30,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError, arg
 from lowrank_cli.io.checkpoint import Checkpoint
-from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names
+from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names, factor_records
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.linalg.factorize import relative_error
 from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
@@ -286,7 +286,7 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = load_reference(folder, device)
+    reference, tokenizer = load_reference(folder, device, "heal")
     reference = reference.float()
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
@@ -336,9 +336,7 @@ def heal(
 
 def _check_pair(compressed: Checkpoint, original: Checkpoint) -> None:
     """COMPRESSED was made from REFERENCE: each of its tensors is one of the reference's, of the same shape."""
-    records: dict = {}
-    for shard in compressed.files:
-        records.update(decode_metadata(shard.path, shard.metadata)[1])
+    records = factor_records(compressed)
     factors = {f for name in records for f in factor_names(name)}
     shapes = {name: tuple(record.shape) for name, record in records.items()}
     shapes.update({n: e.shape for n, e in compressed.entries.items() if n not in factors})

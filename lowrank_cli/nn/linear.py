@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lowrank_cli.errors import UsageError
+from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.pipeline import check_finite, factor
 from lowrank_cli.ops.settings import Method, Settings
@@ -16,6 +19,14 @@ class LowRankLinear(nn.Module):
     """A Linear layer whose weight is stored as factors: W = B·A, B (out, r), A (r, in).
 
     `forward` costs r·(in + out) multiply-adds per input row instead of in·out.
+
+    Args:
+        in_features, out_features, bias, device, dtype: as for nn.Linear.
+        rank: r, the inner size of the factors.
+
+    A new layer is initialised (reset_parameters) so that W = B·A has nn.Linear's variance,
+    Var(W_ij) = 1/(3·in): A ~ U(−1/√in, 1/√in), B ~ U(−√(3/r), √(3/r)), and the bias as
+    nn.Linear's, U(−1/√in, 1/√in). `from_factors` and `from_linear` build one from known factors.
 
     Attributes:
         A: (rank, in_features) parameter.
@@ -29,6 +40,8 @@ class LowRankLinear(nn.Module):
         >>> layer = LowRankLinear.from_linear(nn.Linear(512, 256), rank=32)
         >>> layer(torch.randn(4, 512)).shape
         torch.Size([4, 256])
+        >>> LowRankLinear(512, 256, rank=32)  # randomly initialised, to train
+        LowRankLinear(in_features=512, out_features=256, rank=32, bias=True)
     """
 
     def __init__(
@@ -48,12 +61,34 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.transposed = False
         self.rel_error: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random factors whose product has nn.Linear's variance (see the class docstring)."""
+        bound = 1 / math.sqrt(self.in_features) if self.in_features else 0.0
+        nn.init.uniform_(self.A, -bound, bound)  # Var(A_kj) = 1/(3·in)
+        spread = math.sqrt(3 / self.rank) if self.rank else 0.0
+        nn.init.uniform_(self.B, -spread, spread)  # Var(B_ik) = 1/r
+        # W_ij = Σ_k B_ik·A_kj, r independent terms: Var(W_ij) = r · (1/r) · 1/(3·in) = 1/(3·in)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
 
     @classmethod
     def from_factors(
         cls, b: torch.Tensor, a: torch.Tensor, bias: torch.Tensor | None = None, *, rel_error: float | None = None
     ) -> LowRankLinear:
-        """The layer x ↦ B·(A·x) + bias, holding the given tensors themselves (no copy)."""
+        """The layer x ↦ B·(A·x) + bias, holding the given tensors themselves (no copy).
+
+        Args:
+            b: (out, r) factor B.
+            a: (r, in) factor A.
+            bias: (out,) tensor, or None for no bias.
+            rel_error: ‖W − B·A‖_F / ‖W‖_F against the weight the factors were made from, if known.
+
+        Example:
+            >>> LowRankLinear.from_factors(torch.randn(256, 32), torch.randn(32, 512)).rank
+            32
+        """
         if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
             raise UsageError(
                 f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (out, r), A (r, in)"
@@ -121,25 +156,89 @@ class LowRankEmbedding(nn.Module):
     """An embedding table stored as factors: E = B·A, B (num, r), A (r, dim); row i is B[i]·A.
 
     A lookup reads one row of B and multiplies by A, so the num×dim table never exists.
+
+    Args:
+        num_embeddings, embedding_dim, padding_idx, device, dtype: as for nn.Embedding.
+        rank: r, the inner size of the factors.
+
+    A new table is initialised (reset_parameters) so that E = B·A has nn.Embedding's variance,
+    Var(E_ij) = 1: B ~ N(0, 1), A ~ N(0, 1/r); the padding row of B (so of E) is zero.
+    `from_factors` builds one from known factors.
+
+    Attributes:
+        A: (rank, embedding_dim) parameter.
+        B: (num_embeddings, rank) parameter.
+        rel_error: ‖E − B·A‖_F / ‖E‖_F against the table the factors were made from, when known.
+
+    Example:
+        >>> table = LowRankEmbedding(30522, 384, rank=64, padding_idx=0)
+        >>> table(torch.tensor([[101, 2023, 102]])).shape
+        torch.Size([1, 3, 384])
     """
 
-    def __init__(self, b: torch.Tensor, a: torch.Tensor, padding_idx: int | None = None) -> None:
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        rank: int,
+        padding_idx: int | None = None,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
+        if padding_idx is not None:
+            if not -num_embeddings <= padding_idx < num_embeddings:
+                raise UsageError(f"padding_idx {padding_idx} is not a row of a {num_embeddings}-row table")
+            padding_idx %= num_embeddings  # as nn.Embedding: -1 is the last row
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.A = nn.Parameter(torch.empty(rank, embedding_dim, device=device, dtype=dtype))
+        self.B = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
+        self.rel_error: float | None = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Random factors whose product has nn.Embedding's variance (see the class docstring)."""
+        nn.init.normal_(self.B)  # Var(B_ik) = 1
+        nn.init.normal_(self.A, std=1 / math.sqrt(self.rank) if self.rank else 0.0)  # Var(A_kj) = 1/r
+        # E_ij = Σ_k B_ik·A_kj, r independent terms: Var(E_ij) = r · 1 · (1/r) = 1
+        if self.padding_idx is not None:
+            with torch.no_grad():
+                self.B[self.padding_idx].zero_()
+
+    @classmethod
+    def from_factors(
+        cls, b: torch.Tensor, a: torch.Tensor, padding_idx: int | None = None, *, rel_error: float | None = None
+    ) -> LowRankEmbedding:
+        """The table whose row i is B[i]·A, holding the given tensors themselves (no copy).
+
+        Args:
+            b: (num_embeddings, r) factor B.
+            a: (r, embedding_dim) factor A.
+            padding_idx: as for nn.Embedding: the row whose gradient stays zero. B's row is kept as given.
+            rel_error: ‖E − B·A‖_F / ‖E‖_F against the table the factors were made from, if known.
+
+        Example:
+            >>> LowRankEmbedding.from_factors(torch.randn(1000, 16), torch.randn(16, 64)).embedding_dim
+            64
+        """
         if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
             raise UsageError(
                 f"factors B {tuple(b.shape)} and A {tuple(a.shape)} do not multiply; B is (num, r), A (r, dim)"
             )
-        self.B, self.A = _parameter(b), _parameter(a)
-        self.num_embeddings, self.rank, self.embedding_dim = b.shape[0], a.shape[0], a.shape[1]
-        self.padding_idx = padding_idx
-        self.rel_error: float | None = None
+        table = cls(b.shape[0], a.shape[1], a.shape[0], padding_idx, device="meta")
+        table.B, table.A = _parameter(b), _parameter(a)
+        table.rel_error = rel_error
+        return table
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         # (…,) -> (…, r) @ (r, dim) -> (…, dim)
         return F.embedding(ids, self.B, self.padding_idx) @ self.A
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}"
+        padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{padding}"
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
@@ -151,11 +250,6 @@ def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:
     raise UsageError(
         f"{type(module).__name__} is not an nn.Linear or a GPT-2 Conv1D; LowRankLinear replaces only those"
     )
-
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' GPT-2 Conv1D (y = x·W + b, W stored (in, out)), recognized without importing transformers."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
 
 
 def _parameter(tensor: torch.Tensor) -> nn.Parameter:

@@ -8,20 +8,22 @@ in the lowrank format, which `lowrank expand` reads.
 from __future__ import annotations
 
 import contextlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg, require_extra
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_metadata, encode_metadata, factor_names
-from lowrank_cli.io.hfconfig import config_errors
+from lowrank_cli.io.fileformat import FactorRecord, encode_metadata, factor_names, factor_records
+from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
 from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
-from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, is_conv1d
+from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 
 WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
 
@@ -37,37 +39,61 @@ class _Factored:
     a: torch.Tensor  # (r, n)
 
 
-def apply_factors(model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None) -> nn.Module:
+class LoadResult(NamedTuple):
+    """What a load did not match, as torch's `load_state_dict` reports it.
+
+    missing_keys: the model's parameters and persistent buffers (its state_dict names, a tied
+        tensor under each of its names) that the file holds nothing for.
+    unexpected_keys: the file's tensors that match nothing in the model; a factorized weight is
+        named as the weight it replaces (NAME, not NAME.B and NAME.A).
+    """
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def apply_factors(
+    model: nn.Module, path: str | Path, *, dtype: torch.dtype | None = None, strict: bool = True
+) -> LoadResult:
     """Load a lowrank file (or folder of shards) into `model`, running every factorized weight as factors.
 
     Each module whose weight the file holds as NAME.B / NAME.A is replaced by a LowRankLinear (for
     nn.Linear and GPT-2 Conv1D) or a LowRankEmbedding (for nn.Embedding); modules tied to it (an
     lm_head sharing the embedding's weight) are replaced too and share the factors. Every other
-    tensor of the file is loaded as it is. Tensors of the model that the file lacks are kept.
+    tensor of the file is loaded as it is.
 
     Names are matched exactly, or with the model's `base_model_prefix` added or removed (a file saved
-    from BertModel loads into BertForSequenceClassification). Nothing is changed unless every name
-    and shape fits.
+    from BertModel loads into BertForSequenceClassification with strict=False: its new head is missing).
+    A SentenceTransformer takes the file into its transformers model (a compressed folder's weights
+    name that model's tensors). Nothing is changed unless every shape fits and, with strict, every name.
 
     Args:
-        model: any torch model; its parameters may be on the meta device.
+        model: any torch model, or a SentenceTransformer; its parameters may be on the meta device.
         path: a lowrank .safetensors file, a folder of lowrank shards, or their index.
         dtype: the floating-point dtype to load tensors in. By default each tensor takes the dtype
             of the model's tensor it replaces, or the file's own for tensors on the meta device.
             Tensors that keep the file's dtype on the CPU map the file instead of copying it (see
             load_pretrained); any other is read and converted.
+        strict: as for torch's load_state_dict: the file's names and the model's must match both
+            ways, else a CheckpointError names what does not and nothing changes. strict=False loads
+            what matches; the model's tensors that the file lacks keep their values.
 
     Returns:
-        The same model, changed in place.
+        A LoadResult: missing_keys (the model's, not in the file) and unexpected_keys (the file's,
+        not in the model), both empty under strict. The model is changed in place.
 
     Example:
-        >>> model = apply_factors(BertModel(config), "model.lowrank.safetensors").eval()
+        >>> model = BertForSequenceClassification(config)
+        >>> apply_factors(model, "bert.lowrank/model.lowrank.safetensors", strict=False)
+        LoadResult(missing_keys=['classifier.weight', 'classifier.bias'], unexpected_keys=[])
     """
+    model = _transformers_model(model)
+    fix = "load it into the model it was saved from, or pass strict=False to load what matches"
     with open_checkpoint(path) as checkpoint:
-        factored, dense = _plan(model, checkpoint, dtype)
-    _replace_modules(model, factored)
-    _load_dense(model, dense)
-    return model
+        plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
+    _replace_modules(model, plan.factored)
+    _load_dense(model, plan.dense)
+    return plan.result
 
 
 def load_pretrained(
@@ -76,6 +102,8 @@ def load_pretrained(
     *,
     weights: str | Path | None = None,
     dtype: torch.dtype | None = None,
+    strict: bool = True,
+    output_loading_info: bool = False,
 ) -> nn.Module:
     """A transformers model from a folder with config.json and lowrank safetensors, ready for eval().
 
@@ -90,13 +118,20 @@ def load_pretrained(
         auto_class: the model class or Auto class to build (default: config.architectures[0], else AutoModel).
         weights: a lowrank file or folder of shards, when not in `folder`.
         dtype: the floating-point dtype to load in (default: the file's).
+        strict: every tensor of the model must be in the file and every tensor of the file in the
+            model (names as apply_factors matches them), else a CheckpointError. strict=False, as
+            transformers' from_pretrained: the file's extra tensors are left out, and the model's
+            tensors that the file lacks (a new task head) are initialised as transformers does.
+        output_loading_info: also return the LoadResult: (model, LoadResult).
 
     Returns:
-        The model in eval mode.
+        The model in eval mode (with output_loading_info, the pair (model, LoadResult)).
 
     Example:
         >>> model = load_pretrained("minilm.lowrank/")
         >>> model(**tokenizer(["a sentence"], return_tensors="pt")).last_hidden_state
+        >>> model, info = load_pretrained("bert.lowrank/", BertForSequenceClassification, strict=False,
+        ...                               output_loading_info=True)  # info.missing_keys: the new head
     """
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -104,27 +139,127 @@ def load_pretrained(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
     transformers = require_transformers("load_pretrained")
+    config = _read_config(transformers, folder)
+    model = _build(transformers, config, auto_class or _architecture(transformers, config), folder)
+    result = _load_built(model, weights or folder, dtype, strict)
+    return (model, result) if output_loading_info else model
+
+
+def load_sentence_transformer(
+    folder: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | None = None,
+    strict: bool = True,
+):
+    """A SentenceTransformer from a compressed sentence-transformers folder, its factors running as factors.
+
+    `lowrank compress` of a sentence-transformers folder keeps modules.json, the pooling and
+    normalisation modules' folders and the tokenizer beside the lowrank weights; this builds the
+    whole pipeline from them, as SentenceTransformer(folder) would from the dense folder, with the
+    transformer loaded as load_pretrained loads it (on meta first, the file mapped, never dense).
+    Offline; the folder's own code (trust_remote_code) never runs.
+
+    Args:
+        folder: the compressed folder: modules.json, config.json and lowrank safetensors.
+        dtype: the floating-point dtype of the transformer's tensors (default: the file's).
+        device: where the model runs ("cpu", "cuda", "cuda:1"; default: sentence-transformers' choice).
+        strict: as for load_pretrained: the file's tensors and the transformer's must match both ways.
+
+    Returns:
+        A sentence_transformers.SentenceTransformer (needs the `sentence-transformers` extra).
+
+    Example:
+        >>> model = load_sentence_transformer("minilm.lowrank/")
+        >>> model.encode(["a sentence", "another one"]).shape
+        (2, 384)
+    """
+    folder = Path(folder)
+    if not (folder / "modules.json").is_file():
+        raise CheckpointError(
+            f"{folder}: has no modules.json, so it is no sentence-transformers folder; compress the"
+            " sentence-transformers folder itself, or load a plain transformers folder with load_pretrained"
+        )
+    sentence_transformers = require_extra("sentence_transformers", "sentence-transformers", "load_sentence_transformer")
+    transformers = require_transformers("load_sentence_transformer")
+    # sentence-transformers builds its Transformer module's model with from_pretrained, which a lowrank
+    # folder refuses; its loader takes a class per modules.json type (_load_with_module_classes, private
+    # but meant for models "the normal path cannot reload"), and that class loads the factors instead.
+    try:
+        from sentence_transformers.base.modules import Transformer
+
+        sentence_transformers.SentenceTransformer._load_with_module_classes  # noqa: B018 - present since 6.2
+    except (ImportError, AttributeError):
+        raise MissingExtraError(
+            "load_sentence_transformer needs sentence-transformers 6.2 or newer;"
+            " pip install -U 'lowrank[sentence-transformers]'"
+        ) from None
+
+    class _FactoredTransformer(Transformer):
+        """A Transformer module whose model is loaded from the lowrank file instead of dense weights."""
+
+        def _load_model(self, model_name_or_path, transformer_task, config, backend, *args, **model_kwargs):
+            where = Path(model_name_or_path) / (model_kwargs.get("subfolder") or "")
+            if backend != "torch" or transformer_task != "feature-extraction":
+                raise CheckpointError(
+                    f"{where}: a {transformer_task} module on backend {backend} cannot run lowrank factors;"
+                    " only a torch feature-extraction Transformer can"
+                )
+            model = _build(transformers, config, transformers.AutoModel, where)
+            _load_built(model, where, dtype, strict)
+            return model
+
+    modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
+    refs = {str(entry.get("type", "")) for entry in modules if isinstance(entry, dict)}
+    classes = {ref: _FactoredTransformer for ref in refs if ref.rsplit(".", 1)[-1] == "Transformer"}
+    if not classes:
+        raise CheckpointError(f"{folder / 'modules.json'}: names no Transformer module, whose weights lowrank holds")
+    model = sentence_transformers.SentenceTransformer._load_with_module_classes(
+        str(folder), classes, device=device, local_files_only=True, trust_remote_code=False
+    )
+    for module in model.modules():
+        if type(module) is _FactoredTransformer:
+            module.__class__ = Transformer  # a plain Transformer from now on: save() writes its usual type
+    return model.eval()
+
+
+def _read_config(transformers, folder: Path):
     try:  # never run the folder's own code (auto_map), nor ask whether to
-        config = transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
-        model_class = auto_class or _architecture(transformers, config)
-        with torch.device("meta"):
-            if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
-                model = model_class._from_config(config)
-            else:
-                model = model_class.from_config(config, trust_remote_code=False)
+        return transformers.AutoConfig.from_pretrained(str(folder), trust_remote_code=False)
     except config_errors() as exc:
         problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
         raise CheckpointError(
             f"{folder / 'config.json'}: cannot be read as a transformers config ({problem}); give the folder"
             " of a transformers model, with the config.json it was saved with"
         ) from None
-    with open_checkpoint(weights or folder) as checkpoint:
-        factored, dense = _plan(model, checkpoint, dtype)
-        _require_complete(model, checkpoint, factored, dense)
-    _replace_modules(model, factored)
-    _load_dense(model, dense)
-    _rebuild_buffers(model)
-    return model.eval()
+
+
+def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
+    """The model of `config` on the meta device: no weight is allocated."""
+    try:
+        with torch.device("meta"):
+            if isinstance(model_class, type) and issubclass(model_class, transformers.PreTrainedModel):
+                return model_class._from_config(config)
+            return model_class.from_config(config, trust_remote_code=False)
+    except config_errors() as exc:
+        problem = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        raise CheckpointError(
+            f"{folder / 'config.json'}: cannot be built as {getattr(model_class, '__name__', model_class)}"
+            f" ({problem}); give the folder of a transformers model, with the config.json it was saved with"
+        ) from None
+
+
+def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool) -> LoadResult:
+    """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
+    (strict=False) or refused (strict), so nothing is left on meta; the model ends in eval mode."""
+    fix = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
+    with open_checkpoint(weights) as checkpoint:
+        plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
+    _replace_modules(model, plan.factored)
+    _load_dense(model, plan.dense)
+    _initialize_missing(model)
+    model.eval()
+    return plan.result
 
 
 def save_factors(model: nn.Module, path: str | Path, *, force: bool = False) -> Path:
@@ -202,18 +337,6 @@ def _write_factors(model: nn.Module, writer: SafetensorsWriter) -> None:
     writer.metadata = encode_metadata({"format": "pt"}, records)
 
 
-def require_transformers(feature: str):
-    """transformers, imported now; it is optional, so say how to install it when it is missing."""
-    try:
-        import transformers
-    except ImportError:
-        raise MissingExtraError(
-            f"{feature} needs transformers, which is not installed; pip install transformers"
-            " (apply_factors works without it on any torch model)"
-        ) from None
-    return transformers
-
-
 def _architecture(transformers, config) -> type:
     for name in getattr(config, "architectures", None) or []:
         model_class = getattr(transformers, name, None)
@@ -225,22 +348,31 @@ def _architecture(transformers, config) -> type:
 # --- planning: everything is read and checked before the model is touched ------------------------
 
 
-def _plan(
-    model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None
-) -> tuple[list[_Factored], dict[str, torch.Tensor]]:
-    records: dict[str, FactorRecord] = {}
-    for shard in checkpoint.files:
-        records.update(decode_metadata(shard.path, shard.metadata)[1])
+@dataclass
+class _Plan:
+    factored: list[_Factored]
+    dense: dict[str, torch.Tensor]  # model name -> the file's tensor
+    result: LoadResult
+
+
+def _plan(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None, *, strict: bool, fix: str) -> _Plan:
+    records = factor_records(checkpoint)
     factor_of = {f: name for name in records for f in factor_names(name)}
-    shapes = {name: entry.shape for name, entry in checkpoint.entries.items()}
-    for name, record in records.items():
-        check_factors(checkpoint.source, name, record, shapes)
     tensors, owners = _model_tensors(model), _owners(model)
     names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
-    target_of = _match_names(model, checkpoint.source, names, tensors)
+    target_of = _match_names(model, names, tensors)
+    covered = {id(tensors[target]) for target in target_of.values()}
+    result = LoadResult(
+        missing_keys=[name for name, tensor in _state_tensors(model) if id(tensor) not in covered],
+        unexpected_keys=[name for name in names if name not in target_of],
+    )
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise CheckpointError(_mismatch(model, checkpoint.source, result, fix))
 
     factored = []
     for name, record in records.items():
+        if name not in target_of:
+            continue
         target = target_of[name]
         current = tensors[target]
         if tuple(current.shape) != record.shape:
@@ -254,6 +386,8 @@ def _plan(
 
     dense = {}
     for name in names[len(records) :]:
+        if name not in target_of:
+            continue
         target = target_of[name]
         entry, current = checkpoint.entries[name], tensors[target]
         if entry.shape != tuple(current.shape):
@@ -262,7 +396,7 @@ def _plan(
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
         dense[target] = _load(checkpoint, name, current, dtype)
-    return factored, dense
+    return _Plan(factored, dense, result)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -272,22 +406,40 @@ def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _match_names(model: nn.Module, source: Path, names: list[str], tensors: dict) -> dict[str, str]:
-    """File name -> model name: exactly, else with the model's base_model_prefix added or removed."""
+def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """What a load must fill, as torch's load_state_dict counts it: parameters and persistent buffers."""
+    return [(name, tensor) for name, tensor in model.state_dict(keep_vars=True).items() if tensor is not None]
+
+
+def _match_names(model: nn.Module, names: list[str], tensors: dict) -> dict[str, str]:
+    """File name -> model name, for each name the model has: exactly, else with the model's
+    base_model_prefix added or removed (whichever way matches most; names that match no way are left out)."""
     prefix = getattr(model, "base_model_prefix", "") or ""
     renames = [lambda n: n]
     if prefix:
         renames += [lambda n: f"{prefix}.{n}", lambda n: n.removeprefix(f"{prefix}.")]
-    for rename in renames:
-        if all(rename(name) in tensors for name in names):
-            return {name: rename(name) for name in names}
-    exact = [rename for rename in renames if any(rename(name) in tensors for name in names)]
-    rename = max(exact or renames[:1], key=lambda r: sum(r(name) in tensors for name in names))
-    missing = next(name for name in names if rename(name) not in tensors)
-    tried = f", nor as '{prefix}.{missing}' or without '{prefix}.'" if prefix else ""
-    raise CheckpointError(
-        f"{source}: tensor '{missing}' is not in the model ({type(model).__name__}){tried}; names must match"
-        " exactly (or differ by the base model prefix); load the file into the model class it was saved from"
+    rename = max(renames, key=lambda r: sum(r(name) in tensors for name in names))  # the first of equals
+    return {name: rename(name) for name in names if rename(name) in tensors}
+
+
+def _mismatch(model: nn.Module, source: Path, result: LoadResult, fix: str) -> str:
+    """One line: what the file has that the model has not, and the other way round."""
+
+    def some(names: list[str]) -> str:
+        return ", ".join(f"'{name}'" for name in names[:3]) + (", …" if len(names) > 3 else "")
+
+    problems = []
+    if result.unexpected_keys:
+        count = len(result.unexpected_keys)
+        problems.append(f"{count} of its tensors are not in the model ({some(result.unexpected_keys)})")
+    if result.missing_keys:
+        count = len(result.missing_keys)
+        problems.append(f"{count} of the model's are not in the file ({some(result.missing_keys)})")
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    rule = f" (or differ by the prefix '{prefix}.')" if prefix else ""
+    return (
+        f"{source}: does not fit {type(model).__name__}: {' and '.join(problems)}; names must match exactly{rule};"
+        f" {fix}"
     )
 
 
@@ -324,25 +476,6 @@ def _load(checkpoint: Checkpoint, name: str, current: torch.Tensor, dtype: torch
     return checkpoint.read(name).to(device=device, dtype=wanted)
 
 
-def _require_complete(
-    model: nn.Module, checkpoint: Checkpoint, factored: list[_Factored], dense: dict[str, torch.Tensor]
-) -> None:
-    """Every parameter and persistent buffer is in the file: nothing may be left random or on meta."""
-    tensors = _model_tensors(model)
-    covered = {id(tensors[f.target]) for f in factored} | {id(tensors[name]) for name in dense}
-    for module_name, module in model.named_modules():
-        persistent = module._buffers.keys() - module._non_persistent_buffers_set
-        for attr in sorted(module._parameters.keys() | persistent):
-            tensor = getattr(module, attr)
-            if tensor is None or id(tensor) in covered:
-                continue
-            name = f"{module_name}.{attr}" if module_name else attr
-            raise CheckpointError(
-                f"{checkpoint.source}: has no tensor '{name}' for {type(model).__name__}; pass the model class it"
-                " was saved from as auto_class, or build the model yourself and call apply_factors"
-            )
-
-
 # --- changing the model ---------------------------------------------------------------------------
 
 
@@ -362,7 +495,7 @@ def _replace_modules(model: nn.Module, factored: list[_Factored]) -> None:
                 layer = LowRankLinear.from_factors(a.detach().t(), b.detach().t(), module.bias)
                 layer.transposed = True
             elif isinstance(module, nn.Embedding):
-                layer = LowRankEmbedding(b, a, padding_idx=module.padding_idx)
+                layer = LowRankEmbedding.from_factors(b, a, module.padding_idx)
             else:
                 layer = LowRankLinear.from_factors(b, a, module.bias)
             layer.rel_error = item.record.rel_error
@@ -399,32 +532,47 @@ def _owners(model: nn.Module) -> dict[int, list[tuple[nn.Module, str, bool]]]:
     return owners
 
 
-def _rebuild_buffers(model: nn.Module) -> None:
-    """Buffers computed in __init__ that the file does not hold (position ids, rotary frequencies).
+def _initialize_missing(model: nn.Module) -> None:
+    """What the file did not give a model built on meta: buffers computed in __init__ (position ids,
+    rotary frequencies) and, with strict=False, tensors the file lacks (a new head).
 
-    Built on the meta device they have no values; transformers recomputes them the way its own
+    Built on the meta device they have no values; transformers computes them the way its own
     from_pretrained does: every loaded tensor is marked initialized, then initialize_weights runs.
     """
-    missing = [(name, buffer) for name, buffer in model.named_buffers() if buffer.is_meta]
+    missing = [(name, tensor) for name, tensor in _model_tensors(model).items() if tensor.is_meta]
     if not missing:
         return
     if not hasattr(model, "initialize_weights"):
         raise MissingExtraError(
-            f"{type(model).__name__}: buffer '{missing[0][0]}' must be recomputed, which needs transformers 5 or"
+            f"{type(model).__name__}: '{missing[0][0]}' must be initialised, which needs transformers 5 or"
             " newer; pip install -U transformers"
         )
     for tensor in [*model.parameters(), *model.buffers()]:
         if not tensor.is_meta:
             tensor._is_hf_initialized = True
     owners = _owners(model)
-    for _, buffer in missing:
-        value = torch.empty_like(buffer, device="cpu")
-        for module, attr, _ in owners[id(buffer)]:
-            module._buffers[attr] = value
+    done: set[int] = set()
+    for _, tensor in missing:
+        if id(tensor) in done:
+            continue
+        done.add(id(tensor))
+        value = torch.empty_like(tensor, device="cpu")
+        if isinstance(tensor, nn.Parameter):  # one Parameter for every module holding it: ties stay tied
+            value = nn.Parameter(value, requires_grad=tensor.requires_grad)
+        for module, attr, is_parameter in owners[id(tensor)]:
+            (module._parameters if is_parameter else module._buffers)[attr] = value
     model.initialize_weights()
     for tensor in [*model.parameters(), *model.buffers()]:
         if hasattr(tensor, "_is_hf_initialized"):
             del tensor._is_hf_initialized
 
 
-__all__ = ["apply_factors", "load_pretrained", "save_factors"]
+def _transformers_model(model: nn.Module) -> nn.Module:
+    """The transformers model inside a SentenceTransformer (or any sentence-transformers model), whose
+    weights a compressed folder holds; any other model itself. Recognized by the `transformers_model`
+    attribute sentence-transformers gives its models, so sentence-transformers need not be imported."""
+    inner = getattr(model, "transformers_model", None)
+    return inner if isinstance(inner, nn.Module) and inner is not model else model
+
+
+__all__ = ["LoadResult", "apply_factors", "load_pretrained", "load_sentence_transformer", "save_factors"]

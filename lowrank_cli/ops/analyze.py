@@ -11,11 +11,10 @@ from lowrank_cli.errors import CheckpointError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.fileformat import METADATA_KEY
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.budget import budget_policies, calibration_notes, calibration_options
+from lowrank_cli.ops.budget import budget_options, calibration_notes, tensor_policies
 from lowrank_cli.ops.extract import ExtractOptions, delta_matrix, screen
 from lowrank_cli.ops.pipeline import (
     NO_LOOKUPS,
@@ -67,18 +66,12 @@ def analyze(
         if on_tensor:
             on_tensor(entry)
     if policy is not None:
-        sensitivity = calibration.sensitivity if calibration is not None else None  # as compress weighs them
-        budgeted = (
-            budget_policies(allocate(spectra, policy.budget, sensitivity=sensitivity))
-            if policy.budget is not None
-            else None
-        )
+        policy_for = tensor_policies(policy, spectra, calibration=calibration)  # as compress allocates
         for report in tensors:
             if report.name in spectra:
-                tensor_policy = budgeted[report.name] if budgeted is not None else policy
-                apply_policy(report, spectra[report.name], tensor_policy)
+                apply_policy(report, spectra[report.name], policy_for(report.name))
                 _optimum_on_view(report, whitened)
-    options = calibration_options(calibration, policy)
+    options = budget_options(policy, calibration)
     if notes := calibration_notes(calibration, policy):
         options["notes"] = notes
     return Report(
@@ -157,23 +150,18 @@ def analyze_change(
     adapted = tensors
     if policy is not None:
         # as extract: any rank up to min(m, n), a budget weighing each ‖ΔW − BA‖² as it is, no tensor kept whole
-        budgeted = (
-            budget_policies(allocate(candidates, policy.budget, "absolute", allow_dense=False))
-            if policy.budget is not None
-            else None
-        )
+        policy_for = tensor_policies(policy, candidates, calibration=calibration, adapter=True)
         for report in tensors:
             spectrum = candidates.get(report.name)
             if spectrum is None:
                 report.status, report.params_after = Status.skipped, 0  # in no adapter
                 continue
-            tensor_policy = budgeted[report.name] if budgeted is not None else policy
-            apply_policy(report, spectrum, tensor_policy, limit=min(spectrum.shape))
+            apply_policy(report, spectrum, policy_for(report.name), limit=min(spectrum.shape))
             if report.status == Status.factorized and report.name not in whitened:
                 report.kept = max(0.0, 1.0 - report.rel_error**2)
             _optimum_on_view(report, whitened)
         adapted = [t for t in tensors if t.status == Status.factorized]
-    options = {**calibration_options(calibration, None), "diff": True}
+    options = {**budget_options(policy, calibration, adapter=True), "diff": True}
     notes = _only_in(base, "BASE", names, tuned) + _only_in(tuned, "TUNED", names, base)
     if policy is not None and opt_in:
         notes.append(

@@ -1,4 +1,5 @@
-"""The policy of each tensor: one for all, or under a budget a fixed rank or dense for each (linalg.budget)."""
+"""A budget becomes a policy per tensor here, and only here: for analyze, compress, extract, resize and
+compress --fidelity alike (linalg.budget.allocate does the allocating)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,52 @@ import torch
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.pipeline import spectrum_of
+
+# What a budget minimizes. A model's matrices (analyze, compress): the measured sensitivities when the
+# statistics hold them, else linalg.budget's default. A LoRA adapter's ΔW (extract, resize): Σ‖ΔW − BA‖²,
+# since a small ΔW changes the outputs little; on a real fine-tune it beat a uniform rank of the same size
+# where the balanced objective did not (benchmarks/README.md). Sensitivities were measured on cuts of W,
+# not of a ΔW, so an adapter does not use them.
+ADAPTER_OBJECTIVE = "absolute"
+SENSITIVITY = "sensitivity"
+
+
+def budget_objective(calibration: Calibration | None, *, adapter: bool = False) -> str:
+    """The objective a budget allocates by (see above); the report's options["budget_objective"]."""
+    if adapter:
+        return ADAPTER_OBJECTIVE
+    return SENSITIVITY if calibration is not None and calibration.sensitivity else DEFAULT_OBJECTIVE
+
+
+def budget_ranks(
+    spectra: dict[str, Spectrum], budget: float, *, calibration: Calibration | None = None, adapter: bool = False
+) -> dict[str, int | None]:
+    """A rank per tensor, or None where the budget keeps it whole (never for an adapter, which holds ranks only)."""
+    objective = budget_objective(calibration, adapter=adapter)
+    if objective == SENSITIVITY:
+        return allocate(spectra, budget, sensitivity=calibration.sensitivity)
+    return allocate(spectra, budget, objective, allow_dense=not adapter)
+
+
+def tensor_policies(
+    policy: RankPolicy,
+    spectra: dict[str, Spectrum],
+    *,
+    calibration: Calibration | None = None,
+    adapter: bool = False,
+) -> Callable[[str], RankPolicy]:
+    """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
+
+    spectra: every selected matrix's singular values (of W·S with calibration; of ΔW for an adapter).
+    """
+    if policy.budget is None:
+        return lambda name: policy
+    ranks = budget_ranks(spectra, policy.budget, calibration=calibration, adapter=adapter)
+    return {
+        name: RankPolicy(dense=True) if rank is None else RankPolicy(rank=rank) for name, rank in ranks.items()
+    }.__getitem__
 
 
 def policy_per_tensor(
@@ -18,16 +64,11 @@ def policy_per_tensor(
     matrix_of: Callable[[str], torch.Tensor],
     on_done: Callable[[str], None] | None = None,
     *,
-    allow_dense: bool = True,
-    objective: str = DEFAULT_OBJECTIVE,
-    sensitivity: dict[str, float] | None = None,
+    calibration: Calibration | None = None,
+    adapter: bool = False,
 ) -> Callable[[str], RankPolicy]:
-    """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
-
-    A budget costs one first pass: every selected matrix's singular values (of W·S with calibration:
-    matrix_of gives the whitened view), then `allocate`. allow_dense=False for LoRA adapters.
-    sensitivity (from calibrate): each tensor's loss is its measured cost to the model's output.
-    """
+    """tensor_policies over matrices read on demand: a budget costs one first pass over their spectra
+    (matrix_of gives the view the factors are of: W·S with calibration, ΔW for an adapter)."""
     if policy.budget is None:
         return lambda name: policy
     spectra = {}
@@ -35,22 +76,16 @@ def policy_per_tensor(
         spectra[name] = spectrum_of(matrix_of(name))
         if on_done:
             on_done(name)
-    ranks = allocate(spectra, policy.budget, objective, allow_dense=allow_dense, sensitivity=sensitivity)
-    return budget_policies(ranks).__getitem__
+    return tensor_policies(policy, spectra, calibration=calibration, adapter=adapter)
 
 
-def budget_policies(ranks: dict[str, int | None]) -> dict[str, RankPolicy]:
-    """allocate's outcome as policies: a fixed rank, or dense (None) reported as the budget keeping it whole."""
-    return {name: RankPolicy(dense=True) if rank is None else RankPolicy(rank=rank) for name, rank in ranks.items()}
-
-
-def calibration_options(calibration: Calibration | None, policy: RankPolicy | None) -> dict[str, str]:
-    """A report's options with statistics: their file and, under a budget, whether sensitivities weighed it."""
-    if calibration is None:
-        return {}
-    options = {"calibration": calibration.source}
+def budget_options(
+    policy: RankPolicy | None, calibration: Calibration | None, *, adapter: bool = False
+) -> dict[str, str]:
+    """A report's options for its policy and statistics: the statistics file, and under a budget its objective."""
+    options = {} if calibration is None else {"calibration": calibration.source}
     if policy is not None and policy.budget is not None:
-        options["budget_objective"] = "sensitivity" if calibration.sensitivity else DEFAULT_OBJECTIVE
+        options["budget_objective"] = budget_objective(calibration, adapter=adapter)
     return options
 
 

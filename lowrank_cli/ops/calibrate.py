@@ -18,9 +18,10 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg
+from lowrank_cli.errors import CheckpointError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
 from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
+from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
@@ -57,15 +58,20 @@ class CalibrationReport:
 class Calibrator:
     """Forward hooks on every nn.Linear (and GPT-2 Conv1D) of `model` that sum x·xᵀ of their inputs.
 
-        with lowrank_cli.Calibrator(model) as calibrator:
-            for batch in batches:
-                model(**batch)
-        calibrator.save("stats.safetensors")   # or calibrator.moments(): weight name -> E[x xᵀ]
+    Layers that read the very same input tensor (q, k and v) share one sum, found on the first
+    batch. Every row of x counts as a token unless `calibrator.mask` holds the batch's attention
+    mask (then padding is left out): set it before each padded batch.
 
-    names maps module names to the checkpoint's weight names (default: MODULE.weight). Layers that
-    read the very same input tensor (q, k and v) share one sum, found on the first batch. Every row
-    of x counts as a token unless `calibrator.mask` holds the batch's attention mask (then padding
-    is left out): set it before each padded batch.
+    Args:
+        model: any torch model; every nn.Linear, GPT-2 Conv1D and nn.Embedding in it is watched.
+        names: module name -> the checkpoint's weight name (default: MODULE.weight), for a model
+            whose names differ from its file's (a task model loading a base model's file).
+
+    Example:
+        >>> with lowrank_cli.Calibrator(model) as calibrator:
+        ...     for batch in batches:
+        ...         model(**batch)
+        >>> calibrator.save("stats.safetensors")  # or calibrator.moments(): weight name -> E[x xᵀ]
     """
 
     def __init__(self, model: torch.nn.Module, *, names: dict[str, str] | None = None) -> None:
@@ -189,7 +195,7 @@ class Calibrator:
         self._flush()
         means = {key: total / self.counts[key] for key, total in self.sums.items()}
         keys = {self.names[name]: key for name, key in self.key_of.items()}
-        transposed = {self.names[name] for name in self.key_of if type(self.layers[name]).__name__ == "Conv1D"}
+        transposed = {self.names[name] for name in self.key_of if is_conv1d(self.layers[name])}
         lookups = {name: counts for name, counts in self.lookups.items() if name not in keys}  # a moment wins
         write_calibration(
             path,
@@ -270,7 +276,7 @@ def _measure(
 ) -> float | None:
     """One weight's sensitivity: cut it in place, run the probe, put it back."""
     weight = module.weight
-    transposed = type(module).__name__ == "Conv1D"  # stored (in, out)
+    transposed = is_conv1d(module)  # stored (in, out)
     cut, tail = _half_cut(weight.T if transposed else weight, moment)
     if cut is None or not tail > 0:
         return None
@@ -333,10 +339,7 @@ def _relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor])
 
 
 def _is_linear(module: torch.nn.Module) -> bool:
-    # transformers' Conv1D (GPT-2) is a Linear stored (in, out); matched by name so torch alone suffices.
-    return isinstance(module, torch.nn.Linear) or (
-        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None
-    )
+    return isinstance(module, torch.nn.Linear) or is_conv1d(module)  # GPT-2's Conv1D: a Linear stored (in, out)
 
 
 def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
@@ -392,8 +395,7 @@ def calibrate(
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
     _check_output(out, folder, text, force)
-    transformers = _transformers()
-    model, tokenizer = _load(transformers, folder, device)
+    model, tokenizer = _load(folder, device)
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
     _check_samples(model, tokenizer, found.ids, folder)
     chosen = found.ids
@@ -493,24 +495,13 @@ def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], 
             )
 
 
-def _transformers():
-    try:
-        import transformers
-    except ImportError:
-        transformers = None
-    if transformers is None:
-        raise MissingExtraError("calibrate needs transformers; pip install 'lowrank[calibrate]'")
-    return transformers
-
-
-def _load(transformers, folder: Path, device: str):
+def _load(folder: Path, device: str, feature: str = "calibrate"):
     """The model (its own architecture class, so a task head runs too) and its tokenizer, offline."""
+    transformers = require_transformers(feature)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
     _refuse_lowrank_weights(folder)
-    from lowrank_cli.io.hfconfig import config_errors
-
     try:
         architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
         model_class = getattr(transformers, architectures[0], None) if architectures else None

@@ -13,7 +13,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_re
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.budget import calibration_notes, calibration_options, policy_per_tensor
+from lowrank_cli.ops.budget import budget_options, calibration_notes, policy_per_tensor
 from lowrank_cli.ops.pipeline import (
     STORED_CODES,
     cast_dense,
@@ -63,7 +63,7 @@ def compress(
             load_matrix(checkpoint, checkpoint.entries[name], settings.device), calibration, name
         ),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
-        sensitivity=calibration.sensitivity if calibration is not None else None,
+        calibration=calibration,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
@@ -78,7 +78,7 @@ def compress(
         output=str(out),
         options={
             **settings.as_dict(),
-            **calibration_options(calibration, policy),
+            **budget_options(policy, calibration),
             **({"notes": notes} if notes else {}),
         },
     )

@@ -12,7 +12,7 @@ import torch
 from lowrank_cli.errors import CheckpointError, TensorError
 from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
 from lowrank_cli.io.dtypes import DTYPES, FLOAT_CODES, compute_dtype, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, check_factors, decode_casts, decode_metadata, factor_names
+from lowrank_cli.io.fileformat import FactorRecord, ShardRecords, decode_casts, factor_names, shard_records
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.factorize import finite
@@ -30,21 +30,20 @@ def expand(
     on_tensor: Callable[[TensorEntry], None] | None = None,
 ) -> Report:
     """Write every original tensor under its name, shape and dtype, with the original metadata."""
-    shards = [
-        (shard, entries, *decode_metadata(shard.path, shard.metadata)) for shard, entries in checkpoint.by_shard()
-    ]
-    for shard, _, _, records in shards:
-        _check_factors(checkpoint, shard, records)
+    shards = shard_records(checkpoint)
+    for shard in shards:
+        _check_memory(shard)
     out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
     tensors = []
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="dense") as output:
-        for shard, entries, metadata, records in shards:
+        for found in shards:
+            shard, records = found.shard, found.records
             writer = output.writer_for(shard)
             if writer.metadata is None:
-                writer.metadata = metadata
+                writer.metadata = found.metadata
             factor_of = {f: name for name in records for f in factor_names(name)}
             casts = decode_casts(shard.path, shard.metadata)
-            for entry in entries:
+            for entry in found.entries:
                 if entry.name.endswith(".A") and entry.name in factor_of:
                     continue  # rebuilt together with its B
                 if entry.name in factor_of:
@@ -96,17 +95,15 @@ def _copy(
     writer.add_tensor(entry.name, checkpoint.read(entry.name).to(torch_dtype(original)))
 
 
-def _check_factors(checkpoint: Checkpoint, shard: ShardFile, records: dict[str, FactorRecord]) -> None:
-    """Every record's factors in its shard, of the shapes it declares, and each product fits in memory."""
-    shapes = {entry.name: entry.shape for entry in checkpoint.entries.values() if entry.path == shard.path}
+def _check_memory(found: ShardRecords) -> None:
+    """Each product of the shard fits in memory (its factors' shapes are checked by shard_records)."""
     available = available_memory()
-    for name, record in records.items():
-        check_factors(shard.path, name, record, shapes)
+    for name, record in found.records.items():
         # B·A in the computation dtype, then cast to the tensor's own: both live at once.
         needed = math.prod(record.shape) * (_itemsize(compute_dtype(record.dtype)) + DTYPES[record.dtype][1])
         if available is not None and needed > available:
             raise CheckpointError(
-                f"{shard.path}: tensor '{name}' {list(record.shape)} needs {needed / 2**30:,.1f} GiB to rebuild,"
+                f"{found.shard.path}: tensor '{name}' {list(record.shape)} needs {needed / 2**30:,.1f} GiB to rebuild,"
                 f" more than the {available / 2**30:,.1f} GiB of memory available; expand it on a larger machine"
                 " or run the factors as they are (lowrank_cli.load_pretrained)"
             )
@@ -132,7 +129,7 @@ def _itemsize(dtype: torch.dtype) -> int:
 
 
 def _rebuild(checkpoint: Checkpoint, name: str, record: FactorRecord) -> torch.Tensor:
-    """B·A in the tensor's own shape and dtype (shapes checked by _check_factors); never NaN or Inf."""
+    """B·A in the tensor's own shape and dtype (shapes checked by shard_records); never NaN or Inf."""
     where = f"{checkpoint.source}: tensor '{name}'"
     b_name, a_name = factor_names(name)
     b, a = checkpoint.read(b_name), checkpoint.read(a_name)

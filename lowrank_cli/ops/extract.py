@@ -32,7 +32,7 @@ from lowrank_cli.io.peft import (
 from lowrank_cli.io.publish import sweep_stale_temps
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.budget import policy_per_tensor
+from lowrank_cli.ops.budget import budget_options, policy_per_tensor
 from lowrank_cli.ops.pipeline import check_finite, factor_step, record, stored_dtype, whitened_view
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import Settings
@@ -102,10 +102,8 @@ def extract(
         candidates,
         lambda name: whitened_view(delta_matrix(base, tuned, name, settings.device), calibration, name),
         on_done=(lambda name: on_tensor(tuned.entries[name])) if on_tensor else None,
-        allow_dense=False,  # an adapter holds ranks; a whole matrix only via modules_to_save
-        # Σ‖ΔW − BA‖²: a small ΔW changes the outputs little. On a real fine-tune it beat a uniform rank
-        # of the same size, where the balanced objective of compress did not (benchmarks/README.md).
-        objective="absolute",
+        calibration=calibration,
+        adapter=True,  # ranks only (a whole matrix goes in only via modules_to_save), ΔW's own objective
     )
     notes = sweep_stale_temps(out.parent)
     with FolderOutput(out, force=force) as folder:
@@ -131,8 +129,7 @@ def extract(
         (folder.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         folder.commit()
     report = _report(base, tuned, list(tensors.values()), policy, out, settings, size)
-    if calibration is not None:
-        report.options["calibration"] = calibration.source
+    report.options.update(budget_options(policy, calibration, adapter=True))
     totals = report.totals
     if totals.params and totals.params_after >= totals.params / 2:
         notes.append(

@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from lowrank_cli.errors import MissingExtraError, OutputError, UsageError, arg
+from lowrank_cli.errors import OutputError, UsageError, arg, require_extra
 from lowrank_cli.ops.report import Report, Status, TensorReport
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -144,11 +144,7 @@ _NO_STAMPS = {
 
 
 def _matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise MissingExtraError(f"{arg('plot')} needs matplotlib; pip install 'lowrank[plot]'") from None
-    return matplotlib
+    return require_extra("matplotlib", "plot", arg("plot"))
 
 
 def _panels(report: Report) -> dict[str, list[TensorReport]]:

@@ -23,11 +23,10 @@ from lowrank_cli.io.outputs import FolderOutput, check_output
 from lowrank_cli.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, rank_fields
 from lowrank_cli.io.publish import sweep_stale_temps
 from lowrank_cli.io.writer import SafetensorsWriter
-from lowrank_cli.linalg.budget import allocate
 from lowrank_cli.linalg.factorize import finite
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.product import ProductCore, difference_norm, product_core
-from lowrank_cli.ops.budget import budget_policies
+from lowrank_cli.ops.budget import budget_options, tensor_policies
 from lowrank_cli.ops.pipeline import check_finite, factor, record, spectrum_of, stored_dtype
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import Method, Settings
@@ -93,7 +92,7 @@ def resize(
         totals=Totals.of(rows, adapter.checkpoint.nbytes, size),
         policy=policy.as_dict(),
         output=str(out),
-        options={**settings.as_dict(), "format": adapter.format},
+        options={**settings.as_dict(), "format": adapter.format, **budget_options(policy, None, adapter=True)},
     )
     if notes:
         report.options["notes"] = notes
@@ -123,15 +122,14 @@ def _core(adapter: LoraAdapter, pair: LoraPair, device: str) -> ProductCore:
 def _policies(
     adapter: LoraAdapter, pairs: list[LoraPair], cores: dict[str, ProductCore], policy: RankPolicy
 ) -> Callable[[str], RankPolicy]:
-    """One policy for all, or under a budget a rank each (linalg.budget, LoRA ranks only, as extract).
+    """One policy for all, or under a budget a rank each (ops.budget, an adapter's as extract's).
 
     The core's singular values are ΔW's; the budget counts r′·(m + n) against F·Σ m·n of the ΔWs.
     """
     if policy.budget is None:
         return lambda module: policy
     spectra = {pair.module: _spectrum(adapter, pair, cores[pair.module]) for pair in pairs}
-    ranks = allocate(spectra, policy.budget, "absolute", allow_dense=False)
-    return budget_policies(ranks).__getitem__
+    return tensor_policies(policy, spectra, adapter=True)
 
 
 def _spectrum(adapter: LoraAdapter, pair: LoraPair, core: ProductCore):
