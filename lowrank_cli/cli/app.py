@@ -16,7 +16,7 @@ import typer
 from typer.core import TyperArgument, TyperCommand, TyperGroup
 
 import lowrank_cli
-from lowrank_cli import Device, DType, Method, Split
+from lowrank_cli import AdapterFormat, Device, DType, Method, Split
 from lowrank_cli.cli.options import (
     Budget,
     Calibration,
@@ -350,10 +350,11 @@ def expand(
 
 @app.command(
     cls=_PlainHelp,
-    short_help="A PEFT LoRA adapter from a fine-tune.",
+    short_help="A LoRA adapter (PEFT or kohya) from a fine-tune.",
     epilog=_examples(
         "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
         "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/m",
+        "lowrank extract sd15/ sd15-tuned/ -o style.safetensors --rank 16 --format kohya",
     ),
 )
 @_handle_errors
@@ -362,7 +363,15 @@ def extract(
         Path, typer.Argument(help="The base checkpoint (file or shard folder).", show_default=False, metavar="BASE")
     ],
     tuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.", show_default=False, metavar="TUNED")],
-    output: Annotated[Path, typer.Option("--output", "-o", help="The adapter folder to write.", metavar="DIR")],
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The adapter to write: a folder (PEFT) or a .safetensors file (kohya).",
+            metavar="OUT",
+        ),
+    ],
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -395,10 +404,19 @@ def extract(
     fail_above: FailAbove = None,
     calibration: Calibration = None,
     other_model: OtherModel = False,
+    format: Annotated[
+        AdapterFormat,
+        typer.Option(
+            "--format",
+            help="peft: an adapter folder; kohya: one file of lora_unet_/lora_te_ keys (diffusers, ComfyUI), from"
+            " files or diffusers pipeline folders (unet/, text_encoder/).",
+            case_sensitive=False,
+        ),
+    ] = AdapterFormat.peft,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
+    """A LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
     from lowrank_cli.cli.render import progress
 
     _check_gate(fail_above)
@@ -425,6 +443,7 @@ def extract(
             progress=tick,
             calibration=calibration,
             other_model=other_model,
+            format=format,
         )
     _finish(report, as_json, fail_above)
 
@@ -435,6 +454,7 @@ def extract(
     epilog=_examples(
         "lowrank resize adapter-r128/ -o adapter-r16/ --rank 16",
         "lowrank resize style.safetensors -o style.small.safetensors --max-error 0.05",
+        "lowrank resize adapter/ -o adapter.safetensors --format kohya",
     ),
 )
 @_handle_errors
@@ -446,7 +466,8 @@ def resize(
         ),
     ],
     output: Annotated[
-        Path, typer.Option("--output", "-o", help="The resized adapter, in ADAPTER's format.", metavar="OUT")
+        Path,
+        typer.Option("--output", "-o", help="The resized adapter, in ADAPTER's format or --format.", metavar="OUT"),
     ],
     rank: Rank = None,
     energy: Energy = None,
@@ -457,6 +478,14 @@ def resize(
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
+    format: Annotated[
+        Optional[AdapterFormat],
+        typer.Option(
+            "--format",
+            help="Write peft (a folder) or kohya (one file); default ADAPTER's. Without a policy: convert only.",
+            case_sensitive=False,
+        ),
+    ] = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -467,7 +496,7 @@ def resize(
     with progress(f"resize {adapter.name}") as tick:
         report = lowrank_cli.resize(
             adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
-            device=device, include=include, exclude=exclude, force=force, progress=tick,
+            device=device, include=include, exclude=exclude, force=force, progress=tick, format=format,
         )  # fmt: skip
     _finish(report, as_json, fail_above)
 
