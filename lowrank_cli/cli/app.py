@@ -354,7 +354,7 @@ def expand(
     epilog=_examples(
         "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
         "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/m",
-        "lowrank extract sd15/ sd15-tuned/ -o style.safetensors --rank 16 --format kohya",
+        "lowrank extract sd/ sd-tuned/ -o lora.safetensors --rank 16 --format kohya",
     ),
 )
 @_handle_errors
@@ -408,9 +408,10 @@ def extract(
         AdapterFormat,
         typer.Option(
             "--format",
-            help="peft: an adapter folder; kohya: one file of lora_unet_/lora_te_ keys (diffusers, ComfyUI), from"
-            " files or diffusers pipeline folders (unet/, text_encoder/).",
+            help="peft (an adapter folder) or kohya (one file of lora_unet_/lora_te_ keys, for diffusers and"
+            " ComfyUI; BASE and TUNED may be diffusers pipeline folders).",
             case_sensitive=False,
+            metavar="FORMAT",
         ),
     ] = AdapterFormat.peft,
     force: Force = False,
@@ -484,6 +485,7 @@ def resize(
             "--format",
             help="Write peft (a folder) or kohya (one file); default ADAPTER's. Without a policy: convert only.",
             case_sensitive=False,
+            metavar="FORMAT",
         ),
     ] = None,
     force: Force = False,
