@@ -7,6 +7,7 @@
     report = lowrank_cli.compress("model.safetensors", rank=64)      # factors NAME.B, NAME.A
     lowrank_cli.expand("model.lowrank.safetensors")                  # the dense checkpoint again
     lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)  # PEFT LoRA
+    lowrank_cli.extract("sd/", "sd-tuned/", "style.safetensors", rank=16, format="kohya")  # kohya LoRA
     lowrank_cli.resize("adapter", "adapter.r4", rank=4)               # a LoRA (PEFT or kohya) at new ranks
     lowrank_cli.evaluate("model/", "model.lowrank/", text="held-out.txt").fidelity  # what the model lost
     model = lowrank_cli.load_pretrained("model.lowrank/")            # run the factors as they are
@@ -31,7 +32,7 @@ from lowrank_cli.errors import (
     UsageError,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import Device, DType, Method, Split
+from lowrank_cli.ops.settings import AdapterFormat, Device, DType, Method, Split
 
 __version__ = "0.1.0"
 
@@ -92,6 +93,7 @@ __all__ = [
     "Method",
     "Device",
     "Split",
+    "AdapterFormat",
     "LowrankError",
     "UsageError",
     "CheckpointError",

@@ -14,7 +14,15 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration, fingerprint_differs, fingerprint_values, read_calibration
-from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, check_patterns, open_checkpoint
+from lowrank_cli.io.checkpoint import (
+    Checkpoint,
+    TensorEntry,
+    check_patterns,
+    is_pipeline,
+    open_checkpoint,
+    open_pipeline,
+)
+from lowrank_cli.io.kohya import PIPELINE_MODELS
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
 from lowrank_cli.model.evaluate import Evaluation
@@ -38,6 +46,7 @@ from lowrank_cli.ops.settings import (
     HEAL_TOKENS,
     PROBE_TOKENS,
     SEQ_LEN,
+    AdapterFormat,
     Device,
     DType,
     Method,
@@ -384,30 +393,36 @@ def extract(
     progress: Progress | None = None,
     calibration: PathLike | None = None,
     other_model: bool = False,
+    format: AdapterFormat | str = AdapterFormat.peft,
 ) -> Report:
-    """A PEFT LoRA adapter folder from a fine-tune: the truncated SVD of ΔW = W_tuned − W_base per module.
+    """A LoRA adapter from a fine-tune: the truncated SVD of ΔW = W_tuned − W_base per module.
 
     Args:
-        base, tuned: the two checkpoints (files, shard folders or indexes).
-        out: the adapter folder to write (adapter_model.safetensors, adapter_config.json).
+        base, tuned: the two checkpoints (files, shard folders or indexes), or two diffusers
+            pipeline folders (unet/, text_encoder/, text_encoder_2/ read; format kohya only).
+        out: the adapter to write: a PEFT folder (adapter_model.safetensors, adapter_config.json),
+            or with format "kohya" one .safetensors file in kohya's key format (docs/extract.md).
         rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW. A budget F
             allows Σ r·(m + n) ≤ F·Σ m·n over the changed matrices (ranks only: an adapter holds no
             whole matrix).
         dtype: the dtype of the LoRA factors ("keep": each tensor's own).
         method, seed: how the SVD is computed ("auto", "exact", "randomized"; the seed of the last).
         device: where the SVDs run: "auto", "cpu", "cuda" or "cuda:N".
-        embeddings, conv: also adapt embeddings and conv kernels.
+        embeddings, conv: also adapt embeddings (PEFT only) and conv kernels.
         base_model: base_model_name_or_path in adapter_config.json; default BASE's folder
-            (the folder itself, or the one holding the file), as an absolute path.
+            (the folder itself, or the one holding the file), as an absolute path. kohya: the
+            ss_sd_model_name metadata, written only when given.
         lora_only: write only the LoRA pairs. By default what else changed goes in too, with
             status "carried": an adapted module's bias change as its lora_B.bias (lora_bias)
-            and a module of 1-D tensors (a LayerNorm) whole, as tuned (modules_to_save).
+            and a module of 1-D tensors (a LayerNorm) whole, as tuned (modules_to_save). A kohya
+            file holds LoRA pairs only.
         calibration: the base model's statistics from `calibrate`: ΔW·S is factorized, and errors
             are of the output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
         other_model: use statistics made on another model than BASE (refused by default).
         include, exclude: globs on tensor names, one or a list; the others stay out of the adapter.
         force: overwrite `out` if it exists.
         progress: called as progress(bytes done, bytes in all) after each of TUNED's tensors.
+        format: "peft" (default) or "kohya", the adapter's key format (docs/extract.md).
 
     Returns:
         The Report: per module its rank, rel_error ‖ΔW − BA‖_F / ‖ΔW‖_F measured on the factors as
@@ -415,15 +430,18 @@ def extract(
 
     Example:
         >>> report = lowrank_cli.extract("base.safetensors", "tuned.safetensors", "adapter", rank=16)
+        >>> report = lowrank_cli.extract("sd-base/", "sd-tuned/", "style.safetensors", rank=16, format="kohya")
     """
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device))
-    options = _extract.ExtractOptions(embeddings=embeddings, conv=conv, base_model=base_model, lora_only=lora_only)
+    options = _extract.ExtractOptions(
+        embeddings=embeddings, conv=conv, base_model=base_model, lora_only=lora_only, format=format
+    )
     passes = 2 if policy.budget is not None else 1
     with (
-        open_checkpoint(base) as base_checkpoint,
-        open_checkpoint(tuned) as tuned_checkpoint,
+        _open_model(base) as base_checkpoint,
+        _open_model(tuned) as tuned_checkpoint,
         _progress(progress, passes * _data_bytes(tuned_checkpoint)) as tick,
     ):
         check_patterns([base_checkpoint, tuned_checkpoint], include, exclude)
@@ -442,6 +460,13 @@ def extract(
         )
 
 
+def _open_model(path: PathLike) -> Checkpoint:
+    """A checkpoint, or the model folders of a diffusers pipeline folder that kohya adapts, as one."""
+    if is_pipeline(path, PIPELINE_MODELS):
+        return open_pipeline(path, PIPELINE_MODELS)
+    return open_checkpoint(path)
+
+
 @_cleans_up
 def resize(
     adapter: PathLike,
@@ -457,15 +482,20 @@ def resize(
     exclude: Globs = None,
     force: bool = False,
     progress: Progress | None = None,
+    format: AdapterFormat | str | None = None,
 ) -> Report:
     """A LoRA adapter at new ranks: each module's ΔW = scale·B·A truncated, never formed (docs/resize.md).
 
     Args:
         adapter: a PEFT adapter folder (adapter_config.json, adapter_model.safetensors) or a kohya
             LoRA file (lora_unet_…/lora_te_… keys with .lora_down.weight, .lora_up.weight, .alpha).
-        out: where the resized adapter goes, in the same format (a folder, or one .safetensors file).
+        out: where the resized adapter goes: a PEFT folder, or one kohya .safetensors file.
         rank, energy, max_error, budget: the rank policy, exactly one; errors are of ΔW, and a
-            budget F allows Σ r′·(m + n) ≤ F·Σ m·n over the selected modules.
+            budget F allows Σ r′·(m + n) ≤ F·Σ m·n over the selected modules. None of them with
+            a `format` other than the adapter's: every pair is converted as it is.
+        format: "peft" or "kohya"; default the adapter's own. kohya names are sd-scripts'
+            (lora_te_ for modules named text_model.…, else lora_unet_); a kohya file goes back to
+            PEFT when lowrank wrote it (its metadata records the module names).
         dtype: the dtype of the new factors ("keep": each pair's own).
         device: where the QRs run.
         include, exclude: globs on module names (PEFT) or key prefixes (kohya), one or a list; other pairs
@@ -479,17 +509,20 @@ def resize(
 
     Example:
         >>> report = lowrank_cli.resize("adapter-r128/", "adapter-r16/", rank=16)
+        >>> report = lowrank_cli.resize("adapter-r128/", "adapter.kohya.safetensors", format="kohya")
         >>> [(t.name, t.rank_before, t.rank, t.rel_error) for t in report.tensors]
     """
     from lowrank_cli.io.lora import open_adapter
     from lowrank_cli.ops.resize import resize as _resize
 
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
-    policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
+    policy = RankPolicy.from_options(rank, energy, max_error, budget)
+    if format is None:
+        require_policy(policy)  # before the adapter is read: a policy, or a format to convert to
     settings = Settings(dtype=dtype, device=resolve_device(device))
     with open_adapter(adapter) as opened, _progress(progress, opened.checkpoint.nbytes) as tick:
-        return _resize(opened, policy, Path(out), settings=settings, include=include, exclude=exclude, force=force,
-                       on_tensor=tick)  # fmt: skip
+        return _resize(opened, policy, Path(out), format=format, settings=settings, include=include, exclude=exclude,
+                       force=force, on_tensor=tick)  # fmt: skip
 
 
 def calibrate(

@@ -37,3 +37,11 @@ def test_spectrum_benchmark_smoke_run(tmp_path):
     run = _run("bench_spectrum.py", "--quick", cwd=tmp_path)
     assert run.stdout.startswith("CPU: ")
     assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 3")] == ["| 320×320"]
+
+
+def test_resize_benchmark_smoke_run(tmp_path):
+    run = _run("bench_resize.py", "--quick", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| lora_unet_blocks_")]
+    assert len(rows) == 2  # the sampled modules, each error beside the optimal truncation's
+    assert "(≤ 1e-5)" in run.stdout

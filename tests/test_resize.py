@@ -190,6 +190,22 @@ def test_kohya_round_trips_and_resizes(tmp_path):
         assert rel(product.numpy(), delta) < 1e-6, prefix
 
 
+def test_max_error_holds_on_a_kohya_file_written_in_float16(tmp_path):
+    source = tmp_path / "lora.safetensors"
+    deltas = kohya_file(source)
+    out = tmp_path / "e.safetensors"
+    report = cli_json("resize", source, "-o", out, "--max-error", 0.3, "--dtype", "float16", "--device", "cpu")
+    written = load(out)
+    for prefix, delta in deltas.items():
+        up, down = written[f"{prefix}.lora_up.weight"], written[f"{prefix}.lora_down.weight"]
+        assert up.dtype == down.dtype == torch.float16
+        rank = down.shape[0]
+        resized = float(written[f"{prefix}.alpha"]) / rank * (up.double().reshape(up.shape[0], rank) @
+                                                              down.double().reshape(rank, -1)).numpy()  # fmt: skip
+        assert rel(resized, delta) <= 0.3, prefix  # measured on the file: float16 rounding included
+        assert by_name(report)[prefix]["rel_error"] == pytest.approx(rel(resized, delta), rel=1e-6), prefix
+
+
 def test_other_adapter_kinds_are_refused_by_name(tmp_path):
     path = save(tmp_path / "loha.safetensors", {"lora_unet_x.hada_w1_a": torch.ones(2, 2)})
     assert_clean_failure(cli("resize", path, "-o", tmp_path / "out.safetensors", "--rank", 1), 1, "LoHa")

@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 import lowrank_cli
 import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
-from lowrank_cli import DType, Method, Split
+from lowrank_cli import AdapterFormat, DType, Method, Split
 from lowrank_cli.cli.options import (
     DEFAULT_DEVICE,
     BatchSize,
@@ -356,10 +356,11 @@ def expand(
 
 
 @_command(
-    short_help="A PEFT LoRA adapter from a fine-tune.",
+    short_help="A LoRA adapter (PEFT or kohya) from a fine-tune.",
     epilog=_examples(
         "lowrank extract base.safetensors tuned.safetensors -o adapter/ --rank 16",
         "lowrank extract base/ tuned/ -o adapter/ --max-error 0.1 --base-model org/m",
+        "lowrank extract sd/ sd-tuned/ -o lora.safetensors --rank 16 --format kohya",
     ),
 )
 def extract(
@@ -367,7 +368,15 @@ def extract(
         Path, typer.Argument(help="The base checkpoint (file or shard folder).", show_default=False, metavar="BASE")
     ],
     tuned: Annotated[Path, typer.Argument(help="The fine-tuned checkpoint.", show_default=False, metavar="TUNED")],
-    output: RequiredOutput,
+    output: Annotated[
+        Path,
+        typer.Option(
+            "--output",
+            "-o",
+            help="The adapter to write: a folder (PEFT) or a .safetensors file (kohya).",
+            metavar="OUT",
+        ),
+    ],
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -400,16 +409,26 @@ def extract(
     fail_above: FailAbove = None,
     calibration: Calibration = None,
     other_model: OtherModel = False,
+    format: Annotated[
+        AdapterFormat,
+        typer.Option(
+            "--format",
+            help="peft (an adapter folder) or kohya (one file of lora_unet_/lora_te_ keys, for diffusers and"
+            " ComfyUI; BASE and TUNED may be diffusers pipeline folders).",
+            case_sensitive=False,
+            metavar="FORMAT",
+        ),
+    ] = AdapterFormat.peft,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
-    """A PEFT LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
+    """A LoRA adapter from a fine-tune: truncated SVD of ΔW = W_tuned − W_base per module."""
     with _running(f"extract {tuned.name}", fail_above) as tick:
         report = lowrank_cli.extract(
             base, tuned, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
             method=method, seed=seed, device=device, embeddings=embeddings, conv=conv, base_model=base_model,
             lora_only=lora_only, include=include, exclude=exclude, force=force, progress=tick,
-            calibration=calibration, other_model=other_model,
+            calibration=calibration, other_model=other_model, format=format,
         )  # fmt: skip
     _finish(report, as_json, fail_above)
 
@@ -419,6 +438,7 @@ def extract(
     epilog=_examples(
         "lowrank resize adapter-r128/ -o adapter-r16/ --rank 16",
         "lowrank resize style.safetensors -o style.small.safetensors --max-error 0.05",
+        "lowrank resize adapter/ -o adapter.safetensors --format kohya",
     ),
 )
 def resize(
@@ -428,7 +448,10 @@ def resize(
             help="A PEFT adapter folder or a kohya LoRA .safetensors file.", show_default=False, metavar="ADAPTER"
         ),
     ],
-    output: RequiredOutput,
+    output: Annotated[
+        Path,
+        typer.Option("--output", "-o", help="The resized adapter, in ADAPTER's format or --format.", metavar="OUT"),
+    ],
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
@@ -438,14 +461,23 @@ def resize(
     include: Include = None,
     exclude: Exclude = None,
     fail_above: FailAbove = None,
+    format: Annotated[
+        Optional[AdapterFormat],
+        typer.Option(
+            "--format",
+            help="Write peft (a folder) or kohya (one file); default ADAPTER's. Without a policy: convert only.",
+            case_sensitive=False,
+            metavar="FORMAT",
+        ),
+    ] = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Truncate each module's ΔW = scale·B·A from its factors (no m×n product) to the policy's rank."""
     with _running(f"resize {adapter.name}", fail_above) as tick:
         report = lowrank_cli.resize(
-            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, device=device,
-            include=include, exclude=exclude, force=force, progress=tick,
+            adapter, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype,
+            device=device, include=include, exclude=exclude, force=force, progress=tick, format=format,
         )  # fmt: skip
     _finish(report, as_json, fail_above)
 

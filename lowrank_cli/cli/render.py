@@ -413,7 +413,9 @@ def _resize_table(report: Report) -> tuple[str, list[Column], list[list[str | Te
         ]  # fmt: skip
         for t in report.tensors
     ]
-    return f"lowrank resize {report.sources[0]} ({_policy(report)})", columns, rows
+    source, target = (report.options or {}).get("from"), (report.options or {}).get("format")
+    about = "; ".join(part for part in (_policy(report), f"{source} → {target}" if source != target else "") if part)
+    return f"lowrank resize {report.sources[0]} ({about})", columns, rows
 
 
 def _heal_table(report: Report) -> tuple[str, list[Column], list[list[str | Text]]]:

@@ -14,7 +14,8 @@ import mmap
 import re
 import struct
 import zipfile
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,41 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if path.name.endswith(".json"):
         return _open_index(path)
     return _merge(path, [_read_shard(path)], index_path=None)
+
+
+class PipelineCheckpoint(Checkpoint):
+    """A diffusers pipeline folder read as one checkpoint: each model folder's tensors under '<folder>.<name>'."""
+
+    def __init__(self, source: Path, parts: dict[str, Checkpoint]) -> None:
+        entries = {}
+        for folder, part in parts.items():
+            for name, entry in part.entries.items():
+                entries[f"{folder}.{name}"] = replace(entry, name=f"{folder}.{name}")
+        ordered = dict(sorted(entries.items(), key=lambda item: natural_key(item[0])))
+        super().__init__(source, [shard for part in parts.values() for shard in part.files], ordered)
+        self.models = tuple(parts)  # the model folders read, in the order given
+
+
+def is_pipeline(path: str | Path, models: Sequence[str]) -> bool:
+    """A folder with no weights of its own and at least one of the model folders `models` (unet/, …)."""
+    path = Path(path)
+    if not path.is_dir() or any(path.glob("*.safetensors")) or any(path.glob("*" + INDEX_SUFFIX)):
+        return False
+    return any((path / model).is_dir() for model in models)
+
+
+def open_pipeline(folder: str | Path, models: Sequence[str]) -> PipelineCheckpoint:
+    """The model folders `models` of a diffusers pipeline folder that it has (unet/, text_encoder/, …), as one."""
+    folder = Path(folder)
+    parts = {}
+    try:
+        for model in models:
+            if (folder / model).is_dir():
+                parts[model] = open_checkpoint(folder / model)
+                parts[model].close()  # its entries name their files; the pipeline opens them as it reads
+    except CheckpointError as exc:
+        raise CheckpointError(f"{folder}: a diffusers pipeline folder, and {exc}") from None
+    return PipelineCheckpoint(folder, parts)
 
 
 def _open_folder(folder: Path) -> Checkpoint:

@@ -27,6 +27,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint, natural_key, open_checkpoint
+from lowrank_cli.io.kohya import KOHYA_ALPHA, KOHYA_DOWN, KOHYA_UP
 from lowrank_cli.io.peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 
 PEFT_PREFIX = "base_model.model."
@@ -34,7 +35,6 @@ _PEFT_KEYS = {  # (up, down) suffixes of a PEFT pair
     "linear": (".lora_B.weight", ".lora_A.weight"),
     "embedding": (".lora_embedding_B", ".lora_embedding_A"),
 }
-_KOHYA_UP, _KOHYA_DOWN, _KOHYA_ALPHA = ".lora_up.weight", ".lora_down.weight", ".alpha"
 # Adapters that are not an up·down pair: their ΔW is another product, which a LoRA resize does not cover.
 _NOT_LORA = {
     "hada_w": "LoHa (a Hadamard product)",
@@ -55,6 +55,11 @@ class LoraPair:
     rank: int
     scale: float
     alpha: str | None = None  # kohya: the key of its .alpha
+
+    @property
+    def is_embedding(self) -> bool:
+        """PEFT's embedding LoRA (lora_embedding_A/B): ΔW held transposed, and no kohya counterpart."""
+        return self.up.endswith(_PEFT_KEYS["embedding"][0])
 
 
 @dataclass
@@ -153,16 +158,16 @@ def _kohya(path: Path, checkpoint: Checkpoint) -> LoraAdapter:
     _refuse_other_kinds(checkpoint, path)
     pairs = []
     for name in checkpoint.entries:
-        if name.endswith(_KOHYA_DOWN):
-            prefix = name.removesuffix(_KOHYA_DOWN)
-            rank = _rank(checkpoint, path, prefix + _KOHYA_UP, name)
-            alpha_key = prefix + _KOHYA_ALPHA
+        if name.endswith(KOHYA_DOWN):
+            prefix = name.removesuffix(KOHYA_DOWN)
+            rank = _rank(checkpoint, path, prefix + KOHYA_UP, name)
+            alpha_key = prefix + KOHYA_ALPHA
             alpha = (
                 float(checkpoint.read(alpha_key).to(torch.float64).reshape(-1)[0])
                 if alpha_key in checkpoint.entries
                 else float(rank)
             )
-            pairs.append(LoraPair(prefix, prefix + _KOHYA_UP, name, rank, alpha / rank, alpha_key))
+            pairs.append(LoraPair(prefix, prefix + KOHYA_UP, name, rank, alpha / rank, alpha_key))
     if not pairs:
         hint = (
             "; it holds PEFT keys (lora_A/lora_B): give the adapter's folder, with its adapter_config.json"

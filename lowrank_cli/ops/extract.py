@@ -1,9 +1,10 @@
 """extract: a LoRA adapter from the difference a fine-tune made, ΔW = W_tuned − W_base.
 
-OUT becomes a PEFT LoRA adapter (io.peft): each module's ΔW goes through the same factor step
-as compress (ops.pipeline.factor), at any rank up to min(m, n). What changed beside the matrices
-goes in too, unless `lora_only`: the bias change of an adapted module as its lora_B.bias
-(lora_bias), and a module of 1-D tensors (a LayerNorm) whole, as tuned, through modules_to_save.
+OUT becomes a PEFT LoRA adapter folder (io.peft) or a kohya file (io.kohya): each module's ΔW goes
+through the same factor step as compress (ops.pipeline.factor), at any rank up to min(m, n). What
+changed beside the matrices goes into a PEFT adapter too, unless `lora_only`: the bias change of an
+adapted module as its lora_B.bias (lora_bias), and a module of 1-D tensors (a LayerNorm) whole, as
+tuned, through modules_to_save. A kohya file holds LoRA pairs only.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import OutputError, TensorError, arg
+from lowrank_cli.errors import OutputError, TensorError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
-from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
+from lowrank_cli.io.checkpoint import Checkpoint, PipelineCheckpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.dtypes import compute_dtype
+from lowrank_cli.io.kohya import KohyaName, kohya_metadata, kohya_names, write_kohya_pair
 from lowrank_cli.io.outputs import FolderOutput, check_output
 from lowrank_cli.io.peft import (
     ADAPTER_CONFIG,
@@ -35,7 +37,7 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import budget_options, policy_per_tensor
 from lowrank_cli.ops.pipeline import check_finite, factor_step, record, stored_dtype, whitened_view
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import Settings
+from lowrank_cli.ops.settings import AdapterFormat, Settings, choice
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,10 @@ class ExtractOptions:
     conv: bool = False  # LoRA on conv kernels (lora_A as a kh×kw conv, lora_B as 1×1)
     base_model: str | None = None  # base_model_name_or_path in adapter_config.json; None: BASE's folder
     lora_only: bool = False  # only the LoRA pairs: leave changed biases and norms out
+    format: AdapterFormat = AdapterFormat.peft  # a PEFT folder or a kohya file
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "format", choice(AdapterFormat, self.format, "format"))
 
 
 @dataclass(frozen=True)
@@ -77,17 +83,22 @@ def extract(
     on_tensor: Callable[[TensorEntry], None] | None = None,
     calibration: Calibration | None = None,
 ) -> Report:
-    """Factor ΔW of every module weight both checkpoints share into a PEFT LoRA adapter in `out`.
+    """Factor ΔW of every module weight both checkpoints share into a LoRA adapter in `out`.
 
-    With calibration (the base model's statistics), ΔW·S is factorized: the adapter minimizes the
-    error in the layer's output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
+    A PEFT adapter folder, or with options.format kohya one .safetensors file in kohya's key format
+    (io.kohya), whose names come from a diffusers pipeline's model folders when BASE and TUNED are
+    PipelineCheckpoints. With calibration (the base model's statistics), ΔW·S is factorized: the
+    adapter minimizes the error in the layer's output change, ‖(ΔW − BA)X‖_F / ‖ΔW·X‖_F.
     """
     settings = settings or Settings()
     options = options or ExtractOptions()
+    kohya = options.format == AdapterFormat.kohya
+    _check_format(base, tuned, options)
     check_output(base, out, force=True)  # an input first: never invite force onto BASE
     out = check_output(tuned, out, force=force)
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"{out}: is a file; an adapter is a folder, choose another output")
+    if out.exists() and kohya == out.is_dir():
+        kind = "a kohya LoRA is one .safetensors file" if kohya else "an adapter is a folder"
+        raise OutputError(f"{out}: is a {'folder' if kohya else 'file'}; {kind}, choose another output")
     names = [
         n for n in sorted(set(base.entries) | set(tuned.entries), key=natural_key) if is_selected(n, include, exclude)
     ]
@@ -97,6 +108,8 @@ def extract(
     for name in names:
         if screened[name].reason is not None:
             tensors[name].reason = screened[name].reason
+    # kohya's names first: two modules that would share one stop the run before any work
+    kohya_of = kohya_names([n.removesuffix(".weight") for n in candidates], pipeline=_models(tuned)) if kohya else {}
     policy_for = policy_per_tensor(
         policy,
         candidates,
@@ -106,29 +119,24 @@ def extract(
         adapter=True,  # ranks only (a whole matrix goes in only via modules_to_save), ΔW's own objective
     )
     notes = sweep_stale_temps(out.parent)
-    with FolderOutput(out, force=force) as folder:
-        writer = SafetensorsWriter(folder.path / ADAPTER_WEIGHTS, {"format": "pt"})
-        with writer:
-            adapter = {}  # module -> (rank, kind)
-            for name in candidates:
-                step = (tensors[name], writer, policy_for(name), settings, calibration)
-                adapter.update(_extract_one(base, tuned, name, *step))
-                if on_tensor:
-                    on_tensor(tuned.entries[name])
-            if not adapter:
-                raise TensorError(_nothing_changed(base, tuned, screened))
-            extras = _plan_extras(base, tuned, tensors, screened, adapter, options)
-            _write_extras(base, tuned, tensors, extras, writer, settings)
-            size = writer.commit()
-        config = adapter_config(
-            adapter,
-            options.base_model or base_folder(base),
-            lora_bias=bool(extras.biases),
-            modules_to_save=extras.modules,
-        )
-        (folder.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        folder.commit()
+
+    def write_pairs(writer: SafetensorsWriter, write_pair: _WritePair) -> dict[str, tuple[int, str]]:
+        adapter = {}  # module -> (rank, kind)
+        for name in candidates:
+            step = (tensors[name], writer, write_pair, policy_for(name), settings, calibration)
+            adapter.update(_extract_one(base, tuned, name, *step))
+            if on_tensor:
+                on_tensor(tuned.entries[name])
+        if not adapter:
+            raise TensorError(_nothing_changed(base, tuned, screened))
+        return adapter
+
+    if kohya:
+        size = _write_kohya(base, tuned, out, tensors, screened, write_pairs, kohya_of, options, force)
+    else:
+        size = _write_peft(base, tuned, out, tensors, screened, write_pairs, options, settings, force)
     report = _report(base, tuned, list(tensors.values()), policy, out, settings, size)
+    report.options["format"] = options.format.value
     report.options.update(budget_options(policy, calibration, adapter=True))
     totals = report.totals
     if totals.params and totals.params_after >= totals.params / 2:
@@ -141,12 +149,80 @@ def extract(
     return report
 
 
+# (writer, module, shape of ΔW, B (out, r), A (r, in·k…)) -> the LoRA layer kind
+_WritePair = Callable[[SafetensorsWriter, str, tuple[int, ...], torch.Tensor, torch.Tensor], str]
+
+
+def _write_peft(base, tuned, out, tensors, screened, write_pairs, options, settings, force) -> int:
+    """The PEFT adapter folder: the pairs, what else changed (unless lora_only), adapter_config.json."""
+    with FolderOutput(out, force=force) as folder:
+        writer = SafetensorsWriter(folder.path / ADAPTER_WEIGHTS, {"format": "pt"})
+        with writer:
+            adapter = write_pairs(writer, write_lora)
+            extras = _plan_extras(base, tuned, tensors, screened, adapter, options)
+            _write_extras(base, tuned, tensors, extras, writer, settings)
+            size = writer.commit()
+        config = adapter_config(
+            adapter,
+            options.base_model or base_folder(base),
+            lora_bias=bool(extras.biases),
+            modules_to_save=extras.modules,
+        )
+        (folder.path / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        folder.commit()
+    return size
+
+
+def _write_kohya(base, tuned, out, tensors, screened, write_pairs, kohya_of: dict[str, KohyaName], options, force):
+    """The kohya file: the pairs at scale 1 (.alpha = r) under kohya's names; nothing else has a place in it."""
+
+    def write_pair(writer, module, shape, b, a):
+        write_kohya_pair(writer, kohya_of[module].prefix, shape, b, a)
+        return "conv" if len(shape) == 4 else "linear"
+
+    with SafetensorsWriter(out, None, display=out, force=force) as writer:
+        adapter = write_pairs(writer, write_pair)
+        for name, screen in screened.items():
+            if screen.carry:
+                tensors[name].reason += "; left out (a kohya file holds LoRA pairs only)"
+        written = {kohya_of[module].prefix: (rank, float(rank)) for module, (rank, _) in adapter.items()}
+        recorded = {kohya_of[module].prefix: kohya_of[module].module for module in adapter}
+        writer.metadata = kohya_metadata(written, recorded)
+        if options.base_model:
+            writer.metadata["ss_sd_model_name"] = options.base_model
+        return writer.commit()
+
+
+def _models(checkpoint: Checkpoint) -> tuple[str, ...]:
+    return checkpoint.models if isinstance(checkpoint, PipelineCheckpoint) else ()
+
+
+def _check_format(base: Checkpoint, tuned: Checkpoint, options: ExtractOptions) -> None:
+    """What the adapter's format cannot hold, refused before any work."""
+    if _models(base) != _models(tuned):
+        given = ", ".join(f"{c.source} ({'/, '.join(_models(c)) + '/' if _models(c) else 'one model'})"
+                          for c in (base, tuned))  # fmt: skip
+        raise UsageError(f"BASE and TUNED hold different models: {given}; give two of a kind")
+    if options.format == AdapterFormat.kohya:
+        if options.embeddings:
+            raise UsageError(
+                f"a kohya LoRA has no embedding pairs; leave out {arg('embeddings')} or write {arg('format')} peft"
+            )
+    elif _models(tuned):
+        first = _models(tuned)[0]
+        raise UsageError(
+            f"{tuned.source}: a diffusers pipeline folder ({', '.join(m + '/' for m in _models(tuned))}), and a PEFT"
+            f" adapter is for one model: give BASE/{first} and TUNED/{first}, or write {arg('format')} kohya"
+        )
+
+
 def _extract_one(
     base: Checkpoint,
     tuned: Checkpoint,
     name: str,
     report: TensorReport,
     writer: SafetensorsWriter,
+    write_pair: _WritePair,
     policy: RankPolicy,
     settings: Settings,
     calibration: Calibration | None,
@@ -175,7 +251,7 @@ def _extract_one(
     report.status = Status.extracted
     report.kept = max(0.0, 1.0 - report.rel_error**2)
     module = name.removesuffix(".weight")
-    kind = write_lora(writer, module, entry.shape, outcome.b.cpu(), outcome.a.cpu())
+    kind = write_pair(writer, module, entry.shape, outcome.b.cpu(), outcome.a.cpu())
     return {module: (report.rank, kind)}
 
 

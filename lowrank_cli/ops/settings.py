@@ -50,6 +50,13 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class AdapterFormat(str, Enum):
+    """How a LoRA adapter is written: a PEFT folder, or one kohya (sd-scripts) .safetensors file."""
+
+    peft = "peft"
+    kohya = "kohya"
+
+
 class Split(str, Enum):
     """How a text is cut into samples: `windows` of --seq-len tokens, one sample per `lines` line, or `auto`
     (lines when the file is one short sample per line, else windows)."""
