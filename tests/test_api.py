@@ -112,6 +112,15 @@ def test_imports_point_one_way(layer, allowed):
             assert ok, f"{path.relative_to(ROOT)} imports {name}"
 
 
+def test_no_module_imports_another_modules_private_names():
+    """A name one module needs from another is public there: a private one may change without notice."""
+    for path in sorted((ROOT / "lowrank_cli").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "lowrank_cli":
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, f"{path.relative_to(ROOT)} imports {private} from {node.module}"
+
+
 def test_the_package_imports_only_errors_and_plain_types_when_it_loads():
     # everything else is imported on first use (_LAZY), so `import lowrank_cli` stays free of torch
     loaded = set(_module_level_imports(ROOT / "lowrank_cli" / "__init__.py"))

@@ -16,7 +16,8 @@ import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration, write_calibration
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.whiten import whitener
-from lowrank_cli.ops.calibrate import Calibrator, checkpoint_names
+from lowrank_cli.ops.calibrate import Calibrator
+from lowrank_cli.ops.hfmodel import checkpoint_names
 from lowrank_cli.ops.pipeline import NO_STATISTICS, ZERO_MOMENT, calibrated_factor
 from lowrank_cli.ops.settings import Settings
 

@@ -11,7 +11,7 @@
         "fingerprint": {WEIGHT_NAME: [v, …], …},  # optional: a few values of some weights, to tell
                                           # the model the statistics were made on (check_model)
         "sensitivity": {WEIGHT_NAME: s, …},  # optional: the model's output error per unit of this
-                                          # weight's squared error (ops.calibrate.measure_sensitivity)
+                                          # weight's squared error (ops.sensitivity)
         "probe_tokens": N                 # optional: the tokens the sensitivity was measured on
     }
 

@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from lowrank_cli.errors import OutputError, UsageError
+from lowrank_cli.errors import OutputError, UsageError, arg
 from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
@@ -82,6 +82,32 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
     if not out.parent.is_dir():
         raise OutputError(f"{out}: folder {out.parent} does not exist; create it first")
     return out
+
+
+def check_statistics_output(out: Path, folder: Path, text: Path, *, force: bool) -> None:
+    """Refuse calibrate's statistics file `out` over an input (the model folder's files, the text) even with
+    force, inside the model folder, over a file without force, or where its folder does not exist."""
+    if out.is_dir():
+        raise OutputError(f"{out}: is a folder; give the statistics file's name with {arg('out')}")
+    if out.exists():
+        if any(_same_file(out, path) for path in [text, *folder.iterdir()]):
+            raise OutputError(
+                f"{out}: is an input of this run (the model's or the text); write the statistics elsewhere"
+            )
+        if not force:
+            raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
+    elif out.name.endswith(".safetensors") and out.resolve().parent == folder.resolve():
+        # in the model folder it would be read as one of the model's weight files by every later command
+        raise OutputError(f"{out}: is inside the model folder, where it would be read as weights; write it elsewhere")
+    if not out.parent.is_dir():
+        raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 class FolderOutput:

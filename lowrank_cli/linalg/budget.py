@@ -84,7 +84,7 @@ def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, floa
 def sensitivity_weights(spectra: dict[str, Spectrum], sensitivity: dict[str, float]) -> dict[str, float]:
     """s_t·‖W_t‖²: the loss of tensor t is s_t·tail_t(r), its measured cost to the model's output.
 
-    s_t is what the model's output loses per unit of t's squared error (ops.calibrate, measured one
+    s_t is what the model's output loses per unit of t's squared error (ops.sensitivity, measured one
     weight at a time), so Σ_t s_t·tail_t estimates the output error of cutting all of them. A tensor
     without a measured s_t (not run by the probe) is treated as the most sensitive one, so that the
     budget spares what it knows nothing about; s_t = 0 (a weight the output ignores, such as an

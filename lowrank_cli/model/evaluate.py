@@ -293,9 +293,9 @@ def evaluate(
 
 def load_reference(folder: Path, device: str, feature: str = "evaluate"):
     """The reference model and its tokenizer, loaded as calibrate loads them (offline, its own class)."""
-    from lowrank_cli.ops.calibrate import _load
+    from lowrank_cli.ops.hfmodel import load_model
 
-    return _load(folder, device, feature)
+    return load_model(folder, device, feature)
 
 
 def model_samples(
@@ -310,10 +310,10 @@ def model_samples(
     split: Split | None = None,
 ) -> TextSamples:
     """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks)."""
-    from lowrank_cli.ops.calibrate import _check_samples
+    from lowrank_cli.ops.hfmodel import check_samples
 
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
-    _check_samples(reference, tokenizer, found.ids, folder)
+    check_samples(reference, tokenizer, found.ids, folder)
     return found
 
 

@@ -1,32 +1,32 @@
 """calibrate: the second moment E[x xᵀ] of every Linear layer's input, over real text.
 
 `Calibrator` hooks a torch model and accumulates the statistics over whatever batches its owner
-runs; `calibrate` runs a Hugging Face model folder over windows of a text file with it. Only the
-running sums Σ x xᵀ are kept (float64, n×n per distinct input), never the activations.
+runs; `calibrate` runs a Hugging Face model folder (ops.hfmodel) over samples of a text file
+(ops.samples) with it. Only the running sums Σ x xᵀ are kept (float64, n×n per distinct input),
+never the activations.
 
-`Calibrator.measure_sensitivity` then cuts one weight at a time and measures what the model's
-output loses per unit of that weight's squared error: the weights `--budget` should spare.
+`Calibrator.measure_sensitivity` then runs the sensitivity probe (ops.sensitivity): what the
+model's output loses per unit of each weight's squared error, the weights `--budget` should spare.
 """
 
 from __future__ import annotations
 
-import json
-import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import CheckpointError, OutputError, UsageError, arg
+from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
-from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
-from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
+from lowrank_cli.io.hfconfig import is_conv1d
+from lowrank_cli.io.outputs import check_statistics_output
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
-from lowrank_cli.linalg.whiten import whitener as make_whitener
+from lowrank_cli.ops.hfmodel import check_samples, checkpoint_keys, checkpoint_names, load_model
 from lowrank_cli.ops.report import SCHEMA_VERSION
 from lowrank_cli.ops.samples import batches, read_samples, require_text, sample_count, spread
+from lowrank_cli.ops.sensitivity import sensitivities
 from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, PROBE_TOKENS, SEQ_LEN, Split
 
 CHUNK = 1024  # tokens per float32 product
@@ -232,7 +232,6 @@ class Calibrator:
                 modules[module_name] = module
         return modules
 
-    @torch.no_grad()
     def measure_sensitivity(
         self, run: Callable[[], object], *, tokens: int = 0, on_weight: Callable[[str], None] | None = None
     ) -> dict[str, float]:
@@ -242,25 +241,28 @@ class Calibrator:
 
         run() must run the model on the same inputs each time and return its output (a tensor, or a
         tuple, dict or ModelOutput of them). Each weight of a Linear (with this calibrator's input
-        moment) or an nn.Embedding, each parameter once, is cut to the rank that keeps half its
-        params, as `compress --calibration` would cut it (of W·S with a moment, else of W), and
+        moment) or an nn.Embedding (with its lookups), each parameter once, is cut to the rank that
+        keeps half its params, as `compress --calibration` would cut it, and
 
-            s = mean over the output tensors of ‖y′ − y‖² / ‖y‖²  /  Σ_{i>r} σ_i²,
+            s = mean over the output tensors of ‖y′ − y‖² / ‖y‖²  /  Σ_{i>r} σ_i²
 
-        σ the singular values of W·S (or W): the same squared error the budget's spectra measure, so
-        s·tail(r) estimates what any cut costs the model. The weight is restored after each probe.
-        tokens: what the probe's inputs hold, recorded in the statistics file. Returns name -> s.
+        (ops.sensitivity). The weight is restored after each probe. tokens: what the probe's inputs
+        hold, recorded in the statistics file. on_weight(name) is called after each weight.
+        Returns name -> s.
         """
         moments = self.moments()
-        self._paused = True
-        try:
-            reference = _floats(run())
+
+        def weights():
             for module_name, module in self.probed().items():
                 name = self.names[module_name]
                 moment = moments.get(name) if module_name in self.layers else None
                 if moment is None and name in self.lookups:
                     moment = RowWeights.of_counts(self.lookups[name])
-                value = _measure(module, moment, run, reference)
+                yield name, module, moment
+
+        self._paused = True
+        try:
+            for name, value in sensitivities(run, weights()):
                 if value is not None:  # None: nothing to cut (already low rank)
                     self.sensitivity[name] = value
                 if on_weight:
@@ -271,94 +273,8 @@ class Calibrator:
         return dict(self.sensitivity)
 
 
-def _measure(
-    module: torch.nn.Module, moment: torch.Tensor | RowWeights | None, run: Callable[[], object], reference
-) -> float | None:
-    """One weight's sensitivity: cut it in place, run the probe, put it back."""
-    weight = module.weight
-    transposed = is_conv1d(module)  # stored (in, out)
-    cut, tail = _half_cut(weight.T if transposed else weight, moment)
-    if cut is None or not tail > 0:
-        return None
-    original = weight.data.clone()
-    try:
-        weight.data.copy_(cut.T if transposed else cut)
-        loss = _relative_change(reference, _floats(run()))
-    finally:
-        weight.data.copy_(original)
-    return loss / tail
-
-
-def _half_cut(weight: torch.Tensor, moment: torch.Tensor | RowWeights | None) -> tuple[torch.Tensor | None, float]:
-    """W′ at the rank keeping half of W's (m, n) params, and the squared error Σ_{i>r} σ_i² the cut leaves.
-
-    With a moment, the SVD is of W·S and W′ = U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten), as compress makes it;
-    with an embedding's row weights, of D^½·W and W′ = D^-½·U_r·Σ_r·V_rᵀ.
-    """
-    m, n = weight.shape
-    rank = max(1, m * n // (2 * (m + n)))
-    if rank >= min(m, n):
-        return None, 0.0
-    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
-    w = weight.detach().to(dtype)
-    if isinstance(moment, RowWeights):
-        whitener = moment if moment.weights.shape[0] == m else None
-    else:
-        whitener = make_whitener(moment.to(w.device)) if moment is not None and moment.shape[0] == n else None
-    target = w if whitener is None else whitener.whiten(w)
-    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
-    b, a = u[:, :rank] * sigma[:rank], vh[:rank]
-    if whitener is not None:
-        b, a = whitener.unwhiten_factors(b, a)
-    cut = b @ a  # (m, r) @ (r, n)
-    if not bool(torch.isfinite(cut).all()):
-        return None, 0.0
-    return cut.to(weight.dtype), float((sigma[rank:].to(torch.float64) ** 2).sum())
-
-
-def _floats(output: object) -> list[torch.Tensor]:
-    """The floating-point tensors of a model's output (a tensor, or a tuple, list or dict of them)."""
-    if isinstance(output, torch.Tensor):
-        return [output.detach()] if output.is_floating_point() else []
-    if isinstance(output, dict):
-        output = list(output.values())
-    if isinstance(output, tuple | list):
-        return [tensor for item in output for tensor in _floats(item)]
-    return []  # anything else (a key-value cache object, None) is not an output to compare
-
-
-def _relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor]) -> float:
-    """The mean over output tensors of ‖y′ − y‖² / ‖y‖² (tensors that are all zero are left out)."""
-    changes = []
-    for y, y2 in zip(reference, outputs, strict=True):
-        y, y2 = y.to(torch.float32), y2.to(torch.float32)  # a float32 temporary, float64 sums: logits can be large
-        total = float(y.square().sum(dtype=torch.float64))
-        if total > 0:
-            changes.append(float((y2 - y).square().sum(dtype=torch.float64)) / total)
-    return sum(changes) / len(changes) if changes else 0.0
-
-
 def _is_linear(module: torch.nn.Module) -> bool:
     return isinstance(module, torch.nn.Linear) or is_conv1d(module)  # GPT-2's Conv1D: a Linear stored (in, out)
-
-
-def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """Module name -> the checkpoint's weight name: MODULE.weight, or the one key that ends with it.
-
-    A model saved with a task head prefixes the base model (`bert.encoder…`) while the loaded base
-    model names it `encoder…`; and the other way round for a head model loading a bare checkpoint.
-    """
-    keys = set(keys)
-    names = {}
-    for module in module_names:
-        wanted = f"{module}.weight"
-        if wanted in keys:
-            names[module] = wanted
-            continue
-        matches = [k for k in keys if k.endswith("." + wanted) or wanted.endswith("." + k)]
-        if len(matches) == 1:
-            names[module] = matches[0]
-    return names
 
 
 def calibrate(
@@ -394,14 +310,14 @@ def calibrate(
     if not folder.is_dir():
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
-    _check_output(out, folder, text, force)
-    model, tokenizer = _load(folder, device)
+    check_statistics_output(out, folder, text, force=force)
+    model, tokenizer = load_model(folder, device)
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
-    _check_samples(model, tokenizer, found.ids, folder)
+    check_samples(model, tokenizer, found.ids, folder)
     chosen = found.ids
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
-    calibrator = Calibrator(model, names=checkpoint_names(module_names, _checkpoint_keys(Path(model_dir))))
+    calibrator = Calibrator(model, names=checkpoint_names(module_names, checkpoint_keys(folder)))
     runs = batches(chosen, batch_size, device, pad)
     total = len(runs) + (len(calibrator.probed()) if sensitivity else 0)
     done = 0
@@ -445,114 +361,9 @@ def calibrate(
     return report
 
 
-def _check_output(out: Path, folder: Path, text: Path, force: bool) -> None:
-    """The statistics file may not be written over an input (the model's files, the text), even with force."""
-    if out.is_dir():
-        raise OutputError(f"{out}: is a folder; give the statistics file's name with {arg('out')}")
-    if out.exists():
-        if any(_same_file(out, path) for path in [text, *folder.iterdir()]):
-            raise OutputError(
-                f"{out}: is an input of this run (the model's or the text); write the statistics elsewhere"
-            )
-        if not force:
-            raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
-    elif out.name.endswith(".safetensors") and out.resolve().parent == folder.resolve():
-        # in the model folder it would be read as one of the model's weight files by every later command
-        raise OutputError(f"{out}: is inside the model folder, where it would be read as weights; write it elsewhere")
-    if not out.parent.is_dir():
-        raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def _check_samples(model: torch.nn.Module, tokenizer, samples: list[list[int]], folder: Path) -> None:
-    """Refuse samples the model cannot read, and a tokenizer that is not the model's (mostly unknown tokens)."""
-    config = model.config
-    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    longest = max(len(ids) for ids in samples)
-    if isinstance(positions, int) and longest > positions:
-        raise UsageError(
-            f"{arg('seq_len')} {longest}: {folder.name} reads at most {positions} tokens; lower {arg('seq_len')}"
-        )
-    vocabulary = getattr(config, "vocab_size", None)
-    if isinstance(vocabulary, int) and len(tokenizer) < vocabulary / 10:  # a bare default tokenizer: a handful
-        raise CheckpointError(
-            f"{folder}: its tokenizer has {len(tokenizer):,} tokens, the model {vocabulary:,}; the tokenizer"
-            " files (tokenizer.json, vocab.txt, …) are missing or of another model"
-        )
-    unknown = tokenizer.unk_token_id
-    if unknown is not None:
-        share = sum(ids.count(unknown) for ids in samples) / sum(len(ids) for ids in samples)
-        if share > 0.5:
-            raise CheckpointError(
-                f"{folder}: its tokenizer reads {share:.0%} of the text as unknown tokens; the tokenizer files"
-                " are missing or of another model, or the text is not in the model's language"
-            )
-
-
-def _load(folder: Path, device: str, feature: str = "calibrate"):
-    """The model (its own architecture class, so a task head runs too) and its tokenizer, offline."""
-    transformers = require_transformers(feature)
-    config_path = folder / "config.json"
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: has no config.json; calibrate needs a Hugging Face model folder")
-    _refuse_lowrank_weights(folder)
-    try:
-        architectures = json.loads(config_path.read_text(encoding="utf-8")).get("architectures") or []
-        model_class = getattr(transformers, architectures[0], None) if architectures else None
-    except (OSError, ValueError, AttributeError, TypeError, IndexError, RecursionError) as exc:
-        raise CheckpointError(
-            f"{config_path}: is not a model config ({type(exc).__name__}: {exc}); give a Hugging Face model folder"
-        ) from None
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
-    offline = dict(local_files_only=True, trust_remote_code=False)  # never run a folder's own code, never ask
-    try:
-        model = (model_class or transformers.AutoModel).from_pretrained(folder, **offline)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
-    except config_errors() as exc:
-        raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
-    return model.to(device).eval(), tokenizer
-
-
-def _refuse_lowrank_weights(folder: Path) -> None:
-    """A compressed folder's factors would load as a randomly initialised model: calibrate the dense one."""
-    from safetensors import safe_open
-
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                compressed = LOWRANK_KEY in (handle.metadata() or {})
-        except Exception:  # noqa: BLE001 - a file transformers cannot read either; it says why below
-            continue
-        if compressed:
-            raise CheckpointError(
-                f"{path}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
-                " and calibrate the dense folder it writes"
-            )
-
-
 def _linear_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if _is_linear(module)]
 
 
 def _embedding_names(model: torch.nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if isinstance(module, torch.nn.Embedding)]
-
-
-def _checkpoint_keys(folder: Path) -> list[str]:
-    from safetensors import safe_open
-
-    keys = []
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            keys += list(handle.keys())
-    return keys
