@@ -33,7 +33,7 @@ from lowrank_cli.ops import extract as _extract
 from lowrank_cli.ops import plot as _plot
 from lowrank_cli.ops.calibrate import CalibrationReport
 from lowrank_cli.ops.devices import resolve_device
-from lowrank_cli.ops.pipeline import check_finite, factor
+from lowrank_cli.ops.factoring import factor_weight
 from lowrank_cli.ops.report import Report
 from lowrank_cli.ops.settings import (
     CALIBRATE_BATCH_SIZE,
@@ -119,9 +119,7 @@ def factorize(
     if not isinstance(W, torch.Tensor) or W.ndim != 2 or not W.is_floating_point():
         got = f"shape {tuple(W.shape)}, {W.dtype}" if isinstance(W, torch.Tensor) else type(W).__name__
         raise UsageError(f"W must be a 2-D floating-point tensor, got {got}")
-    matrix = W.detach().to(torch.float64 if W.dtype == torch.float64 else torch.float32)
-    check_finite(matrix, "W", "W")
-    outcome = factor(matrix, policy, Settings(method=method, seed=seed), name="", stored=W.dtype, limit=min(W.shape))
+    outcome = factor_weight(W, policy, Settings(method=method, seed=seed), where="W")
     if outcome.b is None:  # a zero matrix keeps nothing
         return W.new_zeros(W.shape[0], 0), W.new_zeros(0, W.shape[1])
     return outcome.b, outcome.a

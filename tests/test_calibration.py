@@ -13,12 +13,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lowrank_cli
-from lowrank_cli.io.calibration import read_calibration, write_calibration
+from lowrank_cli.io.calibration import Calibration, read_calibration, write_calibration
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.whiten import whitener
 from lowrank_cli.ops.calibrate import Calibrator
+from lowrank_cli.ops.factoring import NO_STATISTICS, ZERO_MOMENT, factor_tensor
 from lowrank_cli.ops.hfmodel import checkpoint_names
-from lowrank_cli.ops.pipeline import NO_STATISTICS, ZERO_MOMENT, calibrated_factor
 from lowrank_cli.ops.settings import Settings
 
 
@@ -47,9 +47,8 @@ def predicted_errors(w: np.ndarray, x: np.ndarray) -> np.ndarray:
 def factors(w, x, policy, method="exact", transposed=False):
     moment = torch.from_numpy(x.T @ x / len(x))
     matrix = torch.from_numpy(w.T.copy() if transposed else w).to(torch.float64)
-    outcome = calibrated_factor(
-        matrix, policy, Settings(method=method), moment, transposed=transposed, name="w", stored=torch.float64
-    )
+    calibration = Calibration({"w": moment}, transposed={"w"} if transposed else set())
+    outcome = factor_tensor(matrix, policy, Settings(method=method), calibration, name="w", stored=torch.float64)
     if outcome.b is None:
         return outcome, None, None
     return outcome, outcome.b.numpy(), outcome.a.numpy()
@@ -110,14 +109,19 @@ def test_dead_features_and_a_zero_moment():
     assert outcome.output_error == pytest.approx(measured, rel=1e-9)
     u, s, vh = np.linalg.svd(w)
     assert measured < output_error_np(w, u[:, :4] * s[:4], vh[:4], x)
-    zero = calibrated_factor(
-        torch.from_numpy(w), RankPolicy(rank=4), Settings(), torch.zeros(16, 16), name="w", stored=torch.float64
+    zero = factor_tensor(
+        torch.from_numpy(w),
+        RankPolicy(rank=4),
+        Settings(),
+        Calibration({"w": torch.zeros(16, 16)}),
+        name="w",
+        stored=torch.float64,
     )
     assert zero.note == ZERO_MOMENT and zero.output_error is None
     s = np.linalg.svd(w, compute_uv=False)
     assert zero.rel_error == pytest.approx(np.sqrt((s[4:] ** 2).sum() / (s**2).sum()), rel=1e-9)
-    missing = calibrated_factor(
-        torch.from_numpy(w), RankPolicy(rank=4), Settings(), None, name="w", stored=torch.float64
+    missing = factor_tensor(
+        torch.from_numpy(w), RankPolicy(rank=4), Settings(), Calibration({}), name="w", stored=torch.float64
     )
     assert missing.note == NO_STATISTICS
 

@@ -281,7 +281,7 @@ def test_interrupt_leaves_no_output(tmp_path, monkeypatch, sharded):
     else:
         source = save(tmp_path / "m.safetensors", tensors)
         out = tmp_path / "m.lowrank.safetensors"
-    measure = lowrank_cli.ops.pipeline.relative_error
+    measure = lowrank_cli.ops.factoring.relative_error
     calls = []
 
     def interrupted_on_second_call(*args):
@@ -290,7 +290,7 @@ def test_interrupt_leaves_no_output(tmp_path, monkeypatch, sharded):
             raise KeyboardInterrupt
         return measure(*args)
 
-    monkeypatch.setattr(lowrank_cli.ops.pipeline, "relative_error", interrupted_on_second_call)
+    monkeypatch.setattr(lowrank_cli.ops.factoring, "relative_error", interrupted_on_second_call)
     before = listing(tmp_path)
     result = cli("compress", source, "--rank", 2)
     assert len(calls) == 2

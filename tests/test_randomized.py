@@ -33,7 +33,7 @@ from conftest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lowrank_cli.linalg.factorize import _sketch_dtype, exact_is_cheap, factorize
+from lowrank_cli.linalg.factorize import _sketch_dtype, exact_is_cheap, truncated_svd
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.randomized import adaptive_range, fast_bfloat16, orthonormal, randomized_svd, sum_of_squares
 
@@ -94,7 +94,7 @@ def _error_between(tail: np.ndarray, rank: int, where: float) -> float:
 @pytest.mark.parametrize("seed", [0, 1])
 def test_fixed_rank_is_within_one_percent_of_eckart_young(decaying, rank, seed):
     w, tail = decaying
-    result = factorize(w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed))
+    result = truncated_svd(w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed))
     assert result.method == "randomized"
     assert result.rank == rank
     assert (
@@ -115,7 +115,9 @@ def test_fixed_rank_stays_near_optimal_up_to_a_quarter_of_a_flat_spectrum(rank):
     w = (w + 0.02 * torch.from_numpy(rng.standard_normal((m, n))) / math.sqrt(m)).to(torch.float32)
     tail = tail_errors(singular_values(w))
     for seed in (0, 1):
-        result = factorize(w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed))
+        result = truncated_svd(
+            w, RankPolicy(rank=rank), method="randomized", generator=torch.Generator().manual_seed(seed)
+        )
         b, a, _ = result.factors()
         assert relative_error(w, b, a) <= 1.005 * tail[rank]
 
@@ -200,10 +202,10 @@ def test_same_seed_same_file_other_seed_other_factors(decaying_file, tmp_path, p
         assert relative_error(w, b, a) <= bound
 
 
-def test_seed_gives_the_same_factors_through_factorize(decaying):
+def test_seed_gives_the_same_factors_through_truncated_svd(decaying):
     w, _ = decaying
     runs = [
-        factorize(w, RankPolicy(max_error=0.1), method="randomized", generator=torch.Generator().manual_seed(seed))
+        truncated_svd(w, RankPolicy(max_error=0.1), method="randomized", generator=torch.Generator().manual_seed(seed))
         for seed in (3, 3, 4)
     ]
     assert torch.equal(runs[0].u, runs[1].u) and torch.equal(runs[0].s, runs[1].s)
@@ -275,7 +277,7 @@ def test_json_reports_the_method_of_each_tensor(mixed_file, tmp_path, method, ex
 def test_auto_takes_the_exact_svd_of_a_384_wide_matrix(policy):
     """384×384: exact costs next to nothing, so auto's error is the optimal one, not 1.003× it."""
     w = with_spectrum(384, 384, 1 / np.sqrt(np.arange(1, 385)), seed=40)
-    result = factorize(w, policy, method="auto")
+    result = truncated_svd(w, policy, method="auto")
     assert result.method == "exact"
     s = singular_values(w)
     tail = tail_errors(s)

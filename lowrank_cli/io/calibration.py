@@ -195,7 +195,7 @@ def moment_problem(moment: torch.Tensor) -> str | None:
     n = c.shape[0]
     peak = float(c.abs().max()) if c.numel() else 0.0
     if peak == 0.0:
-        return None  # a zero moment: the layer's input was always zero, plain SVD (ops.pipeline)
+        return None  # a zero moment: the layer's input was always zero, plain SVD (ops.factoring)
     if not math.isfinite(peak * n * n):
         return f"has entries up to {peak:.3g}, too large to sum in float64"
     tolerance = n * torch.finfo(moment.dtype if moment.is_floating_point() else torch.float32).eps

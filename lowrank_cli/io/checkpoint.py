@@ -65,7 +65,7 @@ class TensorEntry:
 
     @property
     def is_matrix(self) -> bool:
-        """A non-empty float tensor of two or more dimensions: what lowrank factors (ops.pipeline.skip_reason)."""
+        """A non-empty float tensor of two or more dimensions: what lowrank factors (ops.factoring.skip_reason)."""
         return self.is_known and self.is_float and len(self.shape) >= 2 and self.numel > 0
 
     @property

@@ -81,7 +81,7 @@ def generator_for(name: str, seed: int, device: torch.device | str = "cpu") -> t
     return torch.Generator(device=device).manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
 
 
-def factorize(
+def truncated_svd(
     matrix: torch.Tensor,
     policy: RankPolicy,
     *,
@@ -89,25 +89,28 @@ def factorize(
     generator: torch.Generator | None = None,
     max_rank: int | None = None,
 ) -> Factorization:
-    """The factors `policy` keeps of a float32/float64 m×n matrix.
+    """The leading singular triplets `policy` keeps of a float32/float64 m×n matrix, by exact or randomized SVD.
 
+    A matrix whose max |W| lies outside SAFE_SCALE (huge or tiny entries) is divided by it first, the scale kept
+    in the result. ops.factoring turns the triplets into stored factors and measures them.
     max_rank bounds the rank a randomized search for an error target may grow to before it gives
     up (rank None); the default is the break-even rank, past which factors stop saving params.
     """
     max_rank = break_even_rank(*matrix.shape) if max_rank is None else max_rank
     peak = max_abs(matrix)
     if peak > 0 and not in_safe_scale(peak):
-        result = _factorize(matrix / peak, policy, method, generator, max_rank)
+        result = _by_method(matrix / peak, policy, method, generator, max_rank)
         result.scale = peak
         if result.spectrum is not None:
             result.spectrum = replace(result.spectrum, scale=peak)
         return result
-    return _factorize(matrix, policy, method, generator, max_rank)
+    return _by_method(matrix, policy, method, generator, max_rank)
 
 
-def _factorize(
+def _by_method(
     matrix: torch.Tensor, policy: RankPolicy, method: str, generator: torch.Generator | None, max_rank: int
 ) -> Factorization:
+    """truncated_svd of a matrix in safe scale: exact, randomized at a fixed rank, or adaptive for a target."""
     m, n = matrix.shape
     k = min(m, n)
     generator = generator or torch.Generator(device=matrix.device).manual_seed(0)

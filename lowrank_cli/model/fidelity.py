@@ -33,7 +33,7 @@ from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.model.evaluate import Evaluator, load_candidate, metric
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops.budget import budget_ranks
-from lowrank_cli.ops.pipeline import load_matrix, skip_reason, whitened_view
+from lowrank_cli.ops.factoring import load_matrix, skip_reason, whitened_view
 from lowrank_cli.ops.report import Report
 from lowrank_cli.ops.settings import Method, Settings
 

@@ -11,7 +11,7 @@ from torch import nn
 from lowrank_cli.errors import UsageError
 from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.ops.pipeline import check_finite, factor
+from lowrank_cli.ops.factoring import factor_weight
 from lowrank_cli.ops.settings import Method, Settings
 
 
@@ -120,12 +120,8 @@ class LowRankLinear(nn.Module):
         if policy is None:
             raise UsageError("from_linear needs one of rank=, energy= or max_error=")
         weight, transposed = linear_weight(linear)  # (out, in)
-        matrix = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
-        where = f"{type(linear).__name__} weight"
-        check_finite(matrix, where, "weight")
         # compress's own factor step: the float16 split, the overflow check and the error measured as stored
-        settings = Settings(method=Method.exact)
-        outcome = factor(matrix, policy, settings, name="", stored=weight.dtype, limit=min(matrix.shape), where=where)
+        outcome = factor_weight(weight, policy, Settings(method=Method.exact), where=f"{type(linear).__name__} weight")
         if outcome.b is None:
             raise UsageError(f"{type(linear).__name__}: its weight is zero; there is nothing to factorize")
         bias = None if linear.bias is None else linear.bias.detach().clone()

@@ -16,7 +16,7 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.budget import budget_options, calibration_notes, tensor_policies
 from lowrank_cli.ops.extract import ExtractOptions, delta_matrix, screen
-from lowrank_cli.ops.pipeline import (
+from lowrank_cli.ops.factoring import (
     NO_LOOKUPS,
     NO_STATISTICS,
     ZERO_MOMENT,

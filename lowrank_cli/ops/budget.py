@@ -11,7 +11,7 @@ from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
-from lowrank_cli.ops.pipeline import spectrum_of
+from lowrank_cli.ops.factoring import spectrum_of
 
 # What a budget minimizes. A model's matrices (analyze, compress): the measured sensitivities when the
 # statistics hold them, else linalg.budget's default. A LoRA adapter's ΔW (extract, resize): Σ‖ΔW − BA‖²,

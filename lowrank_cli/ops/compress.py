@@ -14,10 +14,10 @@ from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import budget_options, calibration_notes, policy_per_tensor
-from lowrank_cli.ops.pipeline import (
+from lowrank_cli.ops.factoring import (
     STORED_CODES,
     cast_dense,
-    factor_step,
+    factor_tensor,
     load_matrix,
     new_report,
     record,
@@ -133,7 +133,7 @@ def _compress_entry(
     else:
         report = new_report(entry, Status.analyzed)
         matrix = load_matrix(checkpoint, entry, settings.device)
-        outcome = factor_step(
+        outcome = factor_tensor(
             matrix,
             policy_for(entry.name),
             settings,

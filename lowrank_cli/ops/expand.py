@@ -16,7 +16,7 @@ from lowrank_cli.io.fileformat import FactorRecord, ShardRecords, decode_casts, 
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.factorize import finite
-from lowrank_cli.ops.pipeline import new_report
+from lowrank_cli.ops.factoring import new_report
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 
 SUFFIX = ".dense.safetensors"

@@ -1,7 +1,7 @@
 """extract: a LoRA adapter from the difference a fine-tune made, ΔW = W_tuned − W_base.
 
 OUT becomes a PEFT LoRA adapter folder (io.peft) or a kohya file (io.kohya): each module's ΔW goes
-through the same factor step as compress (ops.pipeline.factor), at any rank up to min(m, n). What
+through the same factor step as compress (ops.factoring.factor_tensor), at any rank up to min(m, n). What
 changed beside the matrices goes into a PEFT adapter too, unless `lora_only`: the bias change of an
 adapted module as its lora_B.bias (lora_bias), and a module of 1-D tensors (a LayerNorm) whole, as
 tuned, through modules_to_save. A kohya file holds LoRA pairs only.
@@ -35,7 +35,7 @@ from lowrank_cli.io.publish import sweep_stale_temps
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.budget import budget_options, policy_per_tensor
-from lowrank_cli.ops.pipeline import check_finite, factor_step, record, stored_dtype, whitened_view
+from lowrank_cli.ops.factoring import check_finite, factor_tensor, record, stored_dtype, whitened_view
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import AdapterFormat, Settings, choice
 
@@ -234,7 +234,7 @@ def _extract_one(
         report.reason = "unchanged (ΔW = 0)"
         return {}
     where = f"{tuned.source}: tensor '{name}'"
-    outcome = factor_step(
+    outcome = factor_tensor(
         delta,
         policy,
         settings,

@@ -1,7 +1,7 @@
 """resize: a LoRA adapter (PEFT or kohya) at new ranks, each ΔW = scale·B·A truncated by a policy.
 
 The product is never formed (linalg.product): the QR of B and of Aᵀ leaves an r×r core with the
-singular values of ΔW, which goes through the same factor step as compress (ops.pipeline.factor);
+singular values of ΔW, which goes through the same factor step as compress (ops.factoring.factor_matrix);
 its factors times the two Q are the new B′ (m, r′) and A′ (r′, n). The new pairs have scale 1
 (PEFT: alpha = r′ in alpha_pattern; kohya: .alpha = r′), so B′·A′ is ΔW′ itself, and each row's
 error ‖ΔW − ΔW′‖_F / ‖ΔW‖_F is measured on the factors as written, again from the factors.
@@ -39,7 +39,7 @@ from lowrank_cli.linalg.factorize import finite
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
 from lowrank_cli.linalg.product import ProductCore, difference_norm, product_core
 from lowrank_cli.ops.budget import budget_options, tensor_policies
-from lowrank_cli.ops.pipeline import check_finite, factor, record, spectrum_of, stored_dtype
+from lowrank_cli.ops.factoring import check_finite, factor_matrix, record, spectrum_of, stored_dtype
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import AdapterFormat, Method, Settings, choice
 
@@ -287,7 +287,9 @@ def _resize_one(
 
 def _truncate(core, policy, settings, pair, stored, up, down, norm):
     """The core's factors by `policy` as factors of ΔW in the stored dtype, and their error measured on those."""
-    outcome = factor(core.core, policy, settings, name=pair.module, stored=torch.float64, limit=min(core.core.shape))
+    outcome = factor_matrix(
+        core.core, policy, settings, name=pair.module, stored=torch.float64, limit=min(core.core.shape)
+    )
     b, a = core.expand(outcome.b, outcome.a)  # (m, r′), (r′, n)
     b, a = b.to(stored), a.to(stored)
     if not (finite(b) and finite(a)):

@@ -1,8 +1,12 @@
-"""One pipeline per tensor: read the matrix, decide its rank, factor it, measure what is written.
+"""Factoring one tensor: read its matrix, decide its rank, factor it, measure and record what is stored.
 
-Every command goes through here: analyze reads spectra (`spectrum_of`), compress and extract turn
-a matrix and a policy into factors in the stored dtype with their measured error (`factor`), and
-a report row records the outcome (`new_report`, `record`).
+Every command that reads spectra or writes factors goes through here, so one tensor is treated
+the same way by all of them: analyze and the budget read spectra (`spectrum_of`, `whitened_view`);
+compress and extract factor a checkpoint's tensor with its calibration statistics, if any
+(`factor_tensor`); resize factors a matrix of its own (`factor_matrix`); the public
+`factorize` and `LowRankLinear.from_linear` factor a caller's matrix (`factor_weight`). Each
+gives factors in the stored dtype with the error measured on them, and a report row records the
+outcome (`new_report`, `record`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from lowrank_cli.errors import CheckpointError, TensorError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
-from lowrank_cli.linalg.factorize import Factorization, factorize, finite, generator_for, relative_error
+from lowrank_cli.linalg.factorize import Factorization, finite, generator_for, relative_error, truncated_svd
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
 from lowrank_cli.linalg.whiten import RowWeights, Whitener
@@ -139,7 +143,7 @@ class Factors:
     note: str | None = None  # why calibration was given but not used for this tensor
 
 
-def factor(
+def factor_matrix(
     matrix: torch.Tensor,
     policy: RankPolicy,
     settings: Settings,
@@ -165,7 +169,7 @@ def factor(
     method = method or settings.method
     generator = generator_for(name, settings.seed, matrix.device)
     target_matrix = matrix if whitener is None else whitener.whiten(matrix)
-    result = factorize(target_matrix, policy, method=method.value, generator=generator, max_rank=limit)
+    result = truncated_svd(target_matrix, policy, method=method.value, generator=generator, max_rank=limit)
     decision = decide(result.rank, tuple(matrix.shape), policy, limit)
     outcome = Factors(decision, result.method, result.spectrum)
     if decision.status != Status.factorized:
@@ -176,7 +180,7 @@ def factor(
     missed = target is not None and _measured(outcome) > target
     if result.method == "randomized" and stored == matrix.dtype and missed:
         again = dict(settings=settings, name=name, stored=stored, limit=limit, where=where, whitener=whitener)
-        return factor(matrix, policy, method=Method.exact, **again)
+        return factor_matrix(matrix, policy, method=Method.exact, **again)
     if missed and policy.max_error is not None:  # --energy is a share of the spectrum, kept as computed
         # The rank was read off the spectrum of what was computed, not of what is stored: rounding the factors
         # to a narrower dtype, or (with calibration) the damping λ, adds error the spectrum cannot see.
@@ -230,7 +234,7 @@ def _more_terms(
     One exact SVD to `limit` terms; ranks above the first are tried one more, then doubling the step,
     then bisecting, each measured on the factors as stored.
     """
-    full = factorize(target_matrix, RankPolicy(rank=limit), method="exact")
+    full = truncated_svd(target_matrix, RankPolicy(rank=limit), method="exact")
 
     def attempt(rank: int) -> Factors:
         cut = replace(full, rank=rank, u=full.u[:, :rank], s=full.s[:rank], vh=full.vh[:rank])
@@ -266,42 +270,73 @@ NO_LOOKUPS = "the calibration text looked up none of its rows: plain SVD"
 ZERO_MOMENT = "its input's second moment is zero: plain SVD"
 
 
-def calibrated_factor(
+def factor_tensor(
     matrix: torch.Tensor,
     policy: RankPolicy,
     settings: Settings,
-    moment: torch.Tensor | None,
+    calibration: Calibration | None,
     *,
-    transposed: bool = False,
     name: str,
     stored: torch.dtype,
     limit: int | None = None,
     where: str | None = None,
-    token_counts: torch.Tensor | None = None,
 ) -> Factors:
-    """`factor` with the layer input's second moment: W·S factorized when there is one, plain SVD (noted) if not.
+    """Factor a checkpoint's tensor `name`: `factor_matrix` under its calibration statistics, if any.
 
-    transposed: W is stored (in, out) (GPT-2's Conv1D); Wᵀ = B′A′ is factorized and B = A′ᵀ, A = B′ᵀ.
-    token_counts: an embedding table's lookups per row (RowWeights), used when there is no moment.
+    With calibration, W·S is factorized for a layer with an input moment (Wᵀ·S for one stored
+    (in, out), GPT-2's Conv1D: then B = A′ᵀ and A = B′ᵀ of Wᵀ ≈ B′·A′), D^½·W for an embedding with
+    lookup counts, and W by plain SVD, with a note saying why, for a tensor with neither.
     """
     options = dict(name=name, stored=stored, limit=limit, where=where)
-    if moment is None and token_counts is not None:
-        rows = _row_weights(token_counts, matrix.shape[0], where or name)
-        if rows is None:
-            return replace(factor(matrix, policy, settings, **options), note=NO_LOOKUPS)
-        return factor(matrix, policy, settings, whitener=rows, **options)
-    if moment is None:
-        return replace(factor(matrix, policy, settings, **options), note=NO_STATISTICS)
-    _check_moment(moment, matrix.shape[0] if transposed else matrix.shape[1], where or name)
-    whitener = make_whitener(moment.to(matrix.device))
+    if calibration is None:
+        return factor_matrix(matrix, policy, settings, **options)
+    whitener, transposed, note = _statistics(matrix, calibration, name, where or name)
     if whitener is None:
-        return replace(factor(matrix, policy, settings, **options), note=ZERO_MOMENT)
+        return replace(factor_matrix(matrix, policy, settings, **options), note=note)
     if not transposed:
-        return factor(matrix, policy, settings, whitener=whitener, **options)
-    outcome = factor(matrix.T.contiguous(), policy, settings, whitener=whitener, **options)
+        return factor_matrix(matrix, policy, settings, whitener=whitener, **options)
+    outcome = factor_matrix(matrix.T.contiguous(), policy, settings, whitener=whitener, **options)
     if outcome.b is not None:  # Wᵀ ≈ B′·A′, so W ≈ A′ᵀ·B′ᵀ
         outcome.b, outcome.a = outcome.a.T.contiguous(), outcome.b.T.contiguous()
     return outcome
+
+
+def whitened_view(matrix: torch.Tensor, calibration: Calibration | None, name: str) -> torch.Tensor:
+    """The matrix whose spectrum the policy reads: W·S with calibration (Wᵀ·S for a transposed layer), else W."""
+    if calibration is None:
+        return matrix
+    whitener, transposed, _ = _statistics(matrix, calibration, name, name)
+    if transposed:
+        matrix = matrix.T
+    return matrix if whitener is None else whitener.whiten(matrix)
+
+
+def _statistics(
+    matrix: torch.Tensor, calibration: Calibration, name: str, where: str
+) -> tuple[Whitener | RowWeights | None, bool, str | None]:
+    """What `name` is factorized under: (whitener or row weights, whether its moment is of Wᵀ's inputs,
+    the note saying why there is none)."""
+    moment = calibration.moment_for(name)
+    if moment is None:
+        counts = calibration.token_counts.get(name)
+        if counts is None:
+            return None, False, NO_STATISTICS
+        rows = _row_weights(counts, matrix.shape[0], where)
+        return rows, False, None if rows is not None else NO_LOOKUPS
+    transposed = name in calibration.transposed
+    _check_moment(moment, matrix.shape[0] if transposed else matrix.shape[1], where)
+    whitener = make_whitener(moment.to(matrix.device))
+    return whitener, transposed, None if whitener is not None else ZERO_MOMENT
+
+
+def factor_weight(weight: torch.Tensor, policy: RankPolicy, settings: Settings, *, where: str) -> Factors:
+    """Factor a caller's own matrix (not a checkpoint's) at any rank up to min(m, n), in its dtype.
+
+    The maths runs in float32 (float64 for a float64 weight); NaN or Inf is refused naming `where`.
+    """
+    matrix = weight.detach().to(torch.float64 if weight.dtype == torch.float64 else torch.float32)
+    check_finite(matrix, where, where)
+    return factor_matrix(matrix, policy, settings, name="", stored=weight.dtype, limit=min(matrix.shape), where=where)
 
 
 def stored_dtype(settings: Settings, code: str) -> torch.dtype:
@@ -341,48 +376,6 @@ def _record_decision(report: TensorReport, decision: Decision) -> None:
     report.status, report.rank, report.reason = decision.status, decision.rank, decision.reason
     report.rel_error = 0.0 if decision.status == Status.dense else None
     report.params_after = report.params
-
-
-def factor_step(
-    matrix: torch.Tensor,
-    policy: RankPolicy,
-    settings: Settings,
-    calibration: Calibration | None,
-    *,
-    name: str,
-    stored: torch.dtype,
-    limit: int | None = None,
-    where: str | None = None,
-) -> Factors:
-    """The factor step of compress and extract: plain, or activation-aware when calibration is given."""
-    if calibration is None:
-        return factor(matrix, policy, settings, name=name, stored=stored, limit=limit, where=where)
-    return calibrated_factor(
-        matrix,
-        policy,
-        settings,
-        calibration.moment_for(name),
-        transposed=name in calibration.transposed,
-        token_counts=calibration.token_counts.get(name),
-        name=name,
-        stored=stored,
-        limit=limit,
-        where=where,
-    )
-
-
-def whitened_view(matrix: torch.Tensor, calibration: Calibration | None, name: str) -> torch.Tensor:
-    """The matrix whose spectrum the policy reads: W·S with calibration (Wᵀ·S for a transposed layer), else W."""
-    moment = calibration.moment_for(name) if calibration is not None else None
-    if moment is None:
-        counts = calibration.token_counts.get(name) if calibration is not None else None
-        rows = _row_weights(counts, matrix.shape[0], name) if counts is not None else None
-        return matrix if rows is None else rows.whiten(matrix)
-    if name in calibration.transposed:
-        matrix = matrix.T
-    _check_moment(moment, matrix.shape[1], name)
-    whitener = make_whitener(moment.to(matrix.device))
-    return matrix if whitener is None else whitener.whiten(matrix)
 
 
 def _row_weights(counts: torch.Tensor, rows: int, where: str) -> RowWeights | None:
