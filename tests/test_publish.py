@@ -17,12 +17,15 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_clean_failure, cli, cli_json, listing, load, low_rank, save
+from faults import FullDisk
 from torch import nn
 
+import lowrank_cli
 import lowrank_cli.io.outputs as outputs
 from lowrank_cli.errors import OutputError
 from lowrank_cli.io import publish as publishing
 from lowrank_cli.io.calibration import read_calibration, write_calibration
+from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn import LowRankLinear, save_factors
 
 OTHER = b"written by the other run"
@@ -157,6 +160,87 @@ def test_save_factors_never_overwrites_without_force(tmp_path, name):
     assert listing(tmp_path) == [name]  # replaced whole, no temporary or old copy left
     if path.is_dir():
         assert listing(path) == ["README.md", "model.lowrank.safetensors"]
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "saved"])
+@pytest.mark.parametrize("failure", ["full disk", "interrupt"])
+def test_save_factors_that_fails_midway_leaves_nothing(tmp_path, monkeypatch, name, failure):
+    path = tmp_path / name
+    if failure == "full disk":
+        FullDisk(tmp_path, budget=64).install(monkeypatch)
+        expected = pytest.raises(OutputError, match="No space left on device")
+    else:
+        added = SafetensorsWriter.add_tensor
+
+        def interrupted_on_second_tensor(writer, tensor_name, tensor):
+            if writer.tensor_names:
+                raise KeyboardInterrupt
+            added(writer, tensor_name, tensor)
+
+        monkeypatch.setattr(SafetensorsWriter, "add_tensor", interrupted_on_second_tensor)
+        expected = pytest.raises(KeyboardInterrupt)
+    with expected:
+        save_factors(_factored(), path)
+    assert listing(tmp_path) == []  # no partial file or folder, no temporary
+
+
+def _record_publishing(monkeypatch) -> list[tuple[Path, set[Path], set[Path]]]:
+    """Each publish as (target, the files and folders of the temporary, those of them fsynced by then)."""
+    synced: set[Path] = set()
+    published = []
+    real_fsync, real_publish = os.fsync, publishing.publish
+
+    def fsync(fd):
+        synced.add(Path(os.readlink(f"/proc/self/fd/{fd}")))
+        real_fsync(fd)
+
+    def publish(temporary, target, *, force):
+        temporary = Path(temporary).resolve()
+        inside = {temporary, *temporary.rglob("*")} if temporary.is_dir() else {temporary}
+        published.append((Path(target), inside, inside & synced))
+        real_publish(temporary, target, force=force)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(publishing, "publish", publish)
+    monkeypatch.setattr(outputs, "publish", publish)
+    return published
+
+
+def _compress_to_file(folder: Path) -> Path:
+    cli_json("compress", _single(folder), "--rank", 2, "-o", folder / "out.safetensors")
+    return folder / "out.safetensors"
+
+
+def _compress_to_folder(folder: Path) -> Path:
+    cli_json("compress", _folder(folder), "--rank", 2, "-o", folder / "out")  # shards, config.json, README.md
+    return folder / "out"
+
+
+def _statistics(folder: Path) -> Path:
+    write_calibration(folder / "stats.safetensors", {"x": torch.eye(4)}, {"w": "x"}, tokens=10)
+    return folder / "stats.safetensors"
+
+
+def _plot(folder: Path) -> Path:
+    pytest.importorskip("matplotlib")
+    lowrank_cli.plot_spectra(lowrank_cli.analyze(_single(folder), rank=2), folder / "spectra.png")
+    return folder / "spectra.png"
+
+
+def _saved_factors(folder: Path) -> Path:
+    save_factors(_factored(), folder / "saved")  # model.lowrank.safetensors and README.md
+    return folder / "saved"
+
+
+@pytest.mark.parametrize("write", [_compress_to_file, _compress_to_folder, _statistics, _plot, _saved_factors])
+def test_every_output_is_on_disk_before_its_name_appears(tmp_path, monkeypatch, write):
+    """fsync of each file (and folder) of the temporary before the rename that publishes it: after a
+    crash the name holds the old output or the new one, never a file whose data was still in memory."""
+    published = _record_publishing(monkeypatch)
+    out = write(tmp_path)
+    assert out in [target for target, _, _ in published]
+    for target, inside, synced in published:
+        assert synced == inside, f"{target}: not synced before publishing: {sorted(inside - synced)}"
 
 
 @pytest.mark.parametrize("folder", [False, True])

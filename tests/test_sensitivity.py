@@ -15,7 +15,7 @@ from test_calibration import correlated_inputs, hand_moments, tiny_bert, tiny_mo
 
 import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration, write_calibration
-from lowrank_cli.io.writer import current_umask
+from lowrank_cli.io.publish import current_umask
 from lowrank_cli.ops.calibrate import Calibrator
 from lowrank_cli.ops.samples import spread
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +29,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
-from lowrank_cli.io.publish import make_temp, publish, remove_temp
-from lowrank_cli.io.writer import current_umask
+from lowrank_cli.io.publish import write_file
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
@@ -68,7 +66,7 @@ def write_calibration(
     fingerprint: dict[str, list[float]] | None = None,
     force: bool = False,
 ) -> None:
-    """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; atomic (a temporary, then rename).
+    """Save moments (KEY -> (n, n)) with the weight-name -> KEY map; whole or not at all (io.publish.write_file).
 
     Without force, a file that exists by the time it is written (another run's) is never replaced:
     OutputError, and nothing of this run is left.
@@ -91,18 +89,16 @@ def write_calibration(
         tensors.update({f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in token_counts.items()})
     if fingerprint:
         payload["fingerprint"] = {name: [float(v) for v in values] for name, values in sorted(fingerprint.items())}
-    path, temporary = Path(path), None
-    try:
-        temporary = make_temp(path)
+    path = Path(path)
+
+    def write(temporary: Path) -> None:
         save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
-        os.chmod(temporary, 0o666 & ~current_umask())  # a normal file's mode, as every other output
-        publish(temporary, path, force=force)
+
+    try:
+        write_file(path, write, force=force)
     except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
         reason = exc.strerror or str(exc)
         raise OutputError(f"{path}: cannot be written ({reason}); free space or choose another output") from None
-    finally:
-        if temporary is not None:
-            remove_temp(temporary)
 
 
 def read_calibration(path: str | Path) -> Calibration:

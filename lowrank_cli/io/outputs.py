@@ -22,8 +22,8 @@ from typing import Literal
 from lowrank_cli.errors import OutputError, UsageError, arg
 from lowrank_cli.io.checkpoint import INDEX_SUFFIX, Checkpoint, ShardFile
 from lowrank_cli.io.paths import require_file
-from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
-from lowrank_cli.io.writer import SafetensorsWriter, current_umask
+from lowrank_cli.io.publish import current_umask, make_temp, publish, remove_temp, sweep_stale_temps, sync
+from lowrank_cli.io.writer import SafetensorsWriter
 
 LOWRANK = ".lowrank"  # the part of a name that compress adds and expand takes away
 
@@ -128,6 +128,7 @@ class FolderOutput:
         new, out = self.path, self.out
         try:
             os.chmod(new, 0o777 & ~current_umask())
+            sync(new)  # the index, config.json, README.md… reach the disk before the folder's name does
             publish(new, out, force=self.force)
             self.path = None
         except OSError as exc:

@@ -1,11 +1,15 @@
-"""Making a finished output appear under its name: never over another run's output unless forced.
+"""Making a finished output appear under its name: whole, on disk, never over another run's unless forced.
 
 Every output is built under a temporary name beside its target, `.NAME.lowrank-tmp-<pid>-<random>…`,
-and published by one rename. Without force the rename refuses to replace anything
-(renameat2 RENAME_NOREPLACE; where the filesystem lacks it, a hard link for a file or a claimed
-empty folder for a folder), so of two runs writing the same OUT one wins and the other fails with
-"already exists" instead of both saying they wrote it. With force the replacement is atomic: a
-file by os.replace, a folder by renaming the old one aside, the new one in, then removing the old.
+flushed to disk (`sync`: fsync of the file, or of every file and folder of a folder) and published
+by one rename; `write_file` does all three for a single file. A crash then leaves the old output or
+the new one under the name, never a name whose data had not reached the disk.
+
+Without force the rename refuses to replace anything (renameat2 RENAME_NOREPLACE; where the
+filesystem lacks it, a hard link for a file or a claimed empty folder for a folder), so of two
+runs writing the same OUT one wins and the other fails with "already exists" instead of both
+saying they wrote it. With force the replacement is atomic: a file by os.replace, a folder by
+renaming the old one aside, the new one in, then removing the old.
 
 The pid in a temporary's name lets a later run tell one a killed run left behind (its process is
 gone) from one a running process is still writing: sweep_stale_temps removes the first kind only.
@@ -21,7 +25,7 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from lowrank_cli.errors import OutputError, arg
@@ -84,6 +88,48 @@ def make_temp(target: Path, *, folder: bool = False, kind: str = "") -> Path:
         fd, name = tempfile.mkstemp(**options)
         os.close(fd)
         return track_temp(Path(name))
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def write_file(target: Path, write: Callable[[Path], None], *, force: bool) -> None:
+    """Make the file `target` whole or not at all: write(temporary) fills a new temporary file beside
+    it, which is then flushed to disk, given a normal file's mode and published.
+
+    Raises OutputError when `target` exists and force is off, and what write raises or OSError for
+    any other failure (the caller says which output failed); the temporary is removed either way.
+    """
+    temporary = make_temp(target)
+    try:
+        write(temporary)
+        sync(temporary)
+        os.chmod(temporary, 0o666 & ~current_umask())  # mkstemp made it private
+        publish(temporary, target, force=force)
+    except BaseException:
+        remove_temp(temporary)
+        raise
+
+
+def sync(path: Path) -> None:
+    """fsync a file, or a folder with every file and folder under it (each folder after what it holds),
+    so that what a rename publishes is on disk before its name is."""
+    path = Path(path)
+    if path.is_dir():
+        for entry in sorted(path.iterdir()):
+            if not entry.is_symlink() and (entry.is_dir() or entry.is_file()):  # no FIFO: opening one blocks
+                sync(entry)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if not (path.is_dir() and exc.errno == errno.EINVAL):  # a filesystem that cannot sync a folder
+            raise
+    finally:
+        os.close(fd)
 
 
 def publish(temporary: Path, target: Path, *, force: bool) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -18,14 +17,8 @@ import torch
 
 from lowrank_cli.errors import OutputError
 from lowrank_cli.io.dtypes import CODE_OF
-from lowrank_cli.io.publish import make_temp, publish, untrack_temp
+from lowrank_cli.io.publish import make_temp, untrack_temp, write_file
 from lowrank_cli.io.publish import remove_leftover_temps as remove_leftover_temps  # where api.py finds it
-
-
-def current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 class SafetensorsWriter:
@@ -75,20 +68,17 @@ class SafetensorsWriter:
             header = {"__metadata__": self.metadata, **header}
         encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
         encoded += b" " * (-len(encoded) % 8)  # the official writer's alignment
-        final = self._temp_file()
-        try:
+
+        def write(final: Path) -> None:
             self._spill.flush()
             self._spill.seek(0)
             with open(final, "r+b") as out:
                 out.write(len(encoded).to_bytes(8, "little"))
                 out.write(encoded)
                 shutil.copyfileobj(self._spill, out, 16 << 20)
-                out.flush()
-                os.fsync(out.fileno())
-            os.chmod(final, 0o666 & ~current_umask())  # mkstemp made it private; give it a normal file's mode
-            self._spill.close()
-            publish(final, self.path, force=self.force)
-            self._temps.remove(final)
+
+        try:
+            write_file(self.path, write, force=self.force)
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write ({exc.strerror or exc}); check free space and permissions"
@@ -112,11 +102,11 @@ class SafetensorsWriter:
     def __exit__(self, *exc: object) -> None:
         self.discard()
 
-    def _temp_file(self, kind: str = ""):
+    def _temp_file(self, kind: str):
         try:
             path = make_temp(self.path, kind=kind)
             self._temps.append(path)
-            return open(path, "w+b") if kind else path  # noqa: SIM115  (closed by commit() or discard())
+            return open(path, "w+b")  # noqa: SIM115  (closed by commit() or discard())
         except OSError as exc:
             raise OutputError(
                 f"{self.display}: cannot write there ({exc.strerror or exc}); check the folder and its permissions"

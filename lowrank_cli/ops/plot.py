@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from lowrank_cli.errors import OutputError, UsageError, arg, require_extra
+from lowrank_cli.io.publish import write_file
 from lowrank_cli.ops.report import Report, Status, TensorReport
 
 FORMATS = (".png", ".svg", ".pdf")
@@ -61,7 +62,7 @@ def plot_spectra(report: Report, path: str | os.PathLike) -> tuple[int, int]:
     One panel per layer kind (attention, MLP, embedding, other), a curve σ_i/σ_1 on a log axis
     against i/min(m, n) per tensor; where a policy chose a rank r (status factorized), a dot marks
     the cut at i = r. The same report gives the same bytes: no dates or versions are written and
-    SVG ids are salted by a constant. An existing file at `path` is replaced.
+    SVG ids are salted by a constant. An existing file at `path` is replaced, in one step (io.publish).
     A report of `analyze(..., diff=True)` gives each change ΔW's spectrum instead, titled so.
 
     Args:
@@ -130,7 +131,17 @@ def plot_spectra(report: Report, path: str | os.PathLike) -> tuple[int, int]:
             else:
                 ax.legend(fontsize=6, loc="lower left", title=prefix or None, title_fontsize=6)
         figure.suptitle(_title(report), fontsize=9)
-        figure.savefig(path, dpi=DPI, format=path.suffix.lower()[1:], metadata=_NO_STAMPS[path.suffix.lower()])
+        suffix = path.suffix.lower()
+
+        def draw(temporary: Path) -> None:
+            figure.savefig(temporary, dpi=DPI, format=suffix[1:], metadata=_NO_STAMPS[suffix])
+
+        try:
+            write_file(path, draw, force=True)  # replaced as a whole: a reader never sees half a picture
+        except OSError as exc:
+            raise OutputError(
+                f"{arg('plot')} {path}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None
     width, height = (round(inches * DPI) for inches in size)
     return width, height
 
