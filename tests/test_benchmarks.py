@@ -1,7 +1,9 @@
 """The benchmark scripts still run against the current code: a smoke run on their smallest input,
 whose figures are not checked here (benchmarks/README.md holds them, each with its machine)."""
 
+import importlib
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -45,3 +47,19 @@ def test_resize_benchmark_smoke_run(tmp_path):
     rows = [line for line in run.stdout.splitlines() if line.startswith("| lora_unet_blocks_")]
     assert len(rows) == 2  # the sampled modules, each error beside the optimal truncation's
     assert "(≤ 1e-5)" in run.stdout
+
+
+def test_kernels_benchmark_smoke_run(tmp_path):
+    """Each row names the place in lowrank_cli whose comment points to it; the place must still exist."""
+    run = _run("bench_kernels.py", "--quick", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    choices = [cells[1] for cells in rows if len(cells) == 7 and cells[0] != "| computation"]
+    assert len(choices) == 8
+    for where in choices:
+        module, _, name = re.match(r"[\w.]+", where).group(0).rpartition(".")
+        try:
+            importlib.import_module(f"lowrank_cli.{module}.{name}")  # a module named whole
+        except ModuleNotFoundError:
+            assert hasattr(importlib.import_module(f"lowrank_cli.{module}"), name), where
+    assert len([cells for cells in rows if len(cells) == 6 and cells[0] != "| m×n"]) == 2  # the SVD sizes

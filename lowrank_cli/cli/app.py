@@ -161,7 +161,8 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
-    # Plain click help: rich help imports rich.markdown, which doubles the start-up time of `lowrank --help`.
+    # Plain click help: rich help imports rich.markdown (and markdown-it) before any help is shown,
+    # an import `lowrank --help` should not pay for.
     rich_markup_mode=None,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
@@ -655,8 +656,10 @@ def _terminate(signum, frame) -> None:
 
 
 def main() -> None:
-    # OpenMP threads that spin between parallel regions starve each other on a busy or shared CPU
-    # (a 3 s compress took minutes beside other jobs); sleeping costs nothing at this work's sizes.
+    # OpenMP threads that spin between parallel regions hold the cores the other threads of the
+    # region, and other processes, are waiting for on a busy or shared CPU; each region here is a
+    # large matrix product or SVD, beside which waking a sleeping thread is nothing (benchmarks/README.md,
+    # the WeightWatcher section, has a run without it).
     # Set before torch loads, which happens only inside a command; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     signal.signal(signal.SIGTERM, _terminate)

@@ -12,10 +12,10 @@ from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.randomized import CHUNK_BYTES, adaptive_range, fast_bfloat16, randomized_svd, sum_of_squares
 from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, in_safe_scale, max_abs, svd
 
-# An exact SVD (gesdd) of an m×n float32 matrix costs ≈ α·m·n·min(m, n), α ≈ 0.6–2.2 ns on 2 shared
-# AVX-512 cores (a randomized rank-64 SVD there: ≈ 0.05–0.3 ns per 12·m·n·(r + p)). Up to _CHEAP_EXACT
-# of m·n·min(m, n), 0.16–0.6 s, the optimal factors are worth it whatever randomized would cost: every
-# 384-wide matrix (384×1536: 2.3e8), 512×512, 640×640; not 768×768 (4.5e8) or 512×2048 (5.4e8).
+# An exact SVD (gesdd) of an m×n matrix costs ∝ m·n·min(m, n), a randomized rank-r one ∝ m·n·(r + p)
+# per pass. Up to _CHEAP_EXACT of m·n·min(m, n) the exact SVD is cheap in absolute terms, so auto takes
+# the optimal factors whatever randomized would cost: every 384-wide matrix (384×1536: 2.3e8), 512×512,
+# 640×640; not 768×768 (4.5e8) or 512×2048 (5.4e8). benchmarks/bench_kernels.py times both at these sizes.
 _CHEAP_EXACT = 1 << 28
 OVERSAMPLE = 16
 POWER_ITERS = 5  # fixed rank, at most: 1.0004× optimal at rank 64, 1.007× at rank 1000 of 4096², σ_i ∝ i^-0.5
@@ -68,7 +68,8 @@ def finite(tensor: torch.Tensor) -> bool:
     """No NaN or Inf, for every float dtype (float8 has no isfinite of its own).
 
     min and max propagate NaN and are ±Inf if any entry is, so one fused aminmax pass decides it
-    without the bool temporary of isfinite(·).all() (20-40× faster on a 64 MiB matrix).
+    without the bool temporary of isfinite(·).all() and the second pass over it
+    (benchmarks/bench_kernels.py times both).
     """
     if not tensor.numel():
         return True
@@ -128,8 +129,8 @@ def _by_method(
             power_iters=POWER_ITERS,
             generator=generator,
             sketch=sketch,
-            # A bfloat16 sketch's σ estimates are too coarse (~2⁻⁸) to watch 1 % moves; its passes
-            # are 4-7× cheaper anyway, so it keeps the fixed count.
+            # A bfloat16 sketch's σ estimates are too coarse (~2⁻⁸) to watch 1 % moves, so it keeps
+            # the fixed count; it is used only where its passes are the cheap ones (fast_bfloat16).
             tolerance=POWER_TOLERANCE if sketch is None else None,
         )
         return Factorization(rank, u, s, vh, "randomized")
@@ -206,7 +207,8 @@ def relative_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> fl
     """‖W − B·A‖_F / ‖W‖_F, in row blocks so no m×n temporary beyond one block is made.
 
     Both sides are divided by max |W| first, so neither 1e300 nor 1e-300 entries overflow. On
-    large float32 matrices the residual is formed in float32 (2.5× faster) and summed in float64;
+    large float32 matrices the residual is formed in float32 (half the bytes of a float64 one to
+    write and read back; benchmarks/bench_kernels.py times both) and summed in float64;
     its rounding (~1e-7·|W_ij| per entry, of random sign) moves an error ≥ 1e-3 by ~1e-8 of itself
     on 1M+ entries. Smaller matrices, smaller errors and float64 tensors are measured in float64.
     """

@@ -5,7 +5,7 @@ The adaptive form (the blocked randQB of Yu, Gu & Li 2018) grows an orthonormal 
 until the residual, known exactly as ‖W − QQᵀW‖_F² = ‖W‖_F² − ‖QᵀW‖_F², meets the target.
 
 Products that only steer the basis (the sketch WΩ and the power iterations) may run in a
-lower `sketch` precision: AMX units do them in bfloat16 4-7× faster than float32. Rounding
+lower `sketch` precision: bfloat16 where the CPU's AMX tile units multiply it (fast_bfloat16). Rounding
 there only tilts the basis by ~2⁻⁸, and the last product that forms the basis and B = QᵀW are
 always in the matrix's own dtype, so residuals, singular values and errors are as exact as before.
 """
@@ -25,8 +25,9 @@ _FLOAT32_EPS = torch.finfo(torch.float32).eps
 def orthonormal(y: torch.Tensor, *, twice: bool = True) -> torch.Tensor:
     """An orthonormal basis of y's columns (m, k), by CholeskyQR, or Householder QR where that is unsafe.
 
-    CholeskyQR (QR from the Cholesky factor of yᵀy) is all matrix products, 1.5-3× faster than
-    Householder on tall y. Once is enough for a basis that only feeds the next power iteration;
+    CholeskyQR (QR from the Cholesky factor of yᵀy) is all matrix products, where Householder QR
+    factors y panel by panel, column by column inside each (benchmarks/bench_kernels.py times both
+    on tall y). Once is enough for a basis that only feeds the next power iteration;
     twice (CholeskyQR2, Fukaya et al. 2014) is orthonormal to rounding like Householder, as long
     as y's condition number is below ~1/√ε, which the checks below make sure of.
     """
@@ -55,7 +56,8 @@ def sum_of_squares(x: torch.Tensor) -> float:
     """Σx², each row's dot product with itself in x's dtype and the row sums in float64, in row chunks.
 
     On an 11008×4096 float32 matrix, one float32 reduction over all entries is off by 1e-4 (dot) to
-    6e-3 (vector_norm) of the float64 sum; this is within 2e-8, at an eighth of the float64 norm's time.
+    6e-3 (vector_norm) of the float64 sum; this is within 2e-8, reading x once in its own dtype without
+    a float64 copy (benchmarks/bench_kernels.py times it beside the float64 norm).
     vecdot reads each chunk once, without the x*x temporary of (x*x).sum(-1), to the same digits.
     """
     rows = max(1, CHUNK_BYTES // (x.element_size() * max(1, x.shape[-1])))
@@ -67,12 +69,14 @@ def sum_of_squares(x: torch.Tensor) -> float:
 
 
 def fast_bfloat16(device_type: str) -> bool:
-    """Whether bfloat16 matrix products beat float32 here: on CPUs with Intel AMX, 4-7× at LLaMA sizes.
+    """Whether the sketch's matrix products run in bfloat16 here: on CPUs with Intel AMX, whose tile
+    units multiply bfloat16 matrices (docs/performance-amx.md has the figures).
 
-    Elsewhere they are slower: 1.5× slower than float32 with AVX-512 BF16 alone, 4× with plain
-    AVX-512 and over 100× with AVX2 (measured by capping oneDNN with ONEDNN_MAX_CPU_ISA), so a
-    cap below AMX turns the bfloat16 sketch off too. CUDA keeps float32: the GPU path has not been
-    measured with a bfloat16 sketch.
+    Without AMX the rule keeps float32: bfloat16 products then run on the vector units (through
+    float32 conversions where the CPU has no bfloat16 instructions) and were measured slower than
+    float32 when the rule was set; a cap below AMX (ONEDNN_MAX_CPU_ISA) turns the bfloat16 sketch
+    off too. benchmarks/bench_kernels.py times both on the CPU at hand. CUDA keeps float32: the GPU
+    path has not been measured with a bfloat16 sketch.
     """
     if device_type != "cpu":
         return False
@@ -95,12 +99,14 @@ def _times(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 def _times_t(low: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """lowᵀ @ x as (xᵀ @ low)ᵀ: a contiguous left operand is 1.5× faster in bfloat16 than a transposed W."""
+    """lowᵀ @ x as (xᵀ @ low)ᵀ: W is read in its stored layout, not as a transposed view, which
+    bfloat16 kernels were measured slower on (benchmarks/bench_kernels.py times both)."""
     return (x.T.to(low.dtype, memory_format=torch.contiguous_format) @ low).T.to(x.dtype)
 
 
 def _svd_wide(b: torch.Tensor) -> Triple:
-    """SVD of a wide k×n matrix through the QR of bᵀ: 4× faster than svd(b) for k = n/8 here."""
+    """SVD of a wide k×n matrix through the QR of bᵀ and the SVD of the k×k factor, measured faster
+    than svd(b) (benchmarks/bench_kernels.py times both)."""
     q, r = torch.linalg.qr(b.T)  # (n, k), (k, k): b = rᵀ·qᵀ
     u, s, vh_r = torch.linalg.svd(r.T)  # rᵀ = u·diag(s)·vh_r
     return u, s, vh_r @ q.T  # (k, k) @ (k, n) -> (k, n)

@@ -160,8 +160,9 @@ class Calibrator:
             self._partial[key] = torch.zeros(n, n, dtype=torch.float32, device=rows.device)
             self._pending[key] = 0
         # float32 products summed over at most CHUNK tokens, then added to the float64 sum: each
-        # partial adds ≲ √CHUNK·ε₃₂ ≈ 2e-6 relative rounding, the running sum none; 2-3× faster than
-        # float64 products, and small batches (short lines) pay one float64 add per CHUNK tokens.
+        # partial adds ≲ √CHUNK·ε₃₂ ≈ 2e-6 relative rounding, the running sum none. A float32 product
+        # moves half the bytes and fills twice the SIMD lanes of a float64 one (benchmarks/bench_kernels.py
+        # times both), and small batches (short lines) pay one float64 add per CHUNK tokens.
         for start in range(0, rows.shape[0], CHUNK):
             chunk = rows[start : start + CHUNK].to(torch.float32)
             if self._pending[key] + chunk.shape[0] > CHUNK:

@@ -1,0 +1,143 @@
+"""The kernel choices lowrank's code comments stand on, each timed beside the alternative, on the CPU at hand.
+
+    python benchmarks/bench_kernels.py                 # about a minute on 2 cores
+    python benchmarks/bench_kernels.py --quick         # small sizes, one repeat (a smoke run)
+    python benchmarks/bench_kernels.py --threads 1
+
+Each row is one choice in lowrank_cli (the place is named), the time of what lowrank does and of
+the plainer alternative, best of --repeats, in this one process, and the ratio: > 1 means
+lowrank's choice is the faster here. Choices made by a rule of the hardware (the bfloat16 sketch)
+print the rule's answer on this machine beside the times. The second table is the exact SVD
+against lowrank's randomized one at the sizes around linalg.factorize's _CHEAP_EXACT line, with
+each exact SVD's cost per m·n·min(m, n). Matrices are float32 with σ_i = i^-0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_cpu import cpu_line, row, spectrum, timed  # noqa: E402  (this folder is on sys.path when run as a script)
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
+from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
+from lowrank_cli.linalg.spectrum import svd  # noqa: E402
+from lowrank_cli.ops.calibrate import CHUNK  # noqa: E402
+
+
+def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
+    """‖W − B·A‖² in row blocks of 16 MiB, the residual formed in `dtype` (linalg.factorize.relative_error)."""
+    rows = max(1, (16 << 20) // (8 * w.shape[1]))
+    a, total = a.to(dtype), 0.0
+    for start in range(0, w.shape[0], rows):
+        block = torch.addmm(w[start : start + rows].to(dtype), b[start : start + rows].to(dtype), a, alpha=-1)
+        total += float(block.square().sum(dtype=torch.float64))  # (rows, r) @ (r, n) -> (rows, n)
+    return total
+
+
+def moment_chunked_float32(x: torch.Tensor) -> torch.Tensor:
+    """Σ x xᵀ as ops.calibrate sums it: float32 products over CHUNK tokens, each added to a float64 sum."""
+    n = x.shape[1]
+    total = torch.zeros(n, n, dtype=torch.float64)
+    partial = torch.zeros(n, n, dtype=torch.float32)
+    for start in range(0, x.shape[0], CHUNK):
+        chunk = x[start : start + CHUNK]
+        partial.zero_().addmm_(chunk.T, chunk)  # (n, t) @ (t, n) -> (n, n)
+        total += partial
+    return total
+
+
+def moment_float64(x: torch.Tensor) -> torch.Tensor:
+    x64 = x.to(torch.float64)
+    return x64.T @ x64  # (n, t) @ (t, n) -> (n, n)
+
+
+def svd_wide_by_qr(b: torch.Tensor):
+    """linalg.randomized's SVD of a wide k×n matrix: QR of bᵀ, then the SVD of the k×k factor."""
+    q, r = torch.linalg.qr(b.T)  # (n, k), (k, k)
+    u, s, vh_r = torch.linalg.svd(r.T)
+    return u, s, vh_r @ q.T  # (k, k) @ (k, n) -> (k, n)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=4096, help="n of the n×n matrices of the first table")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help="n = 256, one repeat, small SVD sizes")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    n, repeats = (256, 1) if args.quick else (args.size, args.repeats)
+    print(f"CPU: {cpu_line()}")
+    print(f"load average at start: {os.getloadavg()[0]:.1f}; best of {repeats}; float32, n = {n}\n", flush=True)
+
+    w = spectrum(n)
+    k = 80  # a rank-64 sketch with lowrank's oversampling of 16
+    g = torch.Generator().manual_seed(1)
+    omega = torch.randn(n, k, generator=g)
+    b, a = torch.randn(n, 64, generator=g), torch.randn(64, n, generator=g)
+    x = torch.randn(8 * n, n // 4, generator=g)  # tokens × features of a layer input
+    wide = torch.randn(n // 8, n, generator=g)
+    w16 = w.to(torch.bfloat16)
+    bfloat16_rule = f"bfloat16 sketch here: {'yes' if fast_bfloat16('cpu') else 'no'} (fast_bfloat16)"
+
+    choices = [
+        ("NaN/Inf check", "linalg.factorize.finite", "one aminmax pass", lambda: finite(w),
+         "isfinite(W).all()", lambda: bool(torch.isfinite(w).all())),
+        ("Σ W²", "linalg.randomized.sum_of_squares", "float32 row dots, float64 sums", lambda: sum_of_squares(w),
+         "vector_norm in float64", lambda: float(torch.linalg.vector_norm(w, dtype=torch.float64)) ** 2),
+        ("‖W − B·A‖² (r = 64)", "linalg.factorize.relative_error", "residual in float32",
+         lambda: residual_squares(w, b, a, torch.float32),
+         "residual in float64", lambda: residual_squares(w, b, a, torch.float64)),
+        (f"Σ x xᵀ ({x.shape[0]} tokens × {x.shape[1]})", "ops.calibrate.Calibrator", f"float32 over {CHUNK} tokens",
+         lambda: moment_chunked_float32(x), "float64 products", lambda: moment_float64(x)),
+        (f"orthonormal basis of {n}×{k}", "linalg.randomized.orthonormal", "CholeskyQR2",
+         lambda: orthonormal(omega), "Householder QR", lambda: torch.linalg.qr(omega).Q),
+        (f"SVD of {n // 8}×{n}", "linalg.randomized (_svd_wide)", "QR of bᵀ, then k×k SVD",
+         lambda: svd_wide_by_qr(wide), "svd(b)", lambda: torch.linalg.svd(wide, full_matrices=False)),
+        (f"W·Ω, {n}×{n} @ {n}×{k}", f"linalg.randomized; {bfloat16_rule}", "float32",
+         lambda: w @ omega, "bfloat16", lambda: w16 @ omega.to(torch.bfloat16)),
+        (f"Wᵀ·X in bfloat16, {n}×{n}, {k} columns", "linalg.randomized (_times_t)", "(Xᵀ·W)ᵀ, X contiguous",
+         lambda: (omega.T.to(torch.bfloat16, memory_format=torch.contiguous_format) @ w16).T,
+         "W.T @ X", lambda: w16.T @ omega.to(torch.bfloat16)),
+    ]  # fmt: skip
+    print(row("computation", "where", "lowrank", "ms", "alternative", "ms", "alternative / lowrank"))
+    print(row(*["---"] * 7))
+    for what, where, ours, fn, theirs, alternative in choices:
+        fn(), alternative()  # warm up: first calls allocate and pick kernels
+        t_ours, _ = timed(fn, repeats)
+        t_theirs, _ = timed(alternative, repeats)
+        ratio = f"{t_theirs / t_ours:.2f}"
+        print(row(what, where, ours, f"{t_ours * 1e3:.2f}", theirs, f"{t_theirs * 1e3:.2f}", ratio), flush=True)
+
+    shapes = [(64, 64), (96, 192)] if args.quick else [(384, 1536), (512, 512), (640, 640), (768, 768), (512, 2048)]
+    print("\nexact SVD (gesdd) against lowrank's randomized rank-64 SVD, around the line exact_is_cheap draws\n")
+    print(row("m×n", "m·n·min(m, n)", "exact s", "ns per m·n·min", "randomized s", "auto takes exact"))
+    print(row(*["---"] * 6))
+    for m, cols in shapes:
+        matrix = spectrum(max(m, cols))[:m, :cols].contiguous()
+        rank = min(64, min(m, cols) // 4)
+        cost = m * cols * min(m, cols)
+        t_exact, _ = timed(lambda matrix=matrix: svd(matrix), repeats)
+        t_random, _ = timed(lambda matrix=matrix, rank=rank: randomized(matrix, rank), repeats)
+        cheap = "yes" if exact_is_cheap(m, cols) else "no"
+        per = f"{t_exact / cost * 1e9:.2f}"
+        print(row(f"{m}×{cols}", f"{cost:.1e}", f"{t_exact:.3f}", per, f"{t_random:.3f}", cheap), flush=True)
+
+
+def randomized(matrix: torch.Tensor, rank: int):
+    from lowrank_cli.linalg.factorize import truncated_svd
+    from lowrank_cli.linalg.policy import RankPolicy
+
+    return truncated_svd(matrix, RankPolicy(rank=rank), method="randomized")
+
+
+if __name__ == "__main__":
+    main()
