@@ -53,6 +53,17 @@ def cpu_line() -> str:
     )
 
 
+def timing_arguments(parser: argparse.ArgumentParser, quick: str) -> argparse.Namespace:
+    """The parser's options with --repeats, --threads and --quick (help: `quick`), parsed; torch's threads set."""
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--quick", action="store_true", help=quick)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def spectrum(n: int, seed: int = 0) -> torch.Tensor:
     """U·diag(i^-0.5)·Vᵀ in float32, U and V random orthonormal."""
     g = torch.Generator().manual_seed(seed)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_cpu import cpu_line, row, spectrum, timed  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_cpu import cpu_line, row, spectrum, timed, timing_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
@@ -68,12 +68,7 @@ def svd_wide_by_qr(b: torch.Tensor):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="n of the n×n matrices of the first table")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="n = 256, one repeat, small SVD sizes")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_arguments(parser, quick="n = 256, one repeat, small SVD sizes")
     n, repeats = (256, 1) if args.quick else (args.size, args.repeats)
     print(f"CPU: {cpu_line()}")
     print(f"load average at start: {os.getloadavg()[0]:.1f}; best of {repeats}; float32, n = {n}\n", flush=True)

@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench_cpu import cpu_line  # noqa: E402  (this folder is on sys.path when run as a script)
+from bench_cpu import cpu_line, timing_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
 
 import lowrank_cli  # noqa: E402
 from lowrank_cli.linalg.spectrum import cpu_vendor, singular_values, spectrum_route  # noqa: E402
@@ -60,12 +60,7 @@ def row(*cells) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--quick", action="store_true", help="one 320×320 matrix, one round: a smoke run")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = timing_arguments(parser, quick="one 320×320 matrix, one round: a smoke run")
     shapes, repeats = ([(320, 320)], 1) if args.quick else (SHAPES, args.repeats)
     print(f"CPU: {cpu_line()}; vendor_id {cpu_vendor() or 'unknown'}")
     print(f"best of {repeats} in turn; ratios are seconds / svdvals' seconds, same process\n", flush=True)
