@@ -233,6 +233,7 @@ class Calibrator:
                 modules[module_name] = module
         return modules
 
+    @torch.no_grad()
     def measure_sensitivity(
         self, run: Callable[[], object], *, tokens: int = 0, on_weight: Callable[[str], None] | None = None
     ) -> dict[str, float]:
