@@ -117,3 +117,47 @@ def test_a_dense_folder_is_not_healed(tmp_path):
     train = line_text(tmp_path / "train.txt", lines=40)
     result = cli("heal", folder, folder, "--text", train, "-o", tmp_path / "healed")
     assert_clean_failure(result, 1, "not a lowrank file")
+
+
+def _reference_and_runs(tmp_path):
+    from lowrank_cli.ops.samples import batches
+
+    folder = tiny_folder(tmp_path, "encoder")
+    reference = transformers.AutoModel.from_pretrained(folder).eval()
+    runs = batches([ids for ids in encoded(folder, line_text(tmp_path / "t.txt", lines=12, seed=2))], 4, "cpu", 0)
+    calls = []
+    reference.register_forward_hook(lambda module, args, output: calls.append(1))
+    return reference, runs, calls
+
+
+def test_an_encoders_targets_are_kept_after_the_first_pass(tmp_path):
+    from lowrank_cli.model.heal import _Targets
+
+    reference, runs, calls = _reference_and_runs(tmp_path)
+    targets = _Targets(reference, runs, "encoder")
+    for _ in range(3):  # three passes, one forward of the reference per batch
+        got = [targets(index) for index in range(len(runs))]
+    assert len(calls) == len(runs)
+    for (ids, mask), layers in zip(runs, got, strict=True):
+        with torch.no_grad():
+            hidden = reference(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        assert len(layers) == len(hidden) == reference.config.num_hidden_layers + 1
+        for h, kept in zip(hidden, layers, strict=True):
+            real = h[mask.bool()]  # (real tokens, d): padding is never a target
+            assert kept.dtype == torch.float32 and kept.shape == real.shape
+            torch.testing.assert_close(kept, real, rtol=2**-8, atol=1e-6)  # bfloat16 rounding, no more
+
+
+def test_targets_over_the_memory_cap_are_recomputed(tmp_path, monkeypatch):
+    from lowrank_cli.model import heal
+    from lowrank_cli.model.heal import _Targets
+
+    reference, runs, calls = _reference_and_runs(tmp_path)
+    monkeypatch.setattr(heal, "TARGET_CACHE_BYTES", 0)
+    targets = _Targets(reference, runs, "encoder")
+    first = [targets(index) for index in range(len(runs))]
+    again = [targets(index) for index in range(len(runs))]
+    assert len(calls) == 2 * len(runs) and not targets.kept
+    for a, b in zip(first, again, strict=True):
+        for x, y in zip(a, b, strict=True):
+            torch.testing.assert_close(x, y, rtol=0, atol=0)  # the same float32 values, not rounded

@@ -40,6 +40,7 @@ from lowrank_cli.ops.samples import TextSamples, batches
 from lowrank_cli.ops.settings import HEAL_BATCH_SIZE, HEAL_EPOCHS, HEAL_LR, HEAL_TOKENS, SEQ_LEN
 
 SUFFIX = ".healed.safetensors"
+TARGET_CACHE_BYTES = 1 << 31  # an encoder's reference hidden states kept across passes up to this size (_Targets)
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,7 @@ def train(
     torch.manual_seed(options.seed)
     runs = batches(samples.ids, options.batch_size, device, pad)  # by length, so that padding stays short
     steps = options.steps or options.epochs * len(runs)
+    targets = _Targets(reference, runs, kind)
     order: list[int] = []
     optimizer = torch.optim.AdamW(parameters, lr=options.lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 - step / steps)  # linear decay to 0
@@ -134,10 +136,10 @@ def train(
         for step in range(steps):
             if step % len(runs) == 0:  # each pass takes the batches in a new order
                 order = torch.randperm(len(runs), generator=generator).tolist()
-            ids, mask = runs[order[step % len(runs)]]
+            index = order[step % len(runs)]
+            ids, mask = runs[index]
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
-            with torch.no_grad():
-                target = reference(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+            target = targets(index)
             output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
             loss = _loss(kind, target, output, mask)
             loss_value = float(loss.detach())
@@ -158,12 +160,46 @@ def train(
     return steps, loss_value
 
 
+class _Targets:
+    """The reference's outputs for each batch: an encoder's hidden states on the real tokens, or an LM's output.
+
+    An encoder's are kept after the first pass, in bfloat16, when every batch's fit in
+    TARGET_CACHE_BYTES: later passes then skip the reference's forward, a third of a step's work. The
+    rounding (relative 2⁻⁸ per element) is far below the distance healing closes; every pass uses the
+    rounded values, the first too, so that all see the same targets. An LM's logits (tokens × vocabulary)
+    are too large to keep, so its reference runs every step.
+    """
+
+    def __init__(self, reference: torch.nn.Module, runs: list[tuple[torch.Tensor, torch.Tensor]], kind: str) -> None:
+        self.reference, self.runs, self.kind = reference, runs, kind
+        config = getattr(reference, "config", None)
+        width = getattr(config, "hidden_size", 0) * (getattr(config, "num_hidden_layers", 0) + 1)
+        tokens = sum(int(mask.sum()) for _, mask in runs)
+        self.keep = kind == ENCODER and 0 < width * tokens * 2 <= TARGET_CACHE_BYTES
+        self.kept: dict[int, list[torch.Tensor]] = {}
+
+    @torch.no_grad()
+    def __call__(self, index: int):
+        if index in self.kept:
+            return [h.float() for h in self.kept[index]]
+        ids, mask = self.runs[index]
+        output = self.reference(input_ids=ids, attention_mask=mask, output_hidden_states=self.kind == ENCODER)
+        if self.kind != ENCODER:
+            return output
+        real = mask.bool()
+        hidden = [h[real] for h in output.hidden_states]  # (real tokens, d) per layer
+        if not self.keep:
+            return [h.float() for h in hidden]
+        self.kept[index] = [h.to(torch.bfloat16) for h in hidden]
+        return [h.float() for h in self.kept[index]]
+
+
 def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     if kind == ENCODER:  # the mean over layers of ‖h′ − h‖² / ‖h‖² on the real tokens
         real = mask.bool()
         terms = [
-            (h2.float() - h.float())[real].square().sum() / h.float()[real].square().sum().clamp(min=1e-30)
-            for h, h2 in zip(target.hidden_states, output.hidden_states, strict=True)
+            (h2[real].float() - h).square().sum() / h.square().sum().clamp(min=1e-30)
+            for h, h2 in zip(target, output.hidden_states, strict=True)
         ]
         return torch.stack(terms).mean()
     p = torch.log_softmax((target[0] if isinstance(target, tuple) else target.logits).float(), dim=-1)
