@@ -9,17 +9,19 @@ In this one process, in turn (torch, typer and transformers imported beforehand 
                  reading the safetensors file included;
   WeightWatcher  transformers' AutoModel.from_pretrained(MODEL), then `WeightWatcher(model=network)
                  .analyze()` with its defaults; printed without the loading (analyze() alone, in
-                 WeightWatcher's favour) and with it (each side from the file: like for like).
+                 WeightWatcher's favour) and with it (each side from the file: like for like);
+                 then analyze() again with its BLAS (OpenBLAS, under SciPy's SVD) on one thread
+                 (threadpoolctl), as lowrank computes the spectra of these sizes on one thread.
 And as a user runs each, a fresh process from the file, interpreter start and imports included:
 `python -m lowrank_cli analyze MODEL --json`, and `python -c` running the two WeightWatcher lines.
 OMP_WAIT_POLICY=PASSIVE is set first, before anything imports torch (libgomp reads it once, when
 torch loads it), as the `lowrank` command sets it, and the fresh processes inherit it: OpenMP
 threads that spin between parallel regions starve each other on a shared CPU (set after torch had
-loaded, lowrank's analyze took 18 s instead of 1.6 s here, at load 5). Prints the CPU, the load
-average before and after, each time (best of --repeats: wall, and CPU seconds of all threads) and
-the ratios, then every layer both fit: the two alphas and their relative difference. The issue's
-target is |α_lowrank / α_WeightWatcher − 1| ≤ 5 % on every such layer; the last line counts the
-layers within it and names the worst.
+loaded, as this script once did, lowrank's analyze took 8-19 s instead of 1-2 s:
+benchmarks/README.md). Prints the CPU, the load average before and after, each time (best of
+--repeats: wall, and CPU seconds of all threads) and the ratios, then every layer both fit: the two
+alphas and their relative difference. The issue's target is |α_lowrank / α_WeightWatcher − 1| ≤ 5 %
+on every such layer; the last line counts the layers within it and names the worst.
 """
 
 from __future__ import annotations
@@ -98,17 +100,24 @@ def _lowrank(model: Path) -> tuple[Timing, dict[str, dict]]:
     return timing, {t["name"].removesuffix(".weight"): t for t in rows if t["alpha"] is not None}
 
 
-def _weightwatcher(model: Path) -> tuple[Timing, Timing, dict[str, dict]]:
-    """transformers loads the model, WeightWatcher's analyze() runs with its defaults: the time of
-    each and {module name: row} for the layers it fit (alpha > 0)."""
+def _weightwatcher(model: Path) -> tuple[Timing, Timing, Timing | None, dict[str, dict]]:
+    """transformers loads the model, WeightWatcher's analyze() runs with its defaults and, where
+    threadpoolctl is installed (scikit-learn, a WeightWatcher dependency, brings it), again with its
+    BLAS on one thread: the time of each and {module name: row} for the layers it fit (alpha > 0)."""
     import transformers
     import weightwatcher
 
     loading, network = _timed(lambda: transformers.AutoModel.from_pretrained(str(model)).eval())
     analyzing, details = _timed(lambda: weightwatcher.WeightWatcher(model=network).analyze())
+    one_thread = None
+    if importlib.util.find_spec("threadpoolctl") is not None:
+        from threadpoolctl import threadpool_limits
+
+        with threadpool_limits(1):
+            one_thread, _ = _timed(lambda: weightwatcher.WeightWatcher(model=network).analyze())
     rows = {row["longname"]: dict(row) for _, row in details.iterrows()}
     fit = {name: row for name, row in rows.items() if row["alpha"] == row["alpha"] and row["alpha"] > 0}
-    return loading, analyzing, fit
+    return loading, analyzing, one_thread, fit
 
 
 def _process(*args: str) -> Timing:
@@ -148,12 +157,13 @@ def main() -> None:
     print(f"weightwatcher {weightwatcher.__version__}, transformers {transformers.__version__}; model {options.model}")
     print(f"OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']} (set before torch loaded); best of {options.repeats}")
     print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
-    ours_t = loading_t = analyzing_t = ours_process_t = theirs_process_t = None
+    ours_t = loading_t = analyzing_t = one_thread_t = ours_process_t = theirs_process_t = None
     for _ in range(options.repeats):  # in turn: a busy spell slows one run, not one side
         timing, ours = _lowrank(options.model)
         ours_t = timing.best(ours_t)
-        loading, analyzing, theirs = _weightwatcher(options.model)
+        loading, analyzing, one_thread, theirs = _weightwatcher(options.model)
         loading_t, analyzing_t = loading.best(loading_t), analyzing.best(analyzing_t)
+        one_thread_t = one_thread.best(one_thread_t) if one_thread else None
         ours_process_t = _process("-m", "lowrank_cli", "analyze", str(options.model), "--json").best(ours_process_t)
         theirs_process_t = _process("-c", WEIGHTWATCHER_PROCESS, str(options.model)).best(theirs_process_t)
     print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
@@ -166,6 +176,8 @@ def main() -> None:
         f"  WeightWatcher, transformers loading the file ({loading_t}) and analyze(): {from_file}: "
         f"{_ratio(from_file, ours_t)}"
     )
+    if one_thread_t:  # lowrank's spectrum of a matrix under 1024 wide runs on one thread too
+        print(f"  WeightWatcher analyze(), its BLAS on one thread: {one_thread_t}: {_ratio(one_thread_t, ours_t)}")
     print("a fresh process each, from the file, interpreter start and imports included:")
     print(f"  python -m lowrank_cli analyze MODEL --json: {ours_process_t}")
     print(
@@ -191,7 +203,7 @@ def main() -> None:
         worst = max(differences, key=lambda name: abs(differences[name]))
         print(
             f"layers both fit: {len(differences)}; within {TARGET:.0%}: {within}; "
-            f"worst: {worst} at {differences[worst]:+.2%}"
+            f"worst: {worst} at {differences[worst]:+.1e} relative"
         )
 
 
