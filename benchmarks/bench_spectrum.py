@@ -3,18 +3,22 @@
     python benchmarks/bench_spectrum.py                       # seven shapes up to 4096×4096, ~4 minutes on 2 cores
     python benchmarks/bench_spectrum.py --threads 1
     python benchmarks/bench_spectrum.py --quick                # one 320×320 matrix, a smoke run
+    python benchmarks/bench_spectrum.py --shapes 384x384 30522x384   # these shapes only
 
 For each shape, a float32 matrix with σ_i = i^-0.5 between random orthonormal bases, saved as one
 safetensors file. In turn, best of --repeats, in one process: `torch.linalg.svdvals(W)` as a user
-would call it, each route of lowrank's spectrum on W (svdvals of the tall layout, float64 Gram), and
-`lowrank_cli.analyze` on the file, which includes reading the tensor and checking it for NaN. The
-ratios divide by svdvals' time: analyze ≤ 1.00 is the target, "gram / svdvals" is what the rule in
-lowrank_cli/linalg/spectrum.py (spectrum_route) stands on.
+would call it, each route of lowrank's spectrum on W (svdvals of the tall layout, float64 Gram),
+`lowrank_cli.analyze` on the file, which includes reading the tensor and checking it for NaN, and
+svdvals of the tall layout on one thread. The ratios divide by svdvals' time: analyze ≤ 1.00 is the
+target; "gram / svdvals" is what the route rule in lowrank_cli/linalg/spectrum.py (spectrum_route)
+stands on, and "1 thread / svdvals" the thread rule (spectrum_threads: "threads taken", which the
+routes and analyze use, so where it is 1 the svdvals-route column is on one thread as well).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -27,9 +31,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench_cpu import cpu_line, timing_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
 
 import lowrank_cli  # noqa: E402
-from lowrank_cli.linalg.spectrum import cpu_vendor, singular_values, spectrum_route  # noqa: E402
+from lowrank_cli.linalg.spectrum import cpu_vendor, singular_values, spectrum_route, spectrum_threads  # noqa: E402
 
-SHAPES = [(512, 512), (768, 768), (1024, 1024), (2048, 2048), (1024, 4096), (4096, 1024), (4096, 4096)]
+SHAPES = [(384, 384), (512, 512), (768, 768), (1024, 1024), (30522, 384), (2048, 2048), (1024, 4096), (4096, 1024)]
+SHAPES += [(4096, 4096)]
 
 
 def with_spectrum(m: int, n: int, seed: int = 0) -> torch.Tensor:
@@ -54,18 +59,37 @@ def best_in_turn(calls: dict, repeats: int) -> dict[str, float]:
     return seconds
 
 
+def on_one_thread(w: torch.Tensor) -> None:
+    """svdvals of the tall layout (as lowrank's svdvals route) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.linalg.svdvals(w.T if w.shape[0] < w.shape[1] else w)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def shape(text: str) -> tuple[int, int]:
+    m, n = text.lower().split("x")
+    return int(m), int(n)
+
+
 def row(*cells) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", nargs="+", type=shape, help="MxN each (default: nine from 384×384 to 4096²)")
     args = timing_arguments(parser, quick="one 320×320 matrix, one round: a smoke run")
-    shapes, repeats = ([(320, 320)], 1) if args.quick else (SHAPES, args.repeats)
-    print(f"CPU: {cpu_line()}; vendor_id {cpu_vendor() or 'unknown'}")
+    shapes, repeats = ([(320, 320)], 1) if args.quick else (args.shapes or SHAPES, args.repeats)
+    policy = os.environ.get("OMP_WAIT_POLICY", "unset")
+    print(f"CPU: {cpu_line()}; vendor_id {cpu_vendor() or 'unknown'}; OMP_WAIT_POLICY {policy}")
+    print(f"load average before: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     print(f"best of {repeats} in turn; ratios are seconds / svdvals' seconds, same process\n", flush=True)
-    print(row("shape", "svdvals s", "route taken", "gram / svdvals", "svdvals(tall) / svdvals", "analyze / svdvals"))
-    print(row(*["---"] * 6))
+    columns = ["shape", "svdvals s", "route taken", "threads taken", "gram / svdvals", "svdvals(tall) / svdvals"]
+    print(row(*columns, "1 thread / svdvals", "analyze / svdvals"))
+    print(row(*["---"] * 8))
     with tempfile.TemporaryDirectory() as folder:
         warm = with_spectrum(300, 300)  # load every library and import before timing
         save_file({"w": warm}, str(Path(folder) / "warm.safetensors"))
@@ -80,6 +104,7 @@ def main() -> None:
                     "svdvals": lambda w=w: torch.linalg.svdvals(w),
                     "gram": lambda w=w: singular_values(w, route="gram"),
                     "tall": lambda w=w: singular_values(w, route="svdvals"),
+                    "one thread": lambda w=w: on_one_thread(w),
                     "analyze": lambda path=path: lowrank_cli.analyze(path),
                 },
                 repeats,
@@ -90,12 +115,15 @@ def main() -> None:
                     f"{m}×{n}",
                     f"{base:.3f}",
                     spectrum_route(w),
+                    spectrum_threads(w) or torch.get_num_threads(),
                     f"{seconds['gram'] / base:.2f}",
                     f"{seconds['tall'] / base:.2f}",
+                    f"{seconds['one thread'] / base:.2f}",
                     f"{seconds['analyze'] / base:.2f}",
                 ),
                 flush=True,
             )
+    print(f"load average after: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
 
 
 if __name__ == "__main__":

@@ -37,8 +37,9 @@ def test_the_cut_off_finds_where_the_power_law_starts():
     assert fit.alpha == pytest.approx(2.5, rel=0.1)
 
 
-def test_the_fit_is_the_definition_evaluated_at_every_cut_off():
-    data = np.sort(_power_law(3.0, 200, 5) + np.random.default_rng(6).random(200))
+@pytest.mark.parametrize("count", [200, 700])  # 700: the scan's table takes several blocks of candidates
+def test_the_fit_is_the_definition_evaluated_at_every_cut_off(count):
+    data = np.sort(_power_law(3.0, count, 5) + np.random.default_rng(6).random(count))
     best = None
     for i, xmin in enumerate(data[:-1]):  # Clauset et al. (2009), eqs. 3.1 and 3.9, one candidate at a time
         tail = data[i:]

@@ -7,6 +7,8 @@ hold on CPUs whose LAPACK and BLAS round differently.
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -16,7 +18,13 @@ import lowrank_cli
 from lowrank_cli.io.checkpoint import open_checkpoint
 from lowrank_cli.linalg.factorize import POWER_TOLERANCE, finite
 from lowrank_cli.linalg.randomized import power_range, randomized_svd
-from lowrank_cli.linalg.spectrum import Spectrum, gram_singular_values, singular_values, spectrum_route
+from lowrank_cli.linalg.spectrum import (
+    Spectrum,
+    gram_singular_values,
+    singular_values,
+    spectrum_route,
+    spectrum_threads,
+)
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS64 = float(np.finfo(np.float64).eps)
@@ -106,6 +114,36 @@ def test_svdvals_wherever_the_gram_floor_would_show_or_gram_gains_nothing(vendor
     assert spectrum_route(torch.zeros(1023, 4096), vendor=vendor) == "svdvals"  # no gain that held in every run
     assert spectrum_route(big, rtol=1e-9, vendor=vendor) == "svdvals"
     assert spectrum_route(big, rtol=1e-3, vendor=vendor) == spectrum_route(big, vendor=vendor)
+
+
+def test_a_small_matrix_takes_one_thread_a_large_one_torchs_count():
+    assert spectrum_threads(torch.zeros(384, 384)) == 1
+    assert spectrum_threads(torch.zeros(30522, 384)) == 1  # the short side decides
+    assert spectrum_threads(torch.zeros(1023, 4096)) == 1
+    assert spectrum_threads(torch.zeros(1024, 1536)) is None
+    assert spectrum_threads(torch.zeros(4096, 1024)) is None
+
+
+@pytest.mark.parametrize("fails", [False, True])
+def test_the_one_thread_holds_for_the_call_only(monkeypatch, fails):
+    seen = []
+
+    def svdvals(w):
+        seen.append(torch.get_num_threads())
+        if fails:
+            raise RuntimeError("LAPACK failed")
+        return torch.ones(min(w.shape))
+
+    monkeypatch.setattr(torch.linalg, "svdvals", svdvals)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with pytest.raises(RuntimeError) if fails else contextlib.nullcontext():
+            singular_values(torch.ones(30, 20), route="svdvals")
+        assert seen == [1]
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_analyze_writes_nothing_outside_its_outputs(tmp_path, monkeypatch):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 MIN_EIGENVALUES = 8  # fewer nonzero eigenvalues than this: no fit (WeightWatcher's min_evals)
+_BLOCK = 1 << 16  # entries of the (candidates, points) tables _ks_distances fills at a time: 512 KB, cache-sized
 
 
 @dataclass(frozen=True)
@@ -54,15 +55,31 @@ def fit_power_law(eigenvalues: np.ndarray) -> PowerLawFit | None:
     spread[spread <= 1e-12 * suffix] = 0.0  # a tail of ties, up to the rounding of the sums
     with np.errstate(divide="ignore"):
         alphas = 1 + counts / spread  # inf where the tail is all ties
-    distances = np.ones(x.size - 1)
-    for i in range(x.size - 1):  # the last point alone is no tail
-        alpha = alphas[i]
-        if not 1 < alpha < np.inf:
-            continue
-        n = x.size - i
-        law = 1 - np.exp((1 - alpha) * (logs[i:] - logs[i]))  # (n,) the fitted CDF at x_i … x_N
-        distances[i] = np.max(np.abs(law - np.arange(n) / n))
+    distances = _ks_distances(logs, alphas, counts)
     best = int(np.argmin(distances))
     if not 1 < alphas[best] < np.inf:  # every candidate tail is ties or too flat: nothing to fit
         return None
     return PowerLawFit(float(alphas[best]), float(x[best]), float(distances[best]), int(x.size - best))
+
+
+def _ks_distances(logs: np.ndarray, alphas: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """D_i for every candidate x_min = x_i but the last, 1 where α_i gives no normalisable law.
+
+    The same arithmetic as one candidate at a time, on a (candidates, points) table filled a block
+    of rows at a time: the scan is one numpy pass instead of N small ones (N ≈ 400 for MiniLM).
+    """
+    size = logs.size
+    distances = np.ones(size - 1)
+    fits = (alphas[:-1] > 1) & (alphas[:-1] < np.inf)
+    start = 0
+    while start < size - 1:
+        stop = min(size - 1, start + max(1, _BLOCK // (size - start)))
+        rows = np.arange(start, stop)[:, None]  # (b, 1) candidates i
+        cols = np.arange(start, size)[None, :]  # (1, N − start) points j
+        with np.errstate(over="ignore", invalid="ignore"):  # α_i ≤ 1 or ∞: no fit, its D_i is not used
+            rises = np.maximum(logs[cols] - logs[rows], 0.0)  # (b, N − start) ln(x_j / x_i), 0 for j < i
+            law = 1 - np.exp((1 - alphas[rows]) * rises)  # the fitted CDF at x_j
+            data = np.maximum(cols - rows, 0) / counts[rows]  # the data's CDF (j − i)/n_i; both 0 for j < i
+            distances[start:stop] = np.where(fits[start:stop], np.abs(law - data).max(axis=1), 1.0)
+        start = stop
+    return distances

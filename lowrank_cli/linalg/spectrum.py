@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ _GRAM_MIN = 1024  # below this min(m, n) which route is faster varied from run t
 _GRAM_BLOCKS = 4
 _GRAM_FLOOR = 1e-6  # relative to σ_max, the Gram route's worst-case absolute error for n up to ~9000
 _GRAM_VENDORS = ("AuthenticAMD",)  # the CPUs where Gram was measured faster than svdvals
+_ONE_THREAD_BELOW = 1024  # min(m, n) under which LAPACK's spectrum runs on one CPU thread (bench_spectrum)
 
 
 @dataclass(frozen=True)
@@ -133,6 +135,8 @@ def singular_values(
       for σ near 0. Squaring loses small σ's relative accuracy, not the absolute 1e-6·σ_max, and that
       floor is 8√n times below the numerical-rank line max(m, n)·ε₃₂·σ_max, so ranks count the same.
     Dividing by max |W| first keeps σ finite when entries near the dtype's maximum would overflow it.
+    A CPU matrix under 1024 on its short side is done on one thread (spectrum_threads): torch's
+    thread count, process-wide, is 1 for the call and restored after it.
     `rtol`: the numerical-rank tolerance the caller will use, if it is its own: below the Gram
     route's floor, svdvals is used.
     """
@@ -144,9 +148,10 @@ def singular_values(
         scale = 1.0
     if route not in (None, *ROUTES):
         raise ValueError(f"route must be one of {', '.join(ROUTES)}, got {route!r}")
-    if (route or spectrum_route(matrix, rtol=rtol)) == "gram":
-        return gram_singular_values(matrix), scale
-    return torch.linalg.svdvals(_tall(matrix)), scale
+    with _torch_threads(spectrum_threads(matrix)):
+        if (route or spectrum_route(matrix, rtol=rtol)) == "gram":
+            return gram_singular_values(matrix), scale
+        return torch.linalg.svdvals(_tall(matrix)), scale
 
 
 def gram_singular_values(matrix: torch.Tensor) -> torch.Tensor:
@@ -180,6 +185,35 @@ def spectrum_route(matrix: torch.Tensor, *, rtol: float | None = None, vendor: s
     if (cpu_vendor() if vendor is None else vendor) in _GRAM_VENDORS and torch.backends.mkl.is_available():
         return "gram"
     return "svdvals"
+
+
+def spectrum_threads(matrix: torch.Tensor) -> int | None:
+    """1 where singular_values runs on one CPU thread, None where on torch's own count (torch.get_num_threads()).
+
+    One thread for a CPU matrix with min(m, n) < _ONE_THREAD_BELOW: there LAPACK's reduction of W is
+    thousands of small BLAS calls, and a second thread costs more in waking and waiting than it
+    shares. bench_spectrum.py on 2 shared cores (benchmarks/README.md): svdvals on 2 threads took
+    1.1–1.6× its time on one at 384–1024, MiniLM's 30522×384 embedding included, with OpenMP threads
+    sleeping between parallel regions (OMP_WAIT_POLICY=PASSIVE, as the lowrank command sets it), and
+    2–5× with them spinning. At 2048² the two were even; at 4096² two threads took 0.43 of one's time.
+    """
+    if matrix.device.type != "cpu" or min(matrix.shape) >= _ONE_THREAD_BELOW:
+        return None
+    return 1
+
+
+@contextlib.contextmanager
+def _torch_threads(count: int | None):
+    """torch's CPU thread count set to `count` (if fewer than now) inside the block, restored after."""
+    before = torch.get_num_threads()
+    if count is None or count >= before:
+        yield
+        return
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @functools.cache
