@@ -228,8 +228,8 @@ def cpu_vendor() -> str:
 
 
 def _tall(matrix: torch.Tensor) -> torch.Tensor:
-    """W, or Wᵀ (a view, same singular values) if W is wide: LAPACK's SVD is faster on the tall
-    layout, 1.5× for svdvals and 2× for svd on 4096×11008 here."""
+    """W, or Wᵀ (a view, same singular values) if W is wide: LAPACK's SVD works on the tall layout
+    without the transposed copy it makes of a wide one (benchmarks/bench_spectrum.py times both)."""
     return matrix.T if matrix.shape[0] < matrix.shape[1] else matrix
 
 
@@ -242,7 +242,7 @@ def svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def max_abs(matrix: torch.Tensor) -> float:
-    """max |W_ij| without an |W| temporary (aminmax is 6× faster than the ∞-norm)."""
+    """max |W_ij| from aminmax, one pass with no |W| temporary (the ∞-norm makes one)."""
     if not matrix.numel():
         return 0.0
     low, high = torch.aminmax(matrix)
