@@ -117,3 +117,36 @@ def test_a_dense_folder_is_not_healed(tmp_path):
     train = line_text(tmp_path / "train.txt", lines=40)
     result = cli("heal", folder, folder, "--text", train, "-o", tmp_path / "healed")
     assert_clean_failure(result, 1, "not a lowrank file")
+
+
+def test_the_reference_keeps_its_dtype_and_no_gradient_outlives_its_step(tmp_path, monkeypatch):
+    # Memory (docs/heal.md): a bfloat16 reference upcast to float32 would take twice its size, and a
+    # step's gradients kept until after the next forward would sit beside that step's activations.
+    from lowrank_cli.model import heal as heal_module
+
+    folder = tiny_folder(tmp_path, "causal-lm", dtype=torch.bfloat16)
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40, seed=3)
+    seen: dict = {"gradients at a forward": []}
+    real_train = heal_module.train
+
+    def spy(reference, model, *args, **kwargs):
+        seen["reference"] = {p.dtype for p in reference.parameters()}
+        seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+
+        def count(module, inputs):
+            seen["gradients at a forward"].append(sum(p.grad is not None for p in model.parameters()))
+
+        model.register_forward_pre_hook(count)
+        result = real_train(reference, model, *args, **kwargs)
+        seen["gradients after"] = sum(p.grad is not None for p in model.parameters())
+        return result
+
+    monkeypatch.setattr(heal_module, "train", spy)
+    lowrank_cli.heal(folder, candidate, tmp_path / "healed", text=train, steps=3, lr=1e-3, batch_size=4)
+    assert seen["reference"] == {torch.bfloat16}  # run as evaluate runs it, not upcast
+    assert seen["trained"] == {torch.float32}  # the factors train in float32 all the same
+    assert seen["gradients at a forward"] == [0, 0, 0]
+    assert seen["gradients after"] == 0
+    written = raw_tensors(tmp_path / "healed" / WEIGHTS)
+    assert {v[0] for n, v in written.items() if n.endswith((".A", ".B"))} == {"BF16"}  # written back as stored

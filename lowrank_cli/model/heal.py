@@ -135,6 +135,7 @@ def train(
             if step % len(runs) == 0:  # each pass takes the batches in a new order
                 order = torch.randperm(len(runs), generator=generator).tolist()
             ids, mask = runs[order[step % len(runs)]]
+            optimizer.zero_grad(set_to_none=True)  # the last step's gradients go before this step's activations come
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
             with torch.no_grad():
                 target = reference(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
@@ -146,7 +147,6 @@ def train(
                     f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
                     f" (now {options.lr:g})"
                 )
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -155,6 +155,7 @@ def train(
                 progress(step + 1, steps, average)
     for parameter in parameters:
         parameter.requires_grad_(False)
+        parameter.grad = None
     return steps, loss_value
 
 
@@ -286,8 +287,7 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = load_reference(folder, device)
-    reference = reference.float()
+    reference, tokenizer = load_reference(folder, device)  # in its own dtype, as evaluate runs it
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
     )
@@ -319,6 +319,7 @@ def heal(
             checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
             force=force, record=record,
         )  # fmt: skip
+        del model, layers  # the healed model is loaded from what was written, not beside the trained one
     notes = list(found.notes)
     if evaluator is not None:
         healed = load_candidate(folder, Path(report.output), type(reference), device, torch.float32)
