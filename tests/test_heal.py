@@ -150,3 +150,33 @@ def test_the_reference_keeps_its_dtype_and_no_gradient_outlives_its_step(tmp_pat
     assert seen["gradients after"] == 0
     written = raw_tensors(tmp_path / "healed" / WEIGHTS)
     assert {v[0] for n, v in written.items() if n.endswith((".A", ".B"))} == {"BF16"}  # written back as stored
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "masked-lm"])
+def test_a_language_models_loss_is_the_mean_kl_per_position(kind):
+    # written as Σ P·log P − Σ P·log Q to keep fewer vocabulary-wide tensors; the KL all the same
+    from types import SimpleNamespace
+
+    from lowrank_cli.model.heal import _loss, _target
+
+    generator = torch.Generator().manual_seed(0)
+    reference, candidate = torch.randn(3, 9, 50, generator=generator), torch.randn(3, 9, 50, generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # padding
+    logits = candidate.clone().requires_grad_(True)
+    loss = _loss(kind, _target(kind, SimpleNamespace(logits=reference), mask), SimpleNamespace(logits=logits), mask)
+    loss.backward()
+
+    p, q = reference.double().numpy(), candidate.double().numpy()
+    p, q = p - np.log(np.exp(p).sum(-1, keepdims=True)), q - np.log(np.exp(q).sum(-1, keepdims=True))
+    kl, count, gradient = 0.0, 0, np.zeros_like(q)
+    for row in range(3):
+        for t in range(9):
+            compared = mask[row, t] and (kind == "masked-lm" or (t + 1 < 9 and mask[row, t + 1]))
+            if compared:
+                kl += float((np.exp(p[row, t]) * (p[row, t] - q[row, t])).sum())
+                count += 1
+                gradient[row, t] = np.exp(q[row, t]) - np.exp(p[row, t])  # d KL / d logits: Q − P
+    assert count == (8 + 5 + 8 if kind == "causal-lm" else 9 + 6 + 9)
+    assert float(loss.detach()) == pytest.approx(kl / count, rel=1e-6)
+    np.testing.assert_allclose(logits.grad.numpy(), gradient / count, atol=1e-7)

@@ -138,9 +138,12 @@ def train(
             optimizer.zero_grad(set_to_none=True)  # the last step's gradients go before this step's activations come
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
             with torch.no_grad():
-                target = reference(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+                reference_output = reference(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+                target = _target(kind, reference_output, mask)
+                del reference_output
             output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
             loss = _loss(kind, target, output, mask)
+            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TensorError(
@@ -159,21 +162,43 @@ def train(
     return steps, loss_value
 
 
+def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bools: where the LMs' distributions are compared (causal: position t, predicting t + 1)."""
+    if kind != CAUSAL_LM:
+        return mask.bool()
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    where[:, :-1] = (mask[:, :-1] * mask[:, 1:]).bool()
+    return where
+
+
+def _target(kind: str, reference_output, mask: torch.Tensor):
+    """What the loss needs of the reference's output, taken before the candidate runs (under no_grad).
+
+    Encoders: the hidden states. LMs: (P, Σ P·log P), the next-token probabilities (positions, V) at
+    the compared positions and their part of the KL, so that no vocabulary-wide tensor but P is kept.
+    """
+    if kind == ENCODER:
+        return reference_output.hidden_states
+    logits = reference_output[0] if isinstance(reference_output, tuple) else reference_output.logits
+    log_p = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
+    p = log_p.exp()
+    return p, (p * log_p).sum(dim=-1).sum(dtype=torch.float64)  # float64 over positions, not over (positions, V)
+
+
 def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     if kind == ENCODER:  # the mean over layers of ‖h′ − h‖² / ‖h‖² on the real tokens
         real = mask.bool()
         terms = [
             (h2.float() - h.float())[real].square().sum() / h.float()[real].square().sum().clamp(min=1e-30)
-            for h, h2 in zip(target.hidden_states, output.hidden_states, strict=True)
+            for h, h2 in zip(target, output.hidden_states, strict=True)
         ]
         return torch.stack(terms).mean()
-    p = torch.log_softmax((target[0] if isinstance(target, tuple) else target.logits).float(), dim=-1)
-    q = torch.log_softmax((output[0] if isinstance(output, tuple) else output.logits).float(), dim=-1)
-    where = (mask[:, :-1] * mask[:, 1:]).bool() if kind == CAUSAL_LM else mask.bool()
-    if kind == CAUSAL_LM:
-        p, q = p[:, :-1], q[:, :-1]
-    p, q = p[where], q[where]  # (positions, V)
-    return (p.exp() * (p - q)).sum(dim=-1).mean()
+    # the mean over positions of KL(P ‖ Q) = Σ P·log P − Σ P·log Q, the first sum taken with P: backward
+    # keeps P and log Q (positions × V each), not the logits and P·(log P − log Q)'s temporaries too
+    p, p_log_p = target
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    log_q = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
+    return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
 
 def write_healed(
