@@ -37,3 +37,11 @@ def test_spectrum_benchmark_smoke_run(tmp_path):
     run = _run("bench_spectrum.py", "--quick", cwd=tmp_path)
     assert run.stdout.startswith("CPU: ")
     assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 3")] == ["| 320×320"]
+
+
+def test_heal_memory_benchmark_smoke_run(tmp_path):
+    tiny = ["--hidden", "64", "--layers", "2", "--intermediate", "160", "--heads", "4", "--kv-heads", "2"]
+    run = _run("bench_heal_memory.py", *tiny, "--vocab", "4000", "--settings", "2x32", "--steps", "1", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    assert "RANDOM weights" in run.stdout  # the model is said to be a stand-in
+    assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 2 × 32")] == ["| 2 × 32"]
