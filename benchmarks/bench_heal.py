@@ -52,6 +52,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
     args = parser.parse_args()
     import importlib.util
@@ -66,7 +67,10 @@ def main() -> None:
     model = Path(spec.origin).parent / "model"
     import torch
 
-    print(f"CPU: {cpu_name()}; torch {torch.__version__}; heal --lr {args.lr:g} --epochs {args.epochs}")
+    print(
+        f"CPU: {cpu_name()}; torch {torch.__version__};"
+        f" heal --lr {args.lr:g} --epochs {args.epochs} --batch-size {args.batch_size}"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         calib, train, held = work / "calib.txt", work / "train.txt", work / "eval.txt"
@@ -90,7 +94,7 @@ def main() -> None:
             start = time.perf_counter()
             run = lowrank(
                 "heal", model, compressed, "--text", train, "-o", healed, "--eval-text", held, "--lr", args.lr,
-                "--epochs", args.epochs, "--device", "cpu", "--json",
+                "--epochs", args.epochs, "--batch-size", args.batch_size, "--device", "cpu", "--json",
             )  # fmt: skip
             seconds = time.perf_counter() - start
             report = json.loads(run.stdout)

@@ -63,3 +63,11 @@ def test_kernels_benchmark_smoke_run(tmp_path):
         except ModuleNotFoundError:
             assert hasattr(importlib.import_module(f"lowrank_cli.{module}"), name), where
     assert len([cells for cells in rows if len(cells) == 6 and cells[0] != "| m×n"]) == 2  # the SVD sizes
+
+
+def test_heal_memory_benchmark_smoke_run(tmp_path):
+    tiny = ["--hidden", "64", "--layers", "2", "--intermediate", "160", "--heads", "4", "--kv-heads", "2"]
+    run = _run("bench_heal_memory.py", *tiny, "--vocab", "4000", "--settings", "2x32", "--steps", "1", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    assert "RANDOM weights" in run.stdout  # the model is said to be a stand-in
+    assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 2 × 32")] == ["| 2 × 32"]

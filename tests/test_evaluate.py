@@ -33,7 +33,7 @@ def _tokenizer(folder: Path, tmp_path: Path):
     return tokenizer
 
 
-def tiny_folder(tmp_path: Path, kind: str) -> Path:
+def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32) -> Path:
     folder = tmp_path / kind
     torch.manual_seed(0)
     if kind == "causal-lm":
@@ -52,7 +52,7 @@ def tiny_folder(tmp_path: Path, kind: str) -> Path:
         for parameter in model.parameters():
             if parameter.ndim == 2:
                 parameter.normal_(0, 0.3)
-    model.eval().save_pretrained(folder)
+    model.to(dtype).eval().save_pretrained(folder)
     _tokenizer(folder, tmp_path)
     return folder
 

@@ -161,3 +161,66 @@ def test_targets_over_the_memory_cap_are_recomputed(tmp_path, monkeypatch):
     for a, b in zip(first, again, strict=True):
         for x, y in zip(a, b, strict=True):
             torch.testing.assert_close(x, y, rtol=0, atol=0)  # the same float32 values, not rounded
+
+
+def test_the_reference_keeps_its_dtype_and_no_gradient_outlives_its_step(tmp_path, monkeypatch):
+    # Memory (docs/heal.md): a bfloat16 reference upcast to float32 would take twice its size, and a
+    # step's gradients kept until after the next forward would sit beside that step's activations.
+    from lowrank_cli.model import heal as heal_module
+
+    folder = tiny_folder(tmp_path, "causal-lm", dtype=torch.bfloat16)
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40, seed=3)
+    seen: dict = {"gradients at a forward": []}
+    real_train = heal_module.train
+
+    def spy(reference, model, *args, **kwargs):
+        seen["reference"] = {p.dtype for p in reference.parameters()}
+        seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+
+        def count(module, inputs):
+            seen["gradients at a forward"].append(sum(p.grad is not None for p in model.parameters()))
+
+        model.register_forward_pre_hook(count)
+        result = real_train(reference, model, *args, **kwargs)
+        seen["gradients after"] = sum(p.grad is not None for p in model.parameters())
+        return result
+
+    monkeypatch.setattr(heal_module, "train", spy)
+    lowrank_cli.heal(folder, candidate, tmp_path / "healed", text=train, steps=3, lr=1e-3, batch_size=4)
+    assert seen["reference"] == {torch.bfloat16}  # run as evaluate runs it, not upcast
+    assert seen["trained"] == {torch.float32}  # the factors train in float32 all the same
+    assert seen["gradients at a forward"] == [0, 0, 0]
+    assert seen["gradients after"] == 0
+    written = raw_tensors(tmp_path / "healed" / WEIGHTS)
+    assert {v[0] for n, v in written.items() if n.endswith((".A", ".B"))} == {"BF16"}  # written back as stored
+
+
+@pytest.mark.parametrize("kind", ["causal-lm", "masked-lm"])
+def test_a_language_models_loss_is_the_mean_kl_per_position(kind):
+    # written as Σ P·log P − Σ P·log Q to keep fewer vocabulary-wide tensors; the KL all the same
+    from types import SimpleNamespace
+
+    from lowrank_cli.model.heal import _lm_target, _loss
+
+    generator = torch.Generator().manual_seed(0)
+    reference, candidate = torch.randn(3, 9, 50, generator=generator), torch.randn(3, 9, 50, generator=generator)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, 6:] = 0  # padding
+    logits = candidate.clone().requires_grad_(True)
+    loss = _loss(kind, _lm_target(kind, SimpleNamespace(logits=reference), mask), SimpleNamespace(logits=logits), mask)
+    loss.backward()
+
+    p, q = reference.double().numpy(), candidate.double().numpy()
+    p, q = p - np.log(np.exp(p).sum(-1, keepdims=True)), q - np.log(np.exp(q).sum(-1, keepdims=True))
+    kl, count, gradient = 0.0, 0, np.zeros_like(q)
+    for row in range(3):
+        for t in range(9):
+            compared = mask[row, t] and (kind == "masked-lm" or (t + 1 < 9 and mask[row, t + 1]))
+            if compared:
+                kl += float((np.exp(p[row, t]) * (p[row, t] - q[row, t])).sum())
+                count += 1
+                gradient[row, t] = np.exp(q[row, t]) - np.exp(p[row, t])  # d KL / d logits: Q − P
+    assert count == (8 + 5 + 8 if kind == "causal-lm" else 9 + 6 + 9)
+    assert float(loss.detach()) == pytest.approx(kl / count, rel=1e-6)
+    np.testing.assert_allclose(logits.grad.numpy(), gradient / count, atol=1e-7)

@@ -99,6 +99,63 @@ def test_a_forward_reads_only_the_rows_of_the_table_it_uses(tmp_path):
     assert factored <= dense + 2, (factored, dense)  # no more than transformers' own loader, like for like
 
 
+HEAL_CHILD = """
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {root!r})
+import torch
+from safetensors import safe_open
+from transformers import LlamaForCausalLM
+from lowrank_cli.model.heal import HealOptions, train, trainable
+from lowrank_cli.nn import load_pretrained
+from lowrank_cli.ops.samples import Split, TextSamples
+torch.set_num_threads(1)
+
+def kib(field):
+    return int(open("/proc/self/status").read().split(field + ":")[1].split()[0])
+
+reference = LlamaForCausalLM.from_pretrained(sys.argv[1]).eval()
+model = load_pretrained(sys.argv[2], LlamaForCausalLM, dtype=torch.float32)
+names = set()
+for path in Path(sys.argv[2]).glob("*.safetensors"):
+    with safe_open(str(path), framework="pt") as handle:
+        names |= set(handle.keys())
+layers = trainable(model, names)
+def run(batch, seq):
+    ids = torch.randint(3, reference.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    samples = TextSamples(ids.tolist(), Split.windows, "")
+    train(reference, model, layers, samples, HealOptions(steps=1, batch_size=batch), pad=0, device="cpu")
+run(1, 8)  # kernels and the optimizer's code paged in before the measure
+with open("/proc/self/clear_refs", "w") as reset:
+    reset.write("5")  # VmHWM := VmRSS
+before = kib("VmRSS")
+run({batch}, {seq})
+print(json.dumps(kib("VmHWM") - before))
+"""
+
+
+def test_a_heal_step_keeps_few_vocabulary_wide_tensors(tmp_path):
+    # A causal LM whose logits dominate a training step: batch × seq × vocab floats, beside a model of
+    # a few MiB. KL written as P·(log P − log Q) kept the logits, log Q, P and their temporaries at once.
+    batch, seq, vocab = 8, 128, 32_000
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=seq,
+    )  # fmt: skip
+    source = tmp_path / "dense"
+    transformers.LlamaForCausalLM(config).eval().save_pretrained(source)
+    out = tmp_path / "small"
+    cli_json("compress", source, "--rank", "4", "--include", "model.layers.*", "-o", out)
+    code = HEAL_CHILD.format(root=str(ROOT), batch=batch, seq=seq)
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(source), str(out)], capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr
+    copies = json.loads(run.stdout.splitlines()[-1]) * 1024 / (batch * seq * vocab * 4)
+    assert copies < 5, copies  # measured: 4.0 (P, log Q and backward's temporaries); 8.0 as P·(log P − log Q)
+
+
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 

@@ -138,17 +138,18 @@ def train(
                 order = torch.randperm(len(runs), generator=generator).tolist()
             index = order[step % len(runs)]
             ids, mask = runs[index]
+            optimizer.zero_grad(set_to_none=True)  # the last step's gradients go before this step's activations come
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
             target = targets(index)
             output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
             loss = _loss(kind, target, output, mask)
+            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 raise TensorError(
                     f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
                     f" (now {options.lr:g})"
                 )
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -157,7 +158,27 @@ def train(
                 progress(step + 1, steps, average)
     for parameter in parameters:
         parameter.requires_grad_(False)
+        parameter.grad = None
     return steps, loss_value
+
+
+def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq) bools: where the LMs' distributions are compared (causal: position t, predicting t + 1)."""
+    if kind != CAUSAL_LM:
+        return mask.bool()
+    where = torch.zeros_like(mask, dtype=torch.bool)
+    where[:, :-1] = (mask[:, :-1] * mask[:, 1:]).bool()
+    return where
+
+
+def _lm_target(kind: str, reference_output, mask: torch.Tensor):
+    """What an LM's loss needs of the reference's output, taken before the candidate runs (under no_grad):
+    (P, Σ P·log P), the next-token probabilities (positions, V) at the compared positions and their
+    part of the KL, so that no vocabulary-wide tensor but P is kept."""
+    logits = reference_output[0] if isinstance(reference_output, tuple) else reference_output.logits
+    log_p = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
+    p = log_p.exp()
+    return p, (p * log_p).sum(dim=-1).sum(dtype=torch.float64)  # float64 over positions, not over (positions, V)
 
 
 class _Targets:
@@ -166,8 +187,8 @@ class _Targets:
     An encoder's are kept after the first pass, in bfloat16, when every batch's fit in
     TARGET_CACHE_BYTES: later passes then skip the reference's forward, a third of a step's work. The
     rounding (relative 2⁻⁸ per element) is far below the distance healing closes; every pass uses the
-    rounded values, the first too, so that all see the same targets. An LM's logits (tokens × vocabulary)
-    are too large to keep, so its reference runs every step.
+    rounded values, the first too, so that all see the same targets. An LM's distributions (tokens ×
+    vocabulary) are too large to keep, so its reference runs every step (_lm_target).
     """
 
     def __init__(self, reference: torch.nn.Module, runs: list[tuple[torch.Tensor, torch.Tensor]], kind: str) -> None:
@@ -185,7 +206,7 @@ class _Targets:
         ids, mask = self.runs[index]
         output = self.reference(input_ids=ids, attention_mask=mask, output_hidden_states=self.kind == ENCODER)
         if self.kind != ENCODER:
-            return output
+            return _lm_target(self.kind, output, mask)
         real = mask.bool()
         hidden = [h[real] for h in output.hidden_states]  # (real tokens, d) per layer
         if not self.keep:
@@ -202,13 +223,12 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
             for h, h2 in zip(target, output.hidden_states, strict=True)
         ]
         return torch.stack(terms).mean()
-    p = torch.log_softmax((target[0] if isinstance(target, tuple) else target.logits).float(), dim=-1)
-    q = torch.log_softmax((output[0] if isinstance(output, tuple) else output.logits).float(), dim=-1)
-    where = (mask[:, :-1] * mask[:, 1:]).bool() if kind == CAUSAL_LM else mask.bool()
-    if kind == CAUSAL_LM:
-        p, q = p[:, :-1], q[:, :-1]
-    p, q = p[where], q[where]  # (positions, V)
-    return (p.exp() * (p - q)).sum(dim=-1).mean()
+    # the mean over positions of KL(P ‖ Q) = Σ P·log P − Σ P·log Q, the first sum taken with P: backward
+    # keeps P and log Q (positions × V each), not the logits and P·(log P − log Q)'s temporaries too
+    p, p_log_p = target
+    logits = output[0] if isinstance(output, tuple) else output.logits
+    log_q = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
+    return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
 
 def write_healed(
@@ -322,8 +342,7 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = load_reference(folder, device, "heal")
-    reference = reference.float()
+    reference, tokenizer = load_reference(folder, device, "heal")  # in its own dtype, as evaluate runs it
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
     )
@@ -355,6 +374,7 @@ def heal(
             checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
             force=force, record=record,
         )  # fmt: skip
+        del model, layers  # the healed model is loaded from what was written, not beside the trained one
     notes = list(found.notes)
     if evaluator is not None:
         healed = load_candidate(folder, Path(report.output), type(reference), device, torch.float32)
