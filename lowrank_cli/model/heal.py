@@ -185,7 +185,7 @@ class _Targets:
     """The reference's outputs for each batch: an encoder's hidden states on the real tokens, or an LM's output.
 
     An encoder's are kept after the first pass, in bfloat16, when every batch's fit in
-    TARGET_CACHE_BYTES: later passes then skip the reference's forward, a third of a step's work. The
+    TARGET_CACHE_BYTES: later passes then skip the reference's forward pass. The
     rounding (relative 2⁻⁸ per element) is far below the distance healing closes; every pass uses the
     rounded values, the first too, so that all see the same targets. An LM's distributions (tokens ×
     vocabulary) are too large to keep, so its reference runs every step (_lm_target).
