@@ -309,8 +309,9 @@ def compress(
 def _compress_to_fidelity(
     path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
 ) -> Report:
-    from lowrank_cli.model.evaluate import load_reference, make_evaluator, model_samples
+    from lowrank_cli.model.evaluate import make_evaluator, model_samples
     from lowrank_cli.model.fidelity import compress_to_fidelity
+    from lowrank_cli.ops.hfmodel import load_model
     from lowrank_cli.ops.samples import require_text
 
     if fidelity is None or eval_text is None:
@@ -327,7 +328,7 @@ def _compress_to_fidelity(
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = load_reference(folder, settings.device, arg("fidelity"))
+        reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
         found = model_samples(reference, tokenizer, folder, eval_text)
         evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
         report = compress_to_fidelity(

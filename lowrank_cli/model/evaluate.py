@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
+from lowrank_cli.ops.hfmodel import check_samples, load_model
 from lowrank_cli.ops.samples import TextSamples, batches, read_samples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE, EVALUATE_TOKENS, SEQ_LEN, Split
 
@@ -267,7 +268,7 @@ def evaluate(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
-    reference, tokenizer = load_reference(folder, device)
+    reference, tokenizer = load_model(folder, device, "evaluate")
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
     )
@@ -291,13 +292,6 @@ def evaluate(
     )
 
 
-def load_reference(folder: Path, device: str, feature: str = "evaluate"):
-    """The reference model and its tokenizer, loaded as calibrate loads them (offline, its own class)."""
-    from lowrank_cli.ops.hfmodel import load_model
-
-    return load_model(folder, device, feature)
-
-
 def model_samples(
     reference: torch.nn.Module,
     tokenizer,
@@ -310,8 +304,6 @@ def model_samples(
     split: Split | None = None,
 ) -> TextSamples:
     """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks)."""
-    from lowrank_cli.ops.hfmodel import check_samples
-
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
     check_samples(reference, tokenizer, found.ids, folder)
     return found

@@ -35,6 +35,7 @@ from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.linalg.factorize import relative_error
 from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+from lowrank_cli.ops.hfmodel import load_model
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.samples import TextSamples, batches
 from lowrank_cli.ops.settings import HEAL_BATCH_SIZE, HEAL_EPOCHS, HEAL_LR, HEAL_TOKENS, SEQ_LEN
@@ -325,7 +326,6 @@ def heal(
     from lowrank_cli.model.evaluate import (
         is_lowrank,
         load_candidate,
-        load_reference,
         make_evaluator,
         metric,
         model_samples,
@@ -342,7 +342,7 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = load_reference(folder, device, "heal")  # in its own dtype, as evaluate runs it
+    reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
     )
