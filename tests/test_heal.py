@@ -163,6 +163,24 @@ def test_targets_over_the_memory_cap_are_recomputed(tmp_path, monkeypatch):
             torch.testing.assert_close(x, y, rtol=0, atol=0)  # the same float32 values, not rounded
 
 
+def test_targets_are_kept_batch_by_batch_until_the_cap_is_full(tmp_path, monkeypatch):
+    from lowrank_cli.model import heal
+    from lowrank_cli.model.heal import _Targets
+
+    reference, runs, calls = _reference_and_runs(tmp_path)
+    width = reference.config.hidden_size * (reference.config.num_hidden_layers + 1)
+    sizes = [2 * width * int(mask.sum()) for _, mask in runs]  # each batch's targets in bfloat16
+    monkeypatch.setattr(heal, "TARGET_CACHE_BYTES", sizes[0] + sizes[1])  # room for the first two only
+    targets = _Targets(reference, runs, "encoder")
+    passes = [[targets(index) for index in range(len(runs))] for _ in range(3)]
+    assert sorted(targets.kept) == [0, 1]
+    assert len(calls) == len(runs) + 2 * (len(runs) - 2)  # the rest rerun on every later pass
+    for later in passes[1:]:  # every pass sees the same targets: rounded where kept, exact elsewhere
+        for a, b in zip(passes[0], later, strict=True):
+            for x, y in zip(a, b, strict=True):
+                torch.testing.assert_close(x, y, rtol=0, atol=0)
+
+
 def test_the_reference_keeps_its_dtype_and_no_gradient_outlives_its_step(tmp_path, monkeypatch):
     # Memory (docs/heal.md): a bfloat16 reference upcast to float32 would take twice its size, and a
     # step's gradients kept until after the next forward would sit beside that step's activations.

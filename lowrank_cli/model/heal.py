@@ -185,20 +185,19 @@ def _lm_target(kind: str, reference_output, mask: torch.Tensor):
 class _Targets:
     """The reference's outputs for each batch: an encoder's hidden states on the real tokens, or an LM's output.
 
-    An encoder's are kept after the first pass, in bfloat16, when every batch's fit in
-    TARGET_CACHE_BYTES: later passes then skip the reference's forward pass. The
-    rounding (relative 2⁻⁸ per element) is far below the distance healing closes; every pass uses the
-    rounded values, the first too, so that all see the same targets. An LM's distributions (tokens ×
-    vocabulary) are too large to keep, so its reference runs every step (_lm_target).
+    An encoder's are kept after the first pass, in bfloat16, batch by batch until they fill
+    TARGET_CACHE_BYTES: later passes then skip the reference's forward pass for the kept batches and
+    rerun it for the rest. The rounding (relative 2⁻⁸ per element) is far below the distance healing
+    closes; a kept batch's rounded values serve every pass, the first too, so that all passes see the
+    same targets. An LM's distributions (tokens × vocabulary) are too large to keep, so its reference
+    runs every step (_lm_target).
     """
 
     def __init__(self, reference: torch.nn.Module, runs: list[tuple[torch.Tensor, torch.Tensor]], kind: str) -> None:
         self.reference, self.runs, self.kind = reference, runs, kind
-        config = getattr(reference, "config", None)
-        width = getattr(config, "hidden_size", 0) * (getattr(config, "num_hidden_layers", 0) + 1)
-        tokens = sum(int(mask.sum()) for _, mask in runs)
-        self.keep = kind == ENCODER and 0 < width * tokens * 2 <= TARGET_CACHE_BYTES
+        self.room = TARGET_CACHE_BYTES if kind == ENCODER else 0  # bytes left for kept targets
         self.kept: dict[int, list[torch.Tensor]] = {}
+        self.seen: set[int] = set()  # batches whose targets were computed once: kept, or rerun each pass
 
     @torch.no_grad()
     def __call__(self, index: int):
@@ -210,8 +209,12 @@ class _Targets:
             return _lm_target(self.kind, output, mask)
         real = mask.bool()
         hidden = [h[real] for h in output.hidden_states]  # (real tokens, d) per layer
-        if not self.keep:
+        size = 2 * sum(h.numel() for h in hidden)  # in bfloat16
+        first = index not in self.seen
+        self.seen.add(index)
+        if not first or size > self.room:  # a batch not kept on its first pass is never kept: same targets
             return [h.float() for h in hidden]
+        self.room -= size
         self.kept[index] = [h.to(torch.bfloat16) for h in hidden]
         return [h.float() for h in self.kept[index]]
 
