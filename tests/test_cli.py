@@ -125,6 +125,21 @@ def test_a_command_added_later_ends_through_the_same_handler(capsys):
     assert capsys.readouterr().err == "error: out.safetensors: exists; pass --force\n"
 
 
+def test_ctrl_c_while_the_command_line_is_parsed_is_one_line(monkeypatch, capsys):
+    """Before any command runs (the group's own options), typer turns Ctrl-C into a bare exit 130;
+    the handler words it as it does a command's."""
+    group = typer.main.get_command(app)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(type(group), "parse_args", interrupted)
+    with pytest.raises(SystemExit) as ended:
+        group.main(["analyze", "m.safetensors"], prog_name="lowrank")
+    assert ended.value.code == 130
+    assert capsys.readouterr().err == "error: interrupted; no output was written\n"
+
+
 WITH_DEVICE = [name for name in COMMANDS if any("--device" in p.opts for p in GROUP.commands[name].params)]
 
 

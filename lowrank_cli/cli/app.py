@@ -117,6 +117,16 @@ class _App(TyperGroup):
                 raise
         sys.exit(code if isinstance(code, int) else 0)
 
+    def make_context(self, *args, **kwargs):
+        # Ctrl-C while the group's own options are parsed, before any command: typer would exit 130 bare
+        try:
+            return super().make_context(*args, **kwargs)
+        except KeyboardInterrupt as exc:
+            code = _exit_code(exc)
+            if code is None:
+                raise
+            raise typer.Exit(code) from None
+
     def invoke(self, ctx):
         # Here as well as in main(): typer turns Ctrl-C into a bare exit 130 on its way up, which
         # would lose SIGTERM's 143 and the line that says no output was written.
