@@ -1,12 +1,16 @@
 """The benchmark scripts still run against the current code: a smoke run on their smallest input,
 whose figures are not checked here (benchmarks/README.md holds them, each with its machine)."""
 
+import ast
 import importlib
 import os
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,3 +88,82 @@ def test_spectra_benchmark_smoke_run(tmp_path):
     assert run.stdout.startswith("CPU: ")
     rows = [line for line in run.stdout.splitlines() if line.startswith("| encoder.layer.")]
     assert len(rows) == 36  # six layers' six matrices, each with an alpha
+
+
+def _resolve(dotted: str):
+    """The object `lowrank_cli.a.b.c` names: the longest module prefix imported, then attributes."""
+    parts = dotted.split(".")
+    for end in range(len(parts), 0, -1):
+        try:
+            found = importlib.import_module(".".join(parts[:end]))
+        except ModuleNotFoundError:
+            continue
+        for part in parts[end:]:
+            assert hasattr(found, part), f"{dotted}: {'.'.join(parts[:end])} has no {part}"
+            found = getattr(found, part)
+        return found
+    raise AssertionError(f"{dotted}: no such module")
+
+
+def _dotted(node) -> str | None:
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    return ".".join([node.id, *reversed(names)]) if isinstance(node, ast.Name) else None
+
+
+BENCHMARKS = sorted((ROOT / "benchmarks").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", BENCHMARKS, ids=lambda path: path.name)
+def test_every_benchmark_refers_to_what_exists(script):
+    """Without running a script (most take minutes on a real model): every name it takes from
+    lowrank_cli exists, every keyword it passes to a lowrank_cli function is one of that function's
+    parameters, and every `lowrank("CMD", ..., "--flag")` it runs names a command and its options.
+    bench_spectra.py once stopped running on an import of a function spectrum.py no longer had."""
+    import inspect
+
+    from lowrank_cli.cli.app import app
+
+    commands = typer.main.get_command(app).commands
+    tree = ast.parse(script.read_text(), filename=str(script))
+    imported: dict[str, str] = {}  # a local name -> the lowrank_cli object it is bound to
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowrank_cli"):
+            for alias in node.names:
+                _resolve(f"{node.module}.{alias.name}")
+                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name.startswith("lowrank_cli"):
+                    importlib.import_module(alias.name)
+                    imported[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "lowrank_cli"
+    for node in ast.walk(tree):
+        dotted = _dotted(node) if isinstance(node, ast.Attribute) else None
+        if dotted and dotted.split(".")[0] in imported:
+            head, _, rest = dotted.partition(".")
+            _resolve(f"{imported[head]}.{rest}")
+        if not isinstance(node, ast.Call):
+            continue
+        name = _dotted(node.func)
+        if name == "lowrank" and node.args and isinstance(node.args[0], ast.Constant):
+            command = node.args[0].value
+            assert command in commands, f"{script.name}:{node.lineno}: lowrank {command}: no such command"
+            options = {opt for param in commands[command].params for opt in param.opts}
+            for arg in node.args[1:]:
+                if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-"):
+                    assert arg.value in options, f"{script.name}:{node.lineno}: lowrank {command} has no {arg.value}"
+        elif name and name.split(".")[0] in imported and node.keywords:
+            head, _, rest = name.partition(".")
+            target = _resolve(f"{imported[head]}.{rest}" if rest else imported[head])
+            try:
+                parameters = inspect.signature(target).parameters
+            except (TypeError, ValueError):  # a builtin or C function: nothing to check
+                continue
+            if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+                continue
+            for keyword in node.keywords:
+                assert keyword.arg is None or keyword.arg in parameters, (
+                    f"{script.name}:{node.lineno}: {name}() takes no {keyword.arg}="
+                )
