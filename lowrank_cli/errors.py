@@ -59,6 +59,27 @@ class LowrankError(Exception):
         return _ARGUMENT.sub(lambda match: spell(match.group(1)), self.template)
 
 
+class Note(str):
+    """A line of a result's notes that may name arguments with `arg(name)`: as a str it spells them
+    as Python keywords, as LowrankError does, and `worded(spell)` lets a front end spell them."""
+
+    template: str
+
+    def __new__(cls, template: str) -> Note:
+        note = super().__new__(cls, _ARGUMENT.sub(lambda match: match.group(1), template))
+        note.template = template
+        return note
+
+    def worded(self, spell: Callable[[str], str]) -> str:
+        """The note with every `arg(argument)` mark replaced by spell(argument)."""
+        return _ARGUMENT.sub(lambda match: spell(match.group(1)), self.template)
+
+
+def worded(note: str, spell: Callable[[str], str]) -> str:
+    """Any note as a front end shows it: a Note spelled its way, a plain str as it is."""
+    return note.worded(spell) if isinstance(note, Note) else note
+
+
 class UsageError(LowrankError, ValueError):
     """Arguments that do not fit together or are out of range."""
 

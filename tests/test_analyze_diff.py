@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 
 import numpy as np
 import pytest
@@ -126,6 +127,20 @@ def test_tensors_in_one_checkpoint_only_are_notes(fine_tune):
     for note in notes:
         assert f"note: {note}" in " ".join(result.stderr.split())  # on stderr, folded at any width
     assert "model.new_head.weight" not in by_name(lowrank_cli.analyze([base, tuned], diff=True).to_dict())
+
+
+def test_the_note_on_opt_in_matrices_names_the_argument_as_its_caller_spells_it(fine_tune):
+    """The embedding is in the totals only with --embeddings: the library's note says `embeddings`,
+    the CLI's `--embeddings`."""
+    base, tuned = fine_tune
+    notes = lowrank_cli.analyze([base, tuned], diff=True, energy=0.9).options["notes"]
+    words = "the totals count 1 matrix that extract adapts only with %s or %s, as extract with them would"
+    words += f" (first: '{EMBED}')"
+    assert notes[-1] == words % ("embeddings", "conv")
+    result = cli("analyze", base, tuned, "--diff", "--energy", "0.9", "--json")
+    assert result.exit_code == 0, result.stderr
+    assert words % ("--embeddings", "--conv") in " ".join(result.stderr.split())
+    assert json.loads(result.stdout)["options"]["notes"][-1] == words % ("--embeddings", "--conv")
 
 
 def test_a_shape_that_differs_is_one_line_naming_the_tensor(tmp_path):

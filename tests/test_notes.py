@@ -142,3 +142,5 @@ def test_json_stdout_parses_while_notes_go_to_stderr(tmp_path, command):
     assert notes and said == notes
     for text in expected:
         assert any(note.startswith(text) for note in notes), (text, notes)
+    if command in ("calibrate", "evaluate", "heal"):  # the library's argument, spelled as the CLI's flag
+        assert any(note.endswith("; --split windows|lines to choose") for note in notes), notes

@@ -77,6 +77,7 @@ def test_split_auto_tells_sentences_from_wrapped_prose(tmp_path):
     sentences = line_text(tmp_path / "sentences.txt", lines=40)
     found = read_samples(tok, sentences, seq_len=32, split=Split.auto)
     assert found.split == Split.lines and "split lines" in found.notes[0]
+    assert found.notes[0].endswith("; split windows|lines to choose")  # a Python caller's keyword, not --split
     prose = tmp_path / "prose.txt"
     words = (tmp_path / "sentences.txt").read_text().split()
     wrapped, line = [], ""

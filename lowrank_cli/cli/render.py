@@ -27,6 +27,8 @@ from rich.table import Table
 from rich.text import Text
 
 from lowrank_cli import Report, Status, TensorReport, Totals
+from lowrank_cli.cli.options import flag
+from lowrank_cli.errors import worded
 
 
 def _stdout() -> Console:
@@ -48,7 +50,7 @@ def show(result, *, as_json: bool = False, as_csv: bool = False) -> None:
     """A command's result (a Report, an Evaluation, a CalibrationReport): its notes on stderr, then on
     stdout its JSON document, its rows as CSV, or its table."""
     for note in result.notes:
-        notice(f"note: {note}")
+        notice(f"note: {worded(note, flag)}")  # the library's arguments, spelled as flags
     if as_json:
         print_json(result)
     elif as_csv:
@@ -63,7 +65,11 @@ def show(result, *, as_json: bool = False, as_csv: bool = False) -> None:
 
 def print_json(report) -> None:
     """Any result with to_dict() (a Report, an Evaluation, a CalibrationReport) as one JSON document."""
-    sys.stdout.write(json.dumps(report.to_dict(), indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    document = report.to_dict()
+    for holder in (document, document.get("options") or {}):  # notes: an Evaluation's own, a Report's in options
+        if isinstance(holder.get("notes"), list):
+            holder["notes"] = [worded(note, flag) for note in holder["notes"]]
+    sys.stdout.write(json.dumps(document, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
 
 
 # every row field but the two that are no single value: the σ list (in --json) and the sparkline

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lowrank_cli.errors import CheckpointError, arg
+from lowrank_cli.errors import CheckpointError, Note, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.fileformat import METADATA_KEY
@@ -165,8 +165,10 @@ def analyze_change(
     notes = _only_in(base, "BASE", names, tuned) + _only_in(tuned, "TUNED", names, base)
     if policy is not None and opt_in:
         notes.append(
-            f"the totals count {len(opt_in)} matri{'ces' if len(opt_in) != 1 else 'x'} that extract adapts only with"
-            f" --embeddings or --conv, as extract with them would (first: '{opt_in[0]}')"
+            Note(
+                f"the totals count {len(opt_in)} matri{'ces' if len(opt_in) != 1 else 'x'} that extract adapts only"
+                f" with {arg('embeddings')} or {arg('conv')}, as extract with them would (first: '{opt_in[0]}')"
+            )
         )
     if notes:
         options["notes"] = notes

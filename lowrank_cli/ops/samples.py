@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import UsageError, arg
+from lowrank_cli.errors import Note, UsageError, arg
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.ops.settings import CALIBRATE_TOKENS, Split
 
@@ -78,7 +78,8 @@ def read_samples(
         notes = []
         if split == Split.auto:
             split = Split.lines if line_shaped(tokenizer, first, content) else Split.windows
-            notes.append(f"{path.name}: split {split.value} ({_why(split)}); --split windows|lines to choose")
+            why = f"{path.name}: split {split.value} ({_why(split)})"
+            notes.append(Note(f"{why}; {arg('split')} windows|lines to choose"))
         probe_ids = len(tokenizer(first, add_special_tokens=False)["input_ids"]) if first.strip() else 0
         bytes_per_token = len(first.encode()) / probe_ids if probe_ids else 4.0
         wanted = tokens if samples is None else min(tokens, samples * seq_len)
