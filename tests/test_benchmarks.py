@@ -1,5 +1,6 @@
 """The benchmark scripts still run against the current code: a smoke run on their smallest input,
-whose figures are not checked here (benchmarks/README.md holds them, each with its machine)."""
+whose figures are not checked here (benchmarks/README.md holds them, each with its machine), and for
+every script a check, without running it, of what it takes from lowrank_cli."""
 
 import ast
 import importlib
@@ -10,7 +11,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import typer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,39 +124,41 @@ def test_every_benchmark_refers_to_what_exists(script):
     bench_spectra.py once stopped running on an import of a function spectrum.py no longer had."""
     import inspect
 
-    from lowrank_cli.cli.app import app
+    from test_docs import OPTIONS  # each command's options, as the docs are checked against
 
-    commands = typer.main.get_command(app).commands
     tree = ast.parse(script.read_text(), filename=str(script))
-    imported: dict[str, str] = {}  # a local name -> the lowrank_cli object it is bound to
+    bound: dict[str, str] = {}  # a local name -> the dotted lowrank_cli name it is bound to
     for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowrank_cli"):
             for alias in node.names:
-                _resolve(f"{node.module}.{alias.name}")
-                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+                bound[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("lowrank_cli"):
                     importlib.import_module(alias.name)
-                    imported[alias.asname or alias.name.split(".")[0]] = alias.asname and alias.name or "lowrank_cli"
+                    # `import lowrank_cli.x as y` binds y to lowrank_cli.x; `import lowrank_cli.x`, lowrank_cli
+                    bound[alias.asname or "lowrank_cli"] = alias.name if alias.asname else "lowrank_cli"
+
+    def lowrank_cli_object(dotted: str | None):
+        head, _, rest = (dotted or "").partition(".")
+        return _resolve(f"{bound[head]}.{rest}".rstrip(".")) if head in bound else None
+
+    for name in bound.values():
+        _resolve(name)
     for node in ast.walk(tree):
-        dotted = _dotted(node) if isinstance(node, ast.Attribute) else None
-        if dotted and dotted.split(".")[0] in imported:
-            head, _, rest = dotted.partition(".")
-            _resolve(f"{imported[head]}.{rest}")
+        if isinstance(node, ast.Attribute):
+            lowrank_cli_object(_dotted(node))  # fails on a name lowrank_cli no longer has
         if not isinstance(node, ast.Call):
             continue
         name = _dotted(node.func)
         if name == "lowrank" and node.args and isinstance(node.args[0], ast.Constant):
             command = node.args[0].value
-            assert command in commands, f"{script.name}:{node.lineno}: lowrank {command}: no such command"
-            options = {opt for param in commands[command].params for opt in param.opts}
+            assert command in OPTIONS, f"{script.name}:{node.lineno}: lowrank {command}: no such command"
             for arg in node.args[1:]:
                 if isinstance(arg, ast.Constant) and isinstance(arg.value, str) and arg.value.startswith("-"):
-                    assert arg.value in options, f"{script.name}:{node.lineno}: lowrank {command} has no {arg.value}"
-        elif name and name.split(".")[0] in imported and node.keywords:
-            head, _, rest = name.partition(".")
-            target = _resolve(f"{imported[head]}.{rest}" if rest else imported[head])
+                    where = f"{script.name}:{node.lineno}"
+                    assert arg.value in OPTIONS[command], f"{where}: lowrank {command} has no {arg.value}"
+        elif node.keywords and (target := lowrank_cli_object(name)) is not None:
             try:
                 parameters = inspect.signature(target).parameters
             except (TypeError, ValueError):  # a builtin or C function: nothing to check
