@@ -19,7 +19,6 @@ write the file back as a PEFT adapter without guessing.
 from __future__ import annotations
 
 import json
-from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -104,8 +103,8 @@ def kohya_metadata(written: dict[str, tuple[int, float]], modules: dict[str, str
 
 def network_fields(written: dict[str, tuple[int, float]]) -> dict[str, str]:
     """ss_network_dim and ss_network_alpha: the rank (alpha) if all modules share one, else "Dynamic"."""
-    ranks = Counter(rank for rank, _ in written.values())
-    alphas = Counter(alpha for _, alpha in written.values())
+    ranks = {rank for rank, _ in written.values()}
+    alphas = {alpha for _, alpha in written.values()}
     return {
         "ss_network_dim": str(next(iter(ranks))) if len(ranks) == 1 else "Dynamic",
         "ss_network_alpha": f"{next(iter(alphas)):g}" if len(alphas) == 1 else "Dynamic",
