@@ -13,7 +13,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from conftest import assert_clean_failure, by_name, cli, cli_json, file_metadata, load, save  # noqa: E402
+from conftest import (  # noqa: E402
+    assert_clean_failure,
+    by_name,
+    cli,
+    cli_json,
+    file_metadata,
+    listing,
+    load,
+    save,
+    sha256,
+)
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
@@ -23,16 +33,20 @@ PREFIX = "base_model.model."
 MODULES = {"layers.0.q": (24, 40), "layers.1.q": (32, 16), "layers.1.out": (20, 28)}  # module -> (out, in)
 
 
-def peft_adapter(folder: Path, rank: int = 8, alpha: float = 16.0, seed: int = 0, **config) -> dict:
-    """A PEFT adapter of random B·A; returns {module: ΔW = alpha/rank·B·A} in float64 numpy."""
+def peft_adapter(
+    folder: Path, rank: int = 8, alpha: float = 16.0, seed: int = 0, ranks: dict[str, int] | None = None, **config
+) -> dict:
+    """A PEFT adapter of random B·A, of rank `rank` or ranks[module]; returns {module: ΔW = alpha/rank·B·A} in
+    float64 numpy (alpha/rank: without rank_pattern, alpha_pattern or use_rslora)."""
     generator = torch.Generator().manual_seed(seed)
     tensors, deltas = {}, {}
     for index, (module, (m, n)) in enumerate(MODULES.items()):
+        r = (ranks or {}).get(module, rank)
         # σ falling by 1, 2, 3 decades: energy and error targets pick different ranks per module
-        b = torch.randn(m, rank, generator=generator) * torch.logspace(0, -1 - index, rank)
-        a = torch.randn(rank, n, generator=generator)
+        b = torch.randn(m, r, generator=generator) * torch.logspace(0, -1 - index, r)
+        a = torch.randn(r, n, generator=generator)
         tensors[f"{PREFIX}{module}.lora_B.weight"], tensors[f"{PREFIX}{module}.lora_A.weight"] = b, a
-        deltas[module] = alpha / rank * (b.double().numpy() @ a.double().numpy())
+        deltas[module] = alpha / r * (b.double().numpy() @ a.double().numpy())
     folder.mkdir()
     save(folder / "adapter_model.safetensors", tensors)
     fields = {"peft_type": "LORA", "r": rank, "lora_alpha": alpha, "target_modules": ["q", "out"], **config}
@@ -139,6 +153,96 @@ def test_full_rank_reproduces_the_product(m, n, rank, alpha, seed):
     assert np.abs(resized - delta).max() <= 1e-5 * max(1.0, np.abs(delta).max())
 
 
+# --- ΔW as PEFT reads a config: its ranks, its alphas, and configs PEFT cannot read ---------------
+
+
+class Layers(torch.nn.Module):
+    """The modules of MODULES as Linear layers under their names (layers.0.q, …), for PEFT to adapt."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.ModuleDict() for _ in range(2))
+        for module, (m, n) in MODULES.items():
+            _, index, name = module.split(".")
+            self.layers[int(index)][name] = torch.nn.Linear(n, m)
+
+
+def peft_computed_deltas(folder: Path) -> dict[str, np.ndarray]:
+    """{module: ΔW} as PEFT itself computes it for the adapter in `folder` (LoraLayer.get_delta_weight)."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(Layers(), str(folder))
+    layers = dict(model.base_model.model.named_modules())
+    with torch.no_grad():
+        return {module: layers[module].get_delta_weight("default").double().numpy() for module in MODULES}
+
+
+@pytest.mark.parametrize("rslora", [False, True])
+def test_patterns_and_rslora_scale_as_peft_scales(tmp_path, rslora):
+    pytest.importorskip("peft")
+    folder = tmp_path / "adapter"
+    # rank_pattern and alpha_pattern keys are regular expressions matched at the end of the name
+    peft_adapter(folder, ranks={"layers.1.out": 4}, rank_pattern={r"1\.out": 4},
+                 alpha_pattern={r"layers\.[01]\.q": 3.5}, use_rslora=rslora)  # fmt: skip
+    deltas = peft_computed_deltas(folder)
+    cli_json("resize", folder, "-o", tmp_path / "full", "--rank", 8, "--device", "cpu")
+    for module, delta in peft_computed_deltas(tmp_path / "full").items():
+        assert rel(delta, deltas[module]) < 1e-5, module
+    report = cli_json("resize", folder, "-o", tmp_path / "r2", "--rank", 2, "--device", "cpu")
+    for module, delta in peft_computed_deltas(tmp_path / "r2").items():
+        assert rel(delta, deltas[module]) == pytest.approx(tail(deltas[module], 2), rel=1e-4), module
+        assert by_name(report)[module]["rel_error"] == pytest.approx(tail(deltas[module], 2), rel=1e-4), module
+
+
+@pytest.mark.parametrize(
+    ("config", "field"),
+    [({"r": 16}, "r is 16"), ({"r": 0}, "r is 0"), ({"rank_pattern": {"q": 4}}, "rank_pattern 'q' is 4")],
+)
+def test_a_config_that_disagrees_with_its_tensors_is_refused_as_peft_refuses_it(tmp_path, config, field):
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    folder = tmp_path / "adapter"
+    peft_adapter(folder, **config)  # rank-8 tensors
+    with pytest.raises((RuntimeError, ValueError)):  # PEFT's own load: size mismatch, or r ≤ 0
+        PeftModel.from_pretrained(Layers(), str(folder))
+    before = {path.name: sha256(path) for path in folder.iterdir()}
+    result = cli("resize", folder, "-o", tmp_path / "out", "--rank", 3)
+    assert_clean_failure(result, 1, "adapter_config.json", field)
+    assert listing(tmp_path) == ["adapter"] and listing(folder) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert {path.name: sha256(path) for path in folder.iterdir()} == before
+
+
+BAD_CONFIGS = {  # adapter_config.json as text -> what the refusal names
+    "lora_alpha null": ('{"peft_type": "LORA", "r": 8, "lora_alpha": null}', "lora_alpha is None"),
+    "lora_alpha NaN": ('{"peft_type": "LORA", "r": 8, "lora_alpha": NaN}', "lora_alpha is nan"),
+    "lora_alpha Infinity": ('{"peft_type": "LORA", "r": 8, "lora_alpha": -Infinity}', "lora_alpha is -inf"),
+    "lora_alpha text": ('{"peft_type": "LORA", "r": 8, "lora_alpha": "16"}', "lora_alpha is '16'"),
+    "lora_alpha true": ('{"peft_type": "LORA", "r": 8, "lora_alpha": true}', "lora_alpha is True"),
+    "r text": ('{"peft_type": "LORA", "r": "8"}', "r is '8'"),
+    "r float": ('{"peft_type": "LORA", "r": 8.0}', "r is 8.0"),
+    "alpha_pattern value": ('{"peft_type": "LORA", "r": 8, "alpha_pattern": {"q": "x"}}', "alpha_pattern 'q' is 'x'"),
+    "alpha_pattern key": ('{"peft_type": "LORA", "r": 8, "alpha_pattern": {"query(": 4}}', "'query('"),
+    "rank_pattern key": ('{"peft_type": "LORA", "r": 8, "rank_pattern": {"[": 8}}', "rank_pattern key '['"),
+    "rank_pattern list": ('{"peft_type": "LORA", "r": 8, "rank_pattern": []}', "rank_pattern is []"),
+    "use_rslora text": ('{"peft_type": "LORA", "r": 8, "use_rslora": "yes"}', "use_rslora is 'yes'"),
+    "a list": ("[]", "a JSON list"),
+    "a number": ("8", "a JSON int"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_config_peft_cannot_read_is_refused_in_one_line(tmp_path, case):
+    text, named = BAD_CONFIGS[case]
+    folder = tmp_path / "adapter"
+    peft_adapter(folder)
+    (folder / "adapter_config.json").write_text(text, encoding="utf-8")
+    result = cli("resize", folder, "-o", tmp_path / "out", "--rank", 3)
+    assert_clean_failure(result, 1, "adapter_config.json", named)
+    assert not (tmp_path / "out").exists()
+
+
 # --- kohya ----------------------------------------------------------------------------------------
 
 
@@ -168,8 +272,11 @@ def test_kohya_round_trips_and_resizes(tmp_path):
     report = cli_json("resize", source, "-o", tmp_path / "r2.safetensors", "--rank", 2, "--device", "cpu")
     original, written = load(source), load(tmp_path / "r2.safetensors")
     assert sorted(written) == sorted({*original, "lora_te_text_model_encoder_layers_0_mlp_fc1.alpha"})
-    assert file_metadata(tmp_path / "r2.safetensors") == {"ss_network_dim": "2", "ss_network_alpha": "2",
-                                                          "ss_other": "kept"}  # fmt: skip
+    assert file_metadata(tmp_path / "r2.safetensors") == {
+        "ss_network_dim": "2",
+        "ss_network_alpha": "2",
+        "ss_other": "kept",
+    }  # fmt: skip  (the hashes dropped)
     for prefix, delta in deltas.items():
         up, down = written[f"{prefix}.lora_up.weight"], written[f"{prefix}.lora_down.weight"]
         before_up, before_down = original[f"{prefix}.lora_up.weight"], original[f"{prefix}.lora_down.weight"]

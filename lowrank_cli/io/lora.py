@@ -126,6 +126,11 @@ def _open_peft(folder: Path) -> LoraAdapter:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise CheckpointError(f"{config_path}: not readable JSON ({exc}); repair or re-save the adapter") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"{config_path}: holds a JSON {type(config).__name__}, not an object of LoraConfig's fields;"
+            " repair or re-save the adapter"
+        )
     if config.get("peft_type") != "LORA":
         raise CheckpointError(
             f"{config_path}: peft_type is {config.get('peft_type')!r}; only LoRA adapters (LORA) resize"
@@ -135,6 +140,7 @@ def _open_peft(folder: Path) -> LoraAdapter:
             f"{config_path}: a DoRA adapter (use_dora); its magnitudes depend on the base weights,"
             " so it does not resize as a LoRA"
         )
+    scaling = _Scaling.of(config, config_path)
     checkpoint = open_checkpoint(weights)
     try:
         _refuse_other_kinds(checkpoint, weights)
@@ -145,13 +151,105 @@ def _open_peft(folder: Path) -> LoraAdapter:
                     prefix = name.removesuffix(down_suffix)
                     module = prefix.removeprefix(PEFT_PREFIX)
                     rank = _rank(checkpoint, weights, prefix + up_suffix, name)
-                    alpha = _pattern_value(config.get("alpha_pattern") or {}, module, config.get("lora_alpha", 8))
-                    scale = alpha / math.sqrt(rank) if config.get("use_rslora") else alpha / rank
-                    pairs.append(LoraPair(module, prefix + up_suffix, name, rank, float(scale)))
+                    pairs.append(LoraPair(module, prefix + up_suffix, name, rank, scaling.scale(module, rank)))
     except BaseException:
         checkpoint.close()
         raise
     return LoraAdapter("peft", folder, checkpoint, _sorted(pairs, weights), config)
+
+
+@dataclass(frozen=True)
+class _Scaling:
+    """LoraConfig's fields that set each module's rank and scale, read as PEFT reads them.
+
+    PEFT (tuners/lora/model.py, _create_and_replace) takes a module's r and lora_alpha from the first
+    rank_pattern / alpha_pattern key matching the end of its name (peft.utils.other.get_pattern_key),
+    else from r and lora_alpha; it builds the layer at that r, whose tensors must have it, and scales
+    by lora_alpha / r, or lora_alpha / √r with use_rslora (tuners/lora/layer.py, update_layer).
+    LoraConfig's defaults: r = 8, lora_alpha = 8. Like PEFT, a value is checked where a module uses it.
+    """
+
+    path: Path
+    r: object
+    lora_alpha: object
+    rank_pattern: dict[str, object]
+    alpha_pattern: dict[str, object]
+    use_rslora: bool
+
+    @classmethod
+    def of(cls, config: dict, path: Path) -> _Scaling:
+        use_rslora = config.get("use_rslora") or False
+        if not isinstance(use_rslora, bool):
+            raise CheckpointError(f"{path}: use_rslora is {use_rslora!r}; PEFT reads true or false")
+        return cls(
+            path,
+            config.get("r", 8),
+            config.get("lora_alpha", 8),
+            _pattern(config, path, "rank_pattern"),
+            _pattern(config, path, "alpha_pattern"),
+            use_rslora,
+        )
+
+    def scale(self, module: str, rank: int) -> float:
+        """The module's scale as PEFT computes it; refused where the config's rank is not its tensors'."""
+        r_field, r = _pattern_value(self.rank_pattern, "rank_pattern", module, ("r", self.r))
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise CheckpointError(f"{self.path}: {r_field} is {r!r}; PEFT needs a rank, a whole number ≥ 1")
+        if r != rank:
+            raise CheckpointError(
+                f"{self.path}: {r_field} is {r} for '{module}', whose tensors have rank {rank}, so PEFT would not"
+                f" load the adapter; set it to {rank}"
+            )
+        alpha_field, given = _pattern_value(
+            self.alpha_pattern, "alpha_pattern", module, ("lora_alpha", self.lora_alpha)
+        )
+        alpha = _finite(given)
+        if alpha is None:
+            raise CheckpointError(
+                f"{self.path}: {alpha_field} is {given!r}; PEFT scales ΔW by it, so it must be a finite number"
+            )
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+
+def _finite(value: object) -> float | None:
+    """A JSON number as a finite float, or None (true/false, null, text, NaN, ±Infinity, an int past float)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _pattern(config: dict, path: Path, field: str) -> dict[str, object]:
+    """A rank_pattern or alpha_pattern's items, each key checked as the regular expression PEFT makes of it."""
+    pattern = config.get(field)
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise CheckpointError(f"{path}: {field} is {pattern!r}; PEFT reads an object of module name: value")
+    for key in pattern:
+        try:
+            re.compile(_key_regex(key))
+        except re.error as exc:
+            raise CheckpointError(
+                f"{path}: {field} key {key!r} is no regular expression ({exc}); PEFT matches its keys as such"
+            ) from None
+    return pattern
+
+
+def _key_regex(key: str) -> str:
+    return rf"(.*\.)?({key})$"
+
+
+def _pattern_value(
+    pattern: dict[str, object], name: str, module: str, default: tuple[str, object]
+) -> tuple[str, object]:
+    """(where it comes from, the value) by PEFT's rule (peft.utils.other.get_pattern_key): the first key
+    matching the end of the module's name, else the default."""
+    key = next((key for key in pattern if re.match(_key_regex(key), module)), None)
+    return default if key is None else (f"{name} {key!r}", pattern[key])
 
 
 def _kohya(path: Path, checkpoint: Checkpoint) -> LoraAdapter:
@@ -200,14 +298,6 @@ def _refuse_other_kinds(checkpoint: Checkpoint, path: Path) -> None:
         for mark, kind in _NOT_LORA.items():
             if mark in name:
                 raise CheckpointError(f"{path}: '{name}' belongs to {kind}, not a LoRA pair; lowrank resizes LoRA only")
-
-
-def _pattern_value(pattern: dict, module: str, default: float) -> float:
-    """PEFT's rule (peft.utils.other.get_pattern_key): the first key that matches the end of the module's name."""
-    for key, value in pattern.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return float(value)
-    return float(default)
 
 
 def _sorted(pairs: list[LoraPair], path: Path) -> list[LoraPair]:
