@@ -243,6 +243,20 @@ def test_a_config_peft_cannot_read_is_refused_in_one_line(tmp_path, case):
     assert not (tmp_path / "out").exists()
 
 
+def kohya_deltas(path: Path) -> dict[str, np.ndarray]:
+    """{prefix: ΔW} as kohya reads the file: .alpha / r · up·down (no .alpha: alpha = r)."""
+    tensors = load(path)
+    deltas = {}
+    for key, down in tensors.items():
+        if key.endswith(".lora_down.weight"):
+            prefix = key.removesuffix(".lora_down.weight")
+            up = tensors[f"{prefix}.lora_up.weight"].double()
+            rank = down.shape[0]
+            alpha = float(tensors[f"{prefix}.alpha"]) if f"{prefix}.alpha" in tensors else rank
+            deltas[prefix] = alpha / rank * (up.reshape(up.shape[0], rank) @ down.double().reshape(rank, -1)).numpy()
+    return deltas
+
+
 # --- kohya ----------------------------------------------------------------------------------------
 
 
@@ -311,6 +325,45 @@ def test_max_error_holds_on_a_kohya_file_written_in_float16(tmp_path):
                                                               down.double().reshape(rank, -1)).numpy()  # fmt: skip
         assert rel(resized, delta) <= 0.3, prefix  # measured on the file: float16 rounding included
         assert by_name(report)[prefix]["rel_error"] == pytest.approx(rel(resized, delta), rel=1e-6), prefix
+
+
+BAD_KOHYA = {  # tensors as (dtype, shape or a scalar's value) over a float32 (24, 8) up, (8, 40) down -> the key named
+    "integer up": ({"lora_up.weight": (torch.int32, (24, 8)), "lora_down.weight": (torch.int32, (8, 40))}, "lora_up"),
+    "integer down": ({"lora_down.weight": (torch.int64, (8, 40))}, "lora_down"),
+    "rank 0": ({"lora_up.weight": (torch.float32, (24, 0)), "lora_down.weight": (torch.float32, (0, 40))}, "lora_up"),
+    "no columns": ({"lora_down.weight": (torch.float32, (8, 0))}, "lora_down"),
+    "alpha of shape (0,)": ({"alpha": (torch.float32, (0,))}, "alpha"),
+    "alpha of shape (2,)": ({"alpha": (torch.float32, (2,))}, "alpha"),
+    "alpha bool": ({"alpha": (torch.bool, ())}, "alpha"),
+    "alpha inf": ({"alpha": (torch.float32, float("inf"))}, "alpha"),
+    "alpha nan": ({"alpha": (torch.float16, float("nan"))}, "alpha"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_KOHYA))
+def test_a_kohya_pair_without_a_delta_is_refused_by_name(tmp_path, case):
+    changed, named = BAD_KOHYA[case]
+    tensors = {"lora_unet_x.lora_up.weight": torch.randn(24, 8), "lora_unet_x.lora_down.weight": torch.randn(8, 40),
+               "lora_unet_x.alpha": torch.tensor(4.0)}  # fmt: skip
+    for suffix, (dtype, shape) in changed.items():
+        value = torch.tensor(shape) if isinstance(shape, float) else torch.ones(shape)
+        tensors[f"lora_unet_x.{suffix}"] = value.to(dtype)
+    source = save(tmp_path / "lora.safetensors", tensors)
+    digest = sha256(source)
+    result = cli("resize", source, "-o", tmp_path / "out.safetensors", "--rank", 2)
+    assert_clean_failure(result, 1, "lora.safetensors", f"'lora_unet_x.{named}")
+    assert listing(tmp_path) == ["lora.safetensors"] and sha256(source) == digest
+
+
+def test_an_integer_alpha_is_a_number(tmp_path):
+    generator = torch.Generator().manual_seed(6)
+    up, down = torch.randn(24, 8, generator=generator), torch.randn(8, 40, generator=generator)
+    tensors = {"lora_unet_x.lora_up.weight": up, "lora_unet_x.lora_down.weight": down,
+               "lora_unet_x.alpha": torch.tensor(4, dtype=torch.int64)}  # fmt: skip
+    source = save(tmp_path / "lora.safetensors", tensors)
+    cli_json("resize", source, "-o", tmp_path / "full.safetensors", "--rank", 8, "--device", "cpu")
+    delta = 4 / 8 * (up.double() @ down.double()).numpy()
+    assert rel(kohya_deltas(tmp_path / "full.safetensors")["lora_unet_x"], delta) < 1e-6
 
 
 def test_other_adapter_kinds_are_refused_by_name(tmp_path):

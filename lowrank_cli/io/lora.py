@@ -260,11 +260,7 @@ def _kohya(path: Path, checkpoint: Checkpoint) -> LoraAdapter:
             prefix = name.removesuffix(KOHYA_DOWN)
             rank = _rank(checkpoint, path, prefix + KOHYA_UP, name)
             alpha_key = prefix + KOHYA_ALPHA
-            alpha = (
-                float(checkpoint.read(alpha_key).to(torch.float64).reshape(-1)[0])
-                if alpha_key in checkpoint.entries
-                else float(rank)
-            )
+            alpha = _kohya_alpha(checkpoint, path, alpha_key) if alpha_key in checkpoint.entries else float(rank)
             pairs.append(LoraPair(prefix, prefix + KOHYA_UP, name, rank, alpha / rank, alpha_key))
     if not pairs:
         hint = (
@@ -277,7 +273,7 @@ def _kohya(path: Path, checkpoint: Checkpoint) -> LoraAdapter:
 
 
 def _rank(checkpoint: Checkpoint, path: Path, up: str, down: str) -> int:
-    """The pair's rank, checked: up (out, r[, 1…]) and down (r, …) agree."""
+    """The pair's rank, checked: up (out, r[, 1…]) and down (r, …) agree, r ≥ 1, both floating point."""
     if up not in checkpoint.entries:
         raise CheckpointError(f"{path}: '{down}' has no partner '{up}'; the adapter is incomplete")
     up_shape, down_shape = checkpoint.entries[up].shape, checkpoint.entries[down].shape
@@ -290,7 +286,34 @@ def _rank(checkpoint: Checkpoint, path: Path, up: str, down: str) -> int:
             f"{path}: '{up}' is a {'×'.join(map(str, up_shape[2:]))} kernel;"
             " only 1×1 up-projections (a LoRA's B) resize"
         )
+    for key in (up, down):
+        entry = checkpoint.entries[key]
+        if not (entry.is_known and entry.is_float):
+            raise CheckpointError(
+                f"{path}: '{key}' is {entry.dtype}; a LoRA's factors are floating point, so it is no LoRA weight:"
+                " repair or re-save the adapter"
+            )
+        if entry.numel == 0:
+            raise CheckpointError(
+                f"{path}: '{key}' {tuple(entry.shape)} is empty (rank {down_shape[0]}); a LoRA pair has rank ≥ 1"
+                " and non-empty factors: remove the pair or re-save the adapter"
+            )
     return int(down_shape[0])
+
+
+def _kohya_alpha(checkpoint: Checkpoint, path: Path, key: str) -> float:
+    """A pair's .alpha: one finite number (sd-scripts writes a float32 scalar)."""
+    entry = checkpoint.entries[key]
+    numeric = entry.is_known and (entry.is_float or entry.dtype[0] in "IU")  # an integer alpha is a number too
+    if not numeric or entry.numel != 1:
+        raise CheckpointError(
+            f"{path}: '{key}' is {entry.dtype} {tuple(entry.shape)}; a kohya alpha is one number (a float32 scalar):"
+            " repair or re-save the adapter"
+        )
+    alpha = float(checkpoint.read(key).to(torch.float64).reshape(-1)[0])
+    if not math.isfinite(alpha):
+        raise CheckpointError(f"{path}: '{key}' is {alpha}; a kohya alpha scales ΔW, so it must be finite: repair it")
+    return alpha
 
 
 def _refuse_other_kinds(checkpoint: Checkpoint, path: Path) -> None:
