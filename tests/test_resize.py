@@ -257,6 +257,31 @@ def kohya_deltas(path: Path) -> dict[str, np.ndarray]:
     return deltas
 
 
+def test_a_zero_alpha_is_written_as_a_zero_delta(tmp_path):
+    peft_adapter(tmp_path / "adapter", alpha=0.0)  # B and A random, ΔW = 0/8·B·A = 0
+    report = cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "r3", "--rank", 3, "--device", "cpu")
+    assert {t["status"] for t in report["tensors"]} == {"copied"}
+    assert all(not delta.any() for delta in written_deltas(tmp_path / "r3").values())
+    cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "k.safetensors", "--format", "kohya", "--rank", 3)
+    assert all(not delta.any() for delta in kohya_deltas(tmp_path / "k.safetensors").values())
+    # a kohya file whose .alpha are all 0, resized as kohya and converted to PEFT
+    generator = torch.Generator().manual_seed(4)
+    tensors, modules = {}, {}
+    for module, (m, n) in MODULES.items():
+        prefix = "lora_unet_" + module.replace(".", "_")
+        modules[prefix] = module
+        tensors[f"{prefix}.lora_up.weight"] = torch.randn(m, 8, generator=generator)
+        tensors[f"{prefix}.lora_down.weight"] = torch.randn(8, n, generator=generator)
+        tensors[f"{prefix}.alpha"] = torch.tensor(0.0)
+    source = save(tmp_path / "zero.safetensors", tensors, metadata={"ss_network_dim": "8", "ss_network_alpha": "0",
+                                                                   "lowrank_modules": json.dumps(modules)})  # fmt: skip
+    cli_json("resize", source, "-o", tmp_path / "z3.safetensors", "--rank", 3, "--device", "cpu")
+    assert all(not delta.any() for delta in kohya_deltas(tmp_path / "z3.safetensors").values())
+    assert file_metadata(tmp_path / "z3.safetensors")["ss_network_alpha"] == "0"
+    cli_json("resize", source, "-o", tmp_path / "zp", "--format", "peft", "--rank", 3, "--device", "cpu")
+    assert all(not delta.any() for delta in written_deltas(tmp_path / "zp").values())
+
+
 # --- kohya ----------------------------------------------------------------------------------------
 
 

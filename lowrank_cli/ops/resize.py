@@ -83,10 +83,9 @@ def resize(
         with SafetensorsWriter(path, {"format": "pt"}, display=out, force=force and not peft) as writer:
             for pair in adapter.pairs:
                 if pair.module in cores:
-                    row, rank = _resize_one(
+                    row, written[keys[pair.module].name] = _resize_one(
                         adapter, pair, keys[pair.module], cores[pair.module], policy_for(pair.module), settings, writer
                     )
-                    written[keys[pair.module].name] = (rank, float(rank))
                 else:
                     why = "not selected (include/exclude)" if policy else f"converted to {target.value} as it is"
                     row = _copy_pair(adapter, pair, keys[pair.module], writer, why)
@@ -249,13 +248,13 @@ def _resize_one(
     policy: RankPolicy,
     settings: Settings,
     writer: SafetensorsWriter,
-) -> tuple[TensorReport, int]:
-    """Truncate one pair and write it; returns its row and the rank written."""
+) -> tuple[TensorReport, tuple[int, float]]:
+    """Truncate one pair and write it; returns its row and the (rank, alpha) written."""
     row = _row(adapter, pair)
     norm = float(torch.linalg.matrix_norm(core.core))
-    if norm == 0.0:  # B or A is zero (an untrained PEFT LoRA): nothing to truncate, written as it is
+    if norm == 0.0:  # B or A is zero (an untrained PEFT LoRA), or alpha is: nothing to truncate
         _copy_pair(adapter, pair, keys, writer, "ΔW = 0: written as it is", row)
-        return row, pair.rank
+        return row, (pair.rank, pair.scale * pair.rank)  # its own scale, 0 when alpha is
     stored = stored_dtype(settings, adapter.checkpoint.entries[pair.up].dtype)
     up, down = adapter.factors(pair, settings.device)
     full = min(core.core.shape)
@@ -282,7 +281,7 @@ def _resize_one(
     writer.add_tensor(keys.down, a.reshape(rank, *down_shape[1:]))  # (r′, in[, k…])
     if keys.alpha is not None:
         writer.add_tensor(keys.alpha, torch.tensor(float(rank), dtype=torch.float32))  # scale alpha/r′ = 1
-    return row, rank
+    return row, (rank, float(rank))
 
 
 def _truncate(core, policy, settings, pair, stored, up, down, norm):
