@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -389,6 +390,35 @@ def test_an_integer_alpha_is_a_number(tmp_path):
     cli_json("resize", source, "-o", tmp_path / "full.safetensors", "--rank", 8, "--device", "cpu")
     delta = 4 / 8 * (up.double() @ down.double()).numpy()
     assert rel(kohya_deltas(tmp_path / "full.safetensors")["lora_unet_x"], delta) < 1e-6
+
+
+def missed_bounds(result) -> tuple[float, float | None]:
+    """The bounds a --max-error refusal says the full rank meets: as stored, and with --dtype float64."""
+    found = re.search(r"needs --max-error (\S+) or more(?: \((\S+) with --dtype float64\))?", result.stderr)
+    assert found, result.stderr
+    return float(found[1]), None if found[2] is None else float(found[2])
+
+
+def test_a_max_error_no_rank_meets_is_refused_with_a_fix_that_holds(tmp_path):
+    deltas = peft_adapter(tmp_path / "adapter", seed=7)  # float32 factors
+    one = ("--include", "layers.0.q", "--device", "cpu")  # one module: the fix named is its own
+    # 1e-9: float32 factors cannot hold it, float64 ones can
+    result = cli(
+        "resize", tmp_path / "adapter", "-o", tmp_path / "out", "--max-error", 1e-9, "--dtype", "float32", *one
+    )
+    assert_clean_failure(result, 1, "layers.0.q")
+    assert result.stderr.rsplit(";", 1)[1].strip() == "use --dtype float64"  # not the float32 it was given
+    cli_json("resize", tmp_path / "adapter", "-o", tmp_path / "f64", "--max-error", 1e-9, "--dtype", "float64", *one)
+    assert rel(written_deltas(tmp_path / "f64")["layers.0.q"], deltas["layers.0.q"]) <= 1e-9
+    # 0: no rounded factors are exact; the bounds it names are met, as stored and in float64
+    result = cli("resize", tmp_path / "adapter", "-o", tmp_path / "out", "--max-error", 0, *one)
+    assert_clean_failure(result, 1, "layers.0.q", "--max-error 0 ")
+    stored, wide = missed_bounds(result)
+    assert wide is not None and 0 < wide < stored
+    for bound, dtype, out in ((stored, "keep", "b32"), (wide, "float64", "b64")):
+        cli_json("resize", tmp_path / "adapter", "-o", tmp_path / out, "--max-error", bound, "--dtype", dtype, *one)
+        assert rel(written_deltas(tmp_path / out)["layers.0.q"], deltas["layers.0.q"]) <= bound, dtype
+    assert listing(tmp_path) == ["adapter", "b32", "b64", "f64"]
 
 
 def test_other_adapter_kinds_are_refused_by_name(tmp_path):

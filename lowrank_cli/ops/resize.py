@@ -10,6 +10,7 @@ error ‖ΔW − ΔW′‖_F / ‖ΔW‖_F is measured on the factors as written
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -265,10 +266,7 @@ def _resize_one(
             core, RankPolicy(rank=outcome.decision.rank + 1), settings, pair, stored, up, down, norm
         )
     if target is not None and error > target:
-        raise TensorError(
-            f"{adapter.source}: '{pair.module}' stored in {str(stored).removeprefix('torch.')} misses"
-            f" {arg('max_error')} {target:g} even at its full rank {full} ({error:.3g}); use {arg('dtype')} float32"
-        )
+        raise TensorError(_missed(adapter, pair, core, settings, stored, up, down, norm, target, error))
     if outcome.spectrum is not None:
         outcome.spectrum = _spectrum(adapter, pair, core)
     record(row, outcome)
@@ -285,15 +283,49 @@ def _resize_one(
 
 
 def _truncate(core, policy, settings, pair, stored, up, down, norm):
-    """The core's factors by `policy` as factors of ΔW in the stored dtype, and their error measured on those."""
-    outcome = factor_matrix(
-        core.core, policy, settings, name=pair.module, stored=torch.float64, limit=min(core.core.shape)
-    )
+    """The core's factors by `policy` as factors of ΔW in the stored dtype, and their error measured on those.
+
+    Where no rank meets the policy's error target even in float64, the full rank's (the caller refuses it).
+    """
+    full = min(core.core.shape)
+    outcome = factor_matrix(core.core, policy, settings, name=pair.module, stored=torch.float64, limit=full)
+    if outcome.b is None:
+        outcome = factor_matrix(
+            core.core, RankPolicy(rank=full), settings, name=pair.module, stored=torch.float64, limit=full
+        )
     b, a = core.expand(outcome.b, outcome.a)  # (m, r′), (r′, n)
     b, a = b.to(stored), a.to(stored)
     if not (finite(b) and finite(a)):
-        raise TensorError(f"'{pair.module}': its resized factors overflow {stored}; use {arg('dtype')} float32")
+        wider = "float32" if stored.itemsize < 4 else "float64"
+        raise TensorError(f"'{pair.module}': its resized factors overflow {stored}; use {arg('dtype')} {wider}")
     return outcome, b, a, difference_norm(pair.scale * up, down, b, a) / norm
+
+
+def _missed(adapter, pair, core, settings, stored, up, down, norm, target, error) -> str:
+    """The refusal of a pair whose full rank misses max_error as stored, with a fix measured here: the
+    narrowest wider dtype whose factors meet it, else the bounds the full rank meets."""
+    full = min(core.core.shape)
+    missed = (
+        f"{adapter.source}: '{pair.module}' stored in {str(stored).removeprefix('torch.')} misses"
+        f" {arg('max_error')} {target:g} even at its full rank {full} ({error:.3g})"
+    )
+    wider = [dtype for dtype in (torch.float32, torch.float64) if dtype.itemsize > stored.itemsize]
+    for dtype in wider:
+        *_, met = _truncate(core, RankPolicy(rank=full), settings, pair, dtype, up, down, norm)
+        if met <= target:
+            return f"{missed}; use {arg('dtype')} {str(dtype).removeprefix('torch.')}"
+    if stored == torch.float64:
+        return f"{missed}; it needs {arg('max_error')} {_rounded_up(error)} or more"
+    return (
+        f"{missed}; it needs {arg('max_error')} {_rounded_up(error)} or more"
+        f" ({_rounded_up(met)} with {arg('dtype')} float64)"
+    )
+
+
+def _rounded_up(value: float) -> str:
+    """A positive `value` to two significant digits, rounded up: a bound that `value` meets."""
+    step = 10.0 ** (math.floor(math.log10(value)) - 1)
+    return f"{math.ceil(value / step) * step:.2g}"
 
 
 def _copy_pair(
