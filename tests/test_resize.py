@@ -302,7 +302,9 @@ def kohya_file(path: Path) -> dict[str, np.ndarray]:
             tensors[f"{prefix}.alpha"] = torch.tensor(alpha, dtype=torch.float16)
         scale = (alpha or 8) / 8
         deltas[prefix] = scale * (up.double().reshape(up_shape[0], 8).numpy() @ down.double().reshape(8, -1).numpy())
-    save(path, tensors, metadata={"ss_network_dim": "8", "ss_network_alpha": "4", "ss_other": "kept"})
+    # sd-scripts' hashes of these tensors (sshs_*, the model spec's), which no resized file has
+    hashes = {"sshs_model_hash": "0" * 64, "sshs_legacy_hash": "0" * 8, "modelspec.hash_sha256": "0x" + "0" * 64}
+    save(path, tensors, metadata={"ss_network_dim": "8", "ss_network_alpha": "4", "ss_other": "kept", **hashes})
     return deltas
 
 

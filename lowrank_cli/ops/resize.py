@@ -44,6 +44,10 @@ from lowrank_cli.ops.factoring import check_finite, factor_matrix, record, spect
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import AdapterFormat, Method, Settings, choice
 
+# Hashes of the file's tensors that sd-scripts records (train_util.precalculate_safetensors_hashes: sha256
+# of the data sd-webui-additional-networks reads; the SAI model spec's): the input's are false of the output.
+_CONTENT_HASHES = frozenset({"sshs_model_hash", "sshs_legacy_hash", "modelspec.hash_sha256"})
+
 
 def resize(
     adapter: LoraAdapter,
@@ -192,15 +196,16 @@ def _peft_config(adapter: LoraAdapter, written: dict[str, tuple[int, float]]) ->
 def _kohya_metadata(
     adapter: LoraAdapter, keys: dict[str, _Keys], written: dict[str, tuple[int, float]]
 ) -> dict[str, str] | None:
-    """kohya → kohya: the input's metadata, with sd-scripts' ss_network_dim/alpha updated where it had them.
-    PEFT → kohya: sd-scripts' fields and the module names (io.kohya)."""
+    """kohya → kohya: the input's metadata, with sd-scripts' ss_network_dim/alpha updated where it had them,
+    less the hashes of the input's tensors. PEFT → kohya: sd-scripts' fields and the module names (io.kohya)."""
     if adapter.format == AdapterFormat.peft:
         return kohya_metadata(written, {keys[p.module].name: p.module for p in adapter.pairs})
     metadata = adapter.checkpoint.metadata
     if metadata is None:
         return None
     fields = network_fields(written)
-    return {**metadata, **{key: value for key, value in fields.items() if key in metadata}}
+    kept = {key: value for key, value in metadata.items() if key not in _CONTENT_HASHES}
+    return {**kept, **{key: value for key, value in fields.items() if key in metadata}}
 
 
 class _NoFolder:
