@@ -1,0 +1,133 @@
+"""Issue 31, "Nothing lost, round 2": OUT is never one of a run's inputs, a refused or failed run leaves
+what was at OUT, and what a run says it wrote (or did not) is what is on disk.
+
+One world of inputs (a tiny encoder, its compressed copy, texts, statistics, adapters) is made once; a
+refused run must leave every file of it byte for byte as it was, and must refuse before any model loads.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_failure, cli, listing, load, save, sha256
+from test_evaluate import compressed, line_text, tiny_folder
+
+import lowrank_cli
+import lowrank_cli.model.evaluate as evaluate_module
+import lowrank_cli.model.heal as heal_module
+import lowrank_cli.ops.calibrate as calibrate_module
+import lowrank_cli.ops.hfmodel as hfmodel_module
+
+transformers = pytest.importorskip("transformers")
+
+
+def _tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` (relative path -> sha256) and every folder (-> "folder")."""
+    found = {}
+    for path in sorted(Path(folder).rglob("*")):
+        found[str(path.relative_to(folder))] = "folder" if path.is_dir() else sha256(path)
+    return found
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("world")
+    encoder = tiny_folder(root, "encoder")
+    compressed(encoder, root, rank=3)  # encoder.r3/
+    texts = root / "texts"
+    texts.mkdir()
+    line_text(texts / "train.txt", lines=40, seed=3)
+    line_text(texts / "eval.txt", lines=20, seed=4)
+    (root / "stats").mkdir()
+    lowrank_cli.calibrate(encoder, root / "stats" / "stats.safetensors", text=texts / "train.txt", sensitivity=False)
+    tuned = root / "tuned"
+    shutil.copytree(encoder, tuned)
+    weights = load(encoder / "model.safetensors")
+    generator = torch.Generator().manual_seed(1)
+    changed = {
+        n: t + 0.05 * torch.randn(t.shape, generator=generator) if t.ndim == 2 else t for n, t in weights.items()
+    }
+    save(tuned / "model.safetensors", changed, {"format": "pt"})
+    assert cli("extract", encoder, tuned, "-o", root / "adapter", "--rank", 2).exit_code == 0
+    assert (
+        cli("extract", encoder, tuned, "-o", root / "lora.safetensors", "--rank", 2, "--format", "kohya").exit_code == 0
+    )
+    return root
+
+
+@pytest.fixture
+def no_model_runs(monkeypatch):
+    """Any model load fails the test: a refusal must come before minutes of loading and training."""
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before OUT was checked")
+
+    # every module that binds load_model, imported before any is patched (one imported under the patch
+    # would keep the fake as its own, past the test)
+    for module in (hfmodel_module, heal_module, evaluate_module, calibrate_module):
+        monkeypatch.setattr(module, "load_model", load_model)
+
+
+HEAL = ["heal", "encoder", "encoder.r3", "--text", "texts/train.txt", "--eval-text", "texts/eval.txt", "--steps", "1"]
+FIDELITY = ["compress", "encoder", "--fidelity", "0.9", "--eval-text", "texts/eval.txt"]
+CALIBRATED = [*FIDELITY, "--calibration", "stats/stats.safetensors"]
+BUDGET = ["compress", "encoder", "--budget", "0.5", "--calibration", "stats/stats.safetensors"]
+CALIBRATE = ["calibrate", "encoder", "--text", "texts/train.txt", "--no-sensitivity"]
+EXTRACT = ["extract", "encoder", "tuned", "--rank", "2", "--calibration", "stats/stats.safetensors"]
+# (the command, OUT): OUT is one of the command's inputs, a file in an input folder, or a folder holding an input
+CASES = [
+    *[(HEAL, out) for out in ["encoder", "encoder/model.safetensors", "encoder/tokenizer.json", "encoder.r3",
+                              "texts/train.txt", "texts/eval.txt", "texts"]],
+    *[(CALIBRATED, out) for out in ["encoder", "encoder/model.safetensors", "stats/stats.safetensors",
+                                    "texts/eval.txt", "stats", "texts"]],
+    (FIDELITY, "texts/eval.txt"),
+    (BUDGET, "stats/stats.safetensors"),
+    (BUDGET, "stats"),
+    (["compress", "encoder", "--rank", "2", "--calibration", "stats/stats.safetensors"], "stats/stats.safetensors"),
+    (["compress", "encoder", "--rank", "2"], "encoder/model.safetensors"),
+    *[(CALIBRATE, out) for out in ["texts/train.txt", "encoder/model.safetensors", "encoder", "texts"]],
+    *[(EXTRACT, out) for out in ["stats/stats.safetensors", "encoder", "tuned", "stats"]],
+    ([*EXTRACT, "--format", "kohya"], "stats/stats.safetensors"),
+    (["resize", "adapter", "--rank", "1"], "adapter"),
+    (["resize", "adapter", "--format", "kohya"], "adapter/adapter_model.safetensors"),
+    (["resize", "lora.safetensors", "--rank", "1"], "lora.safetensors"),
+    (["expand", "encoder.r3"], "encoder.r3"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("args", "out"), CASES, ids=[f"{args[0]}{'-'.join(args[2:3])}:{out}" for args, out in CASES])
+def test_out_is_never_an_input_even_with_force(world, no_model_runs, monkeypatch, args, out):
+    monkeypatch.chdir(world)
+    before = _tree(world)
+    result = cli(*args, "-o", out, "--force")
+    assert_clean_failure(result, 2, out, "input", "-o/--output")
+    assert _tree(world) == before  # every input byte for byte, nothing added
+
+
+# --- heal and compress --fidelity check OUT before any model loads --------------------------------------
+
+
+@pytest.mark.parametrize("args", [HEAL, FIDELITY], ids=["heal", "fidelity"])
+def test_an_existing_out_is_refused_before_any_model_loads(world, no_model_runs, monkeypatch, tmp_path, args):
+    monkeypatch.chdir(world)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "kept.txt").write_text("an earlier output")
+    result = cli(*args, "-o", out)
+    assert_clean_failure(result, 1, str(out), "already exists", "--force")
+    assert listing(out) == ["kept.txt"] and (out / "kept.txt").read_text() == "an earlier output"
+    assert listing(tmp_path) == ["old"]
+
+
+@pytest.mark.parametrize("args", [HEAL, FIDELITY], ids=["heal", "fidelity"])
+def test_an_out_in_a_missing_folder_is_refused_before_any_model_loads(
+    world, no_model_runs, monkeypatch, tmp_path, args
+):
+    monkeypatch.chdir(world)
+    out = tmp_path / "missing" / "out"
+    result = cli(*args, "-o", out)
+    assert_clean_failure(result, 1, str(out), "does not exist")
+    assert listing(tmp_path) == []
