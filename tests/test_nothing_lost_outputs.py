@@ -7,6 +7,8 @@ refused run must leave every file of it byte for byte as it was, and must refuse
 
 from __future__ import annotations
 
+import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,8 +19,10 @@ from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
 import lowrank_cli.model.evaluate as evaluate_module
+import lowrank_cli.model.fidelity as fidelity_module
 import lowrank_cli.model.heal as heal_module
 import lowrank_cli.ops.calibrate as calibrate_module
+import lowrank_cli.ops.compress as compress_module
 import lowrank_cli.ops.hfmodel as hfmodel_module
 
 transformers = pytest.importorskip("transformers")
@@ -131,3 +135,77 @@ def test_an_out_in_a_missing_folder_is_refused_before_any_model_loads(
     result = cli(*args, "-o", out)
     assert_clean_failure(result, 1, str(out), "does not exist")
     assert listing(tmp_path) == []
+
+
+# --- compress --fidelity: a run that fails leaves OUT as it was ------------------------------------------
+
+
+@pytest.fixture
+def old_output(tmp_path) -> tuple[Path, dict[str, str]]:
+    """An earlier run's OUT, with the bytes it must keep."""
+    out = tmp_path / "out" / "old"
+    out.mkdir(parents=True)
+    (out / "model.lowrank.safetensors").write_bytes(b"an earlier model, to be kept")
+    (out / "config.json").write_text("{}")
+    return out, _tree(out.parent)
+
+
+def test_a_fidelity_the_search_cannot_reach_leaves_the_old_output(world, old_output, monkeypatch):
+    out, before = old_output
+    monkeypatch.chdir(world)
+    result = cli(
+        "compress", "encoder", "--fidelity", "0.9999999", "--eval-text", "texts/eval.txt", "-o", out, "--force"
+    )
+    assert_clean_failure(result, 3, "--fidelity", "nothing was written")
+    assert _tree(out.parent) == before
+
+
+def test_a_written_model_below_the_target_leaves_the_old_output_and_says_which_budgets(world, old_output, monkeypatch):
+    """Every model written measures below F (as when rounding in the stored dtype costs fidelity): the retries
+    are written beside OUT and removed; the old OUT stays, and the message names each budget written."""
+    out, before = old_output
+    budgets, measured = [], []
+    real_compress, real_load = compress_module.compress, evaluate_module.load_candidate
+
+    def spy_compress(checkpoint, policy, *args, **kwargs):
+        budgets.append(policy.budget)
+        return real_compress(checkpoint, policy, *args, **kwargs)
+
+    def spoilt(folder, candidate, *args, **kwargs):
+        """The written model, with noise as large as its weights in every matrix: far below 0.9."""
+        model = real_load(folder, candidate, *args, **kwargs)
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                if parameter.ndim == 2:
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std())
+        measured.append(candidate)
+        return model
+
+    monkeypatch.setattr(compress_module, "compress", spy_compress)
+    monkeypatch.setattr(fidelity_module, "load_candidate", spoilt)
+    monkeypatch.chdir(world)
+    result = cli(*FIDELITY, "-o", out, "--force")
+    assert_clean_failure(result, 3, "below 0.9", "nothing was written")
+    assert _tree(out.parent) == before  # the old output, and no temporary of the attempts
+    assert budgets and len(budgets) == len(measured)
+    assert all(Path(candidate) != out for candidate in measured)  # measured where it was written, not at OUT
+    # the message names the budgets written, each once, and no other
+    assert [float(b) for b in re.findall(r"at budget (\d\.\d+)", result.stderr)] == budgets, result.stderr
+    assert "every budget" not in result.stderr
+
+
+def test_a_fidelity_run_with_force_replaces_the_old_output_whole(world, old_output, monkeypatch):
+    out, _ = old_output
+    monkeypatch.chdir(world)
+    result = cli(
+        "compress", "encoder", "--fidelity", "0.5", "--eval-text", "texts/eval.txt", "-o", out, "--force", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["output"] == str(out)
+    assert listing(out.parent) == ["old"]  # no temporary left beside it
+    written = load(out / "model.lowrank.safetensors")  # a real model now, not the earlier bytes
+    assert any(name.endswith(".B") for name in written)
+    companions = [name for name in listing(world / "encoder") if name != "model.safetensors"]
+    assert listing(out) == sorted([*companions, "model.lowrank.safetensors", "README.md"])
