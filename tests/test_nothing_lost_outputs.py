@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_failure, cli, listing, load, save, sha256
+from conftest import ROOT, assert_clean_failure, cli, listing, load, save, sha256
 from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
@@ -247,6 +252,53 @@ def test_an_interrupt_before_out_is_published_says_nothing_was_written(world, ol
     result = cli(*FIDELITY, "-o", out, "--force")
     assert_clean_failure(result, 130, "interrupted; no output was written")
     assert _tree(out.parent) == before
+
+
+# --- signals: only the first one counts ------------------------------------------------------------------
+
+
+def _catches_sigterm(pid: int) -> bool:
+    """Whether the process has its SIGTERM handler installed (/proc's SigCgt mask): lowrank's main() ran."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(re.search(r"^SigCgt:\s*([0-9a-f]+)", status, re.M)[1], 16)
+    return bool(mask >> (signal.SIGTERM - 1) & 1)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads the signal mask from /proc")
+def test_sigterms_in_a_burst_during_heal_end_in_one_line_and_143(world, tmp_path):
+    """SIGTERM every 10 ms from the moment lowrank listens until it exits: the later ones land while the
+    first unwinds (cleanup, finalizers at exit), and must not turn the exit into a traceback."""
+    out = tmp_path / "healed"
+    env = {k: v for k, v in os.environ.items() if k != "LOWRANK_DEBUG"}
+    env["OMP_NUM_THREADS"] = "1"
+    args = [*HEAL[:-2], "--steps", "100000"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "lowrank_cli", *args, "-o", str(out)],
+        cwd=world, env={**env, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _catches_sigterm(process.pid):
+            assert process.poll() is None, process.stderr.read()
+            assert time.monotonic() < deadline, "lowrank did not start within 60 s"
+            time.sleep(0.002)
+        time.sleep(2.0)  # into loading and training (any moment will do: each must end the same way)
+        while process.poll() is None and time.monotonic() < deadline:
+            process.send_signal(signal.SIGTERM)
+            time.sleep(0.01)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 143, (process.returncode, stderr)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+    assert stderr.strip().splitlines() == ["error: terminated (SIGTERM); no output was written"], stderr
+    assert stdout == ""
+    assert listing(tmp_path) == []
 
 
 # --- save_factors over a lowrank folder keeps what is not its weights ----------------------------------

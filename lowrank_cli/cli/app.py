@@ -670,8 +670,15 @@ def _main(
     """The low-rank structure of neural-network weights in safetensors files."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated  # unwinds through the writers, which remove their temporary files
+def _stop(signum, frame) -> None:
+    """SIGINT or SIGTERM: unwind through the writers, which remove their temporary files.
+
+    Only the first signal counts: a second one while the first unwinds would break off the cleanup
+    itself (temporaries left, a traceback from a finalizer at exit), so later ones are ignored.
+    """
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main() -> None:
@@ -681,6 +688,13 @@ def main() -> None:
     # the WeightWatcher section, has a run without it).
     # Set before torch loads, which happens only inside a command; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="lowrank")
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        app(prog_name="lowrank")
+    except KeyboardInterrupt as exc:  # before _App's handler is reached: while typer builds the command line
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        sys.exit(code)
     sys.exit(0)
