@@ -309,6 +309,7 @@ def compress(
 def _compress_to_fidelity(
     path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
 ) -> Report:
+    from lowrank_cli.io.outputs import prepare_output
     from lowrank_cli.model.evaluate import make_evaluator, model_samples
     from lowrank_cli.model.fidelity import compress_to_fidelity
     from lowrank_cli.ops.hfmodel import load_model
@@ -327,6 +328,8 @@ def _compress_to_fidelity(
         raise UsageError(f"{path}: {arg('fidelity')} needs a Hugging Face model folder (config.json) to run the model")
     with open_checkpoint(folder) as checkpoint:
         check_patterns([checkpoint], include, exclude)
+        # OUT is checked before the model runs, as compress checks it before it factorizes
+        out, _ = prepare_output(checkpoint, out, _compress.SUFFIX, force=force, inputs=[calibration, eval_text])
         stats = _calibration(calibration, [checkpoint], other_model)
         reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
         found = model_samples(reference, tokenizer, folder, eval_text)

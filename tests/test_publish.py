@@ -47,8 +47,8 @@ def _other_run_writes(monkeypatch, make) -> None:
     """After this run's check that OUT is free, another run's output appears there (made by `make`)."""
     check = outputs.check_output
 
-    def check_then_lose_the_race(checkpoint, out, *, force):
-        checked = check(checkpoint, out, force=force)
+    def check_then_lose_the_race(checkpoint, out, *, force, **options):
+        checked = check(checkpoint, out, force=force, **options)
         make(Path(out))
         return checked
 

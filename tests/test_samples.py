@@ -105,7 +105,7 @@ def test_calibrate_never_writes_over_its_inputs(tmp_path, target):
     victim = folder / "model.safetensors" if target == "weights" else text
     before = sha256(victim)
     result = cli("calibrate", folder, "-o", victim, "--text", text, "--force", "--no-sensitivity")
-    assert_clean_failure(result, 1, str(victim), "input")
+    assert_clean_failure(result, 2, str(victim), "input")
     assert sha256(victim) == before
 
 

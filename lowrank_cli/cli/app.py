@@ -11,7 +11,7 @@ import functools
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,10 +62,13 @@ from lowrank_cli.errors import (
     Terminated,
     UsageError,
 )
+from lowrank_cli.io.publish import recording_published
 
 
-def _exit_code(exc: Exception | KeyboardInterrupt) -> int | None:
+def _exit_code(exc: Exception | KeyboardInterrupt, written: Sequence[Path] = ()) -> int | None:
     """The CLI's one error handler: the exit code for what ended a run, after its one line on stderr.
+
+    `written`: the outputs the run had published when it was stopped, which an interrupt's line names.
 
     None for what must go on as it is: an error that is not in this table (a bug, whose traceback
     is the report), a broken pipe (typer quiets it), and, with LOWRANK_DEBUG=1, every error but a
@@ -79,10 +82,15 @@ def _exit_code(exc: Exception | KeyboardInterrupt) -> int | None:
         return None
     from lowrank_cli.cli.render import error
 
-    if isinstance(exc, Terminated):
-        code, message = EXIT_TERMINATED, "terminated (SIGTERM); no output was written"
-    elif isinstance(exc, KeyboardInterrupt):
-        code, message = EXIT_INTERRUPTED, "interrupted; no output was written"
+    if isinstance(exc, KeyboardInterrupt):
+        terminated = isinstance(exc, Terminated)
+        code = EXIT_TERMINATED if terminated else EXIT_INTERRUPTED
+        what = "terminated (SIGTERM)" if terminated else "interrupted"
+        if written:  # published whole before the interrupt: say so, not that nothing was written
+            names = ", ".join(str(path) for path in written)
+            message = f"{what} after {names} was written whole; its report was not shown"
+        else:
+            message = f"{what}; no output was written"
     elif isinstance(exc, LowrankError):
         code, message = exc.exit_code, exc.worded(flag)  # the library's argument names, spelled as flags
     elif isinstance(exc, typer.Abort):  # end of input at a prompt
@@ -130,13 +138,14 @@ class _App(TyperGroup):
     def invoke(self, ctx):
         # Here as well as in main(): typer turns Ctrl-C into a bare exit 130 on its way up, which
         # would lose SIGTERM's 143 and the line that says no output was written.
-        try:
-            return super().invoke(ctx)
-        except (Exception, KeyboardInterrupt) as exc:
-            code = _exit_code(exc)
-            if code is None:
-                raise
-            raise typer.Exit(code) from None
+        with recording_published() as written:
+            try:
+                return super().invoke(ctx)
+            except (Exception, KeyboardInterrupt) as exc:
+                code = _exit_code(exc, written)
+                if code is None:
+                    raise
+                raise typer.Exit(code) from None
 
 
 class _PlainHelp(TyperCommand):
@@ -661,8 +670,15 @@ def _main(
     """The low-rank structure of neural-network weights in safetensors files."""
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated  # unwinds through the writers, which remove their temporary files
+def _stop(signum, frame) -> None:
+    """SIGINT or SIGTERM: unwind through the writers, which remove their temporary files.
+
+    Only the first signal counts: a second one while the first unwinds would break off the cleanup
+    itself (temporaries left, a traceback from a finalizer at exit), so later ones are ignored.
+    """
+    for each in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(each, signal.SIG_IGN)
+    raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
 
 
 def main() -> None:
@@ -672,6 +688,13 @@ def main() -> None:
     # the WeightWatcher section, has a run without it).
     # Set before torch loads, which happens only inside a command; the user's own setting wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    signal.signal(signal.SIGTERM, _terminate)
-    app(prog_name="lowrank")
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        app(prog_name="lowrank")
+    except KeyboardInterrupt as exc:  # before _App's handler is reached: while typer builds the command line
+        code = _exit_code(exc)
+        if code is None:
+            raise
+        sys.exit(code)
     sys.exit(0)

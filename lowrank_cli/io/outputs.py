@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Literal
 
@@ -58,25 +59,26 @@ def resolve_output(checkpoint: Checkpoint, out: str | os.PathLike | None, suffix
 
 
 def prepare_output(
-    checkpoint: Checkpoint, out: str | os.PathLike | None, suffix: str, *, force: bool
+    checkpoint: Checkpoint,
+    out: str | os.PathLike | None,
+    suffix: str,
+    *,
+    force: bool,
+    inputs: Iterable[str | os.PathLike | None] = (),
 ) -> tuple[Path, bool]:
     """resolve_output, then check_output: the path to write and whether it is a folder."""
     path, folder = resolve_output(checkpoint, out, suffix)
-    return check_output(checkpoint, path, force=force), folder
+    return check_output(checkpoint, path, force=force, inputs=inputs), folder
 
 
-def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
-    """Refuse an output that is an input, exists (without force) or has no folder."""
+def check_output(
+    checkpoint: Checkpoint, out: Path, *, force: bool, inputs: Iterable[str | os.PathLike | None] = ()
+) -> Path:
+    """Refuse an output that is an input (the checkpoint's, or one of `inputs`: a text, statistics…),
+    exists (without force) or has no folder."""
     out = Path(out)
-    resolved = out.resolve()
-    for path in [checkpoint.source, *checkpoint.paths]:
-        if resolved == path.resolve():
-            raise UsageError(f"{out}: this is an input of the command; choose another -o")
-        if resolved in path.resolve().parents:
-            raise UsageError(f"{out}: this folder holds the input {path}; choose another -o")
     folder = checkpoint.source if checkpoint.source.is_dir() else checkpoint.index_path and checkpoint.index_path.parent
-    if folder and folder.resolve() in resolved.parents:
-        raise UsageError(f"{out}: is inside the input folder {folder}; choose a path outside it")
+    refuse_inputs(out, [checkpoint.source, *checkpoint.paths, folder, *inputs])
     if out.exists() and not force:
         raise OutputError(f"{out}: already exists; pass --force to overwrite it or choose another -o")
     if not out.parent.is_dir():
@@ -84,21 +86,38 @@ def check_output(checkpoint: Checkpoint, out: Path, *, force: bool) -> Path:
     return out
 
 
+def refuse_inputs(out: Path, inputs: Iterable[str | os.PathLike | None]) -> None:
+    """Refuse, force or not, an output that is one of a run's `inputs` (files or folders; None and "" are
+    no input), a folder that holds one, or a path inside an input folder: writing it would replace or
+    change what the run reads. Every command checks its OUT here, before it reads or computes anything."""
+    paths = [Path(given) for given in inputs if given is not None and os.fspath(given) != ""]
+    out, resolved = Path(out), Path(out).resolve()
+    for path in paths:
+        if resolved == path.resolve() or _same_file(out, path):
+            raise UsageError(f"{out}: is an input of this run; choose another {arg('out')}")
+    for path in paths:
+        if resolved in path.resolve().parents:
+            raise UsageError(f"{out}: this folder holds the input {path}; choose another {arg('out')}")
+    for path in paths:
+        if path.is_dir() and path.resolve() in resolved.parents:
+            raise UsageError(f"{out}: is inside the input folder {path}; choose an {arg('out')} outside it")
+
+
+def require_kind(out: Path, *, folder: bool) -> None:
+    """Refuse to replace a file by a folder or a folder by a file, even with force."""
+    if out.exists() and out.is_dir() != folder:
+        kind = "a folder" if out.is_dir() else "a file"
+        raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
+
+
 def check_statistics_output(out: Path, folder: Path, text: Path, *, force: bool) -> None:
-    """Refuse calibrate's statistics file `out` over an input (the model folder's files, the text) even with
-    force, inside the model folder, over a file without force, or where its folder does not exist."""
+    """Refuse calibrate's statistics file `out` over an input (the model folder or a file in it, the text)
+    or inside the model folder even with force, over a file without force, or where its folder does not exist."""
+    refuse_inputs(out, [folder, text])
     if out.is_dir():
         raise OutputError(f"{out}: is a folder; give the statistics file's name with {arg('out')}")
-    if out.exists():
-        if any(_same_file(out, path) for path in [text, *folder.iterdir()]):
-            raise OutputError(
-                f"{out}: is an input of this run (the model's or the text); write the statistics elsewhere"
-            )
-        if not force:
-            raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
-    elif out.name.endswith(".safetensors") and out.resolve().parent == folder.resolve():
-        # in the model folder it would be read as one of the model's weight files by every later command
-        raise OutputError(f"{out}: is inside the model folder, where it would be read as weights; write it elsewhere")
+    if out.exists() and not force:
+        raise OutputError(f"{out}: exists; choose another output or pass {arg('force')}")
     if not out.parent.is_dir():
         raise OutputError(f"{out}: its folder {out.parent} does not exist; create it or choose another output")
 
@@ -171,9 +190,7 @@ class CheckpointOutput:
         self.checkpoint = checkpoint
         self.sharded = folder  # one writer per input file, named as it is
         self.names = names if checkpoint.is_folder else None
-        if out.exists() and out.is_dir() != self.sharded:
-            kind = "a folder" if out.is_dir() else "a file"
-            raise OutputError(f"{out}: is {kind}; remove it or choose another -o")
+        require_kind(out, folder=self.sharded)
         self.notes = sweep_stale_temps(out.parent)
         self._folder = FolderOutput(out, force=force) if self.sharded else None
         self._writers: dict[str, SafetensorsWriter] = {}
@@ -317,6 +334,23 @@ def write_readme(folder: Path, name: str, card: str | None, *, compressed: bool)
 # The same weights in other formats (pytorch_model.bin beside the model.safetensors made from it, tf_model.h5…):
 # copied, they would hold the dense model again inside a compressed folder, and be stale beside an expanded one.
 _OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".npz", ".pkl")
+
+
+def keep_the_rest(old: Path, new: Path, replaced: set[str]) -> None:
+    """Copy into the folder `new` what the folder `old` holds besides its weights and the `replaced` names.
+
+    For an output written over a model folder: its tokenizer, modules.json, 1_Pooling/… stay beside the
+    new weights, while weight files (*.safetensors, the index, other formats) would describe the old
+    model and go. Hidden entries (other runs' temporaries) are left out. Raises OSError.
+    """
+    for path in sorted(old.iterdir()):
+        weights = path.name.endswith((".safetensors", INDEX_SUFFIX, *_OTHER_WEIGHTS)) and not path.is_dir()
+        if path.name.startswith(".") or path.name in replaced or weights:
+            continue
+        if path.is_dir():
+            shutil.copytree(path, new / path.name)
+        elif path.is_file():
+            shutil.copy2(path, new / path.name)
 
 
 def _module_folders(folder: Path) -> list[Path]:

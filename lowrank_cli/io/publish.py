@@ -54,6 +54,21 @@ def signals_held() -> Iterator[None]:
 _LIVE_TEMPS: set[Path] = set()
 
 
+# The lists that recording_published() hands out; publish() adds each finished output to them.
+_RECORDS: list[list[Path]] = []
+
+
+@contextlib.contextmanager
+def recording_published() -> Iterator[list[Path]]:
+    """The outputs published under their names while inside: what a run had written when it was stopped."""
+    published: list[Path] = []
+    _RECORDS.append(published)
+    try:
+        yield published
+    finally:
+        _RECORDS.remove(published)
+
+
 def track_temp(path: Path) -> Path:
     _LIVE_TEMPS.add(Path(path))
     return Path(path)
@@ -149,6 +164,9 @@ def publish(temporary: Path, target: Path, *, force: bool) -> None:
             else:
                 os.replace(temporary, target)
             untrack_temp(temporary)
+            if not any(parent in _LIVE_TEMPS for parent in target.parents):  # an output, not a part of one
+                for published in _RECORDS:
+                    published.append(target)
     except FileExistsError:
         remove_temp(temporary)
         raise OutputError(

@@ -5,9 +5,11 @@ does (ops.budget.budget_ranks: by the measured sensitivities with calibration), 
 the reference model in memory, and measures it as `evaluate` does (Evaluator: the reference's
 outputs are computed once).
 Each selected matrix has one SVD, of the view the budget reads (W·S, D^½·W or W), computed once
-and cut at every trial's rank; nothing is written until the search is over. Then OUT is written by
-compress at the budget found, loaded back as factors and measured again: the fidelity reported is
-that of the file written (if rounding put it below F, a milder budget is written instead).
+and cut at every trial's rank; nothing is written until the search is over. Then the model is
+written by compress at the budget found, under a temporary name beside OUT, loaded back as factors
+and measured again: the fidelity reported is that of the file written (if rounding put it below F, a
+milder budget is written instead). Only a model that reaches F is renamed to OUT; a run that fails
+leaves what was at OUT as it was.
 
 fidelity(budget) is close to monotone, so the search is a bisection: the mildest budget first
 (MILDEST; below F there, nothing is written and the error says what it reached), then halving the
@@ -24,9 +26,11 @@ from pathlib import Path
 
 import torch
 
-from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, UsageError, arg
+from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.outputs import prepare_output, require_kind
+from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.linalg.whiten import RowWeights
@@ -175,7 +179,14 @@ def compress_to_fidelity(
     calibration: Calibration | None,
     progress: Callable[[int, int], None] | None = None,
 ) -> Report:
-    """Search the budget, write OUT at the one found, measure the file written (module docstring)."""
+    """Search the budget, write OUT at the one found, measure the file written (module docstring).
+
+    Each model written is built beside OUT under a temporary name and measured there; only one that
+    reaches the target is published as OUT. A run that fails leaves what was at OUT as it was.
+    """
+    source = calibration.source if calibration is not None else None
+    out, as_folder = prepare_output(checkpoint, out, _compress.SUFFIX, force=force, inputs=[source])
+    require_kind(out, folder=as_folder)
     selected = set(checkpoint.select(include, exclude))
     names = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
     if not names:
@@ -185,31 +196,81 @@ def compress_to_fidelity(
         progress=progress,
     )  # fmt: skip
     exact = Settings(dtype=settings.dtype, method=Method.exact, seed=settings.seed, device=settings.device)
-    for attempt in range(RETRIES + 1):
-        report = _compress.compress(
-            checkpoint, RankPolicy(budget=budget), out, settings=exact, include=include, exclude=exclude,
-            force=force or attempt > 0, calibration=calibration,
-        )  # fmt: skip
-        written = Path(report.output)
-        measured = evaluator.measure(load_candidate(folder, written, type(reference), settings.device))["fidelity"]
-        if measured >= target or budget >= MILDEST:
-            break
-        budget = min(round(budget + STEP, 4), MILDEST)
-    if measured < target:
-        shutil.rmtree(written) if written.is_dir() else written.unlink(missing_ok=True)
-        raise FidelityNotReached(
-            f"the written model measures fidelity {measured:.4f}, below {target:g}, at every budget up to"
-            f" {budget:g}; lower {arg('fidelity')}; nothing was written"
-        )
+    notes = sweep_stale_temps(out.parent)
+    with _Staging(out) as staging:
+        written: list[tuple[float, float]] = []  # (budget, fidelity) of each model written
+        for _ in range(RETRIES + 1):
+            staging.clear()
+            report = _compress.compress(
+                checkpoint, RankPolicy(budget=budget), staging.path, settings=exact, include=include,
+                exclude=exclude, calibration=calibration,
+            )  # fmt: skip
+            model = load_candidate(folder, staging.path, type(reference), settings.device)
+            written.append((budget, evaluator.measure(model)["fidelity"]))
+            del model
+            if written[-1][1] >= target or budget >= MILDEST:
+                break
+            budget = min(round(budget + STEP, 4), MILDEST)
+        measured = written[-1][1]
+        if measured < target:
+            raise FidelityNotReached(
+                f"{_written_below(written)}, below {target:g}; lower {arg('fidelity')}; nothing was written"
+            )
+        staging.publish(force=force)
+    report.output = str(out)
+    report.options["notes"] = [*notes, *report.options.get("notes", [])]
     report.options["fidelity"] = {
         "target": target,
         "measured": measured,
         "metric": metric(evaluator.kind, evaluator.pooling),
         "budget": budget,
-        "evaluations": len(trials) + attempt + 1,
+        "evaluations": len(trials) + len(written),
         "trials": [{"budget": b, "fidelity": f} for b, f in trials],
         "eval_text_sha256": evaluator.samples.text_sha256,
         "eval_samples": len(evaluator.samples.ids),
         "held_out": False,
     }
     return report
+
+
+def _written_below(written: list[tuple[float, float]]) -> str:
+    """What the models written measured, each at its budget: the message says only what was tried."""
+    if len(written) == 1:
+        budget, fidelity = written[0]
+        return f"the model written at budget {budget:g} measures fidelity {fidelity:.4f}"
+    each = [f"{fidelity:.4f} at budget {budget:g}" for budget, fidelity in written]
+    return f"the models written measure fidelity {', '.join(each[:-1])} and {each[-1]}"
+
+
+class _Staging:
+    """A temporary folder beside OUT that holds the model being written, under OUT's own name (so that its
+    README names it right); publish() renames that model to OUT, and leaving removes whatever is left."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        try:
+            self.folder = make_temp(out, folder=True, kind="trial")
+        except OSError as exc:
+            raise OutputError(f"{out}: cannot write there ({exc.strerror or exc}); check the folder") from None
+        self.path = self.folder / out.name
+
+    def clear(self) -> None:
+        """Remove the model an earlier attempt wrote here."""
+        if self.path.is_dir():
+            shutil.rmtree(self.path)
+        else:
+            self.path.unlink(missing_ok=True)
+
+    def publish(self, *, force: bool) -> None:
+        try:
+            publish(self.path, self.out, force=force)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.out}: cannot write ({exc.strerror or exc}); check free space and permissions"
+            ) from None
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        remove_temp(self.folder)

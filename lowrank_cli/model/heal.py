@@ -239,13 +239,15 @@ def write_healed(
     compressed: Checkpoint,
     reference_weights: Callable[[str], torch.Tensor | None],
     layers: list[_Factored],
-    out: str | Path | None,
+    out: Path,
     *,
+    folder: bool,
     force: bool,
     record: dict,
 ) -> Report:
-    """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written."""
-    out, folder = prepare_output(compressed, out, SUFFIX, force=force)
+    """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written.
+
+    `out` and `folder` are prepare_output's, checked before the run began."""
     healed: dict[str, torch.Tensor] = {}
     by_weight = {layer.name: layer for layer in layers}
     for layer in layers:
@@ -345,16 +347,18 @@ def heal(
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
     if not is_lowrank(compressed):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
-    reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
-    found = model_samples(
-        reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
-    )
-    evaluator = None
-    if eval_text is not None:
-        held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
-        evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
+        # OUT is checked before minutes of training: never the reference, the compressed model or a text
+        out, as_folder = prepare_output(checkpoint, out, SUFFIX, force=force, inputs=[folder, text, eval_text])
         _check_pair(checkpoint, original)
+        reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
+        found = model_samples(
+            reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
+        )
+        evaluator = None
+        if eval_text is not None:
+            held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
+            evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
         model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
         before = evaluator.measure(model)["fidelity"] if evaluator else None
         layers = trainable(model, set(checkpoint.entries))
@@ -375,7 +379,7 @@ def heal(
         }
         report = write_healed(
             checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
-            force=force, record=record,
+            folder=as_folder, force=force, record=record,
         )  # fmt: skip
         del model, layers  # the healed model is loaded from what was written, not beside the trained one
     notes = list(found.notes)

@@ -21,7 +21,7 @@ from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import FactorRecord, encode_metadata, factor_names, factor_records
 from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
-from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
+from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 
@@ -281,7 +281,9 @@ def save_factors(model: nn.Module, path: str | Path, *, force: bool = False) -> 
         path: a .safetensors file, or a folder that receives model.lowrank.safetensors, config.json
             and a README.md (named so that transformers' from_pretrained refuses the folder instead
             of loading it with random weights; load_pretrained reads it).
-        force: replace `path` if it exists.
+        force: replace `path` if it exists. Over a folder, its weights, config.json and README.md
+            (its model card kept) are replaced; the rest it holds (tokenizer, modules.json,
+            1_Pooling/…) is kept, but for weight files of other formats, which would be stale.
 
     Returns:
         The path of the safetensors file written.
@@ -306,9 +308,14 @@ def save_factors(model: nn.Module, path: str | Path, *, force: bool = False) -> 
         if folder is not None:
             config = getattr(model, "config", None)
             try:
+                card = None
+                if force and path.is_dir():  # over a model folder: its tokenizer, modules.json… stay
+                    replaced = {WEIGHTS_NAME, README, *(["config.json"] if hasattr(config, "save_pretrained") else [])}
+                    keep_the_rest(path, folder.path, replaced)
+                    card = (path / README).read_text(encoding="utf-8") if (path / README).is_file() else None
                 if hasattr(config, "save_pretrained"):
                     config.save_pretrained(str(folder.path))
-                write_readme(folder.path, path.name, None, compressed=True)
+                write_readme(folder.path, path.name, card, compressed=True)
             except OSError as exc:
                 raise OutputError(f"{path}: cannot write ({exc.strerror or exc}); check free space") from None
             folder.commit()

@@ -53,7 +53,9 @@ def compress(
     settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
-    out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
+    out, folder = prepare_output(
+        checkpoint, out, SUFFIX, force=force, inputs=[calibration.source if calibration is not None else None]
+    )
     selected = set(checkpoint.select(include, exclude))
     candidates = [e.name for e in checkpoint.entries.values() if skip_reason(e, e.name in selected) is None]
     policy_for = policy_per_tensor(

@@ -95,7 +95,7 @@ def extract(
     kohya = options.format == AdapterFormat.kohya
     _check_format(base, tuned, options)
     check_output(base, out, force=True)  # an input first: never invite force onto BASE
-    out = check_output(tuned, out, force=force)
+    out = check_output(tuned, out, force=force, inputs=[calibration.source if calibration is not None else None])
     if out.exists() and kohya == out.is_dir():
         kind = "a kohya LoRA is one .safetensors file" if kohya else "an adapter is a folder"
         raise OutputError(f"{out}: is a {'folder' if kohya else 'file'}; {kind}, choose another output")
