@@ -136,7 +136,8 @@ def write_texts(
         files = sorted({path for pattern in patterns for path in glob.glob(pattern, recursive=True)})
         if not files:
             raise FileNotFoundError(f"{', '.join(patterns)}: no such files; the {split} text is drawn from them")
-        lines = sorted({_clean(line) for line in sentences(files)} - seen)
+        cleaned = (_clean(line) for line in sentences(files))
+        lines = sorted({line for line in cleaned if 6 <= len(line.split()) <= 60} - seen)
         if len(lines) < counts[split]:
             raise ValueError(f"{', '.join(patterns)}: {len(lines)} sentences, fewer than the {counts[split]} asked")
         chosen = random.Random(seed).sample(lines, counts[split])

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import load
+from safetensors import safe_open
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.checkpoint import Checkpoint
@@ -283,6 +284,10 @@ def test_smollm2_block_by_block_gives_the_whole_models_logits(smollm2):
     transformers' float32 forward of the whole model, on a padded batch of real text."""
     config = json.loads((smollm2 / "config.json").read_text())
     assert config["tie_word_embeddings"] and "quantization_config" not in config
+    with safe_open(str(smollm2 / "model.safetensors"), framework="pt") as handle:
+        dtypes = {name: handle.get_slice(name).get_dtype() for name in handle.keys()}  # noqa: SIM118
+    assert set(dtypes.values()) == {"BF16"}
+    assert "model.embed_tokens.weight" in dtypes and "lm_head.weight" not in dtypes  # the tied head: one tensor
     tokenizer = transformers.AutoTokenizer.from_pretrained(smollm2)
     lines = [
         "The block runner loads one decoder layer at a time from the safetensors file.",
