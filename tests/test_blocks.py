@@ -231,6 +231,15 @@ def test_blocks_of_a_lowrank_file_run_as_factors(tmp_path):
                 assert_float32_close(hidden.states, reference_block)
             assert_float32_close(runner.head(hidden), expected)
 
+    # the original folder's config with the compressed weights beside it: the same model
+    with BlockRunner(folder, weights=compressed) as runner:
+        hidden = runner.embed(ids, mask)
+        with torch.no_grad():
+            for block in runner.blocks():
+                assert isinstance(block.module.mlp.down_proj, LowRankLinear)
+                hidden = runner.run_block(block, hidden)
+            assert_float32_close(runner.head(hidden), expected)
+
 
 def test_compute_dtype_and_the_file_dtype_differ(tmp_path):
     """A float32 file run in float64: every tensor converted as it loads; the figures are the float64 model's."""
