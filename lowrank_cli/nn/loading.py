@@ -200,6 +200,15 @@ def load_tensors(
     return plan.result
 
 
+def factored_names(model: nn.Module, checkpoint: Checkpoint) -> list[str]:
+    """The model's names of the weights that `checkpoint` holds as factors (none for dense weights)."""
+    records = _records(checkpoint)
+    factor_of = {f for name in records for f in factor_names(name)}
+    names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
+    target_of = _match_names(model, names, _model_tensors(model))
+    return [target_of[name] for name in records if name in target_of]
+
+
 def load_sentence_transformer(
     folder: str | Path,
     *,
@@ -410,15 +419,6 @@ class _Plan:
     result: LoadResult
 
 
-def factored_names(model: nn.Module, checkpoint: Checkpoint) -> list[str]:
-    """The model's names of the weights that `checkpoint` holds as factors (none for dense weights)."""
-    records = _records(checkpoint)
-    factor_of = {f for name in records for f in factor_names(name)}
-    names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
-    target_of = _match_names(model, names, _model_tensors(model))
-    return [target_of[name] for name in records if name in target_of]
-
-
 def _plan(
     model: nn.Module,
     checkpoint: Checkpoint,
@@ -429,10 +429,8 @@ def _plan(
     only: set[int] | None = None,
     device: str | torch.device | None = None,
 ) -> _Plan:
-    """What to load into `model` (only the tensors whose id is in `only`, when given), read and checked.
-
-    A checkpoint with no lowrank metadata at all is a dense one (any safetensors weights): no factors.
-    """
+    """What to load into `model`, read and checked: every tensor, or only those whose id is in `only`
+    (a part of the model; then a checkpoint with no lowrank metadata is read as dense weights)."""
     records = factor_records(checkpoint) if only is None else _records(checkpoint)
     factor_of = {f: name for name in records for f in factor_names(name)}
     tensors, owners = _model_tensors(model), _owners(model)
