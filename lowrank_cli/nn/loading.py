@@ -19,7 +19,7 @@ from torch import nn
 from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg, require_extra
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
-from lowrank_cli.io.fileformat import FactorRecord, encode_metadata, factor_names, factor_records
+from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names, factor_records
 from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
 from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
@@ -138,11 +138,75 @@ def load_pretrained(
         raise CheckpointError(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
-    transformers = require_transformers("load_pretrained")
-    config = _read_config(transformers, folder)
-    model = _build(transformers, config, auto_class or _architecture(transformers, config), folder)
+    model = build_empty(folder, auto_class, feature="load_pretrained")
     result = _load_built(model, weights or folder, dtype, strict)
     return (model, result) if output_loading_info else model
+
+
+def build_empty(folder: str | Path, auto_class: type | None = None, *, feature: str = "build_empty") -> nn.Module:
+    """The transformers model of `folder`'s config.json on the meta device: its structure, no weight allocated.
+
+    Parameters and buffers are meta tensors (shapes and dtypes, no values) until a loader gives them
+    the file's tensors (load_tensors) or moves them off meta. The folder's own code never runs.
+
+    Args:
+        folder: holds config.json.
+        auto_class: the model class or Auto class to build (default: config.architectures[0], else AutoModel).
+        feature: what needs transformers, named in the install hint when it is missing.
+
+    Example:
+        >>> model = build_empty("SmolLM2/")  # LlamaForCausalLM, every tensor on meta
+    """
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: has no config.json; give the folder of a transformers model")
+    transformers = require_transformers(feature)
+    config = _read_config(transformers, folder)
+    return _build(transformers, config, auto_class or _architecture(transformers, config), folder)
+
+
+def load_tensors(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    names: list[str],
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device | None = None,
+) -> LoadResult:
+    """Load part of a model built on meta: the tensors `names` (model names), from a dense or lowrank checkpoint.
+
+    A weight the file holds as factors replaces its module by a LowRankLinear / LowRankEmbedding, as
+    apply_factors does; a tied tensor is loaded once, under whichever of its names is asked, into
+    every module holding it. The model's other tensors are left as they are (on meta), so a model
+    can be loaded a part at a time. File names are matched to the model's as apply_factors matches them.
+
+    Args:
+        model: the whole model (names are its own), its parameters on the meta device.
+        checkpoint: an open checkpoint (io.checkpoint.open_checkpoint).
+        names: the model's parameters and persistent buffers to load.
+        dtype: the floating-point dtype to load in (default: the file's). Tensors kept in the file's
+            dtype on the CPU map the file instead of copying it.
+        device: where the tensors go (default: the CPU).
+
+    Returns:
+        A LoadResult: missing_keys are those of `names` that the file lacks; unexpected_keys are
+        the file's tensors that match nothing in the whole model. Nothing is raised for either.
+    """
+    tensors = _model_tensors(model)
+    only = {id(tensors[name]) for name in names}
+    plan = _plan(model, checkpoint, dtype, strict=False, fix="", only=only, device=device)
+    _replace_modules(model, plan.factored)
+    _load_dense(model, plan.dense)
+    return plan.result
+
+
+def factored_names(model: nn.Module, checkpoint: Checkpoint) -> list[str]:
+    """The model's names of the weights that `checkpoint` holds as factors (none for dense weights)."""
+    records = _records(checkpoint)
+    factor_of = {f for name in records for f in factor_names(name)}
+    names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
+    target_of = _match_names(model, names, _model_tensors(model))
+    return [target_of[name] for name in records if name in target_of]
 
 
 def load_sentence_transformer(
@@ -362,17 +426,31 @@ class _Plan:
     result: LoadResult
 
 
-def _plan(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None, *, strict: bool, fix: str) -> _Plan:
-    records = factor_records(checkpoint)
+def _plan(
+    model: nn.Module,
+    checkpoint: Checkpoint,
+    dtype: torch.dtype | None,
+    *,
+    strict: bool,
+    fix: str,
+    only: set[int] | None = None,
+    device: str | torch.device | None = None,
+) -> _Plan:
+    """What to load into `model`, read and checked: every tensor, or only those whose id is in `only`
+    (a part of the model; then a checkpoint with no lowrank metadata is read as dense weights)."""
+    records = factor_records(checkpoint) if only is None else _records(checkpoint)
     factor_of = {f: name for name in records for f in factor_names(name)}
     tensors, owners = _model_tensors(model), _owners(model)
     names = [*records, *(name for name in checkpoint.entries if name not in factor_of)]
     target_of = _match_names(model, names, tensors)
     covered = {id(tensors[target]) for target in target_of.values()}
+    wanted = [(name, tensor) for name, tensor in _state_tensors(model) if only is None or id(tensor) in only]
     result = LoadResult(
-        missing_keys=[name for name, tensor in _state_tensors(model) if id(tensor) not in covered],
+        missing_keys=[name for name, tensor in wanted if id(tensor) not in covered],
         unexpected_keys=[name for name in names if name not in target_of],
     )
+    if only is not None:
+        target_of = {name: target for name, target in target_of.items() if id(tensors[target]) in only}
     if strict and (result.missing_keys or result.unexpected_keys):
         raise CheckpointError(_mismatch(model, checkpoint.source, result, fix))
 
@@ -388,7 +466,7 @@ def _plan(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None, *
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
         _check_owners(owners[id(current)], checkpoint.source, name)
-        b, a = (_load(checkpoint, factor, current, dtype) for factor in factor_names(name))
+        b, a = (_load(checkpoint, factor, current, dtype, device) for factor in factor_names(name))
         factored.append(_Factored(name, target, record, b, a))
 
     dense = {}
@@ -402,8 +480,15 @@ def _plan(model: nn.Module, checkpoint: Checkpoint, dtype: torch.dtype | None, *
                 f"{checkpoint.source}: tensor '{name}' is {list(entry.shape)} but the model's '{target}' is"
                 f" {list(current.shape)}; load it into the model it was compressed from"
             )
-        dense[target] = _load(checkpoint, name, current, dtype)
+        dense[target] = _load(checkpoint, name, current, dtype, device)
     return _Plan(factored, dense, result)
+
+
+def _records(checkpoint: Checkpoint) -> dict[str, FactorRecord]:
+    """The factor records of a lowrank checkpoint; none for one without lowrank metadata (dense weights)."""
+    if not any(METADATA_KEY in (shard.metadata or {}) for shard in checkpoint.files):
+        return {}
+    return factor_records(checkpoint)
 
 
 def _model_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -467,14 +552,23 @@ def _check_owners(owners: list[tuple[nn.Module, str, bool]], source: Path, name:
         )
 
 
-def _load(checkpoint: Checkpoint, name: str, current: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    """The file's tensor in the dtype and device of the one it replaces (the file's own dtype for meta tensors).
+def _load(
+    checkpoint: Checkpoint,
+    name: str,
+    current: torch.Tensor,
+    dtype: torch.dtype | None,
+    device: str | torch.device | None = None,
+) -> torch.Tensor:
+    """The file's tensor in the dtype and device of the one it replaces (the file's own dtype and the CPU
+    for meta tensors), or in `dtype` and on `device` when given.
 
     A tensor kept as stored (its dtype, on the CPU) stays backed by the mapped file, so only the
     pages a forward touches are ever read; a dtype or device change reads it whole and converts it.
     """
     stored = torch_dtype(checkpoint.entries[name].dtype)
-    device = torch.device("cpu") if current.is_meta else current.device
+    if device is None:
+        device = "cpu" if current.is_meta else current.device
+    device = torch.device(device)
     wanted = stored
     if stored.is_floating_point:
         wanted = dtype or (stored if current.is_meta else current.dtype)
@@ -582,4 +676,13 @@ def _transformers_model(model: nn.Module) -> nn.Module:
     return inner if isinstance(inner, nn.Module) and inner is not model else model
 
 
-__all__ = ["LoadResult", "apply_factors", "load_pretrained", "load_sentence_transformer", "save_factors"]
+__all__ = [
+    "LoadResult",
+    "apply_factors",
+    "build_empty",
+    "factored_names",
+    "load_pretrained",
+    "load_sentence_transformer",
+    "load_tensors",
+    "save_factors",
+]
