@@ -33,13 +33,15 @@ def _tokenizer(folder: Path, tmp_path: Path):
     return tokenizer
 
 
-def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32) -> Path:
-    folder = tmp_path / kind
+def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False) -> Path:
+    """A tiny model of `kind` saved with save_pretrained; tied: a causal LM whose head is its embedding."""
+    folder = tmp_path / (f"{kind}-tied" if tied else kind)
     torch.manual_seed(0)
     if kind == "causal-lm":
         config = transformers.LlamaConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+            tie_word_embeddings=tied,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
     else:
