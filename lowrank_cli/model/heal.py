@@ -11,6 +11,8 @@ state. The loss, by model kind (model.evaluate):
                   than the last layer's alone (benchmarks/README.md)
     causal-lm     mean KL(reference ‖ candidate) of the next-token distributions per token
     masked-lm     the same at every position of the unmasked input
+    token-classifier     the same over the class distributions of every real token
+    sequence-classifier  mean KL of the class distributions per sample
 
 The output is the compressed checkpoint again, shard for shard: every tensor under its own name,
 shape and dtype, the trained factors and biases in place of the old, each factor record's
@@ -34,7 +36,7 @@ from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names, factor_records
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.linalg.factorize import relative_error
-from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
+from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, SEQUENCE_CLASSIFIER, model_kind
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 from lowrank_cli.ops.hfmodel import load_model
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
@@ -225,7 +227,10 @@ def _autocast(device: str):
 
 
 def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) bools: where the LMs' distributions are compared (causal: position t, predicting t + 1)."""
+    """(batch, seq) bools: where the LMs' and classifiers' distributions are compared (causal: position t,
+    predicting t + 1); (batch,) all true for a sequence classifier, whose logits are one row per sample."""
+    if kind == SEQUENCE_CLASSIFIER:
+        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     if kind != CAUSAL_LM:
         return mask.bool()
     where = torch.zeros_like(mask, dtype=torch.bool)
@@ -437,9 +442,9 @@ def heal(
             "seed": options.seed,
             "max_grad_norm": options.max_grad_norm,
             "final_loss": final,
-            "loss": "relative MSE of every layer's hidden states"
-            if model_kind(reference) == ENCODER
-            else "KL per token",
+            "loss": {ENCODER: "relative MSE of every layer's hidden states", SEQUENCE_CLASSIFIER: "KL per sample"}.get(
+                model_kind(reference), "KL per token"
+            ),
         }
         report = write_healed(
             checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
