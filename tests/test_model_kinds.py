@@ -194,3 +194,45 @@ def test_heal_lowers_a_sequence_classifiers_kl(tmp_path):
     before = lowrank_cli.evaluate(folder, candidate, text=held).kl_mean
     after = lowrank_cli.evaluate(folder, out, text=held).kl_mean
     assert after < 0.8 * before, (before, after)
+
+
+# --- masked-LM masks --------------------------------------------------------------------------------
+
+
+def _masked_samples(evaluator) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Each sample's (original ids, masked positions), read off the evaluator's batches, in a fixed order."""
+    found = []
+    for masked, mask, where, original in evaluator.batches:
+        for row in range(len(masked)):
+            real = int(mask[row].sum())
+            assert not mask[row, real:].any()  # right padding
+            positions = tuple(where[row, :real].nonzero().flatten().tolist())
+            assert (masked[row][where[row]] != original[row][where[row]]).all() or not positions
+            found.append((tuple(original[row, :real].tolist()), positions))
+    return sorted(found)
+
+
+@pytest.mark.parametrize("split", ["lines", "windows"])
+def test_masked_positions_do_not_depend_on_the_batching(tmp_path, split):
+    from lowrank_cli.model.evaluate import make_evaluator, model_samples
+    from lowrank_cli.ops.hfmodel import load_model
+
+    folder = tiny_folder(tmp_path, "masked-lm")
+    text = line_text(tmp_path / "eval.txt", lines=120)
+    reference, tokenizer = load_model(folder, "cpu", "evaluate")
+    found = model_samples(reference, tokenizer, folder, text, seq_len=16, split=split)
+    masks = [
+        _masked_samples(make_evaluator(reference, tokenizer, found, folder, batch_size=size, device="cpu"))
+        for size in (1, 7, 16)
+    ]
+    assert masks[0] == masks[1] == masks[2]
+    if split == "windows":  # batches of one shape: each sample has its own draw, not one mask per shape
+        evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=7, device="cpu")
+        first, second = evaluator.batches[0][2], evaluator.batches[1][2]
+        assert first.shape == second.shape and not torch.equal(first, second)
+    candidate = compressed(folder, tmp_path)
+    one, seven = (
+        lowrank_cli.evaluate(folder, candidate, text=text, split=split, seq_len=16, batch_size=b) for b in (1, 7)
+    )
+    assert one.positions == seven.positions
+    assert one.fidelity == pytest.approx(seven.fidelity, rel=1e-5)

@@ -8,8 +8,11 @@ of model (docs/evaluate.md):
                 to the reference's; fidelity = the mean cosine
     causal-lm   the next-token distributions at every position: perplexity of both, mean
                 KL(reference ‖ candidate) per token and top-1 agreement; fidelity = exp(−mean KL)
-    masked-lm   the same at masked positions (MASK_SHARE of the tokens, chosen by a fixed seed);
-                the perplexity is of the true token there; fidelity = exp(−mean KL)
+    masked-lm   the same at masked positions (MASK_SHARE of the tokens, drawn per sample from a fixed
+                seed); the perplexity is of the true token there; fidelity = exp(−mean KL)
+    sequence-classifier, token-classifier
+                a task head's class distributions, per sample or per real token: mean KL and top-1
+                agreement; fidelity = exp(−mean KL). Encoder-decoders and other heads are refused.
 
 `Evaluator` holds the reference's outputs, so the candidates of a search (compress --fidelity)
 each cost one run of the candidate only.
@@ -224,8 +227,13 @@ class Evaluator:
             raise CheckpointError("the tokenizer has no mask token, which a masked LM's evaluation needs")
         self.reference, self.samples, self.kind, self.pooling = reference, samples, kind, pooling
         self.batches = batches(samples.ids, batch_size, device, pad)
-        if kind == MASKED_LM:
-            self.batches = [_masked(ids, mask, mask_token, special or set()) for ids, mask in self.batches]
+        if kind == MASKED_LM:  # each sample's masked positions are its own, whatever batch it falls in
+            chosen = [_mask_positions(ids, index, special or set()) for index, ids in enumerate(samples.ids)]
+            where = batches(chosen, batch_size, device, 0)  # the same batches: of the same lengths, in the same order
+            self.batches = [
+                (ids.masked_fill(picked.bool(), mask_token), mask, picked.bool(), ids)
+                for (ids, mask), (picked, _) in zip(self.batches, where, strict=True)
+            ]
         self._cache: list | None = None
         self._cache = [self._reference_output(i) for i in range(len(self.batches))] if self._cacheable() else None
 
@@ -315,19 +323,19 @@ def metric(kind: str, pooling: str | None) -> str:
     return f"exp(-mean KL(reference || candidate)) of the {where}, per token"
 
 
-def _masked(
-    ids: torch.Tensor, mask: torch.Tensor, mask_token: int, special: set[int]
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(masked ids, attention mask, where masked, the original ids): MASK_SHARE of the real, non-special
-    tokens replaced by the mask token, the same ones every run (a generator seeded by the batch)."""
-    generator = torch.Generator().manual_seed(MASK_SEED + int(ids.numel()))
-    eligible = mask.bool().cpu() & ~torch.isin(ids.cpu(), torch.tensor(sorted(special), dtype=ids.dtype))
-    chosen = (torch.rand(ids.shape, generator=generator) < MASK_SHARE) & eligible
-    for row in range(ids.shape[0]):  # at least one masked token per sample that has one to mask
-        if not chosen[row].any() and eligible[row].any():
-            chosen[row, int(eligible[row].nonzero()[0])] = True
-    chosen = chosen.to(ids.device)
-    return ids.masked_fill(chosen, mask_token), mask, chosen, ids
+def _mask_positions(ids: list[int], index: int, special: set[int]) -> list[int]:
+    """1 where sample `index` is masked: MASK_SHARE of its non-special tokens, at least one when it has one.
+
+    The draw is the sample's own (a generator seeded by MASK_SEED and its index), so the positions
+    do not depend on the batch size or on which samples share its batch.
+    """
+    generator = torch.Generator().manual_seed(MASK_SEED + index)
+    draws = torch.rand(len(ids), generator=generator).tolist()
+    eligible = [token not in special for token in ids]
+    chosen = [int(draw < MASK_SHARE and ok) for draw, ok in zip(draws, eligible, strict=True)]
+    if not any(chosen) and any(eligible):
+        chosen[eligible.index(True)] = 1
+    return chosen
 
 
 def evaluate(
