@@ -30,7 +30,11 @@ from lowrank_cli.cli.options import (
     DeviceOption,
     DTypeOption,
     Energy,
+    EvalBatchSize,
+    EvalSeqLen,
+    EvalSplit,
     EvalText,
+    EvalTokens,
     Exclude,
     FactorDTypeOption,
     FailAbove,
@@ -180,14 +184,16 @@ _command = functools.partial(app.command, cls=_PlainHelp)
 
 
 @contextmanager
-def _running(label: str, fail_above: float | None = None) -> Iterator[Callable[[int, int], None] | None]:
-    """A checkpoint command's library call: a progress bar on stderr, once --fail-above is known to be
-    a threshold (so that a bad one costs no run); yields the library's progress callback."""
+def _running(
+    label: str, fail_above: float | None = None, steps: str | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A checkpoint command's library call: a progress bar on stderr (over bytes, or over `steps`), once
+    --fail-above is known to be a threshold (so that a bad one costs no run); yields the library's callback."""
     from lowrank_cli.cli.render import progress
 
     if fail_above is not None and not fail_above >= 0:
         raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
-    with progress(label) as tick:
+    with progress(label, steps) as tick:
         yield tick
 
 
@@ -321,15 +327,21 @@ def compress(
         ),
     ] = None,
     eval_text: EvalText = None,
+    seq_len: EvalSeqLen = None,
+    tokens: EvalTokens = None,
+    split: EvalSplit = None,
+    batch_size: EvalBatchSize = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
-    with _running(f"compress {path.name}", fail_above) as tick:
+    steps = "evaluations" if fidelity is not None else None  # the search's progress is in models measured
+    with _running(f"compress {path.name}", fail_above, steps) as tick:
         report = lowrank_cli.compress(
             path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
             seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
             calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
+            seq_len=seq_len, tokens=tokens, split=split, batch_size=batch_size,
         )  # fmt: skip
     if fidelity is not None:
         from lowrank_cli.cli.render import notice

@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
+import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
 from lowrank_cli import Device, DType, Method, Split
 
 # How the library's argument names read on the command line, where they differ from --name.
@@ -183,4 +184,39 @@ Tokens = Annotated[
 Samples = Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")]
 BatchSize = Annotated[
     int, typer.Option("--batch-size", help="Samples per forward pass (heal: per optimizer step).", metavar="N")
+]
+
+# compress --fidelity: how its --eval-text is sampled (None: evaluate's defaults, shown in the help).
+EvalSeqLen = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seq-len",
+        help=f"With --fidelity: tokens per --eval-text sample at most [default: {defaults.SEQ_LEN}].",
+        metavar="N",
+    ),
+]
+EvalTokens = Annotated[
+    Optional[int],
+    typer.Option(
+        "--tokens",
+        help=f"With --fidelity: tokens the --eval-text samples hold [default: {defaults.EVALUATE_TOKENS}].",
+        metavar="N",
+    ),
+]
+EvalSplit = Annotated[
+    Optional[Split],
+    typer.Option(
+        "--split",
+        help="With --fidelity: how --eval-text is cut into samples (as evaluate cuts --text) [default: auto].",
+        case_sensitive=False,
+        show_default=False,
+    ),
+]
+EvalBatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size",
+        help=f"With --fidelity: samples per forward pass [default: {defaults.EVALUATE_BATCH_SIZE}].",
+        metavar="N",
+    ),
 ]

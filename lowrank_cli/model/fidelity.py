@@ -104,8 +104,8 @@ def search(
             for cut in cuts.values():
                 cut.parameter.data = cut.original
         trials.append((budget, value))
-        if progress:
-            progress(len(trials), steps)
+        if progress:  # (evaluations done, planned): the search's, then the model written (compress_to_fidelity)
+            progress(len(trials), steps + 1)
         return value
 
     mildest = measure(MILDEST)
@@ -192,6 +192,8 @@ def compress_to_fidelity(
         )  # fmt: skip
         written = Path(report.output)
         measured = evaluator.measure(load_candidate(folder, written, type(reference), settings.device))["fidelity"]
+        if progress:  # the model written is measured too: one evaluation more than the search's
+            progress(len(trials) + attempt + 1, len(trials) + attempt + 1)
         if measured >= target or budget >= MILDEST:
             break
         budget = min(round(budget + STEP, 4), MILDEST)
