@@ -236,3 +236,38 @@ def test_masked_positions_do_not_depend_on_the_batching(tmp_path, split):
     )
     assert one.positions == seven.positions
     assert one.fidelity == pytest.approx(seven.fidelity, rel=1e-5)
+
+
+# --- loading the reference ----------------------------------------------------------------------------
+
+
+def test_the_reference_loads_in_its_checkpoints_dtype_whatever_transformers_defaults_to(tmp_path, monkeypatch):
+    # transformers 4 loaded float32 by default and 5 loads the checkpoint's dtype: "auto" says which
+    from lowrank_cli.ops.hfmodel import load_model
+
+    folder = tiny_folder(tmp_path, "causal-lm", dtype=torch.bfloat16)
+    seen = []
+    real = transformers.LlamaForCausalLM.from_pretrained.__func__
+
+    def spy(cls, *args, **kwargs):
+        seen.append(kwargs.get("dtype"))
+        kwargs["dtype"] = kwargs.get("dtype") or torch.float32  # what an older transformers did without it
+        return real(cls, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.LlamaForCausalLM, "from_pretrained", classmethod(spy))
+    model, _ = load_model(folder, "cpu", "evaluate")
+    assert seen == ["auto"] and {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
+def test_an_older_transformers_is_refused_with_the_extra_to_install(tmp_path, monkeypatch):
+    import sys
+    import tomllib
+
+    folder = tiny_folder(tmp_path, "encoder")
+    monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.3")  # the module imports give now
+    result = cli("evaluate", folder, folder, "--text", line_text(tmp_path / "t.txt"))
+    assert_clean_failure(result, 1, "transformers 5", "4.46.3", "lowrank[calibrate]")
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    for extra in ("calibrate", "sentence-transformers", "test"):
+        (pin,) = [r for r in project["project"]["optional-dependencies"][extra] if r.startswith("transformers")]
+        assert pin == "transformers>=5"

@@ -3,14 +3,26 @@ and its GPT-2 Conv1D layer; none of it imports transformers until asked to."""
 
 from __future__ import annotations
 
-from lowrank_cli.errors import require_extra
+from lowrank_cli.errors import MissingExtraError, require_extra
 
 TRANSFORMERS_EXTRA = "calibrate"  # the pyproject extra that installs transformers
+# from_pretrained(dtype=...) (4.56) and PreTrainedModel.initialize_weights (5), which lowrank calls; the
+# extras in pyproject.toml ask for the same
+TRANSFORMERS_MAJOR = 5
 
 
 def require_transformers(feature: str):
-    """transformers, imported now; when it is missing, a MissingExtraError naming `feature` and the extra."""
-    return require_extra("transformers", TRANSFORMERS_EXTRA, feature)
+    """transformers, imported now; when it is missing or older than TRANSFORMERS_MAJOR, a MissingExtraError
+    naming `feature` and the extra."""
+    transformers = require_extra("transformers", TRANSFORMERS_EXTRA, feature)
+    version = str(getattr(transformers, "__version__", "0"))
+    major = version.split(".")[0]
+    if not major.isdigit() or int(major) < TRANSFORMERS_MAJOR:
+        raise MissingExtraError(
+            f"{feature} needs transformers {TRANSFORMERS_MAJOR} or newer, not {version};"
+            f" pip install -U 'lowrank[{TRANSFORMERS_EXTRA}]'"
+        )
+    return transformers
 
 
 def config_errors() -> tuple[type[Exception], ...]:

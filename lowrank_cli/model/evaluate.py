@@ -442,7 +442,7 @@ def load_candidate(
         try:
             with _quiet_transformers():  # its load report and bar; what is missing is said below, in one line
                 model, info = model_class.from_pretrained(
-                    candidate, local_files_only=True, trust_remote_code=False, output_loading_info=True
+                    candidate, dtype="auto", local_files_only=True, trust_remote_code=False, output_loading_info=True
                 )
         except (OSError, ValueError, TypeError, KeyError, AttributeError, RuntimeError) as exc:
             raise CheckpointError(

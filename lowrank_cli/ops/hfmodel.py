@@ -45,8 +45,8 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
     bars = transformers.utils.logging.is_progress_bar_enabled()
     transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
     offline = dict(local_files_only=True, trust_remote_code=False)  # never run a folder's own code, never ask
-    try:
-        model = (model_class or transformers.AutoModel).from_pretrained(folder, **offline)
+    try:  # dtype="auto": the checkpoint's own dtype, whatever this transformers version's default is
+        model = (model_class or transformers.AutoModel).from_pretrained(folder, dtype="auto", **offline)
         tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
     except config_errors() as exc:
         raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
