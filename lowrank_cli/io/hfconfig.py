@@ -3,6 +3,9 @@ and its GPT-2 Conv1D layer; none of it imports transformers until asked to."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from lowrank_cli.errors import MissingExtraError, require_extra
 
 TRANSFORMERS_EXTRA = "calibrate"  # the pyproject extra that installs transformers
@@ -38,3 +41,34 @@ def config_errors() -> tuple[type[Exception], ...]:
 def is_conv1d(module: object) -> bool:
     """transformers' GPT-2 Conv1D (y = x·W + b, W stored (in, out)), recognized by name so torch alone suffices."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and getattr(module, "weight", None) is not None
+
+
+def base_prefix(model: object) -> str:
+    """A transformers model's base_model_prefix ("bert", "model"); "" for a model without one."""
+    return getattr(model, "base_model_prefix", "") or ""
+
+
+def prefix_variants(name: str, prefix: str) -> list[str]:
+    """The names one tensor has in a task-head model and in its base model (bert.encoder… and encoder…):
+    [NAME, PREFIX.NAME, NAME without PREFIX.], always in this order; [NAME] without a prefix."""
+    if not prefix:
+        return [name]
+    return [name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")]
+
+
+@contextmanager
+def quiet_transformers(*, keep_warnings: bool = False) -> Iterator[None]:
+    """transformers' progress bars off (a "Loading weights" bar is noise beside a one-line error), and its
+    log below errors unless keep_warnings; both as they were afterwards."""
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    if not keep_warnings:
+        logging.set_verbosity_error()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()

@@ -23,14 +23,14 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.ops.hfmodel import check_samples, load_model
+from lowrank_cli.io.hfconfig import quiet_transformers
+from lowrank_cli.ops.hfmodel import check_samples, load_model, pad_id
 from lowrank_cli.ops.samples import TextSamples, batches, read_samples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE, EVALUATE_TOKENS, SEQ_LEN, Split
 
@@ -274,7 +274,7 @@ class Evaluator:
                 continue
             targets = None  # the true tokens, where there are: an LM's perplexity
             if self.kind == CAUSAL_LM:  # position t predicts token t + 1
-                where = (mask[:, :-1] * mask[:, 1:]).bool()
+                where = next_token_pairs(mask)
                 targets = ids[:, 1:][where]
                 p, q = reference[:, :-1][where], output[:, :-1][where]  # (positions, V) log-probabilities
             elif self.kind == MASKED_LM:
@@ -308,6 +308,11 @@ class Evaluator:
             figures["perplexity_reference"] = math.exp(nll_ref / positions)
             figures["perplexity_candidate"] = math.exp(nll_cand / positions)
         return figures
+
+
+def next_token_pairs(mask: torch.Tensor) -> torch.Tensor:
+    """(batch, seq − 1) bools: where tokens t and t + 1 are both real, so a causal LM's prediction at t is compared."""
+    return (mask[:, :-1] * mask[:, 1:]).bool()
 
 
 def metric(kind: str, pooling: str | None) -> str:
@@ -410,13 +415,12 @@ def make_evaluator(
 ) -> Evaluator:
     """The Evaluator of a reference model loaded from `folder`, its kind and pooling read off the model and folder."""
     kind = model_kind(reference)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     return Evaluator(
         reference,
         found,
         kind=kind,
-        pad=pad,
+        pad=pad_id(tokenizer),
         mask_token=getattr(tokenizer, "mask_token_id", None),
         special=special,
         pooling=read_pooling(folder) if kind == ENCODER else "mean",
@@ -440,7 +444,7 @@ def load_candidate(
             model = load_pretrained(folder, model_class, weights=candidate, dtype=dtype)
     elif own_config:
         try:
-            with _quiet_transformers():  # its load report and bar; what is missing is said below, in one line
+            with quiet_transformers():  # its load report and bar; what is missing is said below, in one line
                 model, info = model_class.from_pretrained(
                     candidate, dtype="auto", local_files_only=True, trust_remote_code=False, output_loading_info=True
                 )
@@ -460,21 +464,6 @@ def load_candidate(
             " model (lowrank compress) or a Hugging Face folder"
         )
     return model.to(device).eval()
-
-
-@contextmanager
-def _quiet_transformers():
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
-    logging.set_verbosity_error()
-    logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        logging.set_verbosity(verbosity)
-        if bars:
-            logging.enable_progress_bar()
 
 
 def is_lowrank(path: Path) -> bool:

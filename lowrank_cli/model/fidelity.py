@@ -27,6 +27,7 @@ import torch
 from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.hfconfig import base_prefix, prefix_variants
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.linalg.whiten import RowWeights
@@ -153,8 +154,7 @@ def _whitener_of(calibration: Calibration, name: str, device: str):
 def _parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     """The model's parameter of a checkpoint name, allowing the base model prefix (bert.…) either way."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+    for candidate in prefix_variants(name, base_prefix(model)):
         if candidate in parameters:
             return parameters[candidate]
     raise UsageError(f"tensor '{name}' is not a parameter of {type(model).__name__}; give the model's own folder")

@@ -34,11 +34,12 @@ import torch
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError, arg
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names, factor_records
+from lowrank_cli.io.hfconfig import base_prefix, prefix_variants
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.linalg.factorize import relative_error
-from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, SEQUENCE_CLASSIFIER, model_kind
+from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, SEQUENCE_CLASSIFIER, model_kind, next_token_pairs
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
-from lowrank_cli.ops.hfmodel import load_model
+from lowrank_cli.ops.hfmodel import load_model, pad_id
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.samples import TextSamples, batches
 from lowrank_cli.ops.settings import (
@@ -102,7 +103,7 @@ def trainable(model: torch.nn.Module, file_names: set[str]) -> list[TrainableFac
     float32 (or float64) are given to every layer holding them as float32 Parameters, the master
     copies that train.
     """
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    prefix = base_prefix(model)
     groups: dict[int, list[tuple[str, torch.nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, (LowRankLinear, LowRankEmbedding)):
@@ -147,7 +148,8 @@ def _as_float32(factors: TrainableFactors) -> None:
 
 
 def _file_name(model_name: str, file_names: set[str], prefix: str) -> str | None:
-    for name in (model_name, f"{prefix}.{model_name}", model_name.removeprefix(f"{prefix}.")):
+    """The file's name of a model tensor (a factorized weight is in the file as NAME.B), if it holds one."""
+    for name in prefix_variants(model_name, prefix):
         if name in file_names or f"{name}.B" in file_names:
             return name
     return None
@@ -234,7 +236,7 @@ def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
     if kind != CAUSAL_LM:
         return mask.bool()
     where = torch.zeros_like(mask, dtype=torch.bool)
-    where[:, :-1] = (mask[:, :-1] * mask[:, 1:]).bool()
+    where[:, :-1] = next_token_pairs(mask)
     return where
 
 
@@ -430,8 +432,9 @@ def heal(
             before = evaluator.measure(load_candidate(folder, compressed, type(reference), device))["fidelity"]
         model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
         layers = trainable(model, set(checkpoint.entries))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        steps, final = train(reference, model, layers, found, options, pad=pad, device=device, progress=progress)
+        steps, final = train(
+            reference, model, layers, found, options, pad=pad_id(tokenizer), device=device, progress=progress
+        )
         record = {
             "text_sha256": found.text_sha256,
             "samples": len(found.ids),
