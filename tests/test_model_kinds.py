@@ -261,8 +261,8 @@ def test_the_reference_loads_in_its_checkpoints_dtype_whatever_transformers_defa
 
 def test_an_older_transformers_is_refused_with_the_extra_to_install(tmp_path, monkeypatch):
     import sys
-    import tomllib
 
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
     folder = tiny_folder(tmp_path, "encoder")
     monkeypatch.setattr(sys.modules["transformers"], "__version__", "4.46.3")  # the module imports give now
     result = cli("evaluate", folder, folder, "--text", line_text(tmp_path / "t.txt"))
