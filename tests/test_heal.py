@@ -13,6 +13,7 @@ from conftest import assert_clean_failure, cli, file_metadata, load, raw_tensors
 from test_evaluate import compressed, dense_model, encoded, independent_cosine, line_text, tiny_folder
 
 import lowrank_cli
+from lowrank_cli.errors import UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -330,6 +331,9 @@ def test_gradients_are_clipped_before_each_step(tmp_path, monkeypatch):
     norms.clear()
     heal(folder, candidate, train, tmp_path / "free", options=HealOptions(steps=4, lr=1e-3, max_grad_norm=1e9))
     assert min(norms) > 0.05  # so the first run's were cut down to 0.05
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="max_grad_norm must be a positive number"):
+            HealOptions(max_grad_norm=bad)
 
 
 def test_fidelity_before_and_after_is_what_evaluate_measures(tmp_path):

@@ -74,7 +74,8 @@ class HealOptions:
         if self.batch_size < 1:
             raise UsageError(f"{arg('batch_size')} must be at least 1, got {self.batch_size}")
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
-            raise UsageError(f"{arg('max_grad_norm')} must be a positive number, got {self.max_grad_norm}")
+            # a library option only (no flag): named as Python spells it
+            raise UsageError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
 
 
 @dataclass
