@@ -86,8 +86,8 @@ def model_kind(model: torch.nn.Module) -> str:
     config = getattr(model, "config", None)
     if "decoder_input_ids" in inspect.signature(model.forward).parameters:
         raise CheckpointError(
-            f"{name} is an encoder-decoder, whose decoder needs inputs of its own; evaluate compares encoders,"
-            " causal and masked LMs and sequence or token classifiers"
+            f"{name} is an encoder-decoder, whose decoder needs inputs of its own; evaluate, heal and --fidelity"
+            " compare encoders, causal and masked LMs and sequence or token classifiers"
         )
     kinds = {
         CAUSAL_LM: ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", ("ForCausalLM", "LMHeadModel")),
@@ -104,15 +104,15 @@ def model_kind(model: torch.nn.Module) -> str:
     kind = kind or next((kind for kind, (_, endings) in kinds.items() if name.endswith(endings)), None)
     if kind is None:
         raise CheckpointError(
-            f"{name}: evaluate cannot compare this head's outputs; it compares encoders' embeddings, causal and"
-            " masked LMs and sequence or token classifiers; give the folder of the base model or of one of those"
+            f"{name}: evaluate, heal and --fidelity cannot compare this head's outputs; they compare encoders'"
+            " embeddings, causal and masked LMs and sequence or token classifiers; give the base model's folder"
         )
     if kind in CLASSIFIERS:
         problem, labels = getattr(config, "problem_type", None), getattr(config, "num_labels", 2)
         if problem not in (None, "single_label_classification") or labels < 2:
             raise CheckpointError(
                 f"{name}: a {problem or 'regression'} head, whose outputs are no distribution over classes;"
-                " evaluate compares single-label classifiers (or give the base model's folder)"
+                " evaluate, heal and --fidelity compare single-label classifiers (or give the base model's folder)"
             )
     return kind
 
