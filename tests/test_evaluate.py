@@ -33,13 +33,15 @@ def _tokenizer(folder: Path, tmp_path: Path):
     return tokenizer
 
 
-def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32) -> Path:
-    folder = tmp_path / kind
+def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False) -> Path:
+    """A tiny model of `kind` saved with save_pretrained; tied: a causal LM whose head is its embedding."""
+    folder = tmp_path / (f"{kind}-tied" if tied else kind)
     torch.manual_seed(0)
     if kind == "causal-lm":
         config = transformers.LlamaConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+            tie_word_embeddings=tied,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
     else:
@@ -307,4 +309,48 @@ def test_fidelity_usage_errors(tmp_path, args, words):
     text = line_text(tmp_path / "eval.txt")
     result = cli("compress", folder, "-o", tmp_path / "o", *[str(text) if a == "EVAL" else a for a in args])
     assert_clean_failure(result, 2, *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_to_a_fidelity_samples_the_eval_text_as_told(tmp_path, monkeypatch):
+    from lowrank_cli.model import evaluate as evaluate_module
+
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    assert sum(len(ids) for ids in encoded(folder, text)) > 256  # enough tokens for 32 windows of 8
+    sizes = []
+    real_batches = evaluate_module.batches
+    monkeypatch.setattr(
+        evaluate_module, "batches", lambda ids, size, *a: sizes.append(size) or real_batches(ids, size, *a)
+    )
+    calls = []
+    lines = lowrank_cli.compress(
+        folder,
+        tmp_path / "lines",
+        fidelity=0.5,
+        eval_text=text,
+        split="lines",
+        batch_size=5,
+        progress=lambda *c: calls.append(c),
+    )
+    assert lines.options["fidelity"]["eval_samples"] == 60 and sizes == [5]  # one sample a line
+    done = [call[0] for call in calls]
+    assert done == sorted(done) and calls[-1][0] == calls[-1][1] == lines.options["fidelity"]["evaluations"]
+    windows = lowrank_cli.compress(
+        folder, tmp_path / "windows", fidelity=0.5, eval_text=text, split="windows", seq_len=8, tokens=256
+    )
+    assert windows.options["fidelity"]["eval_samples"] == 256 // 8 and sizes[-1] == 16  # evaluate's batch size
+    result = cli("compress", folder, "-o", tmp_path / "cli", "--fidelity", "0.5", "--eval-text", text,
+                 "--split", "windows", "--seq-len", "8", "--tokens", "256", "--batch-size", "4", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["fidelity"]["eval_samples"] == 32 and sizes[-1] == 4
+
+
+@pytest.mark.parametrize(
+    "option", [["--seq-len", "8"], ["--tokens", "64"], ["--split", "lines"], ["--batch-size", "2"]]
+)
+def test_eval_text_sampling_without_a_fidelity_is_refused(tmp_path, option):
+    folder = tiny_folder(tmp_path, "encoder")
+    result = cli("compress", folder, "-o", tmp_path / "o", "--rank", "2", *option)
+    assert_clean_failure(result, 2, option[0], "--fidelity")
     assert not (tmp_path / "o").exists()

@@ -129,12 +129,16 @@ def print_evaluation(evaluation) -> None:
             ("cosine min", f"{evaluation.cosine_min:.4f}"),
         ]
     else:
+        if evaluation.perplexity_reference is not None:  # an LM's, of the true tokens; a classifier has none
+            rows += [
+                ("perplexity reference", f"{evaluation.perplexity_reference:.3f}"),
+                ("perplexity candidate", f"{evaluation.perplexity_candidate:.3f}"),
+            ]
+        per = "sample" if evaluation.kind == "sequence-classifier" else "token"
         rows += [
-            ("perplexity reference", f"{evaluation.perplexity_reference:.3f}"),
-            ("perplexity candidate", f"{evaluation.perplexity_candidate:.3f}"),
-            ("KL(ref ‖ cand) per token", f"{evaluation.kl_mean:.4g} nats"),
+            (f"KL(ref ‖ cand) per {per}", f"{evaluation.kl_mean:.4g} nats"),
             ("top-1 agreement", _percent(evaluation.top1_agreement)),
-            ("positions compared", f"{evaluation.positions:,}"),
+            ("positions compared" if per == "token" else "samples compared", f"{evaluation.positions:,}"),
         ]
     held = {True: "yes", False: "no: the calibration text", None: "not known"}[evaluation.held_out]
     rows += [

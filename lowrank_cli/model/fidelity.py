@@ -29,6 +29,7 @@ import torch
 from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, OutputError, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
+from lowrank_cli.io.hfconfig import base_prefix, prefix_variants
 from lowrank_cli.io.outputs import prepare_output, require_kind
 from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
 from lowrank_cli.linalg.policy import RankPolicy
@@ -108,8 +109,8 @@ def search(
             for cut in cuts.values():
                 cut.parameter.data = cut.original
         trials.append((budget, value))
-        if progress:
-            progress(len(trials), steps)
+        if progress:  # (evaluations done, planned): the search's, then the model written (compress_to_fidelity)
+            progress(len(trials), steps + 1)
         return value
 
     mildest = measure(MILDEST)
@@ -157,8 +158,7 @@ def _whitener_of(calibration: Calibration, name: str, device: str):
 def _parameter(model: torch.nn.Module, name: str) -> torch.nn.Parameter:
     """The model's parameter of a checkpoint name, allowing the base model prefix (bert.…) either way."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+    for candidate in prefix_variants(name, base_prefix(model)):
         if candidate in parameters:
             return parameters[candidate]
     raise UsageError(f"tensor '{name}' is not a parameter of {type(model).__name__}; give the model's own folder")
@@ -208,6 +208,8 @@ def compress_to_fidelity(
             model = load_candidate(folder, staging.path, type(reference), settings.device)
             written.append((budget, evaluator.measure(model)["fidelity"]))
             del model
+            if progress:  # the model written is measured too: one evaluation more than the search's
+                progress(len(trials) + len(written), len(trials) + len(written))
             if written[-1][1] >= target or budget >= MILDEST:
                 break
             budget = min(round(budget + STEP, 4), MILDEST)

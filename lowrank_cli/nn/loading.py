@@ -20,7 +20,7 @@ from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, 
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names, factor_records
-from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
+from lowrank_cli.io.hfconfig import base_prefix, config_errors, is_conv1d, prefix_variants, require_transformers
 from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
@@ -29,8 +29,8 @@ WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does no
 
 
 @dataclass
-class _Factored:
-    """One factorized tensor of the file, matched to the model."""
+class _MatchedFactors:
+    """One factorized weight of the file and the model tensor it replaces: its name in each, its record, B and A."""
 
     name: str  # in the file
     target: str  # in the model
@@ -421,7 +421,7 @@ def _architecture(transformers, config) -> type:
 
 @dataclass
 class _Plan:
-    factored: list[_Factored]
+    factored: list[_MatchedFactors]
     dense: dict[str, torch.Tensor]  # model name -> the file's tensor
     result: LoadResult
 
@@ -467,7 +467,7 @@ def _plan(
             )
         _check_owners(owners[id(current)], checkpoint.source, name)
         b, a = (_load(checkpoint, factor, current, dtype, device) for factor in factor_names(name))
-        factored.append(_Factored(name, target, record, b, a))
+        factored.append(_MatchedFactors(name, target, record, b, a))
 
     dense = {}
     for name in names[len(records) :]:
@@ -506,12 +506,11 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _match_names(model: nn.Module, names: list[str], tensors: dict) -> dict[str, str]:
     """File name -> model name, for each name the model has: exactly, else with the model's
     base_model_prefix added or removed (whichever way matches most; names that match no way are left out)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    renames = [lambda n: n]
-    if prefix:
-        renames += [lambda n: f"{prefix}.{n}", lambda n: n.removeprefix(f"{prefix}.")]
-    rename = max(renames, key=lambda r: sum(r(name) in tensors for name in names))  # the first of equals
-    return {name: rename(name) for name in names if rename(name) in tensors}
+    prefix = base_prefix(model)
+    variants = {name: prefix_variants(name, prefix) for name in names}
+    ways = range(len(prefix_variants("", prefix)))  # as it is, prefix added, prefix removed
+    way = max(ways, key=lambda k: sum(v[k] in tensors for v in variants.values()))  # the first of equals
+    return {name: v[way] for name, v in variants.items() if v[way] in tensors}
 
 
 def _mismatch(model: nn.Module, source: Path, result: LoadResult, fix: str) -> str:
@@ -527,7 +526,7 @@ def _mismatch(model: nn.Module, source: Path, result: LoadResult, fix: str) -> s
     if result.missing_keys:
         count = len(result.missing_keys)
         problems.append(f"{count} of the model's are not in the file ({some(result.missing_keys)})")
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    prefix = base_prefix(model)
     rule = f" (or differ by the prefix '{prefix}.')" if prefix else ""
     return (
         f"{source}: does not fit {type(model).__name__}: {' and '.join(problems)}; names must match exactly{rule};"
@@ -580,7 +579,7 @@ def _load(
 # --- changing the model ---------------------------------------------------------------------------
 
 
-def _replace_modules(model: nn.Module, factored: list[_Factored]) -> None:
+def _replace_modules(model: nn.Module, factored: list[_MatchedFactors]) -> None:
     """Each module holding a factorized weight (under any of its tied names) becomes a low-rank layer."""
     owners = _owners(model)
     replaced: dict[int, nn.Module] = {}

@@ -107,7 +107,9 @@ def _write(
         for entry in entries:
             step = (policy_for, settings, selected, calibration)
             report = _compress_entry(checkpoint, entry, writer, shard_records, *step)
-            if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report):
+            # a matrix the policy bounds but keeps whole: the bound holds on it as written, cast or not
+            bound = policy_for(entry.name).max_error if report.status == Status.dense else None
+            if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report, bound):
                 shard_casts[entry.name] = entry.dtype
             tensors.append(report)
             if on_tensor:
@@ -155,16 +157,31 @@ def _compress_entry(
 
 
 def _write_whole(
-    checkpoint: Checkpoint, entry: TensorEntry, writer: SafetensorsWriter, settings: Settings, report: TensorReport
+    checkpoint: Checkpoint,
+    entry: TensorEntry,
+    writer: SafetensorsWriter,
+    settings: Settings,
+    report: TensorReport,
+    bound: float | None = None,
 ) -> bool:
     """A tensor that is not factorized: its bytes unchanged, or, with a --dtype, a float tensor cast to it,
     so that a bfloat16 run halves every float32 tensor; the error is measured on what is written.
-    Returns whether it was cast."""
+
+    bound: the error the policy promises for this matrix (max_error); a cast that would exceed it is
+    not made, the tensor kept in its own dtype, and its row's note says so. Returns whether it was cast.
+    """
     stored = None if settings.dtype == DType.keep else STORED_CODES[settings.dtype]
     if stored is None or entry.dtype not in CASTABLE or entry.dtype == stored:
         writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
         return False
     where = f"{entry.path}: tensor '{entry.name}'"
-    tensor, report.rel_error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
+    tensor, error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
+    if bound is not None and error is not None and error > bound:
+        own = str(torch_dtype(entry.dtype)).removeprefix("torch.")
+        kept = f"kept in {own}: {settings.dtype.value} would make its error {error:.3g}, above the target {bound:g}"
+        report.reason = f"{report.reason}; {kept}" if report.reason else kept
+        writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+        return False
+    report.rel_error = error
     writer.add_tensor(entry.name, tensor)
     return True

@@ -16,7 +16,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
-from lowrank_cli.io.hfconfig import config_errors, require_transformers
+from lowrank_cli.io.hfconfig import config_errors, prefix_variants, quiet_transformers, require_transformers
 
 
 def load_model(folder: Path, device: str, feature: str = "calibrate"):
@@ -42,18 +42,19 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
         raise CheckpointError(
             f"{config_path}: is not a model config ({type(exc).__name__}: {exc}); give a Hugging Face model folder"
         ) from None
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
     offline = dict(local_files_only=True, trust_remote_code=False)  # never run a folder's own code, never ask
-    try:
-        model = (model_class or transformers.AutoModel).from_pretrained(folder, **offline)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
+    try:  # dtype="auto": the checkpoint's own dtype, whatever this transformers version's default is
+        with quiet_transformers(keep_warnings=True):  # its warnings (weights it had to initialise) still show
+            model = (model_class or transformers.AutoModel).from_pretrained(folder, dtype="auto", **offline)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
     except config_errors() as exc:
         raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else 0 (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def refuse_lowrank_weights(folder: Path) -> None:
@@ -84,8 +85,9 @@ def checkpoint_keys(folder: Path) -> list[str]:
     return keys
 
 
-def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """Module name -> the checkpoint's weight name: MODULE.weight, or the one key that ends with it.
+def checkpoint_names(module_names: Iterable[str], keys: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """Module name -> the checkpoint's weight name: MODULE.weight, or with the model's base_model_prefix
+    `prefix` added or removed (io.hfconfig.prefix_variants).
 
     A model saved with a task head prefixes the base model (`bert.encoder…`) while the loaded base
     model names it `encoder…`; and the other way round for a head model loading a bare checkpoint.
@@ -93,13 +95,9 @@ def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[s
     keys = set(keys)
     names = {}
     for module in module_names:
-        wanted = f"{module}.weight"
-        if wanted in keys:
-            names[module] = wanted
-            continue
-        matches = [k for k in keys if k.endswith("." + wanted) or wanted.endswith("." + k)]
-        if len(matches) == 1:
-            names[module] = matches[0]
+        found = next((name for name in prefix_variants(f"{module}.weight", prefix) if name in keys), None)
+        if found is not None:
+            names[module] = found
     return names
 
 
