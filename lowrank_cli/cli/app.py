@@ -72,7 +72,6 @@ from lowrank_cli.errors import (
     Terminated,
     UsageError,
 )
-from lowrank_cli.io.publish import recording_published
 
 
 def _exit_code(exc: Exception | KeyboardInterrupt, written: Sequence[Path] = ()) -> int | None:
@@ -148,7 +147,7 @@ class _App(TyperGroup):
     def invoke(self, ctx):
         # Here as well as in main(): typer turns Ctrl-C into a bare exit 130 on its way up, which
         # would lose SIGTERM's 143 and the line that says no output was written.
-        with recording_published() as written:
+        with lowrank_cli.recording_published() as written:
             try:
                 return super().invoke(ctx)
             except (Exception, KeyboardInterrupt) as exc:
