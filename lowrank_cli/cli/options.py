@@ -222,6 +222,7 @@ EvalSplit = Annotated[
         "--split",
         help="With --fidelity: how --eval-text is cut into samples (as evaluate cuts --text) [default: auto].",
         case_sensitive=False,
+        metavar="[" + "|".join(split.value for split in Split) + "]",  # as a plain Split option shows it
         show_default=False,
     ),
 ]
