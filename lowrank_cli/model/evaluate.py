@@ -260,6 +260,7 @@ def evaluate(
     shards) of the reference's architecture; either way loaded by nn.loading.load_pretrained, factors
     running as factors, never expanded.
     """
+    from lowrank_cli.io.fileformat import find_lowrank
     from lowrank_cli.ops.samples import require_text
 
     folder, candidate = Path(reference_dir), Path(candidate)
@@ -268,6 +269,8 @@ def evaluate(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
+    found_lowrank = find_lowrank(candidate, CANDIDATE_FIX)  # before the reference loads: a FIFO is refused at once
+    payload = found_lowrank[1] if found_lowrank else None
     reference, tokenizer = load_model(folder, device, "evaluate")
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
@@ -275,7 +278,7 @@ def evaluate(
     model = load_candidate(folder, candidate, type(reference), device)
     evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
     figures = evaluator.measure(model)
-    held_out, notes = held_out_note(candidate, found.text_sha256)
+    held_out, notes = held_out_note(payload, found.text_sha256)
     return Evaluation(
         reference=str(folder),
         candidate=str(candidate),
@@ -334,8 +337,11 @@ def load_candidate(
 ) -> torch.nn.Module:
     """The candidate as a model of the reference's class: a lowrank file or folder through load_pretrained
     (its own folder's config, else the reference's), a dense folder through transformers."""
+    from lowrank_cli.io.paths import require_files_in
     from lowrank_cli.nn.loading import load_pretrained
 
+    if candidate.is_dir():  # transformers or load_pretrained reads the folder's files: none may block open()
+        require_files_in(candidate, CANDIDATE_FIX)
     own_config = candidate.is_dir() and (candidate / "config.json").is_file()
     if is_lowrank(candidate):
         if own_config:
@@ -381,42 +387,48 @@ def _quiet_transformers():
             logging.enable_progress_bar()
 
 
-def is_lowrank(path: Path) -> bool:
-    """Whether a file, or any safetensors file of a folder, was written by lowrank compress."""
-    from safetensors import SafetensorError, safe_open
-
-    from lowrank_cli.io.fileformat import METADATA_KEY
-
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                if METADATA_KEY in (handle.metadata() or {}):
-                    return True
-        except (OSError, SafetensorError):
-            continue
-    return False
+CANDIDATE_FIX = "give the compressed model (lowrank compress) or a Hugging Face folder"
 
 
-def held_out_note(candidate: Path, text_sha256: str) -> tuple[bool | None, list[str]]:
-    """Whether the text is held out from the candidate's making: not when it is its calibration text."""
-    from safetensors import safe_open
+def is_lowrank(path: Path, fix: str = CANDIDATE_FIX) -> bool:
+    """Whether a file, or any safetensors file of a folder, was written by lowrank compress (what is
+    not a regular file is refused first, ending in `fix`: io.fileformat.find_lowrank)."""
+    from lowrank_cli.io.fileformat import find_lowrank
 
-    from lowrank_cli.io.fileformat import METADATA_KEY
+    return find_lowrank(path, fix) is not None
 
-    files = sorted(candidate.glob("*.safetensors")) if candidate.is_dir() else [candidate]
-    try:
-        with safe_open(str(files[0]), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
-    except (IndexError, OSError, ValueError, KeyError):
+
+def made_with(payload: dict | None) -> dict[str, str]:
+    """The texts a lowrank file's metadata says made it: text hash -> what it was, in words.
+
+    Its calibration statistics' text, the text `compress --fidelity` chose its budget on, and the
+    texts heal trained it on (the last heal's, and those of any heal before it).
+    """
+    payload = payload if isinstance(payload, dict) else {}
+    uses: dict[str, str] = {}
+
+    def add(record: object, key: str, what: str) -> None:
+        value = record.get(key) if isinstance(record, dict) else None
+        for digest in value if isinstance(value, list) else [value]:
+            if isinstance(digest, str) and digest:
+                uses.setdefault(digest, what)
+
+    add(payload.get("calibration"), "text_sha256", "calibration text")
+    add(payload.get("fidelity"), "text_sha256", "text compress --fidelity chose its budget on")
+    add(payload.get("heal"), "text_sha256", "text heal trained it on")
+    add(payload.get("heal"), "earlier_text_sha256", "text heal trained it on")
+    return uses
+
+
+def held_out_note(payload: dict | None, text_sha256: str) -> tuple[bool | None, list[str]]:
+    """Whether the text is held out from the candidate's making (`payload`: its lowrank metadata,
+    None for a dense model, whose texts are not recorded): not when it is a text made_with lists."""
+    if not payload:
         return None, []
-    if not isinstance(record, dict):
-        return None, []  # a dense checkpoint: what text it was made with is not recorded
-    calibration = record.get("calibration") or {}
-    if calibration.get("text_sha256") == text_sha256:
+    what = made_with(payload).get(text_sha256)
+    if what is not None:
         return False, [
-            "the evaluation text is the calibration text, so this figure is not held out;"
+            f"the evaluation text is the candidate's {what}, so this figure is not held out;"
             " evaluate on another text for what the model keeps on unseen inputs"
         ]
     return True, []

@@ -343,7 +343,7 @@ def heal(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not compressed.exists():
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
-    if not is_lowrank(compressed):
+    if not is_lowrank(compressed, "give the compressed model to heal"):
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
     reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
     found = model_samples(
