@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, cli
+from conftest import assert_clean_failure, cli, cli_json, file_metadata, sha256
 
 import lowrank_cli
 
@@ -313,6 +313,20 @@ def test_compress_to_a_fidelity_writes_the_smallest_model_that_keeps_it(tmp_path
     assert below and all(t["fidelity"] < 0.9 for t in below if t["budget"] >= found["budget"] - 0.011)
     assert found["evaluations"] == len(found["trials"]) + 1  # the trials, then the model written
     assert "fidelity" in result.stderr and "held-out" in result.stderr
+
+
+def test_the_text_a_fidelity_search_chose_its_budget_on_is_not_held_out(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    text, other = line_text(tmp_path / "eval.txt"), line_text(tmp_path / "other.txt", seed=1)
+    out = tmp_path / "f90"
+    assert cli("compress", folder, "--fidelity", "0.9", "--eval-text", text, "-o", out).exit_code == 0
+    record = json.loads(file_metadata(out / "model.lowrank.safetensors")["lowrank"])
+    assert record["fidelity"] == {"target": 0.9, "text_sha256": sha256(text)}
+    same = cli_json("evaluate", folder, out, "--text", text)
+    assert same["held_out"] is False and any("--fidelity" in note for note in same["notes"])
+    assert cli_json("evaluate", folder, out, "--text", other)["held_out"] is True
+    table = cli("evaluate", folder, out, "--text", text)
+    assert table.exit_code == 0 and "not held out" in table.stderr
 
 
 def test_a_fidelity_no_saving_reaches_writes_nothing(tmp_path):

@@ -92,6 +92,31 @@ def test_the_same_seed_heals_the_same_way(tmp_path):
         torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-7)
 
 
+def test_every_text_the_model_was_made_with_is_not_held_out(tmp_path):
+    """heal's training text (of this heal and an earlier one) and COMPRESSED's calibration text: evaluate
+    and heal --eval-text say held_out false on each, and true on a text none of them used."""
+    folder = tiny_folder(tmp_path, "encoder")
+    texts = {name: line_text(tmp_path / f"{name}.txt", lines=40, seed=seed) for seed, name in enumerate("CTUO")}
+    stats = tmp_path / "stats.safetensors"
+    lowrank_cli.calibrate(folder, stats, text=texts["C"], sensitivity=False)
+    candidate = tmp_path / "c"
+    lowrank_cli.compress(folder, candidate, rank=3, calibration=stats)
+    once, twice = tmp_path / "h1", tmp_path / "h2"
+    report = lowrank_cli.heal(folder, candidate, once, text=texts["T"], steps=2, eval_text=texts["C"])
+    assert report.options["heal"]["held_out"] is False
+    assert any("calibration text" in note for note in report.options["notes"])
+    lowrank_cli.heal(folder, once, twice, text=texts["U"], steps=2)
+    record = json.loads(file_metadata(twice / WEIGHTS)["lowrank"])
+    assert record["heal"]["text_sha256"] == sha256(texts["U"])
+    assert record["heal"]["earlier_text_sha256"] == [sha256(texts["T"])]
+    for name, held in {"C": False, "T": False, "U": False, "O": True}.items():
+        result = lowrank_cli.evaluate(folder, twice, text=texts[name])
+        assert result.held_out is held, name
+        assert any("not held out" in note for note in result.notes) is not held
+    assert lowrank_cli.evaluate(folder, once, text=texts["T"]).held_out is False
+    assert lowrank_cli.evaluate(folder, once, text=texts["U"]).held_out is True
+
+
 def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     folder = tiny_folder(tmp_path, "encoder")
     candidate = compressed(folder, tmp_path, rank=3)

@@ -641,7 +641,7 @@ def heal(
     healed = report.options["heal"]
     line = f"{healed['steps']} steps, final loss {healed['final_loss']:.4g}"
     if "fidelity_after" in healed:
-        kind = "held out" if healed["held_out"] else "not held out: the training text"
+        kind = "held out" if healed["held_out"] else "not held out: see the note"
         line += f"; fidelity {healed['fidelity_before']:.4f} → {healed['fidelity_after']:.4f} ({kind})"
     notice(line)
 

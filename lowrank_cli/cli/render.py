@@ -136,7 +136,8 @@ def print_evaluation(evaluation) -> None:
             ("top-1 agreement", _percent(evaluation.top1_agreement)),
             ("positions compared", f"{evaluation.positions:,}"),
         ]
-    held = {True: "yes", False: "no: the calibration text", None: "not known"}[evaluation.held_out]
+    held = {True: "yes", False: "no: the candidate was made with it (see the note)", None: "not known"}
+    held = held[evaluation.held_out]
     rows += [
         ("samples", f"{evaluation.samples:,} ({evaluation.split}), {evaluation.tokens:,} tokens"),
         ("held out", held),

@@ -8,7 +8,9 @@
         "cast": {NAME: "F32", ...},  # optional: tensors kept whole but stored in another dtype
                                      # (compress --dtype); expand gives them their own dtype back
         "calibration": {"activation_aware": true, "source": "stats.safetensors",
-                        "tokens": N, "text_sha256": "…"}    # only with --calibration
+                        "tokens": N, "text_sha256": "…"},   # only with --calibration
+        "fidelity": {"target": F, "text_sha256": "…"},      # only with --fidelity: the text that chose the budget
+        "heal": {"text_sha256": "…", …}                     # only after heal (model.heal)
     }
 
 With calibration the factors are activation-aware: B = U_r·Σ_r, A = V_rᵀ·S⁻¹ from the SVD of W·S
@@ -168,6 +170,7 @@ def encode_metadata(
     records: dict[str, FactorRecord],
     casts: dict[str, str] | None = None,
     calibration: dict | None = None,
+    fidelity: dict | None = None,
 ) -> dict[str, str]:
     payload = {
         "format_version": FORMAT_VERSION,
@@ -178,6 +181,8 @@ def encode_metadata(
         payload["cast"] = casts
     if calibration is not None:
         payload["calibration"] = calibration
+    if fidelity is not None:
+        payload["fidelity"] = fidelity
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 

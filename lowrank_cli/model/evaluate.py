@@ -50,7 +50,7 @@ class Evaluation:
     tokens: int
     split: str
     text_sha256: str
-    held_out: bool | None  # False: the text is the candidate's calibration text; None: not known
+    held_out: bool | None  # False: a text the candidate was made with (made_with; a note says which); None: not known
     pooling: str | None = None  # encoder
     cosine_mean: float | None = None  # encoder: cosine of pooled embeddings to the reference's
     cosine_p5: float | None = None
@@ -413,10 +413,10 @@ def made_with(payload: dict | None) -> dict[str, str]:
             if isinstance(digest, str) and digest:
                 uses.setdefault(digest, what)
 
-    add(payload.get("calibration"), "text_sha256", "calibration text")
-    add(payload.get("fidelity"), "text_sha256", "text compress --fidelity chose its budget on")
-    add(payload.get("heal"), "text_sha256", "text heal trained it on")
-    add(payload.get("heal"), "earlier_text_sha256", "text heal trained it on")
+    add(payload.get("calibration"), "text_sha256", "candidate's calibration text")
+    add(payload.get("fidelity"), "text_sha256", "text compress --fidelity chose the candidate's budget on")
+    add(payload.get("heal"), "text_sha256", "text heal trained the candidate on")
+    add(payload.get("heal"), "earlier_text_sha256", "text heal trained the candidate on")
     return uses
 
 
@@ -428,7 +428,7 @@ def held_out_note(payload: dict | None, text_sha256: str) -> tuple[bool | None, 
     what = made_with(payload).get(text_sha256)
     if what is not None:
         return False, [
-            f"the evaluation text is the candidate's {what}, so this figure is not held out;"
+            f"the evaluation text is the {what}, so this figure is not held out;"
             " evaluate on another text for what the model keeps on unseen inputs"
         ]
     return True, []

@@ -189,6 +189,7 @@ def compress_to_fidelity(
         report = _compress.compress(
             checkpoint, RankPolicy(budget=budget), out, settings=exact, include=include, exclude=exclude,
             force=force or attempt > 0, calibration=calibration,
+            fidelity={"target": target, "text_sha256": evaluator.samples.text_sha256},
         )  # fmt: skip
         written = Path(report.output)
         measured = evaluator.measure(load_candidate(folder, written, type(reference), settings.device))["fidelity"]

@@ -288,7 +288,7 @@ def write_healed(
                     reason=f"rel. error before healing {before:.3g}",
                 )  # fmt: skip
                 rows.append(row)
-            payload["heal"] = record
+            payload["heal"] = {**record, **_earlier_texts(payload.get("heal"))}
             writer.metadata = {**(original or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
         size = output.commit()
         swept = list(output.notes)  # temporaries of killed runs removed beside OUT
@@ -300,6 +300,16 @@ def write_healed(
         output=str(out),
         options={"heal": record, "notes": swept},
     )
+
+
+def _earlier_texts(heal: object) -> dict:
+    """The texts an earlier heal of the model trained on, which evaluate reads as not held out (made_with)."""
+    if not isinstance(heal, dict):
+        return {}
+    earlier = heal.get("earlier_text_sha256")
+    texts = [*(earlier if isinstance(earlier, list) else []), heal.get("text_sha256")]
+    texts = [t for t in dict.fromkeys(texts) if isinstance(t, str)]
+    return {"earlier_text_sha256": texts} if texts else {}
 
 
 def torch_dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
@@ -326,13 +336,8 @@ def heal(
 ) -> Report:
     """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
     from lowrank_cli.io.checkpoint import open_checkpoint
-    from lowrank_cli.model.evaluate import (
-        is_lowrank,
-        load_candidate,
-        make_evaluator,
-        metric,
-        model_samples,
-    )
+    from lowrank_cli.io.fileformat import find_lowrank
+    from lowrank_cli.model.evaluate import held_out_note, load_candidate, make_evaluator, metric, model_samples
     from lowrank_cli.ops.samples import require_text
 
     folder, compressed = Path(reference_dir), Path(compressed)
@@ -343,7 +348,8 @@ def heal(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not compressed.exists():
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
-    if not is_lowrank(compressed, "give the compressed model to heal"):
+    found_lowrank = find_lowrank(compressed, "give the compressed model to heal")
+    if found_lowrank is None:
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
     reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
     found = model_samples(
@@ -382,9 +388,9 @@ def heal(
     if evaluator is not None:
         healed = load_candidate(folder, Path(report.output), type(reference), device, torch.float32)
         after = evaluator.measure(healed)["fidelity"]
-        held_out = evaluator.samples.text_sha256 != found.text_sha256
-        if not held_out:
-            notes.append("the evaluation text is the training text, so the fidelity is not held out")
+        made = {**found_lowrank[1], "heal": record | _earlier_texts(found_lowrank[1].get("heal"))}  # as OUT says
+        held_out, held_notes = held_out_note(made, evaluator.samples.text_sha256)
+        notes += held_notes
         report.options["heal"] = {
             **record, "fidelity_before": before, "fidelity_after": after, "held_out": held_out,
             "metric": metric(evaluator.kind, evaluator.pooling),
