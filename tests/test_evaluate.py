@@ -185,6 +185,46 @@ def test_cli_json_and_the_fail_below_gate(tmp_path):
     assert table.exit_code == 0 and f"{document['fidelity']:.4f}" in table.stdout
 
 
+@pytest.mark.parametrize("kind", ["encoder", "causal-lm"])
+@torch.no_grad()
+def test_a_candidate_with_nan_outputs_fails_the_gate_and_its_json_is_valid(tmp_path, kind):
+    """NaN compares below nothing: `fidelity < F` let a NaN candidate pass --fail-below, and json.dumps
+    refused the NaN; the figures are null, nonfinite counts what the test counts itself."""
+    folder = tiny_folder(tmp_path, kind)
+    text = line_text(tmp_path / "eval.txt")
+    model_class = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    broken = model_class.from_pretrained(folder).eval()
+    weight = next(p for n, p in broken.named_parameters() if n.endswith(("output.dense.weight", "down_proj.weight")))
+    weight[0, 0] = float("nan")
+    candidate = tmp_path / "nan"
+    broken.save_pretrained(candidate)
+    nonfinite = 0
+    for ids in encoded(folder, text):
+        outputs = broken(input_ids=torch.tensor([ids]))
+        if kind == "encoder":
+            nonfinite += int(not torch.isfinite(outputs.last_hidden_state[0].mean(0)).all())
+        else:
+            logits = outputs.logits[0, :-1]  # position t predicts t + 1
+            nonfinite += int((~torch.isfinite(torch.log_softmax(logits, -1))).any(-1).sum())
+    assert nonfinite > 0
+    gated = cli("evaluate", folder, candidate, "--text", text, "--json", "--fail-below", "0.01")
+    assert gated.exit_code == 3, gated.output
+    assert "quality gate: the candidate's outputs are NaN" in gated.stderr and "--fail-below" not in gated.stdout
+    document = json.loads(gated.stdout)
+    assert document["fidelity"] is None and document["nonfinite"] == nonfinite
+    if kind == "encoder":
+        assert document["cosine_mean"] is None and document["cosine_min"] is None
+    else:
+        assert document["kl_mean"] is None and document["perplexity_candidate"] is None
+        assert document["perplexity_reference"] is not None and document["positions"] >= nonfinite
+    assert any("NaN" in note for note in document["notes"])
+    plain = cli("evaluate", folder, candidate, "--text", text)
+    assert plain.exit_code == 0 and "NaN or infinite" in plain.stderr
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(candidate)
+    swapped = cli("evaluate", candidate, folder, "--text", text)  # a NaN reference: nothing to compare with
+    assert_clean_failure(swapped, 1, "the reference's outputs on the text are NaN")
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [

@@ -582,8 +582,9 @@ def evaluate(
         batch_size=batch_size, device=device,
     )  # fmt: skip
     _finish(result, as_json)
-    if fail_below is not None and result.fidelity < fail_below:
-        notice(f"quality gate: fidelity {result.fidelity:.4f} is below {fail_below:g} ({result.metric})")
+    failed = result.gate(fail_below) if fail_below is not None else None
+    if failed:
+        notice(f"quality gate: {failed}")
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 

@@ -60,12 +60,31 @@ class Evaluation:
     perplexity_candidate: float | None = None
     kl_mean: float | None = None  # mean over positions of KL(reference ‖ candidate), nats
     top1_agreement: float | None = None  # share of positions where both models' most likely token agree
+    nonfinite: int = 0  # samples (LMs: positions) where the candidate's outputs are NaN or infinite
     notes: list[str] = field(default_factory=list)
     command: str = "evaluate"
     schema_version: int = 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, a figure that is no finite number (NaN outputs, an infinite perplexity) as null."""
+        return {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in asdict(self).items()
+        }
+
+    def gate(self, threshold: float) -> str | None:
+        """Why the candidate fails `fidelity ≥ threshold` (evaluate --fail-below), or None when it passes.
+        A fidelity that is no number fails: NaN compares below nothing, so it would pass any `<` test."""
+        if self.fidelity >= threshold:
+            return None
+        if math.isnan(self.fidelity):
+            unit = "samples" if self.kind == ENCODER else "positions"
+            counted = self.samples if self.kind == ENCODER else self.positions
+            return (
+                f"the candidate's outputs are NaN or infinite on {self.nonfinite:,} of {counted:,} {unit}, so its"
+                f" fidelity is not a number and does not reach {threshold:g}; check the candidate's weights"
+            )
+        return f"fidelity {self.fidelity:.4f} is below {threshold:g} ({self.metric})"
 
 
 def model_kind(model: torch.nn.Module) -> str:
@@ -177,13 +196,15 @@ class Evaluator:
         """The figures of `candidate` (same tokenizer and kind as the reference), by kind."""
         cosines: list[torch.Tensor] = []
         kl = agree = nll_ref = nll_cand = 0.0
-        positions = 0
+        positions = nonfinite = 0
         for index, batch in enumerate(self.batches):
             ids, mask = batch[:2]
             reference, output = self._reference_output(index), self._run(candidate, index)
             if progress:
                 progress()
             if self.kind == ENCODER:
+                _require_finite(reference)
+                nonfinite += int((~torch.isfinite(output)).any(dim=-1).sum())
                 cosines.append(torch.nn.functional.cosine_similarity(output, reference, dim=-1, eps=1e-30))
                 continue
             if self.kind == CAUSAL_LM:  # position t predicts token t + 1
@@ -193,6 +214,8 @@ class Evaluator:
             else:
                 where, targets = batch[2], batch[3][batch[2]]
                 p, q = reference[where], output[where]
+            _require_finite(p)
+            nonfinite += int((~torch.isfinite(q)).any(dim=-1).sum())
             kl += float((p.exp() * (p - q)).sum(dtype=torch.float64))
             agree += float((p.argmax(dim=-1) == q.argmax(dim=-1)).sum())
             nll_ref -= float(p.gather(1, targets[:, None]).sum(dtype=torch.float64))
@@ -206,6 +229,7 @@ class Evaluator:
                 "cosine_mean": mean,
                 "cosine_p5": float(torch.quantile(values, 0.05)),
                 "cosine_min": float(values.min()),
+                "nonfinite": nonfinite,
             }
         if positions == 0:
             raise UsageError(f"the samples leave no position to compare; give longer text or raise {arg('seq_len')}")
@@ -213,11 +237,25 @@ class Evaluator:
         return {
             "fidelity": math.exp(-mean_kl),
             "positions": positions,
-            "perplexity_reference": math.exp(nll_ref / positions),
-            "perplexity_candidate": math.exp(nll_cand / positions),
+            "perplexity_reference": _exp(nll_ref / positions),
+            "perplexity_candidate": _exp(nll_cand / positions),
             "kl_mean": mean_kl,
             "top1_agreement": agree / positions,
+            "nonfinite": nonfinite,
         }
+
+
+def _exp(value: float) -> float:
+    """e**value, inf where a float overflows (a perplexity of a candidate far off), nan for nan."""
+    return math.exp(value) if value < 709 or math.isnan(value) else math.inf
+
+
+def _require_finite(reference: torch.Tensor) -> None:
+    if not bool(torch.isfinite(reference).all()):
+        raise CheckpointError(
+            "the reference's outputs on the text are NaN or infinite (NaN weights, or an overflow in its dtype),"
+            " so there is nothing to compare with; give a reference whose outputs are finite"
+        )
 
 
 def metric(kind: str, pooling: str | None) -> str:
@@ -279,6 +317,12 @@ def evaluate(
     evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
     figures = evaluator.measure(model)
     held_out, notes = held_out_note(payload, found.text_sha256)
+    if figures["nonfinite"]:
+        unit = "samples" if evaluator.kind == ENCODER else "positions"
+        notes.append(
+            f"the candidate's outputs are NaN or infinite on {figures['nonfinite']:,} {unit}, so fidelity and the"
+            " figures of those outputs are not numbers (null in the JSON)"
+        )
     return Evaluation(
         reference=str(folder),
         candidate=str(candidate),

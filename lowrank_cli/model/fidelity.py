@@ -109,7 +109,7 @@ def search(
         return value
 
     mildest = measure(MILDEST)
-    if mildest is None or mildest < target:
+    if mildest is None or not mildest >= target:  # a NaN fidelity (NaN outputs) reaches nothing
         raise FidelityNotReached(
             f"no saving reaches fidelity {target:g}: at the mildest budget tried, {MILDEST:g} of the selected"
             f" params, the model measures {mildest if mildest is not None else float('nan'):.4f};"
@@ -196,7 +196,7 @@ def compress_to_fidelity(
         if measured >= target or budget >= MILDEST:
             break
         budget = min(round(budget + STEP, 4), MILDEST)
-    if measured < target:
+    if not measured >= target:  # NaN too
         shutil.rmtree(written) if written.is_dir() else written.unlink(missing_ok=True)
         raise FidelityNotReached(
             f"the written model measures fidelity {measured:.4f}, below {target:g}, at every budget up to"
@@ -208,7 +208,7 @@ def compress_to_fidelity(
         "metric": metric(evaluator.kind, evaluator.pooling),
         "budget": budget,
         "evaluations": len(trials) + attempt + 1,
-        "trials": [{"budget": b, "fidelity": f} for b, f in trials],
+        "trials": [{"budget": b, "fidelity": f if math.isfinite(f) else None} for b, f in trials],  # NaN: null
         "eval_text_sha256": evaluator.samples.text_sha256,
         "eval_samples": len(evaluator.samples.ids),
         "held_out": False,
