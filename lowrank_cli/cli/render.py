@@ -110,8 +110,11 @@ def print_report(report: Report) -> None:
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
         lines.append(f"wrote {report.output}")
     elif report.command == "analyze" and report.options.get("diff") and report.policy is not None:
-        share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)" if totals.params else ""
-        lines.append(f"lowrank extract with this policy would need {totals.params_after:,} adapter params{share}")
+        if totals.params:
+            share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)"
+            lines.append(f"lowrank extract with this policy would need {totals.params_after:,} adapter params{share}")
+        else:  # no matrix would be adapted: a note says why
+            lines.append("lowrank extract with this policy would write no adapter")
     elif totals.bytes is not None and totals.bytes_after is not None:
         lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
