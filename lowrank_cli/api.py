@@ -329,7 +329,7 @@ def _compress_to_fidelity(
         check_patterns([checkpoint], include, exclude)
         stats = _calibration(calibration, [checkpoint], other_model)
         reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
-        found = model_samples(reference, tokenizer, folder, eval_text)
+        found = model_samples(reference, tokenizer, folder, eval_text, flag="eval_text")
         evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
         report = compress_to_fidelity(
             folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,

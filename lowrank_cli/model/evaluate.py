@@ -349,9 +349,13 @@ def model_samples(
     tokens: int = EVALUATE_TOKENS,
     samples: int | None = None,
     split: Split | None = None,
+    flag: str = "text",
 ) -> TextSamples:
-    """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks)."""
-    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
+    """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks);
+    `flag` is the argument that gave it (text, eval_text), as its errors name it."""
+    found = read_samples(
+        tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto, flag=flag
+    )
     check_samples(reference, tokenizer, found.ids, folder)
     return found
 

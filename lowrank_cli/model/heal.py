@@ -357,7 +357,7 @@ def heal(
     )
     evaluator = None
     if eval_text is not None:
-        held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
+        held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split, flag="eval_text")
         evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
         _check_pair(checkpoint, original)
