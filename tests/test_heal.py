@@ -127,6 +127,27 @@ def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
+@pytest.mark.parametrize("broken", ["compressed", "reference"])
+def test_a_nan_model_is_named_not_the_learning_rate(tmp_path, broken):
+    """A loss that is NaN before any update comes from a model's outputs, which no --lr fixes."""
+    from safetensors.torch import save_file
+
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    target = (candidate / WEIGHTS) if broken == "compressed" else (folder / "model.safetensors")
+    tensors = load(target)
+    name = next(n for n in tensors if n.endswith(("output.dense.weight.B", "output.dense.weight")))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(target), metadata=file_metadata(target))
+    train = line_text(tmp_path / "train.txt", lines=40)
+    out = tmp_path / "healed"
+    result = cli("heal", folder, candidate, "--text", train, "-o", out, "--steps", "3")
+    words = "the compressed model's outputs" if broken == "compressed" else "the reference's outputs"
+    assert_clean_failure(result, 1, "at step 1", words, "NaN")
+    assert "--lr" not in result.stderr
+    assert not out.exists()
+
+
 def test_a_compressed_model_of_another_reference_is_refused(tmp_path):
     encoder = tiny_folder(tmp_path, "encoder")
     causal = tiny_folder(tmp_path, "causal-lm")

@@ -144,13 +144,11 @@ def train(
             target = targets(index)
             output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
             loss = _loss(kind, target, output, mask)
-            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise TensorError(
-                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
-                    f" (now {options.lr:g})"
-                )
+                outputs = output.hidden_states if kind == ENCODER else [_logits(output)]
+                raise TensorError(_not_finite(loss_value, step, _finite(target), _finite(outputs), options.lr))
+            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss.backward()
             optimizer.step()
             schedule.step()
@@ -161,6 +159,38 @@ def train(
         parameter.requires_grad_(False)
         parameter.grad = None
     return steps, loss_value
+
+
+def _logits(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.logits
+
+
+def _finite(tensors) -> bool:
+    """Whether every tensor of a model's outputs (hidden states, logits; an LM target's P and Σ P·log P) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _not_finite(loss: float, step: int, reference_finite: bool, compressed_finite: bool, lr: float) -> str:
+    """Why the loss is NaN or infinite: the reference's outputs, the compressed model's before any update,
+    or the updates (a learning rate too high)."""
+    where = f"the healing loss is {loss} at step {step + 1}"
+    if not reference_finite:
+        return (
+            f"{where}: the reference's outputs on the training text are NaN or infinite (NaN weights, or an"
+            " overflow in its dtype), so there is nothing to heal toward; nothing was written; give a reference"
+            " whose outputs are finite"
+        )
+    if step == 0 and not compressed_finite:
+        return (
+            f"{where}, before any update: the compressed model's outputs on the training text are NaN or infinite;"
+            " nothing was written; compress the reference again (lowrank evaluate shows a model's outputs)"
+        )
+    if step == 0:
+        return (
+            f"{where}, before any update: the compressed model's outputs are too far from the reference's for the"
+            " loss to hold in float32; nothing was written; compress at a higher rank"
+        )
+    return f"{where}; nothing was written; lower {arg('lr')} (now {lr:g})"
 
 
 def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
@@ -176,7 +206,7 @@ def _lm_target(kind: str, reference_output, mask: torch.Tensor):
     """What an LM's loss needs of the reference's output, taken before the candidate runs (under no_grad):
     (P, Σ P·log P), the next-token probabilities (positions, V) at the compared positions and their
     part of the KL, so that no vocabulary-wide tensor but P is kept."""
-    logits = reference_output[0] if isinstance(reference_output, tuple) else reference_output.logits
+    logits = _logits(reference_output)
     log_p = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     p = log_p.exp()
     return p, (p * log_p).sum(dim=-1).sum(dtype=torch.float64)  # float64 over positions, not over (positions, V)
@@ -230,7 +260,7 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     # the mean over positions of KL(P ‖ Q) = Σ P·log P − Σ P·log Q, the first sum taken with P: backward
     # keeps P and log Q (positions × V each), not the logits and P·(log P − log Q)'s temporaries too
     p, p_log_p = target
-    logits = output[0] if isinstance(output, tuple) else output.logits
+    logits = _logits(output)
     log_q = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
