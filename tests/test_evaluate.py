@@ -247,6 +247,18 @@ def test_a_candidate_of_another_model_is_refused(tmp_path):
     assert_clean_failure(result, 1)
 
 
+def test_a_lowrank_candidate_that_does_not_fit_names_what_to_give_not_python_arguments(tmp_path):
+    """The factors of a masked LM do not fit the encoder REFERENCE: the CLI cannot pass auto_class or strict."""
+    encoder = tiny_folder(tmp_path, "encoder")
+    other = compressed(tiny_folder(tmp_path, "masked-lm"), tmp_path)
+    for candidate in (other, other / "model.lowrank.safetensors"):
+        result = cli("evaluate", encoder, candidate, "--text", line_text(tmp_path / "t.txt"))
+        assert_clean_failure(result, 1, "does not fit BertModel", "lowrank compress")
+        assert "auto_class" not in result.stderr and "strict" not in result.stderr
+    with pytest.raises(lowrank_cli.CheckpointError, match="auto_class, or strict=False"):  # Python's own words
+        lowrank_cli.load_pretrained(encoder, weights=other / "model.lowrank.safetensors")
+
+
 # --- not a regular file: refused before any open() -----------------------------------------------------
 
 

@@ -386,16 +386,14 @@ def load_candidate(
     """The candidate as a model of the reference's class: a lowrank file or folder through load_pretrained
     (its own folder's config, else the reference's), a dense folder through transformers."""
     from lowrank_cli.io.paths import require_files_in
-    from lowrank_cli.nn.loading import load_pretrained
+    from lowrank_cli.nn.loading import build_and_load
 
     if candidate.is_dir():  # transformers or load_pretrained reads the folder's files: none may block open()
         require_files_in(candidate, CANDIDATE_FIX)
     own_config = candidate.is_dir() and (candidate / "config.json").is_file()
     if is_lowrank(candidate):
-        if own_config:
-            model = load_pretrained(candidate, model_class, dtype=dtype)
-        else:
-            model = load_pretrained(folder, model_class, weights=candidate, dtype=dtype)
+        config, weights = (candidate, None) if own_config else (folder, candidate)
+        model, _ = build_and_load(config, model_class, weights=weights, dtype=dtype, strict=True, fix=MISFIT_FIX)
     elif own_config:
         try:
             with _quiet_transformers():  # its load report and bar; what is missing is said below, in one line
@@ -436,6 +434,7 @@ def _quiet_transformers():
 
 
 CANDIDATE_FIX = "give the compressed model (lowrank compress) or a Hugging Face folder"
+MISFIT_FIX = "give a model compressed from the reference (lowrank compress REFERENCE)"
 
 
 def is_lowrank(path: Path, fix: str = CANDIDATE_FIX) -> bool:
