@@ -77,12 +77,26 @@ CSV_FIELDS = [f.name for f in dataclasses.fields(TensorReport) if f.name not in 
 
 
 def print_csv(report: Report) -> None:
-    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null."""
+    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null,
+    a text cell a spreadsheet would read as a formula quoted (_inert)."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
+    # csv quotes a CR only where it is the line terminator: a row with one in a name quotes all its text
+    quoted = csv.writer(sys.stdout, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(CSV_FIELDS)
     for row in report.to_dict()["tensors"]:
         row["shape"] = "x".join(str(d) for d in row["shape"])
-        writer.writerow(["" if row[name] is None else row[name] for name in CSV_FIELDS])
+        cells = ["" if row[name] is None else _inert(row[name]) for name in CSV_FIELDS]
+        (quoted if any(isinstance(cell, str) and "\r" in cell for cell in cells) else writer).writerow(cells)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP, CSV injection)
+
+
+def _inert(value: object) -> object:
+    """A text cell (a tensor name, a path, a reason) that starts like a formula, with a ' before it, as OWASP
+    recommends: a checkpoint's tensor named '=cmd|...' must not run in the spreadsheet that opens the CSV.
+    Numbers are written as they are: -0.5 is a number, not a formula."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def print_report(report: Report) -> None:
