@@ -610,7 +610,9 @@ def evaluate(
         An Evaluation: `fidelity` (1.0 = the reference's outputs) and `metric` (its definition), and
         by kind: encoders the cosine of pooled sentence embeddings (mean, 5th percentile, minimum);
         causal and masked LMs the perplexity of both, mean KL(reference ‖ candidate) and top-1
-        agreement. `held_out` is False when the text is the candidate's calibration text.
+        agreement. `held_out` is False when the text is one the candidate was made with (its
+        calibration text, the text --fidelity chose its budget on, a text heal trained it on), None
+        for a dense candidate; `nonfinite` counts the samples (LMs: positions) with NaN outputs.
 
     Example:
         >>> result = lowrank_cli.evaluate("minilm/", "minilm.lowrank/", text="held-out.txt")
