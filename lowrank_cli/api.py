@@ -361,7 +361,7 @@ def _compress_to_fidelity(
         reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
         given = {name: value for name, value in sampling.items() if value is not None}
         found = model_samples(
-            reference, tokenizer, folder, eval_text, seq_len=given.get("seq_len", SEQ_LEN),
+            reference, tokenizer, folder, eval_text, flag="eval_text", seq_len=given.get("seq_len", SEQ_LEN),
             tokens=given.get("tokens", EVALUATE_TOKENS), split=choice(Split, given.get("split", Split.auto), "split"),
         )  # fmt: skip
         batch_size = given.get("batch_size", EVALUATE_BATCH_SIZE)
@@ -645,7 +645,9 @@ def evaluate(
         An Evaluation: `fidelity` (1.0 = the reference's outputs) and `metric` (its definition), and
         by kind: encoders the cosine of pooled sentence embeddings (mean, 5th percentile, minimum);
         causal and masked LMs the perplexity of both, mean KL(reference ‖ candidate) and top-1
-        agreement. `held_out` is False when the text is the candidate's calibration text.
+        agreement. `held_out` is False when the text is one the candidate was made with (its
+        calibration text, the text --fidelity chose its budget on, a text heal trained it on), None
+        for a dense candidate; `nonfinite` counts the samples (LMs: positions) with NaN outputs.
 
     Example:
         >>> result = lowrank_cli.evaluate("minilm/", "minilm.lowrank/", text="held-out.txt")

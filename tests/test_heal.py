@@ -93,6 +93,31 @@ def test_the_same_seed_heals_the_same_way(tmp_path):
         torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-7)
 
 
+def test_every_text_the_model_was_made_with_is_not_held_out(tmp_path):
+    """heal's training text (of this heal and an earlier one) and COMPRESSED's calibration text: evaluate
+    and heal --eval-text say held_out false on each, and true on a text none of them used."""
+    folder = tiny_folder(tmp_path, "encoder")
+    texts = {name: line_text(tmp_path / f"{name}.txt", lines=40, seed=seed) for seed, name in enumerate("CTUO")}
+    stats = tmp_path / "stats.safetensors"
+    lowrank_cli.calibrate(folder, stats, text=texts["C"], sensitivity=False)
+    candidate = tmp_path / "c"
+    lowrank_cli.compress(folder, candidate, rank=3, calibration=stats)
+    once, twice = tmp_path / "h1", tmp_path / "h2"
+    report = lowrank_cli.heal(folder, candidate, once, text=texts["T"], steps=2, eval_text=texts["C"])
+    assert report.options["heal"]["held_out"] is False
+    assert any("calibration text" in note for note in report.options["notes"])
+    lowrank_cli.heal(folder, once, twice, text=texts["U"], steps=2)
+    record = json.loads(file_metadata(twice / WEIGHTS)["lowrank"])
+    assert record["heal"]["text_sha256"] == sha256(texts["U"])
+    assert record["heal"]["earlier_text_sha256"] == [sha256(texts["T"])]
+    for name, held in {"C": False, "T": False, "U": False, "O": True}.items():
+        result = lowrank_cli.evaluate(folder, twice, text=texts[name])
+        assert result.held_out is held, name
+        assert any("not held out" in note for note in result.notes) is not held
+    assert lowrank_cli.evaluate(folder, once, text=texts["T"]).held_out is False
+    assert lowrank_cli.evaluate(folder, once, text=texts["U"]).held_out is True
+
+
 def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     folder = tiny_folder(tmp_path, "encoder")
     candidate = compressed(folder, tmp_path, rank=3)
@@ -101,6 +126,27 @@ def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     result = cli("heal", folder, candidate, "--text", train, "-o", out, "--lr", "1e30", "--steps", "20")
     assert_clean_failure(result, 1, "loss", "--lr")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("broken", ["compressed", "reference"])
+def test_a_nan_model_is_named_not_the_learning_rate(tmp_path, broken):
+    """A loss that is NaN before any update comes from a model's outputs, which no --lr fixes."""
+    from safetensors.torch import save_file
+
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    target = (candidate / WEIGHTS) if broken == "compressed" else (folder / "model.safetensors")
+    tensors = load(target)
+    name = next(n for n in tensors if n.endswith(("output.dense.weight.B", "output.dense.weight")))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(target), metadata=file_metadata(target))
+    train = line_text(tmp_path / "train.txt", lines=40)
+    out = tmp_path / "healed"
+    result = cli("heal", folder, candidate, "--text", train, "-o", out, "--steps", "3")
+    words = "the compressed model's outputs" if broken == "compressed" else "the reference's outputs"
+    assert_clean_failure(result, 1, "at step 1", words, "NaN")
+    assert "--lr" not in result.stderr
+    assert not out.exists()
 
 
 def test_a_compressed_model_of_another_reference_is_refused(tmp_path):

@@ -608,8 +608,9 @@ def evaluate(
         batch_size=batch_size, device=device,
     )  # fmt: skip
     _finish(result, as_json)
-    if fail_below is not None and result.fidelity < fail_below:
-        notice(f"quality gate: fidelity {result.fidelity:.4f} is below {fail_below:g} ({result.metric})")
+    failed = result.gate(fail_below) if fail_below is not None else None
+    if failed:
+        notice(f"quality gate: {failed}")
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 
@@ -667,7 +668,7 @@ def heal(
     healed = report.options["heal"]
     line = f"{healed['steps']} steps, final loss {healed['final_loss']:.4g}"
     if "fidelity_after" in healed:
-        kind = "held out" if healed["held_out"] else "not held out: the training text"
+        kind = "held out" if healed["held_out"] else "not held out: see the note"
         line += f"; fidelity {healed['fidelity_before']:.4f} → {healed['fidelity_after']:.4f} ({kind})"
     notice(line)
 

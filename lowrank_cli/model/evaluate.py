@@ -55,7 +55,7 @@ class Evaluation:
     tokens: int
     split: str
     text_sha256: str
-    held_out: bool | None  # False: the text is the candidate's calibration text; None: not known
+    held_out: bool | None  # False: a text the candidate was made with (made_with; a note says which); None: not known
     pooling: str | None = None  # encoder
     cosine_mean: float | None = None  # encoder: cosine of pooled embeddings to the reference's
     cosine_p5: float | None = None
@@ -65,12 +65,31 @@ class Evaluation:
     perplexity_candidate: float | None = None
     kl_mean: float | None = None  # mean over positions of KL(reference ‖ candidate), nats
     top1_agreement: float | None = None  # share of positions where both models' most likely token agree
+    nonfinite: int = 0  # samples (LMs: positions) where the candidate's outputs are NaN or infinite
     notes: list[str] = field(default_factory=list)
     command: str = "evaluate"
     schema_version: int = 2
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The fields, a figure that is no finite number (NaN outputs, an infinite perplexity) as null."""
+        return {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in asdict(self).items()
+        }
+
+    def gate(self, threshold: float) -> str | None:
+        """Why the candidate fails `fidelity ≥ threshold` (evaluate --fail-below), or None when it passes.
+        A fidelity that is no number fails: NaN compares below nothing, so it would pass any `<` test."""
+        if self.fidelity >= threshold:
+            return None
+        if math.isnan(self.fidelity):
+            unit = "samples" if self.kind == ENCODER else "positions"
+            counted = self.samples if self.kind == ENCODER else self.positions
+            return (
+                f"the candidate's outputs are NaN or infinite on {self.nonfinite:,} of {counted:,} {unit}, so its"
+                f" fidelity is not a number and does not reach {threshold:g}; check the candidate's weights"
+            )
+        return f"fidelity {self.fidelity:.4f} is below {threshold:g} ({self.metric})"
 
 
 def model_kind(model: torch.nn.Module) -> str:
@@ -263,13 +282,15 @@ class Evaluator:
         """The figures of `candidate` (same tokenizer and kind as the reference), by kind."""
         cosines: list[torch.Tensor] = []
         kl = agree = nll_ref = nll_cand = 0.0
-        positions = 0
+        positions = nonfinite = 0
         for index, batch in enumerate(self.batches):
             ids, mask = batch[:2]
             reference, output = self._reference_output(index), self._run(candidate, index)
             if progress:
                 progress()
             if self.kind == ENCODER:
+                _require_finite(reference)
+                nonfinite += int((~torch.isfinite(output)).any(dim=-1).sum())
                 cosines.append(torch.nn.functional.cosine_similarity(output, reference, dim=-1, eps=1e-30))
                 continue
             targets = None  # the true tokens, where there are: an LM's perplexity
@@ -284,6 +305,8 @@ class Evaluator:
                 p, q = reference[mask.bool()], output[mask.bool()]  # (tokens, labels)
             else:  # a sequence classifier: each sample's classes, (batch, labels)
                 p, q = reference, output
+            _require_finite(p)
+            nonfinite += int((~torch.isfinite(q)).any(dim=-1).sum())
             kl += float((p.exp() * (p - q)).sum(dtype=torch.float64))
             agree += float((p.argmax(dim=-1) == q.argmax(dim=-1)).sum())
             if targets is not None:
@@ -298,21 +321,36 @@ class Evaluator:
                 "cosine_mean": mean,
                 "cosine_p5": float(torch.quantile(values, 0.05)),
                 "cosine_min": float(values.min()),
+                "nonfinite": nonfinite,
             }
         if positions == 0:
             raise UsageError(f"the samples leave no position to compare; give longer text or raise {arg('seq_len')}")
         mean_kl = max(kl / positions, 0.0)
         figures = {"fidelity": math.exp(-mean_kl), "positions": positions, "kl_mean": mean_kl}
         figures["top1_agreement"] = agree / positions
+        figures["nonfinite"] = nonfinite
         if self.kind not in CLASSIFIERS:
-            figures["perplexity_reference"] = math.exp(nll_ref / positions)
-            figures["perplexity_candidate"] = math.exp(nll_cand / positions)
+            figures["perplexity_reference"] = _exp(nll_ref / positions)
+            figures["perplexity_candidate"] = _exp(nll_cand / positions)
         return figures
 
 
 def next_token_pairs(mask: torch.Tensor) -> torch.Tensor:
     """(batch, seq − 1) bools: where tokens t and t + 1 are both real, so a causal LM's prediction at t is compared."""
     return (mask[:, :-1] * mask[:, 1:]).bool()
+
+
+def _exp(value: float) -> float:
+    """e**value, inf where a float overflows (a perplexity of a candidate far off), nan for nan."""
+    return math.exp(value) if value < 709 or math.isnan(value) else math.inf
+
+
+def _require_finite(reference: torch.Tensor) -> None:
+    if not bool(torch.isfinite(reference).all()):
+        raise CheckpointError(
+            "the reference's outputs on the text are NaN or infinite (NaN weights, or an overflow in its dtype),"
+            " so there is nothing to compare with; give a reference whose outputs are finite"
+        )
 
 
 def metric(kind: str, pooling: str | None) -> str:
@@ -361,6 +399,7 @@ def evaluate(
     shards) of the reference's architecture; either way loaded by nn.loading.load_pretrained, factors
     running as factors, never expanded.
     """
+    from lowrank_cli.io.fileformat import find_lowrank
     from lowrank_cli.ops.samples import require_text
 
     folder, candidate = Path(reference_dir), Path(candidate)
@@ -369,6 +408,8 @@ def evaluate(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
+    found_lowrank = find_lowrank(candidate, CANDIDATE_FIX)  # before the reference loads: a FIFO is refused at once
+    payload = found_lowrank[1] if found_lowrank else None
     reference, tokenizer = load_model(folder, device, "evaluate")
     found = model_samples(
         reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
@@ -376,7 +417,13 @@ def evaluate(
     model = load_candidate(folder, candidate, type(reference), device)
     evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
     figures = evaluator.measure(model)
-    held_out, notes = held_out_note(candidate, found.text_sha256)
+    held_out, notes = held_out_note(payload, found.text_sha256)
+    if figures["nonfinite"]:
+        unit = "samples" if evaluator.kind == ENCODER else "positions"
+        notes.append(
+            f"the candidate's outputs are NaN or infinite on {figures['nonfinite']:,} {unit}, so fidelity and the"
+            " figures of those outputs are not numbers (null in the JSON)"
+        )
     return Evaluation(
         reference=str(folder),
         candidate=str(candidate),
@@ -403,9 +450,13 @@ def model_samples(
     tokens: int = EVALUATE_TOKENS,
     samples: int | None = None,
     split: Split | None = None,
+    flag: str = "text",
 ) -> TextSamples:
-    """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks)."""
-    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto)
+    """Samples of `text` (ops.samples.read_samples) that the reference can read (calibrate's checks);
+    `flag` is the argument that gave it (text, eval_text), as its errors name it."""
+    found = read_samples(
+        tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split or Split.auto, flag=flag
+    )
     check_samples(reference, tokenizer, found.ids, folder)
     return found
 
@@ -434,14 +485,15 @@ def load_candidate(
 ) -> torch.nn.Module:
     """The candidate as a model of the reference's class: a lowrank file or folder through load_pretrained
     (its own folder's config, else the reference's), a dense folder through transformers."""
-    from lowrank_cli.nn.loading import load_pretrained
+    from lowrank_cli.io.paths import require_files_in
+    from lowrank_cli.nn.loading import build_and_load
 
+    if candidate.is_dir():  # transformers or load_pretrained reads the folder's files: none may block open()
+        require_files_in(candidate, CANDIDATE_FIX)
     own_config = candidate.is_dir() and (candidate / "config.json").is_file()
     if is_lowrank(candidate):
-        if own_config:
-            model = load_pretrained(candidate, model_class, dtype=dtype)
-        else:
-            model = load_pretrained(folder, model_class, weights=candidate, dtype=dtype)
+        config, weights = (candidate, None) if own_config else (folder, candidate)
+        model, _ = build_and_load(config, model_class, weights=weights, dtype=dtype, strict=True, fix=MISFIT_FIX)
     elif own_config:
         try:
             with quiet_transformers():  # its load report and bar; what is missing is said below, in one line
@@ -466,42 +518,49 @@ def load_candidate(
     return model.to(device).eval()
 
 
-def is_lowrank(path: Path) -> bool:
-    """Whether a file, or any safetensors file of a folder, was written by lowrank compress."""
-    from safetensors import SafetensorError, safe_open
-
-    from lowrank_cli.io.fileformat import METADATA_KEY
-
-    files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
-    for file in files:
-        try:
-            with safe_open(str(file), framework="pt") as handle:
-                if METADATA_KEY in (handle.metadata() or {}):
-                    return True
-        except (OSError, SafetensorError):
-            continue
-    return False
+CANDIDATE_FIX = "give the compressed model (lowrank compress) or a Hugging Face folder"
+MISFIT_FIX = "give a model compressed from the reference (lowrank compress REFERENCE)"
 
 
-def held_out_note(candidate: Path, text_sha256: str) -> tuple[bool | None, list[str]]:
-    """Whether the text is held out from the candidate's making: not when it is its calibration text."""
-    from safetensors import safe_open
+def is_lowrank(path: Path, fix: str = CANDIDATE_FIX) -> bool:
+    """Whether a file, or any safetensors file of a folder, was written by lowrank compress (what is
+    not a regular file is refused first, ending in `fix`: io.fileformat.find_lowrank)."""
+    from lowrank_cli.io.fileformat import find_lowrank
 
-    from lowrank_cli.io.fileformat import METADATA_KEY
+    return find_lowrank(path, fix) is not None
 
-    files = sorted(candidate.glob("*.safetensors")) if candidate.is_dir() else [candidate]
-    try:
-        with safe_open(str(files[0]), framework="pt") as handle:
-            metadata = handle.metadata() or {}
-        record = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
-    except (IndexError, OSError, ValueError, KeyError):
+
+def made_with(payload: dict | None) -> dict[str, str]:
+    """The texts a lowrank file's metadata says made it: text hash -> what it was, in words.
+
+    Its calibration statistics' text, the text `compress --fidelity` chose its budget on, and the
+    texts heal trained it on (the last heal's, and those of any heal before it).
+    """
+    payload = payload if isinstance(payload, dict) else {}
+    uses: dict[str, str] = {}
+
+    def add(record: object, key: str, what: str) -> None:
+        value = record.get(key) if isinstance(record, dict) else None
+        for digest in value if isinstance(value, list) else [value]:
+            if isinstance(digest, str) and digest:
+                uses.setdefault(digest, what)
+
+    add(payload.get("calibration"), "text_sha256", "candidate's calibration text")
+    add(payload.get("fidelity"), "text_sha256", "text compress --fidelity chose the candidate's budget on")
+    add(payload.get("heal"), "text_sha256", "text heal trained the candidate on")
+    add(payload.get("heal"), "earlier_text_sha256", "text heal trained the candidate on")
+    return uses
+
+
+def held_out_note(payload: dict | None, text_sha256: str) -> tuple[bool | None, list[str]]:
+    """Whether the text is held out from the candidate's making (`payload`: its lowrank metadata,
+    None for a dense model, whose texts are not recorded): not when it is a text made_with lists."""
+    if not payload:
         return None, []
-    if not isinstance(record, dict):
-        return None, []  # a dense checkpoint: what text it was made with is not recorded
-    calibration = record.get("calibration") or {}
-    if calibration.get("text_sha256") == text_sha256:
+    what = made_with(payload).get(text_sha256)
+    if what is not None:
         return False, [
-            "the evaluation text is the calibration text, so this figure is not held out;"
+            f"the evaluation text is the {what}, so this figure is not held out;"
             " evaluate on another text for what the model keeps on unseen inputs"
         ]
     return True, []

@@ -114,7 +114,7 @@ def search(
         return value
 
     mildest = measure(MILDEST)
-    if mildest is None or mildest < target:
+    if mildest is None or not mildest >= target:  # a NaN fidelity (NaN outputs) reaches nothing
         raise FidelityNotReached(
             f"no saving reaches fidelity {target:g}: at the mildest budget tried, {MILDEST:g} of the selected"
             f" params, the model measures {mildest if mildest is not None else float('nan'):.4f};"
@@ -204,17 +204,18 @@ def compress_to_fidelity(
             report = _compress.compress(
                 checkpoint, RankPolicy(budget=budget), staging.path, settings=exact, include=include,
                 exclude=exclude, calibration=calibration,
+                fidelity={"target": target, "text_sha256": evaluator.samples.text_sha256},
             )  # fmt: skip
             model = load_candidate(folder, staging.path, type(reference), settings.device)
             written.append((budget, evaluator.measure(model)["fidelity"]))
             del model
             if progress:  # the model written is measured too: one evaluation more than the search's
                 progress(len(trials) + len(written), len(trials) + len(written))
-            if written[-1][1] >= target or budget >= MILDEST:
+            if written[-1][1] >= target or budget >= MILDEST:  # a NaN fidelity is below every target
                 break
             budget = min(round(budget + STEP, 4), MILDEST)
         measured = written[-1][1]
-        if measured < target:
+        if not measured >= target:  # NaN too
             raise FidelityNotReached(
                 f"{_written_below(written)}, below {target:g}; lower {arg('fidelity')}; nothing was written"
             )
@@ -227,7 +228,7 @@ def compress_to_fidelity(
         "metric": metric(evaluator.kind, evaluator.pooling),
         "budget": budget,
         "evaluations": len(trials) + len(written),
-        "trials": [{"budget": b, "fidelity": f} for b, f in trials],
+        "trials": [{"budget": b, "fidelity": f if math.isfinite(f) else None} for b, f in trials],  # NaN: null
         "eval_text_sha256": evaluator.samples.text_sha256,
         "eval_samples": len(evaluator.samples.ids),
         "held_out": False,

@@ -201,13 +201,11 @@ def train(
             with _autocast(device):
                 output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
                 loss = _loss(kind, target, output, mask)
-            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise TensorError(
-                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
-                    f" (now {options.lr:g})"
-                )
+                outputs = output.hidden_states if kind == ENCODER else [_logits(output)]
+                raise TensorError(_not_finite(loss_value, step, _finite(target), _finite(outputs), options.lr))
+            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
             optimizer.step()
@@ -229,6 +227,38 @@ def _autocast(device: str):
     return contextlib.nullcontext()
 
 
+def _logits(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.logits
+
+
+def _finite(tensors) -> bool:
+    """Whether every tensor of a model's outputs (hidden states, logits; an LM target's P and Σ P·log P) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _not_finite(loss: float, step: int, reference_finite: bool, compressed_finite: bool, lr: float) -> str:
+    """Why the loss is NaN or infinite: the reference's outputs, the compressed model's before any update,
+    or the updates (a learning rate too high)."""
+    where = f"the healing loss is {loss} at step {step + 1}"
+    if not reference_finite:
+        return (
+            f"{where}: the reference's outputs on the training text are NaN or infinite (NaN weights, or an"
+            " overflow in its dtype), so there is nothing to heal toward; nothing was written; give a reference"
+            " whose outputs are finite"
+        )
+    if step == 0 and not compressed_finite:
+        return (
+            f"{where}, before any update: the compressed model's outputs on the training text are NaN or infinite;"
+            " nothing was written; compress the reference again (lowrank evaluate shows a model's outputs)"
+        )
+    if step == 0:
+        return (
+            f"{where}, before any update: the compressed model's outputs are too far from the reference's for the"
+            " loss to hold in float32; nothing was written; compress at a higher rank"
+        )
+    return f"{where}; nothing was written; lower {arg('lr')} (now {lr:g})"
+
+
 def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
     """(batch, seq) bools: where the LMs' and classifiers' distributions are compared (causal: position t,
     predicting t + 1); (batch,) all true for a sequence classifier, whose logits are one row per sample."""
@@ -245,7 +275,7 @@ def _lm_target(kind: str, reference_output, mask: torch.Tensor):
     """What an LM's loss needs of the reference's output, taken before the candidate runs (under no_grad):
     (P, Σ P·log P), the next-token probabilities (positions, V) at the compared positions and their
     part of the KL, so that no vocabulary-wide tensor but P is kept."""
-    logits = reference_output[0] if isinstance(reference_output, tuple) else reference_output.logits
+    logits = _logits(reference_output)
     log_p = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     p = log_p.exp()
     return p, (p * log_p).sum(dim=-1).sum(dtype=torch.float64)  # float64 over positions, not over (positions, V)
@@ -299,7 +329,7 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     # the mean over positions of KL(P ‖ Q) = Σ P·log P − Σ P·log Q, the first sum taken with P: backward
     # keeps P and log Q (positions × V each), not the logits and P·(log P − log Q)'s temporaries too
     p, p_log_p = target
-    logits = output[0] if isinstance(output, tuple) else output.logits
+    logits = _logits(output)
     log_q = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
@@ -362,7 +392,7 @@ def write_healed(
                     reason=f"rel. error before healing {before:.3g}",
                 )  # fmt: skip
                 rows.append(row)
-            payload["heal"] = record
+            payload["heal"] = {**record, **_earlier_texts(payload.get("heal"))}
             writer.metadata = {**(original or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
         size = output.commit()
         swept = list(output.notes)  # temporaries of killed runs removed beside OUT
@@ -374,6 +404,16 @@ def write_healed(
         output=str(out),
         options={"heal": record, "notes": swept},
     )
+
+
+def _earlier_texts(heal: object) -> dict:
+    """The texts an earlier heal of the model trained on, which evaluate reads as not held out (made_with)."""
+    if not isinstance(heal, dict):
+        return {}
+    earlier = heal.get("earlier_text_sha256")
+    texts = [*(earlier if isinstance(earlier, list) else []), heal.get("text_sha256")]
+    texts = [t for t in dict.fromkeys(texts) if isinstance(t, str)]
+    return {"earlier_text_sha256": texts} if texts else {}
 
 
 def torch_dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
@@ -400,13 +440,8 @@ def heal(
 ) -> Report:
     """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
     from lowrank_cli.io.checkpoint import open_checkpoint
-    from lowrank_cli.model.evaluate import (
-        is_lowrank,
-        load_candidate,
-        make_evaluator,
-        metric,
-        model_samples,
-    )
+    from lowrank_cli.io.fileformat import find_lowrank
+    from lowrank_cli.model.evaluate import held_out_note, load_candidate, make_evaluator, metric, model_samples
     from lowrank_cli.ops.samples import require_text
 
     folder, compressed = Path(reference_dir), Path(compressed)
@@ -417,7 +452,8 @@ def heal(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not compressed.exists():
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
-    if not is_lowrank(compressed):
+    found_lowrank = find_lowrank(compressed, "give the compressed model to heal")
+    if found_lowrank is None:
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
         # OUT is checked before minutes of training: never the reference, the compressed model or a text
@@ -429,7 +465,9 @@ def heal(
         )
         evaluator = None
         if eval_text is not None:
-            held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
+            held = model_samples(
+                reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split, flag="eval_text"
+            )
             evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
         before = None
         if evaluator is not None:  # as evaluate measures it: the file's own dtype, not the float32 that trains
@@ -462,9 +500,9 @@ def heal(
     if evaluator is not None:
         healed = load_candidate(folder, Path(report.output), type(reference), device)  # as evaluate loads it
         after = evaluator.measure(healed)["fidelity"]
-        held_out = evaluator.samples.text_sha256 != found.text_sha256
-        if not held_out:
-            notes.append("the evaluation text is the training text, so the fidelity is not held out")
+        made = {**found_lowrank[1], "heal": record | _earlier_texts(found_lowrank[1].get("heal"))}  # as OUT says
+        held_out, held_notes = held_out_note(made, evaluator.samples.text_sha256)
+        notes += held_notes
         report.options["heal"] = {
             **record, "fidelity_before": before, "fidelity_after": after, "held_out": held_out,
             "metric": metric(evaluator.kind, evaluator.pooling),

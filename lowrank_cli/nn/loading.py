@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg, require_extra
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg, require_extra
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names, factor_records
@@ -88,6 +88,13 @@ def apply_factors(
         LoadResult(missing_keys=['classifier.weight', 'classifier.bias'], unexpected_keys=[])
     """
     model = _transformers_model(model)
+    factored = [name for name, module in model.named_modules() if isinstance(module, (LowRankLinear, LowRankEmbedding))]
+    if factored:  # its weights are factors already: a file's names would fit none of them
+        raise UsageError(
+            f"the model is already factored ({len(factored)} low-rank layers, first '{factored[0] or 'the model'}');"
+            " apply_factors replaces dense layers: give it a model with dense weights, such as one built anew"
+            " from its config"
+        )
     fix = "load it into the model it was saved from, or pass strict=False to load what matches"
     with open_checkpoint(path) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
@@ -138,9 +145,26 @@ def load_pretrained(
         raise CheckpointError(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
-    model = build_empty(folder, auto_class, feature="load_pretrained")
-    result = _load_built(model, weights or folder, dtype, strict)
+    model, result = build_and_load(folder, auto_class, weights=weights, dtype=dtype, strict=strict, fix=PRETRAINED_FIX)
     return (model, result) if output_loading_info else model
+
+
+PRETRAINED_FIX = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
+
+
+def build_and_load(
+    folder: Path,
+    auto_class: type | None,
+    *,
+    weights: str | Path | None,
+    dtype: torch.dtype | None,
+    strict: bool,
+    fix: str,
+) -> tuple[nn.Module, LoadResult]:
+    """load_pretrained's work, a file that does not fit the model refused with `fix`: the caller's own
+    words (evaluate and heal, which take no model class nor strict, say which model to give instead)."""
+    model = build_empty(folder, auto_class, feature="load_pretrained")
+    return model, _load_built(model, weights or folder, dtype, strict, fix)
 
 
 def build_empty(folder: str | Path, auto_class: type | None = None, *, feature: str = "build_empty") -> nn.Module:
@@ -270,7 +294,7 @@ def load_sentence_transformer(
                     " only a torch feature-extraction Transformer can"
                 )
             model = _build(transformers, config, transformers.AutoModel, where)
-            _load_built(model, where, dtype, strict)
+            _load_built(model, where, dtype, strict, "load the folder it was compressed from, or pass strict=False")
             return model
 
     modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
@@ -313,10 +337,10 @@ def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
         ) from None
 
 
-def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool) -> LoadResult:
+def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool, fix: str) -> LoadResult:
     """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
-    (strict=False) or refused (strict), so nothing is left on meta; the model ends in eval mode."""
-    fix = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
+    (strict=False) or refused (strict, the message ending in `fix`), so nothing is left on meta; the
+    model ends in eval mode."""
     with open_checkpoint(weights) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
     _replace_modules(model, plan.factored)

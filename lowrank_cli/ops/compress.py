@@ -44,11 +44,14 @@ def compress(
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
     calibration: Calibration | None = None,
+    fidelity: dict | None = None,
 ) -> Report:
     """Write OUT with factors for every selected float matrix where they save parameters.
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     With calibration, each tensor with statistics is factorized as W·S (activation-aware).
+    fidelity: the `fidelity` record of the metadata (model.fidelity: the target and the hash of
+    the text that chose the budget, which evaluate reads to say that text is not held out).
     """
     settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
@@ -68,7 +71,7 @@ def compress(
         calibration=calibration,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
-        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
+        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration, fidelity)
         size_after = output.commit()
     notes = [*output.notes, *calibration_notes(calibration, policy)]
     return Report(
@@ -94,6 +97,7 @@ def _write(
     selected: set[str],
     on_tensor: Callable[[TensorEntry], None] | None,
     calibration: Calibration | None = None,
+    fidelity: dict | None = None,
 ) -> list[TensorReport]:
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
@@ -116,7 +120,7 @@ def _write(
                 on_tensor(entry)
     for writer in output.writers:
         extra = calibration_record(calibration)
-        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer], extra)
+        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer], extra, fidelity)
     return tensors
 
 

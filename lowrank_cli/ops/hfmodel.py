@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
+from lowrank_cli.io.fileformat import find_lowrank
 from lowrank_cli.io.hfconfig import config_errors, prefix_variants, quiet_transformers, require_transformers
+from lowrank_cli.io.paths import require_files_in
 
 
 def load_model(folder: Path, device: str, feature: str = "calibrate"):
@@ -31,6 +32,8 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
         (model in eval mode on `device`, tokenizer).
     """
     transformers = require_transformers(feature)
+    if folder.is_dir():  # transformers reads the folder's files: none may block open() (a FIFO)
+        require_files_in(folder, f"{feature} reads every file of the model folder; remove it or give a plain copy")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; {feature} needs a Hugging Face model folder")
@@ -59,19 +62,12 @@ def pad_id(tokenizer) -> int:
 
 def refuse_lowrank_weights(folder: Path) -> None:
     """A compressed folder's factors would load as a randomly initialised model: the dense one is needed."""
-    from safetensors import safe_open
-
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                compressed = LOWRANK_KEY in (handle.metadata() or {})
-        except Exception:  # noqa: BLE001 - a file transformers cannot read either; it says why below
-            continue
-        if compressed:
-            raise CheckpointError(
-                f"{path}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
-                " and give the dense folder it writes"
-            )
+    found = find_lowrank(folder, "give the model's Hugging Face folder")
+    if found is not None:
+        raise CheckpointError(
+            f"{found[0]}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
+            " and give the dense folder it writes"
+        )
 
 
 def checkpoint_keys(folder: Path) -> list[str]:
