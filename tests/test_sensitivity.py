@@ -402,7 +402,7 @@ def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins,
     assert row.status.value == "dense" and "plain SVD" not in (row.reason or "")
 
 
-def test_calibrate_reports_progress_over_batches_then_weights(tmp_path):
+def test_calibrate_reports_progress_over_blocks_then_weights(tmp_path):
     folder, text = tiny_model_folder(tmp_path, head=False)
     calls = []
     lowrank_cli.calibrate(
@@ -413,6 +413,6 @@ def test_calibrate_reports_progress_over_batches_then_weights(tmp_path):
     weights = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)
     }  # every Linear and embedding weight, once each
-    total = 3 + len(weights)  # 5 windows in batches of 2, then one probe per weight
+    total = model.config.num_hidden_layers + len(weights)  # one step per block, then one per weight probed
     assert [t for _, t in calls] == [total] * len(calls)
     assert [d for d, _ in calls] == list(range(1, total + 1)) + [total]  # each step, then the end

@@ -538,7 +538,7 @@ def calibrate(
     """Input statistics of each Linear, for --calibration."""
     from lowrank_cli.cli.render import progress
 
-    with progress(f"calibrate {model.name}", steps="batches, then weights probed") as tick:
+    with progress(f"calibrate {model.name}", steps="blocks, then weights probed") as tick:
         report = lowrank_cli.calibrate(
             model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
             device=device, force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,

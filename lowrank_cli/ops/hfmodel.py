@@ -56,6 +56,18 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
     return model.to(device).eval(), tokenizer
 
 
+def load_tokenizer(folder: Path, feature: str = "calibrate"):
+    """The tokenizer of a model folder, offline (the model itself is left to the block runner)."""
+    transformers = require_transformers(feature)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: has no config.json; {feature} needs a Hugging Face model folder")
+    refuse_lowrank_weights(folder)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except config_errors() as exc:
+        raise CheckpointError(f"{folder}: its tokenizer cannot be loaded with transformers ({exc})".splitlines()[0]) from None
+
+
 def refuse_lowrank_weights(folder: Path) -> None:
     """A compressed folder's factors would load as a randomly initialised model: the dense one is needed."""
     from safetensors import safe_open
