@@ -541,6 +541,7 @@ def calibrate(
     split: Split | str = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
+    exact_sensitivity: bool = False,
     progress: Progress | None = None,
 ) -> CalibrationReport:
     """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
@@ -565,7 +566,12 @@ def calibrate(
             of the samples; a budget with these statistics spares the weights the model needs
             most (docs/calibration.md).
         probe_tokens: the tokens each cut is measured on.
-        progress: called as progress(done, total) after each batch and each weight probed.
+        exact_sensitivity: measure each weight's sensitivity with one forward of the whole model
+            (loaded whole) per weight, the reference the default estimate is checked against,
+            instead of the default: one projected backward pass through the blocks (docs/calibration.md).
+        progress: called as progress(done, total) after each block and each weight probed.
+
+    The model runs one block at a time (memory: one block, its moments and the samples' activations).
 
     Returns:
         A CalibrationReport: the samples and tokens run, the distinct inputs, the weights covered,
@@ -581,7 +587,7 @@ def calibrate(
     return _calibrate(
         model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
-        probe_tokens=probe_tokens, progress=progress,
+        probe_tokens=probe_tokens, exact_sensitivity=exact_sensitivity, progress=progress,
     )  # fmt: skip
 
 

@@ -195,7 +195,7 @@ def test_compress_budget_spares_the_sensitive_weight(two_twins, tmp_path, sensit
     params = sum(t.numel() for t in written.values())
     assert params <= 0.5 * 2 * 64 * 48
     plain = lowrank_cli.compress(path, tmp_path / "p.safetensors", budget=0.5, calibration=_without(stats, tmp_path))
-    assert plain.options["budget_objective"] == "balanced"
+    assert plain.options["budget_objective"] == "uniform"
     args = ("compress", path, "--budget", "0.5", "--force", "--calibration")
     result = cli(*args, _without(stats, tmp_path), "-o", tmp_path / "q.safetensors")
     assert result.exit_code == 0 and "has no sensitivities" in result.stderr
@@ -386,7 +386,32 @@ def test_analyze_with_statistics_says_its_spectra_are_of_the_whitened_matrix(two
     assert "spectra of W·S" in result.stdout
     assert "spectra of W·S" not in cli("analyze", path).stdout
     document = json.loads(cli("analyze", path, "--calibration", stats, "--budget", "0.5", "--json").stdout)
-    assert document["options"]["budget_objective"] == "balanced"
+    assert document["options"]["budget_objective"] == "uniform"
+
+
+def test_statistics_without_sensitivities_cut_every_matrix_to_the_same_share(tmp_path):
+    """No sensitivities: each matrix keeps rank ⌊F·m·n/(m+n)⌋ (SVD-LLM's uniform ratio), whatever its
+    spectrum; weighing the whitened spectra alone did worse than that on SmolLM2."""
+    rng = np.random.default_rng(31)
+    shapes = {"a.weight": (64, 48), "b.weight": (96, 48), "c.weight": (48, 128)}
+    decays = {"a.weight": 0.5, "b.weight": 0.97, "c.weight": 0.8}  # very different spectra
+    weights = {}
+    for name, (m, n) in shapes.items():
+        u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+        v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+        weights[name] = torch.from_numpy((u * decays[name] ** np.arange(min(m, n))) @ v.T).float()
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    moments = {name: torch.eye(n, dtype=torch.float64) for name, (m, n) in shapes.items()}
+    stats = tmp_path / "s.safetensors"
+    write_calibration(stats, moments, {name: name for name in shapes}, tokens=10)
+    for fraction in (0.3, 0.6):
+        report = lowrank_cli.compress(tmp_path / "m.safetensors", tmp_path / f"c{fraction}.safetensors",
+                                      budget=fraction, calibration=stats)  # fmt: skip
+        assert report.options["budget_objective"] == "uniform"
+        ranks = {t.name: t.rank for t in report.tensors}
+        assert ranks == {name: int(fraction * m * n // (m + n)) for name, (m, n) in shapes.items()}
 
 
 def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins, tmp_path):

@@ -68,6 +68,32 @@ def allocate(
     return ranks
 
 
+def uniform(spectra: dict[str, Spectrum], fraction: float, *, allow_dense: bool = True) -> dict[str, int | None]:
+    """Every tensor cut to the same share of its params: rank ⌊fraction·m·n/(m+n)⌋, so Σ params ≤ fraction·Σ m·n.
+
+    What SVD-LLM and ASVD do with whitened spectra. A tensor that rank keeps whole stays dense (None);
+    zero matrices get rank 0. A tensor too small for rank 1 within its share (a 1×8 row at 0.5) makes the
+    split impossible: UsageError, as allocate's.
+    """
+    ranks: dict[str, int | None] = {}
+    for name, spectrum in spectra.items():
+        m, n = spectrum.shape
+        if spectrum.is_zero:
+            ranks[name] = 0
+            continue
+        rank = int(fraction * m * n // (m + n))
+        if allow_dense and rank > (m * n - 1) // (m + n):  # the share's rank saves nothing: keep it whole
+            ranks[name] = None
+        elif rank < 1:
+            raise UsageError(
+                f"{arg('budget')} {fraction:g} gives '{name}' ({m}×{n}) less than rank 1; raise {arg('budget')}"
+                " or select fewer tensors"
+            )
+        else:
+            ranks[name] = min(rank, min(m, n))
+    return ranks
+
+
 def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, float]:
     """What a unit of relative squared error of each tensor costs: 1 (relative), ‖W_t‖ (balanced), ‖W_t‖² (absolute).
 
