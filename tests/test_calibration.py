@@ -423,7 +423,9 @@ def whole_model_moments(folder, samples: list[list[int]]) -> dict[str, np.ndarra
     seen: dict[str, list[np.ndarray]] = {}
     hooks = [
         module.register_forward_hook(
-            lambda mod, inp, out, name=name: seen.setdefault(name, []).append(inp[0].reshape(-1, inp[0].shape[-1]).numpy())
+            lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
+                inp[0].reshape(-1, inp[0].shape[-1]).numpy()
+            )
         )
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
@@ -433,7 +435,10 @@ def whole_model_moments(folder, samples: list[list[int]]) -> dict[str, np.ndarra
             model(input_ids=torch.tensor([ids]))
     for hook in hooks:
         hook.remove()
-    return {f"{name}.weight": np.concatenate(xs).T @ np.concatenate(xs) / sum(len(x) for x in xs) for name, xs in seen.items()}
+    return {
+        f"{name}.weight": np.concatenate(xs).T @ np.concatenate(xs) / sum(len(x) for x in xs)
+        for name, xs in seen.items()
+    }
 
 
 @pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])

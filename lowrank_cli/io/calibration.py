@@ -148,7 +148,9 @@ class MomentSpill:
             self._handle = open(self.spill, "r+b")  # noqa: SIM115 - closed by close()
         except OSError as exc:
             reason = exc.strerror or str(exc)
-            raise OutputError(f"{self.path}: cannot be written ({reason}); free space or choose another output") from None
+            raise OutputError(
+                f"{self.path}: cannot be written ({reason}); free space or choose another output"
+            ) from None
         self.entries: dict[str, tuple[list[int], int, int]] = {}  # key -> shape, start, end (bytes in the spill)
         self._end = 0
 
@@ -190,7 +192,11 @@ class MomentSpill:
         header: dict = {"__metadata__": {METADATA_KEY: json.dumps(payload)}}
         offset = 0
         for key, tensor in counts.items():  # float64 first, so every tensor starts at a multiple of its size
-            header[key] = {"dtype": "F64", "shape": list(tensor.shape), "data_offsets": [offset, offset + tensor.numel() * 8]}
+            header[key] = {
+                "dtype": "F64",
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.numel() * 8],
+            }
             offset += tensor.numel() * 8
         for key, (shape, start, end) in self.entries.items():
             header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset + start, offset + end]}

@@ -380,7 +380,9 @@ def _calibrate_blocks(
         check_samples(model, tokenizer, chosen, folder)
         prefix = runner.blocks_name + "."
         names = checkpoint_names(_linear_names(model) + _embedding_names(model), checkpoint_keys(folder))
-        names = {module: names.get(module, f"{module}.weight") for module in _linear_names(model) + _embedding_names(model)}
+        names = {
+            module: names.get(module, f"{module}.weight") for module in _linear_names(model) + _embedding_names(model)
+        }
         runs = batches(chosen, batch_size, device, pad)
         probe = spread(chosen, sample_count(chosen, probe_tokens)) if sensitivity else []
         probe_runs = batches(probe, batch_size, device, pad)
@@ -402,9 +404,7 @@ def _calibrate_blocks(
         transposed: set[str] = set()
         counted = 0
         for block in runner.blocks():
-            local = {
-                name: names[f"{block.name}.{name}"] for name, m in block.module.named_modules() if _is_linear(m)
-            }
+            local = {name: names[f"{block.name}.{name}"] for name, m in block.module.named_modules() if _is_linear(m)}
             calibrator = Calibrator(block.module, names=local, embeddings=False)
             with torch.no_grad(), calibrator:
                 for index, batch in enumerate(hidden):

@@ -65,7 +65,9 @@ def load_tokenizer(folder: Path, feature: str = "calibrate"):
     try:
         return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     except config_errors() as exc:
-        raise CheckpointError(f"{folder}: its tokenizer cannot be loaded with transformers ({exc})".splitlines()[0]) from None
+        raise CheckpointError(
+            f"{folder}: its tokenizer cannot be loaded with transformers ({exc})".splitlines()[0]
+        ) from None
 
 
 def refuse_lowrank_weights(folder: Path) -> None:

@@ -22,6 +22,7 @@ from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 
+LARGE_CUT = 1 << 24  # elements above which half_cut works in float32
 Moment = torch.Tensor | RowWeights | None  # a Linear's input moment, an embedding's row weights, or none
 
 
@@ -69,7 +70,9 @@ def half_cut(weight: torch.Tensor, moment: Moment) -> tuple[torch.Tensor | None,
     rank = max(1, m * n // (2 * (m + n)))
     if rank >= min(m, n):
         return None, 0.0
-    dtype = torch.float64 if weight.device.type == "cpu" else torch.float32
+    # float64 on the CPU, but float32 for a large table (an embedding of 50k rows: 4 copies of it are made)
+    large = weight.numel() > LARGE_CUT
+    dtype = torch.float64 if weight.device.type == "cpu" and not large else torch.float32
     w = weight.detach().to(dtype)
     if isinstance(moment, RowWeights):
         whitener = moment if moment.weights.shape[0] == m else None
@@ -301,21 +304,21 @@ class ProjectedProbe:
         cut, tail = half_cut(weight.T if transposed else weight, moment)
         if cut is None or not tail > 0:
             return None
-        references = [self._outputs(hidden) for hidden in final]
         original = weight.data.clone()
         total = 0.0
         try:
-            weight.data.copy_(cut.T if transposed else cut)
             for b, (entering, hidden, g) in enumerate(zip(first, final, grads, strict=True)):
+                weight.data.copy_(original)
+                references = self._outputs(hidden)
+                weight.data.copy_(cut.T if transposed else cut)
                 delta = self.runner.embed(hidden.input_ids, hidden.attention_mask).states - entering.states
-                changed = self._outputs(hidden)
+                changed = [y2 - y for y2, y in zip(self._outputs(hidden), references, strict=True)]
+                del references
                 for k, grad in enumerate(g):
                     directions = self._directions(b, k, changed, hidden.attention_mask, norms)
-                    per_sample = (grad.to(torch.float64) * delta.to(torch.float64)).reshape(delta.shape[0], -1).sum(1)
-                    for v, y2, y in zip(directions, changed, references[b], strict=True):
-                        per_sample = per_sample + (v.to(torch.float64) * (y2 - y).to(torch.float64)).reshape(
-                            y.shape[0], -1
-                        ).sum(1)
+                    per_sample = (grad * delta).reshape(delta.shape[0], -1).sum(1, dtype=torch.float64)
+                    for v, dy in zip(directions, changed, strict=True):
+                        per_sample = per_sample + (v * dy).reshape(dy.shape[0], -1).sum(1, dtype=torch.float64)
                     total += float(per_sample.square().sum())
         finally:
             weight.data.copy_(original)
@@ -327,7 +330,12 @@ def _once(modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.n
     seen, kept = set(), []
     for name, module in modules:
         weight = getattr(module, "weight", None)
-        if isinstance(weight, torch.Tensor) and weight.ndim == 2 and weight.is_floating_point() and id(weight) not in seen:
+        if (
+            isinstance(weight, torch.Tensor)
+            and weight.ndim == 2
+            and weight.is_floating_point()
+            and id(weight) not in seen
+        ):
             seen.add(id(weight))
             kept.append((name, module))
     return kept
