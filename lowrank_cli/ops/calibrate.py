@@ -411,8 +411,9 @@ def _calibrate_blocks(
                     calibrator.mask = batch.attention_mask
                     hidden[index] = runner.run_block(block, batch)
             calibrator._flush()
+            calibrator._partial.clear()
             for key, total in calibrator.sums.items():
-                spill.add(key, total / calibrator.counts[key])
+                spill.add(key, total.div_(calibrator.counts[key]))  # in place: no second float64 copy
             keys.update({calibrator.names[name]: key for name, key in calibrator.key_of.items()})
             transposed |= {calibrator.names[name] for name in calibrator.key_of if is_conv1d(calibrator.layers[name])}
             counted = max(counted, calibrator.tokens)
@@ -428,7 +429,7 @@ def _calibrate_blocks(
                     runner.head(batch)
             head._flush()
             for key, total in head.sums.items():
-                spill.add(key, total / head.counts[key])
+                spill.add(key, total.div_(head.counts[key]))
             keys.update({head.names[name]: key for name, key in head.key_of.items()})
             transposed |= {head.names[name] for name in head.key_of if is_conv1d(head.layers[name])}
             counted = max(counted, head.tokens)
