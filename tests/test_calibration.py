@@ -478,3 +478,39 @@ def test_block_by_block_moments_are_the_whole_models(tmp_path, kind, monkeypatch
         np.testing.assert_allclose(got, moment, rtol=0, atol=1e-5 * scale, err_msg=name)
     if kind == "gpt2":
         assert {n for n in expected if ".attn." in n or ".mlp." in n} <= calibration.transposed
+
+
+def test_moment_spill_writes_what_write_calibration_writes(tmp_path):
+    """The statistics file assembled from moments spilled to disk reads back as write_calibration's,
+    with token counts and sensitivities; the spill leaves no temporary behind."""
+    from lowrank_cli.io.calibration import MomentSpill
+
+    rng = np.random.default_rng(40)
+    xs = {"a.weight": correlated_inputs(50, 6, seed=1), "c.weight": correlated_inputs(50, 9, seed=2)}
+    moments = {key: torch.from_numpy(x.T @ x / len(x)) for key, x in xs.items()}
+    keys = {"a.weight": "a.weight", "b.weight": "a.weight", "c.weight": "c.weight"}
+    counts = {"embed.weight": torch.from_numpy(rng.integers(0, 5, 11).astype(np.float64))}
+    extra = dict(tokens=50, text_sha256="cd" * 32, transposed={"c.weight"}, sensitivity={"a.weight": 2.5},
+                 probe_tokens=7, token_counts=counts, fingerprint={"a.weight": [1.0, 2.0]})  # fmt: skip
+    write_calibration(tmp_path / "plain.safetensors", moments, keys, **extra)
+    with MomentSpill(tmp_path / "spilled.safetensors") as spill:
+        for key, moment in moments.items():
+            spill.add(key, moment)
+        torch.testing.assert_close(spill.read("c.weight"), moments["c.weight"].float())
+        spill.write(keys, **extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "spilled.safetensors"]
+    plain, spilled = (
+        read_calibration(tmp_path / "plain.safetensors"),
+        read_calibration(tmp_path / "spilled.safetensors"),
+    )
+    assert set(spilled.moments) == set(keys) and spilled.moments["b.weight"] is spilled.moments["a.weight"]
+    for name in keys:
+        assert torch.equal(spilled.moments[name], plain.moments[name])
+    assert torch.equal(spilled.token_counts["embed.weight"], counts["embed.weight"])
+    assert (spilled.tokens, spilled.text_sha256, spilled.transposed) == (50, "cd" * 32, {"c.weight"})
+    assert spilled.sensitivity == {"a.weight": 2.5} and spilled.fingerprint == plain.fingerprint
+    with MomentSpill(tmp_path / "plain.safetensors") as spill:  # an existing file is not replaced without force
+        spill.add("a.weight", moments["a.weight"])
+        with pytest.raises(lowrank_cli.OutputError):
+            spill.write({"a.weight": "a.weight"}, tokens=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "spilled.safetensors"]
