@@ -425,8 +425,9 @@ def _calibrate_blocks(
         if head.layers:
             with torch.no_grad(), head:
                 for batch in hidden:
-                    head.mask = batch.attention_mask
-                    runner.head(batch)
+                    for _, _, piece in ProjectedProbe._pieces(batch):  # a few samples' logits at a time
+                        head.mask = piece.attention_mask
+                        runner.head(piece)
             head._flush()
             for key, total in head.sums.items():
                 spill.add(key, total.div_(head.counts[key]))

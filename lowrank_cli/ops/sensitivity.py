@@ -113,6 +113,7 @@ def relative_change(reference: list[torch.Tensor], outputs: list[torch.Tensor]) 
 
 # --- the estimate in one backward pass, block by block -------------------------------------------------------
 
+HEAD_TOKENS = 256  # tokens whose outputs (an LM's logits) the probe makes at a time
 PROJECTIONS = 4  # random directions per probe batch: the estimate's relative spread is about √(2 / (4 · samples))
 
 
@@ -224,35 +225,60 @@ class ProjectedProbe:
             handle.remove()
         return _floats(captured[-1])
 
+    @staticmethod
+    def _pieces(hidden) -> list[tuple[int, int, object]]:
+        """The batch's samples in groups of about HEAD_TOKENS tokens (at least one sample): the head's outputs
+        (an LM's logits over the vocabulary) are made for one group at a time, to bound their memory."""
+        size, length = hidden.states.shape[:2]
+        step = max(1, HEAD_TOKENS // max(1, length))
+        pieces = []
+        for start in range(0, size, step):
+            end = min(size, start + step)
+            part = replace(
+                hidden,
+                states=hidden.states[start:end],
+                input_ids=hidden.input_ids[start:end],
+                attention_mask=hidden.attention_mask[start:end],
+            )
+            pieces.append((start, end, part))
+        return pieces
+
     @torch.no_grad()
     def _norms(self, final: list) -> list[float]:
         totals: list[float] = []
         for hidden in final:
-            outputs = self._outputs(hidden)
-            totals = totals or [0.0] * len(outputs)
-            for j, y in enumerate(outputs):
-                totals[j] += float(_real(y, hidden.attention_mask).to(torch.float64).square().sum())
+            for _, _, piece in self._pieces(hidden):
+                outputs = self._outputs(piece)
+                totals = totals or [0.0] * len(outputs)
+                for j, y in enumerate(outputs):
+                    totals[j] += _square_sum(_real(y, piece.attention_mask))
         return [max(total, 1e-300) ** 0.5 for total in totals]
 
-    def _directions(self, b: int, k: int, outputs: list[torch.Tensor], mask: torch.Tensor, norms: list[float]):
-        """v of batch b, projection k: Gaussian on each output's real tokens, divided by that output's norm."""
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + b * 1009 + k)
-        return [
-            _real(torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype), mask) / norm
-            for y, norm in zip(outputs, norms, strict=True)
-        ]
+    def _directions(self, b: int, start: int, k: int, outputs: list[torch.Tensor], mask: torch.Tensor, norms):
+        """v of batch b's samples from `start`, projection k: Gaussian on each output's real tokens, over its norm."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + (b * 4099 + start) * 131 + k)
+        directions = []
+        for y, norm in zip(outputs, norms, strict=True):
+            v = torch.randn(y.shape, generator=generator, dtype=torch.float32).to(y.device, y.dtype)
+            directions.append(_real(v, mask).div_(norm))
+        return directions
 
     def _output_gradients(self, b: int, hidden, norms: list[float]) -> list[torch.Tensor]:
         """Jᵀv at the final states for each projection of batch b."""
-        states = hidden.states.detach().requires_grad_(True)
-        grads = []
-        with torch.enable_grad():
-            outputs = self._outputs(replace(hidden, states=states))
-            for k in range(self.projections):
-                directions = self._directions(b, k, outputs, hidden.attention_mask, norms)
-                scalar = sum((v * y).sum() for v, y in zip(directions, outputs, strict=True))
-                (grad,) = torch.autograd.grad(scalar, states, retain_graph=k < self.projections - 1)
-                grads.append(grad.detach())
+        grads = [torch.zeros_like(hidden.states) for _ in range(self.projections)]
+        for start, end, piece in self._pieces(hidden):
+            states = piece.states.detach().requires_grad_(True)
+            with torch.enable_grad():
+                outputs = self._outputs(replace(piece, states=states))
+                for k in range(self.projections):
+                    directions = self._directions(b, start, k, outputs, piece.attention_mask, norms)
+                    scalar = sum(
+                        torch.dot(v.reshape(-1), y.reshape(-1)) for v, y in zip(directions, outputs, strict=True)
+                    )
+                    (grad,) = torch.autograd.grad(scalar, states, retain_graph=k < self.projections - 1)
+                    grads[k][start:end] = grad.detach()
+                    del directions, scalar
+            del outputs
         return grads
 
     def _through(self, block, hidden, grads: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -308,18 +334,23 @@ class ProjectedProbe:
         total = 0.0
         try:
             for b, (entering, hidden, g) in enumerate(zip(first, final, grads, strict=True)):
-                weight.data.copy_(original)
-                references = self._outputs(hidden)
                 weight.data.copy_(cut.T if transposed else cut)
                 delta = self.runner.embed(hidden.input_ids, hidden.attention_mask).states - entering.states
-                changed = [y2 - y for y2, y in zip(self._outputs(hidden), references, strict=True)]
-                del references
-                for k, grad in enumerate(g):
-                    directions = self._directions(b, k, changed, hidden.attention_mask, norms)
-                    per_sample = (grad * delta).reshape(delta.shape[0], -1).sum(1, dtype=torch.float64)
-                    for v, dy in zip(directions, changed, strict=True):
-                        per_sample = per_sample + (v * dy).reshape(dy.shape[0], -1).sum(1, dtype=torch.float64)
-                    total += float(per_sample.square().sum())
+                per_sample = [(grad * delta).reshape(delta.shape[0], -1).sum(1, dtype=torch.float64) for grad in g]
+                del delta
+                for start, end, piece in self._pieces(hidden):
+                    weight.data.copy_(original)
+                    references = self._outputs(piece)
+                    weight.data.copy_(cut.T if transposed else cut)
+                    changed = [
+                        y2 - y for y2, y in zip(self._outputs(piece), references, strict=True)
+                    ]  # not in place: an output may be the states themselves
+                    del references
+                    for k in range(len(g)):
+                        directions = self._directions(b, start, k, changed, piece.attention_mask, norms)
+                        for v, dy in zip(directions, changed, strict=True):
+                            per_sample[k][start:end] += (v * dy).reshape(dy.shape[0], -1).sum(1, dtype=torch.float64)
+                total += sum(float(value.square().sum()) for value in per_sample)
         finally:
             weight.data.copy_(original)
         return total / tail
@@ -339,6 +370,12 @@ def _once(modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.n
             seen.add(id(weight))
             kept.append((name, module))
     return kept
+
+
+def _square_sum(y: torch.Tensor, rows: int = 64) -> float:
+    """Σ y² in float64, a few rows at a time (no float64 copy of a whole vocabulary's logits)."""
+    flat = y.detach().reshape(-1, y.shape[-1]) if y.ndim else y.detach().reshape(1, 1)
+    return sum(float(flat[i : i + rows].to(torch.float64).square().sum()) for i in range(0, flat.shape[0], rows))
 
 
 def _floats(output: object) -> list[torch.Tensor]:
