@@ -157,8 +157,14 @@ class MomentSpill:
     def add(self, key: str, moment: torch.Tensor) -> None:
         """Append one moment (stored float32, as in the statistics file)."""
         data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
-        self._handle.seek(self._end)
-        self._handle.write(data)
+        try:
+            self._handle.seek(self._end)
+            self._handle.write(data)
+        except OSError as exc:  # a full disk: the statistics cannot be written either
+            reason = exc.strerror or str(exc)
+            raise OutputError(
+                f"{self.path}: cannot be written ({reason}); free space or choose another output"
+            ) from None
         self.entries[key] = (list(moment.shape), self._end, self._end + len(data))
         self._end += len(data)
 
