@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
 from lowrank_cli.linalg.spectrum import svd  # noqa: E402
-from lowrank_cli.ops.calibrate import CHUNK  # noqa: E402
+from lowrank_cli.model.calibrate import CHUNK  # noqa: E402
 
 
 def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
@@ -42,7 +42,7 @@ def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: t
 
 
 def moment_chunked_float32(x: torch.Tensor) -> torch.Tensor:
-    """Σ x xᵀ as ops.calibrate sums it: float32 products over CHUNK tokens, each added to a float64 sum."""
+    """Σ x xᵀ as model.calibrate sums it: float32 products over CHUNK tokens, each added to a float64 sum."""
     n = x.shape[1]
     total = torch.zeros(n, n, dtype=torch.float64)
     partial = torch.zeros(n, n, dtype=torch.float32)
@@ -91,7 +91,7 @@ def main() -> None:
         ("‖W − B·A‖² (r = 64)", "linalg.factorize.relative_error", "residual in float32",
          lambda: residual_squares(w, b, a, torch.float32),
          "residual in float64", lambda: residual_squares(w, b, a, torch.float64)),
-        (f"Σ x xᵀ ({x.shape[0]} tokens × {x.shape[1]})", "ops.calibrate.Calibrator", f"float32 over {CHUNK} tokens",
+        (f"Σ x xᵀ ({x.shape[0]} tokens × {x.shape[1]})", "model.calibrate.Calibrator", f"float32 over {CHUNK} tokens",
          lambda: moment_chunked_float32(x), "float64 products", lambda: moment_float64(x)),
         (f"orthonormal basis of {n}×{k}", "linalg.randomized.orthonormal", "CholeskyQR2",
          lambda: orthonormal(omega), "Householder QR", lambda: torch.linalg.qr(omega).Q),

@@ -58,8 +58,8 @@ _LAZY = {
     "evaluate": "lowrank_cli.api",
     "heal": "lowrank_cli.api",
     "Evaluation": "lowrank_cli.model.evaluate",
-    "CalibrationReport": "lowrank_cli.ops.calibrate",
-    "Calibrator": "lowrank_cli.ops.calibrate",
+    "CalibrationReport": "lowrank_cli.model.calibrate",
+    "Calibrator": "lowrank_cli.model.calibrate",
     "load_calibration": "lowrank_cli.io.calibration",
 }
 
@@ -119,6 +119,7 @@ if TYPE_CHECKING:
     from lowrank_cli.io.calibration import load_calibration
     from lowrank_cli.io.publish import recording_published
     from lowrank_cli.linalg.policy import RankPolicy
+    from lowrank_cli.model.calibrate import CalibrationReport, Calibrator
     from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
     from lowrank_cli.nn.loading import (
@@ -128,7 +129,6 @@ if TYPE_CHECKING:
         load_sentence_transformer,
         save_factors,
     )
-    from lowrank_cli.ops.calibrate import CalibrationReport, Calibrator
 
 
 def __getattr__(name: str) -> object:

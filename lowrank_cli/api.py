@@ -25,13 +25,13 @@ from lowrank_cli.io.checkpoint import (
 from lowrank_cli.io.kohya import PIPELINE_MODELS
 from lowrank_cli.io.writer import remove_leftover_temps
 from lowrank_cli.linalg.policy import RankPolicy, require_policy
+from lowrank_cli.model.calibrate import CalibrationReport
 from lowrank_cli.model.evaluate import Evaluation
 from lowrank_cli.ops import analyze as _analyze
 from lowrank_cli.ops import compress as _compress
 from lowrank_cli.ops import expand as _expand
 from lowrank_cli.ops import extract as _extract
 from lowrank_cli.ops import plot as _plot
-from lowrank_cli.ops.calibrate import CalibrationReport
 from lowrank_cli.ops.devices import resolve_device
 from lowrank_cli.ops.factoring import factor_weight
 from lowrank_cli.ops.report import Report
@@ -573,6 +573,7 @@ def calibrate(
     split: Split | str = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
+    exact_sensitivity: bool = False,
     progress: Progress | None = None,
 ) -> CalibrationReport:
     """The second moment E[x xᵀ] of every Linear layer's input over samples of a text file, saved to `out`.
@@ -597,7 +598,12 @@ def calibrate(
             of the samples; a budget with these statistics spares the weights the model needs
             most (docs/calibration.md).
         probe_tokens: the tokens each cut is measured on.
-        progress: called as progress(done, total) after each batch and each weight probed.
+        exact_sensitivity: measure each weight's sensitivity with one forward of the whole model
+            (loaded whole) per weight, the reference the default estimate is checked against,
+            instead of the default: one projected backward pass through the blocks (docs/calibration.md).
+        progress: called as progress(done, total) after each block and each weight probed.
+
+    The model runs one block at a time (memory: one block, its moments and the samples' activations).
 
     Returns:
         A CalibrationReport: the samples and tokens run, the distinct inputs, the weights covered,
@@ -608,12 +614,12 @@ def calibrate(
         >>> lowrank_cli.calibrate("bert-base", "bert.stats.safetensors", text="wiki.txt")
         >>> lowrank_cli.compress("bert-base/model.safetensors", budget=0.5, calibration="bert.stats.safetensors")
     """
-    from lowrank_cli.ops.calibrate import calibrate as _calibrate
+    from lowrank_cli.model.calibrate import calibrate as _calibrate
 
     return _calibrate(
         model, out, text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
         device=resolve_device(device), force=force, split=choice(Split, split, "split"), sensitivity=sensitivity,
-        probe_tokens=probe_tokens, progress=progress,
+        probe_tokens=probe_tokens, exact_sensitivity=exact_sensitivity, progress=progress,
     )  # fmt: skip
 
 

@@ -16,7 +16,7 @@ import lowrank_cli
 from lowrank_cli.io.calibration import Calibration, read_calibration, write_calibration
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.whiten import whitener
-from lowrank_cli.ops.calibrate import Calibrator
+from lowrank_cli.model.calibrate import Calibrator
 from lowrank_cli.ops.factoring import NO_STATISTICS, ZERO_MOMENT, factor_tensor
 from lowrank_cli.ops.hfmodel import checkpoint_names
 from lowrank_cli.ops.settings import Settings
@@ -391,3 +391,130 @@ def test_statistics_that_are_not_safetensors(model_files, tmp_path, content):
     assert_clean_failure(result, 1, "report.json", "lowrank calibrate")
     assert not (tmp_path / "c.safetensors").exists()
     assert stats.read_bytes() == content
+
+
+# --- block by block: the moments of the whole model, one block in memory at a time --------------------------
+
+
+def tiny_causal_folder(tmp_path, kind: str):
+    """A tiny Llama (grouped-query attention, tied head) or GPT-2 (Conv1D) folder with the tiny BERT's tokenizer."""
+    transformers = pytest.importorskip("transformers")
+    bert, _ = tiny_model_folder(tmp_path, head=False)
+    if kind == "llama":
+        config = transformers.LlamaConfig(
+            vocab_size=60, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True,
+        )  # fmt: skip
+        model_class = transformers.LlamaForCausalLM
+    else:
+        config = transformers.GPT2Config(vocab_size=60, n_embd=32, n_layer=3, n_head=2, n_positions=64)
+        model_class = transformers.GPT2LMHeadModel
+    torch.manual_seed(1)
+    folder = tmp_path / kind
+    model_class(config).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(bert).save_pretrained(folder)
+    return folder
+
+
+def whole_model_moments(folder, samples: list[list[int]]) -> dict[str, np.ndarray]:
+    """E[x xᵀ] of every Linear's (and Conv1D's) input, hooked on the whole transformers model run on one
+    sample at a time (no padding), in float64: nothing of lowrank's runner or Calibrator."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.AutoModel.from_pretrained(folder) if "bert" in folder.name else None
+    if model is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    model = model.double().eval()
+    seen: dict[str, list[np.ndarray]] = {}
+    hooks = [
+        module.register_forward_hook(
+            lambda mod, inp, out, name=name: seen.setdefault(name, []).append(
+                inp[0].reshape(-1, inp[0].shape[-1]).numpy()
+            )
+        )
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) or type(module).__name__ == "Conv1D"
+    ]
+    with torch.no_grad():
+        for ids in samples:
+            model(input_ids=torch.tensor([ids]))
+    for hook in hooks:
+        hook.remove()
+    return {
+        f"{name}.weight": np.concatenate(xs).T @ np.concatenate(xs) / sum(len(x) for x in xs)
+        for name, xs in seen.items()
+    }
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2", "bert"])
+def test_block_by_block_moments_are_the_whole_models(tmp_path, kind, monkeypatch):
+    """calibrate loads one block at a time; its moments are those of the whole model's forward (padded
+    batches of lines of different lengths: the masks leave padding out)."""
+    transformers = pytest.importorskip("transformers")
+    from lowrank_cli.model.blocks import BlockRunner
+
+    folder = tiny_model_folder(tmp_path, head=False)[0] if kind == "bert" else tiny_causal_folder(tmp_path, kind)
+    lines = ["the model reads", "every word of this text the model reads every word", "this text", "word of the model"]
+    text = tmp_path / "lines.txt"
+    text.write_text("\n".join(lines * 3) + "\n")
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    samples = [tokenizer(line)["input_ids"][:16] for line in lines * 3]
+    in_hand = []
+    load_block = BlockRunner.load_block
+
+    def counting(runner, index):
+        materialized = [i for i, b in enumerate(runner.model.get_submodule(runner.blocks_name)) if
+                        any(not p.is_meta for p in b.parameters())]  # fmt: skip
+        in_hand.append(len(materialized))
+        return load_block(runner, index)
+
+    monkeypatch.setattr(BlockRunner, "load_block", counting)
+    stats = tmp_path / "stats.safetensors"
+    report = lowrank_cli.calibrate(folder, stats, text=text, seq_len=16, split="lines", batch_size=3, sensitivity=False)
+    assert in_hand and max(in_hand) == 0  # no other block is in memory when one is loaded
+    calibration = read_calibration(stats)
+    expected = whole_model_moments(folder, samples)
+    names = {k.removeprefix("bert.") for k in calibration.moments}
+    assert names == set(expected)
+    assert calibration.tokens == report.tokens == sum(len(ids) for ids in samples)
+    for name, moment in expected.items():
+        got = calibration.moments[name].to(torch.float64).numpy()
+        scale = np.abs(moment).max()
+        np.testing.assert_allclose(got, moment, rtol=0, atol=1e-5 * scale, err_msg=name)
+    if kind == "gpt2":
+        assert {n for n in expected if ".attn." in n or ".mlp." in n} <= calibration.transposed
+
+
+def test_moment_spill_writes_what_write_calibration_writes(tmp_path):
+    """The statistics file assembled from moments spilled to disk reads back as write_calibration's,
+    with token counts and sensitivities; the spill leaves no temporary behind."""
+    from lowrank_cli.io.calibration import MomentSpill
+
+    rng = np.random.default_rng(40)
+    xs = {"a.weight": correlated_inputs(50, 6, seed=1), "c.weight": correlated_inputs(50, 9, seed=2)}
+    moments = {key: torch.from_numpy(x.T @ x / len(x)) for key, x in xs.items()}
+    keys = {"a.weight": "a.weight", "b.weight": "a.weight", "c.weight": "c.weight"}
+    counts = {"embed.weight": torch.from_numpy(rng.integers(0, 5, 11).astype(np.float64))}
+    extra = dict(tokens=50, text_sha256="cd" * 32, transposed={"c.weight"}, sensitivity={"a.weight": 2.5},
+                 probe_tokens=7, token_counts=counts, fingerprint={"a.weight": [1.0, 2.0]})  # fmt: skip
+    write_calibration(tmp_path / "plain.safetensors", moments, keys, **extra)
+    with MomentSpill(tmp_path / "spilled.safetensors") as spill:
+        for key, moment in moments.items():
+            spill.add(key, moment)
+        torch.testing.assert_close(spill.read("c.weight"), moments["c.weight"].float())
+        spill.write(keys, **extra)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "spilled.safetensors"]
+    plain, spilled = (
+        read_calibration(tmp_path / "plain.safetensors"),
+        read_calibration(tmp_path / "spilled.safetensors"),
+    )
+    assert set(spilled.moments) == set(keys) and spilled.moments["b.weight"] is spilled.moments["a.weight"]
+    for name in keys:
+        assert torch.equal(spilled.moments[name], plain.moments[name])
+    assert torch.equal(spilled.token_counts["embed.weight"], counts["embed.weight"])
+    assert (spilled.tokens, spilled.text_sha256, spilled.transposed) == (50, "cd" * 32, {"c.weight"})
+    assert spilled.sensitivity == {"a.weight": 2.5} and spilled.fingerprint == plain.fingerprint
+    with MomentSpill(tmp_path / "plain.safetensors") as spill:  # an existing file is not replaced without force
+        spill.add("a.weight", moments["a.weight"])
+        with pytest.raises(lowrank_cli.OutputError):
+            spill.write({"a.weight": "a.weight"}, tokens=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.safetensors", "spilled.safetensors"]

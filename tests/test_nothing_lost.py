@@ -9,7 +9,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -286,19 +285,42 @@ def test_calibrate_with_a_malformed_config_is_one_line(tmp_path, case):
 # --- 15: a full or read-only disk under calibrate, a memory cap under any command: one line -----------
 
 
+@pytest.mark.parametrize("where", ["spill", "statistics"])
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
-def test_calibrate_onto_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, code):
-    """Tests run as root, which a chmod 0o555 folder does not stop: the write itself fails instead."""
-    import safetensors.torch
+def test_calibrate_onto_a_full_or_read_only_disk_is_one_line(tmp_path, monkeypatch, code, where):
+    """Tests run as root, which a chmod 0o555 folder does not stop: the write itself fails instead, of a
+    block's moments to the temporary beside the output (spill) or of the statistics file at the end."""
     from test_calibration import tiny_model_folder
+
+    import lowrank_cli.io.calibration as calibration_io
 
     folder, text = tiny_model_folder(tmp_path, head=False)
 
-    def failing_save(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"\0" * 8)  # a partial file, which must not be left behind
+    class Failing:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __getattr__(self, name):
+            return getattr(self.handle, name)
+
+        def write(self, data):
+            self.handle.write(b"\0" * 8)  # a partial write, which must not be left behind
+            raise OSError(code, os.strerror(code))
+
+    def failing_copy(source, target, length=0):
+        target.write(b"\0" * 8)
         raise OSError(code, os.strerror(code))
 
-    monkeypatch.setattr(safetensors.torch, "save_file", failing_save)
+    if where == "spill":
+        real_init = calibration_io.MomentSpill.__init__
+
+        def init(self, path):
+            real_init(self, path)
+            self._handle = Failing(self._handle)
+
+        monkeypatch.setattr(calibration_io.MomentSpill, "__init__", init)
+    else:
+        monkeypatch.setattr(calibration_io.shutil, "copyfileobj", failing_copy)
     stats = tmp_path / "stats.safetensors"
     before = listing(tmp_path)
     result = cli("calibrate", folder, "-o", stats, "--text", text, "--seq-len", 16)

@@ -24,10 +24,10 @@ from conftest import ROOT, assert_clean_failure, cli, listing, load, save, sha25
 from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
+import lowrank_cli.model.calibrate as calibrate_module
 import lowrank_cli.model.evaluate as evaluate_module
 import lowrank_cli.model.fidelity as fidelity_module
 import lowrank_cli.model.heal as heal_module
-import lowrank_cli.ops.calibrate as calibrate_module
 import lowrank_cli.ops.compress as compress_module
 import lowrank_cli.ops.hfmodel as hfmodel_module
 

@@ -16,7 +16,7 @@ from test_calibration import correlated_inputs, hand_moments, tiny_bert, tiny_mo
 import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration, write_calibration
 from lowrank_cli.io.publish import current_umask
-from lowrank_cli.ops.calibrate import Calibrator
+from lowrank_cli.model.calibrate import Calibrator
 from lowrank_cli.ops.samples import spread
 
 
@@ -195,7 +195,7 @@ def test_compress_budget_spares_the_sensitive_weight(two_twins, tmp_path, sensit
     params = sum(t.numel() for t in written.values())
     assert params <= 0.5 * 2 * 64 * 48
     plain = lowrank_cli.compress(path, tmp_path / "p.safetensors", budget=0.5, calibration=_without(stats, tmp_path))
-    assert plain.options["budget_objective"] == "balanced"
+    assert plain.options["budget_objective"] == "uniform"
     args = ("compress", path, "--budget", "0.5", "--force", "--calibration")
     result = cli(*args, _without(stats, tmp_path), "-o", tmp_path / "q.safetensors")
     assert result.exit_code == 0 and "has no sensitivities" in result.stderr
@@ -386,7 +386,32 @@ def test_analyze_with_statistics_says_its_spectra_are_of_the_whitened_matrix(two
     assert "spectra of W·S" in result.stdout
     assert "spectra of W·S" not in cli("analyze", path).stdout
     document = json.loads(cli("analyze", path, "--calibration", stats, "--budget", "0.5", "--json").stdout)
-    assert document["options"]["budget_objective"] == "balanced"
+    assert document["options"]["budget_objective"] == "uniform"
+
+
+def test_statistics_without_sensitivities_cut_every_matrix_to_the_same_share(tmp_path):
+    """No sensitivities: each matrix keeps rank ⌊F·m·n/(m+n)⌋ (SVD-LLM's uniform ratio), whatever its
+    spectrum; weighing the whitened spectra alone did worse than that on SmolLM2."""
+    rng = np.random.default_rng(31)
+    shapes = {"a.weight": (64, 48), "b.weight": (96, 48), "c.weight": (48, 128)}
+    decays = {"a.weight": 0.5, "b.weight": 0.97, "c.weight": 0.8}  # very different spectra
+    weights = {}
+    for name, (m, n) in shapes.items():
+        u, _ = np.linalg.qr(rng.standard_normal((m, min(m, n))))
+        v, _ = np.linalg.qr(rng.standard_normal((n, min(m, n))))
+        weights[name] = torch.from_numpy((u * decays[name] ** np.arange(min(m, n))) @ v.T).float()
+    from safetensors.torch import save_file
+
+    save_file(weights, str(tmp_path / "m.safetensors"))
+    moments = {name: torch.eye(n, dtype=torch.float64) for name, (m, n) in shapes.items()}
+    stats = tmp_path / "s.safetensors"
+    write_calibration(stats, moments, {name: name for name in shapes}, tokens=10)
+    for fraction in (0.3, 0.6):
+        report = lowrank_cli.compress(tmp_path / "m.safetensors", tmp_path / f"c{fraction}.safetensors",
+                                      budget=fraction, calibration=stats)  # fmt: skip
+        assert report.options["budget_objective"] == "uniform"
+        ranks = {t.name: t.rank for t in report.tensors}
+        assert ranks == {name: int(fraction * m * n // (m + n)) for name, (m, n) in shapes.items()}
 
 
 def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins, tmp_path):
@@ -402,7 +427,7 @@ def test_a_tensor_the_budget_keeps_whole_is_not_said_to_get_plain_svd(two_twins,
     assert row.status.value == "dense" and "plain SVD" not in (row.reason or "")
 
 
-def test_calibrate_reports_progress_over_batches_then_weights(tmp_path):
+def test_calibrate_reports_progress_over_blocks_then_weights(tmp_path):
     folder, text = tiny_model_folder(tmp_path, head=False)
     calls = []
     lowrank_cli.calibrate(
@@ -413,6 +438,34 @@ def test_calibrate_reports_progress_over_batches_then_weights(tmp_path):
     weights = {
         id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Linear | torch.nn.Embedding)
     }  # every Linear and embedding weight, once each
-    total = 3 + len(weights)  # 5 windows in batches of 2, then one probe per weight
+    total = model.config.num_hidden_layers + len(weights)  # one step per block, then one per weight probed
     assert [t for _, t in calls] == [total] * len(calls)
     assert [d for d, _ in calls] == list(range(1, total + 1)) + [total]  # each step, then the end
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_the_projected_estimate_agrees_with_the_exact_probe(tmp_path, kind):
+    """The default estimate (one projected backward pass through the blocks) orders the weights as the
+    reference does (one whole-model forward per cut weight), and is of its size: within the spread of
+    its random projections (4 per sample, 30 samples: about 13 %). Windows: no padding, whose outputs
+    the reference counts and the estimate leaves out."""
+    from test_calibration import tiny_causal_folder
+
+    folder = tiny_causal_folder(tmp_path, kind)
+    text = tmp_path / "text.txt"
+    text.write_text("the model reads every word of this text " * 60)
+    options = dict(text=text, seq_len=16, split="windows", batch_size=32, probe_tokens=10_000)
+    lowrank_cli.calibrate(folder, tmp_path / "exact.safetensors", exact_sensitivity=True, **options)
+    lowrank_cli.calibrate(folder, tmp_path / "cheap.safetensors", **options)
+    exact = read_calibration(tmp_path / "exact.safetensors").sensitivity
+    cheap = read_calibration(tmp_path / "cheap.safetensors").sensitivity
+    assert set(cheap) == set(exact) and len(exact) >= 10
+    names = sorted(exact)
+    assert _spearman([exact[n] for n in names], [cheap[n] for n in names]) > 0.9
+    ratios = np.array([cheap[n] / exact[n] for n in names])
+    assert ((ratios > 0.6) & (ratios < 1.6)).all(), dict(zip(names, ratios, strict=True))

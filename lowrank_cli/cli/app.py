@@ -548,6 +548,13 @@ def calibrate(
     probe_tokens: Annotated[
         int, typer.Option("--probe-tokens", help="Tokens the sensitivity probe runs per weight.", metavar="N")
     ] = defaults.PROBE_TOKENS,
+    exact_sensitivity: Annotated[
+        bool,
+        typer.Option(
+            "--exact-sensitivity",
+            help="Measure sensitivities with one whole-model forward per weight (slow, whole model in memory).",
+        ),
+    ] = False,
     device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
     as_json: Json = False,
@@ -555,11 +562,11 @@ def calibrate(
     """Input statistics of each Linear, for --calibration."""
     from lowrank_cli.cli.render import progress
 
-    with progress(f"calibrate {model.name}", steps="batches, then weights probed") as tick:
+    with progress(f"calibrate {model.name}", steps="blocks, then weights probed") as tick:
         report = lowrank_cli.calibrate(
             model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,
             device=device, force=force, split=split, sensitivity=sensitivity, probe_tokens=probe_tokens,
-            progress=tick,
+            exact_sensitivity=exact_sensitivity, progress=tick,
         )  # fmt: skip
     _finish(report, as_json)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +31,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
-from lowrank_cli.io.publish import write_file
+from lowrank_cli.io.publish import make_temp, remove_temp, write_file
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
@@ -73,6 +75,32 @@ def write_calibration(
     """
     from safetensors.torch import save_file
 
+    payload = _payload(
+        keys, tokens=tokens, text_sha256=text_sha256, transposed=transposed, sensitivity=sensitivity,
+        probe_tokens=probe_tokens, token_counts=token_counts, fingerprint=fingerprint,
+    )  # fmt: skip
+    tensors = {key: moment.to(torch.float32).contiguous() for key, moment in moments.items()}
+    if token_counts:
+        tensors.update({f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in token_counts.items()})
+
+    def write(temporary: Path) -> None:
+        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
+
+    _write(Path(path), write, force)
+
+
+def _payload(
+    keys: dict[str, str],
+    *,
+    tokens: int,
+    text_sha256: str | None,
+    transposed: set[str] | None,
+    sensitivity: dict[str, float] | None,
+    probe_tokens: int,
+    token_counts: dict[str, torch.Tensor] | None,
+    fingerprint: dict[str, list[float]] | None,
+) -> dict:
+    """The metadata of a statistics file (the module docstring)."""
     payload = {
         "format_version": FORMAT_VERSION,
         "tokens": int(tokens),
@@ -83,22 +111,125 @@ def write_calibration(
     if sensitivity:
         payload["sensitivity"] = {name: float(value) for name, value in sorted(sensitivity.items())}
         payload["probe_tokens"] = int(probe_tokens)
-    tensors = {key: moment.to(torch.float32).contiguous() for key, moment in moments.items()}
     if token_counts:
         payload["token_counts"] = {name: f"{name}:token_counts" for name in sorted(token_counts)}
-        tensors.update({f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in token_counts.items()})
     if fingerprint:
         payload["fingerprint"] = {name: [float(v) for v in values] for name, values in sorted(fingerprint.items())}
-    path = Path(path)
+    return payload
 
-    def write(temporary: Path) -> None:
-        save_file(tensors, str(temporary), metadata={METADATA_KEY: json.dumps(payload)})
 
+def _write(path: Path, write, force: bool) -> None:
     try:
         write_file(path, write, force=force)
     except OSError as exc:  # a full disk, a read-only folder: nothing is left behind
         reason = exc.strerror or str(exc)
         raise OutputError(f"{path}: cannot be written ({reason}); free space or choose another output") from None
+
+
+class MomentSpill:
+    """Moments kept on disk as they are made, then written as a statistics file (write_calibration's format).
+
+    `lowrank calibrate` adds each block's moments as the block finishes and frees them, so that no more
+    than one block's moments are ever in memory: they go, float32, to a temporary file beside the
+    statistics file (removed by close(), or on an interrupt), from which `write` copies them under the
+    safetensors header once the metadata (sensitivities) is known. The statistics file appears whole
+    or not at all, as with write_calibration.
+
+    Example:
+        >>> with MomentSpill(out) as spill:
+        ...     spill.add("model.layers.0.self_attn.q_proj.weight", moment)  # (n, n)
+        ...     spill.write(keys, tokens=4096, force=False)
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        try:
+            self.spill = make_temp(self.path, kind="moments")
+            self._handle = open(self.spill, "r+b")  # noqa: SIM115 - closed by close()
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            raise OutputError(
+                f"{self.path}: cannot be written ({reason}); free space or choose another output"
+            ) from None
+        self.entries: dict[str, tuple[list[int], int, int]] = {}  # key -> shape, start, end (bytes in the spill)
+        self._end = 0
+
+    def add(self, key: str, moment: torch.Tensor) -> None:
+        """Append one moment (stored float32, as in the statistics file)."""
+        data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        try:
+            self._handle.seek(self._end)
+            self._handle.write(data)
+        except OSError as exc:  # a full disk: the statistics cannot be written either
+            reason = exc.strerror or str(exc)
+            raise OutputError(
+                f"{self.path}: cannot be written ({reason}); free space or choose another output"
+            ) from None
+        self.entries[key] = (list(moment.shape), self._end, self._end + len(data))
+        self._end += len(data)
+
+    def read(self, key: str) -> torch.Tensor:
+        """A moment added before, read back (float32)."""
+        shape, start, end = self.entries[key]
+        self._handle.flush()
+        self._handle.seek(start)
+        data = bytearray(self._handle.read(end - start))
+        return torch.frombuffer(data, dtype=torch.float32).reshape(shape) if data else torch.zeros(shape)
+
+    def write(
+        self,
+        keys: dict[str, str],
+        *,
+        tokens: int,
+        text_sha256: str | None = None,
+        transposed: set[str] | None = None,
+        sensitivity: dict[str, float] | None = None,
+        probe_tokens: int = 0,
+        token_counts: dict[str, torch.Tensor] | None = None,
+        fingerprint: dict[str, list[float]] | None = None,
+        force: bool = False,
+    ) -> None:
+        """Write the statistics file: the moments added, with write_calibration's metadata."""
+        payload = _payload(
+            keys, tokens=tokens, text_sha256=text_sha256, transposed=transposed, sensitivity=sensitivity,
+            probe_tokens=probe_tokens, token_counts=token_counts, fingerprint=fingerprint,
+        )  # fmt: skip
+        counts = {f"{name}:token_counts": c.to(torch.float64).contiguous() for name, c in (token_counts or {}).items()}
+        header: dict = {"__metadata__": {METADATA_KEY: json.dumps(payload)}}
+        offset = 0
+        for key, tensor in counts.items():  # float64 first, so every tensor starts at a multiple of its size
+            header[key] = {
+                "dtype": "F64",
+                "shape": list(tensor.shape),
+                "data_offsets": [offset, offset + tensor.numel() * 8],
+            }
+            offset += tensor.numel() * 8
+        for key, (shape, start, end) in self.entries.items():
+            header[key] = {"dtype": "F32", "shape": shape, "data_offsets": [offset + start, offset + end]}
+        encoded = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        encoded += b" " * (-len(encoded) % 8)
+        self._handle.flush()
+
+        def write(temporary: Path) -> None:
+            with open(temporary, "wb") as out:
+                out.write(struct.pack("<Q", len(encoded)))
+                out.write(encoded)
+                for tensor in counts.values():
+                    out.write(tensor.numpy().tobytes())
+                self._handle.seek(0)
+                shutil.copyfileobj(self._handle, out, 1 << 24)
+
+        _write(self.path, write, force)
+
+    def close(self) -> None:
+        self._handle.close()
+        remove_temp(self.spill)
+
+    def __enter__(self) -> MomentSpill:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def read_calibration(path: str | Path) -> Calibration:

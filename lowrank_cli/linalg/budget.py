@@ -68,6 +68,33 @@ def allocate(
     return ranks
 
 
+def uniform(spectra: dict[str, Spectrum], fraction: float, *, allow_dense: bool = True) -> dict[str, int | None]:
+    """Every tensor cut to the same share of its params: rank ⌊share·m·n/(m+n)⌋, so Σ params ≤ fraction·Σ m·n.
+
+    What SVD-LLM and ASVD do with whitened spectra. A tensor that no rank makes smaller (a 1×8 row: rank 1
+    costs 9) stays dense and the others' share shrinks to pay for it; one whose share's rank keeps it whole
+    stays dense too; zero matrices get rank 0. A share too small for rank 1 is a UsageError, as allocate's.
+    """
+    ranks: dict[str, int | None] = {name: 0 for name, s in spectra.items() if s.is_zero}
+    live = {name: s.shape for name, s in spectra.items() if not s.is_zero}
+    whole = {name for name, (m, n) in live.items() if allow_dense and (m * n - 1) // (m + n) == 0}
+    total = sum(m * n for m, n in live.values())
+    rest = sum(m * n for name, (m, n) in live.items() if name not in whole)
+    share = (fraction * total - sum(m * n for name, (m, n) in live.items() if name in whole)) / rest if rest else 0.0
+    for name, (m, n) in live.items():
+        rank = int(max(share, 0.0) * m * n // (m + n))
+        if name in whole or (allow_dense and rank > (m * n - 1) // (m + n)):  # factoring saves nothing
+            ranks[name] = None
+        elif rank < 1:
+            raise UsageError(
+                f"{arg('budget')} {fraction:g} leaves '{name}' ({m}×{n}) less than rank 1; raise {arg('budget')}"
+                " or select fewer tensors"
+            )
+        else:
+            ranks[name] = min(rank, m, n)
+    return {name: ranks[name] for name in spectra}
+
+
 def loss_weights(spectra: dict[str, Spectrum], objective: str) -> dict[str, float]:
     """What a unit of relative squared error of each tensor costs: 1 (relative), ‖W_t‖ (balanced), ‖W_t‖² (absolute).
 

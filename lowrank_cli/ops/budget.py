@@ -8,25 +8,30 @@ from collections.abc import Callable, Iterable
 import torch
 
 from lowrank_cli.io.calibration import Calibration
-from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate
+from lowrank_cli.linalg.budget import DEFAULT_OBJECTIVE, allocate, uniform
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.factoring import spectrum_of
 
 # What a budget minimizes. A model's matrices (analyze, compress): the measured sensitivities when the
-# statistics hold them, else linalg.budget's default. A LoRA adapter's ΔW (extract, resize): Σ‖ΔW − BA‖²,
-# since a small ΔW changes the outputs little; on a real fine-tune it beat a uniform rank of the same size
-# where the balanced objective did not (benchmarks/README.md). Sensitivities were measured on cuts of W,
-# not of a ΔW, so an adapter does not use them.
+# statistics hold them; statistics without them cut every matrix to the same share of its params
+# (UNIFORM, SVD-LLM's choice): weighing the whitened spectra alone did worse than that on SmolLM2
+# (KL 2.10 against 1.58 at 0.6, docs/calibration.md). Without statistics, linalg.budget's default.
+# A LoRA adapter's ΔW (extract, resize): Σ‖ΔW − BA‖², since a small ΔW changes the outputs little; on a
+# real fine-tune it beat a uniform rank of the same size where the balanced objective did not
+# (benchmarks/README.md). Sensitivities were measured on cuts of W, not of a ΔW, so an adapter does not use them.
 ADAPTER_OBJECTIVE = "absolute"
 SENSITIVITY = "sensitivity"
+UNIFORM = "uniform"
 
 
 def budget_objective(calibration: Calibration | None, *, adapter: bool = False) -> str:
     """The objective a budget allocates by (see above); the report's options["budget_objective"]."""
     if adapter:
         return ADAPTER_OBJECTIVE
-    return SENSITIVITY if calibration is not None and calibration.sensitivity else DEFAULT_OBJECTIVE
+    if calibration is None:
+        return DEFAULT_OBJECTIVE
+    return SENSITIVITY if calibration.sensitivity else UNIFORM
 
 
 def budget_ranks(
@@ -36,6 +41,8 @@ def budget_ranks(
     objective = budget_objective(calibration, adapter=adapter)
     if objective == SENSITIVITY:
         return allocate(spectra, budget, sensitivity=calibration.sensitivity)
+    if objective == UNIFORM:
+        return uniform(spectra, budget)
     return allocate(spectra, budget, objective, allow_dense=not adapter)
 
 
@@ -94,6 +101,7 @@ def calibration_notes(calibration: Calibration | None, policy: RankPolicy | None
     if calibration is None or policy is None or policy.budget is None or calibration.sensitivity:
         return []
     return [
-        f"{calibration.source} has no sensitivities, so the budget weighs the spectra alone; rerun lowrank"
-        " calibrate with its sensitivity probe (the default) to spare the weights the model needs most"
+        f"{calibration.source} has no sensitivities, so the budget cuts every matrix to the same share of its"
+        " params; rerun lowrank calibrate with its sensitivity probe (the default) to spare the weights the"
+        " model needs most"
     ]

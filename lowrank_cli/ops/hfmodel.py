@@ -60,6 +60,20 @@ def pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
+def load_tokenizer(folder: Path, feature: str = "calibrate"):
+    """The tokenizer of a model folder, offline (the model itself is left to the block runner)."""
+    transformers = require_transformers(feature)
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: has no config.json; {feature} needs a Hugging Face model folder")
+    refuse_lowrank_weights(folder)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except config_errors() as exc:
+        raise CheckpointError(
+            f"{folder}: its tokenizer cannot be loaded with transformers ({exc})".splitlines()[0]
+        ) from None
+
+
 def refuse_lowrank_weights(folder: Path) -> None:
     """A compressed folder's factors would load as a randomly initialised model: the dense one is needed."""
     found = find_lowrank(folder, "give the model's Hugging Face folder")

@@ -18,15 +18,23 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
+from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, MomentSpill, fingerprint_values, write_calibration
+from lowrank_cli.io.checkpoint import open_checkpoint
 from lowrank_cli.io.hfconfig import base_prefix, is_conv1d
 from lowrank_cli.io.outputs import check_statistics_output
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
-from lowrank_cli.ops.hfmodel import check_samples, checkpoint_keys, checkpoint_names, load_model, pad_id
+from lowrank_cli.ops.hfmodel import (
+    check_samples,
+    checkpoint_keys,
+    checkpoint_names,
+    load_model,
+    load_tokenizer,
+    pad_id,
+)
 from lowrank_cli.ops.report import SCHEMA_VERSION
 from lowrank_cli.ops.samples import batches, read_samples, require_text, sample_count, spread
-from lowrank_cli.ops.sensitivity import sensitivities
+from lowrank_cli.ops.sensitivity import ProjectedProbe, sensitivities
 from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, PROBE_TOKENS, SEQ_LEN, Split
 
 CHUNK = 1024  # tokens per float32 product
@@ -66,6 +74,8 @@ class Calibrator:
         model: any torch model; every nn.Linear, GPT-2 Conv1D and nn.Embedding in it is watched.
         names: module name -> the checkpoint's weight name (default: MODULE.weight), for a model
             whose names differ from its file's (a task model loading a base model's file).
+        exclude: module names left unwatched (the block runner's blocks, watched one by one).
+        linears, embeddings: whether to watch Linears (their input moments) and embeddings (their lookups).
 
     Example:
         >>> with lowrank_cli.Calibrator(model) as calibrator:
@@ -74,10 +84,19 @@ class Calibrator:
         >>> calibrator.save("stats.safetensors")  # or calibrator.moments(): weight name -> E[x xᵀ]
     """
 
-    def __init__(self, model: torch.nn.Module, *, names: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        names: dict[str, str] | None = None,
+        exclude: Callable[[str], bool] | None = None,
+        linears: bool = True,
+        embeddings: bool = True,
+    ) -> None:
         self.model = model
-        self.layers = {name: m for name, m in model.named_modules() if _is_linear(m)}
-        self.embeddings = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+        watched = [(name, m) for name, m in model.named_modules() if not (exclude and exclude(name))]
+        self.layers = {name: m for name, m in watched if linears and _is_linear(m)}
+        self.embeddings = {name: m for name, m in watched if embeddings and isinstance(m, torch.nn.Embedding)}
         self.names = {name: (names or {}).get(name, f"{name}.weight") for name in {**self.layers, **self.embeddings}}
         self.sensitivity: dict[str, float] = {}  # weight name -> s, once measure_sensitivity has run
         self.lookups: dict[str, torch.Tensor] = {}  # embedding weight name -> lookups per row (V,), float64
@@ -293,15 +312,22 @@ def calibrate(
     split: Split = Split.auto,
     sensitivity: bool = True,
     probe_tokens: int = PROBE_TOKENS,
+    exact_sensitivity: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> CalibrationReport:
     """Run a Hugging Face model folder over samples of `text` and save its layers' input moments to `out`.
 
     Samples are read by ops.samples.read_samples (split windows, lines or auto). Each Linear's input
     moment E[x xᵀ] is kept, and each embedding table's lookups per row (its one-hot input's moment).
-    sensitivity: also measure each weight's sensitivity (Calibrator.measure_sensitivity) on about
-    probe_tokens tokens of the samples, which the budget of `compress --calibration` then uses.
-    progress(done, total) is called after each batch and each weight probed.
+    The model runs block by block (model.blocks.BlockRunner): every sample goes through one block, whose
+    moments are then put on disk (io.calibration.MomentSpill) before the next block is loaded, so memory
+    holds one block, its moments and the samples' activations (docs/calibration.md gives the formula).
+
+    sensitivity: also measure each weight's sensitivity on about probe_tokens tokens of the samples, which
+    the budget of `compress --calibration` then uses: estimated in one backward pass through the blocks
+    (ops.sensitivity.ProjectedProbe). exact_sensitivity: measure it as the reference does instead, one
+    forward of the whole model (loaded whole, in float32) per weight (Calibrator.measure_sensitivity).
+    progress(done, total) is called after each block and each weight probed.
     """
     if batch_size < 1:
         raise UsageError(f"{arg('batch_size')} must be at least 1, got {batch_size}")
@@ -313,16 +339,15 @@ def calibrate(
         raise CheckpointError(f"{folder}: no such folder; give a Hugging Face model folder (config.json, weights)")
     require_files_in(folder, "calibrate reads every file of the model folder; remove it or give a plain copy")
     check_statistics_output(out, folder, text, force=force)
-    model, tokenizer = load_model(folder, device)
-    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
-    check_samples(model, tokenizer, found.ids, folder)
-    chosen = found.ids
-    module_names = _linear_names(model) + _embedding_names(model)
-    names = checkpoint_names(module_names, checkpoint_keys(folder), base_prefix(model))
-    calibrator = Calibrator(model, names=names)
-    pad = pad_id(tokenizer)
-    runs = batches(chosen, batch_size, device, pad)
-    total = len(runs) + (len(calibrator.probed()) if sensitivity else 0)
+    options = dict(seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size, device=device, split=split)
+    if sensitivity and exact_sensitivity:
+        return _calibrate_whole(folder, out, text, force=force, probe_tokens=probe_tokens, progress=progress, **options)
+    return _calibrate_blocks(
+        folder, out, text, force=force, sensitivity=sensitivity, probe_tokens=probe_tokens, progress=progress, **options
+    )
+
+
+def _ticker(progress: Callable[[int, int], None] | None, total: int) -> Callable[..., None]:
     done = 0
 
     def tick(*_: object) -> None:
@@ -331,6 +356,173 @@ def calibrate(
         if progress:
             progress(min(done, total), total)
 
+    return tick
+
+
+def _calibrate_blocks(
+    folder: Path,
+    out: Path,
+    text: Path,
+    *,
+    seq_len: int,
+    tokens: int,
+    samples: int | None,
+    batch_size: int,
+    device: str,
+    force: bool,
+    split: Split,
+    sensitivity: bool,
+    probe_tokens: int,
+    progress: Callable[[int, int], None] | None,
+) -> CalibrationReport:
+    """calibrate, one block of the model in memory at a time (see calibrate)."""
+    from lowrank_cli.model.blocks import BlockRunner
+
+    tokenizer = load_tokenizer(folder)
+    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
+    chosen = found.ids
+    pad = pad_id(tokenizer)
+    with BlockRunner(folder, device=device, dtype=torch.float32) as runner, MomentSpill(out) as spill:
+        model = runner.model
+        check_samples(model, tokenizer, chosen, folder)
+        prefix = runner.blocks_name + "."
+        names = checkpoint_names(
+            _linear_names(model) + _embedding_names(model), checkpoint_keys(folder), base_prefix(model)
+        )
+        names = {
+            module: names.get(module, f"{module}.weight") for module in _linear_names(model) + _embedding_names(model)
+        }
+        runs = batches(chosen, batch_size, device, pad)
+        probe = spread(chosen, sample_count(chosen, probe_tokens)) if sensitivity else []
+        probe_runs = batches(probe, batch_size, device, pad)
+        probed = ProjectedProbe(runner, names) if sensitivity else None
+        tick = _ticker(progress, len(runner) + (probed.count() if probed else 0))
+
+        def inside(name: str) -> bool:
+            return name == runner.blocks_name or name.startswith(prefix)
+
+        stem = Calibrator(model, names=names, exclude=inside, linears=False)  # the embeddings' lookups
+        with torch.no_grad(), stem:
+            hidden = []
+            for ids, mask in runs:
+                stem.mask = mask
+                hidden.append(runner.embed(ids, mask))
+            stem._paused = True
+            probe_hidden = [runner.embed(ids, mask) for ids, mask in probe_runs]
+        keys: dict[str, str] = {}
+        transposed: set[str] = set()
+        counted = 0
+        for block in runner.blocks():
+            local = {name: names[f"{block.name}.{name}"] for name, m in block.module.named_modules() if _is_linear(m)}
+            calibrator = Calibrator(block.module, names=local, embeddings=False)
+            with torch.no_grad(), calibrator:
+                for index, batch in enumerate(hidden):
+                    calibrator.mask = batch.attention_mask
+                    hidden[index] = runner.run_block(block, batch)
+            calibrator._flush()
+            calibrator._partial.clear()
+            for key, total in calibrator.sums.items():
+                spill.add(key, total.div_(calibrator.counts[key]))  # in place: no second float64 copy
+            keys.update({calibrator.names[name]: key for name, key in calibrator.key_of.items()})
+            transposed |= {calibrator.names[name] for name in calibrator.key_of if is_conv1d(calibrator.layers[name])}
+            counted = max(counted, calibrator.tokens)
+            del calibrator  # its sums: one block's moments at a time
+            if probed is not None:
+                probe_hidden = probed.forward(block, probe_hidden)
+            tick()
+        head = Calibrator(model, names=names, exclude=inside, embeddings=False)  # head (and stem) Linears
+        if head.layers:
+            with torch.no_grad(), head:
+                for batch in hidden:
+                    for _, _, piece in ProjectedProbe._pieces(batch):  # a few samples' logits at a time
+                        head.mask = piece.attention_mask
+                        runner.head(piece)
+            head._flush()
+            for key, total in head.sums.items():
+                spill.add(key, total.div_(head.counts[key]))
+            keys.update({head.names[name]: key for name, key in head.key_of.items()})
+            transposed |= {head.names[name] for name in head.key_of if is_conv1d(head.layers[name])}
+            counted = max(counted, head.tokens)
+        del hidden
+        report = CalibrationReport(
+            model=str(folder),
+            output=str(out),
+            text_sha256=found.text_sha256,
+            split=found.split.value,
+            samples=len(chosen),
+            tokens=counted,
+            inputs=len(spill.entries),
+            weights=len(keys),
+            tables=len(stem.lookups),
+            notes=found.notes,
+        )
+        measured: dict[str, float] = {}
+        if probed is not None:
+
+            def moment_of(name: str):
+                if name in keys:
+                    return spill.read(keys[name]).to(torch.float64)
+                if name in stem.lookups:
+                    return RowWeights.of_counts(stem.lookups[name])
+                return None
+
+            measured = probed.backward(probe_hidden, moment_of, on_weight=tick)
+            report.sensitivities, report.probe_tokens = len(measured), sum(len(ids) for ids in probe)
+        if progress:
+            tick_total = len(runner) + (probed.count() if probed else 0)
+            progress(tick_total, tick_total)
+        lookups = {name: counts for name, counts in stem.lookups.items() if name not in keys}  # a moment wins
+        spill.write(
+            keys,
+            tokens=counted,
+            text_sha256=found.text_sha256,
+            transposed=transposed,
+            sensitivity=measured,
+            probe_tokens=report.probe_tokens or 0,
+            token_counts=lookups,
+            fingerprint=_fingerprint(folder, sorted(set(names.values()))),
+            force=force,
+        )
+    return report
+
+
+def _fingerprint(folder: Path, names: list[str]) -> dict[str, list[float]]:
+    """Calibrator.fingerprint of a model left on disk: the same weights, read from the folder's files
+    (a name the files do not hold, a tied head, is left out: it is never checked)."""
+    with open_checkpoint(folder) as checkpoint:
+        return {
+            name: fingerprint_values(checkpoint.read(name))
+            for name in spread(names, FINGERPRINT_WEIGHTS)
+            if name in checkpoint.entries
+        }
+
+
+def _calibrate_whole(
+    folder: Path,
+    out: Path,
+    text: Path,
+    *,
+    seq_len: int,
+    tokens: int,
+    samples: int | None,
+    batch_size: int,
+    device: str,
+    force: bool,
+    split: Split,
+    probe_tokens: int,
+    progress: Callable[[int, int], None] | None,
+) -> CalibrationReport:
+    """calibrate with the reference sensitivity probe: the whole model loaded, one forward per weight probed."""
+    model, tokenizer = load_model(folder, device)
+    found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
+    check_samples(model, tokenizer, found.ids, folder)
+    chosen = found.ids
+    pad = pad_id(tokenizer)
+    module_names = _linear_names(model) + _embedding_names(model)
+    calibrator = Calibrator(model, names=checkpoint_names(module_names, checkpoint_keys(folder), base_prefix(model)))
+    runs = batches(chosen, batch_size, device, pad)
+    total = len(runs) + len(calibrator.probed())
+    tick = _ticker(progress, total)
     with torch.no_grad(), calibrator:
         for ids, mask in runs:
             calibrator.mask = mask
@@ -349,15 +541,14 @@ def calibrate(
         tables=len(calibrator.lookups),
         notes=found.notes,
     )
-    if sensitivity:
-        probe = spread(chosen, sample_count(chosen, probe_tokens))
-        probe_batches = batches(probe, batch_size, device, pad)
-        calibrator.measure_sensitivity(
-            lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in probe_batches],
-            tokens=sum(len(ids) for ids in probe),
-            on_weight=tick,
-        )
-        report.sensitivities, report.probe_tokens = len(calibrator.sensitivity), calibrator.probe_tokens
+    probe = spread(chosen, sample_count(chosen, probe_tokens))
+    probe_batches = batches(probe, batch_size, device, pad)
+    calibrator.measure_sensitivity(
+        lambda: [model(input_ids=ids, attention_mask=mask) for ids, mask in probe_batches],
+        tokens=sum(len(ids) for ids in probe),
+        on_weight=tick,
+    )
+    report.sensitivities, report.probe_tokens = len(calibrator.sensitivity), calibrator.probe_tokens
     if progress:
         progress(total, total)
     calibrator.save(out, text_sha256=found.text_sha256, force=force)

