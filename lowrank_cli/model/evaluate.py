@@ -127,6 +127,25 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return total / lengths.sqrt() if mode == "mean_sqrt_len" else total / lengths
 
 
+def eval_batches(
+    samples: TextSamples,
+    kind: str,
+    pad: int,
+    mask_token: int | None,
+    special: set[int] | None,
+    batch_size: int,
+    device: str,
+) -> list[tuple]:
+    """The batches both models run on: (ids, attention mask), and for a masked LM (masked ids, mask, where
+    masked, the original ids)."""
+    if kind == MASKED_LM and mask_token is None:
+        raise CheckpointError("the tokenizer has no mask token, which a masked LM's evaluation needs")
+    found = batches(samples.ids, batch_size, device, pad)
+    if kind == MASKED_LM:
+        found = [_masked(ids, mask, mask_token, special or set()) for ids, mask in found]
+    return found
+
+
 class Evaluator:
     """The reference model's outputs on fixed samples, and the figures of any candidate against them."""
 
@@ -143,12 +162,8 @@ class Evaluator:
         batch_size: int = EVALUATE_BATCH_SIZE,
         device: str = "cpu",
     ) -> None:
-        if kind == MASKED_LM and mask_token is None:
-            raise CheckpointError("the tokenizer has no mask token, which a masked LM's evaluation needs")
         self.reference, self.samples, self.kind, self.pooling = reference, samples, kind, pooling
-        self.batches = batches(samples.ids, batch_size, device, pad)
-        if kind == MASKED_LM:
-            self.batches = [_masked(ids, mask, mask_token, special or set()) for ids, mask in self.batches]
+        self.batches = eval_batches(samples, kind, pad, mask_token, special, batch_size, device)
         self._cache: list | None = None
         self._cache = [self._reference_output(i) for i in range(len(self.batches))] if self._cacheable() else None
 
@@ -256,6 +271,9 @@ def evaluate(
 ) -> Evaluation:
     """Run the reference folder and the candidate over samples of `text` and compare their outputs.
 
+    Causal and masked LMs and encoders run block by block (model.blockwise), in the memory of one
+    block; other models (task heads) are loaded whole.
+
     candidate: a folder with config.json (lowrank-compressed or dense), or a weights file (or folder of
     shards) of the reference's architecture; either way loaded by nn.loading.load_pretrained, factors
     running as factors, never expanded.
@@ -268,13 +286,13 @@ def evaluate(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not candidate.exists():
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
-    reference, tokenizer = load_model(folder, device, "evaluate")
-    found = model_samples(
-        reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
-    )
-    model = load_candidate(folder, candidate, type(reference), device)
-    evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
-    figures = evaluator.measure(model)
+    from lowrank_cli.model.blockwise import measure_candidate, open_evaluator
+
+    evaluator, found = open_evaluator(
+        folder, text, feature="evaluate", batch_size=batch_size, device=device, seq_len=seq_len, tokens=tokens,
+        samples=samples, split=split,
+    )  # fmt: skip
+    figures = measure_candidate(evaluator, folder, candidate)
     held_out, notes = held_out_note(candidate, found.text_sha256)
     return Evaluation(
         reference=str(folder),
