@@ -310,9 +310,8 @@ def _compress_to_fidelity(
     path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
 ) -> Report:
     from lowrank_cli.io.outputs import prepare_output
-    from lowrank_cli.model.evaluate import make_evaluator, model_samples
+    from lowrank_cli.model.blockwise import open_evaluator
     from lowrank_cli.model.fidelity import compress_to_fidelity
-    from lowrank_cli.ops.hfmodel import load_model
     from lowrank_cli.ops.samples import require_text
 
     if fidelity is None or eval_text is None:
@@ -331,11 +330,11 @@ def _compress_to_fidelity(
         # OUT is checked before the model runs, as compress checks it before it factorizes
         out, _ = prepare_output(checkpoint, out, _compress.SUFFIX, force=force, inputs=[calibration, eval_text])
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
-        found = model_samples(reference, tokenizer, folder, eval_text)
-        evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=16, device=settings.device)
+        evaluator, found = open_evaluator(
+            folder, eval_text, feature=arg("fidelity"), batch_size=16, device=settings.device
+        )
         report = compress_to_fidelity(
-            folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,
+            folder, checkpoint, out, fidelity, evaluator=evaluator, settings=settings,
             include=include, exclude=exclude, force=force, calibration=stats,
         )  # fmt: skip
     report.options["notes"] = [*found.notes, *report.notes]

@@ -84,7 +84,7 @@ class BlockwiseEvaluator:
             self.final = hidden
 
     def _run(self, runner: BlockRunner, edit: Callable[[Block], None] | None = None) -> list[Hidden]:
-        """Every batch through the runner's stem and blocks, one block in memory; each batch's states replaced in turn."""
+        """Every batch through the runner's stem and blocks, one block at a time; each batch's states replaced."""
         hidden = [runner.embed(batch[0], batch[1]) for batch in self.batches]
         with torch.no_grad():
             for block in runner.blocks():

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.ops.hfmodel import check_samples, load_model
+from lowrank_cli.ops.hfmodel import check_samples
 from lowrank_cli.ops.samples import TextSamples, batches, read_samples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE, EVALUATE_TOKENS, SEQ_LEN, Split
 
