@@ -248,13 +248,16 @@ def open_evaluator(
     from lowrank_cli.ops.hfmodel import load_model, refuse_lowrank_weights
 
     refuse_lowrank_weights(folder)
-    runner = None
+    runner = kind = None
     try:
         runner = open_runner(folder, device=device)
         kind = model_kind(runner.model)
-        if kind in BLOCKWISE_KINDS:
-            tokenizer = load_tokenizer(folder, feature)
-            found = model_samples(runner.model, tokenizer, folder, text, **sampling)
+    except CheckpointError:  # a model the runner refuses: measured whole below (which says if the folder is bad)
+        pass
+    if kind in BLOCKWISE_KINDS:
+        tokenizer = load_tokenizer(folder, feature)
+        found = model_samples(runner.model, tokenizer, folder, text, **sampling)
+        try:
             evaluator = BlockwiseEvaluator(
                 runner, found, kind=kind, pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
                 mask_token=getattr(tokenizer, "mask_token_id", None),
@@ -262,8 +265,8 @@ def open_evaluator(
                 pooling=read_pooling(folder) if kind == ENCODER else "mean", batch_size=batch_size,
             )  # fmt: skip
             return evaluator, found
-    except CheckpointError:  # a model the runner refuses: measured whole below (which says if the folder is bad)
-        pass
+        except CheckpointError:  # its forward does not call its blocks one after another: measured whole below
+            pass
     if runner is not None:
         runner.close()
     reference, tokenizer = load_model(folder, device, feature)

@@ -1,15 +1,19 @@
 """compress --fidelity F: the smallest model whose fidelity on an evaluation text is at least F.
 
 The search is over the budget of `--budget`: each trial allocates ranks as compress --budget
-does (ops.budget.budget_ranks: by the measured sensitivities with calibration), puts W′ = B·A into
-the reference model in memory, and measures it as `evaluate` does (Evaluator: the reference's
-outputs are computed once).
-Each selected matrix has one SVD, of the view the budget reads (W·S, D^½·W or W), computed once
-and cut at every trial's rank; nothing is written until the search is over. Then the model is
-written by compress at the budget found, under a temporary name beside OUT, loaded back as factors
-and measured again: the fidelity reported is that of the file written (if rounding put it below F, a
-milder budget is written instead). Only a model that reaches F is renamed to OUT; a run that fails
-leaves what was at OUT as it was.
+does (ops.budget.budget_ranks: by the measured sensitivities with calibration) and measures the
+model with W′ = B·A in place of each selected W as `evaluate` does. A causal or masked LM or an
+encoder runs block by block (model.blockwise): the reference's final hidden states are computed
+once, and each trial loads the reference's blocks one at a time on a runner of its own, puts its
+W′ into the block in hand and frees it, so no trial changes the reference or what was kept of it.
+Other models run whole, the reference's outputs kept before any trial changes its weights.
+Each selected matrix has one SVD, of the view the budget reads (W·S, D^½·W or W), computed once,
+one matrix at a time; what is kept is its factors up to the largest rank a budget can give it (no
+more numbers than W) in W's stored dtype, cut at every trial's rank. Nothing is written until the
+search is over. Then the model is written by compress at the budget found, under a temporary name
+beside OUT, loaded back as factors and measured again: the fidelity reported is that of the file
+written (if rounding put it below F, a milder budget is written instead). Only a model that
+reaches F is renamed to OUT; a run that fails leaves what was at OUT as it was.
 
 fidelity(budget) is close to monotone, so the search is a bisection: the mildest budget first
 (MILDEST; below F there, nothing is written and the error says what it reached), then halving the
