@@ -47,7 +47,7 @@ from lowrank_cli.ops.samples import TextSamples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE
 
 BLOCKWISE_KINDS = (CAUSAL_LM, MASKED_LM, ENCODER)
-CHUNK_ELEMENTS = 1 << 24  # numbers in one chunk's (batch, positions, vocabulary) logits: 64 MB in float32
+CHUNK_ELEMENTS = 1 << 22  # numbers in one chunk's (batch, positions, vocabulary) logits: 16 MB in float32
 
 
 class BlockwiseEvaluator:
