@@ -170,3 +170,26 @@ def test_measure_candidate_runs_the_candidate_by_blocks(tmp_path):
     itself = measure_candidate(evaluator, folder, folder)
     assert itself["kl_mean"] == pytest.approx(0.0, abs=1e-6) and itself["top1_agreement"] == 1.0
     assert measure_candidate(evaluator, folder, candidate)["kl_mean"] > 1e-4
+
+
+def test_trials_of_a_model_run_whole_equal_those_run_by_blocks(tmp_path, monkeypatch):
+    """A model the runner does not run (a task head) is searched whole: the same trials measure the same, and
+    the reference's weights are put back after every trial."""
+    folder = tiny_folder(tmp_path, "causal-lm")
+    text = line_text(tmp_path / "eval.txt")
+
+    def trials_of(evaluator):
+        with open_checkpoint(folder) as checkpoint:
+            names = [entry.name for entry in checkpoint.entries.values() if skip_reason(entry) is None]
+            return search(checkpoint, evaluator, 0.5, names=names, calibration=None, device="cpu")[2]
+
+    by_blocks = trials_of(open_evaluator(folder, text, feature="test", batch_size=16, device="cpu")[0])
+    monkeypatch.setattr(blockwise, "BLOCKWISE_KINDS", ())
+    whole, _ = open_evaluator(folder, text, feature="test", batch_size=16, device="cpu")
+    assert isinstance(whole, Evaluator)
+    before = {name: tensor.clone() for name, tensor in whole.reference.state_dict().items()}
+    trials = trials_of(whole)
+    assert [trial.budget for trial in trials] == [trial.budget for trial in by_blocks] and len(trials) >= 5
+    for trial, other in zip(trials, by_blocks, strict=True):
+        assert trial.ranks == other.ranks and trial.fidelity == pytest.approx(other.fidelity, rel=1e-5, abs=1e-6)
+    assert all(torch.equal(tensor, before[name]) for name, tensor in whole.reference.state_dict().items())
