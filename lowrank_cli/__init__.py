@@ -53,6 +53,7 @@ _LAZY = {
     "load_pretrained": "lowrank_cli.nn.loading",
     "load_sentence_transformer": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
+    "recording_published": "lowrank_cli.io.publish",
     "calibrate": "lowrank_cli.api",
     "evaluate": "lowrank_cli.api",
     "heal": "lowrank_cli.api",
@@ -77,6 +78,7 @@ __all__ = [
     "load_pretrained",
     "load_sentence_transformer",
     "save_factors",
+    "recording_published",
     "calibrate",
     "evaluate",
     "heal",
@@ -115,6 +117,7 @@ if TYPE_CHECKING:
         plot_spectra,
     )
     from lowrank_cli.io.calibration import load_calibration
+    from lowrank_cli.io.publish import recording_published
     from lowrank_cli.linalg.policy import RankPolicy
     from lowrank_cli.model.evaluate import Evaluation
     from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear

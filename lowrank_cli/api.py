@@ -243,6 +243,10 @@ def compress(
     other_model: bool = False,
     fidelity: float | None = None,
     eval_text: PathLike | None = None,
+    seq_len: int | None = None,
+    tokens: int | None = None,
+    split: Split | str | None = None,
+    batch_size: int | None = None,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -260,7 +264,8 @@ def compress(
         include, exclude: globs on tensor names, one or a list; the others are copied (cast only by `dtype`).
         rtol: the numerical rank's cut, σ > σ_max·rtol (default max(m, n)·ε), in each row's numerical_rank.
         force: overwrite `out` if it exists.
-        progress: called as progress(bytes done, bytes in all) after each tensor (a budget reads them twice).
+        progress: called as progress(bytes done, bytes in all) after each tensor (a budget reads them twice);
+            with `fidelity`, as progress(evaluations done, evaluations planned) after each.
         calibration: a statistics file from `calibrate`: each tensor with statistics is factorized
             activation-aware (W·S, docs/calibration.md), and the policy's error is its output error
             ‖(W − BA)X‖_F / ‖WX‖_F, reported as `output_error` beside the weight-space rel_error.
@@ -273,6 +278,8 @@ def compress(
             report's options["fidelity"] holds the budget found, the fidelity measured on the
             model written and every trial; if no saving reaches it, FidelityNotReached (exit 3) is
             raised and nothing is written.
+        seq_len, tokens, split, batch_size: with `fidelity`, how eval_text is cut into samples and
+            how many run a forward pass, as for evaluate (default: evaluate's defaults).
 
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.
@@ -284,11 +291,18 @@ def compress(
     """
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
+    sampling = {"seq_len": seq_len, "tokens": tokens, "split": split, "batch_size": batch_size}
     if fidelity is not None or eval_text is not None:
         return _compress_to_fidelity(
             path, out, fidelity, eval_text, (rank, energy, max_error, budget), settings=settings, include=include,
             exclude=exclude, force=force, progress=progress, calibration=calibration, other_model=other_model,
+            sampling=sampling,
         )  # fmt: skip
+    given = [arg(name) for name, value in sampling.items() if value is not None]
+    if given:
+        raise UsageError(
+            f"{', '.join(given)} cut the {arg('eval_text')} of {arg('fidelity')}; leave them out without it"
+        )
     policy = require_policy(RankPolicy.from_options(rank, energy, max_error, budget))
     passes = 2 if policy.budget is not None else 1  # a budget reads every tensor once for its spectrum first
     with open_checkpoint(path) as checkpoint, _progress(progress, passes * _data_bytes(checkpoint)) as tick:
@@ -307,7 +321,20 @@ def compress(
 
 
 def _compress_to_fidelity(
-    path, out, fidelity, eval_text, policies, *, settings, include, exclude, force, progress, calibration, other_model
+    path,
+    out,
+    fidelity,
+    eval_text,
+    policies,
+    *,
+    settings,
+    include,
+    exclude,
+    force,
+    progress,
+    calibration,
+    other_model,
+    sampling,
 ) -> Report:
     from lowrank_cli.io.outputs import prepare_output
     from lowrank_cli.model.blockwise import open_evaluator
@@ -330,12 +357,15 @@ def _compress_to_fidelity(
         # OUT is checked before the model runs, as compress checks it before it factorizes
         out, _ = prepare_output(checkpoint, out, _compress.SUFFIX, force=force, inputs=[calibration, eval_text])
         stats = _calibration(calibration, [checkpoint], other_model)
+        given = {name: value for name, value in sampling.items() if value is not None}
         evaluator, found = open_evaluator(
-            folder, eval_text, feature=arg("fidelity"), batch_size=16, device=settings.device
-        )
+            folder, eval_text, feature=arg("fidelity"), batch_size=given.get("batch_size", EVALUATE_BATCH_SIZE),
+            device=settings.device, flag="eval_text", seq_len=given.get("seq_len", SEQ_LEN),
+            tokens=given.get("tokens", EVALUATE_TOKENS), split=choice(Split, given.get("split", Split.auto), "split"),
+        )  # fmt: skip
         report = compress_to_fidelity(
             folder, checkpoint, out, fidelity, evaluator=evaluator, settings=settings,
-            include=include, exclude=exclude, force=force, calibration=stats,
+            include=include, exclude=exclude, force=force, calibration=stats, progress=progress,
         )  # fmt: skip
     report.options["notes"] = [*found.notes, *report.notes]
     return report
@@ -612,7 +642,9 @@ def evaluate(
         An Evaluation: `fidelity` (1.0 = the reference's outputs) and `metric` (its definition), and
         by kind: encoders the cosine of pooled sentence embeddings (mean, 5th percentile, minimum);
         causal and masked LMs the perplexity of both, mean KL(reference ‖ candidate) and top-1
-        agreement. `held_out` is False when the text is the candidate's calibration text.
+        agreement. `held_out` is False when the text is one the candidate was made with (its
+        calibration text, the text --fidelity chose its budget on, a text heal trained it on), None
+        for a dense candidate; `nonfinite` counts the samples (LMs: positions) with NaN outputs.
 
     Example:
         >>> result = lowrank_cli.evaluate("minilm/", "minilm.lowrank/", text="held-out.txt")

@@ -153,6 +153,37 @@ def test_a_shape_that_differs_is_one_line_naming_the_tensor(tmp_path):
     assert list(rows) == ["a.weight"]
 
 
+def test_models_with_no_tensor_in_common_are_refused_not_zero_params(tmp_path):
+    """No ΔW at all: not 'extract would need 0 adapter params' (extract refuses such a pair), one line, exit 1."""
+    base = save(tmp_path / "a.safetensors", {"x.weight": torch.randn(16, 12)})
+    other = save(tmp_path / "b.safetensors", {"y.weight": torch.randn(16, 12)})
+    result = cli("analyze", base, other, "--diff", "--rank", 4)
+    assert_clean_failure(result, 1, str(base), str(other), "no tensor name in common")
+    assert_clean_failure(cli("extract", base, other, "-o", tmp_path / "adapter", "--rank", 4), 1, str(other))
+
+
+def test_when_extract_would_write_no_adapter_analyze_says_so(fine_tune):
+    base, _ = fine_tune
+    result = cli("analyze", base, base, "--diff", "--rank", 4)
+    assert result.exit_code == 0, result.stderr
+    assert "would write no adapter" in result.stdout and "0 adapter params" not in result.stdout
+    assert "no matrix that extract can adapt differs" in result.stderr
+    document = cli_json("analyze", base, base, "--diff", "--rank", 4)
+    assert document["totals"]["params"] == document["totals"]["params_after"] == 0
+    assert any("write no adapter" in note for note in document["options"]["notes"])
+
+
+def test_max_error_0_is_refused_as_extract_refuses_it(fine_tune, tmp_path):
+    """Factors rounded to float never hold ΔW with no error: extract kept every module out and then said
+    'no module weight differs'; both commands now refuse 0 and name what to give instead."""
+    base, tuned = fine_tune
+    for args in (["analyze", base, tuned, "--diff"], ["extract", base, tuned, "-o", tmp_path / "adapter"]):
+        assert_clean_failure(cli(*args, "--max-error", 0), 2, "--max-error 0", "--energy 1")
+    assert not (tmp_path / "adapter").exists()
+    rows = by_name(cli_json("extract", base, tuned, "-o", tmp_path / "adapter", "--energy", 1))
+    assert rows[Q]["status"] == "extracted" and rows[Q]["rank"] == len(UPDATE)  # ΔW at its full rank, 4
+
+
 @pytest.mark.parametrize("count", [1, 3])
 def test_diff_needs_exactly_two_checkpoints(fine_tune, count):
     paths = [fine_tune[0], fine_tune[1], fine_tune[0]][:count]

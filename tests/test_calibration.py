@@ -310,9 +310,13 @@ def test_calibrator_matches_a_hand_written_loop(tmp_path):
 def test_checkpoint_names_with_a_task_head_prefix():
     keys = ["bert.encoder.layer.0.attention.self.query.weight", "classifier.weight", "bert.pooler.dense.weight"]
     modules = ["encoder.layer.0.attention.self.query", "pooler.dense", "classifier"]
-    assert checkpoint_names(modules, keys) == {
+    assert checkpoint_names(modules, keys, "bert") == {
         "encoder.layer.0.attention.self.query": keys[0], "pooler.dense": keys[2], "classifier": keys[1],
     }  # fmt: skip
+    # the other way round: a head model ("bert.…") reading a bare checkpoint; another prefix is no match
+    bare = ["encoder.layer.0.attention.self.query.weight", "roberta.pooler.dense.weight"]
+    heads = ["bert.encoder.layer.0.attention.self.query", "bert.pooler.dense"]
+    assert checkpoint_names(heads, bare, "bert") == {heads[0]: bare[0]}
 
 
 def tiny_model_folder(tmp_path, head: bool):

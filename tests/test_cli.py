@@ -48,6 +48,24 @@ def test_every_command_has_help(command, flag):
             assert option.help, f"{command} {option.opts} has no help text"
 
 
+@pytest.mark.parametrize("command", COMMANDS)
+def test_each_commands_help_speaks_of_that_command_only(command):
+    # an option shared by several commands once described them all ("-o: the adapter folder (extract),
+    # the resized adapter (resize), …" under calibrate); each command's help now says what it does there
+    import re
+
+    click_command = GROUP.commands[command]
+    for option in click_command.params:
+        if option.param_type_name != "option" or not option.help:
+            continue
+        named = re.findall(rf"[(;]\s*({'|'.join(COMMANDS)})\b", option.help)
+        assert not named, f"{command} {option.opts[-1]}: its help qualifies by command {named}: {option.help!r}"
+    outputs = [option for option in click_command.params if "--output" in option.opts]
+    for option in outputs:  # what -o writes, in this command's words: no other command named
+        others = [other for other in COMMANDS if other != command and re.search(rf"\b{other}\b", option.help)]
+        assert not others, f"{command} -o names {others}: {option.help!r}"
+
+
 def test_no_arguments_is_a_usage_error_that_shows_help():
     result = cli()
     assert result.exit_code == 2

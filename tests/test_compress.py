@@ -435,3 +435,25 @@ def test_randomized_cannot_reach_the_target_below_break_even(tmp_path, method):
     assert t["status"] == "dense" and t["reason"]
     assert t["params_after"] == 40 * 30
     assert raw_tensors(out)["W"] == raw_tensors(source)["W"]
+
+
+def test_a_matrix_kept_whole_stays_in_its_dtype_when_the_cast_would_break_max_error(tmp_path):
+    # no bfloat16 factors meet 0.001 on a full-rank 64×64 matrix, and its bfloat16 cast misses it too
+    # (relative rounding ~2⁻⁹): it is written in float32, so the bound holds on what is written
+    generator = torch.Generator().manual_seed(0)
+    w, v = torch.randn(64, 64, generator=generator), torch.randn(48, 64, generator=generator)
+    source = save(tmp_path / "m.safetensors", {"w": w, "v": v})
+    out = tmp_path / "m.bf16.safetensors"
+    result = cli(
+        "compress", source, "-o", out, "--max-error", "0.001", "--dtype", "bfloat16", "--include", "w", "--json"
+    )
+    assert result.exit_code == 0, result.output
+    cast_error = float((w - w.bfloat16().float()).norm() / w.norm())
+    assert cast_error > 0.001  # what a bfloat16 copy would have broken
+    written = load(out)
+    assert written["w"].dtype == torch.float32 and torch.equal(written["w"], w)
+    assert written["v"].dtype == torch.bfloat16  # not selected: no bound applies, cast as asked
+    row = by_name(json.loads(result.stdout))["w"]
+    recomputed = float((written["w"].double() - w.double()).norm() / w.double().norm())
+    assert row["rel_error"] == recomputed == 0.0 and row["status"] == "dense"
+    assert "kept in float32" in row["reason"] and "0.001" in row["reason"]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import assert_clean_failure, cli
+from conftest import assert_clean_failure, cli, cli_json, file_metadata, sha256
 
 import lowrank_cli
 
@@ -33,13 +33,15 @@ def _tokenizer(folder: Path, tmp_path: Path):
     return tokenizer
 
 
-def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32) -> Path:
-    folder = tmp_path / kind
+def tiny_folder(tmp_path: Path, kind: str, dtype: torch.dtype = torch.float32, *, tied: bool = False) -> Path:
+    """A tiny model of `kind` saved with save_pretrained; tied: a causal LM whose head is its embedding."""
+    folder = tmp_path / (f"{kind}-tied" if tied else kind)
     torch.manual_seed(0)
     if kind == "causal-lm":
         config = transformers.LlamaConfig(
             vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0,
+            tie_word_embeddings=tied,
         )  # fmt: skip
         model = transformers.LlamaForCausalLM(config)
     else:
@@ -185,6 +187,46 @@ def test_cli_json_and_the_fail_below_gate(tmp_path):
     assert table.exit_code == 0 and f"{document['fidelity']:.4f}" in table.stdout
 
 
+@pytest.mark.parametrize("kind", ["encoder", "causal-lm"])
+@torch.no_grad()
+def test_a_candidate_with_nan_outputs_fails_the_gate_and_its_json_is_valid(tmp_path, kind):
+    """NaN compares below nothing: `fidelity < F` let a NaN candidate pass --fail-below, and json.dumps
+    refused the NaN; the figures are null, nonfinite counts what the test counts itself."""
+    folder = tiny_folder(tmp_path, kind)
+    text = line_text(tmp_path / "eval.txt")
+    model_class = getattr(transformers, json.loads((folder / "config.json").read_text())["architectures"][0])
+    broken = model_class.from_pretrained(folder).eval()
+    weight = next(p for n, p in broken.named_parameters() if n.endswith(("output.dense.weight", "down_proj.weight")))
+    weight[0, 0] = float("nan")
+    candidate = tmp_path / "nan"
+    broken.save_pretrained(candidate)
+    nonfinite = 0
+    for ids in encoded(folder, text):
+        outputs = broken(input_ids=torch.tensor([ids]))
+        if kind == "encoder":
+            nonfinite += int(not torch.isfinite(outputs.last_hidden_state[0].mean(0)).all())
+        else:
+            logits = outputs.logits[0, :-1]  # position t predicts t + 1
+            nonfinite += int((~torch.isfinite(torch.log_softmax(logits, -1))).any(-1).sum())
+    assert nonfinite > 0
+    gated = cli("evaluate", folder, candidate, "--text", text, "--json", "--fail-below", "0.01")
+    assert gated.exit_code == 3, gated.output
+    assert "quality gate: the candidate's outputs are NaN" in gated.stderr and "--fail-below" not in gated.stdout
+    document = json.loads(gated.stdout)
+    assert document["fidelity"] is None and document["nonfinite"] == nonfinite
+    if kind == "encoder":
+        assert document["cosine_mean"] is None and document["cosine_min"] is None
+    else:
+        assert document["kl_mean"] is None and document["perplexity_candidate"] is None
+        assert document["perplexity_reference"] is not None and document["positions"] >= nonfinite
+    assert any("NaN" in note for note in document["notes"])
+    plain = cli("evaluate", folder, candidate, "--text", text)
+    assert plain.exit_code == 0 and "NaN or infinite" in plain.stderr
+    transformers.AutoTokenizer.from_pretrained(folder).save_pretrained(candidate)
+    swapped = cli("evaluate", candidate, folder, "--text", text)  # a NaN reference: nothing to compare with
+    assert_clean_failure(swapped, 1, "the reference's outputs on the text are NaN")
+
+
 @pytest.mark.parametrize(
     ("args", "code", "words"),
     [
@@ -205,6 +247,50 @@ def test_a_candidate_of_another_model_is_refused(tmp_path):
     causal = tiny_folder(tmp_path, "causal-lm")
     result = cli("evaluate", encoder, causal, "--text", line_text(tmp_path / "t.txt"))
     assert_clean_failure(result, 1)
+
+
+def test_a_lowrank_candidate_that_does_not_fit_names_what_to_give_not_python_arguments(tmp_path):
+    """The factors of a masked LM do not fit the encoder REFERENCE: the CLI cannot pass auto_class or strict."""
+    encoder = tiny_folder(tmp_path, "encoder")
+    other = compressed(tiny_folder(tmp_path, "masked-lm"), tmp_path)
+    for candidate in (other, other / "model.lowrank.safetensors"):
+        result = cli("evaluate", encoder, candidate, "--text", line_text(tmp_path / "t.txt"))
+        assert_clean_failure(result, 1, "does not fit BertModel", "lowrank compress")
+        assert "auto_class" not in result.stderr and "strict" not in result.stderr
+    with pytest.raises(lowrank_cli.CheckpointError, match="auto_class, or strict=False"):  # Python's own words
+        lowrank_cli.load_pretrained(encoder, weights=other / "model.lowrank.safetensors")
+
+
+# --- not a regular file: refused before any open() -----------------------------------------------------
+
+
+@pytest.mark.parametrize("command", ["evaluate", "heal"])
+@pytest.mark.parametrize("where", ["candidate", "in-folder", "reference"])
+def test_a_fifo_candidate_is_refused_not_waited_on(tmp_path, command, where):
+    """A FIFO as CANDIDATE (COMPRESSED), as a compressed folder's weights, or in REFERENCE: opening one
+    blocks past SIGINT and SIGTERM; fifo_at's writer comes after RESCUE_S, so a regression fails, not hangs."""
+    import time
+
+    from test_hostile import PIPE, RESCUE_S, assert_refused, fifo_at
+
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "t.txt")
+    if where == "candidate":
+        target = candidate = tmp_path / "model.lowrank.safetensors"
+    elif where == "in-folder":
+        candidate = tmp_path / "c"
+        candidate.mkdir()
+        target = candidate / "model.lowrank.safetensors"
+    else:
+        candidate = compressed(folder, tmp_path)
+        target = folder / "extra.safetensors"
+    out = ["-o", tmp_path / "healed"] if command == "heal" else []
+    started = time.monotonic()
+    with fifo_at(target) as fifo:
+        result = cli(command, folder, candidate, "--text", text, *out)
+    assert time.monotonic() - started < RESCUE_S, f"{command} waited on a FIFO for a writer"
+    assert_refused(result, fifo, PIPE)
+    assert not (tmp_path / "healed").exists()
 
 
 # --- the real model -----------------------------------------------------------------------------------
@@ -283,6 +369,20 @@ def test_compress_to_a_fidelity_writes_the_smallest_model_that_keeps_it(tmp_path
     assert "fidelity" in result.stderr and "held-out" in result.stderr
 
 
+def test_the_text_a_fidelity_search_chose_its_budget_on_is_not_held_out(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    text, other = line_text(tmp_path / "eval.txt"), line_text(tmp_path / "other.txt", seed=1)
+    out = tmp_path / "f90"
+    assert cli("compress", folder, "--fidelity", "0.9", "--eval-text", text, "-o", out).exit_code == 0
+    record = json.loads(file_metadata(out / "model.lowrank.safetensors")["lowrank"])
+    assert record["fidelity"] == {"target": 0.9, "text_sha256": sha256(text)}
+    same = cli_json("evaluate", folder, out, "--text", text)
+    assert same["held_out"] is False and any("--fidelity" in note for note in same["notes"])
+    assert cli_json("evaluate", folder, out, "--text", other)["held_out"] is True
+    table = cli("evaluate", folder, out, "--text", text)
+    assert table.exit_code == 0 and "not held out" in table.stderr
+
+
 def test_a_fidelity_no_saving_reaches_writes_nothing(tmp_path):
     folder = tiny_folder(tmp_path, "encoder")
     text = line_text(tmp_path / "eval.txt")
@@ -307,4 +407,48 @@ def test_fidelity_usage_errors(tmp_path, args, words):
     text = line_text(tmp_path / "eval.txt")
     result = cli("compress", folder, "-o", tmp_path / "o", *[str(text) if a == "EVAL" else a for a in args])
     assert_clean_failure(result, 2, *words)
+    assert not (tmp_path / "o").exists()
+
+
+def test_compress_to_a_fidelity_samples_the_eval_text_as_told(tmp_path, monkeypatch):
+    from lowrank_cli.model import evaluate as evaluate_module
+
+    folder = tiny_folder(tmp_path, "encoder")
+    text = line_text(tmp_path / "eval.txt")
+    assert sum(len(ids) for ids in encoded(folder, text)) > 256  # enough tokens for 32 windows of 8
+    sizes = []
+    real_batches = evaluate_module.batches
+    monkeypatch.setattr(
+        evaluate_module, "batches", lambda ids, size, *a: sizes.append(size) or real_batches(ids, size, *a)
+    )
+    calls = []
+    lines = lowrank_cli.compress(
+        folder,
+        tmp_path / "lines",
+        fidelity=0.5,
+        eval_text=text,
+        split="lines",
+        batch_size=5,
+        progress=lambda *c: calls.append(c),
+    )
+    assert lines.options["fidelity"]["eval_samples"] == 60 and sizes == [5]  # one sample a line
+    done = [call[0] for call in calls]
+    assert done == sorted(done) and calls[-1][0] == calls[-1][1] == lines.options["fidelity"]["evaluations"]
+    windows = lowrank_cli.compress(
+        folder, tmp_path / "windows", fidelity=0.5, eval_text=text, split="windows", seq_len=8, tokens=256
+    )
+    assert windows.options["fidelity"]["eval_samples"] == 256 // 8 and sizes[-1] == 16  # evaluate's batch size
+    result = cli("compress", folder, "-o", tmp_path / "cli", "--fidelity", "0.5", "--eval-text", text,
+                 "--split", "windows", "--seq-len", "8", "--tokens", "256", "--batch-size", "4", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["options"]["fidelity"]["eval_samples"] == 32 and sizes[-1] == 4
+
+
+@pytest.mark.parametrize(
+    "option", [["--seq-len", "8"], ["--tokens", "64"], ["--split", "lines"], ["--batch-size", "2"]]
+)
+def test_eval_text_sampling_without_a_fidelity_is_refused(tmp_path, option):
+    folder = tiny_folder(tmp_path, "encoder")
+    result = cli("compress", folder, "-o", tmp_path / "o", "--rank", "2", *option)
+    assert_clean_failure(result, 2, option[0], "--fidelity")
     assert not (tmp_path / "o").exists()

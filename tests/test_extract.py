@@ -571,6 +571,16 @@ def test_only_one_d_changes_is_nothing_to_extract(tmp_path):
     _untouched(tmp_path, before, inputs)
 
 
+def test_a_policy_no_stored_factors_meet_names_the_module_it_keeps_out(pair, tmp_path):
+    """w.weight changed: 'no module weight differs' was false when the policy kept it out."""
+    base_file, tuned_file = pair
+    before, inputs = _snapshot(tmp_path, base_file, tuned_file)
+    result = cli("extract", base_file, tuned_file, "-o", tmp_path / "adapter", "--max-error", "1e-12")
+    assert_clean_failure(result, 1, "1 module weight(s) differ", "'w.weight'", "miss the error target 1e-12")
+    assert "no module weight differs" not in result.stderr
+    _untouched(tmp_path, before, inputs)
+
+
 def test_output_exists_needs_force(pair, tmp_path):
     base_file, tuned_file = pair
     adapter = tmp_path / "adapter"

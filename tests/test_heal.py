@@ -13,6 +13,7 @@ from conftest import assert_clean_failure, cli, file_metadata, load, raw_tensors
 from test_evaluate import compressed, dense_model, encoded, independent_cosine, line_text, tiny_folder
 
 import lowrank_cli
+from lowrank_cli.errors import UsageError
 
 transformers = pytest.importorskip("transformers")
 
@@ -92,6 +93,31 @@ def test_the_same_seed_heals_the_same_way(tmp_path):
         torch.testing.assert_close(outs[0][name], outs[1][name], rtol=1e-5, atol=1e-7)
 
 
+def test_every_text_the_model_was_made_with_is_not_held_out(tmp_path):
+    """heal's training text (of this heal and an earlier one) and COMPRESSED's calibration text: evaluate
+    and heal --eval-text say held_out false on each, and true on a text none of them used."""
+    folder = tiny_folder(tmp_path, "encoder")
+    texts = {name: line_text(tmp_path / f"{name}.txt", lines=40, seed=seed) for seed, name in enumerate("CTUO")}
+    stats = tmp_path / "stats.safetensors"
+    lowrank_cli.calibrate(folder, stats, text=texts["C"], sensitivity=False)
+    candidate = tmp_path / "c"
+    lowrank_cli.compress(folder, candidate, rank=3, calibration=stats)
+    once, twice = tmp_path / "h1", tmp_path / "h2"
+    report = lowrank_cli.heal(folder, candidate, once, text=texts["T"], steps=2, eval_text=texts["C"])
+    assert report.options["heal"]["held_out"] is False
+    assert any("calibration text" in note for note in report.options["notes"])
+    lowrank_cli.heal(folder, once, twice, text=texts["U"], steps=2)
+    record = json.loads(file_metadata(twice / WEIGHTS)["lowrank"])
+    assert record["heal"]["text_sha256"] == sha256(texts["U"])
+    assert record["heal"]["earlier_text_sha256"] == [sha256(texts["T"])]
+    for name, held in {"C": False, "T": False, "U": False, "O": True}.items():
+        result = lowrank_cli.evaluate(folder, twice, text=texts[name])
+        assert result.held_out is held, name
+        assert any("not held out" in note for note in result.notes) is not held
+    assert lowrank_cli.evaluate(folder, once, text=texts["T"]).held_out is False
+    assert lowrank_cli.evaluate(folder, once, text=texts["U"]).held_out is True
+
+
 def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     folder = tiny_folder(tmp_path, "encoder")
     candidate = compressed(folder, tmp_path, rank=3)
@@ -100,6 +126,27 @@ def test_a_loss_that_becomes_nan_writes_nothing(tmp_path):
     result = cli("heal", folder, candidate, "--text", train, "-o", out, "--lr", "1e30", "--steps", "20")
     assert_clean_failure(result, 1, "loss", "--lr")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("broken", ["compressed", "reference"])
+def test_a_nan_model_is_named_not_the_learning_rate(tmp_path, broken):
+    """A loss that is NaN before any update comes from a model's outputs, which no --lr fixes."""
+    from safetensors.torch import save_file
+
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    target = (candidate / WEIGHTS) if broken == "compressed" else (folder / "model.safetensors")
+    tensors = load(target)
+    name = next(n for n in tensors if n.endswith(("output.dense.weight.B", "output.dense.weight")))
+    tensors[name][0, 0] = float("nan")
+    save_file(tensors, str(target), metadata=file_metadata(target))
+    train = line_text(tmp_path / "train.txt", lines=40)
+    out = tmp_path / "healed"
+    result = cli("heal", folder, candidate, "--text", train, "-o", out, "--steps", "3")
+    words = "the compressed model's outputs" if broken == "compressed" else "the reference's outputs"
+    assert_clean_failure(result, 1, "at step 1", words, "NaN")
+    assert "--lr" not in result.stderr
+    assert not out.exists()
 
 
 def test_a_compressed_model_of_another_reference_is_refused(tmp_path):
@@ -242,3 +289,108 @@ def test_a_language_models_loss_is_the_mean_kl_per_position(kind):
     assert count == (8 + 5 + 8 if kind == "causal-lm" else 9 + 6 + 9)
     assert float(loss.detach()) == pytest.approx(kl / count, rel=1e-6)
     np.testing.assert_allclose(logits.grad.numpy(), gradient / count, atol=1e-7)
+
+
+def _kl(folder: Path, model_folder: Path, text: Path, tmp_path: Path) -> float:
+    """Mean KL(reference ‖ model) per next token, one line at a time, the model loaded as transformers loads
+    it after `lowrank expand` (an independent path to its weights)."""
+    tuned, reference = dense_model(folder, model_folder, tmp_path)
+    total = count = 0.0
+    with torch.no_grad():
+        for ids in encoded(folder, text):
+            x = torch.tensor([ids])
+            p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
+            q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
+            total += float((p.exp() * (p - q)).sum())
+            count += len(ids) - 1
+    return total / count
+
+
+def test_a_tied_embedding_heals_as_one_factor_pair(tmp_path):
+    # SmolLM2, GPT-2, BERT-MLM, Llama-3.2 tie the LM head to the embedding: one tensor, one factor pair
+    from lowrank_cli.nn.loading import load_pretrained
+
+    folder = tiny_folder(tmp_path, "causal-lm", tied=True)
+    assert "lm_head.weight" not in raw_tensors(folder / "model.safetensors")  # saved once, as the embedding
+    candidate = compressed(folder, tmp_path, rank=3)
+    embedding = "model.embed_tokens.weight"
+    assert {f"{embedding}.B", f"{embedding}.A"} <= set(raw_tensors(candidate / WEIGHTS))
+    train = line_text(tmp_path / "train.txt", lines=200, seed=3)
+    out = tmp_path / "healed"
+    result = cli(*heal_args(folder, candidate, train, out))
+    assert result.exit_code == 0, result.output
+    written = raw_tensors(out / WEIGHTS)
+    assert set(written) == set(raw_tensors(candidate / WEIGHTS))
+    assert not [name for name in written if name.startswith("lm_head")]
+    assert written[f"{embedding}.B"][2] != raw_tensors(candidate / WEIGHTS)[f"{embedding}.B"][2]  # it trained
+    model = load_pretrained(out)
+    head, table = model.lm_head, model.model.embed_tokens
+    assert head.B is table.B and head.A is table.A  # still tied: one B, one A
+    torch.testing.assert_close(table.B.detach(), load(out / WEIGHTS)[f"{embedding}.B"], rtol=0, atol=0)
+    held = line_text(tmp_path / "eval.txt", seed=5)
+    assert _kl(folder, out, held, tmp_path) < 0.8 * _kl(folder, candidate, held, tmp_path)
+
+
+def test_tied_factors_train_as_one_float32_parameter(tmp_path):
+    from lowrank_cli.model.heal import trainable
+    from lowrank_cli.nn.loading import load_pretrained
+
+    folder = tiny_folder(tmp_path, "causal-lm", dtype=torch.bfloat16, tied=True)
+    candidate = compressed(folder, tmp_path, rank=3)
+    model = load_pretrained(candidate)
+    layers = trainable(model, set(raw_tensors(candidate / WEIGHTS)))
+    names = [layer.name for layer in layers]
+    assert len(names) == len(set(names)) == 15  # 7 Linears in each of 2 layers, and the embedding once
+    (tied,) = [layer for layer in layers if layer.name == "model.embed_tokens.weight"]
+    assert len(tied.layers) == 2
+    assert model.lm_head.B is model.model.embed_tokens.B is tied.parameters()[0]  # float32 and still shared
+    assert {p.dtype for layer in layers for p in layer.parameters()} == {torch.float32}
+
+
+def test_heal_leaves_the_global_random_state_as_it_was(tmp_path):
+    folder = tiny_folder(tmp_path, "encoder")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40, seed=3)
+    torch.manual_seed(1234)
+    state = torch.get_rng_state()
+    lowrank_cli.heal(folder, candidate, tmp_path / "healed", text=train, steps=4, lr=1e-3, seed=7)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_gradients_are_clipped_before_each_step(tmp_path, monkeypatch):
+    from lowrank_cli.model.heal import HealOptions, heal
+
+    folder = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(folder, tmp_path, rank=3)
+    train = line_text(tmp_path / "train.txt", lines=40, seed=3)
+    norms = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):  # the norm of the gradients the optimizer is given
+        grads = [p.grad.double().flatten() for group in self.param_groups for p in group["params"]]
+        norms.append(float(torch.cat(grads).norm()))
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    heal(folder, candidate, train, tmp_path / "clipped", options=HealOptions(steps=4, lr=1e-3, max_grad_norm=0.05))
+    assert len(norms) == 4 and max(norms) == pytest.approx(0.05, rel=1e-4)  # all clipped: raw ones are larger
+    norms.clear()
+    heal(folder, candidate, train, tmp_path / "free", options=HealOptions(steps=4, lr=1e-3, max_grad_norm=1e9))
+    assert min(norms) > 0.05  # so the first run's were cut down to 0.05
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(UsageError, match="max_grad_norm must be a positive number"):
+            HealOptions(max_grad_norm=bad)
+
+
+def test_fidelity_before_and_after_is_what_evaluate_measures(tmp_path):
+    # a bfloat16 model: measured in float32 the figures would not be those evaluate gives for the same files
+    folder = tiny_folder(tmp_path, "causal-lm", dtype=torch.bfloat16)
+    candidate = compressed(folder, tmp_path, rank=3)
+    train, held = line_text(tmp_path / "train.txt", lines=100, seed=3), line_text(tmp_path / "eval.txt", seed=4)
+    out = tmp_path / "healed"
+    report = lowrank_cli.heal(folder, candidate, out, text=train, eval_text=held, steps=6, lr=3e-3, batch_size=8)
+    healed = report.options["heal"]
+    before = lowrank_cli.evaluate(folder, candidate, text=held, batch_size=8)
+    after = lowrank_cli.evaluate(folder, out, text=held, batch_size=8)
+    assert healed["fidelity_before"] == pytest.approx(before.fidelity, rel=0, abs=1e-9)
+    assert healed["fidelity_after"] == pytest.approx(after.fidelity, rel=0, abs=1e-9)

@@ -26,7 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from lowrank_cli.errors import CheckpointError, LowrankError, MissingExtraError  # noqa: E402
+from lowrank_cli.errors import CheckpointError, LowrankError, MissingExtraError, UsageError  # noqa: E402
 from lowrank_cli.nn import (  # noqa: E402
     LoadResult,
     LowRankEmbedding,
@@ -390,6 +390,20 @@ def test_apply_factors_reports_missing_and_unexpected_names_like_load_state_dict
     x = torch.randn(3, 64)
     with torch.no_grad():
         _assert_close(model[0](x).double(), x.double() @ w0.T + stored["0.bias"].double(), rtol=1e-5)
+
+
+def test_a_second_apply_factors_says_the_model_is_already_factored(tmp_path):
+    """Not 'does not fit' with a list of names and strict=False: its layers are factors already."""
+    torch.manual_seed(10)
+    source = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 56))
+    save(tmp_path / "mlp.safetensors", dict(source.state_dict()))
+    cli_json("compress", tmp_path / "mlp.safetensors", "--rank", 4, "-o", tmp_path / "c.safetensors")
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 56))
+    apply_factors(model, tmp_path / "c.safetensors")
+    factors = {name: t.clone() for name, t in model.state_dict().items()}
+    with pytest.raises(UsageError, match=r"already factored \(2 low-rank layers, first '0'\)"):
+        apply_factors(model, tmp_path / "c.safetensors")
+    assert all(torch.equal(model.state_dict()[name], factors[name]) for name in factors)  # untouched
 
 
 def test_apply_factors_refuses_a_conv_kernel(tmp_path):

@@ -128,6 +128,20 @@ def test_csv_rows_are_the_json_rows(tmp_path):
     assert sigma[:3] == pytest.approx(geometric(3, 0.8), rel=1e-5)
 
 
+def test_csv_cells_a_spreadsheet_would_run_as_formulas_are_quoted(tmp_path):
+    """OWASP's CSV injection advice: a text cell starting with = + - @ tab or CR gets a ' in front."""
+    names = ["=cmd|' /C calc'!A0.weight", "+1.weight", "-2.weight", "@SUM(A1).weight", "\tt.weight", "\rr.weight"]
+    tensors = {name: torch.randn(6, 4) for name in [*names, "plain.weight"]}
+    source = save(tmp_path / "m.safetensors", tensors)
+    result = cli("analyze", source, "--rank", "2", "--csv")
+    assert result.exit_code == 0, result.stderr
+    rows = {row["name"]: row for row in csv.DictReader(io.StringIO(result.stdout, newline=""))}
+    assert set(rows) == {"'" + name for name in names} | {"plain.weight"}
+    for row in rows.values():
+        assert not any(cell.startswith(("=", "+", "-", "@", "\t", "\r")) for cell in row.values()), row
+    assert rows["plain.weight"]["file"] == str(source)
+
+
 def test_json_and_csv_together_are_refused(tmp_path):
     assert_clean_failure(cli("analyze", _llama_like(tmp_path), "--json", "--csv"), 2, "--json", "--csv")
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import assert_clean_failure, cli, load, save, sha256
-from test_evaluate import line_text, tiny_folder
+from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
 from lowrank_cli.io.calibration import read_calibration
@@ -66,6 +66,42 @@ def test_lines_are_samples_and_blocks_never_cut_a_line(tmp_path):
     expected = {tuple(int(w[1:]) + 10 for w in line.split()) for line in lines}
     assert all(tuple(ids[1:-1]) in expected for ids in found.ids)  # every sample a whole line
     assert found.split == Split.lines and abs(found.tokens - 2_000) < 300
+
+
+@pytest.mark.parametrize("split", [Split.lines, Split.windows])
+def test_a_bad_byte_is_named_by_its_offset_in_the_file_whatever_is_sampled(tmp_path, split):
+    """A byte that is not UTF-8 past the first block: 16 tokens sample around it, a million read it all;
+    both fail alike, at its offset in the file (it was reported within its 64 KiB block, or not at all)."""
+    lines = b"".join(b" ".join(b"w%d" % (i * 10 + j) for j in range(10)) + b"\n" for i in range(8_000))
+    data = lines[: 5 * BLOCK + 123] + b"\xff" + lines[5 * BLOCK + 123 :]
+    path = tmp_path / "text.txt"
+    path.write_bytes(data)
+    offset = data.index(b"\xff")
+    assert offset > BLOCK  # not in the first block, which every run reads
+    for tokens in (16, 1_000_000):
+        with pytest.raises(lowrank_cli.UsageError, match=f"bad byte at offset {offset:,} of the file"):
+            read_samples(WordTokenizer(), path, seq_len=12, tokens=tokens, split=split)
+    path.write_bytes(lines[:-1] + "é".encode())  # a character that ends the file is no cut sequence
+    assert read_samples(WordTokenizer(), path, seq_len=12, tokens=16, split=split).text_sha256 == sha256(path)
+    path.write_bytes(lines + "é".encode()[:1])  # the file ends inside a character
+    with pytest.raises(lowrank_cli.UsageError, match=f"bad byte at offset {len(lines):,} of the file"):
+        read_samples(WordTokenizer(), path, seq_len=12, tokens=16, split=split)
+
+
+@pytest.mark.parametrize("content", [b"", b"  \n\n", b"\x00\x01\xfe\xff" * 64], ids=["empty", "blank", "binary"])
+def test_an_eval_text_is_named_as_eval_text_not_text(tmp_path, content):
+    folder = tiny_folder(tmp_path, "encoder")
+    text = tmp_path / "eval.bin"
+    text.write_bytes(content)
+    train = line_text(tmp_path / "train.txt")
+    for args in (
+        ["compress", folder, "--fidelity", "0.9", "--eval-text", text, "-o", tmp_path / "out"],
+        ["heal", folder, compressed(folder, tmp_path), "--text", train, "--eval-text", text, "-o", tmp_path / "out"],
+    ):
+        result = cli(*args)
+        assert_clean_failure(result, 2, str(text), "--eval-text")
+        assert "--text" not in result.stderr.replace("--eval-text", "")
+        assert not (tmp_path / "out").exists()
 
 
 def test_split_auto_tells_sentences_from_wrapped_prose(tmp_path):

@@ -187,8 +187,11 @@ def test_power_iterations_stop_early_at_no_cost_in_error(spectra_1024, decay):
     _, z, passes = power_range(w, _sketch(w, rank + 16), rank, power_iters=5, tolerance=POWER_TOLERANCE)
     _, z_all, _ = power_range(w, _sketch(w, rank + 16), rank, power_iters=5)
     # what the stop promises: every iteration it skipped would have lowered the squared error by less
-    # than the tolerance; and where the spectrum decays fast or not at all, it does skip some
-    assert _kept_error_squared(w, z, rank) <= (1 + POWER_TOLERANCE) * _kept_error_squared(w, z_all, rank)
+    # than the tolerance; and where the spectrum decays fast or not at all, it does skip some. The
+    # iterations run in float32, so below about ε₃₂·‖W‖² (where i^-2's rank-64 error lies, ~1e-6 of
+    # ‖W‖²) the error is rounding whose last bits differ by CPU: that much is allowed on top.
+    floor = 2 * torch.finfo(torch.float32).eps * float(w.double().square().sum())
+    assert _kept_error_squared(w, z, rank) <= (1 + POWER_TOLERANCE) * _kept_error_squared(w, z_all, rank) + floor
     assert passes < 5 or decay == "i^-0.5"
 
 

@@ -24,17 +24,26 @@ import lowrank_cli.ops.settings as defaults  # torch-free: the library's own def
 from lowrank_cli import AdapterFormat, DType, Method, Split
 from lowrank_cli.cli.options import (
     DEFAULT_DEVICE,
+    AdapterBudget,
     BatchSize,
     Budget,
     Calibration,
     DeviceOption,
     DTypeOption,
     Energy,
+    EvalBatchSize,
+    EvalSeqLen,
+    EvalSplit,
     EvalText,
+    EvalTokens,
     Exclude,
     FactorDTypeOption,
     FailAbove,
     Force,
+    HealBatchSize,
+    HealedOutput,
+    HealEvalText,
+    HealSeed,
     Include,
     Json,
     MaxError,
@@ -43,14 +52,15 @@ from lowrank_cli.cli.options import (
     Output,
     Rank,
     Reference,
-    RequiredOutput,
     Rtol,
     Samples,
     Seed,
     SeqLen,
     SplitOption,
+    StatisticsOutput,
     Text,
     Tokens,
+    TrainingText,
     flag,
 )
 from lowrank_cli.errors import (
@@ -62,7 +72,6 @@ from lowrank_cli.errors import (
     Terminated,
     UsageError,
 )
-from lowrank_cli.io.publish import recording_published
 
 
 def _exit_code(exc: Exception | KeyboardInterrupt, written: Sequence[Path] = ()) -> int | None:
@@ -138,7 +147,7 @@ class _App(TyperGroup):
     def invoke(self, ctx):
         # Here as well as in main(): typer turns Ctrl-C into a bare exit 130 on its way up, which
         # would lose SIGTERM's 143 and the line that says no output was written.
-        with recording_published() as written:
+        with lowrank_cli.recording_published() as written:
             try:
                 return super().invoke(ctx)
             except (Exception, KeyboardInterrupt) as exc:
@@ -189,14 +198,16 @@ _command = functools.partial(app.command, cls=_PlainHelp)
 
 
 @contextmanager
-def _running(label: str, fail_above: float | None = None) -> Iterator[Callable[[int, int], None] | None]:
-    """A checkpoint command's library call: a progress bar on stderr, once --fail-above is known to be
-    a threshold (so that a bad one costs no run); yields the library's progress callback."""
+def _running(
+    label: str, fail_above: float | None = None, steps: str | None = None
+) -> Iterator[Callable[[int, int], None] | None]:
+    """A checkpoint command's library call: a progress bar on stderr (over bytes, or over `steps`), once
+    --fail-above is known to be a threshold (so that a bad one costs no run); yields the library's callback."""
     from lowrank_cli.cli.render import progress
 
     if fail_above is not None and not fail_above >= 0:
         raise UsageError(f"--fail-above must be ≥ 0, got {fail_above}")
-    with progress(label) as tick:
+    with progress(label, steps) as tick:
         yield tick
 
 
@@ -330,15 +341,21 @@ def compress(
         ),
     ] = None,
     eval_text: EvalText = None,
+    seq_len: EvalSeqLen = None,
+    tokens: EvalTokens = None,
+    split: EvalSplit = None,
+    batch_size: EvalBatchSize = None,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
-    with _running(f"compress {path.name}", fail_above) as tick:
+    steps = "evaluations" if fidelity is not None else None  # the search's progress is in models measured
+    with _running(f"compress {path.name}", fail_above, steps) as tick:
         report = lowrank_cli.compress(
             path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
             seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
             calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
+            seq_len=seq_len, tokens=tokens, split=split, batch_size=batch_size,
         )  # fmt: skip
     if fidelity is not None:
         from lowrank_cli.cli.render import notice
@@ -400,7 +417,7 @@ def extract(
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
-    budget: Budget = None,
+    budget: AdapterBudget = None,
     dtype: FactorDTypeOption = DType.keep,
     method: MethodOption = Method.auto,
     seed: Seed = 0,
@@ -475,7 +492,7 @@ def resize(
     rank: Rank = None,
     energy: Energy = None,
     max_error: MaxError = None,
-    budget: Budget = None,
+    budget: AdapterBudget = None,
     dtype: FactorDTypeOption = DType.keep,
     device: DeviceOption = DEFAULT_DEVICE,
     include: Include = None,
@@ -514,7 +531,7 @@ def calibrate(
         Path,
         typer.Argument(help="A Hugging Face model folder (config.json, safetensors, tokenizer).", metavar="MODEL"),
     ],
-    output: RequiredOutput,
+    output: StatisticsOutput,
     text: Text,
     seq_len: SeqLen = defaults.SEQ_LEN,
     tokens: Tokens = defaults.CALIBRATE_TOKENS,
@@ -591,8 +608,9 @@ def evaluate(
         batch_size=batch_size, device=device,
     )  # fmt: skip
     _finish(result, as_json)
-    if fail_below is not None and result.fidelity < fail_below:
-        notice(f"quality gate: fidelity {result.fidelity:.4f} is below {fail_below:g} ({result.metric})")
+    failed = result.gate(fail_below) if fail_below is not None else None
+    if failed:
+        notice(f"quality gate: {failed}")
         raise typer.Exit(EXIT_QUALITY_GATE)
 
 
@@ -611,8 +629,8 @@ def heal(
             help="The lowrank-compressed folder or file made from it.", show_default=False, metavar="COMPRESSED"
         ),
     ],
-    output: RequiredOutput,
-    text: Text,
+    output: HealedOutput,
+    text: TrainingText,
     steps: Annotated[
         Optional[int], typer.Option("--steps", help="Optimizer steps (default: --epochs passes).", metavar="N")
     ] = None,
@@ -622,13 +640,13 @@ def heal(
     lr: Annotated[
         float, typer.Option("--lr", help="AdamW learning rate, decaying linearly to 0.", metavar="LR")
     ] = defaults.HEAL_LR,
-    batch_size: BatchSize = defaults.HEAL_BATCH_SIZE,
+    batch_size: HealBatchSize = defaults.HEAL_BATCH_SIZE,
     seq_len: SeqLen = defaults.SEQ_LEN,
     tokens: Tokens = defaults.HEAL_TOKENS,
     samples: Samples = None,
     split: SplitOption = Split.auto,
-    eval_text: EvalText = None,
-    seed: Seed = 0,
+    eval_text: HealEvalText = None,
+    seed: HealSeed = 0,
     device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
     as_json: Json = False,
@@ -650,7 +668,7 @@ def heal(
     healed = report.options["heal"]
     line = f"{healed['steps']} steps, final loss {healed['final_loss']:.4g}"
     if "fidelity_after" in healed:
-        kind = "held out" if healed["held_out"] else "not held out: the training text"
+        kind = "held out" if healed["held_out"] else "not held out: see the note"
         line += f"; fidelity {healed['fidelity_before']:.4f} → {healed['fidelity_after']:.4f} ({kind})"
     notice(line)
 

@@ -2,7 +2,8 @@
 
 Choices come from the library's enums, so typer validates them and `--help` lists them; defaults
 that are not the obvious one (a number of tokens, a batch size) are the library's own constants.
-Where an option means a little more in one command, its help says so in parentheses.
+Where an option means something else in one command, that command has its own alias, so each
+command's --help speaks of that command only (tests/test_cli.py checks every one).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
+import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
 from lowrank_cli import Device, DType, Method, Split
 
 # How the library's argument names read on the command line, where they differ from --name.
@@ -46,7 +48,16 @@ Budget = Annotated[
     typer.Option(
         "--budget",
         help="Policy: 0 < F < 1; a rank per matrix, or kept whole, chosen jointly so that factors plus whole"
-        " matrices hold ≤ F·Σ m·n of the selected matrices' params (extract: LoRA ranks only).",
+        " matrices hold ≤ F·Σ m·n of the selected matrices' params.",
+        metavar="F",
+    ),
+]
+AdapterBudget = Annotated[
+    Optional[float],
+    typer.Option(
+        "--budget",
+        help="Policy: 0 < F < 1; a LoRA rank per module, chosen jointly so that the adapter's factors hold"
+        " ≤ F·Σ m·n of the selected modules' params.",
         metavar="F",
     ),
 ]
@@ -87,13 +98,10 @@ MethodOption = Annotated[
         metavar="METHOD",
     ),
 ]
-Seed = Annotated[
+Seed = Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD; same seed, same result.", metavar="N")]
+HealSeed = Annotated[
     int,
-    typer.Option(
-        "--seed",
-        help="Seed of the randomized SVD (heal: of the sample order); same seed, same result.",
-        metavar="N",
-    ),
+    typer.Option("--seed", help="Seed of the order the batches are taken in; same seed, same result.", metavar="N"),
 ]
 # A str, not the Device enum: cuda:N names one GPU of several. The library checks it (a one-line usage error).
 DeviceOption = Annotated[
@@ -143,14 +151,19 @@ OtherModel = Annotated[
         help="Use --calibration statistics made on another model of the same shapes (refused by default).",
     ),
 ]
-# A str, not a Path, as Output; for the commands that must be told where to write.
-RequiredOutput = Annotated[
+# A str, not a Path, as Output; for the commands that must be told where to write, each of its own output.
+StatisticsOutput = Annotated[
+    str,
+    typer.Option(
+        "--output", "-o", help="The statistics file to write (.safetensors).", metavar="OUT", show_default=False
+    ),
+]
+HealedOutput = Annotated[
     str,
     typer.Option(
         "--output",
         "-o",
-        help="What to write: the adapter folder (extract), the resized adapter in ADAPTER's format (resize),"
-        " the statistics file (calibrate) or the healed model (heal).",
+        help="Where the healed model goes: a folder or file like COMPRESSED (its names, ranks and format).",
         metavar="OUT",
         show_default=False,
     ),
@@ -161,16 +174,18 @@ Reference = Annotated[
 ]
 
 # The text a model runs over (calibrate, evaluate, heal), and how it is sampled.
-Text = Annotated[
-    Path,
-    typer.Option("--text", help="The UTF-8 text the model runs over (heal: the training text).", metavar="FILE"),
+Text = Annotated[Path, typer.Option("--text", help="The UTF-8 text the model runs over.", metavar="FILE")]
+TrainingText = Annotated[
+    Path, typer.Option("--text", help="The UTF-8 text the factors are trained on.", metavar="FILE")
 ]
 EvalText = Annotated[
     Optional[Path],
+    typer.Option("--eval-text", help="The UTF-8 text --fidelity is measured on.", metavar="FILE"),
+]
+HealEvalText = Annotated[
+    Optional[Path],
     typer.Option(
-        "--eval-text",
-        help="The UTF-8 text the fidelity is measured on (compress --fidelity; heal: before and after).",
-        metavar="FILE",
+        "--eval-text", help="Also measure the fidelity before and after healing on this UTF-8 text.", metavar="FILE"
     ),
 ]
 SeqLen = Annotated[
@@ -181,6 +196,41 @@ Tokens = Annotated[
     int, typer.Option("--tokens", help="Tokens the samples hold, taken evenly over the text.", metavar="N")
 ]
 Samples = Annotated[Optional[int], typer.Option("--samples", help="Samples to run at most.", metavar="N")]
-BatchSize = Annotated[
-    int, typer.Option("--batch-size", help="Samples per forward pass (heal: per optimizer step).", metavar="N")
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per forward pass.", metavar="N")]
+HealBatchSize = Annotated[int, typer.Option("--batch-size", help="Samples per optimizer step.", metavar="N")]
+
+# compress --fidelity: how its --eval-text is sampled (None: evaluate's defaults, shown in the help).
+EvalSeqLen = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seq-len",
+        help=f"With --fidelity: tokens per --eval-text sample at most [default: {defaults.SEQ_LEN}].",
+        metavar="N",
+    ),
+]
+EvalTokens = Annotated[
+    Optional[int],
+    typer.Option(
+        "--tokens",
+        help=f"With --fidelity: tokens the --eval-text samples hold [default: {defaults.EVALUATE_TOKENS}].",
+        metavar="N",
+    ),
+]
+EvalSplit = Annotated[
+    Optional[Split],
+    typer.Option(
+        "--split",
+        help="With --fidelity: how --eval-text is cut into samples (as evaluate cuts --text) [default: auto].",
+        case_sensitive=False,
+        metavar="[" + "|".join(split.value for split in Split) + "]",  # as a plain Split option shows it
+        show_default=False,
+    ),
+]
+EvalBatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        "--batch-size",
+        help=f"With --fidelity: samples per forward pass [default: {defaults.EVALUATE_BATCH_SIZE}].",
+        metavar="N",
+    ),
 ]

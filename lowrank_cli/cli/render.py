@@ -77,12 +77,26 @@ CSV_FIELDS = [f.name for f in dataclasses.fields(TensorReport) if f.name not in 
 
 
 def print_csv(report: Report) -> None:
-    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null."""
+    """One CSV row per tensor (a header first): CSV_FIELDS, the shape as 384x1536, an empty cell for null,
+    a text cell a spreadsheet would read as a formula quoted (_inert)."""
     writer = csv.writer(sys.stdout, lineterminator="\n")
+    # csv quotes a CR only where it is the line terminator: a row with one in a name quotes all its text
+    quoted = csv.writer(sys.stdout, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC)
     writer.writerow(CSV_FIELDS)
     for row in report.to_dict()["tensors"]:
         row["shape"] = "x".join(str(d) for d in row["shape"])
-        writer.writerow(["" if row[name] is None else row[name] for name in CSV_FIELDS])
+        cells = ["" if row[name] is None else _inert(row[name]) for name in CSV_FIELDS]
+        (quoted if any(isinstance(cell, str) and "\r" in cell for cell in cells) else writer).writerow(cells)
+
+
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")  # what a spreadsheet reads as a formula (OWASP, CSV injection)
+
+
+def _inert(value: object) -> object:
+    """A text cell (a tensor name, a path, a reason) that starts like a formula, with a ' before it, as OWASP
+    recommends: a checkpoint's tensor named '=cmd|...' must not run in the spreadsheet that opens the CSV.
+    Numbers are written as they are: -0.5 is a number, not a formula."""
+    return f"'{value}" if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
 def print_report(report: Report) -> None:
@@ -110,8 +124,11 @@ def print_report(report: Report) -> None:
         lines.append(f"adapter: {_bytes(totals.bytes_after or 0)}, {totals.params_after:,} params{share}")
         lines.append(f"wrote {report.output}")
     elif report.command == "analyze" and report.options.get("diff") and report.policy is not None:
-        share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)" if totals.params else ""
-        lines.append(f"lowrank extract with this policy would need {totals.params_after:,} adapter params{share}")
+        if totals.params:
+            share = f" ({_percent(totals.params_after / totals.params)} of the changed matrices)"
+            lines.append(f"lowrank extract with this policy would need {totals.params_after:,} adapter params{share}")
+        else:  # no matrix would be adapted: a note says why
+            lines.append("lowrank extract with this policy would write no adapter")
     elif totals.bytes is not None and totals.bytes_after is not None:
         lines.append(f"file size: {_bytes(totals.bytes)} → {_bytes(totals.bytes_after)}  wrote {report.output}")
     stdout = Console(width=width or 100_000)  # long paths fold at the terminal's edge, or stay whole in a file
@@ -129,14 +146,19 @@ def print_evaluation(evaluation) -> None:
             ("cosine min", f"{evaluation.cosine_min:.4f}"),
         ]
     else:
+        if evaluation.perplexity_reference is not None:  # an LM's, of the true tokens; a classifier has none
+            rows += [
+                ("perplexity reference", f"{evaluation.perplexity_reference:.3f}"),
+                ("perplexity candidate", f"{evaluation.perplexity_candidate:.3f}"),
+            ]
+        per = "sample" if evaluation.kind == "sequence-classifier" else "token"
         rows += [
-            ("perplexity reference", f"{evaluation.perplexity_reference:.3f}"),
-            ("perplexity candidate", f"{evaluation.perplexity_candidate:.3f}"),
-            ("KL(ref ‖ cand) per token", f"{evaluation.kl_mean:.4g} nats"),
+            (f"KL(ref ‖ cand) per {per}", f"{evaluation.kl_mean:.4g} nats"),
             ("top-1 agreement", _percent(evaluation.top1_agreement)),
-            ("positions compared", f"{evaluation.positions:,}"),
+            ("positions compared" if per == "token" else "samples compared", f"{evaluation.positions:,}"),
         ]
-    held = {True: "yes", False: "no: the calibration text", None: "not known"}[evaluation.held_out]
+    held = {True: "yes", False: "no: the candidate was made with it (see the note)", None: "not known"}
+    held = held[evaluation.held_out]
     rows += [
         ("samples", f"{evaluation.samples:,} ({evaluation.split}), {evaluation.tokens:,} tokens"),
         ("held out", held),

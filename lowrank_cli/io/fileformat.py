@@ -8,7 +8,9 @@
         "cast": {NAME: "F32", ...},  # optional: tensors kept whole but stored in another dtype
                                      # (compress --dtype); expand gives them their own dtype back
         "calibration": {"activation_aware": true, "source": "stats.safetensors",
-                        "tokens": N, "text_sha256": "…"}    # only with --calibration
+                        "tokens": N, "text_sha256": "…"},   # only with --calibration
+        "fidelity": {"target": F, "text_sha256": "…"},      # only with --fidelity: the text that chose the budget
+        "heal": {"text_sha256": "…", …}                     # only after heal (model.heal)
     }
 
 With calibration the factors are activation-aware: B = U_r·Σ_r, A = V_rᵀ·S⁻¹ from the SVD of W·S
@@ -25,12 +27,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from lowrank_cli.errors import CheckpointError
 from lowrank_cli.io.dtypes import FLOAT_CODES
+from lowrank_cli.io.paths import require_file
 
 if TYPE_CHECKING:
     from lowrank_cli.io.checkpoint import Checkpoint, ShardFile, TensorEntry
@@ -119,6 +124,35 @@ def factor_records(checkpoint: Checkpoint) -> dict[str, FactorRecord]:
     return {name: record for shard in shard_records(checkpoint) for name, record in shard.records.items()}
 
 
+def find_lowrank(path: str | os.PathLike, fix: str) -> tuple[Path, dict] | None:
+    """The lowrank file `path` is, or the first safetensors file of the folder `path` that is one, with
+    its `lowrank` metadata as JSON ({} when that is no JSON object); None when none is (a dense checkpoint).
+
+    Every place that asks "is this a lowrank file?" before it opens a checkpoint asks here. Each file
+    is checked to be a regular file before it is opened (io.paths.require_file: open() on a FIFO
+    blocks past SIGINT and SIGTERM), else refused with a CheckpointError ending in `fix`; a file
+    safetensors cannot read is passed over, for the loader to say what is wrong with it.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith(".")) if path.is_dir() else [path]
+    for file in files:
+        require_file(file, fix)
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                metadata = handle.metadata() or {}
+        except (OSError, SafetensorError, ValueError, TypeError):  # what safe_open raises for odd files
+            continue
+        if METADATA_KEY in metadata:
+            try:
+                payload = json.loads(metadata[METADATA_KEY])
+            except (ValueError, RecursionError):
+                payload = None
+            return file, payload if isinstance(payload, dict) else {}
+    return None
+
+
 def calibration_record(calibration: object | None) -> dict | None:
     """The metadata's note that the factors are activation-aware (an io.calibration.Calibration), or None."""
     if calibration is None:
@@ -136,6 +170,7 @@ def encode_metadata(
     records: dict[str, FactorRecord],
     casts: dict[str, str] | None = None,
     calibration: dict | None = None,
+    fidelity: dict | None = None,
 ) -> dict[str, str]:
     payload = {
         "format_version": FORMAT_VERSION,
@@ -146,6 +181,8 @@ def encode_metadata(
         payload["cast"] = casts
     if calibration is not None:
         payload["calibration"] = calibration
+    if fidelity is not None:
+        payload["fidelity"] = fidelity
     return {**(base or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
 
 

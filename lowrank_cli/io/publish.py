@@ -60,7 +60,16 @@ _RECORDS: list[list[Path]] = []
 
 @contextlib.contextmanager
 def recording_published() -> Iterator[list[Path]]:
-    """The outputs published under their names while inside: what a run had written when it was stopped."""
+    """The outputs published under their names while inside: what a run had written when it was stopped.
+
+    Yields a list that each output published inside the block is appended to (its final path), so a
+    caller interrupted after an output appeared can say that it is there, whole.
+
+    Example:
+        >>> with lowrank_cli.recording_published() as written:
+        ...     lowrank_cli.compress("model.safetensors", rank=64)
+        >>> written  # [PosixPath('model.lowrank.safetensors')]
+    """
     published: list[Path] = []
     _RECORDS.append(published)
     try:

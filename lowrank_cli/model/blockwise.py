@@ -33,8 +33,10 @@ from lowrank_cli.model.evaluate import (
     CAUSAL_LM,
     ENCODER,
     MASKED_LM,
+    MISFIT_FIX,
     Evaluator,
     eval_batches,
+    exp_or_inf,
     is_lowrank,
     load_candidate,
     make_evaluator,
@@ -42,6 +44,7 @@ from lowrank_cli.model.evaluate import (
     model_samples,
     pool,
     read_pooling,
+    require_finite,
 )
 from lowrank_cli.ops.samples import TextSamples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE
@@ -106,10 +109,12 @@ class BlockwiseEvaluator:
         """
         hidden = self._run(candidate, edit)
         if self.kind == ENCODER:
-            cosines = [
-                torch.nn.functional.cosine_similarity(self._pooled(candidate, h), reference, dim=-1, eps=1e-30)
-                for h, reference in zip(hidden, self.pooled, strict=True)
-            ]
+            cosines, nonfinite = [], 0
+            for h, reference in zip(hidden, self.pooled, strict=True):
+                require_finite(reference)
+                output = self._pooled(candidate, h)
+                nonfinite += int((~torch.isfinite(output)).any(dim=-1).sum())
+                cosines.append(torch.nn.functional.cosine_similarity(output, reference, dim=-1, eps=1e-30))
             values = torch.cat(cosines).to(torch.float64)
             mean = float(values.mean())
             return {
@@ -117,6 +122,7 @@ class BlockwiseEvaluator:
                 "cosine_mean": mean,
                 "cosine_p5": float(torch.quantile(values, 0.05)),
                 "cosine_min": float(values.min()),
+                "nonfinite": nonfinite,
             }
         sums = _Sums()
         for batch, reference, output in zip(self.batches, self.final, hidden, strict=True):
@@ -147,13 +153,16 @@ class BlockwiseEvaluator:
 
 
 class _Sums:
-    """KL, agreement and negative log-likelihoods summed over positions, as Evaluator.measure sums them."""
+    """KL, agreement and negative log-likelihoods summed over positions, as Evaluator.measure sums them: a
+    reference that is not finite is refused, a candidate's positions that are not are counted (nonfinite)."""
 
     def __init__(self) -> None:
         self.kl = self.agree = self.nll_ref = self.nll_cand = 0.0
-        self.positions = 0
+        self.positions = self.nonfinite = 0
 
     def add(self, p: torch.Tensor, q: torch.Tensor, targets: torch.Tensor) -> None:
+        require_finite(p)
+        self.nonfinite += int((~torch.isfinite(q)).any(dim=-1).sum())
         self.kl += float((p.exp() * (p - q)).sum(dtype=torch.float64))
         self.agree += float((p.argmax(dim=-1) == q.argmax(dim=-1)).sum())
         self.nll_ref -= float(p.gather(1, targets[:, None]).sum(dtype=torch.float64))
@@ -167,10 +176,11 @@ class _Sums:
         return {
             "fidelity": math.exp(-mean_kl),
             "positions": self.positions,
-            "perplexity_reference": math.exp(self.nll_ref / self.positions),
-            "perplexity_candidate": math.exp(self.nll_cand / self.positions),
+            "perplexity_reference": exp_or_inf(self.nll_ref / self.positions),
+            "perplexity_candidate": exp_or_inf(self.nll_cand / self.positions),
             "kl_mean": mean_kl,
             "top1_agreement": self.agree / self.positions,
+            "nonfinite": self.nonfinite,
         }
 
 
@@ -246,18 +256,18 @@ def candidate_runner(folder: Path, candidate: Path, reference: BlockRunner) -> B
         else open_runner(folder, weights=candidate, device=str(reference.device))
     )
     expected = type(reference.model).__name__
+    fix = MISFIT_FIX if is_lowrank(candidate) else "give the reference's own compressed or fine-tuned model"
     if type(runner.model).__name__ != expected or runner.blocks_name != reference.blocks_name:
         runner.close()
         raise CheckpointError(
-            f"{candidate}: is a {type(runner.model).__name__}, not a {expected} as the reference; give the"
-            " reference's own compressed or fine-tuned model"
+            f"{candidate}: does not fit {expected}, the reference's class: it is a {type(runner.model).__name__}; {fix}"
         )
     if runner.unexpected_keys and is_lowrank(candidate):
         name, count = runner.unexpected_keys[0], len(runner.unexpected_keys)
         runner.close()
         raise CheckpointError(
-            f"{candidate}: holds tensor '{name}' ({count} in all) that {expected} has not; give the reference's"
-            " own compressed or fine-tuned model"
+            f"{candidate}: does not fit {expected}: it holds tensor '{name}' ({count} in all) that {expected}"
+            f" has not; {fix}"
         )
     return runner
 
@@ -273,8 +283,10 @@ def open_evaluator(
 ) -> tuple[BlockwiseEvaluator | Evaluator, TextSamples]:
     """The evaluator of the reference folder on samples of `text`: block by block where the runner runs
     the model (BLOCKWISE_KINDS), else the whole model loaded (evaluate.Evaluator). sampling: model_samples'."""
-    from lowrank_cli.ops.hfmodel import load_model, refuse_lowrank_weights
+    from lowrank_cli.io.hfconfig import require_transformers
+    from lowrank_cli.ops.hfmodel import load_model, pad_id, refuse_lowrank_weights
 
+    require_transformers(feature)  # the missing extra named by the feature asked for, not by the runner
     refuse_lowrank_weights(folder)
     bound_native_memory()
     runner = kind = None
@@ -288,7 +300,7 @@ def open_evaluator(
         found = model_samples(runner.model, tokenizer, folder, text, **sampling)
         try:
             evaluator = BlockwiseEvaluator(
-                runner, found, kind=kind, pad=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+                runner, found, kind=kind, pad=pad_id(tokenizer),
                 mask_token=getattr(tokenizer, "mask_token_id", None),
                 special=set(getattr(tokenizer, "all_special_ids", []) or []),
                 pooling=read_pooling(folder) if kind == ENCODER else "mean", batch_size=batch_size,

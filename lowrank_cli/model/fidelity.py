@@ -34,6 +34,7 @@ from lowrank_cli.errors import EXIT_QUALITY_GATE, LowrankError, OutputError, Usa
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.dtypes import torch_dtype
+from lowrank_cli.io.hfconfig import base_prefix, prefix_variants
 from lowrank_cli.io.outputs import prepare_output, require_kind
 from lowrank_cli.io.publish import make_temp, publish, remove_temp, sweep_stale_temps
 from lowrank_cli.linalg.policy import RankPolicy
@@ -114,13 +115,13 @@ def search(
             return None
         value = model.measure(ranks)
         trials.append(Trial(budget, value, ranks))
-        if progress:
-            progress(len(trials), steps)
+        if progress:  # (evaluations done, planned): the search's, then the model written (compress_to_fidelity)
+            progress(len(trials), steps + 1)
         return value
 
     try:
         mildest = measure(MILDEST)
-        if mildest is None or mildest < target:
+        if mildest is None or not mildest >= target:  # a NaN fidelity (NaN outputs) reaches nothing
             raise FidelityNotReached(
                 f"no saving reaches fidelity {target:g}: at the mildest budget tried, {MILDEST:g} of the selected"
                 f" params, the model measures {mildest if mildest is not None else float('nan'):.4f};"
@@ -252,8 +253,7 @@ def _whitener_of(calibration: Calibration, name: str, device: str):
 def _model_name(model: torch.nn.Module, name: str) -> str:
     """The model's parameter name of a checkpoint name, allowing the base model prefix (bert.…) either way."""
     parameters = dict(model.named_parameters(remove_duplicate=False))
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    for candidate in (name, f"{prefix}.{name}", name.removeprefix(f"{prefix}.")):
+    for candidate in prefix_variants(name, base_prefix(model)):
         if candidate in parameters:
             return candidate
     raise UsageError(f"tensor '{name}' is not a parameter of {type(model).__name__}; give the model's own folder")
@@ -303,13 +303,16 @@ def compress_to_fidelity(
             report = _compress.compress(
                 checkpoint, RankPolicy(budget=budget), staging.path, settings=exact, include=include,
                 exclude=exclude, calibration=calibration,
+                fidelity={"target": target, "text_sha256": evaluator.samples.text_sha256},
             )  # fmt: skip
             written.append((budget, measure_candidate(evaluator, folder, staging.path)["fidelity"]))
-            if written[-1][1] >= target or budget >= MILDEST:
+            if progress:  # the model written is measured too: one evaluation more than the search's
+                progress(len(trials) + len(written), len(trials) + len(written))
+            if written[-1][1] >= target or budget >= MILDEST:  # a NaN fidelity is below every target
                 break
             budget = min(round(budget + STEP, 4), MILDEST)
         measured = written[-1][1]
-        if measured < target:
+        if not measured >= target:  # NaN too
             raise FidelityNotReached(
                 f"{_written_below(written)}, below {target:g}; lower {arg('fidelity')}; nothing was written"
             )
@@ -322,7 +325,10 @@ def compress_to_fidelity(
         "metric": metric(evaluator.kind, evaluator.pooling),
         "budget": budget,
         "evaluations": len(trials) + len(written),
-        "trials": [{"budget": trial.budget, "fidelity": trial.fidelity} for trial in trials],
+        "trials": [  # NaN: null
+            {"budget": trial.budget, "fidelity": trial.fidelity if math.isfinite(trial.fidelity) else None}
+            for trial in trials
+        ],
         "eval_text_sha256": evaluator.samples.text_sha256,
         "eval_samples": len(evaluator.samples.ids),
         "held_out": False,

@@ -11,6 +11,8 @@ state. The loss, by model kind (model.evaluate):
                   than the last layer's alone (benchmarks/README.md)
     causal-lm     mean KL(reference ‖ candidate) of the next-token distributions per token
     masked-lm     the same at every position of the unmasked input
+    token-classifier     the same over the class distributions of every real token
+    sequence-classifier  mean KL of the class distributions per sample
 
 The output is the compressed checkpoint again, shard for shard: every tensor under its own name,
 shape and dtype, the trained factors and biases in place of the old, each factor record's
@@ -20,6 +22,7 @@ lowrank metadata (text hash, steps, final loss, learning rate, seed).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Callable
@@ -31,14 +34,22 @@ import torch
 from lowrank_cli.errors import CheckpointError, TensorError, UsageError, arg
 from lowrank_cli.io.checkpoint import Checkpoint
 from lowrank_cli.io.fileformat import METADATA_KEY, decode_metadata, factor_names, factor_records
+from lowrank_cli.io.hfconfig import base_prefix, prefix_variants
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.linalg.factorize import relative_error
-from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, model_kind
+from lowrank_cli.model.evaluate import CAUSAL_LM, ENCODER, SEQUENCE_CLASSIFIER, model_kind, next_token_pairs
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
-from lowrank_cli.ops.hfmodel import load_model
+from lowrank_cli.ops.hfmodel import load_model, pad_id
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.samples import TextSamples, batches
-from lowrank_cli.ops.settings import HEAL_BATCH_SIZE, HEAL_EPOCHS, HEAL_LR, HEAL_TOKENS, SEQ_LEN
+from lowrank_cli.ops.settings import (
+    HEAL_BATCH_SIZE,
+    HEAL_EPOCHS,
+    HEAL_LR,
+    HEAL_MAX_GRAD_NORM,
+    HEAL_TOKENS,
+    SEQ_LEN,
+)
 
 SUFFIX = ".healed.safetensors"
 TARGET_CACHE_BYTES = 1 << 31  # an encoder's reference hidden states kept across passes up to this size (_Targets)
@@ -51,6 +62,7 @@ class HealOptions:
     lr: float = HEAL_LR
     batch_size: int = HEAL_BATCH_SIZE
     seed: int = 0
+    max_grad_norm: float = HEAL_MAX_GRAD_NORM  # the factors' gradients are clipped to this norm each step
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -61,38 +73,84 @@ class HealOptions:
             raise UsageError(f"{arg('lr')} must be a positive number, got {self.lr}")
         if self.batch_size < 1:
             raise UsageError(f"{arg('batch_size')} must be at least 1, got {self.batch_size}")
+        if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
+            # a library option only (no flag): named as Python spells it
+            raise UsageError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
 
 
 @dataclass
-class _Factored:
-    """A factorized layer of the model and the names its tensors have in the compressed file."""
+class TrainableFactors:
+    """One factorized weight of the model: the factors B, A that its layers run (tied weights, an embedding
+    and the LM head, are several layers sharing one B and one A), and the names they have in the file."""
 
-    module: LowRankLinear | LowRankEmbedding
     name: str  # the weight's name in the file (NAME.B, NAME.A hold its factors)
-    bias: str | None  # the bias's name in the file, for a Linear with one
+    layers: list[LowRankLinear | LowRankEmbedding]  # every layer running these factors
+    biases: dict[str, torch.nn.Parameter]  # the file's name -> the bias of a layer with one
+
+    @property
+    def transposed(self) -> bool:
+        """The file holds Wᵀ = Aᵀ·Bᵀ (GPT-2's Conv1D, nn.loading)."""
+        return bool(getattr(self.layers[0], "transposed", False))
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        return [self.layers[0].B, self.layers[0].A, *self.biases.values()]
 
 
-def trainable(model: torch.nn.Module, file_names: set[str]) -> list[_Factored]:
-    """Every factorized layer with its file names; only their factors and biases will require grad."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    layers, seen = [], set()
-    for path, module in model.named_modules():
-        if not isinstance(module, (LowRankLinear, LowRankEmbedding)) or id(module) in seen:
-            continue
-        seen.add(id(module))
-        name = _file_name(f"{path}.weight", file_names, prefix)
-        if name is None:
-            raise CheckpointError(f"the compressed model's layer '{path}' has no factors in its file")
-        bias = getattr(module, "bias", None)
-        bias_name = _file_name(f"{path}.bias", file_names, prefix) if bias is not None else None
-        layers.append(_Factored(module, name, bias_name))
-    if not layers:
+def trainable(model: torch.nn.Module, file_names: set[str]) -> list[TrainableFactors]:
+    """Every factorized weight of `model`, once however many layers share it, with its names in the file.
+
+    Tied weights are one tensor: layers are grouped by their B, so an embedding and the LM head tied
+    to it are one TrainableFactors whose name is the one the file holds. Factors and biases not in
+    float32 (or float64) are given to every layer holding them as float32 Parameters, the master
+    copies that train.
+    """
+    prefix = base_prefix(model)
+    groups: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, (LowRankLinear, LowRankEmbedding)):
+            group = groups.setdefault(id(module.B), [])
+            if all(module is not other for _, other in group):
+                group.append((path, module))
+    found = []
+    for group in groups.values():
+        names = [n for path, _ in group if (n := _file_name(f"{path}.weight", file_names, prefix)) is not None]
+        if not names:
+            raise CheckpointError(f"the compressed model's layer '{group[0][0]}' has no factors in its file")
+        layers = [module for _, module in group]
+        biases: dict[str, torch.nn.Parameter] = {}
+        for path, module in group:
+            bias = getattr(module, "bias", None)
+            name = _file_name(f"{path}.bias", file_names, prefix) if bias is not None else None
+            if name is not None and all(bias is not other for other in biases.values()):
+                biases[name] = bias
+        found.append(TrainableFactors(names[0], layers, biases))
+    if not found:
         raise UsageError("the compressed model has no factorized layer to heal; compress it first")
-    return layers
+    for factors in found:
+        _as_float32(factors)
+    return found
+
+
+def _as_float32(factors: TrainableFactors) -> None:
+    """Each of the factors and biases in float32, the same Parameter in every layer holding it (ties stay tied)."""
+    for attribute in ("B", "A"):
+        current = getattr(factors.layers[0], attribute)
+        if current.dtype not in (torch.float32, torch.float64):
+            master = torch.nn.Parameter(current.detach().float(), requires_grad=current.requires_grad)
+            for layer in factors.layers:
+                setattr(layer, attribute, master)
+    for name, bias in factors.biases.items():
+        if bias.dtype not in (torch.float32, torch.float64):
+            master = torch.nn.Parameter(bias.detach().float(), requires_grad=bias.requires_grad)
+            for layer in factors.layers:
+                if getattr(layer, "bias", None) is bias:
+                    layer.bias = master
+            factors.biases[name] = master
 
 
 def _file_name(model_name: str, file_names: set[str], prefix: str) -> str | None:
-    for name in (model_name, f"{prefix}.{model_name}", model_name.removeprefix(f"{prefix}.")):
+    """The file's name of a model tensor (a factorized weight is in the file as NAME.B), if it holds one."""
+    for name in prefix_variants(model_name, prefix):
         if name in file_names or f"{name}.B" in file_names:
             return name
     return None
@@ -101,7 +159,7 @@ def _file_name(model_name: str, file_names: set[str], prefix: str) -> str | None
 def train(
     reference: torch.nn.Module,
     model: torch.nn.Module,
-    layers: list[_Factored],
+    layers: list[TrainableFactors],
     samples: TextSamples,
     options: HealOptions,
     *,
@@ -109,22 +167,20 @@ def train(
     device: str,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> tuple[int, float]:
-    """Train the layers' factors (and biases) so that model's outputs match reference's; (steps, final loss)."""
+    """Train the layers' factors (and biases) so that model's outputs match reference's; (steps, final loss).
+
+    AdamW on the float32 factors (`trainable` makes them so), the learning rate decaying linearly to 0,
+    gradients clipped to options.max_grad_norm, the batches taken in an order drawn from a
+    torch.Generator seeded by options.seed (the global RNG is left as it was). On a CUDA device the
+    forward pass runs under bfloat16 autocast (where the GPU has bfloat16), the factors staying float32.
+    """
     kind = model_kind(reference)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    parameters = []
-    for layer in layers:
-        owned = [layer.module.B, layer.module.A]
-        if layer.bias is not None:
-            owned.append(layer.module.bias)
-        for parameter in owned:
-            if parameter.dtype not in (torch.float32, torch.float64):
-                parameter.data = parameter.data.float()  # train in float32; written back in the file's dtype
-            parameter.requires_grad_(True)
-            parameters.append(parameter)
+    parameters = [parameter for factors in layers for parameter in factors.parameters()]
+    for parameter in parameters:
+        parameter.requires_grad_(True)
     generator = torch.Generator().manual_seed(options.seed)
-    torch.manual_seed(options.seed)
     runs = batches(samples.ids, options.batch_size, device, pad)  # by length, so that padding stays short
     steps = options.steps or options.epochs * len(runs)
     targets = _Targets(reference, runs, kind)
@@ -142,16 +198,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)  # the last step's gradients go before this step's activations come
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
             target = targets(index)
-            output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
-            loss = _loss(kind, target, output, mask)
-            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
+            with _autocast(device):
+                output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
+                loss = _loss(kind, target, output, mask)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
-                raise TensorError(
-                    f"the healing loss became {loss_value} at step {step + 1}; nothing was written; lower {arg('lr')}"
-                    f" (now {options.lr:g})"
-                )
+                outputs = output.hidden_states if kind == ENCODER else [_logits(output)]
+                raise TensorError(_not_finite(loss_value, step, _finite(target), _finite(outputs), options.lr))
+            del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
             optimizer.step()
             schedule.step()
             average = loss_value if average is None else 0.9 * average + 0.1 * loss_value
@@ -163,12 +219,55 @@ def train(
     return steps, loss_value
 
 
+def _autocast(device: str):
+    """bfloat16 autocast on a CUDA device that has bfloat16 (float32 master factors); none elsewhere."""
+    where = torch.device(device)
+    if where.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _logits(output) -> torch.Tensor:
+    return output[0] if isinstance(output, tuple) else output.logits
+
+
+def _finite(tensors) -> bool:
+    """Whether every tensor of a model's outputs (hidden states, logits; an LM target's P and Σ P·log P) is finite."""
+    return all(bool(torch.isfinite(t).all()) for t in tensors)
+
+
+def _not_finite(loss: float, step: int, reference_finite: bool, compressed_finite: bool, lr: float) -> str:
+    """Why the loss is NaN or infinite: the reference's outputs, the compressed model's before any update,
+    or the updates (a learning rate too high)."""
+    where = f"the healing loss is {loss} at step {step + 1}"
+    if not reference_finite:
+        return (
+            f"{where}: the reference's outputs on the training text are NaN or infinite (NaN weights, or an"
+            " overflow in its dtype), so there is nothing to heal toward; nothing was written; give a reference"
+            " whose outputs are finite"
+        )
+    if step == 0 and not compressed_finite:
+        return (
+            f"{where}, before any update: the compressed model's outputs on the training text are NaN or infinite;"
+            " nothing was written; compress the reference again (lowrank evaluate shows a model's outputs)"
+        )
+    if step == 0:
+        return (
+            f"{where}, before any update: the compressed model's outputs are too far from the reference's for the"
+            " loss to hold in float32; nothing was written; compress at a higher rank"
+        )
+    return f"{where}; nothing was written; lower {arg('lr')} (now {lr:g})"
+
+
 def _positions(kind: str, mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq) bools: where the LMs' distributions are compared (causal: position t, predicting t + 1)."""
+    """(batch, seq) bools: where the LMs' and classifiers' distributions are compared (causal: position t,
+    predicting t + 1); (batch,) all true for a sequence classifier, whose logits are one row per sample."""
+    if kind == SEQUENCE_CLASSIFIER:
+        return torch.ones(mask.shape[0], dtype=torch.bool, device=mask.device)
     if kind != CAUSAL_LM:
         return mask.bool()
     where = torch.zeros_like(mask, dtype=torch.bool)
-    where[:, :-1] = (mask[:, :-1] * mask[:, 1:]).bool()
+    where[:, :-1] = next_token_pairs(mask)
     return where
 
 
@@ -176,7 +275,7 @@ def _lm_target(kind: str, reference_output, mask: torch.Tensor):
     """What an LM's loss needs of the reference's output, taken before the candidate runs (under no_grad):
     (P, Σ P·log P), the next-token probabilities (positions, V) at the compared positions and their
     part of the KL, so that no vocabulary-wide tensor but P is kept."""
-    logits = reference_output[0] if isinstance(reference_output, tuple) else reference_output.logits
+    logits = _logits(reference_output)
     log_p = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     p = log_p.exp()
     return p, (p * log_p).sum(dim=-1).sum(dtype=torch.float64)  # float64 over positions, not over (positions, V)
@@ -230,7 +329,7 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     # the mean over positions of KL(P ‖ Q) = Σ P·log P − Σ P·log Q, the first sum taken with P: backward
     # keeps P and log Q (positions × V each), not the logits and P·(log P − log Q)'s temporaries too
     p, p_log_p = target
-    logits = output[0] if isinstance(output, tuple) else output.logits
+    logits = _logits(output)
     log_q = torch.log_softmax(logits[_positions(kind, mask)].float(), dim=-1)  # (positions, V)
     return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
@@ -238,7 +337,7 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
 def write_healed(
     compressed: Checkpoint,
     reference_weights: Callable[[str], torch.Tensor | None],
-    layers: list[_Factored],
+    layers: list[TrainableFactors],
     out: Path,
     *,
     folder: bool,
@@ -247,17 +346,20 @@ def write_healed(
 ) -> Report:
     """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written.
 
-    `out` and `folder` are prepare_output's, checked before the run began."""
+    `out` and `folder` are prepare_output's, checked before the run began. The factors come back to the
+    CPU first, wherever they trained, so that they are measured against the reference's weights (read on
+    the CPU) and written from there.
+    """
     healed: dict[str, torch.Tensor] = {}
     by_weight = {layer.name: layer for layer in layers}
     for layer in layers:
-        b, a = layer.module.B.detach(), layer.module.A.detach()
-        if getattr(layer.module, "transposed", False):  # Conv1D: the file holds Wᵀ = Aᵀ·Bᵀ (nn.loading)
+        b, a = (factor.detach().to("cpu") for factor in layer.parameters()[:2])
+        if layer.transposed:  # Conv1D: the file holds Wᵀ = Aᵀ·Bᵀ (nn.loading)
             b, a = a.t(), b.t()
         names = factor_names(layer.name)
         healed[names[0]], healed[names[1]] = b.contiguous(), a.contiguous()
-        if layer.bias is not None:
-            healed[layer.bias] = layer.module.bias.detach()
+        for name, bias in layer.biases.items():
+            healed[name] = bias.detach().to("cpu")
     rows: list[TensorReport] = []
     with CheckpointOutput(compressed, out, folder=folder, force=force) as output:
         for shard, entries in compressed.by_shard():
@@ -290,7 +392,7 @@ def write_healed(
                     reason=f"rel. error before healing {before:.3g}",
                 )  # fmt: skip
                 rows.append(row)
-            payload["heal"] = record
+            payload["heal"] = {**record, **_earlier_texts(payload.get("heal"))}
             writer.metadata = {**(original or {}), METADATA_KEY: json.dumps(payload, separators=(",", ":"))}
         size = output.commit()
         swept = list(output.notes)  # temporaries of killed runs removed beside OUT
@@ -302,6 +404,16 @@ def write_healed(
         output=str(out),
         options={"heal": record, "notes": swept},
     )
+
+
+def _earlier_texts(heal: object) -> dict:
+    """The texts an earlier heal of the model trained on, which evaluate reads as not held out (made_with)."""
+    if not isinstance(heal, dict):
+        return {}
+    earlier = heal.get("earlier_text_sha256")
+    texts = [*(earlier if isinstance(earlier, list) else []), heal.get("text_sha256")]
+    texts = [t for t in dict.fromkeys(texts) if isinstance(t, str)]
+    return {"earlier_text_sha256": texts} if texts else {}
 
 
 def torch_dtype_of(checkpoint: Checkpoint, name: str) -> torch.dtype:
@@ -328,13 +440,8 @@ def heal(
 ) -> Report:
     """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
     from lowrank_cli.io.checkpoint import open_checkpoint
-    from lowrank_cli.model.evaluate import (
-        is_lowrank,
-        load_candidate,
-        make_evaluator,
-        metric,
-        model_samples,
-    )
+    from lowrank_cli.io.fileformat import find_lowrank
+    from lowrank_cli.model.evaluate import held_out_note, load_candidate, make_evaluator, metric, model_samples
     from lowrank_cli.ops.samples import require_text
 
     folder, compressed = Path(reference_dir), Path(compressed)
@@ -345,7 +452,8 @@ def heal(
         raise CheckpointError(f"{folder}: no such folder; give the reference's Hugging Face model folder")
     if not compressed.exists():
         raise CheckpointError(f"{compressed}: no such file or folder; give the compressed model to heal")
-    if not is_lowrank(compressed):
+    found_lowrank = find_lowrank(compressed, "give the compressed model to heal")
+    if found_lowrank is None:
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
         # OUT is checked before minutes of training: never the reference, the compressed model or a text
@@ -357,13 +465,18 @@ def heal(
         )
         evaluator = None
         if eval_text is not None:
-            held = model_samples(reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split)
+            held = model_samples(
+                reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split, flag="eval_text"
+            )
             evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
+        before = None
+        if evaluator is not None:  # as evaluate measures it: the file's own dtype, not the float32 that trains
+            before = evaluator.measure(load_candidate(folder, compressed, type(reference), device))["fidelity"]
         model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
-        before = evaluator.measure(model)["fidelity"] if evaluator else None
         layers = trainable(model, set(checkpoint.entries))
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        steps, final = train(reference, model, layers, found, options, pad=pad, device=device, progress=progress)
+        steps, final = train(
+            reference, model, layers, found, options, pad=pad_id(tokenizer), device=device, progress=progress
+        )
         record = {
             "text_sha256": found.text_sha256,
             "samples": len(found.ids),
@@ -372,10 +485,11 @@ def heal(
             "lr": options.lr,
             "batch_size": options.batch_size,
             "seed": options.seed,
+            "max_grad_norm": options.max_grad_norm,
             "final_loss": final,
-            "loss": "relative MSE of every layer's hidden states"
-            if model_kind(reference) == ENCODER
-            else "KL per token",
+            "loss": {ENCODER: "relative MSE of every layer's hidden states", SEQUENCE_CLASSIFIER: "KL per sample"}.get(
+                model_kind(reference), "KL per token"
+            ),
         }
         report = write_healed(
             checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
@@ -384,11 +498,11 @@ def heal(
         del model, layers  # the healed model is loaded from what was written, not beside the trained one
     notes = list(found.notes)
     if evaluator is not None:
-        healed = load_candidate(folder, Path(report.output), type(reference), device, torch.float32)
+        healed = load_candidate(folder, Path(report.output), type(reference), device)  # as evaluate loads it
         after = evaluator.measure(healed)["fidelity"]
-        held_out = evaluator.samples.text_sha256 != found.text_sha256
-        if not held_out:
-            notes.append("the evaluation text is the training text, so the fidelity is not held out")
+        made = {**found_lowrank[1], "heal": record | _earlier_texts(found_lowrank[1].get("heal"))}  # as OUT says
+        held_out, held_notes = held_out_note(made, evaluator.samples.text_sha256)
+        notes += held_notes
         report.options["heal"] = {
             **record, "fidelity_before": before, "fidelity_after": after, "held_out": held_out,
             "metric": metric(evaluator.kind, evaluator.pooling),

@@ -16,11 +16,11 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
-from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, arg, require_extra
+from lowrank_cli.errors import CheckpointError, MissingExtraError, OutputError, UsageError, arg, require_extra
 from lowrank_cli.io.checkpoint import Checkpoint, open_checkpoint
 from lowrank_cli.io.dtypes import CODE_OF, torch_dtype
 from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadata, factor_names, factor_records
-from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transformers
+from lowrank_cli.io.hfconfig import base_prefix, config_errors, is_conv1d, prefix_variants, require_transformers
 from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
@@ -29,8 +29,8 @@ WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does no
 
 
 @dataclass
-class _Factored:
-    """One factorized tensor of the file, matched to the model."""
+class _MatchedFactors:
+    """One factorized weight of the file and the model tensor it replaces: its name in each, its record, B and A."""
 
     name: str  # in the file
     target: str  # in the model
@@ -88,6 +88,13 @@ def apply_factors(
         LoadResult(missing_keys=['classifier.weight', 'classifier.bias'], unexpected_keys=[])
     """
     model = _transformers_model(model)
+    factored = [name for name, module in model.named_modules() if isinstance(module, (LowRankLinear, LowRankEmbedding))]
+    if factored:  # its weights are factors already: a file's names would fit none of them
+        raise UsageError(
+            f"the model is already factored ({len(factored)} low-rank layers, first '{factored[0] or 'the model'}');"
+            " apply_factors replaces dense layers: give it a model with dense weights, such as one built anew"
+            " from its config"
+        )
     fix = "load it into the model it was saved from, or pass strict=False to load what matches"
     with open_checkpoint(path) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
@@ -138,9 +145,26 @@ def load_pretrained(
         raise CheckpointError(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
-    model = build_empty(folder, auto_class, feature="load_pretrained")
-    result = _load_built(model, weights or folder, dtype, strict)
+    model, result = build_and_load(folder, auto_class, weights=weights, dtype=dtype, strict=strict, fix=PRETRAINED_FIX)
     return (model, result) if output_loading_info else model
+
+
+PRETRAINED_FIX = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
+
+
+def build_and_load(
+    folder: Path,
+    auto_class: type | None,
+    *,
+    weights: str | Path | None,
+    dtype: torch.dtype | None,
+    strict: bool,
+    fix: str,
+) -> tuple[nn.Module, LoadResult]:
+    """load_pretrained's work, a file that does not fit the model refused with `fix`: the caller's own
+    words (evaluate and heal, which take no model class nor strict, say which model to give instead)."""
+    model = build_empty(folder, auto_class, feature="load_pretrained")
+    return model, _load_built(model, weights or folder, dtype, strict, fix)
 
 
 def build_empty(folder: str | Path, auto_class: type | None = None, *, feature: str = "build_empty") -> nn.Module:
@@ -270,7 +294,7 @@ def load_sentence_transformer(
                     " only a torch feature-extraction Transformer can"
                 )
             model = _build(transformers, config, transformers.AutoModel, where)
-            _load_built(model, where, dtype, strict)
+            _load_built(model, where, dtype, strict, "load the folder it was compressed from, or pass strict=False")
             return model
 
     modules = json.loads((folder / "modules.json").read_text(encoding="utf-8"))
@@ -313,10 +337,10 @@ def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
         ) from None
 
 
-def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool) -> LoadResult:
+def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool, fix: str) -> LoadResult:
     """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
-    (strict=False) or refused (strict), so nothing is left on meta; the model ends in eval mode."""
-    fix = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
+    (strict=False) or refused (strict, the message ending in `fix`), so nothing is left on meta; the
+    model ends in eval mode."""
     with open_checkpoint(weights) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
     _replace_modules(model, plan.factored)
@@ -421,7 +445,7 @@ def _architecture(transformers, config) -> type:
 
 @dataclass
 class _Plan:
-    factored: list[_Factored]
+    factored: list[_MatchedFactors]
     dense: dict[str, torch.Tensor]  # model name -> the file's tensor
     result: LoadResult
 
@@ -467,7 +491,7 @@ def _plan(
             )
         _check_owners(owners[id(current)], checkpoint.source, name)
         b, a = (_load(checkpoint, factor, current, dtype, device) for factor in factor_names(name))
-        factored.append(_Factored(name, target, record, b, a))
+        factored.append(_MatchedFactors(name, target, record, b, a))
 
     dense = {}
     for name in names[len(records) :]:
@@ -506,12 +530,11 @@ def _state_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
 def _match_names(model: nn.Module, names: list[str], tensors: dict) -> dict[str, str]:
     """File name -> model name, for each name the model has: exactly, else with the model's
     base_model_prefix added or removed (whichever way matches most; names that match no way are left out)."""
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    renames = [lambda n: n]
-    if prefix:
-        renames += [lambda n: f"{prefix}.{n}", lambda n: n.removeprefix(f"{prefix}.")]
-    rename = max(renames, key=lambda r: sum(r(name) in tensors for name in names))  # the first of equals
-    return {name: rename(name) for name in names if rename(name) in tensors}
+    prefix = base_prefix(model)
+    variants = {name: prefix_variants(name, prefix) for name in names}
+    ways = range(len(prefix_variants("", prefix)))  # as it is, prefix added, prefix removed
+    way = max(ways, key=lambda k: sum(v[k] in tensors for v in variants.values()))  # the first of equals
+    return {name: v[way] for name, v in variants.items() if v[way] in tensors}
 
 
 def _mismatch(model: nn.Module, source: Path, result: LoadResult, fix: str) -> str:
@@ -527,7 +550,7 @@ def _mismatch(model: nn.Module, source: Path, result: LoadResult, fix: str) -> s
     if result.missing_keys:
         count = len(result.missing_keys)
         problems.append(f"{count} of the model's are not in the file ({some(result.missing_keys)})")
-    prefix = getattr(model, "base_model_prefix", "") or ""
+    prefix = base_prefix(model)
     rule = f" (or differ by the prefix '{prefix}.')" if prefix else ""
     return (
         f"{source}: does not fit {type(model).__name__}: {' and '.join(problems)}; names must match exactly{rule};"
@@ -580,7 +603,7 @@ def _load(
 # --- changing the model ---------------------------------------------------------------------------
 
 
-def _replace_modules(model: nn.Module, factored: list[_Factored]) -> None:
+def _replace_modules(model: nn.Module, factored: list[_MatchedFactors]) -> None:
     """Each module holding a factorized weight (under any of its tied names) becomes a low-rank layer."""
     owners = _owners(model)
     replaced: dict[int, nn.Module] = {}

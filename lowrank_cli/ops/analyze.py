@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from lowrank_cli.errors import CheckpointError, Note, arg
+from lowrank_cli.errors import CheckpointError, Note, UsageError, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry, is_selected, natural_key
 from lowrank_cli.io.fileformat import METADATA_KEY
@@ -15,7 +15,7 @@ from lowrank_cli.linalg.heavytail import fit_power_law
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.linalg.spectrum import Spectrum
 from lowrank_cli.ops.budget import budget_options, calibration_notes, tensor_policies
-from lowrank_cli.ops.extract import ExtractOptions, delta_matrix, screen
+from lowrank_cli.ops.extract import UNCHANGED, ExtractOptions, check_adapter_policy, delta_matrix, screen
 from lowrank_cli.ops.factoring import (
     NO_LOOKUPS,
     NO_STATISTICS,
@@ -84,9 +84,6 @@ def analyze(
     )
 
 
-UNCHANGED = "unchanged (ΔW = 0)"
-
-
 def analyze_change(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -112,12 +109,20 @@ def analyze_change(
     are skipped, with params_after 0. With calibration (BASE's statistics) the spectra are of ΔW·S,
     as extract's.
     """
+    check_adapter_policy(policy)
     for checkpoint in (base, tuned):
         _refuse_lowrank_files(checkpoint)
     names = [
         n for n in sorted(set(base.entries) | set(tuned.entries), key=natural_key) if is_selected(n, include, exclude)
     ]
     shared = [name for name in names if name in base.entries and name in tuned.entries]
+    if not shared:
+        if set(base.entries) & set(tuned.entries):
+            raise UsageError(f"no tensor of both checkpoints is selected; check {arg('include')} and {arg('exclude')}")
+        raise CheckpointError(
+            f"{tuned.source}: has no tensor name in common with {base.source}, so there is no ΔW to analyze;"
+            " give the model TUNED was fine-tuned from as BASE"
+        )
     for name in shared:
         _check_same_shape(base, tuned, name)
     tensors, whitened = [], set()
@@ -163,6 +168,8 @@ def analyze_change(
         adapted = [t for t in tensors if t.status == Status.factorized]
     options = {**budget_options(policy, calibration, adapter=True), "diff": True}
     notes = _only_in(base, "BASE", names, tuned) + _only_in(tuned, "TUNED", names, base)
+    if policy is not None and not adapted:
+        notes.append(_no_adapter(tensors, candidates))
     if policy is not None and opt_in:
         notes.append(
             Note(
@@ -237,6 +244,17 @@ def _shape(shape) -> str:
 
 
 _LISTED = 8  # names a note spells out; the rest it counts
+
+
+def _no_adapter(tensors: list[TensorReport], candidates: dict[str, Spectrum]) -> str:
+    """Why extract would write no adapter with the policy (it refuses): what analyze --diff says, not 0 params."""
+    if not candidates:
+        return "no matrix that extract can adapt differs between BASE and TUNED, so extract would write no adapter"
+    first = next(t for t in tensors if t.name in candidates)
+    return (
+        f"the policy keeps every changed matrix out of the adapter (first: '{first.name}', {first.reason}),"
+        " so extract would write no adapter"
+    )
 
 
 def _only_in(checkpoint: Checkpoint, label: str, names: list[str], other: Checkpoint) -> list[str]:

@@ -19,11 +19,11 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.calibration import FINGERPRINT_WEIGHTS, fingerprint_values, write_calibration
-from lowrank_cli.io.hfconfig import is_conv1d
+from lowrank_cli.io.hfconfig import base_prefix, is_conv1d
 from lowrank_cli.io.outputs import check_statistics_output
 from lowrank_cli.io.paths import require_files_in
 from lowrank_cli.linalg.whiten import RowWeights
-from lowrank_cli.ops.hfmodel import check_samples, checkpoint_keys, checkpoint_names, load_model
+from lowrank_cli.ops.hfmodel import check_samples, checkpoint_keys, checkpoint_names, load_model, pad_id
 from lowrank_cli.ops.report import SCHEMA_VERSION
 from lowrank_cli.ops.samples import batches, read_samples, require_text, sample_count, spread
 from lowrank_cli.ops.sensitivity import sensitivities
@@ -317,9 +317,10 @@ def calibrate(
     found = read_samples(tokenizer, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split)
     check_samples(model, tokenizer, found.ids, folder)
     chosen = found.ids
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0  # masked out either way
     module_names = _linear_names(model) + _embedding_names(model)
-    calibrator = Calibrator(model, names=checkpoint_names(module_names, checkpoint_keys(folder)))
+    names = checkpoint_names(module_names, checkpoint_keys(folder), base_prefix(model))
+    calibrator = Calibrator(model, names=names)
+    pad = pad_id(tokenizer)
     runs = batches(chosen, batch_size, device, pad)
     total = len(runs) + (len(calibrator.probed()) if sensitivity else 0)
     done = 0

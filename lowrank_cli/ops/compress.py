@@ -44,11 +44,14 @@ def compress(
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
     calibration: Calibration | None = None,
+    fidelity: dict | None = None,
 ) -> Report:
     """Write OUT with factors for every selected float matrix where they save parameters.
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     With calibration, each tensor with statistics is factorized as W·S (activation-aware).
+    fidelity: the `fidelity` record of the metadata (model.fidelity: the target and the hash of
+    the text that chose the budget, which evaluate reads to say that text is not held out).
     """
     settings = settings or Settings()
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
@@ -68,7 +71,7 @@ def compress(
         calibration=calibration,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
-        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
+        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration, fidelity)
         size_after = output.commit()
     notes = [*output.notes, *calibration_notes(calibration, policy)]
     return Report(
@@ -94,6 +97,7 @@ def _write(
     selected: set[str],
     on_tensor: Callable[[TensorEntry], None] | None,
     calibration: Calibration | None = None,
+    fidelity: dict | None = None,
 ) -> list[TensorReport]:
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
@@ -107,14 +111,16 @@ def _write(
         for entry in entries:
             step = (policy_for, settings, selected, calibration)
             report = _compress_entry(checkpoint, entry, writer, shard_records, *step)
-            if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report):
+            # a matrix the policy bounds but keeps whole: the bound holds on it as written, cast or not
+            bound = policy_for(entry.name).max_error if report.status == Status.dense else None
+            if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report, bound):
                 shard_casts[entry.name] = entry.dtype
             tensors.append(report)
             if on_tensor:
                 on_tensor(entry)
     for writer in output.writers:
         extra = calibration_record(calibration)
-        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer], extra)
+        writer.metadata = encode_metadata(base_metadata[writer], records[writer], casts[writer], extra, fidelity)
     return tensors
 
 
@@ -155,16 +161,31 @@ def _compress_entry(
 
 
 def _write_whole(
-    checkpoint: Checkpoint, entry: TensorEntry, writer: SafetensorsWriter, settings: Settings, report: TensorReport
+    checkpoint: Checkpoint,
+    entry: TensorEntry,
+    writer: SafetensorsWriter,
+    settings: Settings,
+    report: TensorReport,
+    bound: float | None = None,
 ) -> bool:
     """A tensor that is not factorized: its bytes unchanged, or, with a --dtype, a float tensor cast to it,
     so that a bfloat16 run halves every float32 tensor; the error is measured on what is written.
-    Returns whether it was cast."""
+
+    bound: the error the policy promises for this matrix (max_error); a cast that would exceed it is
+    not made, the tensor kept in its own dtype, and its row's note says so. Returns whether it was cast.
+    """
     stored = None if settings.dtype == DType.keep else STORED_CODES[settings.dtype]
     if stored is None or entry.dtype not in CASTABLE or entry.dtype == stored:
         writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
         return False
     where = f"{entry.path}: tensor '{entry.name}'"
-    tensor, report.rel_error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
+    tensor, error = cast_dense(checkpoint.read(entry.name), torch_dtype(stored), where)
+    if bound is not None and error is not None and error > bound:
+        own = str(torch_dtype(entry.dtype)).removeprefix("torch.")
+        kept = f"kept in {own}: {settings.dtype.value} would make its error {error:.3g}, above the target {bound:g}"
+        report.reason = f"{report.reason}; {kept}" if report.reason else kept
+        writer.add_bytes(entry.name, entry.dtype, entry.shape, checkpoint.read_bytes(entry.name))
+        return False
+    report.rel_error = error
     writer.add_tensor(entry.name, tensor)
     return True

@@ -39,6 +39,8 @@ from lowrank_cli.ops.factoring import check_finite, factor_tensor, record, store
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
 from lowrank_cli.ops.settings import AdapterFormat, Settings, choice
 
+UNCHANGED = "unchanged (ΔW = 0)"
+
 
 @dataclass(frozen=True)
 class ExtractOptions:
@@ -93,6 +95,7 @@ def extract(
     settings = settings or Settings()
     options = options or ExtractOptions()
     kohya = options.format == AdapterFormat.kohya
+    check_adapter_policy(policy)
     _check_format(base, tuned, options)
     check_output(base, out, force=True)  # an input first: never invite force onto BASE
     out = check_output(tuned, out, force=force, inputs=[calibration.source if calibration is not None else None])
@@ -128,7 +131,7 @@ def extract(
             if on_tensor:
                 on_tensor(tuned.entries[name])
         if not adapter:
-            raise TensorError(_nothing_changed(base, tuned, screened))
+            raise TensorError(_nothing_changed(base, tuned, screened, tensors))
         return adapter
 
     if kohya:
@@ -231,7 +234,7 @@ def _extract_one(
     entry = tuned.entries[name]
     delta = delta_matrix(base, tuned, name, settings.device)
     if not bool(delta.any()):
-        report.reason = "unchanged (ΔW = 0)"
+        report.reason = UNCHANGED
         return {}
     where = f"{tuned.source}: tensor '{name}'"
     outcome = factor_tensor(
@@ -245,8 +248,8 @@ def _extract_one(
         where=where,
     )
     record(report, outcome)
-    if report.status != Status.factorized:  # the policy keeps nothing (cannot happen for ΔW ≠ 0, kept for safety)
-        report.status = Status.skipped
+    if report.status != Status.factorized:  # no rank's stored factors meet the policy's error (its reason says)
+        report.status, report.rel_error = Status.skipped, None  # in no adapter: no error of its to report
         return {}
     report.status = Status.extracted
     report.kept = max(0.0, 1.0 - report.rel_error**2)
@@ -411,8 +414,29 @@ def _stored_error(delta: torch.Tensor, stored: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(delta - stored.to(torch.float64))) / norm if norm > 0 else 0.0
 
 
-def _nothing_changed(base: Checkpoint, tuned: Checkpoint, screened: dict[str, Screened]) -> str:
-    """The error when no module goes into the adapter, with a hint at a changed tensor left out by default."""
+def check_adapter_policy(policy: RankPolicy | None) -> None:
+    """A max error of 0: no factors rounded to a float dtype hold ΔW without error, so extract would keep
+    every module out, and analyze --diff would predict an adapter extract never writes."""
+    if policy is not None and policy.max_error == 0:
+        raise UsageError(
+            f"{arg('max_error')} 0 asks for each ΔW without any error, which factors rounded to a float dtype"
+            f" cannot hold; give a small error (1e-6 is about float32's rounding), or {arg('energy')} 1 for each"
+            " ΔW at its full rank"
+        )
+
+
+def _nothing_changed(
+    base: Checkpoint, tuned: Checkpoint, screened: dict[str, Screened], rows: dict[str, TensorReport]
+) -> str:
+    """The error when no module goes into the adapter: a changed module the policy left out and why, or a hint
+    at a changed tensor left out by default."""
+    kept_out = [row for name, row in rows.items() if screened[name].reason is None and row.reason != UNCHANGED]
+    if kept_out:
+        row = kept_out[0]
+        return (
+            f"{tuned.source}: {len(kept_out)} module weight(s) differ from {base.source}, but the policy keeps each"
+            f" out of the adapter (first: '{row.name}', {row.reason or 'no rank saves params'}); nothing to extract"
+        )
     left_out = [name for name, s in screened.items() if s.opt_in and _change(base, tuned, name) > 0]
     hint = ""
     if left_out:

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
-from lowrank_cli.io.fileformat import METADATA_KEY as LOWRANK_KEY
-from lowrank_cli.io.hfconfig import config_errors, require_transformers
+from lowrank_cli.io.fileformat import find_lowrank
+from lowrank_cli.io.hfconfig import config_errors, prefix_variants, quiet_transformers, require_transformers
+from lowrank_cli.io.paths import require_files_in
 
 
 def load_model(folder: Path, device: str, feature: str = "calibrate"):
@@ -31,6 +32,8 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
         (model in eval mode on `device`, tokenizer).
     """
     transformers = require_transformers(feature)
+    if folder.is_dir():  # transformers reads the folder's files: none may block open() (a FIFO)
+        require_files_in(folder, f"{feature} reads every file of the model folder; remove it or give a plain copy")
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: has no config.json; {feature} needs a Hugging Face model folder")
@@ -42,35 +45,29 @@ def load_model(folder: Path, device: str, feature: str = "calibrate"):
         raise CheckpointError(
             f"{config_path}: is not a model config ({type(exc).__name__}: {exc}); give a Hugging Face model folder"
         ) from None
-    bars = transformers.utils.logging.is_progress_bar_enabled()
-    transformers.utils.logging.disable_progress_bar()  # a "Loading weights" bar is noise beside one error line
     offline = dict(local_files_only=True, trust_remote_code=False)  # never run a folder's own code, never ask
-    try:
-        model = (model_class or transformers.AutoModel).from_pretrained(folder, **offline)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
+    try:  # dtype="auto": the checkpoint's own dtype, whatever this transformers version's default is
+        with quiet_transformers(keep_warnings=True):  # its warnings (weights it had to initialise) still show
+            model = (model_class or transformers.AutoModel).from_pretrained(folder, dtype="auto", **offline)
+            tokenizer = transformers.AutoTokenizer.from_pretrained(folder, **offline)
     except config_errors() as exc:
         raise CheckpointError(f"{folder}: cannot be loaded with transformers ({exc})".splitlines()[0]) from None
-    finally:
-        if bars:
-            transformers.utils.logging.enable_progress_bar()
     return model.to(device).eval(), tokenizer
+
+
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else 0 (padding is masked out either way)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def refuse_lowrank_weights(folder: Path) -> None:
     """A compressed folder's factors would load as a randomly initialised model: the dense one is needed."""
-    from safetensors import safe_open
-
-    for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with safe_open(str(path), framework="pt") as handle:
-                compressed = LOWRANK_KEY in (handle.metadata() or {})
-        except Exception:  # noqa: BLE001 - a file transformers cannot read either; it says why below
-            continue
-        if compressed:
-            raise CheckpointError(
-                f"{path}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
-                " and give the dense folder it writes"
-            )
+    found = find_lowrank(folder, "give the model's Hugging Face folder")
+    if found is not None:
+        raise CheckpointError(
+            f"{found[0]}: is a lowrank file (factors, not the model's weights); run lowrank expand {folder}"
+            " and give the dense folder it writes"
+        )
 
 
 def checkpoint_keys(folder: Path) -> list[str]:
@@ -84,8 +81,9 @@ def checkpoint_keys(folder: Path) -> list[str]:
     return keys
 
 
-def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[str, str]:
-    """Module name -> the checkpoint's weight name: MODULE.weight, or the one key that ends with it.
+def checkpoint_names(module_names: Iterable[str], keys: Iterable[str], prefix: str = "") -> dict[str, str]:
+    """Module name -> the checkpoint's weight name: MODULE.weight, or with the model's base_model_prefix
+    `prefix` added or removed (io.hfconfig.prefix_variants).
 
     A model saved with a task head prefixes the base model (`bert.encoder…`) while the loaded base
     model names it `encoder…`; and the other way round for a head model loading a bare checkpoint.
@@ -93,13 +91,9 @@ def checkpoint_names(module_names: Iterable[str], keys: Iterable[str]) -> dict[s
     keys = set(keys)
     names = {}
     for module in module_names:
-        wanted = f"{module}.weight"
-        if wanted in keys:
-            names[module] = wanted
-            continue
-        matches = [k for k in keys if k.endswith("." + wanted) or wanted.endswith("." + k)]
-        if len(matches) == 1:
-            names[module] = matches[0]
+        found = next((name for name in prefix_variants(f"{module}.weight", prefix) if name in keys), None)
+        if found is not None:
+            names[module] = found
     return names
 
 

@@ -3,11 +3,14 @@
 calibrate, evaluate, heal and compress --fidelity read their text here. Only what is sampled is
 read and tokenized: pieces of MIN_READ to BLOCK bytes at evenly spaced offsets, as many as the asked
 tokens need (at least one per window), so a 50 MB file costs what its samples cost; the whole file
-is read only when the samples need about half of it. The hash is computed streaming.
+is tokenized only when the samples need about half of it. The hash is computed streaming, and the
+same pass checks that the whole file is UTF-8 (text_digest), so a file passes or fails alike
+whatever is sampled of it, and a bad byte is named by its offset in the file.
 """
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import math
 import os
@@ -51,6 +54,7 @@ def read_samples(
     tokens: int = CALIBRATE_TOKENS,
     samples: int | None = None,
     split: Split = Split.auto,
+    flag: str = "text",
 ) -> TextSamples:
     """Samples of about `tokens` tokens (at most `samples` of them) taken evenly over the text file.
 
@@ -58,6 +62,7 @@ def read_samples(
     sample (cut at seq_len); `auto` takes lines when the file is line-shaped (many lines, most shorter
     than seq_len tokens, not hard-wrapped prose) and windows otherwise, with a note saying which.
     Each sample is framed by the tokenizer's special tokens ([CLS] … [SEP]).
+    flag: the argument that gave the file (text, eval_text), named in the errors about it.
     """
     if seq_len < 2:
         raise UsageError(f"{arg('seq_len')} must be at least 2, got {seq_len}")
@@ -65,16 +70,17 @@ def read_samples(
         if value is not None and value < 1:
             raise UsageError(f"{arg(argument)} must be at least 1, got {value}")
     path = Path(path)
-    size = _check_text(path)
+    size = _check_text(path, flag)
+    digest = text_digest(path, flag)  # the whole file is UTF-8 before any of it is sampled
     tokenizer.model_max_length = 1 << 62  # the text is cut below; silence the length warning
     prefix, suffix = special_tokens(tokenizer)
     content = seq_len - len(prefix) - len(suffix)
     if content < 1:
         raise UsageError(f"{arg('seq_len')} {seq_len} leaves no room beside the special tokens; raise {arg('seq_len')}")
     with open(path, "rb") as handle:
-        first = _decode(_aligned(handle, 0, size, Split.windows), path)
+        first = _decode(_aligned(handle, 0, size, Split.windows))
         if not first.strip() and size <= BLOCK:
-            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg(flag)}")
         notes = []
         if split == Split.auto:
             split = Split.lines if line_shaped(tokenizer, first, content) else Split.windows
@@ -86,16 +92,16 @@ def read_samples(
         starts, length = _blocks(size, wanted, bytes_per_token, seq_len if split == Split.windows else None)
         found: list[list[int]] = []
         for start in starts:
-            text = _decode(_aligned(handle, start, size, split, length), path)
+            text = _decode(_aligned(handle, start, size, split, length))
             found += _cut(tokenizer, text, split, content, prefix, suffix)
     if not found:
         if split == Split.lines:
-            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
+            raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg(flag)}")
         raise UsageError(
             f"{path}: has fewer tokens than one window of {seq_len}; lower {arg('seq_len')} or give more text"
         )
     chosen = spread(found, sample_count(found, tokens, samples))
-    return TextSamples(chosen, split, file_sha256(path), notes)
+    return TextSamples(chosen, split, digest, notes)
 
 
 def line_shaped(tokenizer, text: str, content: int) -> bool:
@@ -177,20 +183,39 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
     return [], []
 
 
-def file_sha256(path: str | Path) -> str:
+def text_digest(path: str | Path, flag: str = "text") -> str:
+    """The file's SHA-256, read in chunks; a byte that is not UTF-8 anywhere in it is a UsageError naming
+    its offset in the file (not in the chunk), so the check does not depend on what is sampled."""
     digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset = 0  # of the chunk in the file
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
+            pending = len(decoder.getstate()[0])  # a sequence the last chunk cut, decoded with this one
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:  # exc.start counts from the pending bytes
+                raise _not_utf8(path, offset - pending + exc.start, flag) from None
+            offset += len(chunk)
+    try:
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError as exc:  # the file ends inside a sequence
+        raise _not_utf8(path, offset - len(exc.object) + exc.start, flag) from None
     return digest.hexdigest()
 
 
-def _check_text(path: Path) -> int:
+def _not_utf8(path: str | Path, offset: int, flag: str) -> UsageError:
+    fix = f"give a UTF-8 text file with {arg(flag)}"
+    return UsageError(f"{path}: is not UTF-8 text (a bad byte at offset {offset:,} of the file); {fix}")
+
+
+def _check_text(path: Path, flag: str = "text") -> int:
     """The text file's size; a missing file, a folder or what is not a regular file is refused (exit 1)."""
-    require_text(path)
+    require_text(path, flag)
     size = os.path.getsize(path)
     if size == 0:
-        raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg('text')}")
+        raise UsageError(f"{path}: has no text; give a UTF-8 text file with {arg(flag)}")
     return size
 
 
@@ -252,13 +277,10 @@ def _aligned(handle, start: int, size: int, split: Split, length: int = BLOCK) -
 _SPACE = re.compile(rb"\s")
 
 
-def _decode(data: bytes, path: Path) -> str:
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise UsageError(
-            f"{path}: is not UTF-8 text (near byte {exc.start}); give a UTF-8 text file with {arg('text')}"
-        ) from None
+def _decode(data: bytes) -> str:
+    """A piece of a file text_digest found UTF-8: it starts at a character boundary (_aligned), and a
+    character the piece's end cuts (a first line longer than the piece) is left out."""
+    return codecs.getincrementaldecoder("utf-8")().decode(data, final=False)
 
 
 def _cut(tokenizer, text: str, split: Split, content: int, prefix: list[int], suffix: list[int]) -> list[list[int]]:

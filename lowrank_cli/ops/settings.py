@@ -22,6 +22,7 @@ HEAL_TOKENS = 262144  # training tokens
 HEAL_EPOCHS = 1  # passes over the samples
 HEAL_LR = 3e-4  # AdamW's learning rate, decaying linearly to 0
 HEAL_BATCH_SIZE = 16  # samples per optimizer step
+HEAL_MAX_GRAD_NORM = 1.0  # the factors' gradient norm is clipped to this, as transformers' Trainer does
 
 
 class DType(str, Enum):
