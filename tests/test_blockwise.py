@@ -8,12 +8,14 @@ model is SmolLM2-135M-Instruct (the `smollm2` fixture), skipped where it is not 
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import cli
 from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
@@ -193,3 +195,57 @@ def test_trials_of_a_model_run_whole_equal_those_run_by_blocks(tmp_path, monkeyp
     for trial, other in zip(trials, by_blocks, strict=True):
         assert trial.ranks == other.ranks and trial.fidelity == pytest.approx(other.fidelity, rel=1e-5, abs=1e-6)
     assert all(torch.equal(tensor, before[name]) for name, tensor in whole.reference.state_dict().items())
+
+
+# --- the native libraries' memory: a process-wide setting, the CLI's choice, never the library's ----------------
+
+CACHE_VARIABLE = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+
+
+def _no_libc(*args, **kwargs):
+    raise AssertionError("glibc's malloc was changed")
+
+
+def test_the_library_leaves_the_callers_process_settings_alone(tmp_path, monkeypatch):
+    folder = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(folder, tmp_path)
+    monkeypatch.delenv(CACHE_VARIABLE, raising=False)
+    monkeypatch.setattr("ctypes.util.find_library", _no_libc)  # bound_native_memory's first step off the env
+    lowrank_cli.evaluate(folder, candidate, text=line_text(tmp_path / "eval.txt"))
+    assert CACHE_VARIABLE not in os.environ
+
+
+@pytest.mark.parametrize("users", [None, "64"])
+def test_the_cli_bounds_native_memory_for_evaluate_keeping_the_users_own_setting(tmp_path, monkeypatch, users):
+    folder = tiny_folder(tmp_path, "causal-lm")
+    candidate = compressed(folder, tmp_path)
+    monkeypatch.delenv(CACHE_VARIABLE, raising=False)
+    if users is not None:
+        monkeypatch.setenv(CACHE_VARIABLE, users)
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")  # the user's own threshold: glibc is left as it is
+    monkeypatch.setattr("ctypes.util.find_library", _no_libc)
+    result = cli("evaluate", folder, candidate, "--text", line_text(tmp_path / "eval.txt"))
+    assert result.exit_code == 0, (result.stderr, result.exception)
+    assert os.environ[CACHE_VARIABLE] == (users or "8")
+
+
+def test_bound_native_memory_sets_glibc_threshold_only_on_glibc(monkeypatch):
+    calls = []
+
+    class Libc:
+        def mallopt(self, parameter, value):
+            calls.append((parameter, value))
+            return 1
+
+    from lowrank_cli.ops import memory
+
+    monkeypatch.delenv(CACHE_VARIABLE, raising=False)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: "libc.so.6")
+    monkeypatch.setattr(memory.ctypes, "CDLL", lambda name: Libc())
+    lowrank_cli.bound_native_memory()
+    assert calls == [(-3, 128 * 1024)] and os.environ[CACHE_VARIABLE] == "8"
+    calls.clear()
+    monkeypatch.setattr(memory.ctypes.util, "find_library", lambda name: None)  # no C library found: nothing done
+    lowrank_cli.bound_native_memory()
+    assert calls == []

@@ -193,34 +193,6 @@ def _vocabulary(runner: BlockRunner) -> int:
     return int(getattr(runner.model.config, "vocab_size", 0) or 1 << 16)
 
 
-# oneDNN keeps a primitive per matmul shape (1,024 by default); a compressed model's ranks differ per
-# matrix and its batches per length, so on CPU that cache alone held ~400 MB over SmolLM2's 30 blocks.
-ONEDNN_CACHE = "8"
-MMAP_THRESHOLD = 1 << 17  # glibc: allocations from 128 KiB on are mapped, and unmapped when freed
-
-
-def bound_native_memory() -> None:
-    """Keep the libraries' own memory to what a block needs (measured on SmolLM2, docs/evaluate.md).
-
-    Freed activations of one block's size otherwise stay in glibc's heap (its mmap threshold rises
-    after each large free), and oneDNN caches a primitive for every shape it meets. Both settings
-    are process-wide: a user's ONEDNN_PRIMITIVE_CACHE_CAPACITY is kept, and nothing is done off glibc.
-    """
-    import ctypes
-    import ctypes.util
-    import os
-
-    os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", ONEDNN_CACHE)  # read at oneDNN's first matmul
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name) if name else None
-        mallopt = getattr(libc, "mallopt", None)
-    except OSError:
-        return
-    if mallopt is not None and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-
-
 def weights_dtype(checkpoint: Checkpoint) -> torch.dtype:
     """The floating-point dtype that holds most of the checkpoint's numbers: what transformers' dtype="auto"
     runs a model in (8-bit floats, which nothing computes in, run in float32)."""
@@ -288,7 +260,6 @@ def open_evaluator(
 
     require_transformers(feature)  # the missing extra named by the feature asked for, not by the runner
     refuse_lowrank_weights(folder)
-    bound_native_memory()
     runner = kind = None
     try:
         runner = open_runner(folder, device=device)
