@@ -54,6 +54,7 @@ _LAZY = {
     "load_sentence_transformer": "lowrank_cli.nn.loading",
     "save_factors": "lowrank_cli.nn.loading",
     "recording_published": "lowrank_cli.io.publish",
+    "bound_native_memory": "lowrank_cli.ops.memory",
     "calibrate": "lowrank_cli.api",
     "evaluate": "lowrank_cli.api",
     "heal": "lowrank_cli.api",
@@ -79,6 +80,7 @@ __all__ = [
     "load_sentence_transformer",
     "save_factors",
     "recording_published",
+    "bound_native_memory",
     "calibrate",
     "evaluate",
     "heal",
@@ -129,6 +131,7 @@ if TYPE_CHECKING:
         load_sentence_transformer,
         save_factors,
     )
+    from lowrank_cli.ops.memory import bound_native_memory
 
 
 def __getattr__(name: str) -> object:

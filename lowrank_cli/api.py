@@ -337,9 +337,8 @@ def _compress_to_fidelity(
     sampling,
 ) -> Report:
     from lowrank_cli.io.outputs import prepare_output
-    from lowrank_cli.model.evaluate import make_evaluator, model_samples
+    from lowrank_cli.model.blockwise import open_evaluator
     from lowrank_cli.model.fidelity import compress_to_fidelity
-    from lowrank_cli.ops.hfmodel import load_model
     from lowrank_cli.ops.samples import require_text
 
     if fidelity is None or eval_text is None:
@@ -358,16 +357,14 @@ def _compress_to_fidelity(
         # OUT is checked before the model runs, as compress checks it before it factorizes
         out, _ = prepare_output(checkpoint, out, _compress.SUFFIX, force=force, inputs=[calibration, eval_text])
         stats = _calibration(calibration, [checkpoint], other_model)
-        reference, tokenizer = load_model(folder, settings.device, arg("fidelity"))
         given = {name: value for name, value in sampling.items() if value is not None}
-        found = model_samples(
-            reference, tokenizer, folder, eval_text, flag="eval_text", seq_len=given.get("seq_len", SEQ_LEN),
+        evaluator, found = open_evaluator(
+            folder, eval_text, feature=arg("fidelity"), batch_size=given.get("batch_size", EVALUATE_BATCH_SIZE),
+            device=settings.device, flag="eval_text", seq_len=given.get("seq_len", SEQ_LEN),
             tokens=given.get("tokens", EVALUATE_TOKENS), split=choice(Split, given.get("split", Split.auto), "split"),
         )  # fmt: skip
-        batch_size = given.get("batch_size", EVALUATE_BATCH_SIZE)
-        evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=settings.device)
         report = compress_to_fidelity(
-            folder, checkpoint, out, fidelity, reference=reference, evaluator=evaluator, settings=settings,
+            folder, checkpoint, out, fidelity, evaluator=evaluator, settings=settings,
             include=include, exclude=exclude, force=force, calibration=stats, progress=progress,
         )  # fmt: skip
     report.options["notes"] = [*found.notes, *report.notes]

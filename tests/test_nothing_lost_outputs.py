@@ -24,6 +24,7 @@ from conftest import ROOT, assert_clean_failure, cli, listing, load, save, sha25
 from test_evaluate import compressed, line_text, tiny_folder
 
 import lowrank_cli
+import lowrank_cli.model.blockwise as blockwise_module
 import lowrank_cli.model.calibrate as calibrate_module
 import lowrank_cli.model.evaluate as evaluate_module
 import lowrank_cli.model.fidelity as fidelity_module
@@ -77,8 +78,9 @@ def no_model_runs(monkeypatch):
 
     # every module that binds load_model, imported before any is patched (one imported under the patch
     # would keep the fake as its own, past the test)
-    for module in (hfmodel_module, heal_module, evaluate_module, calibrate_module):
+    for module in (hfmodel_module, heal_module, calibrate_module):
         monkeypatch.setattr(module, "load_model", load_model)
+    monkeypatch.setattr(blockwise_module, "open_runner", load_model)  # evaluate and --fidelity run models by block
 
 
 HEAL = ["heal", "encoder", "encoder.r3", "--text", "texts/train.txt", "--eval-text", "texts/eval.txt", "--steps", "1"]
@@ -171,25 +173,20 @@ def test_a_written_model_below_the_target_leaves_the_old_output_and_says_which_b
     are written beside OUT and removed; the old OUT stays, and the message names each budget written."""
     out, before = old_output
     budgets, measured = [], []
-    real_compress, real_load = compress_module.compress, evaluate_module.load_candidate
+    real_compress, real_measure = compress_module.compress, fidelity_module.measure_candidate
 
     def spy_compress(checkpoint, policy, *args, **kwargs):
         budgets.append(policy.budget)
         return real_compress(checkpoint, policy, *args, **kwargs)
 
-    def spoilt(folder, candidate, *args, **kwargs):
-        """The written model, with noise as large as its weights in every matrix: far below 0.9."""
-        model = real_load(folder, candidate, *args, **kwargs)
-        generator = torch.Generator().manual_seed(0)
-        with torch.no_grad():
-            for parameter in model.parameters():
-                if parameter.ndim == 2:
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * parameter.std())
+    def spoilt(evaluator, folder, candidate):
+        """The written model measured, then reported far below 0.9 (a quarter of its fidelity)."""
+        figures = real_measure(evaluator, folder, candidate)
         measured.append(candidate)
-        return model
+        return {**figures, "fidelity": figures["fidelity"] / 4}
 
     monkeypatch.setattr(compress_module, "compress", spy_compress)
-    monkeypatch.setattr(fidelity_module, "load_candidate", spoilt)
+    monkeypatch.setattr(fidelity_module, "measure_candidate", spoilt)
     monkeypatch.chdir(world)
     result = cli(*FIDELITY, "-o", out, "--force")
     assert_clean_failure(result, 3, "below 0.9", "nothing was written")
@@ -247,7 +244,7 @@ def test_an_interrupt_before_out_is_published_says_nothing_was_written(world, ol
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fidelity_module, "load_candidate", interrupt)
+    monkeypatch.setattr(fidelity_module, "measure_candidate", interrupt)
     monkeypatch.chdir(world)
     result = cli(*FIDELITY, "-o", out, "--force")
     assert_clean_failure(result, 130, "interrupted; no output was written")

@@ -350,6 +350,8 @@ def compress(
 ) -> None:
     """Write truncated-SVD factors NAME.B (m×r), NAME.A (r×n) wherever they save parameters."""
     steps = "evaluations" if fidelity is not None else None  # the search's progress is in models measured
+    if fidelity is not None:  # the search runs the model block by block: before torch loads (docs/evaluate.md)
+        lowrank_cli.bound_native_memory()
     with _running(f"compress {path.name}", fail_above, steps) as tick:
         report = lowrank_cli.compress(
             path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
@@ -610,6 +612,7 @@ def evaluate(
 
     if fail_below is not None and not 0 <= fail_below <= 1:
         raise UsageError(f"--fail-below must be between 0 and 1, got {fail_below}")
+    lowrank_cli.bound_native_memory()  # the models run block by block: before torch loads (docs/evaluate.md)
     result = lowrank_cli.evaluate(
         reference, candidate, text=text, seq_len=seq_len, tokens=tokens, samples=samples, split=split,
         batch_size=batch_size, device=device,

@@ -30,7 +30,7 @@ import torch
 
 from lowrank_cli.errors import CheckpointError, UsageError, arg
 from lowrank_cli.io.hfconfig import quiet_transformers
-from lowrank_cli.ops.hfmodel import check_samples, load_model, pad_id
+from lowrank_cli.ops.hfmodel import check_samples, pad_id
 from lowrank_cli.ops.samples import TextSamples, batches, read_samples
 from lowrank_cli.ops.settings import EVALUATE_BATCH_SIZE, EVALUATE_TOKENS, SEQ_LEN, Split
 
@@ -226,6 +226,30 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, mode: str) -> torch.Tensor:
     return total / lengths.sqrt() if mode == "mean_sqrt_len" else total / lengths
 
 
+def eval_batches(
+    samples: TextSamples,
+    kind: str,
+    pad: int,
+    mask_token: int | None,
+    special: set[int] | None,
+    batch_size: int,
+    device: str,
+) -> list[tuple]:
+    """The batches both models run on: (ids, attention mask), and for a masked LM (masked ids, mask, where
+    masked, the original ids)."""
+    if kind == MASKED_LM and mask_token is None:
+        raise CheckpointError("the tokenizer has no mask token, which a masked LM's evaluation needs")
+    found = batches(samples.ids, batch_size, device, pad)
+    if kind == MASKED_LM:  # each sample's masked positions are its own, whatever batch it falls in
+        chosen = [_mask_positions(ids, index, special or set()) for index, ids in enumerate(samples.ids)]
+        where = batches(chosen, batch_size, device, 0)  # the same batches: of the same lengths, in the same order
+        found = [
+            (ids.masked_fill(picked.bool(), mask_token), mask, picked.bool(), ids)
+            for (ids, mask), (picked, _) in zip(found, where, strict=True)
+        ]
+    return found
+
+
 class Evaluator:
     """The reference model's outputs on fixed samples, and the figures of any candidate against them."""
 
@@ -242,17 +266,8 @@ class Evaluator:
         batch_size: int = EVALUATE_BATCH_SIZE,
         device: str = "cpu",
     ) -> None:
-        if kind == MASKED_LM and mask_token is None:
-            raise CheckpointError("the tokenizer has no mask token, which a masked LM's evaluation needs")
         self.reference, self.samples, self.kind, self.pooling = reference, samples, kind, pooling
-        self.batches = batches(samples.ids, batch_size, device, pad)
-        if kind == MASKED_LM:  # each sample's masked positions are its own, whatever batch it falls in
-            chosen = [_mask_positions(ids, index, special or set()) for index, ids in enumerate(samples.ids)]
-            where = batches(chosen, batch_size, device, 0)  # the same batches: of the same lengths, in the same order
-            self.batches = [
-                (ids.masked_fill(picked.bool(), mask_token), mask, picked.bool(), ids)
-                for (ids, mask), (picked, _) in zip(self.batches, where, strict=True)
-            ]
+        self.batches = eval_batches(samples, kind, pad, mask_token, special, batch_size, device)
         self._cache: list | None = None
         self._cache = [self._reference_output(i) for i in range(len(self.batches))] if self._cacheable() else None
 
@@ -289,7 +304,7 @@ class Evaluator:
             if progress:
                 progress()
             if self.kind == ENCODER:
-                _require_finite(reference)
+                require_finite(reference)
                 nonfinite += int((~torch.isfinite(output)).any(dim=-1).sum())
                 cosines.append(torch.nn.functional.cosine_similarity(output, reference, dim=-1, eps=1e-30))
                 continue
@@ -305,7 +320,7 @@ class Evaluator:
                 p, q = reference[mask.bool()], output[mask.bool()]  # (tokens, labels)
             else:  # a sequence classifier: each sample's classes, (batch, labels)
                 p, q = reference, output
-            _require_finite(p)
+            require_finite(p)
             nonfinite += int((~torch.isfinite(q)).any(dim=-1).sum())
             kl += float((p.exp() * (p - q)).sum(dtype=torch.float64))
             agree += float((p.argmax(dim=-1) == q.argmax(dim=-1)).sum())
@@ -330,8 +345,8 @@ class Evaluator:
         figures["top1_agreement"] = agree / positions
         figures["nonfinite"] = nonfinite
         if self.kind not in CLASSIFIERS:
-            figures["perplexity_reference"] = _exp(nll_ref / positions)
-            figures["perplexity_candidate"] = _exp(nll_cand / positions)
+            figures["perplexity_reference"] = exp_or_inf(nll_ref / positions)
+            figures["perplexity_candidate"] = exp_or_inf(nll_cand / positions)
         return figures
 
 
@@ -340,12 +355,13 @@ def next_token_pairs(mask: torch.Tensor) -> torch.Tensor:
     return (mask[:, :-1] * mask[:, 1:]).bool()
 
 
-def _exp(value: float) -> float:
+def exp_or_inf(value: float) -> float:
     """e**value, inf where a float overflows (a perplexity of a candidate far off), nan for nan."""
     return math.exp(value) if value < 709 or math.isnan(value) else math.inf
 
 
-def _require_finite(reference: torch.Tensor) -> None:
+def require_finite(reference: torch.Tensor) -> None:
+    """Refuses a reference whose outputs (log-probabilities or embeddings) are not all finite."""
     if not bool(torch.isfinite(reference).all()):
         raise CheckpointError(
             "the reference's outputs on the text are NaN or infinite (NaN weights, or an overflow in its dtype),"
@@ -395,6 +411,9 @@ def evaluate(
 ) -> Evaluation:
     """Run the reference folder and the candidate over samples of `text` and compare their outputs.
 
+    Causal and masked LMs and encoders run block by block (model.blockwise), in the memory of one
+    block; other models (task heads) are loaded whole.
+
     candidate: a folder with config.json (lowrank-compressed or dense), or a weights file (or folder of
     shards) of the reference's architecture; either way loaded by nn.loading.load_pretrained, factors
     running as factors, never expanded.
@@ -410,13 +429,13 @@ def evaluate(
         raise CheckpointError(f"{candidate}: no such file or folder; give the compressed model to evaluate")
     found_lowrank = find_lowrank(candidate, CANDIDATE_FIX)  # before the reference loads: a FIFO is refused at once
     payload = found_lowrank[1] if found_lowrank else None
-    reference, tokenizer = load_model(folder, device, "evaluate")
-    found = model_samples(
-        reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
-    )
-    model = load_candidate(folder, candidate, type(reference), device)
-    evaluator = make_evaluator(reference, tokenizer, found, folder, batch_size=batch_size, device=device)
-    figures = evaluator.measure(model)
+    from lowrank_cli.model.blockwise import measure_candidate, open_evaluator
+
+    evaluator, found = open_evaluator(
+        folder, text, feature="evaluate", batch_size=batch_size, device=device, seq_len=seq_len, tokens=tokens,
+        samples=samples, split=split,
+    )  # fmt: skip
+    figures = measure_candidate(evaluator, folder, candidate)
     held_out, notes = held_out_note(payload, found.text_sha256)
     if figures["nonfinite"]:
         unit = "samples" if evaluator.kind == ENCODER else "positions"
