@@ -197,7 +197,9 @@ def main() -> None:
                     rows.append((what, *(f"{r:.1f}" for r in rates), speed_up(*seconds)))
                 seconds = interleaved([lambda m=m: prefill(m, long) for m in models], args.repeats)
                 rates = [args.prefill / statistics.median(s) for s in seconds]
-                rows.append((f"prefill {args.prefill} tokens, batch 1", *(f"{r:.1f}" for r in rates), speed_up(*seconds)))
+                rows.append(
+                    (f"prefill {args.prefill} tokens, batch 1", *(f"{r:.1f}" for r in rates), speed_up(*seconds))
+                )
             del dense, factored, models
             for cells in rows:
                 print(row(dtype_name, *cells), flush=True)
