@@ -24,6 +24,7 @@ from lowrank_cli.io.hfconfig import config_errors, is_conv1d, require_transforme
 from lowrank_cli.io.outputs import FolderOutput, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+from lowrank_cli.nn.siblings import fuse_siblings
 
 WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
 
@@ -104,6 +105,7 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     output_loading_info: bool = False,
+    fuse: bool = True,
 ) -> nn.Module:
     """A transformers model from a folder with config.json and lowrank safetensors, ready for eval().
 
@@ -123,6 +125,8 @@ def load_pretrained(
             transformers' from_pretrained: the file's extra tensors are left out, and the model's
             tensors that the file lacks (a new task head) are initialised as transformers does.
         output_loading_info: also return the LoadResult: (model, LoadResult).
+        fuse: stack the A factors of sibling layers that read one input (q/k/v, gate/up), so
+            their A·x runs as one product (fuse_siblings; it copies those A's out of the file once).
 
     Returns:
         The model in eval mode (with output_loading_info, the pair (model, LoadResult)).
@@ -141,7 +145,7 @@ def load_pretrained(
     transformers = require_transformers("load_pretrained")
     config = _read_config(transformers, folder)
     model = _build(transformers, config, auto_class or _architecture(transformers, config), folder)
-    result = _load_built(model, weights or folder, dtype, strict)
+    result = _load_built(model, weights or folder, dtype, strict, fuse=fuse)
     return (model, result) if output_loading_info else model
 
 
@@ -249,15 +253,20 @@ def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
         ) from None
 
 
-def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool) -> LoadResult:
+def _load_built(
+    model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool, *, fuse: bool = True
+) -> LoadResult:
     """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
-    (strict=False) or refused (strict), so nothing is left on meta; the model ends in eval mode."""
+    (strict=False) or refused (strict), so nothing is left on meta; siblings' A's stacked (fuse); the
+    model ends in eval mode."""
     fix = "pass the model class it was saved from as auto_class, or strict=False to load what matches"
     with open_checkpoint(weights) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
     _replace_modules(model, plan.factored)
     _load_dense(model, plan.dense)
     _initialize_missing(model)
+    if fuse:
+        fuse_siblings(model)
     model.eval()
     return plan.result
 
