@@ -435,3 +435,17 @@ def test_randomized_cannot_reach_the_target_below_break_even(tmp_path, method):
     assert t["status"] == "dense" and t["reason"]
     assert t["params_after"] == 40 * 30
     assert raw_tensors(out)["W"] == raw_tensors(source)["W"]
+
+
+def test_compress_notes_the_factors_that_keep_too_many_params_to_run_faster(tmp_path):
+    # 40×24: factors of rank r hold r·64 of the 960 params; more than 80 % from r = 13 (832 > 768) on
+    w = low_rank(M, N, N, seed=3)
+    path = save(tmp_path / "w.safetensors", {"fast": w, "slow": w.clone(), "slower": w.clone()})
+    fast = cli_json("compress", path, "--rank", 12, "--exclude", "slow*", "-o", tmp_path / "a.safetensors")
+    assert "notes" not in fast["options"]  # 768 = 80 %: not more
+    result = cli("compress", path, "--rank", 13, "--json", "-o", tmp_path / "b.safetensors")
+    assert result.exit_code == 0
+    (note,) = json.loads(result.stdout)["options"]["notes"]
+    assert note.startswith("3 factorized tensors ('fast', 'slow', 'slower') keep more than 80% of their params")
+    assert f"(up to {13 * (M + N) / (M * N):.0%})" in note
+    assert f"note: {note}" in result.stderr

@@ -13,6 +13,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_re
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import SPEED_SHARE, speed_rank
 from lowrank_cli.ops.budget import budget_options, calibration_notes, policy_per_tensor
 from lowrank_cli.ops.factoring import (
     STORED_CODES,
@@ -68,7 +69,7 @@ def compress(
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
         tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
         size_after = output.commit()
-    notes = [*output.notes, *calibration_notes(calibration, policy)]
+    notes = [*output.notes, *calibration_notes(calibration, policy), *slow_factor_notes(tensors)]
     return Report(
         command="compress",
         sources=[str(checkpoint.source)],
@@ -82,6 +83,26 @@ def compress(
             **({"notes": notes} if notes else {}),
         },
     )
+
+
+def slow_factor_notes(tensors: list[TensorReport]) -> list[str]:
+    """A note on the factorized tensors whose factors hold more than SPEED_SHARE of their params:
+    they save memory, but two products of that size run hardly faster than the dense one, or slower."""
+    slow = [t for t in tensors if t.status == Status.factorized and t.rank > speed_rank(t.shape[0], _columns(t))]
+    if not slow:
+        return []
+    share = max(t.params_after / t.params for t in slow)
+    some = ", ".join(f"'{t.name}'" for t in slow[:3]) + (", …" if len(slow) > 3 else "")
+    return [
+        f"{len(slow)} factorized tensors ({some}) keep more than {SPEED_SHARE:.0%} of their params (up to"
+        f" {share:.0%}): their factors save memory, but a layer running them reads and multiplies at least"
+        f" {SPEED_SHARE:.0%} of what the dense matrix does, in two products instead of one, so it runs little"
+        " faster or slower (benchmarks/bench_kernels.py); lower the rank to gain speed too"
+    ]
+
+
+def _columns(tensor: TensorReport) -> int:
+    return tensor.params // tensor.shape[0]  # n of the (m, n) matrix a tensor of more dims is read as
 
 
 def _write(
