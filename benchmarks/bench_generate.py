@@ -20,9 +20,13 @@ Measured, per dtype, in one process:
 - prefill: one forward of --prefill tokens at batch 1 as generate's first step runs it (the cache
   filled, the logits of the last position only); tokens/s = tokens / seconds.
 
+The compressed model runs twice: as load_pretrained gives it (siblings' A's stacked, fuse=True)
+and with fuse=False (each layer its own A·x). Both take lowrank_cli.nn.linear's kernel rule.
 The models take turns in every round (the order alternates), so load from other processes falls
 on each alike; the figure is the median over --repeats rounds, and the speed-up the median of
 the rounds' own ratios dense seconds / factored seconds. With --work the models are kept and reused.
+--device cuda moves the three models to the GPU (fuse_siblings again after the move) and waits for
+it before each clock reading.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from bench_cpu import cpu_line, row  # noqa: E402  (this folder is on sys.path w
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank_cli  # noqa: E402
-from lowrank_cli.nn import LowRankLinear, load_pretrained  # noqa: E402
+from lowrank_cli.nn import LowRankLinear, fuse_siblings, load_pretrained  # noqa: E402
 
 SHAPES = {
     "smollm2": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
@@ -137,6 +141,36 @@ def speed_up(dense: list[float], factored: list[float]) -> str:
     return f"{statistics.median(ratios):.2f}× ({min(ratios):.2f}–{max(ratios):.2f})"
 
 
+def measured(models: list[nn.Module], prompts: dict, long: torch.Tensor, args: argparse.Namespace) -> list[tuple]:
+    """Each row: what, then tokens/s of models[0], and of each other model with its speed-up over models[0]."""
+
+    def synced(fn):
+        def call():
+            fn()
+            if args.device != "cpu":
+                torch.cuda.synchronize(args.device)  # the GPU's work is done when the clock stops
+
+        return call
+
+    rows = []
+    runs = [(f"decode, batch {b}, {args.new_tokens} new tokens", b * args.new_tokens,
+             [lambda m=m, b=b: decode(m, prompts[b].to(args.device), args.new_tokens) for m in models])
+            for b in args.batches]  # fmt: skip
+    ids = long.to(args.device)
+    runs.append(
+        (f"prefill {args.prefill} tokens, batch 1", args.prefill, [lambda m=m: prefill(m, ids) for m in models])
+    )
+    with torch.inference_mode():
+        for what, tokens, calls in runs:
+            seconds = interleaved([synced(call) for call in calls], args.repeats)
+            rates = [f"{tokens / statistics.median(s):.1f}" for s in seconds]
+            cells = [what, rates[0]]
+            for rate, other in zip(rates[1:], seconds[1:], strict=True):
+                cells += [rate, speed_up(seconds[0], other)]
+            rows.append(tuple(cells))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", choices=["smollm2", "tinyllama"], default="smollm2")
@@ -147,6 +181,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=512, help="prefill length")
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the figures are medians")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:N) where torch has one")
     parser.add_argument("--work", type=Path, help="folder for the models, kept and reused (default: temporary)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 4 new tokens, 32-token prefill, 1 round")
     args = parser.parse_args()
@@ -160,6 +195,8 @@ def main() -> None:
     transformers.utils.logging.set_verbosity_error()  # generate's notes would go into the table
     shape = SHAPES[shape_name]
     print(f"CPU: {cpu_line()}")
+    if args.device != "cpu":
+        print(f"device: {args.device}, {torch.cuda.get_device_name(args.device)}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; load average at start: "
           f"{os.getloadavg()[0]:.1f} (figures are medians of {args.repeats} interleaved rounds)")  # fmt: skip
     print(
@@ -178,31 +215,23 @@ def main() -> None:
             dtype = getattr(torch, dtype_name)
             dense = transformers.LlamaForCausalLM.from_pretrained(dense_folder, dtype=dtype).eval()
             factored = load_pretrained(compressed_folder, dtype=dtype)
+            plain = load_pretrained(compressed_folder, dtype=dtype, fuse=False)
+            if args.device != "cpu":
+                for model in (dense, factored, plain):
+                    model.to(args.device)
+                fuse_siblings(factored)  # the moved A's stacked anew
             if dtype_name == args.dtypes[0]:
                 (dense_linear, dense_all), (linear, whole) = decoder_params(dense), decoder_params(factored)
                 print(
                     f"params: decoder Linears {linear / dense_linear:.1%} of dense ({linear:,} of {dense_linear:,}),"
                     f" whole model {whole / dense_all:.1%}\n"
                 )
-                print(row("dtype", "what", "dense tok/s", "factored tok/s", "factored / dense (range)"))
-                print(row(*["---"] * 5))
-            models = [dense, factored]
-            rows = []
-            with torch.inference_mode():
-                for b in args.batches:
-                    calls = [lambda m=m, b=b: decode(m, prompts[b], args.new_tokens) for m in models]
-                    seconds = interleaved(calls, args.repeats)
-                    rates = [b * args.new_tokens / statistics.median(s) for s in seconds]
-                    what = f"decode, batch {b}, {args.new_tokens} new tokens"
-                    rows.append((what, *(f"{r:.1f}" for r in rates), speed_up(*seconds)))
-                seconds = interleaved([lambda m=m: prefill(m, long) for m in models], args.repeats)
-                rates = [args.prefill / statistics.median(s) for s in seconds]
-                rows.append(
-                    (f"prefill {args.prefill} tokens, batch 1", *(f"{r:.1f}" for r in rates), speed_up(*seconds))
-                )
-            del dense, factored, models
-            for cells in rows:
+                print(row("dtype", "what", "dense tok/s", "factored tok/s", "factored / dense (range)",
+                          "fuse=False tok/s", "fuse=False / dense (range)"))  # fmt: skip
+                print(row(*["---"] * 7))
+            for cells in measured([dense, factored, plain], prompts, long, args):
                 print(row(dtype_name, *cells), flush=True)
+            del dense, factored, plain
     print(f"\nload average at end: {os.getloadavg()[0]:.1f}")
 
 
