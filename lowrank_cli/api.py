@@ -50,6 +50,7 @@ from lowrank_cli.ops.settings import (
     Device,
     DType,
     Method,
+    Objective,
     Settings,
     Split,
     choice,
@@ -243,6 +244,7 @@ def compress(
     other_model: bool = False,
     fidelity: float | None = None,
     eval_text: PathLike | None = None,
+    objective: Objective | str = Objective.params,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -273,6 +275,9 @@ def compress(
             report's options["fidelity"] holds the budget found, the fidelity measured on the
             model written and every trial; if no saving reaches it, FidelityNotReached (exit 3) is
             raised and nothing is written.
+        objective: "params" (default) factors every matrix whose factors hold fewer params than it;
+            "speed" only those whose factors hold at most 80 % of them (SPEED_SHARE), so that they run
+            faster too, and keeps the others whole (a budget allocates ranks only up to that share).
 
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.
@@ -284,7 +289,10 @@ def compress(
     """
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
+    objective = choice(Objective, objective, "objective")
     if fidelity is not None or eval_text is not None:
+        if objective != Objective.params:
+            raise UsageError(f"{arg('objective')} speed does not combine with {arg('fidelity')} yet; give a policy")
         return _compress_to_fidelity(
             path, out, fidelity, eval_text, (rank, energy, max_error, budget), settings=settings, include=include,
             exclude=exclude, force=force, progress=progress, calibration=calibration, other_model=other_model,
@@ -303,6 +311,7 @@ def compress(
             force=force,
             on_tensor=tick,
             calibration=_calibration(calibration, [checkpoint], other_model),
+            objective=objective,
         )
 
 

@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 import lowrank_cli
 import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
-from lowrank_cli import AdapterFormat, DType, Method, Split
+from lowrank_cli import AdapterFormat, DType, Method, Objective, Split
 from lowrank_cli.cli.options import (
     DEFAULT_DEVICE,
     BatchSize,
@@ -39,6 +39,7 @@ from lowrank_cli.cli.options import (
     Json,
     MaxError,
     MethodOption,
+    ObjectiveOption,
     OtherModel,
     Output,
     Rank,
@@ -321,6 +322,7 @@ def compress(
         ),
     ] = None,
     eval_text: EvalText = None,
+    objective: ObjectiveOption = Objective.params,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -330,6 +332,7 @@ def compress(
             path, output, rank=rank, energy=energy, max_error=max_error, budget=budget, dtype=dtype, method=method,
             seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
             calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
+            objective=objective,
         )  # fmt: skip
     if fidelity is not None:
         from lowrank_cli.cli.render import notice

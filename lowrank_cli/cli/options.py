@@ -12,7 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from lowrank_cli import Device, DType, Method, Split
+from lowrank_cli import Device, DType, Method, Objective, Split
 
 # How the library's argument names read on the command line, where they differ from --name.
 FLAGS = {"out": "-o/--output", "paths": "PATHS"}
@@ -76,6 +76,16 @@ FactorDTypeOption = Annotated[
         help="Store the factors in DTYPE: keep (each tensor's own), float32, float16, bfloat16 or float64.",
         case_sensitive=False,
         metavar="DTYPE",
+    ),
+]
+ObjectiveOption = Annotated[
+    Objective,
+    typer.Option(
+        "--objective",
+        help="params: factors wherever they hold fewer params than the matrix; speed: only where they hold"
+        " ≤ 80 % of them, so they run faster too (others stay whole; a budget's ranks stop there).",
+        case_sensitive=False,
+        metavar="OBJECTIVE",
     ),
 ]
 MethodOption = Annotated[

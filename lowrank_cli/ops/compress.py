@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, Note, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import torch_dtype
@@ -27,7 +27,7 @@ from lowrank_cli.ops.factoring import (
     whitened_view,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import DType, Settings
+from lowrank_cli.ops.settings import DType, Objective, Settings, choice
 
 CASTABLE = frozenset(STORED_CODES.values())  # float8 tensors are kept: casting them up would grow the file
 
@@ -45,13 +45,17 @@ def compress(
     force: bool = False,
     on_tensor: Callable[[TensorEntry], None] | None = None,
     calibration: Calibration | None = None,
+    objective: Objective = Objective.params,
 ) -> Report:
-    """Write OUT with factors for every selected float matrix where they save parameters.
+    """Write OUT with factors for every selected float matrix where they save parameters (Objective.speed:
+    where they hold at most SPEED_SHARE of them, so that they run faster too).
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     With calibration, each tensor with statistics is factorized as W·S (activation-aware).
     """
     settings = settings or Settings()
+    objective = choice(Objective, objective, "objective")
+    speed = objective == Objective.speed
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out, folder = prepare_output(checkpoint, out, SUFFIX, force=force)
@@ -65,9 +69,10 @@ def compress(
         ),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
         calibration=calibration,
+        speed=speed,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
-        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration)
+        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration, speed)
         size_after = output.commit()
     notes = [*output.notes, *calibration_notes(calibration, policy), *slow_factor_notes(tensors)]
     return Report(
@@ -79,6 +84,7 @@ def compress(
         output=str(out),
         options={
             **settings.as_dict(),
+            "objective": objective.value,
             **budget_options(policy, calibration),
             **({"notes": notes} if notes else {}),
         },
@@ -94,10 +100,12 @@ def slow_factor_notes(tensors: list[TensorReport]) -> list[str]:
     share = max(t.params_after / t.params for t in slow)
     some = ", ".join(f"'{t.name}'" for t in slow[:3]) + (", …" if len(slow) > 3 else "")
     return [
-        f"{len(slow)} factorized tensors ({some}) keep more than {SPEED_SHARE:.0%} of their params (up to"
-        f" {share:.0%}): their factors save memory, but a layer running them reads and multiplies at least"
-        f" {SPEED_SHARE:.0%} of what the dense matrix does, in two products instead of one, so it runs little"
-        " faster or slower (benchmarks/bench_kernels.py); lower the rank to gain speed too"
+        Note(
+            f"{len(slow)} factorized tensors ({some}) keep more than {SPEED_SHARE:.0%} of their params (up to"
+            f" {share:.0%}): their factors save memory, but a layer running them reads and multiplies at least"
+            f" {SPEED_SHARE:.0%} of what the dense matrix does, in two products instead of one, so it runs little"
+            f" faster or slower (benchmarks/bench_kernels.py); {arg('objective')} speed keeps such matrices whole"
+        )
     ]
 
 
@@ -113,6 +121,7 @@ def _write(
     selected: set[str],
     on_tensor: Callable[[TensorEntry], None] | None,
     calibration: Calibration | None = None,
+    speed: bool = False,
 ) -> list[TensorReport]:
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
@@ -124,7 +133,7 @@ def _write(
         base_metadata.setdefault(writer, shard.metadata)
         shard_records, shard_casts = records.setdefault(writer, {}), casts.setdefault(writer, {})
         for entry in entries:
-            step = (policy_for, settings, selected, calibration)
+            step = (policy_for, settings, selected, calibration, speed)
             report = _compress_entry(checkpoint, entry, writer, shard_records, *step)
             if report.status != Status.factorized and _write_whole(checkpoint, entry, writer, settings, report):
                 shard_casts[entry.name] = entry.dtype
@@ -146,6 +155,7 @@ def _compress_entry(
     settings: Settings,
     selected: set[str],
     calibration: Calibration | None = None,
+    speed: bool = False,
 ) -> TensorReport:
     """Write one tensor's factors where they pay; return its report row (the caller writes the others whole)."""
     reason = skip_reason(entry, entry.name in selected)
@@ -161,6 +171,7 @@ def _compress_entry(
             calibration,
             name=entry.name,
             stored=stored_dtype(settings, entry.dtype),
+            limit=speed_rank(*matrix.shape) if speed else None,
             where=f"{entry.path}: tensor '{entry.name}'",
         )
         record(report, outcome, settings.rtol)
