@@ -25,6 +25,8 @@ and with fuse=False (each layer its own A·x). Both take lowrank_cli.nn.linear's
 The models take turns in every round (the order alternates), so load from other processes falls
 on each alike; the figure is the median over --repeats rounds, and the speed-up the median of
 the rounds' own ratios dense seconds / factored seconds. With --work the models are kept and reused.
+On a machine that other processes share, `--threads 1 --clock cpu` times the thread's own CPU time:
+the cores taken by neighbours leave it alone, though their use of the caches and memory does not.
 --device cuda moves the three models to the GPU (fuse_siblings again after the move) and waits for
 it before each clock reading.
 """
@@ -121,7 +123,7 @@ def prefill(model: nn.Module, ids: torch.Tensor) -> None:
     model(ids, use_cache=True, logits_to_keep=1)
 
 
-def interleaved(calls: list, repeats: int) -> list[list[float]]:
+def interleaved(calls: list, repeats: int, clock=time.perf_counter) -> list[list[float]]:
     """Seconds of every call in every round, the calls taking turns (order reversed every other round)."""
     for call in calls:
         call()  # warm-up: first calls allocate and pick kernels
@@ -129,9 +131,9 @@ def interleaved(calls: list, repeats: int) -> list[list[float]]:
     for round_ in range(repeats):
         order = list(range(len(calls)))
         for i in order if round_ % 2 == 0 else order[::-1]:
-            start = time.perf_counter()
+            start = clock()
             calls[i]()
-            seconds[i].append(time.perf_counter() - start)
+            seconds[i].append(clock() - start)
     return seconds
 
 
@@ -162,7 +164,8 @@ def measured(models: list[nn.Module], prompts: dict, long: torch.Tensor, args: a
     )
     with torch.inference_mode():
         for what, tokens, calls in runs:
-            seconds = interleaved([synced(call) for call in calls], args.repeats)
+            clock = time.thread_time if args.clock == "cpu" else time.perf_counter
+            seconds = interleaved([synced(call) for call in calls], args.repeats, clock)
             rates = [f"{tokens / statistics.median(s):.1f}" for s in seconds]
             cells = [what, rates[0]]
             for rate, other in zip(rates[1:], seconds[1:], strict=True):
@@ -182,9 +185,18 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="rounds; the figures are medians")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--device", default="cpu", help="cpu, or cuda (cuda:N) where torch has one")
+    parser.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: this thread's CPU time, which leaves out the time other processes take the core (with"
+        " --threads 1 only, on the CPU)",
+    )
     parser.add_argument("--work", type=Path, help="folder for the models, kept and reused (default: temporary)")
     parser.add_argument("--quick", action="store_true", help="a tiny model, 4 new tokens, 32-token prefill, 1 round")
     args = parser.parse_args()
+    if args.clock == "cpu" and (args.threads != 1 or args.device != "cpu"):
+        parser.error("--clock cpu times one thread's work: give --threads 1 (and the CPU as --device)")
     torch.set_num_threads(args.threads)
     shape_name = "tiny" if args.quick else args.shape
     if args.quick:
@@ -198,7 +210,8 @@ def main() -> None:
     if args.device != "cpu":
         print(f"device: {args.device}, {torch.cuda.get_device_name(args.device)}")
     print(f"torch {torch.__version__}, transformers {transformers.__version__}; load average at start: "
-          f"{os.getloadavg()[0]:.1f} (figures are medians of {args.repeats} interleaved rounds)")  # fmt: skip
+          f"{os.getloadavg()[0]:.1f} (figures are medians of {args.repeats} interleaved rounds;"
+          f" {'CPU time of the one thread' if args.clock == 'cpu' else 'wall-clock time'})")  # fmt: skip
     print(
         f"model: {NAMES[shape_name]}'s shape (hidden {shape['hidden']}, MLP {shape['intermediate']},"
         f" {shape['layers']} layers, {shape['heads']} heads, {shape['kv_heads']} key-value, vocabulary"
