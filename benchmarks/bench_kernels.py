@@ -10,6 +10,12 @@ lowrank's choice is the faster here. Choices made by a rule of the hardware (the
 print the rule's answer on this machine beside the times. The second table is the exact SVD
 against lowrank's randomized one at the sizes around linalg.factorize's _CHEAP_EXACT line, with
 each exact SVD's cost per m·n·min(m, n). Matrices are float32 with σ_i = i^-0.5.
+
+The rows for lowrank_cli.nn (running factors) use a 1536×576 matrix factored at rank 196, 60 % of
+its params (SmolLM2-135M's MLP shape), random values; each time is a batch of calls. The third
+table times that matrix W against its factors run as LowRankLinear runs them, (x·Aᵀ)·Bᵀ, at ranks
+that keep 50 % to 90 % of W's params, in float32 and bfloat16, for 1, 8 and 512 rows of x: the
+ground of SPEED_SHARE, past which compress notes that factors save memory but hardly time.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import sys
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_cpu import cpu_line, row, spectrum, timed, timing_arguments  # noqa: E402  (this folder is on sys.path when run as a script)
@@ -27,8 +34,9 @@ from bench_cpu import cpu_line, row, spectrum, timed, timing_arguments  # noqa: 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
-from lowrank_cli.linalg.spectrum import svd  # noqa: E402
+from lowrank_cli.linalg.spectrum import SPEED_SHARE, svd  # noqa: E402
 from lowrank_cli.model.calibrate import CHUNK  # noqa: E402
+from lowrank_cli.nn.linear import aten_gemv, linear  # noqa: E402
 
 
 def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
@@ -65,6 +73,45 @@ def svd_wide_by_qr(b: torch.Tensor):
     return u, s, vh_r @ q.T  # (k, k) @ (k, n) -> (k, n)
 
 
+def repeated(fn, times: int):
+    """fn run `times` times: products of a few µs are timed as a batch of calls."""
+
+    def run():
+        for _ in range(times):
+            fn()
+
+    return run
+
+
+def factor_shares(m: int, n: int, repeats: int, calls: int) -> None:
+    """x·Wᵀ against lowrank's (x·Aᵀ)·Bᵀ at ranks that keep 50–90 % of W's params, in both dtypes."""
+    shares = (0.5, 0.6, 0.7, SPEED_SHARE, 0.9)
+    print(f"\nfactors B·A of a {m}×{n} W against W itself (nn.linear.linear, SPEED_SHARE = {SPEED_SHARE}):"
+          " W's time / the factors' time, > 1 where the factors are faster\n")  # fmt: skip
+    print(row("dtype", "rows of x", "W ms", *(f"factors at {share:.0%}" for share in shares)))
+    print(row(*["---"] * (3 + len(shares))))
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float32, torch.bfloat16):
+        w = torch.randn(m, n, generator=g).to(dtype)
+        factors = []
+        for share in shares:
+            rank = int(share * m * n) // (m + n)
+            factors.append((torch.randn(m, rank, generator=g).to(dtype), torch.randn(rank, n, generator=g).to(dtype)))
+        for rows in (1, 8, 512):
+            x = torch.randn(rows, n, generator=g).to(dtype)
+            times = calls if rows < 512 else max(1, calls // 16)
+            dense = repeated(lambda x=x, w=w: F.linear(x, w), times)
+            dense()
+            t_dense, _ = timed(dense, repeats)
+            ratios = []
+            for b, a in factors:
+                # (rows, n) -> (rows, r) -> (rows, m), as LowRankLinear.forward
+                run = repeated(lambda x=x, b=b, a=a: linear(linear(x, a), b), times)
+                run()
+                ratios.append(f"{t_dense / timed(run, repeats)[0]:.2f}")
+            print(row(str(dtype).removeprefix("torch."), rows, f"{t_dense / times * 1e3:.3f}", *ratios), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="n of the n×n matrices of the first table")
@@ -82,6 +129,16 @@ def main() -> None:
     wide = torch.randn(n // 8, n, generator=g)
     w16 = w.to(torch.bfloat16)
     bfloat16_rule = f"bfloat16 sketch here: {'yes' if fast_bfloat16('cpu') else 'no'} (fast_bfloat16)"
+    # A factored 1536×576 at 60 % of its params (SmolLM2-135M's MLP shape): A (196, 576), B (1536, 196)
+    m, cols, rank = (192, 72, 24) if args.quick else (1536, 576, 196)
+    calls = 5 if args.quick else 200
+    a16 = torch.randn(rank, cols, generator=g).to(torch.bfloat16)
+    b16 = torch.randn(m, rank, generator=g).to(torch.bfloat16)
+    row16 = torch.randn(1, cols, generator=g).to(torch.bfloat16)
+    h16 = torch.randn(1, rank, generator=g).to(torch.bfloat16)
+    gemv_rule = f"nn.linear.aten_gemv; here: {'yes' if aten_gemv(row16, a16) else 'no'}"
+    siblings = torch.cat([a16, a16.clone()])  # a stacked gate/up pair (nn.siblings)
+    rows8 = torch.randn(8, cols, generator=g).to(torch.bfloat16)
 
     choices = [
         ("NaN/Inf check", "linalg.factorize.finite", "one aminmax pass", lambda: finite(w),
@@ -102,6 +159,15 @@ def main() -> None:
         (f"Wᵀ·X in bfloat16, {n}×{n}, {k} columns", "linalg.randomized (_times_t)", "(Xᵀ·W)ᵀ, X contiguous",
          lambda: (omega.T.to(torch.bfloat16, memory_format=torch.contiguous_format) @ w16).T,
          "W.T @ X", lambda: w16.T @ omega.to(torch.bfloat16)),
+        (f"x·Aᵀ, A {rank}×{cols}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
+         repeated(lambda: linear(row16, a16), calls),
+         "F.linear (oneDNN)", repeated(lambda: F.linear(row16, a16), calls)),
+        (f"h·Bᵀ, B {m}×{rank}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
+         repeated(lambda: linear(h16, b16), calls),
+         "F.linear (oneDNN)", repeated(lambda: F.linear(h16, b16), calls)),
+        (f"two siblings' A·x, 2 × {rank}×{cols}, 8 bfloat16 rows, ×{calls}", "nn.siblings.Siblings",
+         "one stacked product", repeated(lambda: linear(rows8, siblings), calls),
+         "a product each", repeated(lambda: (linear(rows8, a16), linear(rows8, a16)), calls)),
     ]  # fmt: skip
     print(row("computation", "where", "lowrank", "ms", "alternative", "ms", "alternative / lowrank"))
     print(row(*["---"] * 7))
@@ -125,6 +191,8 @@ def main() -> None:
         cheap = "yes" if exact_is_cheap(m, cols) else "no"
         per = f"{t_exact / cost * 1e9:.2f}"
         print(row(f"{m}×{cols}", f"{cost:.1e}", f"{t_exact:.3f}", per, f"{t_random:.3f}", cheap), flush=True)
+
+    factor_shares(*((96, 64) if args.quick else (1536, 576)), repeats, 2 if args.quick else 20)
 
 
 def randomized(matrix: torch.Tensor, rank: int):

@@ -32,7 +32,7 @@ from lowrank_cli.errors import (
     UsageError,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import AdapterFormat, Device, DType, Method, Split
+from lowrank_cli.ops.settings import AdapterFormat, Device, DType, Method, Objective, Split
 
 __version__ = "0.1.0"
 
@@ -95,6 +95,7 @@ __all__ = [
     "RankPolicy",
     "DType",
     "Method",
+    "Objective",
     "Device",
     "Split",
     "AdapterFormat",

@@ -50,6 +50,7 @@ from lowrank_cli.ops.settings import (
     Device,
     DType,
     Method,
+    Objective,
     Settings,
     Split,
     choice,
@@ -247,6 +248,7 @@ def compress(
     tokens: int | None = None,
     split: Split | str | None = None,
     batch_size: int | None = None,
+    objective: Objective | str = Objective.params,
 ) -> Report:
     """Write truncated-SVD factors NAME.B (m×r) and NAME.A (r×n) wherever they save parameters.
 
@@ -280,6 +282,9 @@ def compress(
             raised and nothing is written.
         seq_len, tokens, split, batch_size: with `fidelity`, how eval_text is cut into samples and
             how many run a forward pass, as for evaluate (default: evaluate's defaults).
+        objective: "params" (default) factors every matrix whose factors hold fewer params than it;
+            "speed" only those whose factors hold at most 80 % of them (SPEED_SHARE), so that they run
+            faster too, and keeps the others whole (a budget allocates ranks only up to that share).
 
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.
@@ -292,7 +297,10 @@ def compress(
     include, exclude = _globs(include, "include"), _globs(exclude, "exclude")
     settings = Settings(dtype=dtype, method=method, seed=seed, device=resolve_device(device), rtol=rtol)
     sampling = {"seq_len": seq_len, "tokens": tokens, "split": split, "batch_size": batch_size}
+    objective = choice(Objective, objective, "objective")
     if fidelity is not None or eval_text is not None:
+        if objective != Objective.params:
+            raise UsageError(f"{arg('objective')} speed does not combine with {arg('fidelity')} yet; give a policy")
         return _compress_to_fidelity(
             path, out, fidelity, eval_text, (rank, energy, max_error, budget), settings=settings, include=include,
             exclude=exclude, force=force, progress=progress, calibration=calibration, other_model=other_model,
@@ -317,6 +325,7 @@ def compress(
             force=force,
             on_tensor=tick,
             calibration=_calibration(calibration, [checkpoint], other_model),
+            objective=objective,
         )
 
 

@@ -25,7 +25,7 @@ ARGUMENTS = (
     "rank", "energy", "max_error", "budget", "dtype", "method", "seed", "device", "include", "exclude",
     "force", "out", "embeddings", "conv", "base_model", "lora_only", "rtol", "calibration", "top", "text", "seq_len",
     "samples", "batch_size", "split", "sensitivity", "tokens", "probe_tokens", "other_model", "fidelity",
-    "eval_text", "steps", "epochs", "lr", "plot", "diff", "format",
+    "eval_text", "steps", "epochs", "lr", "plot", "diff", "format", "objective",
 )  # fmt: skip
 # What no file name, tensor name or other user text can hold: NUL cannot be in a path, and no
 # checkpoint can know the token.

@@ -59,7 +59,7 @@ def test_kernels_benchmark_smoke_run(tmp_path):
     assert run.stdout.startswith("CPU: ")
     rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     choices = [cells[1] for cells in rows if len(cells) == 7 and cells[0] != "| computation"]
-    assert len(choices) == 8
+    assert len(choices) == 11
     for where in choices:
         module, _, name = re.match(r"[\w.]+", where).group(0).rpartition(".")
         try:
@@ -67,6 +67,8 @@ def test_kernels_benchmark_smoke_run(tmp_path):
         except ModuleNotFoundError:
             assert hasattr(importlib.import_module(f"lowrank_cli.{module}"), name), where
     assert len([cells for cells in rows if len(cells) == 6 and cells[0] != "| m×n"]) == 2  # the SVD sizes
+    shares = [cells[:2] for cells in rows if len(cells) == 8 and cells[0] != "| dtype"]
+    assert shares == [[f"| {dtype}", f"{n}"] for dtype in ("float32", "bfloat16") for n in (1, 8, 512)]
 
 
 def test_heal_memory_benchmark_smoke_run(tmp_path):
@@ -75,6 +77,15 @@ def test_heal_memory_benchmark_smoke_run(tmp_path):
     assert run.stdout.startswith("CPU: ")
     assert "RANDOM weights" in run.stdout  # the model is said to be a stand-in
     assert [line.split(" | ")[0] for line in run.stdout.splitlines() if line.startswith("| 2 × 32")] == ["| 2 × 32"]
+
+
+def test_generate_benchmark_smoke_run(tmp_path):
+    run = _run("bench_generate.py", "--quick", "--threads", "1", cwd=tmp_path)
+    assert run.stdout.startswith("CPU: ")
+    assert "RANDOM weights" in run.stdout  # the model is said to be a stand-in
+    rows = [line.split(" | ")[:2] for line in run.stdout.splitlines() if line.startswith(("| float32", "| bfloat16"))]
+    whats = ["decode, batch 1, 4 new tokens", "decode, batch 8, 4 new tokens", "prefill 32 tokens, batch 1"]
+    assert rows == [[f"| {dtype}", what] for dtype in ("float32", "bfloat16") for what in whats]
 
 
 def test_spectra_benchmark_smoke_run(tmp_path):

@@ -457,3 +457,69 @@ def test_a_matrix_kept_whole_stays_in_its_dtype_when_the_cast_would_break_max_er
     recomputed = float((written["w"].double() - w.double()).norm() / w.double().norm())
     assert row["rel_error"] == recomputed == 0.0 and row["status"] == "dense"
     assert "kept in float32" in row["reason"] and "0.001" in row["reason"]
+
+
+def test_compress_notes_the_factors_that_keep_too_many_params_to_run_faster(tmp_path):
+    # 40×24: factors of rank r hold r·64 of the 960 params; more than 80 % from r = 13 (832 > 768) on
+    w = low_rank(M, N, N, seed=3)
+    path = save(tmp_path / "w.safetensors", {"fast": w, "slow": w.clone(), "slower": w.clone()})
+    fast = cli_json("compress", path, "--rank", 12, "--exclude", "slow*", "-o", tmp_path / "a.safetensors")
+    assert "notes" not in fast["options"]  # 768 = 80 %: not more
+    result = cli("compress", path, "--rank", 13, "--json", "-o", tmp_path / "b.safetensors")
+    assert result.exit_code == 0
+    (note,) = json.loads(result.stdout)["options"]["notes"]
+    assert note.startswith("3 factorized tensors ('fast', 'slow', 'slower') keep more than 80% of their params")
+    assert f"(up to {13 * (M + N) / (M * N):.0%})" in note
+    assert f"note: {note}" in result.stderr
+
+
+def test_objective_speed_keeps_whole_the_matrices_whose_factors_would_run_hardly_faster(tmp_path):
+    w = low_rank(M, N, N, seed=4)
+    path = save(tmp_path / "w.safetensors", {"W": w})
+    speed_rank = int(0.8 * M * N) // (M + N)  # 12: factors hold 768 ≤ 80 % of 960 params
+    kept = cli_json("compress", path, "--rank", speed_rank, "--objective", "speed", "-o", tmp_path / "a.safetensors")
+    assert by_name(kept)["W"]["status"] == "factorized" and kept["options"]["objective"] == "speed"
+    report = cli_json(
+        "compress", path, "--rank", speed_rank + 1, "--objective", "speed", "-o", tmp_path / "b.safetensors"
+    )
+    row = by_name(report)["W"]
+    assert row["status"] == "dense" and row["params_after"] == M * N
+    assert (
+        row["reason"]
+        == f"rank 13 keeps {13 * (M + N):,} of {M * N:,} params, more than 80%: factors would run hardly faster"
+    )
+    assert torch.equal(load(tmp_path / "b.safetensors")["W"], w)  # stored whole, unchanged
+    plain = cli_json("compress", path, "--rank", speed_rank + 1, "-o", tmp_path / "c.safetensors")
+    assert by_name(plain)["W"]["status"] == "factorized" and plain["options"]["objective"] == "params"
+    # an error target that needs more than the speed rank: dense too, and said why
+    target = float(tail_errors(singular_values(w))[speed_rank + 1])  # met at rank 13, not at 12
+    report = cli_json("compress", path, "--max-error", target, "--objective", "speed", "-o", tmp_path / "d.safetensors")
+    assert by_name(report)["W"]["status"] == "dense"
+    assert by_name(report)["W"]["reason"] == row["reason"]
+
+
+def test_objective_speed_budget_gives_no_rank_past_the_speed_rank(tmp_path):
+    # decaying spectra, where a --budget 0.9 spends its params on ranks 13 and 14 of 24
+    weights = {f"w{i}": with_spectrum(M, N, geometric(N, 0.8), seed=i) for i in range(3)}
+    path = save(tmp_path / "m.safetensors", weights)
+    plain = cli_json("compress", path, "--budget", 0.9, "-o", tmp_path / "a.safetensors")
+    speed = cli_json("compress", path, "--budget", 0.9, "--objective", "speed", "-o", tmp_path / "b.safetensors")
+    speed_rank = int(0.8 * M * N) // (M + N)
+    assert max(t["rank"] for t in plain["tensors"] if t["status"] == "factorized") > speed_rank
+    factorized = [t for t in speed["tensors"] if t["status"] == "factorized"]
+    assert factorized and all(t["rank"] <= speed_rank for t in factorized)
+    stored = load(tmp_path / "b.safetensors")
+    held = sum(t.numel() for t in stored.values())
+    assert held == speed["totals"]["params_after"] <= 0.9 * len(weights) * M * N
+    assert "notes" not in speed["options"] and len(plain["options"]["notes"]) == 1
+
+
+def test_objective_is_params_or_speed_and_speed_does_not_take_a_fidelity(tmp_path):
+    path = save(tmp_path / "w.safetensors", {"W": low_rank(M, N, 4)})
+    result = cli("compress", path, "--rank", 2, "--objective", "fast", "-o", tmp_path / "a.safetensors")
+    assert result.exit_code == 2 and "fast" in result.stderr and not (tmp_path / "a.safetensors").exists()
+    import lowrank_cli
+    from lowrank_cli.errors import UsageError
+
+    with pytest.raises(UsageError, match="objective speed does not combine with fidelity"):
+        lowrank_cli.compress(path, tmp_path / "b", fidelity=0.9, eval_text=path, objective="speed")

@@ -21,7 +21,7 @@ from typer.core import TyperCommand, TyperGroup
 
 import lowrank_cli
 import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
-from lowrank_cli import AdapterFormat, DType, Method, Split
+from lowrank_cli import AdapterFormat, DType, Method, Objective, Split
 from lowrank_cli.cli.options import (
     DEFAULT_DEVICE,
     AdapterBudget,
@@ -48,6 +48,7 @@ from lowrank_cli.cli.options import (
     Json,
     MaxError,
     MethodOption,
+    ObjectiveOption,
     OtherModel,
     Output,
     Rank,
@@ -345,6 +346,7 @@ def compress(
     tokens: EvalTokens = None,
     split: EvalSplit = None,
     batch_size: EvalBatchSize = None,
+    objective: ObjectiveOption = Objective.params,
     force: Force = False,
     as_json: Json = False,
 ) -> None:
@@ -358,6 +360,7 @@ def compress(
             seed=seed, device=device, include=include, exclude=exclude, rtol=rtol, force=force, progress=tick,
             calibration=calibration, other_model=other_model, fidelity=fidelity, eval_text=eval_text,
             seq_len=seq_len, tokens=tokens, split=split, batch_size=batch_size,
+            objective=objective,
         )  # fmt: skip
     if fidelity is not None:
         from lowrank_cli.cli.render import notice

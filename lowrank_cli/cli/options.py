@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 import typer
 
 import lowrank_cli.ops.settings as defaults  # torch-free: the library's own default values
-from lowrank_cli import Device, DType, Method, Split
+from lowrank_cli import Device, DType, Method, Objective, Split
 
 # How the library's argument names read on the command line, where they differ from --name.
 FLAGS = {"out": "-o/--output", "paths": "PATHS"}
@@ -87,6 +87,16 @@ FactorDTypeOption = Annotated[
         help="Store the factors in DTYPE: keep (each tensor's own), float32, float16, bfloat16 or float64.",
         case_sensitive=False,
         metavar="DTYPE",
+    ),
+]
+ObjectiveOption = Annotated[
+    Objective,
+    typer.Option(
+        "--objective",
+        help="params: factors wherever they hold fewer params than the matrix; speed: only where they hold"
+        " ≤ 80 % of them, so they run faster too (others stay whole; a budget's ranks stop there).",
+        case_sensitive=False,
+        metavar="OBJECTIVE",
     ),
 ]
 MethodOption = Annotated[

@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 
 from lowrank_cli.errors import UsageError, arg
-from lowrank_cli.linalg.spectrum import Spectrum
+from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, speed_rank
 
 # absolute: Σ_t tail_t, the squared errors themselves (output-space ones with calibration);
 # relative: Σ_t tail_t/‖W_t‖², every tensor's relative squared error counting alike;
@@ -41,19 +41,21 @@ def allocate(
     *,
     allow_dense: bool = True,
     sensitivity: dict[str, float] | None = None,
+    speed: bool = False,
 ) -> dict[str, int | None]:
     """A rank per tensor, or None where the budget keeps it dense: Σ params ≤ fraction·Σ m·n.
 
     Every other non-zero tensor keeps at least rank 1; zero matrices (unchanged weights, for extract)
     get rank 0 and count in neither side. allow_dense=False: ranks only (a LoRA cannot hold a whole matrix).
     sensitivity: measured weights of the absolute objective (sensitivity_weights); then `objective` is unused.
+    speed: ranks only up to speed_rank (factors at most SPEED_SHARE of the params), else dense.
     """
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     live = {name: s for name, s in spectra.items() if not s.is_zero}
     budget = fraction * sum(s.shape[0] * s.shape[1] for s in live.values())
     weights = sensitivity_weights(live, sensitivity) if sensitivity else loss_weights(live, objective)
-    options = {name: options_of(s, weights[name], allow_dense) for name, s in live.items()}
+    options = {name: options_of(s, weights[name], allow_dense, speed=speed) for name, s in live.items()}
     floor = sum(costs[0] for costs, _ in options.values())
     if floor > budget:
         raise UsageError(
@@ -130,14 +132,17 @@ def _log_norms(spectra: dict[str, Spectrum]) -> dict[str, float]:
     return {name: np.log(s.scale) + np.log(np.linalg.norm(s.singular_values)) for name, s in spectra.items()}
 
 
-def options_of(spectrum: Spectrum, weight: float = 1.0, allow_dense: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def options_of(
+    spectrum: Spectrum, weight: float = 1.0, allow_dense: bool = True, *, speed: bool = False
+) -> tuple[np.ndarray, np.ndarray]:
     """Costs and losses (weight × relative squared error) of ranks 1…cap, then (allow_dense) of keeping it whole.
 
-    With dense allowed, cap is the break-even rank (higher ranks save nothing), which may be 0: then
-    dense is the only option. Past the numerical rank a term removes only rounding: never an option.
+    With dense allowed, cap is the break-even rank (higher ranks save nothing), or with `speed` the
+    rank up to which factors run faster (speed_rank), which may be 0: then dense is the only option.
+    Past the numerical rank a term removes only rounding: never an option.
     """
     m, n = spectrum.shape
-    saving = (m * n - 1) // (m + n) if allow_dense else max(1, min(m, n))
+    saving = (speed_rank(m, n) if speed else break_even_rank(m, n)) if allow_dense else max(1, min(m, n))
     cap = min(saving, max(1, spectrum.numerical_rank()))
     tails = np.array([spectrum.relative_error(r) ** 2 for r in range(1, cap + 1)])  # shares of ‖W‖² left
     costs = np.arange(1, cap + 1, dtype=np.float64) * (m + n)

@@ -26,6 +26,17 @@ def break_even_rank(m: int, n: int) -> int:
     return (m * n - 1) // (m + n)
 
 
+# Factors holding more than this share of W's params read and multiply at least that share of what W
+# does, in two products instead of one: at most 1/0.8 = 1.25× less work, which the second product's
+# cost mostly takes back (benchmarks/bench_kernels.py times factors against W at several shares).
+SPEED_SHARE = 0.8
+
+
+def speed_rank(m: int, n: int) -> int:
+    """The largest r with r·(m + n) ≤ SPEED_SHARE·m·n: above it, factors save params but little time."""
+    return int(SPEED_SHARE * m * n) // (m + n)
+
+
 _TIE = 1e-9  # a target met to within rounding of the SVD itself counts as met
 ROUTES = ("svdvals", "gram")
 _GRAM_MIN = 1024  # below this min(m, n) which route is faster varied from run to run (bench_spectrum)

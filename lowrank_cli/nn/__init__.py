@@ -2,12 +2,14 @@
 
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
 from lowrank_cli.nn.loading import LoadResult, apply_factors, load_pretrained, load_sentence_transformer, save_factors
+from lowrank_cli.nn.siblings import fuse_siblings
 
 __all__ = [
     "LoadResult",
     "LowRankEmbedding",
     "LowRankLinear",
     "apply_factors",
+    "fuse_siblings",
     "load_pretrained",
     "load_sentence_transformer",
     "save_factors",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,9 @@ from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.policy import RankPolicy
 from lowrank_cli.ops.factoring import factor_weight
 from lowrank_cli.ops.settings import Method, Settings
+
+if TYPE_CHECKING:
+    from lowrank_cli.nn.siblings import Siblings
 
 
 class LowRankLinear(nn.Module):
@@ -35,6 +39,8 @@ class LowRankLinear(nn.Module):
         transposed: True when the layer replaces a GPT-2 style Conv1D, whose stored weight is
             (in, out) = Wᵀ; save_factors then writes the factors of Wᵀ under the Conv1D's name.
         rel_error: ‖W − B·A‖_F / ‖W‖_F against the dense weight the factors were made from, when known.
+        siblings: the Siblings this layer computes A·x with (layers that read the same input, their
+            A's stacked: see fuse_siblings), or None.
 
     Example:
         >>> layer = LowRankLinear.from_linear(nn.Linear(512, 256), rank=32)
@@ -61,6 +67,7 @@ class LowRankLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.transposed = False
         self.rel_error: float | None = None
+        self.siblings: Siblings | None = None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,8 +147,10 @@ class LowRankLinear(nn.Module):
         return linear
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (…, in) @ (in, r) -> (…, r);  (…, r) @ (r, out) + b -> (…, out)
-        return F.linear(F.linear(x, self.A), self.B, self.bias)
+        h = None if self.siblings is None else self.siblings.a_product(self, x)  # A·x computed with its siblings'
+        if h is None:
+            h = linear(x, self.A)  # (…, in) @ (in, r) -> (…, r)
+        return linear(h, self.B, self.bias)  # (…, r) @ (r, out) + b -> (…, out)
 
     def extra_repr(self) -> str:
         bias = self.bias is not None
@@ -235,6 +244,45 @@ class LowRankEmbedding(nn.Module):
     def extra_repr(self) -> str:
         padding = f", padding_idx={self.padding_idx}" if self.padding_idx is not None else ""
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{padding}"
+
+
+def aten_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether `linear` runs x·Wᵀ on ATen's own kernel instead of oneDNN: by rule, for one row of x
+    (a decode step at batch 1) in bfloat16 on a CPU.
+
+    torch sends every bfloat16 product on a CPU with oneDNN to oneDNN. At one row, ATen's
+    matrix-vector kernel (float32 sums on the vector unit) ran the factors' skinny products faster;
+    from two rows on oneDNN is far faster, and float16 and float32 showed no such gap.
+    benchmarks/bench_kernels.py times both ways on the CPU at hand.
+    """
+    return (
+        weight.dtype == torch.bfloat16
+        and _ONEDNN
+        and weight.device.type == "cpu"
+        and x.numel() == x.shape[-1]  # one row, whatever the leading dims
+        and torch._C._get_mkldnn_enabled()  # a user who turned oneDNN off has ATen's kernel anyway
+    )
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x·Wᵀ + b, as F.linear computes it, on the kernel the rule `aten_gemv` picks.
+
+    Example:
+        >>> linear(torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)).shape
+        torch.Size([1, 8])
+    """
+    if not aten_gemv(x, weight):
+        return F.linear(x, weight, bias)
+    # torch.backends.mkldnn.enabled, without the module property's Python layers (a product here takes µs).
+    # The switch is process-wide: another thread's product meanwhile runs on ATen too, only slower.
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return F.linear(x, weight, bias)
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
+_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def linear_weight(module: nn.Module) -> tuple[torch.Tensor, bool]:

@@ -24,6 +24,7 @@ from lowrank_cli.io.hfconfig import base_prefix, config_errors, is_conv1d, prefi
 from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+from lowrank_cli.nn.siblings import fuse_siblings
 
 WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
 
@@ -111,6 +112,7 @@ def load_pretrained(
     dtype: torch.dtype | None = None,
     strict: bool = True,
     output_loading_info: bool = False,
+    fuse: bool = True,
 ) -> nn.Module:
     """A transformers model from a folder with config.json and lowrank safetensors, ready for eval().
 
@@ -130,6 +132,8 @@ def load_pretrained(
             transformers' from_pretrained: the file's extra tensors are left out, and the model's
             tensors that the file lacks (a new task head) are initialised as transformers does.
         output_loading_info: also return the LoadResult: (model, LoadResult).
+        fuse: stack the A factors of sibling layers that read one input (q/k/v, gate/up), so
+            their A·x runs as one product (fuse_siblings; it copies those A's out of the file once).
 
     Returns:
         The model in eval mode (with output_loading_info, the pair (model, LoadResult)).
@@ -145,7 +149,9 @@ def load_pretrained(
         raise CheckpointError(
             f"{folder}: has no config.json; give the model's folder, and weights=PATH for its lowrank file"
         )
-    model, result = build_and_load(folder, auto_class, weights=weights, dtype=dtype, strict=strict, fix=PRETRAINED_FIX)
+    model, result = build_and_load(
+        folder, auto_class, weights=weights, dtype=dtype, strict=strict, fix=PRETRAINED_FIX, fuse=fuse
+    )
     return (model, result) if output_loading_info else model
 
 
@@ -160,11 +166,12 @@ def build_and_load(
     dtype: torch.dtype | None,
     strict: bool,
     fix: str,
+    fuse: bool = True,
 ) -> tuple[nn.Module, LoadResult]:
     """load_pretrained's work, a file that does not fit the model refused with `fix`: the caller's own
     words (evaluate and heal, which take no model class nor strict, say which model to give instead)."""
     model = build_empty(folder, auto_class, feature="load_pretrained")
-    return model, _load_built(model, weights or folder, dtype, strict, fix)
+    return model, _load_built(model, weights or folder, dtype, strict, fix, fuse=fuse)
 
 
 def build_empty(folder: str | Path, auto_class: type | None = None, *, feature: str = "build_empty") -> nn.Module:
@@ -337,15 +344,19 @@ def _build(transformers, config, model_class: type, folder: Path) -> nn.Module:
         ) from None
 
 
-def _load_built(model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool, fix: str) -> LoadResult:
+def _load_built(
+    model: nn.Module, weights: str | Path, dtype: torch.dtype | None, strict: bool, fix: str, *, fuse: bool = True
+) -> LoadResult:
     """A model built on meta, given the file's factors and tensors; what the file lacks is initialised
-    (strict=False) or refused (strict, the message ending in `fix`), so nothing is left on meta; the
-    model ends in eval mode."""
+    (strict=False) or refused (strict, the message ending in `fix`), so nothing is left on meta;
+    siblings' A's stacked (fuse); the model ends in eval mode."""
     with open_checkpoint(weights) as checkpoint:
         plan = _plan(model, checkpoint, dtype, strict=strict, fix=fix)
     _replace_modules(model, plan.factored)
     _load_dense(model, plan.dense)
     _initialize_missing(model)
+    if fuse:
+        fuse_siblings(model)
     model.eval()
     return plan.result
 

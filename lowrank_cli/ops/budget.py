@@ -35,15 +35,21 @@ def budget_objective(calibration: Calibration | None, *, adapter: bool = False) 
 
 
 def budget_ranks(
-    spectra: dict[str, Spectrum], budget: float, *, calibration: Calibration | None = None, adapter: bool = False
+    spectra: dict[str, Spectrum],
+    budget: float,
+    *,
+    calibration: Calibration | None = None,
+    adapter: bool = False,
+    speed: bool = False,
 ) -> dict[str, int | None]:
-    """A rank per tensor, or None where the budget keeps it whole (never for an adapter, which holds ranks only)."""
+    """A rank per tensor, or None where the budget keeps it whole (never for an adapter, which holds ranks only);
+    with `speed`, ranks only up to speed_rank (compress --objective speed)."""
     objective = budget_objective(calibration, adapter=adapter)
     if objective == SENSITIVITY:
-        return allocate(spectra, budget, sensitivity=calibration.sensitivity)
+        return allocate(spectra, budget, sensitivity=calibration.sensitivity, speed=speed)
     if objective == UNIFORM:
         return uniform(spectra, budget)
-    return allocate(spectra, budget, objective, allow_dense=not adapter)
+    return allocate(spectra, budget, objective, allow_dense=not adapter, speed=speed)
 
 
 def tensor_policies(
@@ -52,6 +58,7 @@ def tensor_policies(
     *,
     calibration: Calibration | None = None,
     adapter: bool = False,
+    speed: bool = False,
 ) -> Callable[[str], RankPolicy]:
     """The policy of each tensor: the same for all, or under a budget a fixed rank or dense for each.
 
@@ -59,7 +66,7 @@ def tensor_policies(
     """
     if policy.budget is None:
         return lambda name: policy
-    ranks = budget_ranks(spectra, policy.budget, calibration=calibration, adapter=adapter)
+    ranks = budget_ranks(spectra, policy.budget, calibration=calibration, adapter=adapter, speed=speed)
     return {
         name: RankPolicy(dense=True) if rank is None else RankPolicy(rank=rank) for name, rank in ranks.items()
     }.__getitem__
@@ -73,6 +80,7 @@ def policy_per_tensor(
     *,
     calibration: Calibration | None = None,
     adapter: bool = False,
+    speed: bool = False,
 ) -> Callable[[str], RankPolicy]:
     """tensor_policies over matrices read on demand: a budget costs one first pass over their spectra
     (matrix_of gives the view the factors are of: W·S with calibration, ΔW for an adapter)."""
@@ -83,7 +91,7 @@ def policy_per_tensor(
         spectra[name] = spectrum_of(matrix_of(name))
         if on_done:
             on_done(name)
-    return tensor_policies(policy, spectra, calibration=calibration, adapter=adapter)
+    return tensor_policies(policy, spectra, calibration=calibration, adapter=adapter, speed=speed)
 
 
 def budget_options(

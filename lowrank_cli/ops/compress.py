@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from lowrank_cli.errors import CheckpointError
+from lowrank_cli.errors import CheckpointError, Note, arg
 from lowrank_cli.io.calibration import Calibration
 from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import torch_dtype
@@ -13,6 +13,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, calibration_re
 from lowrank_cli.io.outputs import CheckpointOutput, prepare_output
 from lowrank_cli.io.writer import SafetensorsWriter
 from lowrank_cli.linalg.policy import RankPolicy
+from lowrank_cli.linalg.spectrum import SPEED_SHARE, speed_rank
 from lowrank_cli.ops.budget import budget_options, calibration_notes, policy_per_tensor
 from lowrank_cli.ops.factoring import (
     STORED_CODES,
@@ -26,7 +27,7 @@ from lowrank_cli.ops.factoring import (
     whitened_view,
 )
 from lowrank_cli.ops.report import Report, Status, TensorReport, Totals
-from lowrank_cli.ops.settings import DType, Settings
+from lowrank_cli.ops.settings import DType, Objective, Settings, choice
 
 CASTABLE = frozenset(STORED_CODES.values())  # float8 tensors are kept: casting them up would grow the file
 
@@ -45,8 +46,10 @@ def compress(
     on_tensor: Callable[[TensorEntry], None] | None = None,
     calibration: Calibration | None = None,
     fidelity: dict | None = None,
+    objective: Objective = Objective.params,
 ) -> Report:
-    """Write OUT with factors for every selected float matrix where they save parameters.
+    """Write OUT with factors for every selected float matrix where they save parameters (Objective.speed:
+    where they hold at most SPEED_SHARE of them, so that they run faster too).
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     With calibration, each tensor with statistics is factorized as W·S (activation-aware).
@@ -54,6 +57,8 @@ def compress(
     the text that chose the budget, which evaluate reads to say that text is not held out).
     """
     settings = settings or Settings()
+    objective = choice(Objective, objective, "objective")
+    speed = objective == Objective.speed
     if checkpoint.metadata and METADATA_KEY in checkpoint.metadata:
         raise CheckpointError(f"{checkpoint.source}: is already a lowrank file; run lowrank expand on it first")
     out, folder = prepare_output(
@@ -69,11 +74,12 @@ def compress(
         ),
         on_done=(lambda name: on_tensor(checkpoint.entries[name])) if on_tensor else None,
         calibration=calibration,
+        speed=speed,
     )
     with CheckpointOutput(checkpoint, out, folder=folder, force=force, names="lowrank") as output:
-        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration, fidelity)
+        tensors = _write(checkpoint, output, policy_for, settings, selected, on_tensor, calibration, fidelity, speed)
         size_after = output.commit()
-    notes = [*output.notes, *calibration_notes(calibration, policy)]
+    notes = [*output.notes, *calibration_notes(calibration, policy), *slow_factor_notes(tensors)]
     return Report(
         command="compress",
         sources=[str(checkpoint.source)],
@@ -83,10 +89,33 @@ def compress(
         output=str(out),
         options={
             **settings.as_dict(),
+            "objective": objective.value,
             **budget_options(policy, calibration),
             **({"notes": notes} if notes else {}),
         },
     )
+
+
+def slow_factor_notes(tensors: list[TensorReport]) -> list[str]:
+    """A note on the factorized tensors whose factors hold more than SPEED_SHARE of their params:
+    they save memory, but two products of that size run hardly faster than the dense one, or slower."""
+    slow = [t for t in tensors if t.status == Status.factorized and t.rank > speed_rank(t.shape[0], _columns(t))]
+    if not slow:
+        return []
+    share = max(t.params_after / t.params for t in slow)
+    some = ", ".join(f"'{t.name}'" for t in slow[:3]) + (", …" if len(slow) > 3 else "")
+    return [
+        Note(
+            f"{len(slow)} factorized tensors ({some}) keep more than {SPEED_SHARE:.0%} of their params (up to"
+            f" {share:.0%}): their factors save memory, but a layer running them reads and multiplies at least"
+            f" {SPEED_SHARE:.0%} of what the dense matrix does, in two products instead of one, so it runs little"
+            f" faster or slower (benchmarks/bench_kernels.py); {arg('objective')} speed keeps such matrices whole"
+        )
+    ]
+
+
+def _columns(tensor: TensorReport) -> int:
+    return tensor.params // tensor.shape[0]  # n of the (m, n) matrix a tensor of more dims is read as
 
 
 def _write(
@@ -98,6 +127,7 @@ def _write(
     on_tensor: Callable[[TensorEntry], None] | None,
     calibration: Calibration | None = None,
     fidelity: dict | None = None,
+    speed: bool = False,
 ) -> list[TensorReport]:
     """Every tensor into its writer; each writer's metadata is the first shard's, plus its factor records."""
     tensors = []
@@ -109,7 +139,7 @@ def _write(
         base_metadata.setdefault(writer, shard.metadata)
         shard_records, shard_casts = records.setdefault(writer, {}), casts.setdefault(writer, {})
         for entry in entries:
-            step = (policy_for, settings, selected, calibration)
+            step = (policy_for, settings, selected, calibration, speed)
             report = _compress_entry(checkpoint, entry, writer, shard_records, *step)
             # a matrix the policy bounds but keeps whole: the bound holds on it as written, cast or not
             bound = policy_for(entry.name).max_error if report.status == Status.dense else None
@@ -133,6 +163,7 @@ def _compress_entry(
     settings: Settings,
     selected: set[str],
     calibration: Calibration | None = None,
+    speed: bool = False,
 ) -> TensorReport:
     """Write one tensor's factors where they pay; return its report row (the caller writes the others whole)."""
     reason = skip_reason(entry, entry.name in selected)
@@ -148,6 +179,7 @@ def _compress_entry(
             calibration,
             name=entry.name,
             stored=stored_dtype(settings, entry.dtype),
+            limit=speed_rank(*matrix.shape) if speed else None,
             where=f"{entry.path}: tensor '{entry.name}'",
         )
         record(report, outcome, settings.rtol)

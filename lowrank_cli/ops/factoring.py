@@ -21,7 +21,7 @@ from lowrank_cli.io.checkpoint import Checkpoint, TensorEntry
 from lowrank_cli.io.dtypes import compute_dtype, torch_dtype
 from lowrank_cli.linalg.factorize import Factorization, finite, generator_for, relative_error, truncated_svd
 from lowrank_cli.linalg.policy import RankPolicy
-from lowrank_cli.linalg.spectrum import Spectrum, break_even_rank, singular_values
+from lowrank_cli.linalg.spectrum import SPEED_SHARE, Spectrum, break_even_rank, singular_values
 from lowrank_cli.linalg.whiten import RowWeights, Whitener
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 from lowrank_cli.ops.report import Status, TensorReport
@@ -118,12 +118,17 @@ def decide(rank: int | None, shape: tuple[int, int], policy: RankPolicy, limit: 
     m, n = shape
     if policy.dense:
         return Decision(Status.dense, None, KEPT_WHOLE)
+    faster = limit < break_even_rank(m, n)  # compress --objective speed: limit is speed_rank
     if rank is None:
-        return Decision(Status.dense, None, f"the target needs rank > {limit}, where factors stop saving params")
+        stop = "being faster" if faster else "saving params"
+        return Decision(Status.dense, None, f"the target needs rank > {limit}, where factors stop {stop}")
     if rank == 0:
         return Decision(Status.dense, 0, "zero matrix")
     if rank > limit:
         clamp = f"rank {policy.rank} clamped to min(m, n); " if policy.rank and policy.rank > rank else ""
+        if faster and rank * (m + n) < m * n:
+            share = f"{rank * (m + n):,} of {m * n:,} params, more than {SPEED_SHARE:.0%}"
+            return Decision(Status.dense, rank, f"{clamp}rank {rank} keeps {share}: factors would run hardly faster")
         return Decision(Status.dense, rank, f"{clamp}rank {rank} needs {rank * (m + n):,} ≥ {m * n:,} params")
     return Decision(Status.factorized, rank)
 

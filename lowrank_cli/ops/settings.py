@@ -51,6 +51,15 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class Objective(str, Enum):
+    """What compress stores factors for: `params`, wherever they hold fewer numbers than the matrix;
+    `speed`, only where they hold at most SPEED_SHARE (80 %) of them, so that a layer running them is
+    faster too (linalg.spectrum.speed_rank): any other matrix stays whole."""
+
+    params = "params"
+    speed = "speed"
+
+
 class AdapterFormat(str, Enum):
     """How a LoRA adapter is written: a PEFT folder, or one kohya (sd-scripts) .safetensors file."""
 
