@@ -12,7 +12,8 @@ against lowrank's randomized one at the sizes around linalg.factorize's _CHEAP_E
 each exact SVD's cost per m·n·min(m, n). Matrices are float32 with σ_i = i^-0.5.
 
 The rows for lowrank_cli.nn (running factors) use a 1536×576 matrix factored at rank 196, 60 % of
-its params (SmolLM2-135M's MLP shape), random values; each time is a batch of calls. The third
+its params (SmolLM2-135M's MLP shape), and a 2048×737 factor (TinyLlama-1.1B's down_proj B at 60 %),
+random values; each time is a batch of calls. The third
 table times that matrix W against its factors run as LowRankLinear runs them, (x·Aᵀ)·Bᵀ, at ranks
 that keep 50 % to 90 % of W's params, in float32 and bfloat16, for 1, 8 and 512 rows of x: the
 ground of SPEED_SHARE, past which compress notes that factors save memory but hardly time.
@@ -35,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
 from lowrank_cli.linalg.spectrum import SPEED_SHARE, svd  # noqa: E402
-from lowrank_cli.nn.linear import aten_gemv, linear  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, kernel_for, linear  # noqa: E402
 from lowrank_cli.ops.calibrate import CHUNK  # noqa: E402
 
 
@@ -81,6 +82,15 @@ def repeated(fn, times: int):
             fn()
 
     return run
+
+
+def on_aten(function, *args):
+    """function(*args) with oneDNN off: the product on ATen's own kernel."""
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return function(*args)
+    finally:
+        torch._C._set_mkldnn_enabled(True)
 
 
 def factor_shares(m: int, n: int, repeats: int, calls: int) -> None:
@@ -136,7 +146,16 @@ def main() -> None:
     b16 = torch.randn(m, rank, generator=g).to(torch.bfloat16)
     row16 = torch.randn(1, cols, generator=g).to(torch.bfloat16)
     h16 = torch.randn(1, rank, generator=g).to(torch.bfloat16)
-    gemv_rule = f"nn.linear.aten_gemv; here: {'yes' if aten_gemv(row16, a16) else 'no'}"
+    # and a factor of TinyLlama-1.1B's MLP at 60 %: B (2048, 737), past ATEN_GEMV_MAX
+    big = torch.randn(*((192, 96) if args.quick else (2048, 737)), generator=g).to(torch.bfloat16)
+    big_row = torch.randn(1, big.shape[1], generator=g).to(torch.bfloat16)
+
+    side = ">" if big.numel() > ATEN_GEMV_MAX else "≤"
+    big_what = f"x·Wᵀ, W {big.shape[0]}×{big.shape[1]} {side} {ATEN_GEMV_MAX:,} elements, one bfloat16 row, ×{calls}"
+
+    def rule(x: torch.Tensor, weight: torch.Tensor) -> str:
+        return f"nn.linear.kernel_for; here: {kernel_for(x, weight).value}"
+
     siblings = torch.cat([a16, a16.clone()])  # a stacked gate/up pair (nn.siblings)
     rows8 = torch.randn(8, cols, generator=g).to(torch.bfloat16)
 
@@ -159,12 +178,18 @@ def main() -> None:
         (f"Wᵀ·X in bfloat16, {n}×{n}, {k} columns", "linalg.randomized (_times_t)", "(Xᵀ·W)ᵀ, X contiguous",
          lambda: (omega.T.to(torch.bfloat16, memory_format=torch.contiguous_format) @ w16).T,
          "W.T @ X", lambda: w16.T @ omega.to(torch.bfloat16)),
-        (f"x·Aᵀ, A {rank}×{cols}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
+        (f"x·Aᵀ, A {rank}×{cols}, one bfloat16 row, ×{calls}", rule(row16, a16), "linear",
          repeated(lambda: linear(row16, a16), calls),
-         "F.linear (oneDNN)", repeated(lambda: F.linear(row16, a16), calls)),
-        (f"h·Bᵀ, B {m}×{rank}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
+         "F.linear (oneDNN's x·Wᵀ)", repeated(lambda: F.linear(row16, a16), calls)),
+        (f"h·Bᵀ, B {m}×{rank}, one bfloat16 row, ×{calls}", rule(h16, b16), "linear",
          repeated(lambda: linear(h16, b16), calls),
-         "F.linear (oneDNN)", repeated(lambda: F.linear(h16, b16), calls)),
+         "F.linear (oneDNN's x·Wᵀ)", repeated(lambda: F.linear(h16, b16), calls)),
+        (big_what,
+         rule(big_row, big), "linear", repeated(lambda: linear(big_row, big), calls),
+         "F.linear (oneDNN's x·Wᵀ)", repeated(lambda: F.linear(big_row, big), calls)),
+        (big_what,
+         rule(big_row, big), "linear", repeated(lambda: linear(big_row, big), calls),
+         "ATen's gemv", repeated(lambda: on_aten(F.linear, big_row, big), calls)),
         (f"two siblings' A·x, 2 × {rank}×{cols}, 8 bfloat16 rows, ×{calls}", "nn.siblings.Siblings",
          "one stacked product", repeated(lambda: linear(rows8, siblings), calls),
          "a product each", repeated(lambda: (linear(rows8, a16), linear(rows8, a16)), calls)),
