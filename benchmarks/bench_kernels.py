@@ -12,7 +12,8 @@ against lowrank's randomized one at the sizes around linalg.factorize's _CHEAP_E
 each exact SVD's cost per m·n·min(m, n). Matrices are float32 with σ_i = i^-0.5.
 
 The rows for lowrank_cli.nn (running factors) use a 1536×576 matrix factored at rank 196, 60 % of
-its params (SmolLM2-135M's MLP shape), random values; each time is a batch of calls. The third
+its params (SmolLM2-135M's MLP shape), and a 2048×737 factor (TinyLlama-1.1B's down_proj B at 60 %),
+random values; each time is a batch of calls. The third
 table times that matrix W against its factors run as LowRankLinear runs them, (x·Aᵀ)·Bᵀ, at ranks
 that keep 50 % to 90 % of W's params, in float32 and bfloat16, for 1, 8 and 512 rows of x: the
 ground of SPEED_SHARE, past which compress notes that factors save memory but hardly time.
@@ -36,7 +37,7 @@ from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
 from lowrank_cli.linalg.spectrum import SPEED_SHARE, svd  # noqa: E402
 from lowrank_cli.model.calibrate import CHUNK  # noqa: E402
-from lowrank_cli.nn.linear import aten_gemv, linear  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, kernel_for, linear  # noqa: E402
 
 
 def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
@@ -73,43 +74,61 @@ def svd_wide_by_qr(b: torch.Tensor):
     return u, s, vh_r @ q.T  # (k, k) @ (k, n) -> (k, n)
 
 
-def repeated(fn, times: int):
-    """fn run `times` times: products of a few µs are timed as a batch of calls."""
+def layers(fn, weights: list, passes: int):
+    """fn(weights) over every weight in turn, `passes` times: a product of a few µs is timed as a pass
+    over a model's layers, each weight read afresh (not from the core's cache) as in a forward."""
 
     def run():
-        for _ in range(times):
-            fn()
+        for _ in range(passes):
+            for weight in weights:
+                fn(weight)
 
     return run
 
 
-def factor_shares(m: int, n: int, repeats: int, calls: int) -> None:
+def copies(count: int, *shape: int, generator: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> list:
+    return [torch.randn(*shape, generator=generator).to(dtype) for _ in range(count)]
+
+
+def on_aten(function, *args):
+    """function(*args) with oneDNN off: the product on ATen's own kernel."""
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        return function(*args)
+    finally:
+        torch._C._set_mkldnn_enabled(True)
+
+
+def factor_shares(m: int, n: int, repeats: int, count: int) -> None:
     """x·Wᵀ against lowrank's (x·Aᵀ)·Bᵀ at ranks that keep 50–90 % of W's params, in both dtypes."""
     shares = (0.5, 0.6, 0.7, SPEED_SHARE, 0.9)
-    print(f"\nfactors B·A of a {m}×{n} W against W itself (nn.linear.linear, SPEED_SHARE = {SPEED_SHARE}):"
-          " W's time / the factors' time, > 1 where the factors are faster\n")  # fmt: skip
+    print(f"\nfactors B·A of a {m}×{n} W against W itself (nn.linear.linear, SPEED_SHARE = {SPEED_SHARE}), each"
+          f" over {count} copies as a model's layers: W's time / the factors' time, > 1 where the factors are"
+          " faster\n")  # fmt: skip
     print(row("dtype", "rows of x", "W ms", *(f"factors at {share:.0%}" for share in shares)))
     print(row(*["---"] * (3 + len(shares))))
     g = torch.Generator().manual_seed(2)
     for dtype in (torch.float32, torch.bfloat16):
-        w = torch.randn(m, n, generator=g).to(dtype)
+        ws = copies(count, m, n, generator=g, dtype=dtype)
         factors = []
         for share in shares:
             rank = int(share * m * n) // (m + n)
-            factors.append((torch.randn(m, rank, generator=g).to(dtype), torch.randn(rank, n, generator=g).to(dtype)))
+            bs, as_ = copies(count, m, rank, generator=g, dtype=dtype), copies(count, rank, n, generator=g, dtype=dtype)
+            pairs = zip(bs, as_, strict=True)
+            factors.append(list(pairs))
         for rows in (1, 8, 512):
             x = torch.randn(rows, n, generator=g).to(dtype)
-            times = calls if rows < 512 else max(1, calls // 16)
-            dense = repeated(lambda x=x, w=w: F.linear(x, w), times)
+            dense = layers(lambda w, x=x: F.linear(x, w), ws, 1)
             dense()
             t_dense, _ = timed(dense, repeats)
             ratios = []
-            for b, a in factors:
+            for pairs in factors:
                 # (rows, n) -> (rows, r) -> (rows, m), as LowRankLinear.forward
-                run = repeated(lambda x=x, b=b, a=a: linear(linear(x, a), b), times)
+                run = layers(lambda pair, x=x: linear(linear(x, pair[1]), pair[0]), pairs, 1)
                 run()
                 ratios.append(f"{t_dense / timed(run, repeats)[0]:.2f}")
-            print(row(str(dtype).removeprefix("torch."), rows, f"{t_dense / times * 1e3:.3f}", *ratios), flush=True)
+            per_w = f"{t_dense / count * 1e3:.3f}"
+            print(row(str(dtype).removeprefix("torch."), rows, per_w, *ratios), flush=True)
 
 
 def main() -> None:
@@ -129,16 +148,24 @@ def main() -> None:
     wide = torch.randn(n // 8, n, generator=g)
     w16 = w.to(torch.bfloat16)
     bfloat16_rule = f"bfloat16 sketch here: {'yes' if fast_bfloat16('cpu') else 'no'} (fast_bfloat16)"
-    # A factored 1536×576 at 60 % of its params (SmolLM2-135M's MLP shape): A (196, 576), B (1536, 196)
-    m, cols, rank = (192, 72, 24) if args.quick else (1536, 576, 196)
-    calls = 5 if args.quick else 200
-    a16 = torch.randn(rank, cols, generator=g).to(torch.bfloat16)
-    b16 = torch.randn(m, rank, generator=g).to(torch.bfloat16)
+    # A factored 1536×576 at 60 % of its params (SmolLM2-135M's MLP shape): A (196, 576), B (1536, 196),
+    # one per layer of its 30; and a factor of TinyLlama-1.1B's MLP at 60 %, B (2048, 737), one per layer of 22
+    (m, cols, rank), big_shape = ((192, 72, 24), (192, 96)) if args.quick else ((1536, 576, 196), (2048, 737))
+    count, big_count, passes = (2, 2, 1) if args.quick else (30, 22, 10)
+    a16s, b16s = copies(count, rank, cols, generator=g), copies(count, m, rank, generator=g)
+    bigs = copies(big_count, *big_shape, generator=g)
     row16 = torch.randn(1, cols, generator=g).to(torch.bfloat16)
     h16 = torch.randn(1, rank, generator=g).to(torch.bfloat16)
-    gemv_rule = f"nn.linear.aten_gemv; here: {'yes' if aten_gemv(row16, a16) else 'no'}"
-    siblings = torch.cat([a16, a16.clone()])  # a stacked gate/up pair (nn.siblings)
+    big_row = torch.randn(1, big_shape[1], generator=g).to(torch.bfloat16)
+    side = ">" if bigs[0].numel() > ATEN_GEMV_MAX else "≤"
+    big_what = f"x·Wᵀ, W {big_shape[0]}×{big_shape[1]} {side} {ATEN_GEMV_MAX:,} elements, one bfloat16 row"
+
+    def rule(x: torch.Tensor, weight: torch.Tensor) -> str:
+        return f"nn.linear.kernel_for; here: {kernel_for(x, weight).value}"
+
+    stacked = [torch.cat([a, a.clone()]) for a in a16s]  # gate/up pairs stacked (nn.siblings)
     rows8 = torch.randn(8, cols, generator=g).to(torch.bfloat16)
+    each = f"{passes} passes over {count} layers"
 
     choices = [
         ("NaN/Inf check", "linalg.factorize.finite", "one aminmax pass", lambda: finite(w),
@@ -159,15 +186,21 @@ def main() -> None:
         (f"Wᵀ·X in bfloat16, {n}×{n}, {k} columns", "linalg.randomized (_times_t)", "(Xᵀ·W)ᵀ, X contiguous",
          lambda: (omega.T.to(torch.bfloat16, memory_format=torch.contiguous_format) @ w16).T,
          "W.T @ X", lambda: w16.T @ omega.to(torch.bfloat16)),
-        (f"x·Aᵀ, A {rank}×{cols}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
-         repeated(lambda: linear(row16, a16), calls),
-         "F.linear (oneDNN)", repeated(lambda: F.linear(row16, a16), calls)),
-        (f"h·Bᵀ, B {m}×{rank}, one bfloat16 row, ×{calls}", gemv_rule, "linear (ATen's gemv)",
-         repeated(lambda: linear(h16, b16), calls),
-         "F.linear (oneDNN)", repeated(lambda: F.linear(h16, b16), calls)),
-        (f"two siblings' A·x, 2 × {rank}×{cols}, 8 bfloat16 rows, ×{calls}", "nn.siblings.Siblings",
-         "one stacked product", repeated(lambda: linear(rows8, siblings), calls),
-         "a product each", repeated(lambda: (linear(rows8, a16), linear(rows8, a16)), calls)),
+        (f"x·Aᵀ, A {rank}×{cols}, one bfloat16 row, {each}", rule(row16, a16s[0]), "linear",
+         layers(lambda a: linear(row16, a), a16s, passes),
+         "F.linear (oneDNN's x·Wᵀ)", layers(lambda a: F.linear(row16, a), a16s, passes)),
+        (f"h·Bᵀ, B {m}×{rank}, one bfloat16 row, {each}", rule(h16, b16s[0]), "linear",
+         layers(lambda b: linear(h16, b), b16s, passes),
+         "F.linear (oneDNN's x·Wᵀ)", layers(lambda b: F.linear(h16, b), b16s, passes)),
+        (f"{big_what}, {passes} passes over {big_count} layers", rule(big_row, bigs[0]), "linear",
+         layers(lambda w: linear(big_row, w), bigs, passes),
+         "F.linear (oneDNN's x·Wᵀ)", layers(lambda w: F.linear(big_row, w), bigs, passes)),
+        (f"{big_what}, {passes} passes over {big_count} layers", rule(big_row, bigs[0]), "linear",
+         layers(lambda w: linear(big_row, w), bigs, passes),
+         "ATen's gemv", layers(lambda w: on_aten(F.linear, big_row, w), bigs, passes)),
+        (f"two siblings' A·x, 2 × {rank}×{cols}, 8 bfloat16 rows, {each}", "nn.siblings.Siblings",
+         "one stacked product", layers(lambda s: linear(rows8, s), stacked, passes),
+         "a product each", layers(lambda a: (linear(rows8, a), linear(rows8, a)), a16s, passes)),
     ]  # fmt: skip
     print(row("computation", "where", "lowrank", "ms", "alternative", "ms", "alternative / lowrank"))
     print(row(*["---"] * 7))
@@ -192,7 +225,7 @@ def main() -> None:
         per = f"{t_exact / cost * 1e9:.2f}"
         print(row(f"{m}×{cols}", f"{cost:.1e}", f"{t_exact:.3f}", per, f"{t_random:.3f}", cheap), flush=True)
 
-    factor_shares(*((96, 64) if args.quick else (1536, 576)), repeats, 2 if args.quick else 20)
+    factor_shares(*((96, 64) if args.quick else (1536, 576)), repeats, 2 if args.quick else 30)
 
 
 def randomized(matrix: torch.Tensor, rank: int):

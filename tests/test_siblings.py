@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from lowrank_cli.nn import LowRankLinear, fuse_siblings, load_pretrained, save_factors  # noqa: E402
-from lowrank_cli.nn.linear import aten_gemv, linear  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, Kernel, kernel_for, linear  # noqa: E402
 from lowrank_cli.nn.siblings import Siblings  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -57,15 +57,17 @@ def _within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> bool
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 5), (0,)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_linear_gives_the_product_on_every_kernel(dtype, lead, with_bias):
+@pytest.mark.parametrize("size", [(29, IN), (1031, 1021)], ids=["small", "past ATEN_GEMV_MAX"])
+def test_linear_gives_the_product_on_every_kernel(dtype, lead, with_bias, size):
     generator = torch.Generator().manual_seed(2)
-    weight = torch.randn(29, IN, generator=generator).to(dtype)
-    bias = torch.randn(29, generator=generator).to(dtype) if with_bias else None
-    x = torch.randn(*lead, IN, generator=generator).to(dtype)
+    out, n = size
+    weight = torch.randn(out, n, generator=generator).to(dtype)
+    bias = torch.randn(out, generator=generator).to(dtype) if with_bias else None
+    x = torch.randn(*lead, n, generator=generator).to(dtype)
     got = linear(x, weight, bias)
     exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
-    assert got.shape == (*lead, 29) and got.dtype == dtype
-    assert _within(got, exact, _bound(x, weight, IN, bias))
+    assert got.shape == (*lead, out) and got.dtype == dtype
+    assert _within(got, exact, _bound(x, weight, n, bias))
     assert torch.backends.mkldnn.enabled  # the ATen path turns oneDNN off for its call only
 
 
@@ -79,14 +81,19 @@ def _onednn(enabled: bool):
         torch.backends.mkldnn.enabled = before
 
 
-def test_the_rule_takes_aten_s_gemv_for_one_bfloat16_row_only():
-    w16 = torch.zeros(8, IN, dtype=torch.bfloat16)
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the rule picks among oneDNN and ATen")
+def test_the_rule_for_one_bfloat16_row_is_aten_s_gemv_for_a_small_w_and_onednn_s_w_x_for_a_large_one():
+    small = torch.zeros(8, IN, dtype=torch.bfloat16)
+    large = torch.zeros(ATEN_GEMV_MAX // IN + 1, IN, dtype=torch.bfloat16)
+    edge = torch.zeros(ATEN_GEMV_MAX // IN, IN, dtype=torch.bfloat16)
     one, rows = torch.zeros(1, 1, IN, dtype=torch.bfloat16), torch.zeros(2, 3, IN, dtype=torch.bfloat16)
-    assert aten_gemv(one, w16) is torch.backends.mkldnn.is_available()
-    assert not aten_gemv(rows, w16) and not aten_gemv(torch.zeros(2, IN, dtype=torch.bfloat16), w16)
-    assert not aten_gemv(one.float(), w16.float()) and not aten_gemv(one.half(), w16.half())
-    with _onednn(False):  # oneDNN turned off by the user: ATen's kernel anyway, and the switch is left alone
-        assert not aten_gemv(one, w16)
+    assert kernel_for(one, small) is kernel_for(one, edge) is Kernel.aten_gemv
+    assert kernel_for(one, large) is Kernel.onednn_mv
+    for weight in (small, large):
+        assert kernel_for(rows, weight) is kernel_for(torch.zeros(2, IN, dtype=torch.bfloat16), weight) is Kernel.linear
+        assert kernel_for(one.float(), weight.float()) is kernel_for(one.half(), weight.half()) is Kernel.linear
+        with _onednn(False):  # oneDNN turned off by the user: F.linear, ATen's kernel anyway
+            assert kernel_for(one, weight) is Kernel.linear
 
 
 def test_the_aten_path_restores_a_user_s_onednn_setting_even_when_the_product_fails():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from enum import Enum
 from typing import TYPE_CHECKING
 
 import torch
@@ -246,33 +247,56 @@ class LowRankEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}{padding}"
 
 
-def aten_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether `linear` runs x·Wᵀ on ATen's own kernel instead of oneDNN: by rule, for one row of x
-    (a decode step at batch 1) in bfloat16 on a CPU.
+class Kernel(str, Enum):
+    """How `linear` runs x·Wᵀ; `kernel_for` picks one by rule."""
 
-    torch sends every bfloat16 product on a CPU with oneDNN to oneDNN. At one row, ATen's
-    matrix-vector kernel (float32 sums on the vector unit) ran the factors' skinny products faster;
-    from two rows on oneDNN is far faster, and float16 and float32 showed no such gap.
-    benchmarks/bench_kernels.py times both ways on the CPU at hand.
+    linear = "F.linear"  # torch's own choice
+    aten_gemv = "ATen's gemv"  # F.linear with oneDNN off for the call: ATen's matrix-vector kernel
+    onednn_mv = "oneDNN's W·x"  # torch.mv(W, x): oneDNN with W as stored, x as the vector
+
+
+# The most elements of a bfloat16 W whose one-row product ATen's gemv ran faster than oneDNN (about 2 MiB,
+# a core's L2 on the Xeon measured); larger ones ran faster on oneDNN as W·x (benchmarks/bench_kernels.py).
+ATEN_GEMV_MAX = 1 << 20
+
+
+def kernel_for(x: torch.Tensor, weight: torch.Tensor) -> Kernel:
+    """The kernel `linear` runs x·Wᵀ on: by rule, from the dtype, the device, the rows of x and W's size.
+
+    torch sends every bfloat16 product on a CPU with oneDNN to oneDNN, as x·Wᵀ with W transposed.
+    For one row of x (a decode step at batch 1) two other ways ran faster on the Xeon measured:
+    ATen's own matrix-vector kernel (float32 sums on the vector unit) for a W of up to ATEN_GEMV_MAX
+    elements, the factors' usual size, and oneDNN's matrix-vector product W·x for a larger W. From
+    two rows on, oneDNN's x·Wᵀ is far faster than ATen's; float16 and float32 showed no such gaps, so
+    they keep F.linear. No timing is taken at run time: benchmarks/bench_kernels.py times each way.
     """
-    return (
-        weight.dtype == torch.bfloat16
-        and _ONEDNN
-        and weight.device.type == "cpu"
-        and x.numel() == x.shape[-1]  # one row, whatever the leading dims
-        and torch._C._get_mkldnn_enabled()  # a user who turned oneDNN off has ATen's kernel anyway
-    )
+    if (
+        weight.dtype != torch.bfloat16
+        or not _ONEDNN
+        or not weight.is_cpu
+        or x.numel() != x.shape[-1]  # more than one row, whatever the leading dims
+        or weight.dim() != 2
+        or not torch._C._get_mkldnn_enabled()  # a user who turned oneDNN off has ATen's kernel anyway
+    ):
+        return Kernel.linear
+    return Kernel.aten_gemv if weight.numel() <= ATEN_GEMV_MAX else Kernel.onednn_mv
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x·Wᵀ + b, as F.linear computes it, on the kernel the rule `aten_gemv` picks.
+    """x·Wᵀ + b, as F.linear computes it, on the kernel that `kernel_for` picks.
 
     Example:
         >>> linear(torch.randn(1, 64, dtype=torch.bfloat16), torch.randn(8, 64, dtype=torch.bfloat16)).shape
         torch.Size([1, 8])
     """
-    if not aten_gemv(x, weight):
+    kernel = kernel_for(x, weight)
+    if kernel is Kernel.linear:
         return F.linear(x, weight, bias)
+    if kernel is Kernel.onednn_mv:
+        vector = x.reshape(-1)  # (in,)
+        # (out, in) @ (in,) -> (out,), plus the bias
+        y = torch.mv(weight, vector) if bias is None else torch.addmv(bias, weight, vector)
+        return y.view(*x.shape[:-1], weight.shape[0])
     # torch.backends.mkldnn.enabled, without the module property's Python layers (a product here takes µs).
     # The switch is process-wide: another thread's product meanwhile runs on ATen too, only slower.
     torch._C._set_mkldnn_enabled(False)

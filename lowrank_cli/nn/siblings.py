@@ -50,40 +50,47 @@ class Siblings:
     def __init__(self, layers: list[LowRankLinear]) -> None:
         self.layers = layers
         self.stacked = torch.cat([layer.A.detach() for layer in layers])  # (Σr, in)
-        self.rows: dict[LowRankLinear, slice] = {}
+        self.rows: dict[LowRankLinear, tuple[int, int]] = {}  # layer -> (first row, rank)
         self.sharing = True
         start = 0
         for layer in layers:
             view = self.stacked[start : start + layer.rank]  # (r, in), rows of the stacked tensor
             layer.A = nn.Parameter(view, requires_grad=layer.A.requires_grad)
             layer.siblings = self
-            self.rows[layer] = slice(start, start + layer.rank)
+            self.rows[layer] = (start, layer.rank)
             start += layer.rank
-        self._pointers = [layer.A.data_ptr() for layer in layers]
+        self._views = [(layer, layer.A, layer.A.data_ptr()) for layer in layers]
         self._shared: _Shared | None = None
 
     def a_product(self, layer: LowRankLinear, x: torch.Tensor) -> torch.Tensor | None:
         """This layer's A·x, from the stacked product (computed now, or by a sibling on the same x);
         None where it cannot be shared: the layer then computes its own."""
         shared = self._shared  # one read: another thread may replace it meanwhile
-        if shared is not None and shared.source is x and layer in shared.waiting and shared.version == _version(x):
-            shared.waiting.remove(layer)
-            if not shared.waiting:
-                self._shared = None  # every sibling has its rows: nothing is kept between forwards
-            return shared.product[..., self.rows[layer]]
         if shared is not None:
+            if shared.source is x and layer in shared.waiting and shared.version == _version(x):
+                shared.waiting.remove(layer)
+                if not shared.waiting:
+                    self._shared = None  # every sibling has its rows: nothing is kept between forwards
+                return shared.product.narrow(-1, *self.rows[layer])
             # a sibling did not come for its rows before another input arrived: they do not share it
             self.sharing, self._shared = False, None
         if not self.sharing or not self._usable():
             return None
         product = linear(x, self.stacked)  # (…, in) @ (in, Σr) -> (…, Σr)
-        self._shared = _Shared(x, _version(x), product, [other for other in self.layers if other is not layer])
-        return product[..., self.rows[layer]]
+        waiting = self.layers.copy()
+        waiting.remove(layer)
+        self._shared = _Shared(x, _version(x), product, waiting)
+        return product.narrow(-1, *self.rows[layer])
 
     def _usable(self) -> bool:
-        if any(layer.A.data_ptr() != pointer for layer, pointer in zip(self.layers, self._pointers, strict=True)):
-            return False  # an A was replaced (a model moved with .to(), a new Parameter): each layer on its own
-        return not (torch.is_grad_enabled() and any(layer.A.requires_grad for layer in self.layers))
+        grad = torch.is_grad_enabled()
+        for layer, view, pointer in self._views:
+            # an A replaced (a new Parameter, or a model moved with .to()): each layer on its own
+            if layer._parameters["A"] is not view or view.data_ptr() != pointer:
+                return False
+            if grad and view.requires_grad:  # training: each layer its own product, so each A gets its gradient
+                return False
+        return True
 
 
 class _Shared:
