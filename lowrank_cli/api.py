@@ -283,8 +283,8 @@ def compress(
         seq_len, tokens, split, batch_size: with `fidelity`, how eval_text is cut into samples and
             how many run a forward pass, as for evaluate (default: evaluate's defaults).
         objective: "params" (default) factors every matrix whose factors hold fewer params than it;
-            "speed" only those whose factors hold at most 80 % of them (SPEED_SHARE), so that they run
-            faster too, and keeps the others whole (a budget allocates ranks only up to that share).
+            "speed" only those whose factors hold at most 80 % of them (SPEED_SHARE), where they can
+            gain speed too, and keeps the others whole (a budget allocates ranks only up to that share).
 
     Returns:
         The Report; each row's rel_error (and output_error) is measured on the factors as written.

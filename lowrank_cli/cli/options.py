@@ -94,7 +94,7 @@ ObjectiveOption = Annotated[
     typer.Option(
         "--objective",
         help="params: factors wherever they hold fewer params than the matrix; speed: only where they hold"
-        " ≤ 80 % of them, so they run faster too (others stay whole; a budget's ranks stop there).",
+        " ≤ 80 % of them, where they can gain speed too (others stay whole; a budget's ranks stop there).",
         case_sensitive=False,
         metavar="OBJECTIVE",
     ),

@@ -28,7 +28,8 @@ def break_even_rank(m: int, n: int) -> int:
 
 # Factors holding more than this share of W's params read and multiply at least that share of what W
 # does, in two products instead of one: at most 1/0.8 = 1.25× less work, which the second product's
-# cost mostly takes back (benchmarks/bench_kernels.py times factors against W at several shares).
+# overhead, or the thin products' lower efficiency (bfloat16 with many rows), can take back
+# (benchmarks/bench_kernels.py times factors against W at 50–90 % of its params).
 SPEED_SHARE = 0.8
 
 

@@ -49,7 +49,7 @@ def compress(
     objective: Objective = Objective.params,
 ) -> Report:
     """Write OUT with factors for every selected float matrix where they save parameters (Objective.speed:
-    where they hold at most SPEED_SHARE of them, so that they run faster too).
+    where they hold at most SPEED_SHARE of them, where they can gain speed too).
 
     The error reported for each tensor is measured on the factors as written, in their dtype.
     With calibration, each tensor with statistics is factorized as W·S (activation-aware).
@@ -98,7 +98,7 @@ def compress(
 
 def slow_factor_notes(tensors: list[TensorReport]) -> list[str]:
     """A note on the factorized tensors whose factors hold more than SPEED_SHARE of their params:
-    they save memory, but two products of that size run hardly faster than the dense one, or slower."""
+    they save memory, but two products of that size gain little speed over the dense one, or lose some."""
     slow = [t for t in tensors if t.status == Status.factorized and t.rank > speed_rank(t.shape[0], _columns(t))]
     if not slow:
         return []
@@ -107,9 +107,9 @@ def slow_factor_notes(tensors: list[TensorReport]) -> list[str]:
     return [
         Note(
             f"{len(slow)} factorized tensors ({some}) keep more than {SPEED_SHARE:.0%} of their params (up to"
-            f" {share:.0%}): their factors save memory, but a layer running them reads and multiplies at least"
-            f" {SPEED_SHARE:.0%} of what the dense matrix does, in two products instead of one, so it runs little"
-            f" faster or slower (benchmarks/bench_kernels.py); {arg('objective')} speed keeps such matrices whole"
+            f" {share:.0%}): their factors save memory, but a layer running them does at least {SPEED_SHARE:.0%}"
+            " of the dense matrix's work, in two products instead of one, so it gains little speed or loses some"
+            f" (benchmarks/bench_kernels.py times both); {arg('objective')} speed keeps such matrices whole"
         )
     ]
 

@@ -53,8 +53,8 @@ class Device(str, Enum):
 
 class Objective(str, Enum):
     """What compress stores factors for: `params`, wherever they hold fewer numbers than the matrix;
-    `speed`, only where they hold at most SPEED_SHARE (80 %) of them, so that a layer running them is
-    faster too (linalg.spectrum.speed_rank): any other matrix stays whole."""
+    `speed`, only where they hold at most SPEED_SHARE (80 %) of them, where a layer running them can
+    gain speed too (linalg.spectrum.speed_rank): any other matrix stays whole."""
 
     params = "params"
     speed = "speed"
