@@ -68,7 +68,7 @@ class Siblings:
         shared = self._shared  # one read: another thread may replace it meanwhile
         if shared is not None:
             if shared.source is x and layer in shared.waiting and shared.version == _version(x):
-                shared.waiting.remove(layer)
+                shared.waiting.discard(layer)  # (a set: two threads on one input may both get here)
                 if not shared.waiting:
                     self._shared = None  # every sibling has its rows: nothing is kept between forwards
                 return shared.product.narrow(-1, *self.rows[layer])
@@ -77,9 +77,7 @@ class Siblings:
         if not self.sharing or not self._usable():
             return None
         product = linear(x, self.stacked)  # (…, in) @ (in, Σr) -> (…, Σr)
-        waiting = self.layers.copy()
-        waiting.remove(layer)
-        self._shared = _Shared(x, _version(x), product, waiting)
+        self._shared = _Shared(x, _version(x), product, {other for other in self.layers if other is not layer})
         return product.narrow(-1, *self.rows[layer])
 
     def _usable(self) -> bool:
@@ -98,7 +96,7 @@ class _Shared:
 
     __slots__ = ("source", "version", "product", "waiting")
 
-    def __init__(self, source: torch.Tensor, version: int | None, product: torch.Tensor, waiting: list) -> None:
+    def __init__(self, source: torch.Tensor, version: int | None, product: torch.Tensor, waiting: set) -> None:
         self.source, self.version, self.product, self.waiting = source, version, product, waiting
 
 
