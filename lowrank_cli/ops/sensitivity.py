@@ -46,18 +46,39 @@ def weight_sensitivity(
     module: torch.nn.Module, moment: Moment, run: Callable[[], object], reference: list[torch.Tensor]
 ) -> float | None:
     """One weight's sensitivity: cut it in place, run the probe, put it back."""
-    weight = module.weight
-    transposed = is_conv1d(module)  # stored (in, out)
-    cut, tail = half_cut(weight.T if transposed else weight, moment)
-    if cut is None or not tail > 0:
+    swap = CutSwap.of(module, moment)
+    if swap is None:
         return None
-    original = weight.data.clone()
     try:
-        weight.data.copy_(cut.T if transposed else cut)
+        swap.cut()
         loss = relative_change(reference, output_floats(run()))
     finally:
-        weight.data.copy_(original)
-    return loss / tail
+        swap.restore()
+    return loss / swap.tail
+
+
+class CutSwap:
+    """A weight's half cut (half_cut) put in its place and taken out again, as often as a probe needs."""
+
+    def __init__(self, weight: torch.Tensor, cut: torch.Tensor, tail: float) -> None:
+        self.weight, self.tail = weight, tail
+        self._cut, self._original = cut, weight.data.clone()
+
+    @classmethod
+    def of(cls, module: torch.nn.Module, moment: Moment) -> CutSwap | None:
+        """The swap of module.weight; None when there is nothing to cut (already of low rank)."""
+        weight = module.weight
+        transposed = is_conv1d(module)  # stored (in, out)
+        cut, tail = half_cut(weight.T if transposed else weight, moment)
+        if cut is None or not tail > 0:
+            return None
+        return cls(weight, cut.T if transposed else cut, tail)
+
+    def cut(self) -> None:
+        self.weight.data.copy_(self._cut)
+
+    def restore(self) -> None:
+        self.weight.data.copy_(self._original)
 
 
 def half_cut(weight: torch.Tensor, moment: Moment) -> tuple[torch.Tensor | None, float]:
@@ -304,44 +325,38 @@ class ProjectedProbe:
     @torch.no_grad()
     def _local(self, block, module, moment: Moment, inputs: list, outputs: list, grads: list) -> float | None:
         """Σ over batches and projections of the block's cut output change, projected; divided by the cut's tail."""
-        weight = module.weight
-        transposed = is_conv1d(module)
-        cut, tail = half_cut(weight.T if transposed else weight, moment)
-        if cut is None or not tail > 0:
+        swap = CutSwap.of(module, moment)
+        if swap is None:
             return None
-        original = weight.data.clone()
         total = 0.0
         try:
-            weight.data.copy_(cut.T if transposed else cut)
+            swap.cut()
             for hidden, after, g in zip(inputs, outputs, grads, strict=True):
                 delta = self.runner.run_block(block, hidden).states - after.states
                 total += self._projected(delta, g)
         finally:
-            weight.data.copy_(original)
-        return total / tail
+            swap.restore()
+        return total / swap.tail
 
     @torch.no_grad()
     def _outside(self, module, moment: Moment, first: list, final: list, grads: list, norms: list) -> float | None:
         """A stem or head weight: the stem's change projected through the blocks, the head's projected directly."""
-        weight = module.weight
-        transposed = is_conv1d(module)
-        if weight.is_meta:  # never called by the forward: nothing to measure
+        if module.weight.is_meta:  # never called by the forward: nothing to measure
             return None
-        cut, tail = half_cut(weight.T if transposed else weight, moment)
-        if cut is None or not tail > 0:
+        swap = CutSwap.of(module, moment)
+        if swap is None:
             return None
-        original = weight.data.clone()
         total = 0.0
         try:
             for b, (entering, hidden, g) in enumerate(zip(first, final, grads, strict=True)):
-                weight.data.copy_(cut.T if transposed else cut)
+                swap.cut()
                 delta = self.runner.embed(hidden.input_ids, hidden.attention_mask).states - entering.states
                 per_sample = [(grad * delta).reshape(delta.shape[0], -1).sum(1, dtype=torch.float64) for grad in g]
                 del delta
                 for start, end, piece in self._pieces(hidden):
-                    weight.data.copy_(original)
+                    swap.restore()
                     references = self._outputs(piece)
-                    weight.data.copy_(cut.T if transposed else cut)
+                    swap.cut()
                     changed = [
                         y2 - y for y2, y in zip(self._outputs(piece), references, strict=True)
                     ]  # not in place: an output may be the states themselves
@@ -352,8 +367,8 @@ class ProjectedProbe:
                             per_sample[k][start:end] += (v * dy).reshape(dy.shape[0], -1).sum(1, dtype=torch.float64)
                 total += sum(float(value.square().sum()) for value in per_sample)
         finally:
-            weight.data.copy_(original)
-        return total / tail
+            swap.restore()
+        return total / swap.tail
 
 
 def _once(modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
