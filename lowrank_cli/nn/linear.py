@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from enum import Enum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -255,20 +257,38 @@ class Kernel(str, Enum):
     onednn_mv = "oneDNN's W·x"  # torch.mv(W, x): oneDNN with W as stored, x as the vector
 
 
-# The most elements of a bfloat16 W whose one-row product ATen's gemv ran faster than oneDNN (about 2 MiB,
-# a core's L2 on the Xeon measured); larger ones ran faster on oneDNN as W·x (benchmarks/bench_kernels.py).
+# With AMX, the most elements of a bfloat16 W whose one-row product ATen's gemv ran faster than oneDNN
+# (about 2 MiB, a core's L2 on the Xeon measured); larger ones ran faster on oneDNN as W·x. Without AMX
+# (an AMD EPYC with avx512_bf16) ATen's gemv was the fastest at every size measured, up to TinyLlama's
+# 5632×2048: benchmarks/bench_kernels.py times each way.
 ATEN_GEMV_MAX = 1 << 20
 
 
+@functools.cache
+def has_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Sapphire Rapids and later), from torch's cpuinfo or else
+    /proc/cpuinfo's flags: oneDNN's bfloat16 kernels differ with them, so the kernel rule does too."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch's own cpuinfo read (torch ≥ 2.3)
+    if probe is not None:
+        return bool(probe())
+    try:
+        text = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and "amx_tile" in line.split() for line in text.splitlines())
+
+
 def kernel_for(x: torch.Tensor, weight: torch.Tensor) -> Kernel:
-    """The kernel `linear` runs x·Wᵀ on: by rule, from the dtype, the device, the rows of x and W's size.
+    """The kernel `linear` runs x·Wᵀ on: by rule, from the dtype, the device, the CPU's AMX, the rows
+    of x and W's size.
 
     torch sends every bfloat16 product on a CPU with oneDNN to oneDNN, as x·Wᵀ with W transposed.
-    For one row of x (a decode step at batch 1) two other ways ran faster on the Xeon measured:
-    ATen's own matrix-vector kernel (float32 sums on the vector unit) for a W of up to ATEN_GEMV_MAX
-    elements, the factors' usual size, and oneDNN's matrix-vector product W·x for a larger W. From
-    two rows on, oneDNN's x·Wᵀ is far faster than ATen's; float16 and float32 showed no such gaps, so
-    they keep F.linear. No timing is taken at run time: benchmarks/bench_kernels.py times each way.
+    For one row of x (a decode step at batch 1) ATen's own matrix-vector kernel (float32 sums on
+    the vector unit) ran about twice as fast: on a CPU without AMX (an AMD EPYC) at every size
+    measured; on a Xeon with AMX up to ATEN_GEMV_MAX elements, the factors' usual size, and
+    oneDNN's matrix-vector product W·x ran faster for a larger W. From two rows on, oneDNN's x·Wᵀ
+    is far faster than ATen's; float16 and float32 showed no such gaps, so they keep F.linear.
+    No timing is taken at run time: benchmarks/bench_kernels.py times each way.
     """
     if (
         weight.dtype != torch.bfloat16
@@ -276,10 +296,65 @@ def kernel_for(x: torch.Tensor, weight: torch.Tensor) -> Kernel:
         or not weight.is_cpu
         or x.numel() != x.shape[-1]  # more than one row, whatever the leading dims
         or weight.dim() != 2
+        or weight.stride(1) != 1  # stored by columns (a float32 B turned bfloat16): ATen's gemv is slow there
         or not torch._C._get_mkldnn_enabled()  # a user who turned oneDNN off has ATen's kernel anyway
     ):
         return Kernel.linear
-    return Kernel.aten_gemv if weight.numel() <= ATEN_GEMV_MAX else Kernel.onednn_mv
+    if not has_amx() or weight.numel() <= ATEN_GEMV_MAX:
+        return Kernel.aten_gemv
+    return Kernel.onednn_mv
+
+
+def b_by_columns(b: torch.Tensor) -> bool:
+    """Whether a factor B (out, r) runs faster stored by columns (Bᵀ contiguous) than by rows: by rule,
+    from its dtype and device.
+
+    h·Bᵀ for one float32 row h on the CPU (MKL's gemv, AMD EPYC measured) ran 1.3-2× faster with Bᵀ
+    contiguous, a sum of B's columns scaled by h, than as out dot products of length r, the short
+    side of a tall B; for 8 rows about 1.3× faster, for 512 the same (benchmarks/bench_kernels.py).
+    bfloat16 runs one row on ATen's gemv (kernel_for), which is 3-15× slower on columns, so it
+    keeps B by rows, as do other dtypes and devices, not measured.
+    """
+    return b.dtype == torch.float32 and b.is_cpu
+
+
+def lay_out_factors(model: nn.Module) -> int:
+    """Store each LowRankLinear's B by columns or by rows, as b_by_columns says for its dtype and device.
+
+    Only the memory order changes (B is B.t().contiguous().t(), or B.contiguous()): shapes, names,
+    values and the state_dict are as they were. A B that is not yet in that order is copied once
+    (a tensor that maps a file then reads it whole); one that another module shares (tied weights)
+    is left alone. load_pretrained calls this; call it again after a model's dtype or device changed
+    with `.to()`, as fuse_siblings.
+
+    Returns:
+        How many B's were copied into the other order.
+
+    Example:
+        >>> lay_out_factors(model.float())  # float32 on the CPU: each B by columns
+        154
+    """
+    holders: dict[int, int] = {}
+    for module in model.modules():
+        for tensor in module._parameters.values():
+            if tensor is not None:
+                holders[id(tensor)] = holders.get(id(tensor), 0) + 1
+    copied = 0
+    for module in model.modules():
+        if not isinstance(module, LowRankLinear) or holders[id(module.B)] != 1:
+            continue
+        b = module.B
+        if b_by_columns(b):
+            if b.t().is_contiguous():
+                continue
+            ordered = b.detach().t().contiguous().t()  # (out, r) whose transpose (r, out) is contiguous
+        elif b.is_contiguous():
+            continue
+        else:
+            ordered = b.detach().contiguous()
+        module.B = nn.Parameter(ordered, requires_grad=b.requires_grad)
+        copied += 1
+    return copied
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from lowrank_cli.io.fileformat import METADATA_KEY, FactorRecord, encode_metadat
 from lowrank_cli.io.hfconfig import base_prefix, config_errors, is_conv1d, prefix_variants, require_transformers
 from lowrank_cli.io.outputs import README, FolderOutput, keep_the_rest, lowrank_name, write_readme
 from lowrank_cli.io.writer import SafetensorsWriter
-from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear
+from lowrank_cli.nn.linear import LowRankEmbedding, LowRankLinear, lay_out_factors
 from lowrank_cli.nn.siblings import fuse_siblings
 
 WEIGHTS_NAME = lowrank_name("model.safetensors")  # what from_pretrained does not look for
@@ -133,7 +133,9 @@ def load_pretrained(
             tensors that the file lacks (a new task head) are initialised as transformers does.
         output_loading_info: also return the LoadResult: (model, LoadResult).
         fuse: stack the A factors of sibling layers that read one input (q/k/v, gate/up), so
-            their A·x runs as one product (fuse_siblings; it copies those A's out of the file once).
+            their A·x runs as one product (fuse_siblings; it copies those A's out of the file once),
+            and store each B in the memory order its dtype runs fastest (lay_out_factors: float32
+            by columns, copied once).
 
     Returns:
         The model in eval mode (with output_loading_info, the pair (model, LoadResult)).
@@ -357,6 +359,7 @@ def _load_built(
     _initialize_missing(model)
     if fuse:
         fuse_siblings(model)
+        lay_out_factors(model)
     model.eval()
     return plan.result
 
