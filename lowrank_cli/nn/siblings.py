@@ -113,7 +113,7 @@ def fuse_siblings(model: nn.Module) -> list[list[str]]:
     or more make a group. Each layer's A becomes a view of the group's stacked tensor (a copy of
     the A's, made once), so parameters, names and outputs are unchanged. A layer whose A another
     module shares (tied weights) is left alone. Calling it again after a model was moved with
-    `.to()` stacks the moved A's anew.
+    `.to()` stacks the moved A's anew (and lay_out_factors orders the moved B's).
 
     Args:
         model: any torch model with LowRankLinear layers (load_pretrained calls this).
