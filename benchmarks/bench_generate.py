@@ -25,8 +25,9 @@ Measured, per dtype, in one process:
 - prefill: one forward of --prefill tokens at batch 1 as generate's first step runs it (the cache
   filled, the logits of the last position only); tokens/s = tokens / seconds.
 
-The compressed model runs twice: as load_pretrained gives it (siblings' A's stacked, fuse=True)
-and with fuse=False (each layer its own A·x). Both take lowrank_cli.nn.linear's kernel rule.
+The compressed model runs twice: as load_pretrained gives it (siblings' A's stacked and each B in
+its dtype's memory order, fuse=True) and with fuse=False (each layer its own A·x, each B by rows as
+the file stores it). Both take lowrank_cli.nn.linear's kernel rule.
 The models take turns in every round (the order alternates), so load from other processes falls
 on each alike; the figure is the median over --repeats rounds, and the speed-up the median of
 the rounds' own ratios dense seconds / factored seconds. With --work the models are kept and reused.

@@ -38,7 +38,7 @@ from lowrank_cli.linalg.factorize import exact_is_cheap, finite  # noqa: E402
 from lowrank_cli.linalg.randomized import fast_bfloat16, orthonormal, sum_of_squares  # noqa: E402
 from lowrank_cli.linalg.spectrum import SPEED_SHARE, svd  # noqa: E402
 from lowrank_cli.model.calibrate import CHUNK  # noqa: E402
-from lowrank_cli.nn.linear import ATEN_GEMV_MAX, b_by_columns, kernel_for, linear  # noqa: E402
+from lowrank_cli.nn.linear import ATEN_GEMV_MAX, Kernel, b_by_columns, kernel_for, linear  # noqa: E402
 
 
 def residual_squares(w: torch.Tensor, b: torch.Tensor, a: torch.Tensor, dtype: torch.dtype) -> float:
@@ -89,6 +89,13 @@ def layers(fn, weights: list, passes: int):
 
 def copies(count: int, *shape: int, generator: torch.Generator, dtype: torch.dtype = torch.bfloat16) -> list:
     return [torch.randn(*shape, generator=generator).to(dtype) for _ in range(count)]
+
+
+def other_kernel(row: torch.Tensor, weights: list, passes: int) -> tuple:
+    """The one-row kernel the rule did not pick for these weights: ATen's gemv or oneDNN's W·x (torch.mv)."""
+    if kernel_for(row, weights[0]) is Kernel.onednn_mv:
+        return "ATen's gemv", layers(lambda w: on_aten(F.linear, row, w), weights, passes)
+    return "oneDNN's W·x (torch.mv)", layers(lambda w: torch.mv(w, row[0]), weights, passes)
 
 
 def laid_out(b: torch.Tensor) -> torch.Tensor:
@@ -208,7 +215,7 @@ def main() -> None:
          "F.linear (oneDNN's x·Wᵀ)", layers(lambda w: F.linear(big_row, w), bigs, passes)),
         (f"{big_what}, {passes} passes over {big_count} layers", rule(big_row, bigs[0]), "linear",
          layers(lambda w: linear(big_row, w), bigs, passes),
-         "ATen's gemv", layers(lambda w: on_aten(F.linear, big_row, w), bigs, passes)),
+         *other_kernel(big_row, bigs, passes)),
         (f"h·Bᵀ, B {m}×{rank}, one float32 row, {each}", f"nn.linear.b_by_columns; here: {order}",
          "B stored by columns", layers(lambda b: linear(h32, b), b32_columns, passes),
          "B stored by rows", layers(lambda b: linear(h32, b), b32s, passes)),
