@@ -105,8 +105,9 @@ def heal_blocks(
             healed.update(healed_tensors(layers, dtype_of))
             weights += [layer.name for layer in layers]
             if options.block_inputs == "compressed":
-                with torch.no_grad():
-                    own_stream = [candidate.run_block(block, hidden) for hidden in own_stream]
+                with torch.no_grad():  # batch by batch in place: never two copies of the stream
+                    for k, hidden in enumerate(own_stream):
+                        own_stream[k] = candidate.run_block(block, hidden)
             del layers, inputs
         done += per_block
         reference_stream = [replace(hidden, states=y) for hidden, y in zip(reference_stream, targets, strict=True)]
