@@ -106,7 +106,7 @@ def main() -> None:
         )
     import torch
 
-    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores visible; torch {torch.__version__}")
+    print(f"CPU: {cpu_name()}; torch {torch.__version__}")
     print(
         f"heal --lr {args.lr:g} --epochs {args.epochs} on {args.lines} training lines;"
         f" compress --budget {args.budget:g}"
