@@ -704,6 +704,7 @@ def heal(
     split: Split | str = Split.auto,
     eval_text: PathLike | None = None,
     seed: int = 0,
+    blockwise: bool = False,
     device: Device | str = Device.auto,
     force: bool = False,
     progress: Callable[[int, int, float], None] | None = None,
@@ -721,6 +722,9 @@ def heal(
         epochs, lr, batch_size, seed: AdamW with a learning rate decaying linearly to 0; runs with
             the same seed are the same on one machine.
         eval_text: also measure the fidelity before and after on this text, as evaluate does.
+        blockwise: train each block to reproduce the reference block's outputs, one block at a time,
+            in the memory of one block (steps and epochs are then per block); else end to end, on the
+            model's outputs, with both models whole in memory.
         device: where both models run ("cuda" trains on the GPU).
         force: overwrite `out`.
         progress: called as progress(step, steps, running loss) after each step.
@@ -736,7 +740,7 @@ def heal(
     from lowrank_cli.model.heal import HealOptions
     from lowrank_cli.model.heal import heal as _heal
 
-    options = HealOptions(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    options = HealOptions(steps=steps, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, blockwise=blockwise)
     return _heal(
         reference, compressed, text, out, options=options, seq_len=seq_len, tokens=tokens, samples=samples,
         split=choice(Split, split, "split"), eval_text=eval_text, device=resolve_device(device), force=force,

@@ -41,6 +41,7 @@ from lowrank_cli.cli.options import (
     FailAbove,
     Force,
     HealBatchSize,
+    HealBlockwise,
     HealedOutput,
     HealEvalText,
     HealSeed,
@@ -660,6 +661,7 @@ def heal(
     split: SplitOption = Split.auto,
     eval_text: HealEvalText = None,
     seed: HealSeed = 0,
+    blockwise: HealBlockwise = False,
     device: DeviceOption = DEFAULT_DEVICE,
     force: Force = False,
     as_json: Json = False,
@@ -675,7 +677,7 @@ def heal(
         report = lowrank_cli.heal(
             reference, compressed, output, text=text, steps=steps, epochs=epochs, lr=lr, batch_size=batch_size,
             seq_len=seq_len, tokens=tokens, samples=samples, split=split, eval_text=eval_text, seed=seed,
-            device=device, force=force, progress=tick,
+            blockwise=blockwise, device=device, force=force, progress=tick,
         )  # fmt: skip
     _finish(report, as_json)
     healed = report.options["heal"]

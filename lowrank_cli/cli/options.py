@@ -113,6 +113,14 @@ HealSeed = Annotated[
     int,
     typer.Option("--seed", help="Seed of the order the batches are taken in; same seed, same result.", metavar="N"),
 ]
+HealBlockwise = Annotated[
+    bool,
+    typer.Option(
+        "--blockwise",
+        help="Train each block toward the reference's block, one block in memory at a time (--steps, --epochs"
+        " per block).",
+    ),
+]
 # A str, not the Device enum: cuda:N names one GPU of several. The library checks it (a one-line usage error).
 DeviceOption = Annotated[
     str,

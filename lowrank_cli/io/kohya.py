@@ -86,11 +86,12 @@ def write_kohya_pair(
     rank = b.shape[1]
     writer.add_tensor(prefix + KOHYA_DOWN, a.reshape(rank, *shape[1:]))  # (r, in[, kh, kw])
     writer.add_tensor(prefix + KOHYA_UP, b.reshape(shape[0], rank, *[1] * (len(shape) - 2)))  # (out, r[, 1, 1])
-    write_alpha(writer, prefix, float(rank))
+    write_alpha(writer, prefix + KOHYA_ALPHA, float(rank))
 
 
-def write_alpha(writer: SafetensorsWriter, prefix: str, alpha: float) -> None:
-    writer.add_tensor(prefix + KOHYA_ALPHA, torch.tensor(alpha, dtype=torch.float32))
+def write_alpha(writer: SafetensorsWriter, key: str, alpha: float) -> None:
+    """A kohya .alpha under `key` (PREFIX.alpha): a float32 scalar, as sd-scripts writes it; ΔW = alpha / r · B·A."""
+    writer.add_tensor(key, torch.tensor(alpha, dtype=torch.float32))
 
 
 def kohya_metadata(written: dict[str, tuple[int, float]], modules: dict[str, str] | None) -> dict[str, str]:

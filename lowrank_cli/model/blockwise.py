@@ -206,16 +206,22 @@ def weights_dtype(checkpoint: Checkpoint) -> torch.dtype:
     return torch.float32 if code.startswith("F8") else torch_dtype(code)
 
 
-def open_runner(folder: Path, *, weights: Path | None = None, device: str = "cpu") -> BlockRunner:
-    """A BlockRunner computing in the weights' own dtype (as the whole model would load)."""
-    with open_checkpoint(weights or folder) as checkpoint:
-        dtype = weights_dtype(checkpoint)
+def open_runner(
+    folder: Path, *, weights: Path | None = None, device: str = "cpu", dtype: torch.dtype | None = None
+) -> BlockRunner:
+    """A BlockRunner computing in `dtype`, by default the weights' own (as the whole model would load)."""
+    if dtype is None:
+        with open_checkpoint(weights or folder) as checkpoint:
+            dtype = weights_dtype(checkpoint)
     return BlockRunner(folder, weights=weights, device=device, dtype=dtype)
 
 
-def candidate_runner(folder: Path, candidate: Path, reference: BlockRunner) -> BlockRunner:
+def candidate_runner(
+    folder: Path, candidate: Path, reference: BlockRunner, dtype: torch.dtype | None = None
+) -> BlockRunner:
     """The candidate on the block runner, found as evaluate.load_candidate finds it: a folder with its own
-    config.json runs by it, a lowrank file or folder of shards by the reference's config."""
+    config.json runs by it, a lowrank file or folder of shards by the reference's config. dtype: the compute
+    dtype (default: its weights' own)."""
     own_config = candidate.is_dir() and (candidate / "config.json").is_file()
     if not own_config and not is_lowrank(candidate):
         raise CheckpointError(
@@ -223,9 +229,9 @@ def candidate_runner(folder: Path, candidate: Path, reference: BlockRunner) -> B
             " model (lowrank compress) or a Hugging Face folder"
         )
     runner = (
-        open_runner(candidate, device=str(reference.device))
+        open_runner(candidate, device=str(reference.device), dtype=dtype)
         if own_config
-        else open_runner(folder, weights=candidate, device=str(reference.device))
+        else open_runner(folder, weights=candidate, device=str(reference.device), dtype=dtype)
     )
     expected = type(reference.model).__name__
     fix = MISFIT_FIX if is_lowrank(candidate) else "give the reference's own compressed or fine-tuned model"

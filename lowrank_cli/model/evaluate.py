@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -293,7 +292,7 @@ class Evaluator:
             return self._cache[index]
         return self._run(self.reference, index)
 
-    def measure(self, candidate: torch.nn.Module, progress: Callable[[], None] | None = None) -> dict[str, float]:
+    def measure(self, candidate: torch.nn.Module) -> dict[str, float]:
         """The figures of `candidate` (same tokenizer and kind as the reference), by kind."""
         cosines: list[torch.Tensor] = []
         kl = agree = nll_ref = nll_cand = 0.0
@@ -301,8 +300,6 @@ class Evaluator:
         for index, batch in enumerate(self.batches):
             ids, mask = batch[:2]
             reference, output = self._reference_output(index), self._run(candidate, index)
-            if progress:
-                progress()
             if self.kind == ENCODER:
                 require_finite(reference)
                 nonfinite += int((~torch.isfinite(output)).any(dim=-1).sum())

@@ -63,6 +63,8 @@ class HealOptions:
     batch_size: int = HEAL_BATCH_SIZE
     seed: int = 0
     max_grad_norm: float = HEAL_MAX_GRAD_NORM  # the factors' gradients are clipped to this norm each step
+    blockwise: bool = False  # each block toward the reference's block, one at a time (model.heal_blocks)
+    block_inputs: str = "compressed"  # blockwise: block i's inputs, the compressed model's stream or the reference's
 
     def __post_init__(self) -> None:
         if self.steps is not None and self.steps < 1:
@@ -76,6 +78,8 @@ class HealOptions:
         if not (self.max_grad_norm > 0 and math.isfinite(self.max_grad_norm)):
             # a library option only (no flag): named as Python spells it
             raise UsageError(f"max_grad_norm must be a positive number, got {self.max_grad_norm}")
+        if self.block_inputs not in ("compressed", "reference"):
+            raise UsageError(f"block_inputs must be 'compressed' or 'reference', got {self.block_inputs!r}")
 
 
 @dataclass
@@ -96,8 +100,10 @@ class TrainableFactors:
         return [self.layers[0].B, self.layers[0].A, *self.biases.values()]
 
 
-def trainable(model: torch.nn.Module, file_names: set[str]) -> list[TrainableFactors]:
+def trainable(model: torch.nn.Module, file_names: set[str], *, within: str | None = None) -> list[TrainableFactors]:
     """Every factorized weight of `model`, once however many layers share it, with its names in the file.
+
+    within: only the layers under this module of the model ("model.layers.3", a block).
 
     Tied weights are one tensor: layers are grouped by their B, so an embedding and the LM head tied
     to it are one TrainableFactors whose name is the one the file holds. Factors and biases not in
@@ -107,7 +113,8 @@ def trainable(model: torch.nn.Module, file_names: set[str]) -> list[TrainableFac
     prefix = base_prefix(model)
     groups: dict[int, list[tuple[str, torch.nn.Module]]] = {}
     for path, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, (LowRankLinear, LowRankEmbedding)):
+        inside = within is None or path.startswith(within + ".")
+        if inside and isinstance(module, (LowRankLinear, LowRankEmbedding)):
             group = groups.setdefault(id(module.B), [])
             if all(module is not other for _, other in group):
                 group.append((path, module))
@@ -334,24 +341,13 @@ def _loss(kind: str, target, output, mask: torch.Tensor) -> torch.Tensor:
     return (p_log_p - (p * log_q).sum(dim=-1).sum(dtype=torch.float64)) / len(log_q)
 
 
-def write_healed(
-    compressed: Checkpoint,
-    reference_weights: Callable[[str], torch.Tensor | None],
-    layers: list[TrainableFactors],
-    out: Path,
-    *,
-    folder: bool,
-    force: bool,
-    record: dict,
-) -> Report:
-    """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written.
+def healed_tensors(layers: list[TrainableFactors], dtype_of: Callable[[str], torch.dtype]) -> dict[str, torch.Tensor]:
+    """The trained factors and biases under their names in the file, on the CPU in the file's dtypes.
 
-    `out` and `folder` are prepare_output's, checked before the run began. The factors come back to the
-    CPU first, wherever they trained, so that they are measured against the reference's weights (read on
-    the CPU) and written from there.
+    They come back to the CPU wherever they trained, so that they are measured against the
+    reference's weights (read on the CPU) and written from there.
     """
     healed: dict[str, torch.Tensor] = {}
-    by_weight = {layer.name: layer for layer in layers}
     for layer in layers:
         b, a = (factor.detach().to("cpu") for factor in layer.parameters()[:2])
         if layer.transposed:  # Conv1D: the file holds Wᵀ = Aᵀ·Bᵀ (nn.loading)
@@ -360,6 +356,27 @@ def write_healed(
         healed[names[0]], healed[names[1]] = b.contiguous(), a.contiguous()
         for name, bias in layer.biases.items():
             healed[name] = bias.detach().to("cpu")
+    return {name: tensor.to(dtype_of(name)) for name, tensor in healed.items()}
+
+
+def write_healed(
+    compressed: Checkpoint,
+    reference_weights: Callable[[str], torch.Tensor | None],
+    healed: dict[str, torch.Tensor],
+    weights: list[str],
+    out: Path,
+    *,
+    folder: bool,
+    force: bool,
+    record: dict,
+) -> Report:
+    """The compressed checkpoint again, with the trained factors and biases, errors measured on what is written.
+
+    healed: the trained tensors under their names in the file, in its dtypes (healed_tensors); weights:
+    the factorized weights they heal, whose records get their rel_error measured anew. `out` and
+    `folder` are prepare_output's, checked before the run began.
+    """
+    by_weight = set(weights)
     rows: list[TensorReport] = []
     with CheckpointOutput(compressed, out, folder=folder, force=force) as output:
         for shard, entries in compressed.by_shard():
@@ -367,14 +384,14 @@ def write_healed(
             original, records = decode_metadata(shard.path, shard.metadata)
             for entry in entries:
                 if entry.name in healed:
-                    writer.add_tensor(entry.name, healed[entry.name].to(torch_dtype_of(compressed, entry.name)))
+                    writer.add_tensor(entry.name, healed[entry.name])
                 else:
                     writer.add_bytes(entry.name, entry.dtype, entry.shape, compressed.read_bytes(entry.name))
             payload = json.loads(shard.metadata[METADATA_KEY])
             for name, fields in payload["tensors"].items():
                 if name not in by_weight:
                     continue
-                b, a = (healed[n].to(torch_dtype_of(compressed, n)) for n in factor_names(name))
+                b, a = (healed[n] for n in factor_names(name))
                 weight = reference_weights(name)
                 if weight is None:
                     raise CheckpointError(
@@ -441,7 +458,8 @@ def heal(
     """Train COMPRESSED's factors toward REFERENCE on samples of `text` and write them to `out` (module docstring)."""
     from lowrank_cli.io.checkpoint import open_checkpoint
     from lowrank_cli.io.fileformat import find_lowrank
-    from lowrank_cli.model.evaluate import held_out_note, load_candidate, make_evaluator, metric, model_samples
+    from lowrank_cli.model.blockwise import measure_candidate
+    from lowrank_cli.model.evaluate import held_out_note, metric
     from lowrank_cli.ops.samples import require_text
 
     folder, compressed = Path(reference_dir), Path(compressed)
@@ -455,51 +473,41 @@ def heal(
     found_lowrank = find_lowrank(compressed, "give the compressed model to heal")
     if found_lowrank is None:
         raise CheckpointError(f"{compressed}: is not a lowrank file; heal trains the factors lowrank compress writes")
+    sampling = {"seq_len": seq_len, "split": split}
     with open_checkpoint(compressed) as checkpoint, open_checkpoint(folder) as original:
         # OUT is checked before minutes of training: never the reference, the compressed model or a text
         out, as_folder = prepare_output(checkpoint, out, SUFFIX, force=force, inputs=[folder, text, eval_text])
         _check_pair(checkpoint, original)
-        reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
-        found = model_samples(
-            reference, tokenizer, folder, text, seq_len=seq_len, tokens=tokens, samples=samples, split=split
-        )
-        evaluator = None
-        if eval_text is not None:
-            held = model_samples(
-                reference, tokenizer, folder, eval_text, seq_len=seq_len, split=split, flag="eval_text"
-            )
-            evaluator = make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
-        before = None
-        if evaluator is not None:  # as evaluate measures it: the file's own dtype, not the float32 that trains
-            before = evaluator.measure(load_candidate(folder, compressed, type(reference), device))["fidelity"]
-        model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
-        layers = trainable(model, set(checkpoint.entries))
-        steps, final = train(
-            reference, model, layers, found, options, pad=pad_id(tokenizer), device=device, progress=progress
-        )
+        run = _train_blockwise if options.blockwise else _train_whole
+        trained = run(
+            folder, compressed, checkpoint, text, eval_text, options, sampling | {"tokens": tokens, "samples": samples},
+            device=device, progress=progress,
+        )  # fmt: skip
+        found = trained.samples
         record = {
+            "mode": "blockwise" if options.blockwise else "end-to-end",
             "text_sha256": found.text_sha256,
             "samples": len(found.ids),
             "tokens": found.tokens,
-            "steps": steps,
+            "steps": trained.steps,
             "lr": options.lr,
             "batch_size": options.batch_size,
             "seed": options.seed,
             "max_grad_norm": options.max_grad_norm,
-            "final_loss": final,
-            "loss": {ENCODER: "relative MSE of every layer's hidden states", SEQUENCE_CLASSIFIER: "KL per sample"}.get(
-                model_kind(reference), "KL per token"
-            ),
+            "final_loss": trained.final_loss,
+            "loss": trained.loss,
+            **trained.extra,
         }
         report = write_healed(
-            checkpoint, lambda name: original.read(name) if name in original.entries else None, layers, out,
-            folder=as_folder, force=force, record=record,
+            checkpoint, lambda name: original.read(name) if name in original.entries else None, trained.healed,
+            trained.weights, out, folder=as_folder, force=force, record=record,
         )  # fmt: skip
-        del model, layers  # the healed model is loaded from what was written, not beside the trained one
+        del trained  # the healed model is measured from what was written, not beside the trained one
     notes = list(found.notes)
-    if evaluator is not None:
-        healed = load_candidate(folder, Path(report.output), type(reference), device)  # as evaluate loads it
-        after = evaluator.measure(healed)["fidelity"]
+    if eval_text is not None:  # as evaluate measures it: each model in its file's dtype, not the float32 that trains
+        evaluator = _evaluator(folder, eval_text, options, sampling, device)
+        before = measure_candidate(evaluator, folder, compressed)["fidelity"]
+        after = measure_candidate(evaluator, folder, Path(report.output))["fidelity"]
         made = {**found_lowrank[1], "heal": record | _earlier_texts(found_lowrank[1].get("heal"))}  # as OUT says
         held_out, held_notes = held_out_note(made, evaluator.samples.text_sha256)
         notes += held_notes
@@ -509,6 +517,86 @@ def heal(
         }  # fmt: skip
     report.options["notes"] = notes + report.options["notes"]
     return report
+
+
+@dataclass
+class _Trained:
+    """What a mode of healing trained, for write_healed and the `heal` record."""
+
+    samples: TextSamples
+    healed: dict[str, torch.Tensor]  # the trained tensors under the file's names, in its dtypes
+    weights: list[str]  # the factorized weights they heal
+    steps: int
+    final_loss: float
+    loss: str  # what the loss measures, in words
+    extra: dict  # more fields of the record
+
+
+def _train_whole(
+    folder: Path, compressed: Path, checkpoint: Checkpoint, text, eval_text, options: HealOptions, sampling: dict,
+    *, device: str, progress,
+) -> _Trained:  # fmt: skip
+    """End to end: the compressed model's outputs toward the reference's, both models whole in memory."""
+    from lowrank_cli.model.evaluate import load_candidate, model_samples
+
+    reference, tokenizer = load_model(folder, device, "heal")  # in its own dtype, as evaluate runs it
+    found = model_samples(reference, tokenizer, folder, text, **sampling)
+    if eval_text is not None:  # its samples are read before minutes of training, so that a bad text fails first
+        model_samples(reference, tokenizer, folder, eval_text, **_held(sampling))
+    model = load_candidate(folder, compressed, type(reference), device, torch.float32)  # trained in float32
+    layers = trainable(model, set(checkpoint.entries))
+    pad = pad_id(tokenizer)
+    steps, final = train(reference, model, layers, found, options, pad=pad, device=device, progress=progress)
+    loss = {ENCODER: "relative MSE of every layer's hidden states", SEQUENCE_CLASSIFIER: "KL per sample"}.get(
+        model_kind(reference), "KL per token"
+    )
+    healed = healed_tensors(layers, lambda name: torch_dtype_of(checkpoint, name))
+    return _Trained(found, healed, [layer.name for layer in layers], steps, final, loss, {})
+
+
+def _train_blockwise(
+    folder: Path, compressed: Path, checkpoint: Checkpoint, text, eval_text, options: HealOptions, sampling: dict,
+    *, device: str, progress,
+) -> _Trained:  # fmt: skip
+    """Block by block (model.heal_blocks): neither model is ever whole in memory."""
+    from lowrank_cli.model.blockwise import load_tokenizer
+    from lowrank_cli.model.evaluate import model_samples
+    from lowrank_cli.model.heal_blocks import heal_blocks, open_runners
+
+    reference, candidate = open_runners(folder, compressed, device)
+    with reference, candidate:
+        tokenizer = load_tokenizer(folder, "heal")
+        found = model_samples(reference.model, tokenizer, folder, text, **sampling)
+        if eval_text is not None:
+            model_samples(reference.model, tokenizer, folder, eval_text, **_held(sampling))
+        result = heal_blocks(
+            reference, candidate, set(checkpoint.entries), lambda name: torch_dtype_of(checkpoint, name), found,
+            options, pad=pad_id(tokenizer), progress=progress,
+        )  # fmt: skip
+    extra = {"block_inputs": options.block_inputs, "block_errors": [list(pair) for pair in result.block_errors]}
+    loss = "relative MSE of each block's outputs, the mean over blocks"
+    return _Trained(found, result.healed, result.weights, result.steps, result.final_loss, loss, extra)
+
+
+def _held(sampling: dict) -> dict:
+    """The evaluation text's sampling, as evaluate's: its own token count, the same lengths and split."""
+    return {"seq_len": sampling["seq_len"], "split": sampling["split"], "flag": "eval_text"}
+
+
+def _evaluator(folder: Path, eval_text, options: HealOptions, sampling: dict, device: str):
+    """The evaluator of the fidelity before and after: block by block for a block-wise heal (neither model is
+    whole in memory), else on the whole reference; both measure as evaluate does."""
+    from lowrank_cli.model.blockwise import open_evaluator
+    from lowrank_cli.model.evaluate import make_evaluator, model_samples
+
+    if options.blockwise:
+        evaluator, _ = open_evaluator(
+            folder, eval_text, feature="heal", batch_size=options.batch_size, device=device, **_held(sampling)
+        )
+        return evaluator
+    reference, tokenizer = load_model(folder, device, "heal")
+    held = model_samples(reference, tokenizer, folder, eval_text, **_held(sampling))
+    return make_evaluator(reference, tokenizer, held, folder, batch_size=options.batch_size, device=device)
 
 
 def _check_pair(compressed: Checkpoint, original: Checkpoint) -> None:

@@ -283,7 +283,7 @@ def _resize_one(
     writer.add_tensor(keys.up, b.reshape(up_shape[0], rank, *up_shape[2:]))  # (out, r′[, 1…])
     writer.add_tensor(keys.down, a.reshape(rank, *down_shape[1:]))  # (r′, in[, k…])
     if keys.alpha is not None:
-        writer.add_tensor(keys.alpha, torch.tensor(float(rank), dtype=torch.float32))  # scale alpha/r′ = 1
+        write_alpha(writer, keys.alpha, float(rank))  # scale alpha/r′ = 1
     return row, (rank, float(rank))
 
 
@@ -350,7 +350,7 @@ def _copy_pair(
             entry = adapter.checkpoint.entries[pair.alpha]
             writer.add_bytes(keys.alpha, entry.dtype, entry.shape, adapter.checkpoint.read_bytes(pair.alpha))
     elif keys.alpha is not None:  # PEFT → kohya: scale = alpha / r
-        write_alpha(writer, keys.name, pair.scale * pair.rank)
+        write_alpha(writer, keys.alpha, pair.scale * pair.rank)
     row = row or _row(adapter, pair)
     row.status, row.rank, row.reason = Status.copied, pair.rank, reason
     row.params_after = row.params
