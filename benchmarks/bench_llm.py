@@ -5,6 +5,7 @@ against a port of SVD-LLM, on SmolLM2-135M-Instruct (and a 1.1B Llama of TinyLla
     python benchmarks/bench_llm.py                   # SmolLM2: commands, then quality at 80/60/40 %
     python benchmarks/bench_llm.py --tinyllama       # also the 1.1B model's commands (random weights)
     python benchmarks/bench_llm.py --quick           # a tiny random Llama: a smoke run of every step
+    python benchmarks/bench_llm.py --only quality    # SmolLM2's quality table alone (no commands' table)
 
 Each `lowrank` command runs as a subprocess under /usr/bin/time, whose %M (peak resident set, KB)
 is the peak RSS reported; wall is the subprocess's. The commands: calibrate (defaults: sensitivity
@@ -179,6 +180,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tinyllama", action="store_true", help="also the 1.1B Llama of TinyLlama's shape")
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama instead: a smoke run")
+    parser.add_argument("--only", choices=["quality"], help="run only this table (SmolLM2's quality at 80/60/40 %%)")
     parser.add_argument(
         "--work", type=Path, help="keep the models and outputs in this folder (default: a temporary one)"
     )
@@ -205,6 +207,10 @@ def main() -> None:
             sys.exit(f"error: {reason}")
         texts = write_texts(work / "texts")
         smol = build_smollm2(work / "SmolLM2-135M-Instruct")
+        if args.only == "quality":
+            print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+            quality(smol, texts, work, BUDGETS)
+            return
         print("| model | command | wall | peak RSS | peak − weights |\n| --- | --- | --- | --- | --- |")
         commands("SmolLM2-135M", smol, texts, work)
         if args.tinyllama:
