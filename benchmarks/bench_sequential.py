@@ -81,9 +81,19 @@ def file_moments(stats: Path) -> tuple[dict[str, torch.Tensor], int]:
 
 
 def truncate(target: torch.Tensor, factor: torch.Tensor, rank: int) -> torch.Tensor:
-    """W′ = [T]_r·S⁻¹: the rank-r truncated SVD of T (m, n), un-whitened by the lower-triangular S (n, n)."""
-    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
-    low = (u[:, :rank] * sigma[:rank]) @ vh[:rank]  # (m, r) @ (r, n)
+    """W′ = [T]_r·S⁻¹: the rank-r truncated SVD of T (m, n), un-whitened by the lower-triangular S (n, n).
+
+    [T]_r is T projected on its top r singular vectors of the smaller side, found by eigh of the
+    smaller Gram matrix in float64 (about 8× cheaper than an SVD here; float64 squares the condition
+    number to ~1e-16 of σ₁², far below any σ_r² a budget keeps)."""
+    if target.shape[0] >= target.shape[1]:
+        _, v = torch.linalg.eigh(target.T @ target)  # (n, n), ascending
+        v = v[:, -rank:]
+        low = (target @ v) @ v.T  # T·V_r·V_rᵀ
+    else:
+        _, u = torch.linalg.eigh(target @ target.T)  # (m, m)
+        u = u[:, -rank:]
+        low = u @ (u.T @ target)  # U_r·U_rᵀ·T
     return torch.linalg.solve_triangular(factor, low, upper=False, left=False)  # X·S = low
 
 
@@ -98,8 +108,9 @@ def cut(w: torch.Tensor, rank: int, moment: torch.Tensor, cross: torch.Tensor | 
 
 
 def rows(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(batch, seq, n) -> (real tokens, n), float64."""
-    return x[mask.to(device=x.device, dtype=torch.bool)].to(torch.float64)
+    """(batch, seq, n) -> (real tokens, n), float32: a batch's product in float32 (≲ √200·ε₃₂ relative),
+    summed over batches in float64, as calibrate does."""
+    return x[mask.to(device=x.device, dtype=torch.bool)].to(torch.float32)
 
 
 def run_capturing(runner, block, batch, linears: dict[str, nn.Module]):
@@ -118,54 +129,67 @@ def run_capturing(runner, block, batch, linears: dict[str, nn.Module]):
 
 
 @torch.no_grad()
-def sequential_cuts(model: Path, text: Path, stats: Path, ranks: dict[str, int], log=print) -> dict[str, dict]:
-    """Each arm's cut weights (name -> W′, float32 rounded through bfloat16), block by block."""
+def sequential_cuts(
+    model: Path, text: Path, stats: Path, ranks: dict[str, int], arms=ARMS, log=print
+) -> dict[str, dict]:
+    """Each arm's cut weights (name -> W′, float32 rounded through bfloat16), block by block.
+
+    arms: the streams carried ("ordinary"'s only measures its drift: its cut needs none, and is
+    always made). Moments are summed only for the inputs of weights compress cut.
+    """
     moments, file_tokens = file_moments(stats)
     tokenizer = load_tokenizer(model)
     found = read_samples(tokenizer, text, seq_len=SEQ_LEN, tokens=CALIBRATE_TOKENS)
-    cuts: dict[str, dict] = {arm: {} for arm in ARMS}
+    carried = [arm for arm in ARMS if arm in arms]
+    shifted = [arm for arm in carried if arm != "ordinary"]  # the arms whose moments come from their stream
+    cuts: dict[str, dict] = {arm: {} for arm in ["ordinary", *shifted]}
     with BlockRunner(model, dtype=torch.float32) as runner:
         runs = batches(found.ids, CALIBRATE_BATCH_SIZE, "cpu", pad_id(tokenizer))
         reference = [runner.embed(ids, mask) for ids, mask in runs]
         tokens = sum(int(h.attention_mask.sum()) for h in reference)
         log(f"{len(runs)} batches, {tokens:,} tokens (the statistics file: {file_tokens:,})")
-        streams = {arm: list(reference) for arm in ARMS}
+        streams = {arm: list(reference) for arm in carried}
         for block in runner.blocks():
             start = time.perf_counter()
             linears = {name: m for name, m in block.module.named_modules() if isinstance(m, nn.Linear)}
             full = {name: f"{block.name}.{name}.weight" for name in linears}
-            hat = {arm: {name: 0 for name in linears} for arm in ("sequential", "corrective")}  # Σ x̂ x̂ᵀ
-            cross = {name: 0 for name in linears}  # Σ x x̂ᵀ (corrective's stream)
+            watched = {name: m for name, m in linears.items() if full[name] in ranks}
+            hat = {arm: {} for arm in shifted}  # input -> Σ x̂ x̂ᵀ (float64)
+            cross: dict[int, torch.Tensor] = {}  # input -> Σ x x̂ᵀ, token for token (corrective's stream)
+            first: dict[str, str] = {}  # weight -> the first weight reading the same input (q, k, v; gate, up)
             for j, batch in enumerate(reference):
                 mask = batch.attention_mask
-                reference[j], x = run_capturing(runner, block, batch, linears)
-                for arm in ("sequential", "corrective"):
-                    _, xh = run_capturing(runner, block, streams[arm][j], linears)
-                    done: dict[int, tuple] = {}  # q, k, v (gate, up) read one tensor: one product each
-                    for name in linears:
-                        if id(xh[name]) not in done:
-                            xr = rows(xh[name], mask)
-                            both = rows(x[name], mask).T @ xr if arm == "corrective" else 0
-                            done[id(xh[name])] = (xr.T @ xr, both)
-                        square, both = done[id(xh[name])]
-                        hat[arm][name] = hat[arm][name] + square
-                        cross[name] = cross[name] + both
+                reference[j], x = run_capturing(runner, block, batch, watched)
+                for arm in shifted:
+                    _, xh = run_capturing(runner, block, streams[arm][j], watched)
+                    owner: dict[int, str] = {}
+                    for name in watched:
+                        key = first.setdefault(name, owner.setdefault(id(xh[name]), name))
+                        if key != name:
+                            continue
+                        xr = rows(xh[name], mask)
+                        square = (xr.T @ xr).double()
+                        hat[arm][key] = hat[arm][key] + square if key in hat[arm] else square
+                        if arm == "corrective":
+                            both = (rows(x[name], mask).T @ xr).double()
+                            cross[key] = cross[key] + both if key in cross else both
             originals = {name: m.weight.detach().clone() for name, m in linears.items()}
             for name in linears:
                 w, rank = originals[name].to(torch.float64), ranks.get(full[name])
                 if rank is None:  # compress kept it dense
-                    for arm in ARMS:
+                    for arm in cuts:
                         cuts[arm][full[name]] = originals[name]
                     continue
-                chosen = {
-                    "ordinary": cut(w, rank, moments[full[name]]),
-                    "sequential": cut(w, rank, hat["sequential"][name] / tokens),
-                    "corrective": cut(w, rank, hat["corrective"][name] / tokens, cross[name] / tokens),
-                }
+                key = first[name] if shifted else name
+                chosen = {"ordinary": cut(w, rank, moments[full[name]])}
+                if "sequential" in shifted:
+                    chosen["sequential"] = cut(w, rank, hat["sequential"][key] / tokens)
+                if "corrective" in shifted:
+                    chosen["corrective"] = cut(w, rank, hat["corrective"][key] / tokens, cross[key] / tokens)
                 for arm, new in chosen.items():
                     cuts[arm][full[name]] = new.to(torch.bfloat16).to(torch.float32)  # as it will be stored
             drift = {}
-            for arm in ARMS:
+            for arm in carried:
                 for name, m in linears.items():
                     m.weight.copy_(cuts[arm][full[name]])
                 error = total = 0.0
@@ -208,6 +232,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budgets", type=float, nargs="+", default=[0.6], help="fractions of the decoder kept")
     parser.add_argument("--work", type=Path, help="keep models and outputs here (bench_llm.py --work's names)")
+    parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS),
+                        help="the streams carried (the ordinary cut is always made and evaluated; its stream"
+                             " only measures its drift)")  # fmt: skip
     args = parser.parse_args()
     reason = missing()
     if reason is not None:
@@ -229,8 +256,10 @@ def main() -> None:
                         "--calibration", stats, "--force")  # fmt: skip
             ranks = ranks_of(candidate)
             print(f"--budget {fraction}: {len(ranks)} weights cut by lowrank compress", flush=True)
-            cuts = sequential_cuts(model, texts.calibration, stats, ranks, log=lambda s: print(s, flush=True))
-            for label, folder in [("lowrank compress (factors)", candidate)] + [(arm, None) for arm in ARMS]:
+            cuts = sequential_cuts(
+                model, texts.calibration, stats, ranks, args.arms, log=lambda s: print(s, flush=True)
+            )
+            for label, folder in [("lowrank compress (factors)", candidate)] + [(arm, None) for arm in cuts]:
                 if folder is None:
                     folder = write_dense(model, cuts.pop(label), work / f"sequential-{label}-{fraction}")
                 found = evaluate(model, folder, texts.evaluation)
@@ -238,7 +267,7 @@ def main() -> None:
                 table.append(f"| {fraction:.0%} | {label} | {found['kl_mean']:.3f} | ×{ratio:.2f} |"
                              f" {found['top1_agreement']:.3f} |")  # fmt: skip
                 print(table[-1], flush=True)
-                if label in ARMS:
+                if folder != candidate:
                     shutil.rmtree(folder)
         print("\n| decoder kept | cut | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
         print("\n".join(table))
