@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,11 +38,56 @@ METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
 
 
+class StoredMoments(Mapping):
+    """Weight name -> its moment, read from the statistics file when asked for: never all in memory at once.
+
+    A 1B model's moments are several GB of float32 (a 70B model's, over 40 GB), more than its weights
+    in bfloat16; compress reads them one weight at a time. The last moment read is kept, so weights
+    that share an input (q, k, v) get one tensor, read once.
+    """
+
+    def __init__(self, path: str | Path, keys: dict[str, str]) -> None:
+        self.path, self.keys = str(path), dict(keys)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self.keys[name]
+        if self._last is None or self._last[0] != key:
+            self._last = None  # the previous one freed before the next is read
+            self._last = (key, _read_tensor(self.path, key))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys
+
+
+def _read_tensor(path: str, key: str) -> torch.Tensor:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return handle.get_tensor(key)
+    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:  # changed or gone since read
+        raise CheckpointError(
+            f"{path}: moment '{key}' cannot be read ({type(exc).__name__}: {exc}); the statistics file changed"
+            " while in use, rerun lowrank calibrate"
+        ) from None
+
+
 @dataclass
 class Calibration:
-    """Moments by weight name (shared inputs share one tensor), and where they came from."""
+    """Moments by weight name (shared inputs share one tensor), and where they came from.
 
-    moments: dict[str, torch.Tensor]
+    moments: a dict, or StoredMoments (read_calibration's), which reads each moment from the file when asked.
+    """
+
+    moments: Mapping[str, torch.Tensor]
     tokens: int = 0
     text_sha256: str | None = None
     transposed: set[str] = field(default_factory=set)
@@ -249,7 +295,8 @@ def read_calibration(path: str | Path) -> Calibration:
                 version = payload.get("format_version") if isinstance(payload, dict) else payload
                 raise CheckpointError(f"{path}: calibration format {version!r} is not supported")
             _check_fields(payload, path)
-            stored = {key: handle.get_tensor(key) for key in set(payload["inputs"].values())}
+            for key in sorted(set(payload["inputs"].values())):  # checked one at a time, then let go
+                _check_moment(handle.get_tensor(key), key, path)
             counted = {name: handle.get_tensor(key) for name, key in (payload.get("token_counts") or {}).items()}
     except CheckpointError:
         raise
@@ -261,21 +308,13 @@ def read_calibration(path: str | Path) -> Calibration:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"{path}: cannot be read as calibration statistics ({problem})") from None
-    for key, moment in stored.items():
-        if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
-            raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
-        problem = moment_problem(moment)
-        if problem is not None:
-            raise CheckpointError(
-                f"{path}: moment '{key}' {problem}, so it is no second moment; rerun lowrank calibrate"
-            )
     for name, counts in counted.items():
         if counts.ndim != 1 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise CheckpointError(
                 f"{path}: token counts of '{name}' are not finite non-negative numbers (V,); rerun lowrank calibrate"
             )
     return Calibration(
-        moments={name: stored[key] for name, key in payload["inputs"].items()},
+        moments=StoredMoments(path, payload["inputs"]),
         tokens=int(payload.get("tokens", 0)),
         text_sha256=payload.get("text_sha256"),
         transposed=set(payload.get("transposed", ())),
@@ -284,6 +323,14 @@ def read_calibration(path: str | Path) -> Calibration:
         token_counts=counted,
         fingerprint=_fingerprint(payload.get("fingerprint") or {}, path),
     )
+
+
+def _check_moment(moment: torch.Tensor, key: str, path: str | Path) -> None:
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
+        raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
+    problem = moment_problem(moment)
+    if problem is not None:
+        raise CheckpointError(f"{path}: moment '{key}' {problem}, so it is no second moment; rerun lowrank calibrate")
 
 
 def _check_fields(payload: dict, path: str | Path) -> None:
@@ -318,24 +365,43 @@ def moment_problem(moment: torch.Tensor) -> str | None:
     """
     if not bool(torch.isfinite(moment).all()):
         return "holds NaN or Inf"
-    c = moment.to(torch.float64)
-    n = c.shape[0]
-    peak = float(c.abs().max()) if c.numel() else 0.0
+    n = moment.shape[0]
+    peak = float(moment.abs().max()) if moment.numel() else 0.0
     if peak == 0.0:
         return None  # a zero moment: the layer's input was always zero, plain SVD (ops.factoring)
     if not math.isfinite(peak * n * n):
         return f"has entries up to {peak:.3g}, too large to sum in float64"
     tolerance = n * torch.finfo(moment.dtype if moment.is_floating_point() else torch.float32).eps
-    c = c / peak
-    if float((c - c.T).abs().max()) > tolerance:
+    c = moment.to(torch.float64).div_(peak)  # one float64 copy (a 1B model's MLP input: 250 MB), worked in place
+    if _asymmetry(c) > tolerance:
         return "is not symmetric"
     if float(c.diagonal().min()) < 0:
         return "has a negative diagonal entry (a variance below zero)"
-    eigenvalues = torch.linalg.eigvalsh((c + c.T) / 2)  # ascending
+    c = _symmetrized(c)
+    eigenvalues = torch.linalg.eigvalsh(c)  # ascending
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
     if low < -tolerance * max(high, 0.0) or high <= 0:
         return f"is indefinite (eigenvalues from {low * peak:.3g} to {high * peak:.3g})"
     return None
+
+
+ROWS = 256  # rows of a moment compared with its transpose at a time: no second n×n temporary
+
+
+def _asymmetry(c: torch.Tensor) -> float:
+    """max |c − cᵀ|, a band of rows at a time."""
+    n = c.shape[0]
+    return max((float((c[i : i + ROWS] - c[:, i : i + ROWS].T).abs().max()) for i in range(0, n, ROWS)), default=0.0)
+
+
+def _symmetrized(c: torch.Tensor) -> torch.Tensor:
+    """(c + cᵀ) / 2 in place, a band at a time: each band's mirror is read before it is written."""
+    n = c.shape[0]
+    for i in range(0, n, ROWS):
+        band = (c[i : i + ROWS, i:] + c[i:, i : i + ROWS].T) / 2  # (rows, n − i): the upper part of these rows
+        c[i : i + ROWS, i:] = band
+        c[i:, i : i + ROWS] = band.T
+    return c
 
 
 def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:
