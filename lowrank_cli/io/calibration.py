@@ -42,19 +42,21 @@ class StoredMoments(Mapping):
     """Weight name -> its moment, read from the statistics file when asked for: never all in memory at once.
 
     A 1B model's moments are several GB of float32 (a 70B model's, over 40 GB), more than its weights
-    in bfloat16; compress reads them one weight at a time. The last moment read is kept, so weights
-    that share an input (q, k, v) get one tensor, read once.
+    in bfloat16; compress reads them one weight at a time. They are read with plain file reads, not
+    through a mapping of the file, whose pages would stay in the process's resident set. The last
+    moment read is kept, so weights that share an input (q, k, v) get one tensor, read once.
     """
 
     def __init__(self, path: str | Path, keys: dict[str, str]) -> None:
         self.path, self.keys = str(path), dict(keys)
+        self._where = _tensor_offsets(self.path)
         self._last: tuple[str, torch.Tensor] | None = None
 
     def __getitem__(self, name: str) -> torch.Tensor:
         key = self.keys[name]
         if self._last is None or self._last[0] != key:
             self._last = None  # the previous one freed before the next is read
-            self._last = (key, _read_tensor(self.path, key))
+            self._last = (key, _read_tensor(self.path, self._where, key))
         return self._last[1]
 
     def __iter__(self) -> Iterator[str]:
@@ -67,17 +69,35 @@ class StoredMoments(Mapping):
         return name in self.keys
 
 
-def _read_tensor(path: str, key: str) -> torch.Tensor:
-    from safetensors import SafetensorError, safe_open
+def _tensor_offsets(path: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """A safetensors file's tensors (already validated by safe_open): key -> dtype, shape, start, end in the file."""
+    from lowrank_cli.io.dtypes import torch_dtype
 
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {
+        key: (torch_dtype(info["dtype"]), list(info["shape"]), 8 + size + info["data_offsets"][0],
+              8 + size + info["data_offsets"][1])
+        for key, info in header.items()
+    }  # fmt: skip
+
+
+def _read_tensor(path: str, where: dict, key: str) -> torch.Tensor:
+    dtype, shape, start, end = where[key]
+    data = bytearray(end - start)
     try:
-        with safe_open(path, framework="pt") as handle:
-            return handle.get_tensor(key)
-    except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as exc:  # changed or gone since read
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            got = handle.readinto(data)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: moment '{key}' cannot be read ({exc.strerror or exc}); check the file") from None
+    if got != len(data):
         raise CheckpointError(
-            f"{path}: moment '{key}' cannot be read ({type(exc).__name__}: {exc}); the statistics file changed"
-            " while in use, rerun lowrank calibrate"
-        ) from None
+            f"{path}: moment '{key}' is cut short; the statistics file changed while in use, rerun lowrank calibrate"
+        )
+    return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.zeros(shape, dtype=dtype)
 
 
 @dataclass
@@ -202,17 +222,17 @@ class MomentSpill:
 
     def add(self, key: str, moment: torch.Tensor) -> None:
         """Append one moment (stored float32, as in the statistics file)."""
-        data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()  # written as it is: no bytes copy
         try:
             self._handle.seek(self._end)
-            self._handle.write(data)
+            self._handle.write(memoryview(data).cast("B"))
         except OSError as exc:  # a full disk: the statistics cannot be written either
             reason = exc.strerror or str(exc)
             raise OutputError(
                 f"{self.path}: cannot be written ({reason}); free space or choose another output"
             ) from None
-        self.entries[key] = (list(moment.shape), self._end, self._end + len(data))
-        self._end += len(data)
+        self.entries[key] = (list(moment.shape), self._end, self._end + data.nbytes)
+        self._end += data.nbytes
 
     def read(self, key: str) -> torch.Tensor:
         """A moment added before, read back (float32)."""
@@ -295,8 +315,9 @@ def read_calibration(path: str | Path) -> Calibration:
                 version = payload.get("format_version") if isinstance(payload, dict) else payload
                 raise CheckpointError(f"{path}: calibration format {version!r} is not supported")
             _check_fields(payload, path)
+            where = _tensor_offsets(str(path))
             for key in sorted(set(payload["inputs"].values())):  # checked one at a time, then let go
-                _check_moment(handle.get_tensor(key), key, path)
+                _check_moment(_read_tensor(str(path), where, key), key, path)
             counted = {name: handle.get_tensor(key) for name, key in (payload.get("token_counts") or {}).items()}
     except CheckpointError:
         raise

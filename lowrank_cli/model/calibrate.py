@@ -395,7 +395,7 @@ def _calibrate_blocks(
         runs = batches(chosen, batch_size, device, pad)
         probe = spread(chosen, sample_count(chosen, probe_tokens)) if sensitivity else []
         probe_runs = batches(probe, batch_size, device, pad)
-        probed = ProjectedProbe(runner, names) if sensitivity else None
+        probed = ProjectedProbe(runner, names, spill=out.parent) if sensitivity else None  # probe inputs on disk
         tick = _ticker(progress, len(runner) + (probed.count() if probed else 0))
 
         def inside(name: str) -> bool:

@@ -13,8 +13,10 @@ runs it over a calibrated model's weights.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -202,12 +204,23 @@ class ProjectedProbe:
     inputs), then `backward(final, moment_of)` once, after the last block.
     """
 
-    def __init__(self, runner, names: dict[str, str], *, projections: int = PROJECTIONS, seed: int = 0) -> None:
+    def __init__(
+        self,
+        runner,
+        names: dict[str, str],
+        *,
+        projections: int = PROJECTIONS,
+        seed: int = 0,
+        spill: str | Path | None = None,
+    ) -> None:
         self.runner = runner
         self.names = names  # module name in the model -> the checkpoint's weight name
         self.projections = projections
         self.seed = seed
         self.inputs: list = []  # per block: the probe batches (Hidden) entering it
+        # spill: a folder where each block's probe inputs wait on disk (an unnamed file) until backward
+        # reads them back, last block first: L·T_p·d numbers (a 7B model's: 1 GB) not held in memory
+        self._spill = _StateSpill(spill) if spill is not None else None
 
     # --- which weights --------------------------------------------------------------------------------------
 
@@ -235,9 +248,13 @@ class ProjectedProbe:
 
     @torch.no_grad()
     def forward(self, block, probe: list) -> list:
-        """Keep the probe batches entering `block` and return them after it."""
-        self.inputs.append(probe)
+        """Keep the probe batches entering `block` (on disk with a spill) and return them after it."""
+        self.inputs.append(self._spill.keep(probe) if self._spill is not None else probe)
         return [self.runner.run_block(block, hidden) for hidden in probe]
+
+    def _inputs(self, index: int) -> list:
+        kept = self.inputs[index]
+        return self._spill.back(kept) if self._spill is not None else kept
 
     def backward(
         self, final: list, moment_of: Callable[[str], Moment], *, on_weight: Callable[[str], None] | None = None
@@ -254,7 +271,7 @@ class ProjectedProbe:
         scale = self.projections * len(norms)
         outputs = final
         for index in reversed(range(len(runner))):
-            inputs = self.inputs[index]
+            inputs = self._inputs(index)
             with runner.load_block(index) as block:
                 for module_name, module in self.block_weights(block.module):
                     name = self.names.get(f"{block.name}.{module_name}", f"{block.name}.{module_name}.weight")
@@ -265,6 +282,8 @@ class ProjectedProbe:
                         on_weight(name)
                 grads = [self._through(block, hidden, g) for hidden, g in zip(inputs, grads, strict=True)]
             outputs, self.inputs[index] = inputs, None  # block index's inputs: the next one's outputs
+        if self._spill is not None:
+            self._spill.close()
         for module_name, module in self.outside_weights():
             name = self.names.get(module_name, f"{module_name}.weight")
             value = self._outside(module, moment_of(name), outputs, final, grads, norms)
@@ -409,6 +428,40 @@ class ProjectedProbe:
         finally:
             swap.restore()
         return total / swap.tail
+
+
+class _StateSpill:
+    """Hidden states kept in an unnamed temporary file (gone when closed, or when the process ends)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".lowrank-probe-")  # noqa: SIM115 - closed by close()
+        self._end = 0
+
+    def keep(self, batches: list) -> list:
+        """Write each batch's states to the file; what is returned holds (dtype, shape, start) in their place."""
+        stripped, where = [], []
+        for hidden in batches:
+            data = hidden.states.detach().to("cpu").contiguous()
+            self._file.seek(self._end)
+            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            where.append((data.dtype, tuple(data.shape), self._end, hidden.states.device))
+            self._end += data.numel() * data.element_size()
+            stripped.append(replace(hidden, states=torch.empty(0)))  # ids, mask and calls stay in memory
+        return [stripped, where]
+
+    def back(self, kept: list) -> list:
+        """The batches with their states read back."""
+        batches, where = kept
+        out = []
+        for hidden, (dtype, shape, start, device) in zip(batches, where, strict=True):
+            data = torch.empty(shape, dtype=dtype)
+            self._file.seek(start)
+            self._file.readinto(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            out.append(replace(hidden, states=data.to(device)))
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _once(modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
