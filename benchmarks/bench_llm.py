@@ -179,6 +179,7 @@ def evaluate(reference: Path, candidate: Path, text: Path) -> dict:
 
 
 STEPS = ("calibrate", "compress", "evaluate", "fidelity")
+QUALITY_HEADER = "\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |"
 HEADER = (
     "| model | command | wall | CPU (user + sys) | peak RSS | target | peak − weights |\n"
     "| --- | --- | --- | --- | --- | --- | --- |"
@@ -259,7 +260,9 @@ def main() -> None:
     parser.add_argument(
         "--steps", default=",".join(STEPS), help=f"the commands run, comma-separated (default: {','.join(STEPS)})"
     )
-    parser.add_argument("--no-quality", action="store_true", help="leave out the quality table (SmolLM2 at 80/60/40 %%)")
+    parser.add_argument(
+        "--no-quality", action="store_true", help="leave out the quality table (SmolLM2 at 80/60/40 %%)"
+    )
     parser.add_argument(
         "--work", type=Path, help="keep the models and outputs in this folder (default: a temporary one)"
     )
@@ -290,7 +293,7 @@ def main() -> None:
             print(HEADER)
             commands("tiny (random)", model, texts, work, target=1.0, steps=steps)
             if not args.no_quality:
-                print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+                print(QUALITY_HEADER)
                 quality(model, texts, work, (0.6,))
             return
         reason = missing()
@@ -311,7 +314,7 @@ def main() -> None:
                 steps=steps,
             )  # fmt: skip
         if not args.no_quality:
-            print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+            print(QUALITY_HEADER)
             quality(smol, texts, work, BUDGETS)
 
 
