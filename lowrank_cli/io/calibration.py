@@ -33,6 +33,7 @@ import torch
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.publish import make_temp, remove_temp, write_file
+from lowrank_cli.linalg.whiten import symmetrize_
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
@@ -401,7 +402,7 @@ def moment_problem(moment: torch.Tensor) -> str | None:
         return "is not symmetric"
     if float(c.diagonal().min()) < 0:
         return "has a negative diagonal entry (a variance below zero)"
-    c = _symmetrized(c)
+    c = symmetrize_(c)
     eigenvalues = torch.linalg.eigvalsh(c)  # ascending
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
     if low < -tolerance * max(high, 0.0) or high <= 0:
@@ -409,23 +410,13 @@ def moment_problem(moment: torch.Tensor) -> str | None:
     return None
 
 
-ROWS = 256  # rows of a moment compared with its transpose at a time: no second n×n temporary
+ROWS = 256  # rows of a moment compared with its transpose at a time: no n×n temporary
 
 
 def _asymmetry(c: torch.Tensor) -> float:
     """max |c − cᵀ|, a band of rows at a time."""
     n = c.shape[0]
     return max((float((c[i : i + ROWS] - c[:, i : i + ROWS].T).abs().max()) for i in range(0, n, ROWS)), default=0.0)
-
-
-def _symmetrized(c: torch.Tensor) -> torch.Tensor:
-    """(c + cᵀ) / 2 in place, a band at a time: each band's mirror is read before it is written."""
-    n = c.shape[0]
-    for i in range(0, n, ROWS):
-        band = (c[i : i + ROWS, i:] + c[i:, i : i + ROWS].T) / 2  # (rows, n − i): the upper part of these rows
-        c[i : i + ROWS, i:] = band
-        c[i:, i : i + ROWS] = band.T
-    return c
 
 
 def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:

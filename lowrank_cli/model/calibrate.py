@@ -38,6 +38,7 @@ from lowrank_cli.ops.sensitivity import ProjectedProbe, sensitivities
 from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, PROBE_TOKENS, SEQ_LEN, Split
 
 CHUNK = 1024  # tokens per float32 product
+FLUSH_ROWS = 256  # rows of a float32 partial sum added to the float64 sum at a time
 
 
 @dataclass
@@ -193,8 +194,10 @@ class Calibrator:
     def _flush(self, key: str | None = None) -> None:
         for k in [key] if key is not None else list(self._partial):
             if self._pending[k]:
-                self.sums[k] += self._partial[k]
-                self._partial[k].zero_()
+                total, partial = self.sums[k], self._partial[k]
+                for i in range(0, total.shape[0], FLUSH_ROWS):  # a band at a time: no n×n float64 copy of the partial
+                    total[i : i + FLUSH_ROWS] += partial[i : i + FLUSH_ROWS]
+                partial.zero_()
                 self._pending[k] = 0
 
     @property
