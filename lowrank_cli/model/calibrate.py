@@ -464,7 +464,7 @@ def _calibrate_blocks(
 
             def moment_of(name: str):
                 if name in keys:
-                    return spill.read(keys[name]).to(torch.float64)
+                    return spill.read(keys[name])  # float32: the whitener makes its one float64 copy
                 if name in stem.lookups:
                     return RowWeights.of_counts(stem.lookups[name])
                 return None
