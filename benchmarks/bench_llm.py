@@ -6,9 +6,18 @@ against a port of SVD-LLM, on SmolLM2-135M-Instruct (and a 1.1B Llama of TinyLla
     python benchmarks/bench_llm.py --tinyllama       # also the 1.1B model's commands (random weights)
     python benchmarks/bench_llm.py --quick           # a tiny random Llama: a smoke run of every step
     python benchmarks/bench_llm.py --only quality    # SmolLM2's quality table alone (no commands' table)
+    python benchmarks/bench_llm.py --models tinyllama --no-quality --work /tmp/bllm   # one model's commands
+    python benchmarks/bench_llm.py --models smollm2 --steps calibrate --no-quality    # one command
 
-Each `lowrank` command runs as a subprocess under /usr/bin/time, whose %M (peak resident set, KB)
-is the peak RSS reported; wall is the subprocess's. The commands: calibrate (defaults: sensitivity
+Each `lowrank` command runs as a subprocess under /usr/bin/time -f '%e %U %S %M': wall, CPU time
+(user + system: what a shared machine inflates least) and peak resident set. The table gives the
+peak against the issue's target for the model (SmolLM2: 1 GiB + the weights file's size; the 1.1B
+model: 1 GiB + 0.75 × the weights' bytes). Beside calibrate, its time in dense forwards: calibrate's
+CPU time (and wall) over that of one whole-model forward over the same calibration samples (the
+model loaded whole by transformers in float32, calibrate's compute dtype, batches of 8 as calibrate
+runs them; loading not timed), measured in a subprocess of its own.
+
+The commands: calibrate (defaults: sensitivity
 on) on the calibration text, compress --include 'model.layers.*' --budget 0.6 --calibration,
 evaluate (reference against that candidate on the evaluation text), compress --fidelity 0.9 with the
 search text. The texts are benchmarks/smollm2.py's three disjoint ones.
@@ -53,19 +62,58 @@ LOWRANK = [sys.executable, "-m", "lowrank_cli"]
 BUDGETS = (0.8, 0.6, 0.4)
 
 
-def lowrank(*args: object) -> tuple[subprocess.CompletedProcess, float, float]:
-    """Run `lowrank ARGS` under /usr/bin/time: (the process, wall seconds, peak RSS in GiB)."""
+class Measured:
+    """A command's wall and CPU seconds and its peak resident set (GiB), as /usr/bin/time reports them."""
+
+    def __init__(self, record: str) -> None:
+        wall, user, system, kilobytes = record.strip().splitlines()[-1].split()
+        self.wall, self.cpu, self.peak = float(wall), float(user) + float(system), int(kilobytes) / 2**20
+
+
+def lowrank(*args: object) -> tuple[subprocess.CompletedProcess, Measured]:
+    """Run `lowrank ARGS` under /usr/bin/time: the process and its wall, CPU time and peak RSS."""
+    return timed([*LOWRANK, *map(str, args)], f"lowrank {' '.join(map(str, args))}")
+
+
+def timed(command: list[str], what: str) -> tuple[subprocess.CompletedProcess, Measured]:
     with tempfile.NamedTemporaryFile("r", suffix=".time") as record:
-        command = ["/usr/bin/time", "-f", "%M", "-o", record.name, *LOWRANK, *map(str, args)]
-        start = time.perf_counter()
         run = subprocess.run(
-            command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(HERE.parent)}
+            ["/usr/bin/time", "-f", "%e %U %S %M", "-o", record.name, *command],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(HERE.parent)},
         )
-        wall = time.perf_counter() - start
         if run.returncode != 0:
-            raise RuntimeError(f"lowrank {' '.join(map(str, args))} failed:\n{run.stderr[-3000:]}")
-        peak = int(record.read().strip().splitlines()[-1]) / 2**20  # KB -> GiB
-    return run, wall, peak
+            raise RuntimeError(f"{what} failed:\n{run.stderr[-3000:]}")
+        return run, Measured(record.read())
+
+
+def dense_forward(model: Path, text: Path, tokens: int | None) -> dict:
+    """One whole-model forward over calibrate's samples of `text` (its defaults, float32, batches of 8), in a
+    subprocess: {"wall": s, "cpu": s} of the forwards alone (loading not counted), as JSON on stdout."""
+    command = [sys.executable, __file__, "--dense-forward", str(model), str(text), str(tokens or 0)]
+    run, _ = timed(command, "the dense forward")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def _dense_forward(model: Path, text: Path, tokens: int) -> None:
+    import transformers
+
+    from lowrank_cli.ops.hfmodel import pad_id
+    from lowrank_cli.ops.samples import batches, read_samples
+    from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, SEQ_LEN
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
+    found = read_samples(tokenizer, text, seq_len=SEQ_LEN, tokens=tokens or CALIBRATE_TOKENS)
+    runs = batches(found.ids, CALIBRATE_BATCH_SIZE, "cpu", pad_id(tokenizer))
+    network = transformers.AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32, local_files_only=True)
+    network.eval()
+    wall, cpu = time.perf_counter(), time.process_time()
+    with torch.no_grad():
+        for ids, mask in runs:
+            network(input_ids=ids, attention_mask=mask)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    print(json.dumps({"wall": wall, "cpu": cpu, "tokens": sum(len(ids) for ids in found.ids)}))
 
 
 def tinyllama(folder: Path, *, quick: bool = False) -> Path:
@@ -135,31 +183,56 @@ def svd_llm(model: Path, stats: Path, fraction: float, out: Path) -> Path:
 
 
 def evaluate(reference: Path, candidate: Path, text: Path) -> dict:
-    run, _, _ = lowrank("evaluate", reference, candidate, "--text", text, "--json")
+    run, _ = lowrank("evaluate", reference, candidate, "--text", text, "--json")
     return json.loads(run.stdout)
 
 
-def commands(name: str, model: Path, texts, work: Path, *, tokens: int | None = None) -> list[str]:
-    """The rows of the commands' table for one model."""
+STEPS = ("calibrate", "compress", "evaluate", "fidelity")
+QUALITY_HEADER = "\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |"
+HEADER = (
+    "| model | command | wall | CPU (user + sys) | peak RSS | target | peak − weights |\n"
+    "| --- | --- | --- | --- | --- | --- | --- |"
+)
+
+
+def commands(
+    name: str, model: Path, texts, work: Path, *, tokens: int | None = None, target: float, steps=STEPS
+) -> list[str]:
+    """The rows of the commands' table for one model; target: the peak allowed, in GiB."""
     weights = sum(p.stat().st_size for p in model.glob("*.safetensors")) / 2**30
     stats, candidate = work / f"{name}.stats.safetensors", work / f"{name}.lowrank"
     rows = []
     extra = ["--tokens", str(tokens)] if tokens else []
-    steps = [
-        ("calibrate (defaults)", ["calibrate", model, "-o", stats, "--text", texts.calibration, "--force", *extra]),
-        ("compress --budget 0.6 --calibration", ["compress", model, "-o", candidate, "--include", "model.layers.*",
-                                                  "--budget", "0.6", "--calibration", stats, "--force"]),
-        ("evaluate", ["evaluate", model, candidate, "--text", texts.evaluation]),
-        ("compress --fidelity 0.9", ["compress", model, "-o", work / f"{name}.fidelity", "--include", "model.layers.*",
-                                     "--fidelity", "0.9", "--eval-text", texts.search, "--calibration", stats,
-                                     "--force"]),
-    ]  # fmt: skip
-    for label, args in steps:
+    plan = {
+        "calibrate": ("calibrate (defaults)", ["calibrate", model, "-o", stats, "--text", texts.calibration,
+                                               "--force", *extra]),
+        "compress": ("compress --budget 0.6 --calibration", ["compress", model, "-o", candidate, "--include",
+                                                             "model.layers.*", "--budget", "0.6", "--calibration",
+                                                             stats, "--force"]),
+        "evaluate": ("evaluate", ["evaluate", model, candidate, "--text", texts.evaluation]),
+        "fidelity": ("compress --fidelity 0.9", ["compress", model, "-o", work / f"{name}.fidelity", "--include",
+                                                 "model.layers.*", "--fidelity", "0.9", "--eval-text", texts.search,
+                                                 "--calibration", stats, "--force"]),
+    }  # fmt: skip
+    for step in steps:
+        label, args = plan[step]
         try:
-            _, wall, peak = lowrank(*args)
-            rows.append(f"| {name} | {label} | {wall:.0f} s | {peak:.2f} GiB | {peak - weights:+.2f} GiB |")
+            _, measured = lowrank(*args)
+            verdict = "within" if measured.peak <= target else "OVER"
+            rows.append(
+                f"| {name} | {label} | {measured.wall:.0f} s | {measured.cpu:.0f} s | {measured.peak:.2f} GiB"
+                f" | {target:.2f} GiB ({verdict}) | {measured.peak - weights:+.2f} GiB |"
+            )
+            if step == "calibrate":
+                print(rows[-1], flush=True)
+                dense = dense_forward(model, texts.calibration, tokens)
+                rows.append(
+                    f"| {name} | one dense forward over calibrate's {dense['tokens']:,} tokens (float32) |"
+                    f" {dense['wall']:.1f} s | {dense['cpu']:.1f} s | | calibrate = {measured.cpu / dense['cpu']:.1f}"
+                    f" dense forwards of CPU time ({measured.wall / dense['wall']:.1f} of wall) | |"
+                )
         except RuntimeError as exc:
-            rows.append(f"| {name} | {label} | failed: {str(exc).splitlines()[-1][:80]} | | |")
+            rows.append(f"| {name} | {label} | failed: {str(exc).splitlines()[-1][:80]} | | | | |")
         print(rows[-1], flush=True)
     return rows
 
@@ -190,11 +263,33 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a tiny random Llama instead: a smoke run")
     parser.add_argument("--only", choices=["quality"], help="run only this table (SmolLM2's quality at 80/60/40 %%)")
     parser.add_argument(
+        "--models",
+        help="the models whose commands run, comma-separated: smollm2, tinyllama"
+        " (default: smollm2, and tinyllama with --tinyllama)",
+    )
+    parser.add_argument(
+        "--steps", default=",".join(STEPS), help=f"the commands run, comma-separated (default: {','.join(STEPS)})"
+    )
+    parser.add_argument(
+        "--no-quality", action="store_true", help="leave out the quality table (SmolLM2 at 80/60/40 %%)"
+    )
+    parser.add_argument(
         "--work", type=Path, help="keep the models and outputs in this folder (default: a temporary one)"
     )
+    parser.add_argument("--dense-forward", nargs=3, metavar=("MODEL", "TEXT", "TOKENS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
+    if args.dense_forward:
+        model, text, tokens = args.dense_forward
+        _dense_forward(Path(model), Path(text), int(tokens))
+        return
+    models = args.models.split(",") if args.models else ["smollm2", *(["tinyllama"] if args.tinyllama else [])]
+    steps = args.steps.split(",")
+    for value, known, flag in ((models, ("smollm2", "tinyllama"), "--models"), (steps, STEPS, "--steps")):
+        if unknown := [v for v in value if v not in known]:
+            sys.exit(f"error: {flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
     print(cpu_line())
+    print(f"load average: {os.getloadavg()[0]:.1f}, {os.getloadavg()[1]:.1f}, {os.getloadavg()[2]:.1f}")
     with tempfile.TemporaryDirectory(prefix="bench_llm.") as tmp:
         work = args.work or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
@@ -205,10 +300,11 @@ def main() -> None:
             if smol is None:
                 sys.exit(f"error: {missing()}")  # the tokenizer comes from SmolLM2
             tokenizer_from(smol, model)
-            print("| model | command | wall | peak RSS | peak − weights |\n| --- | --- | --- | --- | --- |")
-            commands("tiny (random)", model, texts, work)
-            print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
-            quality(model, texts, work, (0.6,))
+            print(HEADER)
+            commands("tiny (random)", model, texts, work, target=1.0, steps=steps)
+            if not args.no_quality:
+                print(QUALITY_HEADER)
+                quality(model, texts, work, (0.6,))
             return
         reason = missing()
         if reason is not None:
@@ -216,17 +312,24 @@ def main() -> None:
         texts = write_texts(work / "texts")
         smol = build_smollm2(work / "SmolLM2-135M-Instruct")
         if args.only == "quality":
-            print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
+            print(QUALITY_HEADER)
             quality(smol, texts, work, BUDGETS)
             return
-        print("| model | command | wall | peak RSS | peak − weights |\n| --- | --- | --- | --- | --- |")
-        commands("SmolLM2-135M", smol, texts, work)
-        if args.tinyllama:
+        print(HEADER)
+        if "smollm2" in models:
+            size = sum(p.stat().st_size for p in smol.glob("*.safetensors"))
+            commands("SmolLM2-135M", smol, texts, work, target=1.0 + size / 2**30, steps=steps)
+        if "tinyllama" in models:
             big = tinyllama(work / "tinyllama-shape")
             tokenizer_from(smol, big)
-            commands("1.1B (TinyLlama shape, random)", big, texts, work, tokens=4096)
-        print("\n| decoder kept | method | KL per token | perplexity × | top-1 |\n| --- | --- | --- | --- | --- |")
-        quality(smol, texts, work, BUDGETS)
+            size = sum(p.stat().st_size for p in big.glob("*.safetensors"))
+            commands(
+                "1.1B (TinyLlama shape, random)", big, texts, work, tokens=4096, target=1.0 + 0.75 * size / 2**30,
+                steps=steps,
+            )  # fmt: skip
+        if not args.no_quality:
+            print(QUALITY_HEADER)
+            quality(smol, texts, work, BUDGETS)
 
 
 if __name__ == "__main__":

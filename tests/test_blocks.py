@@ -318,3 +318,33 @@ def test_smollm2_block_by_block_gives_the_whole_models_logits(smollm2):
             logits = runner.head(hidden)
         assert runner.model.lm_head.weight is runner.model.model.embed_tokens.weight
     assert_float32_close(logits, expected)
+
+
+def _resident_file_kb() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("RssFile:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads the resident set from /proc")
+def test_released_block_pages_leave_the_resident_set_and_read_back_the_same(tmp_path):
+    """Checkpoint.release drops the mapped pages a block touched (the runner calls it on freeing the block);
+    a tensor mapped again reads the file's values afresh, and a neighbour's pages are kept."""
+    from safetensors.torch import save_file
+
+    from lowrank_cli.io.checkpoint import open_checkpoint
+
+    rng = np.random.default_rng(7)
+    big = torch.from_numpy(rng.standard_normal((2048, 4096)).astype(np.float32))  # 32 MiB
+    small = torch.arange(10, dtype=torch.float32)
+    save_file({"model.layers.0.w": big, "model.norm.weight": small}, str(tmp_path / "m.safetensors"))
+    with open_checkpoint(tmp_path / "m.safetensors") as checkpoint:
+        kept = checkpoint.mapped("model.norm.weight")
+        mapped = checkpoint.mapped("model.layers.0.w")
+        assert float(mapped.sum(dtype=torch.float64)) == pytest.approx(float(big.sum(dtype=torch.float64)))
+        before = _resident_file_kb()
+        del mapped
+        checkpoint.release(["model.layers.0.w"])
+        dropped = before - _resident_file_kb()
+        assert dropped > 0.9 * big.numel() * 4 / 1024  # KB: the tensor's pages (less a partial page at each end)
+        assert torch.equal(checkpoint.mapped("model.layers.0.w"), big)
+        assert torch.equal(kept, small)

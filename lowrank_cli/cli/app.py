@@ -568,6 +568,7 @@ def calibrate(
     """Input statistics of each Linear, for --calibration."""
     from lowrank_cli.cli.render import progress
 
+    lowrank_cli.bound_native_memory()  # the model runs block by block: before torch loads (docs/evaluate.md)
     with progress(f"calibrate {model.name}", steps="blocks, then weights probed") as tick:
         report = lowrank_cli.calibrate(
             model, output, text=text, seq_len=seq_len, tokens=tokens, samples=samples, batch_size=batch_size,

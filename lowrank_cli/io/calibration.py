@@ -24,6 +24,7 @@ import json
 import math
 import shutil
 import struct
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,16 +33,84 @@ import torch
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.publish import make_temp, remove_temp, write_file
+from lowrank_cli.linalg.whiten import symmetrize_
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
 
 
+class StoredMoments(Mapping):
+    """Weight name -> its moment, read from the statistics file when asked for: never all in memory at once.
+
+    A 1B model's moments are several GB of float32 (a 70B model's, over 40 GB), more than its weights
+    in bfloat16; compress reads them one weight at a time. They are read with plain file reads, not
+    through a mapping of the file, whose pages would stay in the process's resident set. The last
+    moment read is kept, so weights that share an input (q, k, v) get one tensor, read once.
+    """
+
+    def __init__(self, path: str | Path, keys: dict[str, str]) -> None:
+        self.path, self.keys = str(path), dict(keys)
+        self._where = _tensor_offsets(self.path)
+        self._last: tuple[str, torch.Tensor] | None = None
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        key = self.keys[name]
+        if self._last is None or self._last[0] != key:
+            self._last = None  # the previous one freed before the next is read
+            self._last = (key, _read_tensor(self.path, self._where, key))
+        return self._last[1]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys)
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.keys
+
+
+def _tensor_offsets(path: str) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """A safetensors file's tensors (already validated by safe_open): key -> dtype, shape, start, end in the file."""
+    from lowrank_cli.io.dtypes import torch_dtype
+
+    with open(path, "rb") as handle:
+        (size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(size))
+    header.pop("__metadata__", None)
+    return {
+        key: (torch_dtype(info["dtype"]), list(info["shape"]), 8 + size + info["data_offsets"][0],
+              8 + size + info["data_offsets"][1])
+        for key, info in header.items()
+    }  # fmt: skip
+
+
+def _read_tensor(path: str, where: dict, key: str) -> torch.Tensor:
+    dtype, shape, start, end = where[key]
+    data = bytearray(end - start)
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(start)
+            got = handle.readinto(data)
+    except OSError as exc:
+        raise CheckpointError(
+            f"{path}: moment '{key}' cannot be read ({exc.strerror or exc}); check the file"
+        ) from None
+    if got != len(data):
+        raise CheckpointError(
+            f"{path}: moment '{key}' is cut short; the statistics file changed while in use, rerun lowrank calibrate"
+        )
+    return torch.frombuffer(data, dtype=dtype).reshape(shape) if data else torch.zeros(shape, dtype=dtype)
+
+
 @dataclass
 class Calibration:
-    """Moments by weight name (shared inputs share one tensor), and where they came from."""
+    """Moments by weight name (shared inputs share one tensor), and where they came from.
 
-    moments: dict[str, torch.Tensor]
+    moments: a dict, or StoredMoments (read_calibration's), which reads each moment from the file when asked.
+    """
+
+    moments: Mapping[str, torch.Tensor]
     tokens: int = 0
     text_sha256: str | None = None
     transposed: set[str] = field(default_factory=set)
@@ -156,17 +225,18 @@ class MomentSpill:
 
     def add(self, key: str, moment: torch.Tensor) -> None:
         """Append one moment (stored float32, as in the statistics file)."""
-        data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy().tobytes()
+        # written from the array itself: no bytes copy of a moment (a 1B model's MLP input: 127 MB)
+        data = moment.detach().to(device="cpu", dtype=torch.float32).contiguous().numpy()
         try:
             self._handle.seek(self._end)
-            self._handle.write(data)
+            self._handle.write(memoryview(data).cast("B"))
         except OSError as exc:  # a full disk: the statistics cannot be written either
             reason = exc.strerror or str(exc)
             raise OutputError(
                 f"{self.path}: cannot be written ({reason}); free space or choose another output"
             ) from None
-        self.entries[key] = (list(moment.shape), self._end, self._end + len(data))
-        self._end += len(data)
+        self.entries[key] = (list(moment.shape), self._end, self._end + data.nbytes)
+        self._end += data.nbytes
 
     def read(self, key: str) -> torch.Tensor:
         """A moment added before, read back (float32)."""
@@ -249,7 +319,9 @@ def read_calibration(path: str | Path) -> Calibration:
                 version = payload.get("format_version") if isinstance(payload, dict) else payload
                 raise CheckpointError(f"{path}: calibration format {version!r} is not supported")
             _check_fields(payload, path)
-            stored = {key: handle.get_tensor(key) for key in set(payload["inputs"].values())}
+            where = _tensor_offsets(str(path))
+            for key in sorted(set(payload["inputs"].values())):  # checked one at a time, then let go
+                _check_moment(_read_tensor(str(path), where, key), key, path)
             counted = {name: handle.get_tensor(key) for name, key in (payload.get("token_counts") or {}).items()}
     except CheckpointError:
         raise
@@ -261,21 +333,13 @@ def read_calibration(path: str | Path) -> Calibration:
     except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
         problem = f"{type(exc).__name__}: {exc}"
         raise CheckpointError(f"{path}: cannot be read as calibration statistics ({problem})") from None
-    for key, moment in stored.items():
-        if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
-            raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
-        problem = moment_problem(moment)
-        if problem is not None:
-            raise CheckpointError(
-                f"{path}: moment '{key}' {problem}, so it is no second moment; rerun lowrank calibrate"
-            )
     for name, counts in counted.items():
         if counts.ndim != 1 or not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
             raise CheckpointError(
                 f"{path}: token counts of '{name}' are not finite non-negative numbers (V,); rerun lowrank calibrate"
             )
     return Calibration(
-        moments={name: stored[key] for name, key in payload["inputs"].items()},
+        moments=StoredMoments(path, payload["inputs"]),
         tokens=int(payload.get("tokens", 0)),
         text_sha256=payload.get("text_sha256"),
         transposed=set(payload.get("transposed", ())),
@@ -284,6 +348,14 @@ def read_calibration(path: str | Path) -> Calibration:
         token_counts=counted,
         fingerprint=_fingerprint(payload.get("fingerprint") or {}, path),
     )
+
+
+def _check_moment(moment: torch.Tensor, key: str, path: str | Path) -> None:
+    if moment.ndim != 2 or moment.shape[0] != moment.shape[1]:
+        raise CheckpointError(f"{path}: moment '{key}' has shape {tuple(moment.shape)}, not (n, n)")
+    problem = moment_problem(moment)
+    if problem is not None:
+        raise CheckpointError(f"{path}: moment '{key}' {problem}, so it is no second moment; rerun lowrank calibrate")
 
 
 def _check_fields(payload: dict, path: str | Path) -> None:
@@ -318,24 +390,33 @@ def moment_problem(moment: torch.Tensor) -> str | None:
     """
     if not bool(torch.isfinite(moment).all()):
         return "holds NaN or Inf"
-    c = moment.to(torch.float64)
-    n = c.shape[0]
-    peak = float(c.abs().max()) if c.numel() else 0.0
+    n = moment.shape[0]
+    peak = float(moment.abs().max()) if moment.numel() else 0.0
     if peak == 0.0:
         return None  # a zero moment: the layer's input was always zero, plain SVD (ops.factoring)
     if not math.isfinite(peak * n * n):
         return f"has entries up to {peak:.3g}, too large to sum in float64"
     tolerance = n * torch.finfo(moment.dtype if moment.is_floating_point() else torch.float32).eps
-    c = c / peak
-    if float((c - c.T).abs().max()) > tolerance:
+    c = moment.to(torch.float64).div_(peak)  # one float64 copy (a 1B model's MLP input: 250 MB), worked in place
+    if _asymmetry(c) > tolerance:
         return "is not symmetric"
     if float(c.diagonal().min()) < 0:
         return "has a negative diagonal entry (a variance below zero)"
-    eigenvalues = torch.linalg.eigvalsh((c + c.T) / 2)  # ascending
+    c = symmetrize_(c)
+    eigenvalues = torch.linalg.eigvalsh(c)  # ascending
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
     if low < -tolerance * max(high, 0.0) or high <= 0:
         return f"is indefinite (eigenvalues from {low * peak:.3g} to {high * peak:.3g})"
     return None
+
+
+ROWS = 256  # rows of a moment compared with its transpose at a time: no n×n temporary
+
+
+def _asymmetry(c: torch.Tensor) -> float:
+    """max |c − cᵀ|, a band of rows at a time."""
+    n = c.shape[0]
+    return max((float((c[i : i + ROWS] - c[:, i : i + ROWS].T).abs().max()) for i in range(0, n, ROWS)), default=0.0)
 
 
 def _sensitivity(values: dict, path: str | Path) -> dict[str, float]:

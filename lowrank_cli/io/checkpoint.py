@@ -173,6 +173,24 @@ class Checkpoint:
         raw = np.frombuffer(mapping, dtype=_UINT_OF_SIZE[dtype.itemsize], count=entry.numel, offset=entry.start)
         return torch.from_numpy(raw).view(dtype).reshape(entry.shape)
 
+    def release(self, names: list[str]) -> None:
+        """Drop the pages of these tensors' bytes from this process's mappings of the file (mapped()).
+
+        Pages a computation touched stay in the resident set for as long as the file is mapped, so a
+        model run one block at a time would end up holding all of them; the block runner releases each
+        block's bytes once the block is freed. Only pages wholly inside a tensor's bytes are dropped
+        (a page shared with a neighbour, which may be in use, is kept); a tensor mapped again later
+        reads the file afresh. The tensors must no longer be in use: a write into a mapped tensor
+        (copy-on-write) would be lost.
+        """
+        page = mmap.PAGESIZE
+        for name in names:
+            entry = self.entries.get(name)
+            mapping = self._maps.get(entry.path) if entry is not None else None
+            start, end = (-(-entry.start // page) * page, entry.end // page * page) if mapping is not None else (0, 0)
+            if end > start:
+                mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def read_matrix(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
         """The tensor as its (out, in·…) matrix in `dtype` on `device`.
 

@@ -95,20 +95,40 @@ class RowWeights:
 
 
 def whitener(moment: torch.Tensor) -> Whitener | None:
-    """The damped Cholesky factor of a second moment; None for a zero (or non-finite) one, which cannot whiten."""
-    c = moment.to(torch.float64)
-    c = (c + c.T) / 2  # accumulated sums are symmetric only up to rounding
+    """The damped Cholesky factor of a second moment; None for a zero (or non-finite) one, which cannot whiten.
+
+    Two n×n float64 tensors, C and S (a 1B model's MLP input: 250 MB each): C is symmetrized and damped
+    in place, and the damping taken off again once S is made.
+    """
+    c = moment.to(torch.float64, copy=True)
+    symmetrize_(c)  # accumulated sums are symmetric only up to rounding
     n = c.shape[0]
     trace = float(c.diagonal().sum())
     if not trace > 0 or not bool(torch.isfinite(c).all()):
         return None
-    damping = DAMPING * trace / n
-    eye = torch.eye(n, dtype=c.dtype, device=c.device)
+    damping, added = DAMPING * trace / n, 0.0
     while True:
-        factor, info = torch.linalg.cholesky_ex(c + damping * eye)
+        c.diagonal().add_(damping - added)  # C + λ·I
+        added = damping
+        factor, info = torch.linalg.cholesky_ex(c)
         if info == 0:
+            c.diagonal().sub_(added)  # C again (to rounding: each diagonal entry within an ulp of λ)
             return Whitener(c, factor, damping)
+        del factor
         damping *= 10
+
+
+BAND = 256  # rows of a matrix symmetrized at a time: no second n×n temporary
+
+
+def symmetrize_(c: torch.Tensor) -> torch.Tensor:
+    """c ← (c + cᵀ) / 2 in place, a band of rows at a time (each band's mirror is read before it is written)."""
+    n = c.shape[0]
+    for i in range(0, n, BAND):
+        band = (c[i : i + BAND, i:] + c[i:, i : i + BAND].T) / 2  # (rows, n − i): these rows from the diagonal on
+        c[i : i + BAND, i:] = band
+        c[i:, i : i + BAND] = band.T
+    return c
 
 
 def output_error(matrix: torch.Tensor, b: torch.Tensor, a: torch.Tensor, moment: torch.Tensor) -> float:

@@ -251,8 +251,8 @@ class BlockRunner:
         module = copy.deepcopy(self._templates[index])
         self._stack[index] = module
         self._in_hand = index
+        name = f"{self.blocks_name}.{index}"
         try:
-            name = f"{self.blocks_name}.{index}"
             self._load(name, [f"{name}.{key}" for key in module.state_dict()])
             for child in module.modules():
                 _compute_buffers(self.model, child, self.device)
@@ -260,6 +260,10 @@ class BlockRunner:
         finally:
             self._stack[index] = self._templates[index]
             self._in_hand = None
+            del module
+            # the file's pages this block touched (weights kept in the file's dtype are mapped) leave the
+            # resident set with it: otherwise a pass over every block would end up holding the whole file
+            self._checkpoint.release([key for key in self._checkpoint.entries if _within(key, name)])
 
     def close(self) -> None:
         for hook in self._hooks:
@@ -348,6 +352,11 @@ def find_blocks(model: nn.Module, folder: Path | str = "") -> tuple[str, nn.Modu
                 " loads blocks one at a time and needs each to hold its own tensors"
             )
     return name, stack
+
+
+def _within(key: str, block: str) -> bool:
+    """Whether the file's tensor `key` is of the block named `block` (model.layers.3), allowing a prefix (bert.)."""
+    return key.startswith(block + ".") or f".{block}." in key
 
 
 def _split(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Call]:

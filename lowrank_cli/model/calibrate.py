@@ -38,6 +38,7 @@ from lowrank_cli.ops.sensitivity import ProjectedProbe, sensitivities
 from lowrank_cli.ops.settings import CALIBRATE_BATCH_SIZE, CALIBRATE_TOKENS, PROBE_TOKENS, SEQ_LEN, Split
 
 CHUNK = 1024  # tokens per float32 product
+FLUSH_ROWS = 256  # rows of a float32 partial sum added to the float64 sum at a time
 
 
 @dataclass
@@ -193,8 +194,10 @@ class Calibrator:
     def _flush(self, key: str | None = None) -> None:
         for k in [key] if key is not None else list(self._partial):
             if self._pending[k]:
-                self.sums[k] += self._partial[k]
-                self._partial[k].zero_()
+                total, partial = self.sums[k], self._partial[k]
+                for i in range(0, total.shape[0], FLUSH_ROWS):  # a band at a time: no n×n float64 copy of the partial
+                    total[i : i + FLUSH_ROWS] += partial[i : i + FLUSH_ROWS]
+                partial.zero_()
                 self._pending[k] = 0
 
     @property
@@ -395,7 +398,7 @@ def _calibrate_blocks(
         runs = batches(chosen, batch_size, device, pad)
         probe = spread(chosen, sample_count(chosen, probe_tokens)) if sensitivity else []
         probe_runs = batches(probe, batch_size, device, pad)
-        probed = ProjectedProbe(runner, names) if sensitivity else None
+        probed = ProjectedProbe(runner, names, spill=out.parent) if sensitivity else None  # probe inputs on disk
         tick = _ticker(progress, len(runner) + (probed.count() if probed else 0))
 
         def inside(name: str) -> bool:
@@ -461,7 +464,7 @@ def _calibrate_blocks(
 
             def moment_of(name: str):
                 if name in keys:
-                    return spill.read(keys[name]).to(torch.float64)
+                    return spill.read(keys[name])  # float32: the whitener makes its one float64 copy
                 if name in stem.lookups:
                     return RowWeights.of_counts(stem.lookups[name])
                 return None

@@ -13,8 +13,10 @@ runs it over a calibrated model's weights.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 
@@ -22,7 +24,6 @@ from lowrank_cli.io.hfconfig import is_conv1d
 from lowrank_cli.linalg.whiten import RowWeights
 from lowrank_cli.linalg.whiten import whitener as make_whitener
 
-LARGE_CUT = 1 << 24  # elements above which half_cut works in float32
 Moment = torch.Tensor | RowWeights | None  # a Linear's input moment, an embedding's row weights, or none
 
 
@@ -58,11 +59,15 @@ def weight_sensitivity(
 
 
 class CutSwap:
-    """A weight's half cut (half_cut) put in its place and taken out again, as often as a probe needs."""
+    """A weight's half cut (half_cut) put in its place and taken out again, as often as a probe needs.
+
+    The parameter is pointed at the cut and back at its own tensor (never copied): besides the weight,
+    memory holds one tensor of its size, the cut.
+    """
 
     def __init__(self, weight: torch.Tensor, cut: torch.Tensor, tail: float) -> None:
         self.weight, self.tail = weight, tail
-        self._cut, self._original = cut, weight.data.clone()
+        self._cut, self._original = cut, weight.data
 
     @classmethod
     def of(cls, module: torch.nn.Module, moment: Moment) -> CutSwap | None:
@@ -72,42 +77,79 @@ class CutSwap:
         cut, tail = half_cut(weight.T if transposed else weight, moment)
         if cut is None or not tail > 0:
             return None
-        return cls(weight, cut.T if transposed else cut, tail)
+        return cls(weight, cut.T.contiguous() if transposed else cut, tail)
 
     def cut(self) -> None:
-        self.weight.data.copy_(self._cut)
+        self.weight.data = self._cut
 
     def restore(self) -> None:
-        self.weight.data.copy_(self._original)
+        self.weight.data = self._original
+
+
+GRAM_ROWS = 2048  # rows of the whitened weight made (float64) at a time
 
 
 def half_cut(weight: torch.Tensor, moment: Moment) -> tuple[torch.Tensor | None, float]:
     """W′ at the rank keeping half of W's (m, n) params, and the squared error Σ_{i>r} σ_i² the cut leaves.
 
-    With a moment, the SVD is of W·S and W′ = U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten), as compress makes it;
-    with an embedding's row weights, of D^½·W and W′ = D^-½·U_r·Σ_r·V_rᵀ.
+    With a moment, W′ is the best rank-r approximation of W·S, unwhitened: U_r·Σ_r·V_rᵀ·S⁻¹ (linalg.whiten),
+    as compress makes it; with an embedding's row weights, of D^½·W: D^-½·U_r·Σ_r·V_rᵀ; else of W.
+
+    The whitened matrix T is never made whole, nor its singular vectors: U_r·Σ_r·V_rᵀ = T·V_r·V_rᵀ (or
+    U_r·U_rᵀ·T), with V_r the top eigenvectors of the Gram matrix Tᵀ·T (n×n, float64, summed GRAM_ROWS
+    rows at a time), or U_r those of T·Tᵀ when T is wide, and σ_i² its eigenvalues. So
+
+        W′ = (W·S·V_r)·(V_rᵀ·S⁻¹)      m ≥ n, a row block at a time (row weights cancel: W·V_r·V_rᵀ)
+        W′ = D^-½·U_r·(U_rᵀ·D^½·W)     m < n (S cancels)
+
+    and memory holds W′ (W's dtype), the n×n or m×m Gram in float64 and one row block: not the five
+    copies of W an SVD and its factors make (a 50k-row LM head, 400 MB each in float32).
     """
     m, n = weight.shape
     rank = max(1, m * n // (2 * (m + n)))
     if rank >= min(m, n):
         return None, 0.0
-    # float64 on the CPU, but float32 for a large table (an embedding of 50k rows: 4 copies of it are made)
-    large = weight.numel() > LARGE_CUT
-    dtype = torch.float64 if weight.device.type == "cpu" and not large else torch.float32
-    w = weight.detach().to(dtype)
+    f64 = dict(dtype=torch.float64, device=weight.device)
+    root = factor = None  # D^½ (m,), S (n, n) lower triangular
     if isinstance(moment, RowWeights):
-        whitener = moment if moment.weights.shape[0] == m else None
+        root = moment.weights.sqrt().to(**f64) if moment.weights.shape[0] == m else None
+    elif moment is not None and moment.shape[0] == n:
+        whitener = make_whitener(moment.to(weight.device))
+        factor = whitener.factor.to(**f64) if whitener is not None else None
+    w = weight.detach()
+
+    def rows(start: int, end: int, *, weighted: bool = True) -> torch.Tensor:
+        """Rows start:end of T = D^½·W·S (weighted=False: of W·S), float64."""
+        block = w[start:end].to(torch.float64)
+        if weighted and root is not None:
+            block = root[start:end, None] * block
+        return block @ factor if factor is not None else block
+
+    if m >= n:
+        gram = torch.zeros(n, n, **f64)
+        for start in range(0, m, GRAM_ROWS):
+            block = rows(start, start + GRAM_ROWS)
+            gram.addmm_(block.T, block)  # += (n, rows) @ (rows, n)
+        values, vectors = torch.linalg.eigh(gram)  # ascending
+        del gram
+        v = vectors[:, -rank:]  # (n, r): the top right singular vectors of T
+        a = v.T if factor is None else torch.linalg.solve_triangular(factor, v.T.contiguous(), upper=False, left=False)
+        cut = torch.empty(m, n, dtype=weight.dtype, device=weight.device)
+        for start in range(0, m, GRAM_ROWS):  # (rows, n) @ (n, r) @ (r, n)
+            cut[start : start + GRAM_ROWS] = (rows(start, start + GRAM_ROWS, weighted=False) @ v) @ a
     else:
-        whitener = make_whitener(moment.to(w.device)) if moment is not None and moment.shape[0] == n else None
-    target = w if whitener is None else whitener.whiten(w)
-    u, sigma, vh = torch.linalg.svd(target, full_matrices=False)
-    b, a = u[:, :rank] * sigma[:rank], vh[:rank]
-    if whitener is not None:
-        b, a = whitener.unwhiten_factors(b, a)
-    cut = b @ a  # (m, r) @ (r, n)
+        t = rows(0, m)  # (m, n), m < n
+        values, vectors = torch.linalg.eigh(t @ t.T)  # (m, m), ascending
+        del t
+        u = vectors[:, -rank:]  # (m, r): the top left singular vectors of T
+        left = w.to(torch.float64) if root is None else root[:, None] * w.to(torch.float64)  # D^½·W
+        cut = u @ (u.T @ left)  # (m, r) @ (r, n)
+        del left
+        cut = (cut if root is None else cut / root[:, None]).to(weight.dtype)
+    tail = float(values[: values.shape[0] - rank].clamp(min=0).sum())  # the σ_i² left out
     if not bool(torch.isfinite(cut).all()):
         return None, 0.0
-    return cut.to(weight.dtype), float((sigma[rank:].to(torch.float64) ** 2).sum())
+    return cut, tail
 
 
 def output_floats(output: object) -> list[torch.Tensor]:
@@ -162,12 +204,23 @@ class ProjectedProbe:
     inputs), then `backward(final, moment_of)` once, after the last block.
     """
 
-    def __init__(self, runner, names: dict[str, str], *, projections: int = PROJECTIONS, seed: int = 0) -> None:
+    def __init__(
+        self,
+        runner,
+        names: dict[str, str],
+        *,
+        projections: int = PROJECTIONS,
+        seed: int = 0,
+        spill: str | Path | None = None,
+    ) -> None:
         self.runner = runner
         self.names = names  # module name in the model -> the checkpoint's weight name
         self.projections = projections
         self.seed = seed
         self.inputs: list = []  # per block: the probe batches (Hidden) entering it
+        # spill: a folder where each block's probe inputs wait on disk (an unnamed file) until backward
+        # reads them back, last block first: L·T_p·d numbers (a 7B model's: 1 GB) not held in memory
+        self._spill = _StateSpill(spill) if spill is not None else None
 
     # --- which weights --------------------------------------------------------------------------------------
 
@@ -195,9 +248,13 @@ class ProjectedProbe:
 
     @torch.no_grad()
     def forward(self, block, probe: list) -> list:
-        """Keep the probe batches entering `block` and return them after it."""
-        self.inputs.append(probe)
+        """Keep the probe batches entering `block` (on disk with a spill) and return them after it."""
+        self.inputs.append(self._spill.keep(probe) if self._spill is not None else probe)
         return [self.runner.run_block(block, hidden) for hidden in probe]
+
+    def _inputs(self, index: int) -> list:
+        kept = self.inputs[index]
+        return self._spill.back(kept) if self._spill is not None else kept
 
     def backward(
         self, final: list, moment_of: Callable[[str], Moment], *, on_weight: Callable[[str], None] | None = None
@@ -214,7 +271,7 @@ class ProjectedProbe:
         scale = self.projections * len(norms)
         outputs = final
         for index in reversed(range(len(runner))):
-            inputs = self.inputs[index]
+            inputs = self._inputs(index)
             with runner.load_block(index) as block:
                 for module_name, module in self.block_weights(block.module):
                     name = self.names.get(f"{block.name}.{module_name}", f"{block.name}.{module_name}.weight")
@@ -225,6 +282,8 @@ class ProjectedProbe:
                         on_weight(name)
                 grads = [self._through(block, hidden, g) for hidden, g in zip(inputs, grads, strict=True)]
             outputs, self.inputs[index] = inputs, None  # block index's inputs: the next one's outputs
+        if self._spill is not None:
+            self._spill.close()
         for module_name, module in self.outside_weights():
             name = self.names.get(module_name, f"{module_name}.weight")
             value = self._outside(module, moment_of(name), outputs, final, grads, norms)
@@ -369,6 +428,40 @@ class ProjectedProbe:
         finally:
             swap.restore()
         return total / swap.tail
+
+
+class _StateSpill:
+    """Hidden states kept in an unnamed temporary file (gone when closed, or when the process ends)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self._file = tempfile.TemporaryFile(dir=folder, prefix=".lowrank-probe-")  # noqa: SIM115 - closed by close()
+        self._end = 0
+
+    def keep(self, batches: list) -> list:
+        """Write each batch's states to the file; what is returned holds (dtype, shape, start) in their place."""
+        stripped, where = [], []
+        for hidden in batches:
+            data = hidden.states.detach().to("cpu").contiguous()
+            self._file.seek(self._end)
+            self._file.write(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            where.append((data.dtype, tuple(data.shape), self._end, hidden.states.device))
+            self._end += data.numel() * data.element_size()
+            stripped.append(replace(hidden, states=torch.empty(0)))  # ids, mask and calls stay in memory
+        return [stripped, where]
+
+    def back(self, kept: list) -> list:
+        """The batches with their states read back."""
+        batches, where = kept
+        out = []
+        for hidden, (dtype, shape, start, device) in zip(batches, where, strict=True):
+            data = torch.empty(shape, dtype=dtype)
+            self._file.seek(start)
+            self._file.readinto(memoryview(data.view(torch.uint8).reshape(-1).numpy()))
+            out.append(replace(hidden, states=data.to(device)))
+        return out
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _once(modules: list[tuple[str, torch.nn.Module]]) -> list[tuple[str, torch.nn.Module]]:
