@@ -228,6 +228,7 @@ def test_an_interrupt_after_out_was_published_says_so(world, tmp_path, monkeypat
         return real_load(folder, candidate, *args, **kwargs)
 
     monkeypatch.setattr(evaluate_module, "load_candidate", load_then_interrupt)
+    monkeypatch.setattr(blockwise_module, "load_candidate", load_then_interrupt)  # heal measures through it
     monkeypatch.chdir(world)
     result = cli(*HEAL, "-o", out)
     assert_clean_failure(result, 130, f"interrupted after {out} was written whole")

@@ -33,7 +33,6 @@ import torch
 from lowrank_cli.errors import CheckpointError, OutputError
 from lowrank_cli.io.paths import require_file
 from lowrank_cli.io.publish import make_temp, remove_temp, write_file
-from lowrank_cli.linalg.whiten import symmetrize_
 
 METADATA_KEY = "lowrank_calibration"
 FORMAT_VERSION = 1
@@ -402,8 +401,7 @@ def moment_problem(moment: torch.Tensor) -> str | None:
         return "is not symmetric"
     if float(c.diagonal().min()) < 0:
         return "has a negative diagonal entry (a variance below zero)"
-    c = symmetrize_(c)
-    eigenvalues = torch.linalg.eigvalsh(c)  # ascending
+    eigenvalues = torch.linalg.eigvalsh(c)  # ascending; reads the lower triangle, within `tolerance` of (C + Cᵀ)/2
     low, high = float(eigenvalues[0]), float(eigenvalues[-1])
     if low < -tolerance * max(high, 0.0) or high <= 0:
         return f"is indefinite (eigenvalues from {low * peak:.3g} to {high * peak:.3g})"

@@ -183,6 +183,8 @@ class Checkpoint:
         reads the file afresh. The tensors must no longer be in use: a write into a mapped tensor
         (copy-on-write) would be lost.
         """
+        if not hasattr(mmap, "MADV_DONTNEED"):  # Windows: no madvise; the pages stay until the file is closed
+            return
         page = mmap.PAGESIZE
         for name in names:
             entry = self.entries.get(name)

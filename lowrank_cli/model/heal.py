@@ -205,13 +205,13 @@ def train(
             optimizer.zero_grad(set_to_none=True)  # the last step's gradients go before this step's activations come
             layered = kind == ENCODER  # every layer's hidden states: measured, a richer signal than the last alone
             target = targets(index)
-            with _autocast(device):
+            with training_autocast(device):
                 output = model(input_ids=ids, attention_mask=mask, output_hidden_states=layered)
                 loss = _loss(kind, target, output, mask)
             loss_value = float(loss.detach())
             if not math.isfinite(loss_value):
                 outputs = output.hidden_states if kind == ENCODER else [_logits(output)]
-                raise TensorError(_not_finite(loss_value, step, _finite(target), _finite(outputs), options.lr))
+                raise TensorError(not_finite_message(loss_value, step, _finite(target), _finite(outputs), options.lr))
             del target, output  # LMs: the logits, batch × seq × vocab; the loss's graph keeps what backward needs
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
@@ -226,7 +226,7 @@ def train(
     return steps, loss_value
 
 
-def _autocast(device: str):
+def training_autocast(device: str):
     """bfloat16 autocast on a CUDA device that has bfloat16 (float32 master factors); none elsewhere."""
     where = torch.device(device)
     if where.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -243,7 +243,7 @@ def _finite(tensors) -> bool:
     return all(bool(torch.isfinite(t).all()) for t in tensors)
 
 
-def _not_finite(loss: float, step: int, reference_finite: bool, compressed_finite: bool, lr: float) -> str:
+def not_finite_message(loss: float, step: int, reference_finite: bool, compressed_finite: bool, lr: float) -> str:
     """Why the loss is NaN or infinite: the reference's outputs, the compressed model's before any update,
     or the updates (a learning rate too high)."""
     where = f"the healing loss is {loss} at step {step + 1}"

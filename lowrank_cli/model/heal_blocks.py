@@ -31,7 +31,14 @@ import torch
 from lowrank_cli.errors import TensorError
 from lowrank_cli.io.fileformat import factor_names
 from lowrank_cli.model.blocks import Block, BlockRunner, Hidden
-from lowrank_cli.model.heal import HealOptions, TrainableFactors, _autocast, _not_finite, healed_tensors, trainable
+from lowrank_cli.model.heal import (
+    HealOptions,
+    TrainableFactors,
+    healed_tensors,
+    not_finite_message,
+    trainable,
+    training_autocast,
+)
 from lowrank_cli.ops.samples import TextSamples, batches
 
 BLOCK_INPUTS = ("compressed", "reference")  # where block i's inputs come from (module docstring)
@@ -167,15 +174,15 @@ def _train_block(
             index = order[step % len(inputs)]
             hidden, target = inputs[index], targets[index]
             optimizer.zero_grad(set_to_none=True)
-            with _autocast(str(runner.device)):
+            with training_autocast(str(runner.device)):
                 output = runner.run_block(block, hidden).states
                 loss = _relative_mse(output, target, hidden.attention_mask)
             value = float(loss.detach())
             if not math.isfinite(value):
                 target_finite = bool(torch.isfinite(target).all())
                 output_finite = bool(torch.isfinite(output).all())
-                where = f"{_not_finite(value, step, target_finite, output_finite, options.lr)} (block {block.name})"
-                raise TensorError(where)
+                why = not_finite_message(value, step, target_finite, output_finite, options.lr)
+                raise TensorError(f"{why} (block {block.name})")
             del output
             loss.backward()
             torch.nn.utils.clip_grad_norm_(parameters, options.max_grad_norm)
