@@ -66,18 +66,8 @@ def test_heal_lowers_a_causal_lms_kl(tmp_path):
     out = tmp_path / "healed"
     assert cli(*heal_args(folder, candidate, train, out)).exit_code == 0
 
-    def kl(model_folder):
-        tuned, reference = dense_model(folder, model_folder, tmp_path)
-        total = count = 0.0
-        for ids in encoded(folder, line_text(tmp_path / "eval.txt", seed=5)):
-            x = torch.tensor([ids])
-            p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
-            total += float((p.exp() * (p - q)).sum())
-            count += len(ids) - 1
-        return total / count
-
-    assert kl(out) < 0.8 * kl(candidate)
+    held = line_text(tmp_path / "eval.txt", seed=5)
+    assert _kl(folder, out, held, tmp_path) < 0.8 * _kl(folder, candidate, held, tmp_path)
 
 
 def test_the_same_seed_heals_the_same_way(tmp_path):
@@ -291,19 +281,24 @@ def test_a_language_models_loss_is_the_mean_kl_per_position(kind):
     np.testing.assert_allclose(logits.grad.numpy(), gradient / count, atol=1e-7)
 
 
-def _kl(folder: Path, model_folder: Path, text: Path, tmp_path: Path) -> float:
-    """Mean KL(reference ‖ model) per next token, one line at a time, the model loaded as transformers loads
-    it after `lowrank expand` (an independent path to its weights)."""
-    tuned, reference = dense_model(folder, model_folder, tmp_path)
+@torch.no_grad()
+def kl_per_token(reference: torch.nn.Module, model: torch.nn.Module, lines: list[list[int]]) -> float:
+    """Mean KL(reference ‖ model) per next token, one line at a time."""
     total = count = 0.0
-    with torch.no_grad():
-        for ids in encoded(folder, text):
-            x = torch.tensor([ids])
-            p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
-            q = torch.log_softmax(tuned(input_ids=x).logits[0, :-1].double(), -1)
-            total += float((p.exp() * (p - q)).sum())
-            count += len(ids) - 1
+    for ids in lines:
+        x = torch.tensor([ids])
+        p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
+        q = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+        total += float((p.exp() * (p - q)).sum())
+        count += len(ids) - 1
     return total / count
+
+
+def _kl(folder: Path, model_folder: Path, text: Path, tmp_path: Path) -> float:
+    """kl_per_token of the model loaded as transformers loads it after `lowrank expand` (an independent path
+    to its weights), over the lines of `text`."""
+    tuned, reference = dense_model(folder, model_folder, tmp_path)
+    return kl_per_token(reference, tuned, encoded(folder, text))
 
 
 def test_a_tied_embedding_heals_as_one_factor_pair(tmp_path):

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import cli, file_metadata, load, raw_tensors
 from test_evaluate import compressed, dense_model, encoded, line_text, tiny_folder
-from test_heal import WEIGHTS
+from test_heal import WEIGHTS, kl_per_token
 
 import lowrank_cli
 from lowrank_cli.errors import UsageError
@@ -70,19 +70,6 @@ def block_errors(reference, model, lines: list[list[int]], *, reference_inputs: 
     return [r / n for r, n in zip(residual, norm, strict=True)]
 
 
-@torch.no_grad()
-def kl(reference, model, lines: list[list[int]]) -> float:
-    """Mean KL(reference ‖ model) per next token, one line at a time."""
-    total = count = 0.0
-    for ids in lines:
-        x = torch.tensor([ids])
-        p = torch.log_softmax(reference(input_ids=x).logits[0, :-1].double(), -1)
-        q = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
-        total += float((p.exp() * (p - q)).sum())
-        count += len(ids) - 1
-    return total / count
-
-
 def test_blockwise_heal_lowers_every_blocks_error_and_the_held_out_kl(tmp_path):
     folder = tiny_folder(tmp_path, "causal-lm", tied=True)  # the LM head is the embedding: factors outside the blocks
     candidate = compressed(folder, tmp_path, rank=3)
@@ -117,7 +104,7 @@ def test_blockwise_heal_lowers_every_blocks_error_and_the_held_out_kl(tmp_path):
     held_after = block_errors(reference, after_model, encoded(folder, held), reference_inputs=False)
     assert all(a < b for a, b in zip(held_after, held_before, strict=True)), (held_before, held_after)
     held_lines = encoded(folder, held)
-    assert kl(reference, after_model, held_lines) < 0.9 * kl(reference, before_model, held_lines)
+    assert kl_per_token(reference, after_model, held_lines) < 0.9 * kl_per_token(reference, before_model, held_lines)
 
     # evaluate reads OUT, and its fidelity is the one heal reported (block by block, as evaluate measures)
     evaluated = lowrank_cli.evaluate(folder, out, text=held, batch_size=16)
